@@ -1,0 +1,215 @@
+"""Batched generation and the per-token bookkeeping every stage that samples needs.
+
+`generate` samples responses for a batch of prompts (left padding, KV cache, top-k/top-p/
+temperature, stop at EOS) and returns the exact token ids that were sampled, so training
+never re-tokenises decoded text (that would move token boundaries). `response_logprobs`
+recomputes their log-probabilities under any model with the same temperature used for
+sampling (top-k/top-p shape what is sampled, not the probabilities PPO needs).
+
+Decoder-only and encoder-decoder (T5) policies go through the same two functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from rlhfkit.errors import RlhfkitError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = True
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with sampled responses.
+
+    `query_ids` are left-padded prompt tokens; `response_ids` are right-padded response tokens
+    (the EOS token, when sampled, is the last real token). For encoder-decoder policies
+    `query_ids` feed the encoder and `response_ids` are the decoder's outputs.
+    """
+
+    prompts: list[str]
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+    finished: torch.Tensor
+    token_char_spans: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(dim=1)
+
+    def to(self, device: torch.device) -> "Rollout":
+        for name in ("query_ids", "query_mask", "response_ids", "response_mask", "finished"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids; a prompt longer than `max_prompt_length` is an error, not a silent cut."""
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, add_special_tokens=True)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > max_prompt_length]
+    if too_long:
+        i = too_long[0]
+        raise RlhfkitError(
+            f"{len(too_long)} prompt(s) are longer than --max-prompt-length {max_prompt_length} tokens "
+            f"(prompt {i} has {lengths[i]}); raise --max-prompt-length (the model allows "
+            f"{model_max_positions(tokenizer)}) or shorten the prompts"
+        )
+    batch = tokenizer.pad(encoded, padding=True, return_tensors="pt")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def model_max_positions(tokenizer_or_model) -> Optional[int]:
+    config = getattr(tokenizer_or_model, "config", None)
+    if config is not None:
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            if getattr(config, name, None):
+                return int(getattr(config, name))
+        return None
+    limit = getattr(tokenizer_or_model, "model_max_length", None)
+    return int(limit) if limit and limit < 10**9 else None
+
+
+def first_eos_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real response tokens (up to and including the first EOS) and whether EOS came.
+
+    Works when pad == eos (GPT-2 style): everything after the first EOS is padding.
+    """
+    is_eos = response_ids == eos_token_id
+    finished = is_eos.any(dim=1)
+    first = torch.where(finished, is_eos.int().argmax(dim=1), torch.full_like(finished, response_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device).unsqueeze(0)
+    mask = positions <= first.unsqueeze(1)
+    return mask.long(), finished
+
+
+def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of `token_ids` and each token's [start, end) character span in it.
+
+    Decoding every prefix is what makes this tokenizer-agnostic (byte-level BPE tokens that
+    split a UTF-8 character, SentencePiece's dropped leading space): a token owns the
+    characters its prefix adds to the text.
+    """
+    text = tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    prefixes = tokenizer.batch_decode(
+        [token_ids[: i + 1] for i in range(len(token_ids))],
+        skip_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
+    spans = []
+    previous_end = 0
+    for prefix in prefixes:
+        end = len(prefix) if text.startswith(prefix) else previous_end
+        end = max(end, previous_end)
+        spans.append((previous_end, end))
+        previous_end = end
+    if spans:
+        start, _ = spans[-1]
+        spans[-1] = (start, len(text))
+    return text, spans
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    *,
+    max_prompt_length: int,
+    is_encoder_decoder: bool = False,
+    generator_seed: Optional[int] = None,
+) -> Rollout:
+    """Sample one response per prompt (repeat prompts in `prompts` for several samples)."""
+    device = next(model.parameters()).device
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    was_training = model.training
+    model.eval()
+    kwargs = dict(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    if sampling.do_sample:
+        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+    output = model.generate(**kwargs)
+    model.train(was_training)
+    # Decoder-only outputs repeat the prompt; encoder-decoder outputs start with the decoder start token.
+    response_ids = output[:, 1:] if is_encoder_decoder else output[:, query_ids.shape[1]:]
+    if response_ids.shape[1] == 0:
+        response_ids = torch.full((len(prompts), 1), tokenizer.pad_token_id, device=device)
+    response_mask, finished = first_eos_mask(response_ids, tokenizer.eos_token_id)
+    response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    texts, spans = [], []
+    for row, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        real = [tok for tok, m in zip(row, mask) if m]
+        text, row_spans = token_char_spans(tokenizer, real)
+        texts.append(text)
+        spans.append(row_spans)
+    return Rollout(
+        prompts=list(prompts),
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        texts=texts,
+        finished=finished,
+        token_char_spans=spans,
+    )
+
+
+def forward_response(
+    model, rollout: Rollout, *, is_encoder_decoder: bool, want_hidden: bool = False, want_logits: bool = True
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Logits predicting each response token (B, T, V) and/or the last hidden states there (B, T, H).
+
+    Decoder-only: the output at position p predicts token p+1, so the response's logits are
+    read from the last prompt token to the second-to-last response token. Position ids are
+    passed explicitly because prompts are left-padded. With only hidden states wanted, the
+    LM head is skipped (a value model does not need vocabulary-sized logits).
+    """
+    if is_encoder_decoder:
+        start = torch.full_like(rollout.response_ids[:, :1], model.config.decoder_start_token_id)
+        decoder_input_ids = torch.cat([start, rollout.response_ids[:, :-1]], dim=1)
+        decoder_mask = torch.cat([torch.ones_like(start), rollout.response_mask[:, :-1]], dim=1)
+        out = model(
+            input_ids=rollout.query_ids,
+            attention_mask=rollout.query_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_mask,
+            output_hidden_states=want_hidden,
+        )
+        return (out.logits if want_logits else None), (out.decoder_hidden_states[-1] if want_hidden else None)
+    input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)
+    attention_mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    prompt_len = rollout.query_ids.shape[1]
+    if not want_logits:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        trunk = getattr(base, base.base_model_prefix, base)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return None, hidden[:, prompt_len - 1 : -1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=want_hidden)
+    logits = out.logits[:, prompt_len - 1 : -1]
+    hidden = out.hidden_states[-1][:, prompt_len - 1 : -1] if want_hidden else None
+    return logits, hidden

@@ -1,0 +1,370 @@
+"""Loading models and tokenizers (the only place that does), LoRA, and the tiny offline models.
+
+Every stage loads through here so device, dtype, safetensors, remote-code and error handling
+are the same everywhere. `name_or_path` is a local `save_pretrained` directory or a Hugging
+Face hub id; a name that is neither becomes an `RlhfkitError`, not a traceback.
+
+The tiny builders make small randomly initialised models with a byte-level BPE tokenizer
+trained on local text, so the pipeline and its tests run without downloading anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    T5Config,
+)
+
+from rlhfkit.errors import RlhfkitError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PADDING_SIDES = ("left", "right")
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+TINY_ARCHS = ("gpt2", "llama", "t5")
+
+
+# --- devices and dtypes -------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`None`/"auto" → this process's GPU if CUDA is available, else the CPU; else as given.
+
+    "auto" and a bare "cuda" mean this process's GPU: under a multi-process launcher
+    (torchrun, deepspeed) that is `cuda:LOCAL_RANK`.
+    """
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise RlhfkitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RlhfkitError(
+                f"device {device!r} requested but CUDA is not available; use --device cpu"
+            )
+        if resolved.index is None:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return resolved
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`"auto"` → bfloat16 on CUDA devices that support it, float32 otherwise; else the named dtype."""
+    if name == "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        # fp16 without loss scaling is not safe for training, so GPUs without bf16 get fp32.
+        return torch.float32
+    if name not in DTYPES:
+        raise RlhfkitError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _load_error(name_or_path: str, err: Exception) -> RlhfkitError:
+    """Turn a from_pretrained failure into a one-line error that says where we looked."""
+    path = Path(name_or_path)
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            return RlhfkitError(
+                f"{name_or_path}: directory has no config.json; expected a directory written by "
+                f"save_pretrained (e.g. `rlhfkit init-model --out {name_or_path}`)"
+            )
+        return RlhfkitError(f"{name_or_path}: cannot load: {first_line}")
+    return RlhfkitError(
+        f"model {name_or_path!r} is neither a local directory nor reachable on the Hugging Face hub: {first_line}"
+    )
+
+
+def _local_safetensors(name_or_path: str) -> bool | None:
+    """True for a local directory with safetensors weights, so a stray pickle is never read.
+
+    Otherwise None: transformers prefers safetensors when a hub repo has them and reads
+    `.bin` files with `weights_only=True`.
+    """
+    path = Path(name_or_path)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return True
+    return None
+
+
+def load_tokenizer(
+    name_or_path: str, *, padding_side: str = "right", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of `name_or_path`, with a pad token guaranteed (eos if it had none)."""
+    if padding_side not in PADDING_SIDES:
+        raise RlhfkitError(
+            f"unknown padding side {padding_side!r}; valid: {', '.join(PADDING_SIDES)}"
+        )
+    name_or_path = str(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, padding_side=padding_side, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RlhfkitError(
+                f"{name_or_path}: tokenizer has neither a pad nor an eos token; add a pad token to it"
+            )
+        # GPT-2 style tokenizers ship without a pad token; padding is masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_pretrained(
+    auto_class: Any,
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """`auto_class.from_pretrained(name_or_path)` on `device` in `dtype`, with clear errors.
+
+    For policies use `load_policy`; reward and value models call this with
+    AutoModelForSequenceClassification / AutoModelForTokenClassification and `num_labels=`.
+    """
+    name_or_path = str(name_or_path)
+    target = resolve_device(device)
+    try:
+        model = auto_class.from_pretrained(
+            name_or_path,
+            dtype=resolve_dtype(dtype, target),
+            use_safetensors=_local_safetensors(name_or_path),
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from None
+    return model.to(target)
+
+
+def load_policy(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
+    """(model, tokenizer, is_encoder_decoder): a causal or seq2seq LM chosen by its config."""
+    name_or_path = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from None
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+    tokenizer = load_tokenizer(
+        name_or_path, padding_side=padding_side, trust_remote_code=trust_remote_code
+    )
+    model = load_pretrained(
+        auto_class,
+        name_or_path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        config=config,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, is_encoder_decoder
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """Load optimizer/scheduler state without unpickling arbitrary objects."""
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+# --- LoRA and parameter counts --------------------------------------------------------------
+
+
+class ParameterCount(NamedTuple):
+    trainable: int
+    total: int
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCount:
+    """Trainable and total parameters (tied weights counted once)."""
+    params = list(model.parameters())
+    return ParameterCount(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+    )
+
+
+def _lora_task_type(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM"
+
+
+def add_lora(
+    model: PreTrainedModel,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | None = None,
+) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft); only the adapters (and heads) stay trainable.
+
+    `target_modules=None` uses peft's defaults for the architecture (gpt2: c_attn; llama:
+    q_proj, v_proj; t5: q, v). Classification heads are kept trainable by peft's task type.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type=_lora_task_type(model),
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise RlhfkitError(
+            f"cannot add LoRA to a {model_type} model: {err}; "
+            "name the layers to adapt in target_modules (e.g. q_proj,v_proj)"
+        ) from None
+
+
+# --- tiny offline models --------------------------------------------------------------------
+
+
+def build_tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, append_eos: bool = False, model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (GPT-2's scheme; training is deterministic).
+
+    Special tokens: `<|endoftext|>` (eos, and bos for causal LMs) and `<|pad|>`.
+    `append_eos=True` appends eos to every encoded text, as T5's tokenizer does.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    # trim_offsets=False as in GPT-2: a token's offsets include the space it starts with.
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if append_eos:
+        eos_id = backend.token_to_id(EOS_TOKEN)
+        template = processors.TemplateProcessing(
+            single=f"$A {EOS_TOKEN}",
+            pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}",
+            special_tokens=[(EOS_TOKEN, eos_id)],
+        )
+        backend.post_processor = processors.Sequence([byte_level, template])
+    else:
+        backend.post_processor = byte_level
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        bos_token=None if append_eos else EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+    )
+
+
+def build_tiny_model(
+    arch: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    n_layer: int = 4,
+    n_embd: int = 128,
+    n_head: int = 4,
+    max_positions: int = 2048,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A small randomly initialised LM ("gpt2", "llama" or "t5") for `tokenizer`'s vocabulary.
+
+    The same seed gives the same weights; the caller's global RNG state is left untouched.
+    """
+    vocab_size = len(tokenizer)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            bos_token_id=tokenizer.bos_token_id,
+            **ids,
+        )
+        auto_class = AutoModelForCausalLM
+    elif arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=n_embd,
+            intermediate_size=4 * n_embd,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_head,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            **ids,
+        )
+        auto_class = AutoModelForCausalLM
+    elif arch == "t5":
+        config = T5Config(
+            vocab_size=vocab_size,
+            d_model=n_embd,
+            d_kv=n_embd // n_head,
+            d_ff=4 * n_embd,
+            num_layers=n_layer,
+            num_decoder_layers=n_layer,
+            num_heads=n_head,
+            feed_forward_proj="relu",
+            tie_word_embeddings=True,
+            # T5 starts decoding from the pad token.
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **ids,
+        )
+        auto_class = AutoModelForSeq2SeqLM
+    else:
+        raise RlhfkitError(f"unknown tiny architecture {arch!r}; valid: {', '.join(TINY_ARCHS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto_class.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model

@@ -1,0 +1,348 @@
+"""Scoring with a trained rlhfkit reward model: the one place later stages get RM rewards from.
+
+`rlhfkit train-rm` writes a Hugging Face model directory plus `rlhfkit_rm.json` (aspect, kind,
+granularity, reward values, score normalisation, max_length); `load_reward_model(path)` reads
+it back, and PPO, redistribution and evaluation call `RewardModel.score` / `prefix_scores`
+so none of them re-implements segmentation or reward placement.
+
+Kinds:
+- `segment` (Fine-Grained RLHF relevance/factuality): a token classifier reads prompt +
+  response and predicts, at the RM token that completes each segment, whether the segment
+  has an error of its aspect; the reward is `negative_reward` for a predicted error and
+  `positive_reward` otherwise, one per segment.
+- `preference` (Bradley-Terry) and `regression`: a sequence classifier with one output; the
+  score is read at the last real token and normalised with the mean/std stored in the spec.
+
+Inputs are encoded as a tokenizer *pair* (prompt, response), so special tokens are whatever
+the backbone uses and the response's token offsets are offsets into the response itself.
+A prompt that does not fit `max_length` loses tokens from its left; the response never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device
+from rlhfkit.rewards.placement import token_index_for_char_ends
+from rlhfkit.segment import Segment, segment
+
+SPEC_FILE = "rlhfkit_rm.json"
+SPEC_FORMAT = 1
+KINDS = ("segment", "preference", "regression")
+SEQUENCE_KINDS = ("preference", "regression")
+# Token-classification labels of a segment RM: index 1 is "this segment has an error".
+SEGMENT_LABELS = {0: "no_error", 1: "error"}
+
+
+@dataclass
+class SegmentRewards:
+    """Rewards of one response: `values[i]` is earned where the response's text reaches `char_ends[i]`.
+
+    Segment RMs give one value per segment (with the RM's error probability); sequence RMs a
+    single normalised score at `len(response)`.
+    """
+
+    values: list[float]
+    char_ends: list[int]
+    error_probs: Optional[list[float]] = None
+
+
+@dataclass
+class EncodedPair:
+    """One (prompt, response) as RM input ids, with where the response's tokens are.
+
+    `response_positions[k]` is the index in `input_ids` of the k-th response token and
+    `response_char_spans[k]` its character span in the response. `prompt_position` is the
+    token just before the response (the prompt's last token, or a separator the template
+    puts there); None when nothing precedes the response.
+    """
+
+    input_ids: list[int]
+    response_positions: list[int]
+    response_char_spans: list[tuple[int, int]]
+    prompt_position: Optional[int]
+    prompt_tokens_dropped: int
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> Optional[EncodedPair]:
+    """Tokenise prompt + response for an RM; None when the response alone exceeds `max_length`."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise RlhfkitError(
+            f"the reward model's tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; "
+            "rlhfkit needs character offsets, which only fast (Rust) tokenizers give"
+        )
+    encoded = tokenizer(prompt, response, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    ids = list(encoded["input_ids"])
+    offsets = [tuple(span) for span in encoded["offset_mapping"]]
+    sequence_ids = encoded.sequence_ids()
+    dropped = 0
+    excess = len(ids) - max_length
+    if excess > 0:
+        prompt_indices = [i for i, s in enumerate(sequence_ids) if s == 0]
+        if excess > len(prompt_indices):
+            return None
+        drop = set(prompt_indices[:excess])
+        keep = [i for i in range(len(ids)) if i not in drop]
+        ids = [ids[i] for i in keep]
+        offsets = [offsets[i] for i in keep]
+        sequence_ids = [sequence_ids[i] for i in keep]
+        dropped = excess
+    response_positions = [i for i, s in enumerate(sequence_ids) if s == 1]
+    if response_positions:
+        before = response_positions[0] - 1
+    else:
+        before = max((i for i, s in enumerate(sequence_ids) if s == 0), default=len(ids) - 1)
+    return EncodedPair(
+        input_ids=ids,
+        response_positions=response_positions,
+        response_char_spans=[offsets[i] for i in response_positions],
+        prompt_position=before if before >= 0 else None,
+        prompt_tokens_dropped=dropped,
+    )
+
+
+def segment_end_positions(encoded: EncodedPair, segments: Sequence[Segment], response: str) -> list[int]:
+    """The index in `encoded.input_ids` of the RM token that completes each segment."""
+    if not segments:
+        return []
+    indices = token_index_for_char_ends(encoded.response_char_spans, [s.end for s in segments], response)
+    return [encoded.response_positions[k] for k in indices]
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded (input_ids, attention_mask) for a batch of token-id lists."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def segment_rewards(error_probs: Sequence[float], positive_reward: float, negative_reward: float) -> list[float]:
+    """A segment judged an error (P(error) > 0.5, the classifier's argmax) earns `negative_reward`."""
+    return [negative_reward if p > 0.5 else positive_reward for p in error_probs]
+
+
+def _score_head(model: nn.Module) -> Optional[nn.Module]:
+    """The per-position `score` head of a decoder sequence classifier (GPT-2, Llama, Mistral, Qwen...).
+
+    Encoder classifiers (BERT, Longformer) have a `classifier` over a pooled first token instead.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "score", None)
+    return head if isinstance(head, nn.Module) else None
+
+
+def per_position_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T) score of a decoder sequence classifier at every position, from one forward pass.
+
+    The HF model applies its `score` head to every position and then keeps one per row; a
+    forward hook on the head captures all of them. In a causal model the output at position
+    t sees tokens <= t only, so it is the score of the prefix ending there.
+    """
+    head = _score_head(model)
+    if head is None:
+        raise RlhfkitError(
+            f"{type(model).__name__} is not a decoder (causal) sequence classifier with a per-position "
+            "`score` head; an encoder reward model (BERT, Longformer...) reads the whole text at once, "
+            "so it cannot score prefixes in one pass. Train the RM on a causal backbone for R3HF."
+        )
+    captured: list[Tensor] = []
+    handle = head.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    return captured[-1][..., 0].float()
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) score of each sequence, read at its last real token (decoders) or pooled (encoders).
+
+    HF decoder classifiers pick "the rightmost token that is not the pad token"; with a pad
+    token equal to EOS a response ending in EOS would be read one token early, so we read the
+    last position the attention mask marks instead (batches are right-padded).
+    """
+    if _score_head(model) is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    per_position = per_position_scores(model, input_ids, attention_mask)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask).argmax(dim=1)
+    return per_position.gather(1, last.to(per_position.device).unsqueeze(1)).squeeze(1)
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    if batch_size < 1:
+        raise RlhfkitError(f"batch_size must be >= 1, got {batch_size}")
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+class RewardModel:
+    """A loaded reward model (`load_reward_model`); all methods are batched and gradient-free."""
+
+    def __init__(self, model: nn.Module, tokenizer, spec: dict, device: torch.device):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = device
+
+    @property
+    def aspect(self) -> str:
+        return self.spec["aspect"]
+
+    @property
+    def kind(self) -> str:
+        return self.spec["kind"]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.spec["max_length"])
+
+    def _encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[EncodedPair]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        encoded = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            pair = encode_pair(self.tokenizer, prompt, response, self.max_length)
+            if pair is None:
+                n_tokens = len(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+                raise RlhfkitError(
+                    f"response {i} has {n_tokens} tokens for the {self.aspect} reward model, which reads at "
+                    f"most {self.max_length} (its max_length); generate shorter responses or retrain the RM "
+                    "with a larger --max-length"
+                )
+            encoded.append(pair)
+        return encoded
+
+    def _inputs(self, encoded: Sequence[EncodedPair]) -> tuple[Tensor, Tensor]:
+        input_ids, attention_mask = pad_right([e.input_ids for e in encoded], self.tokenizer.pad_token_id)
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _normalise(self, raw: Tensor) -> Tensor:
+        norm = self.spec["normalization"]
+        return (raw - norm["mean"]) / norm["std"]
+
+    @torch.no_grad()
+    def error_probabilities(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8
+    ) -> list[tuple[list[Segment], list[float]]]:
+        """Segment RMs: each response's segments and the RM's P(error) for each."""
+        if self.kind != "segment":
+            raise RlhfkitError(f"the {self.aspect} reward model is a {self.kind} model; only segment RMs give error probabilities")
+        granularity = self.spec["granularity"]
+        out: list[tuple[list[Segment], list[float]]] = []
+        for rows in _batches(len(responses), batch_size):
+            encoded = self._encode([prompts[i] for i in rows], [responses[i] for i in rows])
+            input_ids, attention_mask = self._inputs(encoded)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            probs = logits.softmax(dim=-1)[..., 1]
+            for row, i in enumerate(rows):
+                segments = segment(responses[i], granularity)
+                positions = segment_end_positions(encoded[row], segments, responses[i])
+                out.append((segments, probs[row, positions].tolist()))
+        return out
+
+    @torch.no_grad()
+    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> list[float]:
+        """Sequence RMs: the unnormalised score of each (prompt, response)."""
+        self._require_sequence_kind("raw_scores")
+        scores: list[float] = []
+        for rows in _batches(len(responses), batch_size):
+            encoded = self._encode([prompts[i] for i in rows], [responses[i] for i in rows])
+            scores.extend(sequence_scores(self.model, *self._inputs(encoded)).tolist())
+        return scores
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> list[SegmentRewards]:
+        """Rewards of each response: per segment (segment RMs) or one normalised score at the end."""
+        if self.kind == "segment":
+            positive, negative = self.spec["positive_reward"], self.spec["negative_reward"]
+            return [
+                SegmentRewards(segment_rewards(probs, positive, negative), [s.end for s in segments], probs)
+                for segments, probs in self.error_probabilities(prompts, responses, batch_size)
+            ]
+        raw = torch.tensor(self.raw_scores(prompts, responses, batch_size), dtype=torch.float64)
+        return [
+            SegmentRewards([float(value)], [len(response)], None)
+            for value, response in zip(self._normalise(raw).tolist(), responses)
+        ]
+
+    @torch.no_grad()
+    def prefix_scores(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8
+    ) -> tuple[list[Tensor], list[list[int]], Tensor]:
+        """R3HF: the normalised score of every response prefix, from one forward pass per batch.
+
+        Returns, per response, a (T_i,) tensor with the score after each RM response token
+        and each token's end character in the response, plus a (B,) tensor of prompt scores
+        (the score at the token before the response; 0 when nothing precedes it). Special
+        tokens the template appends after the response (an EOS) are included with end
+        `len(response)`, so the last prefix score is exactly the sequence score and the
+        differences telescope to score(x, y) - score(x).
+        """
+        self._require_sequence_kind("prefix_scores")
+        scores: list[Tensor] = []
+        char_ends: list[list[int]] = []
+        prompt_scores: list[float] = []
+        for rows in _batches(len(responses), batch_size):
+            encoded = self._encode([prompts[i] for i in rows], [responses[i] for i in rows])
+            input_ids, attention_mask = self._inputs(encoded)
+            per_position = self._normalise(per_position_scores(self.model, input_ids, attention_mask).double()).float().cpu()
+            for row, i in enumerate(rows):
+                pair = encoded[row]
+                end = len(pair.input_ids)
+                first = pair.response_positions[0] if pair.response_positions else end
+                trailing = end - first - len(pair.response_positions)
+                scores.append(per_position[row, first:end].clone())
+                char_ends.append([char_end for _, char_end in pair.response_char_spans] + [len(responses[i])] * trailing)
+                prompt_scores.append(0.0 if pair.prompt_position is None else float(per_position[row, pair.prompt_position]))
+        return scores, char_ends, torch.tensor(prompt_scores)
+
+    def _require_sequence_kind(self, method: str) -> None:
+        if self.kind not in SEQUENCE_KINDS:
+            raise RlhfkitError(
+                f"{method} needs a sequence-level (preference/regression) reward model; "
+                f"the {self.aspect} reward model is a {self.kind} model"
+            )
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """The `rlhfkit_rm.json` of a reward-model directory (RlhfkitError if there is none)."""
+    spec_path = Path(path) / SPEC_FILE
+    if not spec_path.is_file():
+        raise RlhfkitError(f"{path} is not an rlhfkit reward model (no {SPEC_FILE}); train one with `rlhfkit train-rm`")
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RlhfkitError(f"{spec_path}: invalid JSON: {err.msg}") from None
+    missing = [key for key in ("aspect", "kind", "max_length") if key not in spec]
+    if missing:
+        raise RlhfkitError(f"{spec_path}: missing {', '.join(missing)}; re-save the model with `rlhfkit train-rm`")
+    if spec["kind"] not in KINDS:
+        raise RlhfkitError(f"{spec_path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
+    return spec
+
+
+def reward_model_class(kind: str):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification if kind == "segment" else AutoModelForSequenceClassification
+
+
+def load_reward_model(path: str | os.PathLike, *, device: Optional[str | torch.device] = None, dtype: str = "auto") -> RewardModel:
+    """Load a directory written by `rlhfkit train-rm` for scoring (eval mode, on `device`)."""
+    spec = read_spec(path)
+    target = resolve_device(None if device is None else str(device))
+    tokenizer = load_tokenizer(str(path), padding_side="right")
+    model = load_pretrained(reward_model_class(spec["kind"]), str(path), dtype=dtype, device=str(target))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return RewardModel(model, tokenizer, spec, target)

@@ -1,0 +1,299 @@
+"""Reward sources: everything that turns (prompt, response) into rewards on policy tokens.
+
+A source returns, for each response, a tensor with one reward per policy response token
+(zeros where it gives none). Reward models and the policy may use different tokenizers, so
+every source reports *where* its rewards belong as character offsets in the response text,
+and `token_index_for_char_ends` maps them onto the policy token that completes them.
+
+Kinds of source (`--rm NAME=SPEC`):
+- an rlhfkit reward-model directory (segment RMs: a reward at each segment end; sequence
+  RMs: the normalised score at the last token), optionally redistributed (R3HF) with
+  `--redistribute NAME:token` or `NAME:sentence`;
+- `hf:PATH_OR_NAME[@LABEL]`: a Hugging Face sequence classifier (e.g. a toxicity model),
+  reward = probability of LABEL (prefix `-` for minus it), scored per sentence by default,
+  as the Fine-Grained RLHF detoxification task does;
+- `py:module:function`: a Python function `f(prompts, responses)` returning, per response,
+  either a float (sequence reward) or a list of `(char_end, value)` pairs (segment rewards).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.rewards.placement import place_rewards, token_index_for_char_ends
+from rlhfkit.rewards.redistribution import prefix_differences
+from rlhfkit.segment import segment
+
+ALIASES = {"fact": "factuality", "rel": "relevance", "comp": "completeness", "pref": "preference"}
+GRANULARITIES = ("token", "sentence")
+
+
+def canonical_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+@dataclass
+class TokenRewards:
+    """One source's rewards for a batch: per response, a (T_i,) tensor on policy tokens and a
+    (T_i,) bool tensor marking where a reward is given (a reward of 0 is still a reward)."""
+
+    per_token: list[torch.Tensor]
+    given: list[torch.Tensor]
+
+    def padded(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.zeros(len(self.per_token), length)
+        given = torch.zeros(len(self.per_token), length, dtype=torch.bool)
+        for i, (row, row_given) in enumerate(zip(self.per_token, self.given)):
+            values[i, : row.shape[0]] = row
+            given[i, : row_given.shape[0]] = row_given
+        return values, given
+
+    @classmethod
+    def dense(cls, rows: list[torch.Tensor]) -> "TokenRewards":
+        return cls(rows, [torch.ones(row.shape[0], dtype=torch.bool) for row in rows])
+
+    @classmethod
+    def placed(cls, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> "TokenRewards":
+        return cls([values for values, _ in rows], [given for _, given in rows])
+
+
+def _place(char_ends_and_values: Sequence[tuple[int, float]], spans: list[tuple[int, int]], text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards at the policy tokens completing each char end (and where they were given)."""
+    given = torch.zeros(len(spans), dtype=torch.bool)
+    if not spans:
+        return torch.zeros(0), given
+    ends = [end for end, _ in char_ends_and_values]
+    if any(end > start for start, end in spans):
+        positions = token_index_for_char_ends(spans, ends, text=text)
+    else:  # an empty response (EOS only): everything lands on its last token
+        positions = [len(spans) - 1] * len(ends)
+    given[positions] = True
+    return place_rewards(len(spans), positions, [value for _, value in char_ends_and_values]), given
+
+
+class RewardSource:
+    name: str
+    description: str
+
+    def token_rewards(self, prompts: list[str], responses: list[str], spans: list[list[tuple[int, int]]]) -> TokenRewards:
+        raise NotImplementedError
+
+
+class RewardModelSource(RewardSource):
+    """An rlhfkit reward model: segment rewards at segment ends, or the sequence score at the end."""
+
+    def __init__(self, name: str, reward_model, redistribute: Optional[str] = None, batch_size: int = 8):
+        self.name, self.rm, self.redistribute, self.batch_size = name, reward_model, redistribute, batch_size
+        if redistribute and reward_model.kind == "segment":
+            raise RlhfkitError(
+                f"--redistribute {name}: '{name}' is a segment reward model, which is already dense; "
+                "redistribution applies to sequence-level (preference/regression) reward models"
+            )
+        self.description = f"{reward_model.kind} RM ({reward_model.aspect})" + (
+            f", redistributed per {redistribute}" if redistribute else ""
+        )
+
+    def token_rewards(self, prompts, responses, spans):
+        if self.redistribute:
+            return TokenRewards.dense(self._redistributed(prompts, responses, spans))
+        scored = self.rm.score(prompts, responses, batch_size=self.batch_size)
+        return TokenRewards.placed(
+            [
+                _place(list(zip(s.char_ends, s.values)), row_spans, response)
+                for s, row_spans, response in zip(scored, spans, responses)
+            ]
+        )
+
+    def _redistributed(self, prompts, responses, spans) -> list[torch.Tensor]:
+        """R3HF: a policy token's reward is the change of the RM's prefix score it causes.
+
+        The RM scores every prefix of the response in one forward pass, at its own tokens.
+        Per-token redistribution reads that score wherever an RM token ends; per-sentence
+        (the Fine-Grained RLHF dense toxicity reward) reads it only where a sentence ends.
+        Either way a policy token's prefix score is the last score read at or before its
+        end (the prompt's score before any), and the rewards are the differences, so they
+        telescope to R(x, y) - R(x) whatever the two tokenizers are.
+        """
+        scores, rm_char_ends, prompt_scores = self.rm.prefix_scores(prompts, responses, batch_size=self.batch_size)
+        out = []
+        for response, row_scores, row_ends, prompt_score, row_spans in zip(
+            responses, scores, rm_char_ends, prompt_scores, spans
+        ):
+            if self.redistribute == "sentence" and row_ends:
+                rm_spans = list(zip([0] + row_ends[:-1], row_ends))
+                sentence_ends = [s.end for s in segment(response, "sentence")] or [len(response)]
+                picked = token_index_for_char_ends(rm_spans, sentence_ends)
+                row_scores, row_ends = row_scores[picked], [row_ends[i] for i in picked]
+            policy_scores = _prefix_scores_on_policy_tokens(row_scores, row_ends, float(prompt_score), row_spans)
+            mask = torch.ones(1, len(row_spans))
+            out.append(prefix_differences(policy_scores.unsqueeze(0), mask, prompt_score.reshape(1)).squeeze(0))
+        return out
+
+
+def _prefix_scores_on_policy_tokens(read_scores: torch.Tensor, read_char_ends: list[int], prompt_score: float, spans) -> torch.Tensor:
+    """Score of each policy token's prefix: the last score read at or before the token's end."""
+    out = torch.empty(len(spans))
+    j, current = 0, prompt_score
+    for t, (_, end) in enumerate(spans):
+        while j < len(read_char_ends) and read_char_ends[j] <= end:
+            current = float(read_scores[j])
+            j += 1
+        out[t] = current
+    if len(spans) and len(read_char_ends):
+        out[-1] = float(read_scores[-1])
+    return out
+
+
+class PythonFunctionSource(RewardSource):
+    """`py:module:function`: a programmatic judge (the synthetic task, unit tests, heuristics)."""
+
+    def __init__(self, name: str, target: str):
+        module_name, _, function_name = target.rpartition(":")
+        try:
+            self.fn: Callable = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise RlhfkitError(f"reward '{name}': cannot import '{target}' ({err}); expected py:module:function") from None
+        self.name, self.description = name, f"python function {target}"
+
+    def token_rewards(self, prompts, responses, spans):
+        results = self.fn(list(prompts), list(responses))
+        if len(results) != len(responses):
+            raise RlhfkitError(f"reward '{self.name}' returned {len(results)} values for {len(responses)} responses")
+        out = []
+        for result, response, row_spans in zip(results, responses, spans):
+            pairs = [(len(response), float(result))] if isinstance(result, (int, float)) else [(int(e), float(v)) for e, v in result]
+            out.append(_place(pairs, row_spans, response))
+        return TokenRewards.placed(out)
+
+
+class ClassifierSource(RewardSource):
+    """`hf:MODEL[@LABEL]`: a Hugging Face sequence classifier scored after every sentence.
+
+    Reward at a sentence end = change in P(LABEL) (negated with a leading '-' on the label,
+    e.g. `hf:unitary/toxic-bert@-toxic`), the dense toxicity reward of Fine-Grained RLHF.
+    """
+
+    def __init__(self, name: str, target: str, device: torch.device, batch_size: int = 8):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path, _, label = target.partition("@")
+        sign = -1.0 if label.startswith("-") else 1.0
+        label = label.lstrip("-")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        except OSError as err:
+            raise RlhfkitError(f"reward '{name}': cannot load classifier '{path}': {err}") from None
+        labels = self.model.config.id2label
+        if label:
+            matches = [i for i, lab in labels.items() if lab.lower() == label.lower()]
+            if not matches:
+                raise RlhfkitError(f"reward '{name}': label '{label}' not in {sorted(labels.values())}")
+            self.label_index = matches[0]
+        else:
+            self.label_index = max(labels)
+        self.sign, self.device, self.batch_size = sign, device, batch_size
+        self.name, self.description = name, f"classifier {path} [{labels[self.label_index]}], per sentence"
+
+    @torch.no_grad()
+    def _probs(self, texts: list[str]) -> list[float]:
+        probs = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True).to(self.device)
+            logits = self.model(**batch).logits.float()
+            p = logits.sigmoid() if self.model.config.problem_type == "multi_label_classification" else logits.softmax(-1)
+            probs.extend(p[:, self.label_index].tolist())
+        return probs
+
+    def token_rewards(self, prompts, responses, spans):
+        out = []
+        for response, row_spans in zip(responses, spans):
+            sentences = segment(response, "sentence") if response.strip() else []
+            prefixes = [response[: s.end] for s in sentences] or [response]
+            probs = self._probs([""] + prefixes)
+            values = [self.sign * (probs[i + 1] - probs[i]) for i in range(len(prefixes))]
+            ends = [s.end for s in sentences] or [len(response)]
+            out.append(_place(list(zip(ends, values)), row_spans, response))
+        return TokenRewards.placed(out)
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """`fact=0.3,rel=0.5` -> {"factuality": 0.3, "relevance": 0.5}."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise RlhfkitError(f"--rewards: '{item}' is not NAME=WEIGHT (e.g. fact=0.3,rel=0.5,comp=0.3)")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise RlhfkitError(f"--rewards: the weight of '{name}' is not a number: '{value}'") from None
+        weights[canonical_name(name.strip())] = weight
+    if not weights:
+        raise RlhfkitError("--rewards is empty; give NAME=WEIGHT pairs, e.g. fact=0.3,rel=0.5,comp=0.3")
+    return weights
+
+
+def parse_named(items: Sequence[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise RlhfkitError(f"{option}: '{item}' is not NAME=VALUE")
+        out[canonical_name(name.strip())] = value.strip()
+    return out
+
+
+def parse_redistribute(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, _, granularity = item.partition(":")
+        granularity = granularity or "token"
+        if granularity not in GRANULARITIES:
+            raise RlhfkitError(f"--redistribute {item}: granularity must be one of {', '.join(GRANULARITIES)}")
+        out[canonical_name(name)] = granularity
+    return out
+
+
+def build_reward_sources(
+    weights: dict[str, float],
+    rm_paths: dict[str, str],
+    redistribute: dict[str, str],
+    *,
+    device: torch.device,
+    dtype: str = "auto",
+    batch_size: int = 8,
+) -> dict[str, RewardSource]:
+    """Resolve every weighted reward name to a source; unknown names list the known ones."""
+    from rlhfkit.rewards.reward_model import load_reward_model
+
+    unknown = sorted(set(weights) - set(rm_paths))
+    if unknown:
+        known = ", ".join(sorted(rm_paths)) or "none"
+        raise RlhfkitError(
+            f"--rewards names {', '.join(unknown)} but no reward model is given for it; "
+            f"give --rm NAME=PATH (known: {known}; aliases: {', '.join(f'{k}={v}' for k, v in ALIASES.items())})"
+        )
+    stray = sorted(set(redistribute) - set(weights))
+    if stray:
+        raise RlhfkitError(f"--redistribute names {', '.join(stray)}, which is not in --rewards")
+    sources: dict[str, RewardSource] = {}
+    for name in weights:
+        spec = rm_paths[name]
+        if spec.startswith("py:"):
+            sources[name] = PythonFunctionSource(name, spec[3:])
+        elif spec.startswith("hf:"):
+            sources[name] = ClassifierSource(name, spec[3:], device, batch_size)
+        else:
+            if not Path(spec).exists():
+                raise RlhfkitError(f"--rm {name}={spec}: no such directory")
+            sources[name] = RewardModelSource(
+                name, load_reward_model(spec, device=device, dtype=dtype), redistribute.get(name), batch_size
+            )
+    return sources

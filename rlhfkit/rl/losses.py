@@ -1,0 +1,130 @@
+"""PPO losses and the logprob/entropy helpers they need, as pure tensor functions.
+
+Shapes: (B, T) per-token tensors with `mask` (B, T) marking the real response tokens.
+Padded positions are excluded with `torch.where` *before* any nonlinearity, so that
+whatever sits there (garbage, inf, NaN) gets exactly zero gradient and cannot turn the
+loss into NaN.
+
+Aggregation over tokens (`aggregation`):
+  "token_mean" (default): sum over all valid tokens of the batch / number of valid tokens.
+      Every token weighs the same, so long responses contribute in proportion to their
+      length; this is what the FG-RLHF code, lm-human-preferences and TRL's PPO do.
+  "seq_mean": mean over tokens within each response, then mean over responses. Every
+      response weighs the same, whatever its length (the GRPO paper's form); rows with no
+      valid token are left out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhfkit.errors import RlhfkitError
+
+AGGREGATIONS = ("token_mean", "seq_mean")
+
+
+def _aggregate(per_token: Tensor, valid: Tensor, aggregation: str) -> Tensor:
+    per_token = torch.where(valid, per_token, 0.0)
+    if aggregation == "token_mean":
+        return per_token.sum() / valid.sum().clamp(min=1)
+    if aggregation == "seq_mean":
+        tokens_per_row = valid.sum(dim=1)
+        has_tokens = tokens_per_row > 0
+        row_means = per_token.sum(dim=1) / tokens_per_row.clamp(min=1)
+        return row_means[has_tokens].sum() / has_tokens.sum().clamp(min=1)
+    raise RlhfkitError(
+        f"unknown loss aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
+    )
+
+
+def _masked_mean_detached(x: Tensor, valid: Tensor) -> Tensor:
+    return torch.where(valid, x.detach().to(torch.float32), 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    aggregation: str = "token_mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss: mean of max(-A * r, -A * clip(r, 1 - eps, 1 + eps)).
+
+    The ratio r = exp(logp - logp_old) is formed in log space (dividing probabilities
+    underflows for long-tail tokens). Stats, detached 0-dim tensors over the valid tokens:
+    clipfrac (share of tokens where the clipped term is the one used), approx_kl
+    (k3 = (r - 1) - log r: unbiased for KL(old || new) and never negative; the early-stop
+    signal) and ratio_mean.
+    """
+    valid = mask.bool()
+    log_ratio = torch.where(valid, logprobs.to(torch.float32) - old_logprobs.to(torch.float32), 0.0)
+    advantages = torch.where(valid, advantages.to(torch.float32), 0.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = _aggregate(torch.maximum(unclipped, clipped), valid, aggregation)
+    stats = {
+        "clipfrac": _masked_mean_detached((clipped > unclipped).to(torch.float32), valid),
+        "approx_kl": _masked_mean_detached(torch.expm1(log_ratio) - log_ratio, valid),
+        "ratio_mean": _masked_mean_detached(ratio, valid),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    aggregation: str = "token_mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss: 0.5 * mean(max((V - R)^2, (clip(V, V_old +- eps) - R)^2)).
+
+    Clipping around the rollout-time values keeps the value head from moving further than
+    eps per batch, the counterpart of the policy clip. Stats: vf_clipfrac, the share of
+    valid tokens where the clipped error is the larger one.
+    """
+    valid = mask.bool()
+    values = torch.where(valid, values.to(torch.float32), 0.0)
+    old_values = torch.where(valid, old_values.to(torch.float32), 0.0)
+    returns = torch.where(valid, returns.to(torch.float32), 0.0)
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * _aggregate(torch.maximum(unclipped_error, clipped_error), valid, aggregation)
+    stats = {
+        "vf_clipfrac": _masked_mean_detached(
+            (clipped_error > unclipped_error).to(torch.float32), valid
+        )
+    }
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over valid tokens of the entropy of softmax(logits) (B, T, V) -> scalar.
+
+    H = logsumexp(z) - sum(softmax(z) * z), computed in float32.
+    """
+    logits = logits.to(torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+    valid = mask.bool()
+    return torch.where(valid, entropy, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) gathered at `tokens`: (B, T, V), (B, T) -> (B, T).
+
+    `logits[:, t]` must be the distribution that `tokens[:, t]` was drawn from (for a causal
+    LM: the logits of the positions before the response tokens, i.e. shifted by one).
+    Use the sampling temperature: the PPO ratio compares the probabilities the tokens were
+    actually sampled with. top-k / top-p filtering does not enter the logprob.
+    """
+    if temperature <= 0:
+        raise RlhfkitError(f"temperature must be > 0 (got {temperature})")
+    scaled = logits.to(torch.float32) / temperature
+    chosen = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(scaled, dim=-1)

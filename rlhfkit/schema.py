@@ -1,0 +1,313 @@
+"""Record types exchanged between stages, and the one JSONL reader/writer they all use.
+
+Every line of an rlhfkit artifact is one JSON object with a `type` (which record it is) and a
+`schema_version`. Readers stream, validate every field, and name `file:line` in every error;
+writers are atomic (temp file + rename). docs/schema.md documents each type with examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator, Optional, Union
+
+import jsonlines
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import atomic_write
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Span:
+    """An annotated character range `[start, end)` of a response."""
+
+    start: int
+    end: int
+    label: str
+    aspect: str
+    explanation: str = ""
+
+
+@dataclass
+class PromptRecord:
+    """A prompt to generate from; `references` are gold answers (for ROUGE), if known."""
+
+    type_name: ClassVar[str] = "prompt"
+    id: str
+    prompt: str
+    references: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Demonstration:
+    """A response to imitate (SFT data)."""
+
+    type_name: ClassVar[str] = "demonstration"
+    id: str
+    prompt: str
+    response: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class SpanFeedback:
+    """Fine-grained feedback: labelled error spans on a response (offsets into `response`).
+
+    A record with no spans is a positive example: an annotator read it and found no error.
+    `aspects` lists the aspects the annotator judged, so "no span of aspect A" means "no
+    error of aspect A" only when A is in `aspects`.
+    """
+
+    type_name: ClassVar[str] = "span_feedback"
+    id: str
+    prompt: str
+    response: str
+    spans: list[Span] = field(default_factory=list)
+    aspects: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Preference:
+    """A pairwise judgement. `tie` marks "no preference" (chosen/rejected order is arbitrary)."""
+
+    type_name: ClassVar[str] = "preference"
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    aspect: Optional[str] = None
+    margin: Optional[float] = None
+    tie: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ScalarScore:
+    """A scalar score of one response (regression reward-model data)."""
+
+    type_name: ClassVar[str] = "score"
+    id: str
+    prompt: str
+    response: str
+    score: float
+    aspect: Optional[str] = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Critique:
+    """Natural-language feedback: a critique of `response` and the revision it leads to."""
+
+    type_name: ClassVar[str] = "critique"
+    id: str
+    prompt: str
+    response: str
+    critique: str
+    revision: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Generation:
+    """A model's response to a prompt, optionally with per-token data aligned to `tokens`."""
+
+    type_name: ClassVar[str] = "generation"
+    id: str
+    prompt: str
+    response: str
+    model: str = ""
+    tokens: Optional[list[str]] = None
+    token_logprobs: Optional[list[float]] = None
+    token_rewards: Optional[list[float]] = None
+    meta: dict = field(default_factory=dict)
+
+
+Record = Union[PromptRecord, Demonstration, SpanFeedback, Preference, ScalarScore, Critique, Generation]
+RECORD_TYPES: dict[str, type] = {
+    cls.type_name: cls
+    for cls in (PromptRecord, Demonstration, SpanFeedback, Preference, ScalarScore, Critique, Generation)
+}
+
+
+class RecordError(ValueError):
+    """A record's content is invalid; the reader adds file and line."""
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(value: Any, expected: Any, where: str) -> Any:
+    """Validate `value` against a type hint; returns the value (Spans built from dicts)."""
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [opt for opt in options if opt is not type(None)]
+        return _check_value(value, inner, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecordError(f"'{where}' must be a list, got {type(value).__name__}")
+        (item_type,) = typing.get_args(expected)
+        return [_check_value(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+    if expected is Span:
+        if not isinstance(value, dict):
+            raise RecordError(f"'{where}' must be an object with start, end, label, aspect")
+        return _from_dict(Span, value, where)
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecordError(f"'{where}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecordError(f"'{where}' must be finite, got {value!r}")
+        return float(value)
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecordError(f"'{where}' must be an integer, got {value!r}")
+        return value
+    if expected is dict:
+        if not isinstance(value, dict):
+            raise RecordError(f"'{where}' must be an object, got {type(value).__name__}")
+        return value
+    if not isinstance(value, expected):
+        raise RecordError(f"'{where}' must be {expected.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, where: str = "") -> Any:
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"type", "schema_version"})
+    if unknown:
+        raise RecordError(f"unknown field(s) {', '.join(unknown)}; {cls.__name__} has {', '.join(sorted(names))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        label = f"{where}.{f.name}" if where else f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecordError(f"missing field '{label}'")
+            continue
+        values[f.name] = _check_value(data[f.name], hints[f.name], label)
+    return cls(**values)
+
+
+def validate_record(record: Record) -> None:
+    """Checks beyond types: spans inside the response, distinct preference pair."""
+    if isinstance(record, SpanFeedback):
+        for i, span in enumerate(record.spans):
+            if span.start < 0 or span.end > len(record.response):
+                raise RecordError(
+                    f"span {i} [{span.start}, {span.end}) lies outside the response "
+                    f"({len(record.response)} characters)"
+                )
+            if span.start >= span.end:
+                raise RecordError(f"span {i} is empty or reversed: start {span.start} >= end {span.end}")
+            if not span.aspect:
+                raise RecordError(f"span {i} has no aspect")
+    if isinstance(record, (PromptRecord, Demonstration, SpanFeedback, Preference, ScalarScore, Critique, Generation)):
+        if not record.id:
+            raise RecordError("empty 'id'")
+
+
+def record_from_dict(data: Any, expected_type: Optional[str] = None) -> Record:
+    """Build and validate one record from its JSON object (raises RecordError)."""
+    if not isinstance(data, dict):
+        raise RecordError(f"expected a JSON object, got {type(data).__name__}")
+    type_name = data.get("type", expected_type)
+    if not isinstance(type_name, str) or type_name not in RECORD_TYPES:
+        raise RecordError(f"unknown record type {type_name!r}; known: {', '.join(RECORD_TYPES)}")
+    if expected_type is not None and type_name != expected_type:
+        raise RecordError(f"expected a '{expected_type}' record, found '{type_name}'")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"schema_version {version!r} is not supported (this rlhfkit reads {SCHEMA_VERSION})")
+    record = _from_dict(RECORD_TYPES[type_name], data)
+    validate_record(record)
+    return record
+
+
+def record_to_dict(record: Record) -> dict:
+    """The JSON object of a record: `type` and `schema_version` first, then the fields in order."""
+    return {"type": record.type_name, "schema_version": SCHEMA_VERSION, **dataclasses.asdict(record)}
+
+
+def _reject_non_finite(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str) -> Any:
+    """`json.loads`, refusing NaN and Infinity: Python accepts them, but they are not JSON and
+    the writer refuses them (raises json.JSONDecodeError, or ValueError for those constants)."""
+    return json.loads(text, parse_constant=_reject_non_finite)
+
+
+def read_records(path: str | os.PathLike, expected_type: Optional[str] = None) -> Iterator[Record]:
+    """Stream the records of a JSONL file; any problem raises RlhfkitError naming `file:line`.
+
+    `expected_type` also lets files written by other tools omit the `type` field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RlhfkitError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RlhfkitError(f"{path}:{lineno}: not UTF-8 text (byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                data = parse_json(line)
+            except json.JSONDecodeError as err:
+                raise RlhfkitError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            except ValueError as err:
+                raise RlhfkitError(f"{path}:{lineno}: invalid JSON: {err}") from None
+            try:
+                yield record_from_dict(data, expected_type)
+            except RecordError as err:
+                raise RlhfkitError(f"{path}:{lineno}: {err}") from None
+
+
+def load_records(path: str | os.PathLike, expected_type: Optional[str] = None) -> list[Record]:
+    """All records of a file as a list (see `read_records`); an empty file is an error."""
+    records = list(read_records(path, expected_type))
+    if not records:
+        what = f"'{expected_type}' records" if expected_type else "records"
+        raise RlhfkitError(f"{path}: no {what} (the file is empty)")
+    return records
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+
+
+@contextlib.contextmanager
+def record_writer(path: str | os.PathLike) -> Iterator[jsonlines.Writer]:
+    """Write records to `path` atomically: `writer.write(record_to_dict(r))` for each."""
+    with atomic_write(path) as handle:
+        with jsonlines.Writer(handle, dumps=_dumps, flush=False) as writer:
+            yield writer
+
+
+def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
+    """Write records atomically; returns how many were written."""
+    count = 0
+    with record_writer(path) as writer:
+        for record in records:
+            writer.write(record_to_dict(record))
+            count += 1
+    return count

@@ -1,0 +1,612 @@
+"""`rlhfkit ppo`: PPO with fine-grained, multi-reward-model dense rewards (Wu et al. 2023).
+
+One iteration, read top to bottom in `ppo_iteration`:
+1. roll out: sample `samples_per_prompt` responses per prompt (left padding, KV cache);
+2. score: every reward source puts its rewards on the policy tokens where they are earned
+   (segment ends, the last token, or every token when redistributed), weighted as the user
+   says; minus beta * (logp_policy - logp_ref) at every token;
+3. advantages: GAE over a value model (the paper), or group-normalised returns (GRPO/RLOO,
+   critic-free);
+4. update: several epochs of clipped policy loss + clipped value loss over minibatches,
+   stopping an epoch early when the approximate KL to the rollout policy passes a threshold.
+The RL math lives in rlhfkit.rl (pure, unit-tested functions); this file wires it together.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rlhfkit.config import REQUIRED, opt
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError, TrainingDiverged
+from rlhfkit.generation import (
+    Rollout,
+    SamplingConfig,
+    forward_response,
+    generate,
+    model_max_positions,
+)
+from rlhfkit.io import write_json
+from rlhfkit.models import add_lora, load_policy, resolve_device, safe_torch_load
+from rlhfkit.rewards.placement import compose_token_rewards
+from rlhfkit.rewards.sources import build_reward_sources, parse_named, parse_redistribute, parse_weights
+from rlhfkit.rl.advantages import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    group_token_returns,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+)
+from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhfkit.runs import RunDir, progress_bar, set_seed
+from rlhfkit.schema import Generation, load_records, record_to_dict, write_records
+
+ADVANTAGES = ("gae", "grpo", "rloo")
+VALUE_MODELS = ("separate", "shared")
+
+
+@dataclass
+class PPOConfig:
+    policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.")
+    prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).")
+    out: str = opt(REQUIRED, "Output directory: final policy, checkpoints, metrics, rollouts.")
+    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. fact=0.3,rel=0.5,comp=0.3 (pref=1.0: holistic).")
+    rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.")
+    redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.")
+    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy).")
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.")
+    advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).")
+    value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.")
+    value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).")
+    steps: int = opt(100, "PPO iterations (rollout + update).")
+    prompts_per_step: int = opt(8, "Prompts per rollout batch.")
+    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).")
+    minibatch_size: int = opt(8, "Rollouts per optimizer step.")
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
+    lr: float = opt(1e-5, "Policy learning rate.")
+    value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).")
+    warmup_steps: int = opt(0, "Linear LR warm-up, in optimizer steps.")
+    kl_coef: float = opt(0.3, "Initial beta of the per-token KL penalty (the paper: 0.3).")
+    target_kl: Optional[float] = opt(None, "Adaptive KL controller target (Ziegler et al.); fixed beta when unset.")
+    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.")
+    kl_stop: Optional[float] = opt(None, "Stop an update epoch when approx. KL to the rollout policy exceeds this.")
+    gamma: float = opt(1.0, "Discount.")
+    lam: float = opt(0.95, "GAE lambda (the paper: 0.95 fine-grained, 0.99 holistic).")
+    clip: float = opt(0.2, "Policy ratio clip.")
+    value_clip: float = opt(0.2, "Value clip around the rollout values.")
+    vf_coef: float = opt(0.5, "Value loss weight (shared value head).")
+    entropy_coef: float = opt(0.0, "Entropy bonus weight.")
+    whiten_rewards: bool = opt(True, "Whiten the task rewards over the batch before the KL term (as FG-RLHF does).")
+    max_grad_norm: float = opt(0.5, "Gradient clipping max norm (the paper: 0.5).")
+    truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
+    max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
+    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are an error.")
+    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.")
+    top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).")
+    top_p: float = opt(1.0, "Top-p sampling.")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning). With LoRA the reference is the policy with adapters disabled.")
+    lora_alpha: int = opt(16, "LoRA alpha.")
+    rm_batch_size: int = opt(8, "Reward-model scoring batch size.")
+    eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).")
+    save_every: int = opt(10, "Checkpoint every N steps.")
+    resume: bool = opt(False, "Resume from the latest checkpoint in --out.")
+    log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
+    seed: int = opt(0, "Random seed.")
+
+    def validate(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise RlhfkitError(f"--advantage must be one of {', '.join(ADVANTAGES)}, got '{self.advantage}'")
+        if self.value_model not in VALUE_MODELS:
+            raise RlhfkitError(f"--value-model must be one of {', '.join(VALUE_MODELS)}, got '{self.value_model}'")
+        rollouts = self.prompts_per_step * self.samples_per_prompt
+        if self.minibatch_size < 1 or rollouts % self.minibatch_size:
+            raise RlhfkitError(
+                f"--minibatch-size {self.minibatch_size} must divide the rollouts per step "
+                f"(--prompts-per-step {self.prompts_per_step} x --samples-per-prompt {self.samples_per_prompt} = {rollouts})"
+            )
+        if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise RlhfkitError(f"--advantage {self.advantage} needs --samples-per-prompt >= 2 (it compares samples of one prompt)")
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 1")
+        parse_weights(self.rewards)
+        parse_named(self.rm, "--rm")
+        parse_redistribute(self.redistribute)
+
+
+class ValueHead(nn.Module):
+    """A scalar head on hidden states; zero-initialised so early values do not swamp GAE."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def hidden_size_of(model) -> int:
+    config = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise RlhfkitError(f"cannot find the hidden size of {type(model).__name__}")
+
+
+@dataclass
+class PolicyBundle:
+    policy: nn.Module
+    tokenizer: object
+    is_encoder_decoder: bool
+    ref: Optional[nn.Module]  # None with LoRA: the policy with adapters disabled is the reference
+    value_backbone: Optional[nn.Module]  # None for shared heads and critic-free runs
+    value_head: Optional[ValueHead]
+    value_model_shared: bool = False
+
+
+def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
+    policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device)
+    limit = model_max_positions(policy)
+    if limit is not None and not is_encdec and cfg.max_prompt_length + cfg.max_new_tokens > limit:
+        raise RlhfkitError(
+            f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} exceeds "
+            f"the {limit} positions the policy allows; lower one of them"
+        )
+    ref = None
+    if cfg.lora_r:
+        policy = add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0)
+    else:
+        ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=cfg.dtype, device=device)
+        ref.eval().requires_grad_(False)
+    value_backbone = value_head = None
+    if cfg.advantage == "gae":
+        if cfg.value_model == "separate":
+            value_backbone, _, _ = load_policy(cfg.value_init or cfg.policy, dtype=cfg.dtype, device=device)
+            value_head = ValueHead(hidden_size_of(value_backbone)).to(device)
+        else:
+            value_head = ValueHead(hidden_size_of(policy)).to(device)
+    # Dropout would make the rollout logprobs and the update's logprobs disagree.
+    for module in (policy, ref, value_backbone):
+        if module is not None:
+            disable_dropout(module)
+    shared = cfg.advantage == "gae" and cfg.value_model == "shared"
+    return PolicyBundle(policy, tokenizer, is_encdec, ref, value_backbone, value_head, shared)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def policy_logprobs(bundle: PolicyBundle, rollout: Rollout, temperature: float, *, reference: bool = False, want_hidden: bool = False):
+    """Log-probs of the rollout's tokens (and hidden states) under the policy or the reference."""
+    if reference and bundle.ref is None:
+        with bundle.policy.disable_adapter():
+            logits, hidden = forward_response(bundle.policy, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
+    else:
+        model = bundle.ref if reference else bundle.policy
+        logits, hidden = forward_response(model, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
+    return logits, logprobs_from_logits(logits, rollout.response_ids, temperature), hidden
+
+
+def value_estimates(bundle: PolicyBundle, rollout: Rollout, policy_hidden: Optional[torch.Tensor]) -> torch.Tensor:
+    if bundle.value_backbone is None:
+        return bundle.value_head(policy_hidden)
+    _, hidden = forward_response(
+        bundle.value_backbone, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=True, want_logits=False
+    )
+    return bundle.value_head(hidden)
+
+
+def select(rollout: Rollout, index: torch.Tensor) -> Rollout:
+    """A minibatch of a rollout (tensors indexed, per-row lists picked)."""
+    rows = index.tolist()
+    return Rollout(
+        prompts=[rollout.prompts[i] for i in rows],
+        query_ids=rollout.query_ids[index],
+        query_mask=rollout.query_mask[index],
+        response_ids=rollout.response_ids[index],
+        response_mask=rollout.response_mask[index],
+        texts=[rollout.texts[i] for i in rows],
+        finished=rollout.finished[index],
+        token_char_spans=[rollout.token_char_spans[i] for i in rows],
+    )
+
+
+def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted per-token task rewards (B, T), where any reward is given (B, T), and each
+    source's weighted per-sequence sum for logging."""
+    length = rollout.response_ids.shape[1]
+    components, given = {}, torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
+    for name, source in sources.items():
+        values, source_given = source.token_rewards(rollout.prompts, rollout.texts, rollout.token_char_spans).padded(length)
+        components[name] = values
+        given |= source_given
+    total, per_source = compose_token_rewards(components, weights)
+    if cfg.truncation_penalty is not None:
+        last = (rollout.response_lengths - 1).clamp(min=0).cpu()
+        unfinished = (~rollout.finished).cpu()
+        total[unfinished, last[unfinished]] += cfg.truncation_penalty
+        given[unfinished, last[unfinished]] = True
+    return total, given, per_source
+
+
+def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompts: list[str], optimizers, schedulers, kl_ctl, step: int):
+    """One rollout + update; returns (metrics, rollout, per-token rewards) for logging."""
+    device = next(bundle.policy.parameters()).device
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=True)
+    expanded = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    rollout = generate(
+        bundle.policy, bundle.tokenizer, expanded, sampling,
+        max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
+    )
+    mask = rollout.response_mask.float()
+
+    # --- rewards: task rewards where earned, KL penalty at every token -------------------
+    with torch.no_grad():
+        _, old_logprobs, hidden = policy_logprobs(bundle, rollout, cfg.temperature, want_hidden=bundle.value_model_shared)
+        _, ref_logprobs, _ = policy_logprobs(bundle, rollout, cfg.temperature, reference=True)
+        old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
+    task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
+    task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
+    score_per_sequence = (task_rewards * mask).sum(dim=1)
+    if cfg.whiten_rewards:
+        task_rewards = masked_whiten(task_rewards, mask, shift_mean=False) * mask
+    kl = (old_logprobs - ref_logprobs) * mask
+
+    # --- advantages ------------------------------------------------------------------------
+    # GAE (the paper): the KL penalty is part of every token's reward. Critic-free
+    # (GRPO/RLOO): task rewards are normalised within each prompt's group of samples and
+    # each token gets the reward-to-go, so fine-grained rewards keep their positions; the
+    # KL term moves into the loss, as in GRPO, since normalising it with the task rewards
+    # would mix two scales.
+    if cfg.advantage == "gae":
+        rewards = task_rewards - kl_ctl.value * kl
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask) * mask
+    else:
+        rewards = task_rewards
+        advantages = group_token_returns(task_rewards, mask, cfg.samples_per_prompt, kind=cfg.advantage, reward_mask=reward_given)
+        returns = None
+
+    # --- update: epochs x minibatches of clipped losses --------------------------------------
+    policy_opt, value_opt = optimizers
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
+    n = rollout.response_ids.shape[0]
+    stopped_early = False
+    bundle.policy.train()
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(n)
+        for start in range(0, n, cfg.minibatch_size):
+            idx = order[start : start + cfg.minibatch_size]
+            mb = select(rollout, idx.to(rollout.response_ids.device))
+            mb_mask = mask[idx]
+            logits, logprobs, hidden = policy_logprobs(bundle, mb, cfg.temperature, want_hidden=bundle.value_model_shared)
+            pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
+            entropy = entropy_from_logits(logits, mb_mask)
+            loss = pg_loss - cfg.entropy_coef * entropy
+            if cfg.advantage != "gae":
+                loss = loss + kl_ctl.value * masked_mean(kl_penalty(logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
+            if cfg.advantage == "gae":
+                values = value_estimates(bundle, mb, hidden)
+                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip)
+                loss = loss + (cfg.vf_coef if bundle.value_model_shared else 1.0) * vf_loss
+                stats["value_loss"].append(vf_loss.item())
+                stats["vf_clipfrac"].append(float(vf_stats["vf_clipfrac"]))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"step {step}: the PPO loss is {loss.item()} (policy loss {pg_loss.item()}); "
+                    "the last good checkpoint is kept; lower --lr or check the reward sources"
+                )
+            for opt_ in optimizers:
+                if opt_ is not None:
+                    opt_.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(bundle), cfg.max_grad_norm)
+            for opt_, sched in zip(optimizers, schedulers):
+                if opt_ is not None:
+                    opt_.step()
+                    sched.step()
+            stats["policy_loss"].append(pg_loss.item())
+            stats["clipfrac"].append(float(pg_stats["clipfrac"]))
+            stats["approx_kl"].append(float(pg_stats["approx_kl"]))
+            stats["entropy"].append(entropy.item())
+        if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-math.ceil(n / cfg.minibatch_size):]) > cfg.kl_stop:
+            stopped_early = True
+            break
+
+    mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device)).item()
+    kl_ctl.update(mean_kl, n)
+    metrics = {
+        "reward/total": score_per_sequence.mean().item(),
+        **{f"reward/{name}": value.mean().item() for name, value in per_source.items()},
+        "kl": mean_kl,
+        "kl_coef": kl_ctl.value,
+        "kl_penalty": (kl_ctl.value * kl).sum(dim=1).mean().item(),
+        "response_length": rollout.response_lengths.float().mean().item(),
+        "truncated_fraction": (~rollout.finished).float().mean().item(),
+        "epochs_run": epoch + 1,
+        "early_stopped": stopped_early,
+        **{k: float(np.mean(v)) for k, v in stats.items() if v},
+        "lr": schedulers[0].get_last_lr()[0],
+    }
+    return metrics, rollout, rewards
+
+
+def trainable_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
+    params = [p for p in bundle.policy.parameters() if p.requires_grad]
+    for module in (bundle.value_backbone, bundle.value_head):
+        if module is not None:
+            params += [p for p in module.parameters() if p.requires_grad]
+    return params
+
+
+def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
+    from transformers import get_scheduler
+
+    policy_params = [p for p in bundle.policy.parameters() if p.requires_grad]
+    value_params = []
+    for module in (bundle.value_backbone, bundle.value_head):
+        if module is not None:
+            value_params += list(module.parameters())
+    # Adam eps 1e-5 as in the reference implementations (the checklist).
+    policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(value_params, lr=cfg.value_lr or cfg.lr, eps=1e-5, weight_decay=0.0) if value_params else None
+    updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
+    schedulers = [get_scheduler("linear", opt_, num_warmup_steps=cfg.warmup_steps, num_training_steps=updates) for opt_ in (policy_opt, value_opt) if opt_ is not None]
+    return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
+
+
+def prompt_texts(path: str) -> list[str]:
+    records = load_records(path)
+    texts = []
+    for record in records:
+        if not hasattr(record, "prompt"):
+            raise RlhfkitError(f"{path}: '{record.type_name}' records carry no prompt")
+        texts.append(record.prompt)
+    return texts
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def save_checkpoint(run: RunDir, bundle: PolicyBundle, optimizers, schedulers, kl_ctl, step: int) -> Path:
+    final = run.path / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    bundle.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    state = {
+        "step": step,
+        "kl_coef": kl_ctl.value,
+        "optimizers": [o.state_dict() if o is not None else None for o in optimizers],
+        "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
+        "value_head": bundle.value_head.state_dict() if bundle.value_head is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": list(random.getstate()[1]),
+        "numpy_rng": np.random.get_state()[1].tolist(),
+    }
+    if bundle.value_backbone is not None:
+        bundle.value_backbone.save_pretrained(tmp / "value", safe_serialization=True)
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)  # a checkpoint directory exists only once complete
+    return final
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    candidates = [p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
+    return max(candidates, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def restore_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl) -> int:
+    from safetensors.torch import load_file
+
+    def load_weights(module, directory: Path):
+        files = sorted(directory.glob("*.safetensors"))
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        if hasattr(module, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(module, state)
+        else:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            real_missing = [k for k in missing if k not in getattr(module, "_tied_weights_keys", []) and "lm_head" not in k]
+            if real_missing or unexpected:
+                raise RlhfkitError(f"checkpoint {directory} does not match the model ({real_missing[:3]} missing)")
+            if hasattr(module, "tie_weights"):
+                module.tie_weights()
+
+    load_weights(bundle.policy, path / "policy")
+    if bundle.value_backbone is not None:
+        load_weights(bundle.value_backbone, path / "value")
+    state = safe_torch_load(path / "trainer_state.pt")
+    for opt_, opt_state in zip(optimizers, state["optimizers"]):
+        if opt_ is not None:
+            opt_.load_state_dict(opt_state)
+    for sched, sched_state in zip(schedulers, state["schedulers"]):
+        if sched is not None:
+            sched.load_state_dict(sched_state)
+    if bundle.value_head is not None:
+        bundle.value_head.load_state_dict(state["value_head"])
+    kl_ctl.value = state["kl_coef"]
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], np.array(state["numpy_rng"], dtype=np.uint32), 624, 0, 0.0))
+    return int(state["step"])
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def run_ppo(cfg: PPOConfig) -> dict:
+    """Train a policy with PPO on fine-grained, weighted rewards from several reward models.
+
+    `--rewards fact=0.3,rel=0.5,comp=0.3 --rm fact=runs/rm-fact --rm rel=... --rm comp=...`
+    is Fine-Grained RLHF; `--rewards pref=1.0` the holistic baseline; `--redistribute pref`
+    spreads a sequence RM's score over tokens (R3HF).
+    """
+    weights = parse_weights(cfg.rewards)
+    rm_paths = parse_named(cfg.rm, "--rm")
+    redistribute = parse_redistribute(cfg.redistribute)
+    prompts = prompt_texts(cfg.prompts)
+    eval_prompts = prompt_texts(cfg.eval_prompts) if cfg.eval_prompts else []
+    out = Path(cfg.out)
+    resume_from = latest_checkpoint(out) if cfg.resume and out.exists() else None
+    if cfg.resume and resume_from is None:
+        raise RlhfkitError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    sources = build_reward_sources(weights, rm_paths, redistribute, device=device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size)
+    bundle = load_models(cfg, device)
+    optimizers, schedulers = make_optimizers(cfg, bundle)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.kl_coef)
+
+    run = RunDir(out, "ppo", cfg, resume=resume_from is not None)
+    start_step = 0
+    if resume_from is not None:
+        start_step = restore_checkpoint(resume_from, bundle, optimizers, schedulers, kl_ctl)
+        run.truncate_metrics(start_step)
+        console.print(f"resuming from {resume_from} (step {start_step})")
+    for name, source in sources.items():
+        console.print(f"reward '{name}' x {weights[name]}: {source.description}")
+
+    order = prompt_order(len(prompts), cfg.seed)
+    history = []
+    rollouts_path = run.path / "rollouts.jsonl"
+    if resume_from is None and rollouts_path.exists():
+        rollouts_path.unlink()
+    with progress_bar("ppo", cfg.steps) as advance:
+        advance(start_step)
+        for step in range(start_step + 1, cfg.steps + 1):
+            batch = prompts_for_step(prompts, order, step, cfg.prompts_per_step, cfg.seed)
+            metrics, rollout, rewards = ppo_iteration(cfg, bundle, sources, weights, batch, optimizers, schedulers, kl_ctl, step)
+            history.append(run.log_metrics(step=step, **metrics))
+            append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)
+            if cfg.eval_every and eval_prompts and step % cfg.eval_every == 0:
+                run.log_metrics(step=step, **evaluate_prompts(cfg, bundle, sources, weights, eval_prompts))
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(run, bundle, optimizers, schedulers, kl_ctl, step)
+            advance(1)
+
+    final_metrics = evaluate_prompts(cfg, bundle, sources, weights, eval_prompts) if eval_prompts else {}
+    save_final_policy(bundle, out)
+    summary = {"steps": cfg.steps, "last": history[-1] if history else {}, "eval": final_metrics}
+    write_json(out / "ppo_summary.json", summary)
+    plot_reward_curves(run.metrics_path, out / "reward_curves.png")
+    return summary
+
+
+def prompt_order(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    return order
+
+
+def prompts_for_step(prompts: list[str], order: list[int], step: int, per_step: int, seed: int) -> list[str]:
+    """The prompts of a step: epochs over a seeded permutation, a new permutation per epoch.
+
+    A pure function of (step, seed), so a resumed run sees the same prompts."""
+    picked = []
+    n = len(prompts)
+    for k in range((step - 1) * per_step, step * per_step):
+        epoch, index = divmod(k, n)
+        perm = order if epoch == 0 else prompt_order(n, seed + epoch)
+        picked.append(prompts[perm[index]])
+    return picked
+
+
+@torch.no_grad()
+def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompts: list[str]) -> dict:
+    """Greedy responses on held-out prompts, scored by every reward source."""
+    sampling = SamplingConfig(cfg.max_new_tokens, do_sample=False)
+    totals: dict[str, list[float]] = {}
+    for i in range(0, len(prompts), cfg.prompts_per_step):
+        rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
+                           max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder)
+        rewards, _, per_source = score_rollout(sources, weights, rollout, cfg)
+        totals.setdefault("eval/reward_total", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
+        for name, values in per_source.items():
+            totals.setdefault(f"eval/reward_{name}", []).extend(values.tolist())
+        totals.setdefault("eval/response_length", []).extend(rollout.response_lengths.float().tolist())
+    return {k: float(np.mean(v)) for k, v in totals.items()}
+
+
+def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: int, count: int) -> None:
+    import json
+
+    with open(path, "a", encoding="utf-8") as handle:
+        for i in range(min(count, len(rollout.texts))):
+            n = int(rollout.response_lengths[i])
+            ids = rollout.response_ids[i, :n].tolist()
+            record = Generation(
+                id=f"step{step}-{i}",
+                prompt=rollout.prompts[i],
+                response=rollout.texts[i],
+                model=f"ppo step {step}",
+                tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
+                token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
+                meta={"step": step, "finished": bool(rollout.finished[i])},
+            )
+            handle.write(json.dumps(record_to_dict(record), ensure_ascii=False) + "\n")
+
+
+def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
+    policy = bundle.policy
+    if hasattr(policy, "merge_and_unload"):
+        policy = policy.merge_and_unload()
+    policy.save_pretrained(out, safe_serialization=True)
+    bundle.tokenizer.save_pretrained(out)
+
+
+def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    rows = [r for r in rows if "reward/total" in r]
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k.startswith("reward/")] + ["kl"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [r["step"] for r in rows]
+    for key in keys[:-1]:
+        axes[0].plot(steps, [r[key] for r in rows], label=key.split("/", 1)[1])
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("reward per response"), axes[0].legend()
+    axes[1].plot(steps, [r["kl"] for r in rows], color="black")
+    axes[1].set_xlabel("step"), axes[1].set_ylabel("KL(policy || ref) per response")
+    fig.tight_layout()
+    tmp = png_path.with_name("." + png_path.name)
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)

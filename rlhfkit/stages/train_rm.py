@@ -1,0 +1,709 @@
+"""`rlhfkit train-rm`: train one reward model for one feedback aspect.
+
+Three kinds (`--kind`, or the aspect's preset):
+
+- `segment`: the Fine-Grained RLHF relevance / factuality RM. The response is cut into
+  segments (sentences or sub-sentences, rlhfkit.segment); a token-classification head reads
+  prompt + response and predicts, at the RM token that completes each segment, whether the
+  segment has an error of the aspect. Training labels come from span feedback: a segment is
+  an error when an error span of the aspect overlaps it. Only records whose annotator judged
+  the aspect (`SpanFeedback.aspects`) are used, so "no span" really means "no error".
+  Cross-entropy is taken at those positions only; `--error-class-weight` up-weights the
+  rarer error class. At inference each segment earns `--positive-reward` or
+  `--negative-reward` (the paper: relevance +-0.3, factuality +-0.5).
+- `preference`: a sequence-level Bradley-Terry RM on (chosen, rejected) pairs,
+  loss -log sigmoid(r_c - r_r - margin). A tie ("no preference") is trained toward the
+  Bradley-Terry probability 1/2 either way: loss -(log sigmoid(d) + log sigmoid(-d)) / 2,
+  which is smallest at r_c = r_r (`--ties drop` leaves ties out instead). The mean and std
+  of its scores on the training responses (or on `--normalize-on` responses, e.g. SFT
+  samples, as the paper normalises its completeness RM) are stored with the model.
+- `regression`: a scalar score regressed with MSE on `score` records; given preference
+  records instead, the targets are chosen 1, rejected 0, and 0.5 for both sides of a tie.
+
+Presets make `--aspect` alone enough: factuality (segment, sentences; QA-Feedback labels
+Wrong-Grounding and Unverifiable), relevance (segment, sub-sentences; Irrelevant, Redundant,
+Incoherent), completeness and preference (preference kind). The shipped QA-Feedback sample
+has only holistic preferences (aspect "preference"), so `--aspect completeness` trains on
+those when no preference names completeness, and says so. Any other aspect works with an
+explicit `--kind` and the aspect name the records use.
+
+The model input is the tokenizer pair (prompt, response) (see rlhfkit.rewards.reward_model):
+a prompt longer than `--max-length` loses tokens from its left; a record whose response
+alone does not fit is left out and counted (its segment ends would be lost).
+
+`--out` receives the model (save_pretrained + tokenizer), `rlhfkit_rm.json` (what later
+stages need: aspect, kind, granularity, rewards, normalisation, max_length, backbone),
+`rm_metrics.json` (held-out metrics next to their trivial baselines), run_config.json and
+metrics.jsonl. `--eval-only` scores a saved RM (`--model`) on new labelled data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.config import REQUIRED, opt
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import write_json
+from rlhfkit.models import DTYPES, add_lora, count_parameters, load_pretrained, load_tokenizer, resolve_device, resolve_dtype
+from rlhfkit.rewards.reward_model import (
+    KINDS,
+    SEGMENT_LABELS,
+    SPEC_FILE,
+    SPEC_FORMAT,
+    EncodedPair,
+    RewardModel,
+    encode_pair,
+    load_reward_model,
+    pad_right,
+    reward_model_class,
+    segment_end_positions,
+    sequence_scores,
+)
+from rlhfkit.runs import RunDir, set_seed
+from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
+from rlhfkit.segment import label_segments, segment
+from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
+
+METRICS_FILE = "rm_metrics.json"
+IGNORE_INDEX = -100
+TIE_POLICIES = ("soft", "drop")
+# Files of a previous save that a new save must not leave behind.
+MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*")
+
+
+@dataclass(frozen=True)
+class AspectPreset:
+    """What `--aspect NAME` alone means; explicit options override each field."""
+
+    kind: str
+    granularity: str = "response"
+    positive_reward: float = 0.5
+    negative_reward: float = -0.5
+    error_class_weight: float = 1.0
+    # Preference data judged holistically stands in when no record names the aspect.
+    holistic_fallback: bool = False
+    note: str = ""
+
+
+PRESETS = {
+    "factuality": AspectPreset(
+        "segment", "sentence", 0.5, -0.5, 1.0, note="QA-Feedback labels Wrong-Grounding, Unverifiable"
+    ),
+    "relevance": AspectPreset(
+        "segment", "subsentence", 0.3, -0.3, 1.0, note="QA-Feedback labels Irrelevant, Redundant, Incoherent"
+    ),
+    "completeness": AspectPreset("preference", holistic_fallback=True),
+    "preference": AspectPreset("preference", holistic_fallback=True),
+}
+HOLISTIC_ASPECTS = (None, "preference")
+"""Preference records judged as a whole (no aspect, or the importers' "preference")."""
+
+
+@dataclass
+class TrainRMConfig:
+    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind).")
+    data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL.")
+    model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
+    out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
+    kind: Optional[str] = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
+    granularity: Optional[str] = opt(None, "Segment RMs: sentence or subsentence (default: the preset's; factuality sentence, relevance subsentence).")
+    positive_reward: Optional[float] = opt(None, "Segment RMs: reward of a segment judged fine (default: relevance 0.3, factuality 0.5, else 0.5).")
+    negative_reward: Optional[float] = opt(None, "Segment RMs: reward of a segment judged an error (default: relevance -0.3, factuality -0.5, else -0.5).")
+    error_class_weight: Optional[float] = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
+    ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.")
+    normalize_on: Optional[str] = opt(None, "Sequence RMs: JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
+    eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.")
+    max_length: int = opt(1024, "Longest prompt + response in RM tokens; the prompt is cut from the left, a response that does not fit is skipped.")
+    epochs: int = opt(2, "Passes over the training split.")
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
+    batch_size: int = opt(8, "Records (segment/regression) or pairs (preference) per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).")
+    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
+    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
+    eval_fraction: float = opt(0.2, "Fraction of the prompts held out for metrics (0 = none); a prompt's records stay on one side.")
+    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
+    save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning); the saved RM has the adapter merged in.")
+    lora_alpha: int = opt(16, "LoRA alpha.")
+    lora_dropout: float = opt(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
+    seed: int = opt(42, "Seed for the held-out split, data order, head initialisation and dropout.")
+
+    def validate(self) -> None:
+        if not self.eval_only:
+            self.settings()
+        validate_loop_options(self)
+        if self.max_length < 2:
+            raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
+        if not 0 <= self.eval_fraction < 1:
+            raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.ties not in TIE_POLICIES:
+            raise RlhfkitError(f"unknown --ties {self.ties!r}; valid: {', '.join(TIE_POLICIES)}")
+        if self.lora_r < 0:
+            raise RlhfkitError(f"--lora-r must be >= 0, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise RlhfkitError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.dtype == "float16":
+            raise RlhfkitError("--dtype float16 is not supported for training (no loss scaling); use bfloat16 or float32")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise RlhfkitError(f"unknown --dtype {self.dtype!r}; valid: auto, float32, bfloat16")
+        if not Path(self.data).is_file():
+            raise RlhfkitError(f"--data {self.data}: no such file")
+        if self.normalize_on is not None and not Path(self.normalize_on).is_file():
+            raise RlhfkitError(f"--normalize-on {self.normalize_on}: no such file")
+
+    def settings(self) -> "RMSettings":
+        """The aspect's preset with this config's explicit options applied (validated)."""
+        preset = PRESETS.get(self.aspect)
+        if self.kind is None and preset is None:
+            raise RlhfkitError(
+                f"--aspect {self.aspect!r} has no preset; give --kind ({', '.join(KINDS)}) "
+                f"or use a preset aspect: {', '.join(PRESETS)}"
+            )
+        kind = self.kind or preset.kind
+        if kind not in KINDS:
+            raise RlhfkitError(f"unknown --kind {kind!r}; valid: {', '.join(KINDS)}")
+        # A preset only speaks for its own kind (e.g. `--aspect relevance --kind preference`).
+        preset = preset if preset is not None and preset.kind == kind else AspectPreset(kind, "sentence" if kind == "segment" else "response")
+        granularity = self.granularity or preset.granularity
+        if kind == "segment" and granularity not in ("sentence", "subsentence"):
+            raise RlhfkitError(f"--granularity for a segment RM must be sentence or subsentence, got {granularity!r}")
+        if kind != "segment" and self.granularity not in (None, "response"):
+            raise RlhfkitError(f"--granularity applies to segment RMs only; a {kind} RM scores the whole response")
+        positive = preset.positive_reward if self.positive_reward is None else self.positive_reward
+        negative = preset.negative_reward if self.negative_reward is None else self.negative_reward
+        if kind == "segment" and not negative < positive:
+            raise RlhfkitError(f"--negative-reward ({negative}) must be below --positive-reward ({positive})")
+        weight = preset.error_class_weight if self.error_class_weight is None else self.error_class_weight
+        if not weight > 0:
+            raise RlhfkitError(f"--error-class-weight must be > 0, got {weight}")
+        return RMSettings(kind, granularity, positive, negative, weight, preset.holistic_fallback)
+
+
+@dataclass(frozen=True)
+class RMSettings:
+    kind: str
+    granularity: str
+    positive_reward: float
+    negative_reward: float
+    error_class_weight: float
+    holistic_fallback: bool
+
+
+# --- data -------------------------------------------------------------------------------------
+
+RECORD_KINDS = {"segment": (SpanFeedback,), "preference": (Preference,), "regression": (ScalarScore, Preference)}
+
+
+def load_aspect_records(path: str, aspect: str, settings: RMSettings, ties: str = "soft") -> list[Record]:
+    """The records of `path` that train/evaluate an RM of `aspect` (RlhfkitError if none)."""
+    records = load_records(path)
+    wanted = RECORD_KINDS[settings.kind]
+    types = Counter(r.type_name for r in records)
+    records = [r for r in records if isinstance(r, wanted)]
+    if not records:
+        names = " or ".join(f"'{cls.type_name}'" for cls in wanted)
+        raise RlhfkitError(
+            f"{path}: a {settings.kind} reward model trains on {names} records; this file has "
+            + ", ".join(f"{n} '{t}'" for t, n in types.items())
+        )
+    if settings.kind == "segment":
+        judged = [r for r in records if aspect in r.aspects]
+        if not judged:
+            found = sorted({a for r in records for a in r.aspects} | {s.aspect for r in records for s in r.spans})
+            raise RlhfkitError(
+                f"{path}: no span_feedback record judged aspect {aspect!r}; found aspects: {', '.join(found) or 'none'}"
+            )
+        return judged
+    by_aspect = [r for r in records if r.aspect == aspect]
+    if not by_aspect and settings.holistic_fallback:
+        by_aspect = [r for r in records if r.aspect in HOLISTIC_ASPECTS]
+        if by_aspect and aspect not in HOLISTIC_ASPECTS:
+            console.print(
+                f"train-rm: no record of {path} names aspect {aspect!r}; training on its {len(by_aspect)} "
+                "holistic preferences (the shipped QA-Feedback sample has only those)",
+                soft_wrap=True,
+            )
+    if not by_aspect:
+        found = sorted({str(r.aspect) for r in records})
+        raise RlhfkitError(f"{path}: no {wanted[0].type_name} record has aspect {aspect!r}; found aspects: {', '.join(found)}")
+    for r in by_aspect:
+        if isinstance(r, Preference) and r.chosen == r.rejected:
+            raise RlhfkitError(
+                f"{path}: preference {r.id!r} has identical chosen and rejected responses, which says nothing; remove it"
+            )
+    if ties == "drop":
+        by_aspect = [r for r in by_aspect if not (isinstance(r, Preference) and r.tie)]
+        if not by_aspect:
+            raise RlhfkitError(f"{path}: every preference of aspect {aspect!r} is a tie; use --ties soft to train on them")
+    return by_aspect
+
+
+def split_by_prompt(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, held_out) with every prompt's records on one side, so held-out responses are unseen."""
+    prompts = list(dict.fromkeys(r.prompt for r in records))
+    if fraction > 0 and len(prompts) < 2:
+        raise RlhfkitError(
+            "held-out data is split by prompt (a prompt's responses never land on both sides) and the data has "
+            "only 1 distinct prompt; give more prompts or --eval-fraction 0"
+        )
+    _, held_prompts = split_held_out(prompts, fraction, seed)
+    held = set(held_prompts)
+    return [r for r in records if r.prompt not in held], [r for r in records if r.prompt in held]
+
+
+def segment_labels(record: SpanFeedback, aspect: str, granularity: str) -> tuple[list, list[bool]]:
+    segments = segment(record.response, granularity)
+    return segments, label_segments(segments, record.spans, aspect)
+
+
+@dataclass
+class SegmentExample:
+    input_ids: list[int]
+    positions: list[int]  # RM tokens that complete a segment
+    labels: list[int]  # 1 = error, per position
+
+
+@dataclass
+class PairExample:
+    chosen: list[int]
+    rejected: list[int]
+    margin: float
+    tie: bool
+
+
+@dataclass
+class ScoreExample:
+    input_ids: list[int]
+    target: float
+
+
+def encode_segment_example(tokenizer, record: SpanFeedback, aspect: str, granularity: str, max_length: int) -> Optional[SegmentExample]:
+    """Ids with the label of each segment at the token completing it; None if it does not fit.
+
+    Two segments completed by one token (rare: a token spanning a boundary) share a label,
+    an error if either is one.
+    """
+    pair = encode_pair(tokenizer, record.prompt, record.response, max_length)
+    if pair is None:
+        return None
+    segments, labels = segment_labels(record, aspect, granularity)
+    by_position: dict[int, int] = {}
+    for position, label in zip(segment_end_positions(pair, segments, record.response), labels):
+        by_position[position] = max(by_position.get(position, 0), int(label))
+    return SegmentExample(pair.input_ids, list(by_position), list(by_position.values()))
+
+
+def encode_examples(tokenizer, records: Sequence[Record], aspect: str, settings: RMSettings, max_length: int) -> tuple[list, int]:
+    """(examples, how many records were left out because a response does not fit)."""
+
+    def ids(prompt: str, response: str) -> Optional[list[int]]:
+        pair = encode_pair(tokenizer, prompt, response, max_length)
+        return None if pair is None else pair.input_ids
+
+    examples: list = []
+    too_long = 0
+    for r in records:
+        if settings.kind == "segment":
+            example = encode_segment_example(tokenizer, r, aspect, settings.granularity, max_length)
+            encoded = [] if example is None else [example]
+        elif isinstance(r, Preference):
+            chosen, rejected = ids(r.prompt, r.chosen), ids(r.prompt, r.rejected)
+            if chosen is None or rejected is None:
+                encoded = []
+            elif settings.kind == "preference":
+                encoded = [PairExample(chosen, rejected, r.margin or 0.0, r.tie)]
+            else:
+                # Regression on pairs: chosen 1, rejected 0; a tie is 0.5 on both sides.
+                encoded = [ScoreExample(chosen, 0.5 if r.tie else 1.0), ScoreExample(rejected, 0.5 if r.tie else 0.0)]
+        else:
+            input_ids = ids(r.prompt, r.response)
+            encoded = [] if input_ids is None else [ScoreExample(input_ids, r.score)]
+        too_long += not encoded
+        examples.extend(encoded)
+    return examples, too_long
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """Per-pair loss: -log sigmoid(r_c - r_r - margin); a tie: -(log sigmoid(d) + log sigmoid(-d)) / 2.
+
+    The tie term is the cross-entropy of the Bradley-Terry probability sigmoid(d) against
+    the soft target 1/2 (no margin: a tie says the two are equally good).
+    """
+    diff = chosen.float() - rejected.float()
+    preferred = -F.logsigmoid(diff - margin.float())
+    tied = -0.5 * (F.logsigmoid(diff) + F.logsigmoid(-diff))
+    return torch.where(tie, tied, preferred)
+
+
+def segment_loss(logits: torch.Tensor, labels: torch.Tensor, error_class_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy at the labelled positions (labels -100 elsewhere), and their count."""
+    weight = torch.tensor([1.0, error_class_weight], device=logits.device)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def make_collate(kind: str, pad_token_id: int) -> Callable[[list], dict]:
+    def collate_segments(items: list[SegmentExample]) -> dict:
+        input_ids, attention_mask = pad_right([e.input_ids for e in items], pad_token_id)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, e in enumerate(items):
+            labels[row, e.positions] = torch.tensor(e.labels, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def collate_pairs(items: list[PairExample]) -> dict:
+        # Chosen and rejected go through one forward pass: rows [0, n) and [n, 2n).
+        input_ids, attention_mask = pad_right([e.chosen for e in items] + [e.rejected for e in items], pad_token_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "margin": torch.tensor([e.margin for e in items]),
+            "tie": torch.tensor([e.tie for e in items]),
+        }
+
+    def collate_scores(items: list[ScoreExample]) -> dict:
+        input_ids, attention_mask = pad_right([e.input_ids for e in items], pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "target": torch.tensor([e.target for e in items])}
+
+    return {"segment": collate_segments, "preference": collate_pairs, "regression": collate_scores}[kind]
+
+
+def make_loss_fn(kind: str, error_class_weight: float) -> Callable:
+    def segment_batch_loss(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return segment_loss(logits, batch["labels"], error_class_weight)
+
+    def preference_batch_loss(model, batch):
+        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+        n = batch["margin"].shape[0]
+        return bradley_terry_loss(scores[:n], scores[n:], batch["margin"], batch["tie"]).sum(), n
+
+    def regression_batch_loss(model, batch):
+        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+        return F.mse_loss(scores, batch["target"].float(), reduction="sum"), scores.shape[0]
+
+    return {"segment": segment_batch_loss, "preference": preference_batch_loss, "regression": regression_batch_loss}[kind]
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool]) -> dict[str, float]:
+    """Accuracy and the error class's precision/recall/F1, beside the majority-class accuracy.
+
+    The baseline is the better of the two constant predictions on the same segments.
+    """
+    n = len(actual)
+    tp = sum(p and a for p, a in zip(predicted, actual))
+    fp = sum(p and not a for p, a in zip(predicted, actual))
+    fn = sum(a and not p for p, a in zip(predicted, actual))
+    correct = sum(p == a for p, a in zip(predicted, actual))
+    errors = sum(actual)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": correct / n if n else float("nan"),
+        "error_precision": precision,
+        "error_recall": recall,
+        "error_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "majority_baseline_accuracy": max(errors, n - errors) / n if n else float("nan"),
+        "segments": n,
+        "error_segments": errors,
+        "predicted_errors": tp + fp,
+    }
+
+
+def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int) -> dict[str, float]:
+    """Held-out metrics of `rm` on labelled records, each beside its trivial baseline."""
+    fitting = [r for r in records if _fits(rm, r)]
+    metrics: dict[str, float] = {"records": len(fitting), "records_too_long": len(records) - len(fitting)}
+    if not fitting:
+        return metrics
+    if rm.kind == "segment":
+        predicted, actual = [], []
+        scored = rm.error_probabilities([r.prompt for r in fitting], [r.response for r in fitting], batch_size)
+        for r, (segments, probs) in zip(fitting, scored):
+            actual.extend(label_segments(segments, r.spans, aspect))
+            predicted.extend(p > 0.5 for p in probs)
+        return {**metrics, **segment_metrics(predicted, actual)}
+    pairs = [r for r in fitting if isinstance(r, Preference)]
+    if pairs:
+        prompts = [r.prompt for r in pairs]
+        chosen = rm.raw_scores(prompts, [r.chosen for r in pairs], batch_size)
+        rejected = rm.raw_scores(prompts, [r.rejected for r in pairs], batch_size)
+        decided = [(c, j) for c, j, r in zip(chosen, rejected, pairs) if not r.tie]
+        metrics.update(
+            {
+                "pairwise_accuracy": sum(c > j for c, j in decided) / len(decided) if decided else float("nan"),
+                "pairwise_baseline_accuracy": 0.5,
+                "pairs": len(decided),
+                "ties": len(pairs) - len(decided),
+                "mean_score_margin": sum(c - j for c, j in decided) / len(decided) if decided else float("nan"),
+            }
+        )
+    scored_records = [r for r in fitting if isinstance(r, ScalarScore)]
+    if scored_records:
+        predictions = rm.raw_scores([r.prompt for r in scored_records], [r.response for r in scored_records], batch_size)
+        targets = [r.score for r in scored_records]
+        mean_target = sum(targets) / len(targets)
+        metrics.update(
+            {
+                "mse": sum((p - t) ** 2 for p, t in zip(predictions, targets)) / len(targets),
+                "mean_baseline_mse": sum((mean_target - t) ** 2 for t in targets) / len(targets),
+                "scores": len(targets),
+            }
+        )
+    return metrics
+
+
+def _fits(rm: RewardModel, record: Record) -> bool:
+    responses = [record.chosen, record.rejected] if isinstance(record, Preference) else [record.response]
+    return all(encode_pair(rm.tokenizer, record.prompt, response, rm.max_length) is not None for response in responses)
+
+
+def beats_baseline(metrics: dict[str, float]) -> Optional[bool]:
+    if "majority_baseline_accuracy" in metrics:
+        return metrics["accuracy"] > metrics["majority_baseline_accuracy"]
+    if "pairwise_accuracy" in metrics:
+        return metrics["pairwise_accuracy"] > metrics["pairwise_baseline_accuracy"]
+    if "mse" in metrics:
+        return metrics["mse"] < metrics["mean_baseline_mse"]
+    return None
+
+
+# --- normalisation and saving -----------------------------------------------------------------
+
+
+def responses_of(records: Sequence[Record]) -> list[tuple[str, str]]:
+    """Distinct (prompt, response) pairs of any records that carry responses."""
+    pairs = []
+    for r in records:
+        if isinstance(r, Preference):
+            pairs += [(r.prompt, r.chosen), (r.prompt, r.rejected)]
+        elif hasattr(r, "response"):
+            pairs.append((r.prompt, r.response))
+    return list(dict.fromkeys(pairs))
+
+
+def score_statistics(rm: RewardModel, pairs: Sequence[tuple[str, str]], batch_size: int) -> dict[str, float]:
+    """Mean and std (population) of the RM's raw scores; a std of 0 is stored as 1."""
+    fitting = [(p, r) for p, r in pairs if encode_pair(rm.tokenizer, p, r, rm.max_length) is not None]
+    if not fitting:
+        raise RlhfkitError("no response to normalise the reward model's scores on fits --max-length")
+    scores = torch.tensor(rm.raw_scores([p for p, _ in fitting], [r for _, r in fitting], batch_size), dtype=torch.float64)
+    std = float(scores.std(unbiased=False)) if len(scores) > 1 else 0.0
+    return {"mean": float(scores.mean()), "std": std if std > 1e-8 else 1.0, "responses": len(fitting)}
+
+
+def save_reward_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> torch.nn.Module:
+    """save_pretrained a full model (LoRA merged in) + tokenizer into `out`, never half-mixed."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = out / ".model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        new_names = {p.name for p in tmp.iterdir()}
+        for pattern in MODEL_FILE_PATTERNS:
+            for stale in out.glob(pattern):
+                if stale.is_file() and stale.name not in new_names:
+                    stale.unlink()
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def _fingerprint(path: str, cfg: TrainRMConfig, settings: RMSettings) -> str:
+    digest = hashlib.sha256(Path(path).read_bytes())
+    digest.update(repr((cfg.aspect, settings, cfg.max_length, cfg.ties, cfg.eval_fraction)).encode())
+    return digest.hexdigest()
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def run_train_rm(cfg: TrainRMConfig) -> dict:
+    """Train a reward model for one feedback aspect (segment, preference or regression).
+
+    Segment RMs (factuality, relevance) predict an error per sentence / sub-sentence from span
+    feedback; preference RMs are Bradley-Terry models on pairs; regression RMs fit scores.
+    Writes the model with rlhfkit_rm.json (everything ppo/evaluate need to use it) and
+    rm_metrics.json (held-out metrics beside their trivial baselines). Returns the metrics.
+    """
+    if cfg.eval_only:
+        return _evaluate_only(cfg)
+    settings = cfg.settings()
+    records = load_aspect_records(cfg.data, cfg.aspect, settings, cfg.ties)
+    train_records, held_records = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
+
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, padding_side="right", trust_remote_code=cfg.trust_remote_code)
+    train_examples, too_long = encode_examples(tokenizer, train_records, cfg.aspect, settings, cfg.max_length)
+    if too_long:
+        console.print(
+            f"train-rm: {too_long} training record(s) have a response longer than --max-length {cfg.max_length} "
+            "tokens and are left out (the response is never cut; raise --max-length to keep them)",
+            soft_wrap=True,
+        )
+    if not train_examples:
+        raise RlhfkitError(f"{cfg.data}: no training record fits --max-length {cfg.max_length}")
+    if settings.kind == "segment" and not any(any(e.labels) for e in train_examples):
+        console.print(f"train-rm: note: no training segment has a {cfg.aspect} error; the RM can only learn 'no error'")
+
+    labels = {"num_labels": 2, "id2label": SEGMENT_LABELS, "label2id": {v: k for k, v in SEGMENT_LABELS.items()}} if settings.kind == "segment" else {"num_labels": 1}
+    # Full fine-tuning keeps fp32 master weights; a frozen LoRA base may use the compute dtype.
+    model = load_pretrained(
+        reward_model_class(settings.kind),
+        cfg.model,
+        dtype=cfg.dtype if cfg.lora_r else "float32",
+        device=str(device),
+        trust_remote_code=cfg.trust_remote_code,
+        **labels,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.lora_r:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules or None)
+    parameters = count_parameters(model)
+
+    spec: dict[str, Any] = {
+        "format": SPEC_FORMAT,
+        "aspect": cfg.aspect,
+        "kind": settings.kind,
+        "granularity": settings.granularity,
+        "max_length": cfg.max_length,
+        "backbone": cfg.model,
+        "trained_on": cfg.data,
+    }
+    if settings.kind == "segment":
+        spec.update(positive_reward=settings.positive_reward, negative_reward=settings.negative_reward, error_class_weight=settings.error_class_weight)
+    else:
+        spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
+    rm = RewardModel(model, tokenizer, spec, device)
+
+    out = Path(cfg.out)
+    # A stale spec beside weights being replaced would make a half-trained directory look usable.
+    (out / SPEC_FILE).unlink(missing_ok=True)
+    run = RunDir(out, "train-rm", cfg, resume=cfg.resume)
+    console.print(
+        f"train-rm: {cfg.aspect} ({settings.kind}"
+        + (f", {settings.granularity}s" if settings.kind == "segment" else "")
+        + f") on {cfg.model}, {parameters.trainable:,} of {parameters.total:,} parameters trained on {device}; "
+        f"{len(train_examples)} training examples, {len(held_records)} held-out records",
+        soft_wrap=True,
+    )
+
+    def evaluate() -> dict[str, float]:
+        metrics = evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size)
+        keys = ("accuracy", "error_f1", "pairwise_accuracy", "mse")
+        return {k: metrics[k] for k in keys if k in metrics}
+
+    result = fit(
+        model,
+        train_examples,
+        make_collate(settings.kind, tokenizer.pad_token_id),
+        make_loss_fn(settings.kind, settings.error_class_weight),
+        LoopSettings.from_config(cfg, compute_dtype),
+        run,
+        evaluate=evaluate if held_records else None,
+        tokenizer=tokenizer,
+        data_fingerprint=_fingerprint(cfg.data, cfg, settings),
+        description=f"train-rm {cfg.aspect}",
+    )
+
+    model.eval()
+    held_metrics = evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size) if held_records else {}
+    if settings.kind != "segment":
+        if cfg.normalize_on:
+            pairs = responses_of(load_records(cfg.normalize_on))
+            computed_on = cfg.normalize_on
+        else:
+            pairs = responses_of(train_records)
+            computed_on = "training responses"
+        spec["normalization"] = {**score_statistics(rm, pairs, cfg.batch_size), "computed_on": computed_on}
+
+    saved = save_reward_model(model, tokenizer, out)
+    metrics = {
+        "aspect": cfg.aspect,
+        "kind": settings.kind,
+        "held_out": held_metrics,
+        "beats_baseline": beats_baseline(held_metrics),
+        "steps": result.steps,
+        "train_examples": len(train_examples),
+        "train_records": len(train_records),
+        "held_out_records": len(held_records),
+        "train_records_too_long": too_long,
+        "train_loss": result.final_epoch_loss,
+        "train_seconds": result.train_seconds,
+        "samples_per_second": result.samples_per_second,
+        "trainable_parameters": parameters.trainable,
+        "total_parameters": parameters.total,
+        "saved_model_class": type(saved).__name__,
+        "resumed_from_step": result.resumed_from,
+    }
+    if settings.kind != "segment":
+        metrics["normalization"] = spec["normalization"]
+        metrics["ties"] = cfg.ties
+        metrics["train_ties"] = sum(1 for r in train_records if isinstance(r, Preference) and r.tie)
+    run.write_json(METRICS_FILE, metrics)
+    # Written last: a directory with rlhfkit_rm.json is a complete reward model.
+    write_json(out / SPEC_FILE, spec)
+    console.print(f"train-rm: {_summary(held_metrics)}; reward model saved to {out}", soft_wrap=True)
+    return metrics
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    if "majority_baseline_accuracy" in metrics:
+        return (
+            f"held-out segment accuracy {metrics['accuracy']:.4f} (majority baseline "
+            f"{metrics['majority_baseline_accuracy']:.4f}), error F1 {metrics['error_f1']:.4f}"
+        )
+    if "pairwise_accuracy" in metrics:
+        return f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.4f} on {metrics['pairs']} pairs (baseline 0.5)"
+    if "mse" in metrics:
+        return f"held-out MSE {metrics['mse']:.4f} (predicting the mean: {metrics['mean_baseline_mse']:.4f})"
+    return "no held-out data"
+
+
+def _evaluate_only(cfg: TrainRMConfig) -> dict:
+    rm = load_reward_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    granularity = rm.spec.get("granularity", "response")
+    settings = RMSettings(rm.kind, granularity, 0.0, 0.0, 1.0, PRESETS.get(cfg.aspect, AspectPreset(rm.kind)).holistic_fallback)
+    if cfg.kind is not None and cfg.kind != rm.kind:
+        raise RlhfkitError(f"--kind {cfg.kind} but {cfg.model} is a {rm.kind} reward model")
+    if rm.aspect != cfg.aspect:
+        console.print(f"train-rm: note: {cfg.model} was trained for aspect {rm.aspect!r}; evaluating against {cfg.aspect!r} labels")
+    records = load_aspect_records(cfg.data, cfg.aspect, settings, cfg.ties)
+    run = RunDir(cfg.out, "train-rm", cfg)
+    held_metrics = evaluate_reward_model(rm, records, cfg.aspect, cfg.batch_size)
+    run.log_metrics(**{f"eval_{k}": v for k, v in held_metrics.items()})
+    metrics = {"aspect": cfg.aspect, "kind": rm.kind, "reward_model": cfg.model, "eval_only": True, "held_out": held_metrics, "beats_baseline": beats_baseline(held_metrics)}
+    run.write_json(METRICS_FILE, metrics)
+    console.print(f"train-rm --eval-only: {_summary(held_metrics)}", soft_wrap=True)
+    return metrics

@@ -1,0 +1,497 @@
+"""The supervised training loop the training stages share (sft, train-rm).
+
+A stage hands `fit` its model, its training items (anything: token lists, pairs...), a
+`collate` that turns a list of items into a dict of tensors, and a `loss_fn(model, batch)`
+that returns the loss *summed* over the batch together with the number of things it was
+summed over (response tokens for SFT, pairs for a reward model). Gradients are divided by
+that count over the whole accumulation window, so every token weighs the same whichever
+micro-batch it lands in (the mean-of-means alternative over-weights short batches).
+
+`fit` owns the rest: seeded data order, gradient accumulation, clipping, the warm-up/decay
+schedule (transformers.get_scheduler), a NaN/inf guard, checkpoints every N steps,
+`--resume`, an evaluation hook, metrics.jsonl lines and a progress bar.
+
+Checkpoints are `out/checkpoints/step-N/`: the model via `save_pretrained` (a LoRA model
+saves its adapter) and `training_state.pt` (optimizer, scheduler, RNG, step, loss history),
+read back with `weights_only=True`. Each is written to a temporary directory and renamed
+into place, so a crash mid-save never leaves a checkpoint that `--resume` would trust.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional, Sequence
+
+import torch
+from transformers import get_scheduler
+
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError, TrainingDiverged
+from rlhfkit.models import safe_torch_load
+from rlhfkit.runs import RunDir, progress_bar
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+Batch = dict[str, Any]
+LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor | int]"]
+
+
+@dataclass
+class LoopSettings:
+    """How `fit` trains; a stage config with options of the same names gives `from_config`."""
+
+    out: Path
+    batch_size: int
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    lr: float = 5e-5
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    seed: int = 0
+    resume: bool = False
+    # bf16 runs keep fp32 weights and autocast the forward: AdamW steps of ~1e-5 relative
+    # size vanish in bf16 weights (8 mantissa bits).
+    compute_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_config(cls, cfg: Any, compute_dtype: torch.dtype = torch.float32) -> "LoopSettings":
+        names = [f for f in cls.__dataclass_fields__ if f not in ("out", "compute_dtype")]
+        return cls(out=Path(cfg.out), compute_dtype=compute_dtype, **{name: getattr(cfg, name) for name in names})
+
+
+def validate_loop_options(cfg: Any) -> None:
+    """Check the options a stage config shares with `LoopSettings` (before any model loads)."""
+    for name in ("batch_size", "grad_accum", "epochs"):
+        if getattr(cfg, name) < 1:
+            raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise RlhfkitError(f"--max-steps must be >= 1 (or left out to train --epochs), got {cfg.max_steps}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise RlhfkitError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.lr_scheduler not in LR_SCHEDULERS:
+        raise RlhfkitError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{cfg.lr_scheduler}'")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise RlhfkitError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+        raise RlhfkitError("--weight-decay and --max-grad-norm must be >= 0 (--max-grad-norm 0: no clipping)")
+    for name in ("save_every", "keep_checkpoints", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def split_held_out(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held_out): a seeded random `fraction` of the items (at least one if > 0) held out.
+
+    The split depends only on the number of items, `fraction` and `seed`, never on the
+    global RNG, so a resumed run holds out the same items.
+    """
+    if not 0 <= fraction < 1:
+        raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {fraction}")
+    n_held = 0 if fraction == 0 else max(1, round(len(items) * fraction))
+    if n_held and len(items) - n_held < 1:
+        raise RlhfkitError(
+            f"{len(items)} record(s) cannot be split into training and held-out data; "
+            "give more records or --eval-fraction 0"
+        )
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = sorted(order[:n_held])
+    held_set = set(held)
+    return [items[i] for i in range(len(items)) if i not in held_set], [items[i] for i in held]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which items each optimizer step trains on: a seeded permutation per epoch, cut into
+    micro-batches of `batch_size` and windows of `grad_accum` micro-batches (an epoch's
+    last window may be shorter). `max_steps` overrides `epochs` and wraps into new epochs."""
+
+    n_items: int
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: Optional[int]
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(self.n_items / self.batch_size) / self.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
+
+    def windows(self, start_step: int = 0):
+        """Yield (step, [micro-batch index lists]) for steps start_step+1 .. total_steps."""
+        generator = torch.Generator().manual_seed(self.seed)
+        window_items = self.batch_size * self.grad_accum
+        step = 0
+        epoch = 0
+        while step < self.total_steps:
+            # Every epoch's permutation is drawn, even skipped ones, so step N sees the same
+            # items whether or not the run was resumed before it.
+            order = torch.randperm(self.n_items, generator=generator).tolist()
+            epoch += 1
+            for begin in range(0, self.n_items, window_items):
+                step += 1
+                if step > start_step:
+                    chunk = order[begin : begin + window_items]
+                    yield step, [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+                if step == self.total_steps:
+                    return
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, compute_dtype: torch.dtype) -> ContextManager:
+    if compute_dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
+# --- optimizer and schedule ---------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; biases and norm weights (1-D) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RlhfkitError("the model has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_ratio: float):
+    """Linear warm-up over `warmup_ratio` of the steps, then `name`'s decay (transformers)."""
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def checkpoint_dir(out: str | os.PathLike, step: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"step-{step}"
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = re.fullmatch(r"step-(\d+)", path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Optional[Path]:
+    checkpoints = list_checkpoints(out)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Put the weights `save_pretrained` wrote to `directory` into `model` (in place)."""
+    if _is_peft_model(model):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(directory)))
+        return
+    # from_pretrained resolves shards and tied weights; the copy keeps the caller's model
+    # object (and the optimizer's references to its parameters).
+    saved = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+
+
+def _parameters_finite(model: torch.nn.Module) -> bool:
+    flags = [torch.isfinite(p.detach()).all() for p in model.parameters() if p.requires_grad]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def save_checkpoint(
+    out: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    state: dict,
+    *,
+    tokenizer: Any = None,
+    keep: int = 0,
+) -> Path:
+    """Write `out/checkpoints/step-N` atomically; keep the newest `keep` (0: all)."""
+    final = checkpoint_dir(out, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def _rng_state() -> dict:
+    # Only torch's generators: dropout draws from them; the data order has its own generator.
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    steps: int
+    losses: list[float]  # training loss of every optimizer step, step 1 first
+    evals: list[dict]  # {"step": N, metric: value, ...} for every evaluation
+    samples: int
+    train_seconds: float  # time in training steps only (no evaluation, no checkpoints)
+    steps_per_epoch: int
+    resumed_from: Optional[int] = None
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+    @property
+    def final_epoch_loss(self) -> float:
+        """Mean training loss over the last epoch's steps (all steps if fewer)."""
+        tail = self.losses[-self.steps_per_epoch :]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    samples: int = 0
+    train_seconds: float = 0.0
+
+
+def evaluate_loss(
+    model: torch.nn.Module,
+    items: Sequence,
+    collate: Callable[[list], Batch],
+    loss_fn: LossFn,
+    batch_size: int,
+    compute_dtype: torch.dtype = torch.float32,
+) -> float:
+    """The loss summed over all `items`, divided by the total count `loss_fn` reports."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad():
+        for begin in range(0, len(items), batch_size):
+            batch = to_device(collate(list(items[begin : begin + batch_size])), device)
+            with autocast(device, compute_dtype):
+                loss_sum, n = loss_fn(model, batch)
+            total += loss_sum.double()
+            count += int(n)
+    model.train(was_training)
+    return total.item() / max(count, 1)
+
+
+def fit(
+    model: torch.nn.Module,
+    train_items: Sequence,
+    collate: Callable[[list], Batch],
+    loss_fn: LossFn,
+    settings: LoopSettings,
+    run: RunDir,
+    *,
+    evaluate: Optional[Callable[[], dict[str, float]]] = None,
+    tokenizer: Any = None,
+    data_fingerprint: str = "",
+    description: str = "train",
+) -> FitResult:
+    """Train `model` in place; `evaluate()` runs at step 0, every `eval_every` steps and at the end.
+
+    With `settings.resume`, training continues from the latest checkpoint in `settings.out`
+    (and from step 0 when there is none). A non-finite loss, gradient norm, or parameter
+    raises TrainingDiverged before the bad update is applied or saved, so the newest
+    checkpoint is always a good one.
+    """
+    if not train_items:
+        raise RlhfkitError("no training items")
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    plan = StepPlan(len(train_items), settings.batch_size, settings.grad_accum, settings.epochs, settings.max_steps, settings.seed)
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
+    scheduler = make_scheduler(optimizer, settings.lr_scheduler, plan.total_steps, settings.warmup_ratio)
+    # What must match for a checkpoint's step N to mean the same items and updates.
+    identity = {
+        "items": len(train_items),
+        "batch_size": settings.batch_size,
+        "grad_accum": settings.grad_accum,
+        "seed": settings.seed,
+        "data": data_fingerprint,
+    }
+    progress = _Progress()
+    resumed_from = None
+
+    if settings.resume:
+        checkpoint = latest_checkpoint(settings.out)
+        if checkpoint is None:
+            console.print(f"{description}: no checkpoint in {Path(settings.out) / CHECKPOINTS}; starting from step 0")
+        else:
+            saved = safe_torch_load(checkpoint / STATE_FILE)
+            changed = [f"{k}: {saved['identity'].get(k)!r} then, {v!r} now" for k, v in identity.items() if saved["identity"].get(k) != v]
+            if changed:
+                raise RlhfkitError(
+                    f"{checkpoint} was trained on other data or settings ({'; '.join(changed)}); "
+                    "resume with the same data, --batch-size, --grad-accum and --seed, or use another --out"
+                )
+            load_model_weights(model, checkpoint)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            _set_rng_state(saved["rng"])
+            progress = _Progress(**saved["progress"])
+            resumed_from = progress.step
+            run.truncate_metrics(progress.step)
+            console.print(f"{description}: resuming from {checkpoint} (step {progress.step} of {plan.total_steps})")
+
+    def last_good() -> str:
+        checkpoint = latest_checkpoint(settings.out)
+        return f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
+
+    def diverged(what: str, step: int) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training diverged at step {step}: {what}; {last_good()} "
+            f"(lower --lr, raise --warmup-ratio, or check the data; --resume continues from the checkpoint)"
+        )
+
+    def run_evaluation(step: int) -> None:
+        if evaluate is None:
+            return
+        model.eval()
+        with torch.no_grad(), autocast(device, settings.compute_dtype):
+            metrics = evaluate()
+        model.train()
+        progress.evals.append({"step": step, **metrics})
+        run.log_metrics(step=step, **{f"eval_{k}": v for k, v in metrics.items()})
+        console.print(f"{description}: step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+
+    def checkpoint_state() -> dict:
+        return {
+            "identity": identity,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "progress": vars(progress),
+        }
+
+    if progress.step == 0:
+        run_evaluation(0)
+    model.train()
+    max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+    with progress_bar(description, plan.total_steps) as advance:
+        advance(progress.step)
+        for step, micro_batches in plan.windows(progress.step):
+            started = time.perf_counter()
+            loss_total = torch.zeros((), dtype=torch.float64, device=device)
+            count_total = torch.zeros((), dtype=torch.float64, device=device)
+            samples = 0
+            for indices in micro_batches:
+                batch = to_device(collate([train_items[i] for i in indices]), device)
+                with autocast(device, settings.compute_dtype):
+                    loss_sum, count = loss_fn(model, batch)
+                loss_sum.backward()
+                loss_total += loss_sum.detach().double()
+                count_total += count
+                samples += len(indices)
+            count_value = max(count_total.item(), 1.0)  # one device sync per step
+            loss = loss_total.item() / count_value
+            if not math.isfinite(loss):
+                raise diverged(f"the loss is {loss}", step)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(count_value)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(grad_norm):
+                raise diverged(f"the gradient norm is {grad_norm}", step)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.train_seconds += time.perf_counter() - started
+            progress.step = step
+            progress.samples += samples
+            progress.losses.append(loss)
+            run.log_metrics(
+                step=step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=round(step / plan.steps_per_epoch, 4)
+            )
+            advance()
+            if settings.eval_every and step % settings.eval_every == 0 and step < plan.total_steps:
+                run_evaluation(step)
+            if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
+                if not _parameters_finite(model):
+                    raise diverged("a parameter became NaN/inf", step)
+                save_checkpoint(settings.out, step, model, checkpoint_state(), tokenizer=tokenizer, keep=settings.keep_checkpoints)
+    if not _parameters_finite(model):
+        raise diverged("a parameter became NaN/inf", progress.step)
+    if not progress.evals or progress.evals[-1]["step"] != progress.step:
+        run_evaluation(progress.step)
+    return FitResult(
+        steps=progress.step,
+        losses=progress.losses,
+        evals=progress.evals,
+        samples=progress.samples,
+        train_seconds=progress.train_seconds,
+        steps_per_epoch=plan.steps_per_epoch,
+        resumed_from=resumed_from,
+    )
