@@ -1,36 +1,36 @@
 """The `rlhfkit` command line: one thin command per stage.
 
 Each stage module has a config dataclass and one entry function; the command is built from
-the dataclass (see config.py), so this file only says which stages exist and how errors look.
+the dataclass (see config.py), so this file only says which stages exist. A stage's module
+(and with it torch and transformers) is imported only when that stage runs, so `--help`
+and quick commands start at once.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+import click
 import typer
 from rich.text import Text
+from typer.core import TyperGroup
 
 from rlhfkit import __version__
 from rlhfkit.config import command_from_config, run_stage
 from rlhfkit.console import console
 
-app = typer.Typer(
-    name="rlhfkit",
-    help="Train language models from fine-grained human feedback.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-
-# (command, module, config class, entry function); order is the pipeline's order.
-STAGES = [
-    ("annotate-import", "rlhfkit.stages.annotate_import", "ImportConfig", "run_import"),
-    ("init-model", "rlhfkit.stages.init_model", "InitModelConfig", "run_init_model"),
-    ("sft", "rlhfkit.stages.sft", "SFTConfig", "run_sft"),
-    ("train-rm", "rlhfkit.stages.train_rm", "TrainRMConfig", "run_train_rm"),
-]
+# command -> (module, config class, entry function, one-line help); in pipeline order.
+STAGES = {
+    "annotate-import": ("rlhfkit.stages.annotate_import", "ImportConfig", "run_import",
+                        "Convert human feedback (QA-Feedback, pairwise, critiques, doccano, Label Studio) to rlhfkit JSONL."),
+    "init-model": ("rlhfkit.stages.init_model", "InitModelConfig", "run_init_model",
+                   "Build a tiny offline model and tokenizer (tests, demo, small recipes)."),
+    "sft": ("rlhfkit.stages.sft", "SFTConfig", "run_sft",
+            "Supervised fine-tuning on demonstrations (response tokens only)."),
+    "train-rm": ("rlhfkit.stages.train_rm", "TrainRMConfig", "run_train_rm",
+                 "Train the reward model of one feedback aspect (segment, preference or regression)."),
+}
 
 # Stages whose issues have not landed yet: listed so `rlhfkit --help` shows the whole pipeline.
 PLANNED = {
@@ -42,31 +42,61 @@ PLANNED = {
 }
 
 
-def _register_stage(name: str, module_name: str, config_name: str, entry_name: str) -> None:
+def stage_command(name: str) -> click.Command:
+    """Import one stage and build its click command from its config dataclass."""
+    module_name, config_name, entry_name, help_text = STAGES[name]
     module = importlib.import_module(module_name)
     cfg_cls, entry = getattr(module, config_name), getattr(module, entry_name)
-    help_text = (entry.__doc__ or "").strip().split("\n\n")[0]
-    app.command(name=name, help=help_text)(command_from_config(cfg_cls, entry, run_stage))
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    long_help = (entry.__doc__ or help_text).strip()
+    single.command(name=name, help=long_help)(command_from_config(cfg_cls, entry, run_stage))
+    return typer.main.get_command(single)
 
 
-def _register_planned(name: str, help_text: str) -> None:
-    def planned(args: list[str] = typer.Argument(None, hidden=True)) -> None:
+def planned_command(name: str) -> click.Command:
+    @click.command(name=name, help=PLANNED[name], context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def planned(args: tuple[str, ...]) -> None:
         console.print(Text(f"error: `rlhfkit {name}` is not implemented yet", style="bold red"))
-        raise typer.Exit(1)
+        sys.exit(1)
 
-    app.command(name=name, help=help_text, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(planned)
+    return planned
 
 
-for _stage in STAGES:
-    _register_stage(*_stage)
-for _name, _help in PLANNED.items():
-    _register_planned(_name, _help)
+class LazyStages(TyperGroup):
+    """A group whose subcommands are built on demand from STAGES and PLANNED."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(STAGES) + list(PLANNED)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in STAGES:
+            return stage_command(name)
+        if name in PLANNED:
+            return planned_command(name)
+        return None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, spec[3]) for name, spec in STAGES.items()] + list(PLANNED.items())
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 def _version_callback(value: bool) -> None:
     if value:
         print(f"rlhfkit {__version__}")
         raise typer.Exit()
+
+
+app = typer.Typer(
+    name="rlhfkit",
+    cls=LazyStages,
+    help="Train language models from fine-grained human feedback.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
 
 
 @app.callback()

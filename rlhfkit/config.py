@@ -96,7 +96,7 @@ def _config_file_callback(cfg_cls: type) -> Callable:
         try:
             values = load_config_file(value, cfg_cls)
         except RlhfkitError as err:
-            console.print(Text("error: ", style="bold red") + Text(str(err)))
+            console.print(Text("error: ", style="bold red") + Text(str(err)), soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         # Click consults default_map for every option the command line leaves out, so the
         # file's values sit between the command line and the dataclass defaults.
@@ -175,7 +175,7 @@ def run_stage(entry: Callable[[Any], Any], make_config: Callable[[], Any], debug
     except RlhfkitError as err:
         if debug:
             raise
-        console.print(Text("error: ", style="bold red") + Text(str(err)))
+        console.print(Text("error: ", style="bold red") + Text(str(err)), soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         console.print(Text("interrupted", style="bold red"))

@@ -61,19 +61,34 @@ class EncodedPair:
 
     `response_positions[k]` is the index in `input_ids` of the k-th response token and
     `response_char_spans[k]` its character span in the response. `prompt_position` is the
-    token just before the response (the prompt's last token, or a separator the template
-    puts there); None when nothing precedes the response.
+    token just before the response (the separator after the prompt), where the prompt's
+    own score is read.
     """
 
     input_ids: list[int]
     response_positions: list[int]
     response_char_spans: list[tuple[int, int]]
-    prompt_position: Optional[int]
+    prompt_position: int
     prompt_tokens_dropped: int
 
 
+def separator_token_id(tokenizer) -> int:
+    """The token put between prompt and response when the tokenizer's pair template puts none."""
+    for token_id in (tokenizer.sep_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise RlhfkitError(
+        f"the reward model's tokenizer ({type(tokenizer).__name__}) has neither a sep nor an eos token "
+        "to mark where the response starts; add one to the tokenizer"
+    )
+
+
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> Optional[EncodedPair]:
-    """Tokenise prompt + response for an RM; None when the response alone exceeds `max_length`."""
+    """Tokenise prompt + response for an RM; None when the response alone exceeds `max_length`.
+
+    Decoder tokenizers (GPT-2) join a pair with nothing in between, so the RM could not tell
+    where the response starts; a separator (sep, else eos) is put there in that case.
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise RlhfkitError(
             f"the reward model's tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; "
@@ -82,30 +97,31 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> Optio
     encoded = tokenizer(prompt, response, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
     ids = list(encoded["input_ids"])
     offsets = [tuple(span) for span in encoded["offset_mapping"]]
-    sequence_ids = encoded.sequence_ids()
-    dropped = 0
+    sequence_ids = list(encoded.sequence_ids())
+    first_response = next((i for i, s in enumerate(sequence_ids) if s == 1), len(ids))
+    if first_response == 0 or sequence_ids[first_response - 1] is not None:
+        ids.insert(first_response, separator_token_id(tokenizer))
+        offsets.insert(first_response, (0, 0))
+        sequence_ids.insert(first_response, None)
+        first_response += 1
     excess = len(ids) - max_length
+    prompt_indices = [i for i, s in enumerate(sequence_ids) if s == 0]
+    if excess > len(prompt_indices):
+        return None
     if excess > 0:
-        prompt_indices = [i for i, s in enumerate(sequence_ids) if s == 0]
-        if excess > len(prompt_indices):
-            return None
         drop = set(prompt_indices[:excess])
         keep = [i for i in range(len(ids)) if i not in drop]
         ids = [ids[i] for i in keep]
         offsets = [offsets[i] for i in keep]
         sequence_ids = [sequence_ids[i] for i in keep]
-        dropped = excess
+        first_response -= excess
     response_positions = [i for i, s in enumerate(sequence_ids) if s == 1]
-    if response_positions:
-        before = response_positions[0] - 1
-    else:
-        before = max((i for i, s in enumerate(sequence_ids) if s == 0), default=len(ids) - 1)
     return EncodedPair(
         input_ids=ids,
         response_positions=response_positions,
         response_char_spans=[offsets[i] for i in response_positions],
-        prompt_position=before if before >= 0 else None,
-        prompt_tokens_dropped=dropped,
+        prompt_position=first_response - 1,
+        prompt_tokens_dropped=max(excess, 0),
     )
 
 
@@ -284,7 +300,7 @@ class RewardModel:
 
         Returns, per response, a (T_i,) tensor with the score after each RM response token
         and each token's end character in the response, plus a (B,) tensor of prompt scores
-        (the score at the token before the response; 0 when nothing precedes it). Special
+        (the score at the token before the response: the separator after the prompt). Special
         tokens the template appends after the response (an EOS) are included with end
         `len(response)`, so the last prefix score is exactly the sequence score and the
         differences telescope to score(x, y) - score(x).
@@ -304,7 +320,7 @@ class RewardModel:
                 trailing = end - first - len(pair.response_positions)
                 scores.append(per_position[row, first:end].clone())
                 char_ends.append([char_end for _, char_end in pair.response_char_spans] + [len(responses[i])] * trailing)
-                prompt_scores.append(0.0 if pair.prompt_position is None else float(per_position[row, pair.prompt_position]))
+                prompt_scores.append(float(per_position[row, pair.prompt_position]))
         return scores, char_ends, torch.tensor(prompt_scores)
 
     def _require_sequence_kind(self, method: str) -> None:
