@@ -30,12 +30,14 @@ STAGES = {
             "Supervised fine-tuning on demonstrations (response tokens only)."),
     "train-rm": ("rlhfkit.stages.train_rm", "TrainRMConfig", "run_train_rm",
                  "Train the reward model of one feedback aspect (segment, preference or regression)."),
+    "redistribute": ("rlhfkit.stages.redistribute", "RedistributeConfig", "run_redistribute",
+                     "R3HF: spread a sequence RM's score over tokens; JSONL + HTML heat map."),
+    "ppo": ("rlhfkit.stages.ppo", "PPOConfig", "run_ppo",
+            "PPO with fine-grained dense rewards from several weighted reward models."),
 }
 
 # Stages whose issues have not landed yet: listed so `rlhfkit --help` shows the whole pipeline.
 PLANNED = {
-    "redistribute": "R3HF token-level reward redistribution (not implemented yet).",
-    "ppo": "PPO with fine-grained, multi-reward-model dense rewards (not implemented yet).",
     "evaluate": "Evaluate policies with the papers' metrics (not implemented yet).",
     "critique-revise": "Critique-and-revise with natural-language feedback (not implemented yet).",
     "launch": "Start a stage under the DeepSpeed launcher (not implemented yet).",

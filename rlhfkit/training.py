@@ -180,7 +180,12 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0)
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [g for g in groups if g["params"]]
+    try:
+        # One fused kernel per step instead of ~a dozen ops per tensor (as transformers' default).
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_ratio: float):
@@ -458,9 +463,7 @@ def fit(
             loss = loss_total.item() / count_value
             if not math.isfinite(loss):
                 raise diverged(f"the loss is {loss}", step)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(count_value)
+            torch._foreach_div_([p.grad for p in params if p.grad is not None], count_value)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(grad_norm):
                 raise diverged(f"the gradient norm is {grad_norm}", step)

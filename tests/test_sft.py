@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import rlhfkit.stages.sft as sft
 from rlhfkit.models import load_tokenizer
-from rlhfkit.schema import Demonstration, Preference, write_records
+from rlhfkit.schema import Demonstration, Preference, load_records, write_records
 from rlhfkit.stages.sft import IGNORE_INDEX, encode_demonstration, make_collate, make_loss_fn
-from rlhfkit.training import checkpoint_dir, list_checkpoints
+from rlhfkit.training import checkpoint_dir, evaluate_loss, list_checkpoints, split_held_out
 
 PROMPT = "question: What colour is the sky on a clear day? answer:"
 RESPONSE = " The sky is blue."
@@ -139,7 +139,7 @@ def test_truncated_records_are_counted_and_reported(tiny_model_dir, tmp_path, ru
 def test_sft_lowers_held_out_loss_and_saves_a_loadable_model(tiny_model_dir, tmp_path, run_cli):
     data = write_demos(tmp_path / "demos.jsonl")
     out = tmp_path / "out"
-    result = run_cli(*sft_args(tiny_model_dir, data, out, "--epochs", 3, "--warmup-ratio", "0.1"))
+    result = run_cli(*sft_args(tiny_model_dir, data, out, "--epochs", 3, "--lr", "1e-2", "--warmup-ratio", "0.1"))
     assert result.exit_code == 0, result.output
     metrics = read_metrics(out)
     # 24 demonstrations, 6 held out; 18 in batches of 4 -> 5 steps per epoch
@@ -155,11 +155,14 @@ def test_sft_lowers_held_out_loss_and_saves_a_loadable_model(tiny_model_dir, tmp
     assert json.loads((out / "run_config.json").read_text())["stage"] == "sft"
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the saved directory loads with from_pretrained and scores the held-out split as the run did
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("question: What colour is the sky over town 99? answer:", return_tensors="pt")["input_ids"]
-    generated = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert tokenizer.decode(generated[0, ids.shape[1]:]).startswith(RESPONSE)
+    _, held_out = split_held_out(load_records(data), 0.25, seed=42)
+    examples = [encode_demonstration(tokenizer, r.prompt, r.response, 1024, False) for r in held_out]
+    collate = make_collate(tokenizer.pad_token_id, False)
+    loss = evaluate_loss(model, examples, collate, make_loss_fn(model, False), batch_size=4)
+    assert loss == pytest.approx(metrics["eval_loss_after"], rel=1e-5)
 
 
 def interrupt_training_after(monkeypatch, calls_allowed: int) -> None:

@@ -1,0 +1,461 @@
+"""`rlhfkit evaluate`: compare systems on the papers' metrics, one table row per system.
+
+Systems are policies (`--policy NAME=DIR` or `--policy DIR`: the response to every prompt of
+`--prompts` is generated, greedily unless `--sample`) and/or existing outputs
+(`--generations FILE`: `generation` records; a file holds one system per distinct `model`
+field, and records without one belong to a system named after the file's stem). Every
+system must answer the same prompts (matched by prompt text; a prompt asked k times is
+matched k times), so the rows and the pairwise comparisons are over the same items.
+
+Per system (metrics.json keys):
+- `reward/NAME`: mean reward per response of each `--rm NAME=DIR` (an `rlhfkit train-rm`
+  model): the sum of the segment rewards for segment RMs, the normalised score for sequence
+  (preference/regression) RMs;
+- `error_rate/NAME` (segment RMs): segments the RM flags as errors (P(error) > 0.5) / all
+  segments, pooled over the responses (the Fine-Grained RLHF papers' error rates);
+- `rouge_l` when the prompts carry references (best reference per response; see
+  rlhfkit.metrics); `distinct_1/2/3` and `mean_length` over whitespace words;
+- `perplexity` of the responses under `--reference-lm` (each response alone; see metrics);
+- pairwise win/tie/loss of every pair of systems, judged by `--judge NAME` (a
+  preference/regression RM among `--rm`; default: the first one): A wins an item when its
+  normalised score beats B's by more than `--tie-margin`.
+
+Writes to `--out`: `generations.jsonl` (every system's responses as `generation` records,
+with each RM's reward in `meta.rewards`), `metrics.json`, `results.md` (a markdown table like
+the papers') and run_config.json.
+
+`--paper TABLE.json` adds published numbers as extra rows, marked "(paper)":
+    {"source": "Wu et al. 2023, Table 2", "rows": [{"system": "FG-RLHF", "metrics":
+     {"rouge_l": 0.492, "error_rate/relevance": 0.128}}]}
+Metric names are the keys above, values on the same scale (fractions, not percentages);
+a name no system here has gets a column of its own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from rlhfkit.config import REQUIRED, opt
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import SamplingConfig, generate
+from rlhfkit.io import write_text
+from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
+from rlhfkit.models import load_policy, resolve_device
+from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
+from rlhfkit.rewards.sources import canonical_name, parse_named
+from rlhfkit.runs import RunDir, progress_bar, set_seed
+from rlhfkit.schema import Generation, PromptRecord, load_records, write_records
+
+METRICS_FILE = "metrics.json"
+RESULTS_FILE = "results.md"
+GENERATIONS_FILE = "generations.jsonl"
+DISTINCT_NS = (1, 2, 3)
+
+
+@dataclass
+class EvaluateConfig:
+    out: str = opt(REQUIRED, "Output directory: generations.jsonl, metrics.json, results.md.")
+    policy: list[str] = opt([], "A policy to generate with: NAME=DIR or DIR (name: the directory's name), repeatable.")
+    prompts: Optional[str] = opt(None, "JSONL of `prompt` records (needed with --policy; their `references` give ROUGE-L).")
+    generations: list[str] = opt([], "JSONL of `generation` records to score as they are, repeatable (system: the `model` field, else the file stem).")
+    rm: list[str] = opt([], "Reward model NAME=DIR (an `rlhfkit train-rm` output), repeatable.")
+    judge: Optional[str] = opt(None, "The --rm NAME (preference or regression) that judges pairwise win rates (default: the first such RM).")
+    reference_lm: Optional[str] = opt(None, "Causal LM (hub id or directory) for the perplexity of the responses.")
+    paper: Optional[str] = opt(None, 'Published numbers to add as rows: JSON {"source": "...", "rows": [{"system": "...", "metrics": {"rouge_l": 0.49}}]}.')
+    max_prompts: Optional[int] = opt(None, "Only the first N prompts of --prompts.")
+    sample: bool = opt(False, "Sample instead of greedy decoding.")
+    temperature: float = opt(0.7, "Sampling temperature (with --sample).")
+    top_k: int = opt(0, "Top-k sampling (with --sample; 0 = off).")
+    top_p: float = opt(1.0, "Top-p sampling (with --sample).")
+    max_new_tokens: int = opt(200, "Max response tokens (Fine-Grained RLHF QA: 200).")
+    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are an error.")
+    batch_size: int = opt(8, "Batch size for generation, reward models and perplexity.")
+    tie_margin: float = opt(0.0, "Judge score difference (normalised units) at or below which a pair is a tie.")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).")
+    seed: int = opt(42, "Seed for sampling.")
+
+    def validate(self) -> None:
+        if not self.policy and not self.generations:
+            raise RlhfkitError("nothing to evaluate: give --policy DIR (with --prompts) and/or --generations FILE")
+        if self.policy and not self.prompts:
+            raise RlhfkitError("--policy needs --prompts (JSONL of `prompt` records) to generate from")
+        for path in [self.prompts, *self.generations, self.paper]:
+            if path is not None and not Path(path).is_file():
+                raise RlhfkitError(f"{path}: no such file")
+        for name in ("max_new_tokens", "max_prompt_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise RlhfkitError(f"--max-prompts must be >= 1, got {self.max_prompts}")
+        if self.tie_margin < 0:
+            raise RlhfkitError(f"--tie-margin must be >= 0, got {self.tie_margin}")
+        if self.sample and self.temperature <= 0:
+            raise RlhfkitError(f"--temperature must be > 0, got {self.temperature}")
+        policy_names = [name for name, _ in parse_policies(self.policy)]
+        duplicates = sorted(name for name, count in Counter(policy_names).items() if count > 1)
+        if duplicates:
+            raise RlhfkitError(f"--policy: system name(s) {', '.join(duplicates)} given twice; name them with NAME=DIR")
+        rm_kinds(self.rm)
+        judge_name(self.rm, self.judge)
+        if self.paper:
+            load_paper_table(self.paper)
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def parse_policies(specs: list[str]) -> list[tuple[str, str]]:
+    """[(system name, path or hub id)] from `NAME=DIR` or `DIR` items."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and name and "/" not in name and path:
+            out.append((name.strip(), path.strip()))
+        else:
+            out.append((Path(spec.rstrip("/")).name or spec, spec))
+    return out
+
+
+def rm_kinds(rm_specs: list[str]) -> dict[str, tuple[str, str]]:
+    """{name: (path, kind)} of the --rm options, read from each RM's rlhfkit_rm.json."""
+    paths = parse_named(rm_specs, "--rm")
+    if len(paths) != len(rm_specs):
+        raise RlhfkitError("--rm: a reward-model name is given twice")
+    return {name: (path, read_spec(path)["kind"]) for name, path in paths.items()}
+
+
+def judge_name(rm_specs: list[str], judge: Optional[str]) -> Optional[str]:
+    """The RM that judges win rates: --judge (checked), else the first sequence RM, else None."""
+    kinds = rm_kinds(rm_specs)
+    if judge is None:
+        return next((name for name, (_, kind) in kinds.items() if kind in SEQUENCE_KINDS), None)
+    name = canonical_name(judge)
+    if name not in kinds:
+        valid = ", ".join(kinds) if kinds else "none (add --rm NAME=DIR)"
+        raise RlhfkitError(f"--judge {judge}: no --rm of that name; valid: {valid}")
+    if kinds[name][1] not in SEQUENCE_KINDS:
+        raise RlhfkitError(
+            f"--judge {judge}: the {name} reward model is a {kinds[name][1]} model; a judge must be a "
+            f"{' or '.join(SEQUENCE_KINDS)} model (one score per response)"
+        )
+    return name
+
+
+def load_paper_table(path: str) -> dict:
+    """The --paper JSON, checked: {"source": str, "rows": [{"system": str, "metrics": {name: number}}]}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RlhfkitError(f"{path}: invalid JSON: {err}") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise RlhfkitError(f'{path}: expected {{"source": "...", "rows": [{{"system": "...", "metrics": {{...}}}}]}}')
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("system"), str) or not isinstance(row.get("metrics"), dict):
+            raise RlhfkitError(f"{path}: rows[{i}] needs a 'system' string and a 'metrics' object")
+        for key, value in row["metrics"].items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise RlhfkitError(f"{path}: rows[{i}].metrics.{key} must be a number or null, got {value!r}")
+    source = data.get("source", "")
+    if not isinstance(source, str):
+        raise RlhfkitError(f"{path}: 'source' must be a string")
+    return {"source": source, "rows": rows}
+
+
+# --- systems ------------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    name: str
+    source: str  # the policy or the generations file
+    records: list[Generation]
+    generated: bool = False
+    scores: dict[str, list[float]] = field(default_factory=dict)  # RM name -> reward per response
+
+
+def prompt_keys(prompts: list[str]) -> list[tuple[str, int]]:
+    """(prompt, occurrence): the k-th time a prompt is asked matches the k-th time elsewhere."""
+    seen: Counter = Counter()
+    keys = []
+    for prompt in prompts:
+        keys.append((prompt, seen[prompt]))
+        seen[prompt] += 1
+    return keys
+
+
+def generation_systems(paths: list[str]) -> list[System]:
+    systems: dict[str, System] = {}
+    for path in paths:
+        for record in load_records(path, "generation"):
+            name = record.model or Path(path).stem
+            if name in systems and systems[name].source != path:
+                raise RlhfkitError(
+                    f"{path}: system '{name}' also comes from {systems[name].source}; give the records distinct `model` fields"
+                )
+            systems.setdefault(name, System(name, path, [])).records.append(replace(record, model=name))
+    return list(systems.values())
+
+
+def align_systems(systems: list[System], order: list[str], order_name: str) -> None:
+    """Put every system's records in the order of `order`'s prompts (those of `order_name`);
+    a system with a different prompt set is an error."""
+    reference = prompt_keys(order)
+    position = {key: i for i, key in enumerate(reference)}
+    for system in systems:
+        keys = prompt_keys([r.prompt for r in system.records])
+        extra = [key for key in keys if key not in position]
+        missing = len(reference) - (len(keys) - len(extra))
+        if extra or missing:
+            raise RlhfkitError(
+                f"systems answer different prompts: '{system.name}' ({system.source}) has {len(extra)} prompt(s) "
+                f"that {order_name} lacks and lacks {missing} of its {len(reference)}; every system must "
+                "answer the same prompts"
+            )
+        ranked = sorted(zip(keys, system.records), key=lambda pair: position[pair[0]])
+        system.records = [record for _, record in ranked]
+
+
+def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: EvaluateConfig, device: torch.device) -> System:
+    model, tokenizer, is_encoder_decoder = load_policy(
+        path, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
+    )
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        do_sample=cfg.sample,
+    )
+    records = []
+    with progress_bar(f"generate {name}", len(prompts)) as advance:
+        for index, begin in enumerate(range(0, len(prompts), cfg.batch_size)):
+            batch = prompts[begin : begin + cfg.batch_size]
+            rollout = generate(
+                model,
+                tokenizer,
+                [p.prompt for p in batch],
+                sampling,
+                max_prompt_length=cfg.max_prompt_length,
+                is_encoder_decoder=is_encoder_decoder,
+                generator_seed=cfg.seed + index if cfg.sample else None,
+            )
+            for prompt, text, finished in zip(batch, rollout.texts, rollout.finished.tolist()):
+                records.append(
+                    Generation(
+                        id=f"{name}:{prompt.id}",
+                        prompt=prompt.prompt,
+                        response=text,
+                        model=name,
+                        meta={"prompt_id": prompt.id, "finished": bool(finished)},
+                    )
+                )
+            advance(len(batch))
+    release(model)
+    return System(name, path, records, generated=True)
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free a model's memory before the next one loads (one model on the device at a time)."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def score_systems(systems: list[System], rms: dict[str, tuple[str, str]], cfg: EvaluateConfig, device: torch.device) -> dict[str, dict[str, float]]:
+    """Each RM's reward of every response (into `system.scores`); returns {system: {error_rate/NAME: ...}}.
+
+    Each distinct (prompt, response) is scored once, so identical responses of two systems
+    get identical scores (and tie under the judge).
+    """
+    error_rates: dict[str, dict[str, float]] = {s.name: {} for s in systems}
+    for name, (path, kind) in rms.items():
+        rm = load_reward_model(path, device=device, dtype=cfg.dtype)
+        pairs = list(dict.fromkeys((r.prompt, r.response) for s in systems for r in s.records))
+        rewards = rm.score([p for p, _ in pairs], [r for _, r in pairs], batch_size=cfg.batch_size)
+        by_pair = dict(zip(pairs, rewards))
+        for system in systems:
+            scored = [by_pair[(r.prompt, r.response)] for r in system.records]
+            system.scores[name] = [sum(s.values) for s in scored]
+            if kind == "segment":
+                probs = [p for s in scored for p in (s.error_probs or [])]
+                errors = sum(1 for p in probs if p > 0.5)
+                error_rates[system.name][f"error_rate/{name}"] = errors / len(probs) if probs else 0.0
+        release(rm.model)
+    return error_rates
+
+
+def system_metrics(
+    system: System,
+    rms: dict[str, tuple[str, str]],
+    error_rates: dict[str, float],
+    references: dict[str, list[str]],
+    ppl: Optional[float],
+) -> dict[str, float]:
+    responses = [r.response for r in system.records]
+    metrics: dict[str, float] = {"n": len(responses)}
+    for name, (_, kind) in rms.items():
+        metrics[f"reward/{name}"] = sum(system.scores[name]) / len(responses)
+        if kind == "segment":
+            metrics[f"error_rate/{name}"] = error_rates[f"error_rate/{name}"]
+    with_refs = [(r.response, references[r.prompt]) for r in system.records if references.get(r.prompt)]
+    if with_refs:
+        metrics["rouge_l"] = rouge_l([p for p, _ in with_refs], [refs for _, refs in with_refs])
+        metrics["rouge_l_n"] = len(with_refs)
+    for n in DISTINCT_NS:
+        metrics[f"distinct_{n}"] = distinct_n(responses, n)
+    metrics["mean_length"] = mean_length(responses)
+    if ppl is not None:
+        metrics["perplexity"] = ppl
+    return metrics
+
+
+def pairwise_win_rates(systems: list[System], judge: str, tie_margin: float) -> list[dict]:
+    rows = []
+    for i, a in enumerate(systems):
+        for b in systems[i + 1 :]:
+            rows.append({"a": a.name, "b": b.name, **win_rate(a.scores[judge], b.scores[judge], tie_margin)})
+    return rows
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+
+
+def render_results(
+    table: dict[str, dict[str, float]],
+    pairwise: list[dict],
+    judge: Optional[str],
+    tie_margin: float,
+    paper: Optional[dict],
+    description: str,
+) -> str:
+    columns = list(dict.fromkeys(key for metrics in table.values() for key in metrics if key != "rouge_l_n"))
+    rows = [(name, metrics) for name, metrics in table.items()]
+    if paper:
+        for row in paper["rows"]:
+            columns.extend(key for key in row["metrics"] if key not in columns)
+            rows.append((f"{row['system']} (paper)", row["metrics"]))
+    lines = ["# rlhfkit evaluate", "", description, ""]
+    lines.append("| system | " + " | ".join(columns) + " |")
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for name, metrics in rows:
+        lines.append(f"| {name} | " + " | ".join(format_value(metrics.get(key)) for key in columns) + " |")
+    if paper and paper["source"]:
+        lines += ["", f"Rows marked (paper): published numbers from {paper['source']}."]
+    if pairwise:
+        lines += [
+            "",
+            f"## Pairwise win rates (judge: {judge}, tie margin {tie_margin:g})",
+            "",
+            "| A | B | A wins | tie | B wins |",
+            "|---|---|---|---|---|",
+        ]
+        for row in pairwise:
+            lines.append(f"| {row['a']} | {row['b']} | {row['win']:.1%} | {row['tie']:.1%} | {row['loss']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """Evaluate policies and/or existing generations: rewards, error rates, ROUGE-L, distinct-n,
+    length, perplexity and pairwise win rates; writes metrics.json and a results.md table.
+
+    Published numbers (--paper TABLE.json, {"source": ..., "rows": [{"system": ..., "metrics":
+    {...}}]}) are added as extra rows.
+    """
+    rms = rm_kinds(cfg.rm)
+    judge = judge_name(cfg.rm, cfg.judge)
+    paper = load_paper_table(cfg.paper) if cfg.paper else None
+    prompts: list[PromptRecord] = load_records(cfg.prompts, "prompt") if cfg.prompts else []
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    references: dict[str, list[str]] = {}
+    for record in prompts:
+        references.setdefault(record.prompt, record.references)
+
+    # Read and check every input before any model loads.
+    from_files = generation_systems(cfg.generations)
+    policies = parse_policies(cfg.policy)
+    names = [name for name, _ in policies] + [s.name for s in from_files]
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise RlhfkitError(f"system name(s) {', '.join(duplicates)} used by more than one --policy/--generations")
+    if policies:
+        order, order_name = [p.prompt for p in prompts], f"--prompts {cfg.prompts}"
+    else:
+        order, order_name = [r.prompt for r in from_files[0].records], f"'{from_files[0].name}' ({from_files[0].source})"
+    align_systems(from_files, order, order_name)
+
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    run = RunDir(cfg.out, "evaluate", cfg)
+    systems = [generate_system(name, path, prompts, cfg, device) for name, path in policies] + from_files
+    console.print(f"evaluate: {len(systems)} system(s) x {len(order)} prompt(s); reward models: {', '.join(rms) or 'none'}")
+
+    error_rates = score_systems(systems, rms, cfg, device)
+    perplexities: dict[str, Optional[float]] = {s.name: None for s in systems}
+    if cfg.reference_lm:
+        model, tokenizer, is_encoder_decoder = load_policy(
+            cfg.reference_lm, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
+        )
+        if is_encoder_decoder:
+            raise RlhfkitError(f"--reference-lm {cfg.reference_lm} is an encoder-decoder model; perplexity needs a causal LM")
+        for system in systems:
+            perplexities[system.name] = perplexity(model, tokenizer, [r.response for r in system.records], batch_size=cfg.batch_size)
+        release(model)
+
+    table = {s.name: system_metrics(s, rms, error_rates[s.name], references, perplexities[s.name]) for s in systems}
+    pairwise = pairwise_win_rates(systems, judge, cfg.tie_margin) if judge and len(systems) > 1 else []
+    if len(systems) > 1 and not judge:
+        console.print("evaluate: no preference/regression --rm given, so no pairwise win rates")
+
+    decoding = (
+        f"sampling (temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p})" if cfg.sample else "greedy decoding"
+    )
+    description = f"{len(order)} prompts; generated systems: {decoding}, at most {cfg.max_new_tokens} new tokens."
+    if "rouge_l" not in next(iter(table.values())):
+        description += " No references, so no ROUGE-L."
+    write_records(
+        run.path / GENERATIONS_FILE,
+        (
+            replace(record, meta={**record.meta, "rewards": {name: system.scores[name][i] for name in rms}})
+            for system in systems
+            for i, record in enumerate(system.records)
+        ),
+    )
+    result = {
+        "prompts": len(order),
+        "systems": table,
+        "pairwise": {"judge": judge, "tie_margin": cfg.tie_margin, "pairs": pairwise} if pairwise else None,
+        "paper": paper,
+    }
+    run.write_json(METRICS_FILE, result)
+    report = render_results(table, pairwise, judge, cfg.tie_margin, paper, description)
+    write_text(run.path / RESULTS_FILE, report)
+    console.print(report, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"evaluate: wrote {run.path / RESULTS_FILE}, {METRICS_FILE} and {GENERATIONS_FILE}")
+    return result

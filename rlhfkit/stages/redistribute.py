@@ -1,0 +1,147 @@
+"""`rlhfkit redistribute`: show a sequence reward model's score spread over tokens (R3HF).
+
+For each (prompt, response) the reward model scores every prefix in one forward pass; a
+token's reward is the change of the score it causes, r_t = R(x, y<=t) - R(x, y<t), with
+R(x, y<1) the prompt's score, so the rewards sum to R(x, y) - R(x). With `--granularity
+sentence` the score is read only where sentences end (the Fine-Grained RLHF dense toxicity
+reward). Scores are the RM's normalised scores (mean 0 / std 1 on its normalisation set),
+so token rewards are in units of the RM's standard deviation.
+
+Writes the rewards as JSONL (`generation` records with `tokens` and `token_rewards`) and an
+HTML page that colours every token by its reward: what people look at to debug an RM.
+`ppo --redistribute NAME` uses the same code (rlhfkit.rewards.sources) on policy tokens.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rlhfkit.config import REQUIRED, config_to_dict, opt
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import write_json, write_text
+from rlhfkit.rewards.reward_model import load_reward_model
+from rlhfkit.rewards.sources import GRANULARITIES, RewardModelSource
+from rlhfkit.runs import package_versions, progress_bar, set_seed
+from rlhfkit.schema import Generation, load_records, write_records
+
+
+@dataclass
+class RedistributeConfig:
+    rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory.")
+    input: str = opt(REQUIRED, "JSONL of records with prompt and response (e.g. `generation` records).")
+    out: str = opt(REQUIRED, "Output JSONL of generation records with per-token rewards.")
+    html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards here.")
+    granularity: str = opt("token", "Read the prefix score at every token, or only at sentence ends: token | sentence.")
+    batch_size: int = opt(8, "Scoring batch size.")
+    limit: int = opt(0, "Only the first N records (0 = all).")
+    dtype: str = opt("auto", "RM dtype: auto, float32, bfloat16.")
+    device: str = opt("auto", "Device: auto, cpu, cuda.")
+    seed: int = opt(0, "Random seed (recorded; scoring is deterministic).")
+
+    def validate(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise RlhfkitError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
+        if not self.out.endswith(".jsonl"):
+            raise RlhfkitError(f"--out must be a .jsonl file, got '{self.out}'")
+
+
+def run_redistribute(cfg: RedistributeConfig) -> dict:
+    """Spread a sequence reward model's score over response tokens (R3HF) and show it as a heat map."""
+    records = load_records(cfg.input)
+    if any(not (hasattr(r, "prompt") and hasattr(r, "response")) for r in records):
+        raise RlhfkitError(f"{cfg.input}: every record needs a prompt and a response (e.g. `generation` records)")
+    if cfg.limit:
+        records = records[: cfg.limit]
+    set_seed(cfg.seed)
+    rm = load_reward_model(cfg.rm, device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype)
+    source = RewardModelSource(Path(cfg.rm).name, rm, redistribute=cfg.granularity, batch_size=cfg.batch_size)
+
+    outputs = []
+    with progress_bar("redistribute", len(records)) as advance:
+        for start in range(0, len(records), cfg.batch_size):
+            batch = records[start : start + cfg.batch_size]
+            prompts, responses = [r.prompt for r in batch], [r.response for r in batch]
+            # Show the rewards on the RM's own tokens: there is no policy tokenizer here.
+            _, rm_char_ends, prompt_scores = rm.prefix_scores(prompts, responses, batch_size=cfg.batch_size)
+            spans = [_spans_from_ends(ends) for ends in rm_char_ends]
+            rewards = source.token_rewards(prompts, responses, spans).per_token
+            for record, response, row_spans, row_rewards, prompt_score in zip(batch, responses, spans, rewards, prompt_scores):
+                outputs.append(
+                    Generation(
+                        id=record.id,
+                        prompt=record.prompt,
+                        response=response,
+                        model=getattr(record, "model", ""),
+                        tokens=[response[s:e] for s, e in row_spans],
+                        token_rewards=[round(float(v), 6) for v in row_rewards],
+                        meta={
+                            "reward_model": str(cfg.rm),
+                            "granularity": cfg.granularity,
+                            "prompt_score": round(float(prompt_score), 6),
+                            "sequence_score": round(float(prompt_score) + float(row_rewards.sum()), 6),
+                        },
+                    )
+                )
+            advance(len(batch))
+
+    write_records(cfg.out, outputs)
+    summary = {
+        "records": len(outputs),
+        "mean_sequence_score": sum(g.meta["sequence_score"] for g in outputs) / len(outputs),
+        "mean_tokens": sum(len(g.tokens) for g in outputs) / len(outputs),
+    }
+    out_path = Path(cfg.out)
+    write_json(
+        out_path.with_suffix(".run_config.json"),
+        {"stage": "redistribute", "config": config_to_dict(cfg), "versions": package_versions(), "summary": summary},
+    )
+    if cfg.html:
+        write_text(cfg.html, heatmap_html(outputs, title=f"Token rewards of {cfg.rm}"))
+    return summary
+
+
+def _spans_from_ends(ends: list[int]) -> list[tuple[int, int]]:
+    starts = [0] + ends[:-1]
+    return [(s, max(s, e)) for s, e in zip(starts, ends)]
+
+
+def _colour(value: float, scale: float) -> str:
+    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
+    rgb = "0,160,60" if value >= 0 else "220,40,40"
+    return f"rgba({rgb},{0.08 + 0.8 * strength:.3f})"
+
+
+def heatmap_html(generations: list[Generation], title: str) -> str:
+    """One block per response; each token's background is green (positive) or red (negative)."""
+    all_values = [abs(v) for g in generations for v in (g.token_rewards or [])]
+    scale = sorted(all_values)[int(0.95 * (len(all_values) - 1))] if all_values else 1.0
+    blocks = []
+    for g in generations:
+        tokens = "".join(
+            f'<span class="t" style="background:{_colour(v, scale)}" title="{v:+.4f}">{html.escape(tok)}</span>'
+            for tok, v in zip(g.tokens or [], g.token_rewards or [])
+        )
+        meta = g.meta
+        blocks.append(
+            f'<section><h2>{html.escape(g.id)}</h2>'
+            f'<details><summary>prompt</summary><pre>{html.escape(g.prompt)}</pre></details>'
+            f'<p class="scores">R(x) = {meta.get("prompt_score", 0):+.4f} &nbsp; R(x, y) = {meta.get("sequence_score", 0):+.4f}'
+            f' &nbsp; sum of token rewards = {sum(g.token_rewards or []):+.4f}</p>'
+            f'<div class="response">{tokens}</div></section>'
+        )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        ".response{font-family:monospace;white-space:pre-wrap;line-height:1.8}"
+        ".t{border-radius:2px}.scores{color:#555}section{border-bottom:1px solid #ddd;padding:1em 0}"
+        "</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        f"<p>Green: the token raised the reward model's score; red: it lowered it. Hover a token for its reward. "
+        f"Full colour = {scale:.4f} (95th percentile of |reward|).</p>"
+        + "".join(blocks)
+        + "</body></html>\n"
+    )

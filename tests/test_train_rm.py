@@ -1,0 +1,334 @@
+"""`rlhfkit train-rm`: losses and metrics against hand-computed values, the aspect presets,
+data selection, the three kinds end to end on tiny models, --eval-only and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+from rlhfkit.config import build_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import load_tokenizer
+from rlhfkit.rewards.reward_model import SPEC_FILE, load_reward_model
+from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
+from rlhfkit.stages.train_rm import (
+    METRICS_FILE,
+    ScoreExample,
+    TrainRMConfig,
+    bradley_terry_loss,
+    encode_examples,
+    load_aspect_records,
+    segment_loss,
+    segment_metrics,
+    split_by_prompt,
+)
+
+FAST = ["--max-length", "96", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3"]
+
+
+def span_records(n: int = 12) -> list[SpanFeedback]:
+    """Three sentences each; every third record has a factuality error in sentence 2 and a
+    relevance error in sentence 3."""
+    records = []
+    for i in range(n):
+        response = f"The tower is {100 + i} metres tall. It was built in {1800 + i}. People like it, and it is made of iron."
+        spans = []
+        if i % 3 == 0:
+            start = response.index("It was")
+            spans.append(Span(start, start + 6, "Unverifiable", "factuality"))
+            start = response.index("People")
+            spans.append(Span(start, len(response) - 1, "Irrelevant", "relevance"))
+        records.append(
+            SpanFeedback(
+                id=f"s{i}",
+                prompt=f"question: How tall is tower {i}? context: Tower {i} is {100 + i} metres tall.",
+                response=response,
+                spans=spans,
+                aspects=["relevance", "factuality"],
+            )
+        )
+    return records
+
+
+def preference_records(n: int = 12) -> list[Preference]:
+    return [
+        Preference(
+            id=f"p{i}",
+            prompt=f"question: How tall is tower {i}?",
+            chosen=f"Tower {i} is {100 + i} metres tall.",
+            rejected=f"Tower {i} is a tower. It is a tower." if i % 2 else "I do not know.",
+            aspect="preference",
+            tie=i % 4 == 3,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def span_file(tmp_path):
+    path = tmp_path / "span_feedback.jsonl"
+    write_records(path, span_records())
+    return path
+
+
+@pytest.fixture
+def preference_file(tmp_path):
+    path = tmp_path / "preferences.jsonl"
+    write_records(path, preference_records())
+    return path
+
+
+# --- losses and metrics by hand -------------------------------------------------------------
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen = torch.tensor([2.0, 2.0, 2.0, 0.5])
+    rejected = torch.tensor([0.5, 0.5, 0.5, 2.0])
+    margin = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    tie = torch.tensor([False, False, True, False])
+    loss = bradley_terry_loss(chosen, rejected, margin, tie)
+    # d = 1.5: -log sigmoid(1.5) = log(1 + e^-1.5) = 0.201413.
+    # margin 1: -log sigmoid(0.5) = log(1 + e^-0.5) = 0.474077.
+    # tie (margin ignored): (log(1 + e^-1.5) + log(1 + e^1.5)) / 2 = (0.201413 + 1.701413) / 2 = 0.951413.
+    # d = -1.5: log(1 + e^1.5) = 1.701413.
+    assert loss.tolist() == pytest.approx([0.201413, 0.474077, 0.951413, 1.701413], abs=1e-6)
+    # A tie's loss is smallest when the two scores are equal: log 2.
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]), torch.zeros(1), torch.tensor([True])).item() == pytest.approx(math.log(2))
+
+
+def test_segment_loss_by_hand():
+    # Two labelled positions and one ignored; error-class weight 3.
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [5.0, -5.0]]])
+    labels = torch.tensor([[1, 0, -100]])
+    loss, count = segment_loss(logits, labels, error_class_weight=3.0)
+    # position 0: label 1, -log(1/2) = 0.693147, weight 3 -> 2.079442
+    # position 1: label 0, -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928, weight 1
+    assert loss.item() == pytest.approx(2.079442 + 0.126928, abs=1e-5)
+    assert count.item() == 2
+
+
+def test_segment_metrics_by_hand():
+    predicted = [True, False, True, False, False]
+    actual = [True, True, False, False, False]
+    m = segment_metrics(predicted, actual)
+    # correct: 0, 3, 4 -> 3/5; tp 1, fp 1, fn 1 -> precision = recall = F1 = 1/2;
+    # majority class (no error) covers 3 of 5.
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert (m["error_precision"], m["error_recall"], m["error_f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert m["majority_baseline_accuracy"] == pytest.approx(0.6)
+    assert (m["segments"], m["error_segments"], m["predicted_errors"]) == (5, 2, 2)
+
+
+# --- options and data -------------------------------------------------------------------------
+
+
+def config(**values) -> TrainRMConfig:
+    return build_config(TrainRMConfig, **{"data": __file__, "model": "m", "out": "o", **values})
+
+
+def test_presets_and_overrides():
+    fact, rel, comp = (config(aspect=a).settings() for a in ("factuality", "relevance", "completeness"))
+    assert (fact.kind, fact.granularity, fact.positive_reward, fact.negative_reward) == ("segment", "sentence", 0.5, -0.5)
+    assert (rel.kind, rel.granularity, rel.positive_reward, rel.negative_reward) == ("segment", "subsentence", 0.3, -0.3)
+    assert (comp.kind, comp.holistic_fallback) == ("preference", True)
+    custom = config(aspect="toxicity", kind="segment", positive_reward=1.0, negative_reward=-2.0, error_class_weight=2.5).settings()
+    assert (custom.granularity, custom.positive_reward, custom.negative_reward, custom.error_class_weight) == ("sentence", 1.0, -2.0, 2.5)
+    assert config(aspect="relevance", kind="regression").settings().granularity == "response"
+    with pytest.raises(RlhfkitError, match="'toxicity' has no preset; give --kind"):
+        config(aspect="toxicity")
+    with pytest.raises(RlhfkitError, match="unknown --kind 'ranking'; valid: segment, preference, regression"):
+        config(aspect="x", kind="ranking")
+    with pytest.raises(RlhfkitError, match="--granularity for a segment RM must be sentence or subsentence"):
+        config(aspect="factuality", granularity="response")
+    with pytest.raises(RlhfkitError, match="unknown --ties 'keep'; valid: soft, drop"):
+        config(aspect="preference", ties="keep")
+
+
+def test_records_for_an_aspect(tmp_path, span_file, preference_file):
+    settings = config(aspect="factuality").settings()
+    other = tmp_path / "other.jsonl"
+    write_records(other, [SpanFeedback("a", "p", "Some text.", [Span(0, 4, "Toxic", "toxicity")], ["toxicity", "style"])])
+    with pytest.raises(RlhfkitError, match="no span_feedback record judged aspect 'factuality'; found aspects: style, toxicity"):
+        load_aspect_records(str(other), "factuality", settings)
+    with pytest.raises(RlhfkitError, match="a segment reward model trains on 'span_feedback' records; this file has 12 'preference'"):
+        load_aspect_records(str(preference_file), "factuality", settings)
+    # Completeness: the sample's preferences are holistic, used in its place.
+    comp = config(aspect="completeness").settings()
+    assert len(load_aspect_records(str(preference_file), "completeness", comp)) == 12
+    assert len(load_aspect_records(str(preference_file), "completeness", comp, ties="drop")) == 9
+    with pytest.raises(RlhfkitError, match="no preference record has aspect 'style'; found aspects: preference"):
+        load_aspect_records(str(preference_file), "style", config(aspect="style", kind="preference").settings())
+    same = tmp_path / "same.jsonl"
+    write_records(same, [Preference("dup", "p", "Same answer.", "Same answer.", aspect="preference")])
+    with pytest.raises(RlhfkitError, match="preference 'dup' has identical chosen and rejected responses"):
+        load_aspect_records(str(same), "preference", comp)
+
+
+def test_split_keeps_a_prompts_records_together():
+    records = [Preference(f"{p}-{k}", f"prompt {p}", f"a{k}", f"b{k}") for p in range(10) for k in range(3)]
+    train, held = split_by_prompt(records, 0.2, seed=0)
+    assert len(held) == 6 and len(train) == 24
+    assert not {r.prompt for r in train} & {r.prompt for r in held}
+    assert split_by_prompt(records, 0.2, seed=0) == (train, held)
+    with pytest.raises(RlhfkitError, match="only 1 distinct prompt"):
+        split_by_prompt(records[:3], 0.2, seed=0)
+
+
+def test_regression_targets_from_preferences(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    settings = config(aspect="preference", kind="regression").settings()
+    pairs = [Preference("a", "p", "good", "bad"), Preference("b", "p", "fine", "also fine", tie=True)]
+    examples, too_long = encode_examples(tokenizer, pairs, "preference", settings, 64)
+    assert too_long == 0
+    assert [e.target for e in examples] == [1.0, 0.0, 0.5, 0.5]
+    assert all(isinstance(e, ScoreExample) for e in examples)
+
+
+# --- the stage end to end -------------------------------------------------------------------
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_segment_rm_end_to_end(run_cli, tiny_model_dir, span_file, tmp_path):
+    out = tmp_path / "fact"
+    result = run_cli("train-rm", "--aspect", "factuality", "--data", span_file, "--model", tiny_model_dir, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    spec = read_json(out / SPEC_FILE)
+    assert {k: spec[k] for k in ("aspect", "kind", "granularity", "positive_reward", "negative_reward", "max_length", "backbone")} == {
+        "aspect": "factuality",
+        "kind": "segment",
+        "granularity": "sentence",
+        "positive_reward": 0.5,
+        "negative_reward": -0.5,
+        "max_length": 96,
+        "backbone": str(tiny_model_dir),
+    }
+    metrics = read_json(out / METRICS_FILE)
+    held = metrics["held_out"]
+    # 12 records, 20% held out by prompt: 2 records x 3 sentences.
+    assert (metrics["train_records"], metrics["held_out_records"], held["segments"]) == (10, 2, 6)
+    assert 0 <= held["accuracy"] <= 1 and held["majority_baseline_accuracy"] >= 0.5
+    assert metrics["steps"] == 3 and metrics["beats_baseline"] == (held["accuracy"] > held["majority_baseline_accuracy"])
+    assert read_json(out / "run_config.json")["stage"] == "train-rm"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3]
+
+    rm = load_reward_model(out, device="cpu")
+    scored = rm.score([r.prompt for r in span_records(2)], [r.response for r in span_records(2)])
+    assert all(len(s.values) == 3 and set(s.values) <= {0.5, -0.5} for s in scored)
+
+    # --eval-only scores the saved RM on labelled data and writes metrics only.
+    evaluated = tmp_path / "eval"
+    result = run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", span_file, "--model", out, "--out", evaluated)
+    assert result.exit_code == 0, result.output
+    eval_metrics = read_json(evaluated / METRICS_FILE)
+    assert eval_metrics["eval_only"] is True and eval_metrics["held_out"]["segments"] == 36
+    assert not (evaluated / SPEC_FILE).exists() and not list(evaluated.glob("*.safetensors"))
+
+
+def test_relevance_preset_uses_subsentences(run_cli, tiny_model_dir, span_file, tmp_path):
+    out = tmp_path / "rel"
+    result = run_cli("train-rm", "--aspect", "relevance", "--data", span_file, "--model", tiny_model_dir, "--out", out, *FAST, "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    spec = read_json(out / SPEC_FILE)
+    assert (spec["granularity"], spec["positive_reward"], spec["negative_reward"]) == ("subsentence", 0.3, -0.3)
+    rm = load_reward_model(out, device="cpu")
+    # "People like it, and it is made of iron." has fewer than 5 words after the comma: one piece.
+    response = span_records(1)[0].response
+    assert rm.score(["q"], [response])[0].char_ends == [len("The tower is 100 metres tall."), response.index(" People"), len(response)]
+    assert read_json(out / METRICS_FILE)["held_out"] == {}
+
+
+def test_preference_rm_stores_score_normalisation(run_cli, tiny_model_dir, preference_file, tmp_path):
+    out = tmp_path / "comp"
+    result = run_cli("train-rm", "--aspect", "completeness", "--data", preference_file, "--model", tiny_model_dir, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "holistic preferences" in result.output
+    spec = read_json(out / SPEC_FILE)
+    assert spec["kind"] == "preference" and spec["normalization"]["computed_on"] == "training responses"
+    metrics = read_json(out / METRICS_FILE)
+    held = metrics["held_out"]
+    train, held_records = split_by_prompt(preference_records(), 0.2, 42)  # the stage's default seed
+    assert held["pairwise_baseline_accuracy"] == 0.5
+    assert (held["pairs"], held["ties"]) == (sum(not r.tie for r in held_records), sum(r.tie for r in held_records))
+    assert metrics["train_ties"] == sum(r.tie for r in train)
+
+    # Normalised scores of the training responses have mean 0 and std 1.
+    rm = load_reward_model(out, device="cpu")
+    pairs = list(dict.fromkeys([(r.prompt, r.chosen) for r in train] + [(r.prompt, r.rejected) for r in train]))
+    values = [s.values[0] for s in rm.score([p for p, _ in pairs], [r for _, r in pairs])]
+    assert statistics.fmean(values) == pytest.approx(0.0, abs=1e-4)
+    assert statistics.pstdev(values) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_preference_rm_options(run_cli, tiny_model_dir, preference_file, tmp_path):
+    samples = tmp_path / "sft_samples.jsonl"
+    write_records(samples, [Demonstration(f"d{i}", f"question {i}?", f"Answer number {i}.") for i in range(5)])
+    out = tmp_path / "pref"
+    result = run_cli(
+        "train-rm", "--aspect", "preference", "--data", preference_file, "--model", tiny_model_dir, "--out", out,
+        *FAST, "--ties", "drop", "--normalize-on", samples, "--lora-r", "2",
+    )
+    assert result.exit_code == 0, result.output
+    spec = read_json(out / SPEC_FILE)
+    assert spec["normalization"]["computed_on"] == str(samples) and spec["normalization"]["responses"] == 5
+    metrics = read_json(out / METRICS_FILE)
+    assert metrics["train_ties"] == 0 and metrics["held_out"]["ties"] == 0
+    assert metrics["trainable_parameters"] < metrics["total_parameters"]
+    assert metrics["saved_model_class"] == "GPT2ForSequenceClassification"  # LoRA merged in
+    rm = load_reward_model(out, device="cpu")
+    (scored,) = rm.score(["question 0?"], ["Answer number 0."])
+    assert len(scored.values) == 1 and math.isfinite(scored.values[0])
+
+
+def test_regression_rm_on_scores(run_cli, tiny_model_dir, tmp_path):
+    data = tmp_path / "scores.jsonl"
+    write_records(data, [ScalarScore(f"c{i}", f"question {i}?", "word " * (i % 5 + 1), float(i % 5), aspect="length") for i in range(15)])
+    out = tmp_path / "reg"
+    result = run_cli("train-rm", "--aspect", "length", "--kind", "regression", "--data", data, "--model", tiny_model_dir, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    held = read_json(out / METRICS_FILE)["held_out"]
+    assert held["scores"] == 3 and held["mse"] >= 0 and held["mean_baseline_mse"] >= 0
+    assert read_json(out / SPEC_FILE)["kind"] == "regression"
+
+
+def test_responses_that_do_not_fit_are_counted(run_cli, tiny_model_dir, span_file, tmp_path):
+    out = tmp_path / "short"
+    records = span_records()
+    records[1] = SpanFeedback("long", "q", "A long answer. " * 40, [], ["factuality"])
+    write_records(span_file, records)
+    result = run_cli("train-rm", "--aspect", "factuality", "--data", span_file, "--model", tiny_model_dir, "--out", out, *FAST, "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    assert "1 training record(s) have a response longer than --max-length 96" in " ".join(result.output.split())
+    assert read_json(out / METRICS_FILE)["train_records_too_long"] == 1
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_input_exits_2_with_one_clear_line(run_cli, tiny_model_dir, span_file, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    same = tmp_path / "same.jsonl"
+    write_records(same, [Preference("dup", "p", "Same.", "Same.", aspect="preference")])
+    other = tmp_path / "other.jsonl"
+    write_records(other, [SpanFeedback("a", "p", "Some text.", [Span(0, 4, "Toxic", "toxicity")], ["toxicity"])])
+    out = tmp_path / "out"
+    cases = [
+        (["--aspect", "factuality", "--data", empty, "--model", tiny_model_dir], "no records (the file is empty)"),
+        (["--aspect", "preference", "--data", same, "--model", tiny_model_dir], "has identical chosen and rejected responses"),
+        (["--aspect", "factuality", "--data", other, "--model", tiny_model_dir], "no span_feedback record judged aspect 'factuality'; found aspects: toxicity"),
+        (["--aspect", "toxicity", "--data", other, "--model", tiny_model_dir], "has no preset; give --kind"),
+        (["--aspect", "factuality", "--data", tmp_path / "missing.jsonl", "--model", tiny_model_dir], "no such file"),
+        (["--eval-only", "--aspect", "factuality", "--data", span_file, "--model", tiny_model_dir], "is not an rlhfkit reward model (no rlhfkit_rm.json)"),
+    ]
+    for args, message in cases:
+        result = run_cli("train-rm", *args, "--out", out, *FAST)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.output.split()), (message, result.output)
