@@ -5,8 +5,18 @@ TRL's SFTTrainer. Both get the same tiny GPT-2 (built by `rlhfkit init-model`'s 
 temporary directory), the same token sequences (the QA-Feedback demonstrations, tokenized and
 truncated once by rlhfkit and handed to TRL as `input_ids` + `labels`, so the supervised
 tokens are identical), batch size, max length, steps, optimizer (fused AdamW, TRL's default)
-and LR schedule. TRL is set up like-for-like: completion-only loss, no packing, no
+and LR schedule. TRL is set up like-for-like: completion-only loss, no activation
+checkpointing (TRL turns it on by default; rlhfkit does not checkpoint), no packing, no
 padding-free batches, dynamic padding, no evaluation, no logging, no saving, report_to none.
+
+Reward model: rlhfkit's Bradley-Terry loop (fit with the train-rm stage's collate and loss)
+against TRL's RewardTrainer on the same non-tie QA-Feedback preference pairs, encoded once by
+rlhfkit (prompt + separator + response, prompt cut from the left) and handed to TRL as
+`chosen_ids` / `rejected_ids`, so both score identical token sequences. Like-for-like, every
+pair is its own item on both sides (rlhfkit's default groups a prompt's pairs so each
+response is scored once; that row is shown separately, in pairs/s): same tiny GPT-2 with a
+1-output head, batch of pairs, steps, AdamW, linear schedule; TRL with dropout kept (as
+rlhfkit trains), no padding to a multiple, no centering term, no evaluation/logging/saving.
 
 Each side's samples/s is timed from the end of its first (warm-up) optimizer step to the
 end of its last. Trials alternate between the two so background load hits both alike;
@@ -16,6 +26,8 @@ the table shows the median trial.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import statistics
 import sys
@@ -28,18 +40,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import torch
+from rich.console import Console
+from rich.table import Table
 
-from rlhfkit.config import build_config  # noqa: E402
-from rlhfkit.models import load_policy, load_tokenizer  # noqa: E402
-from rlhfkit.runs import RunDir  # noqa: E402
-from rlhfkit.schema import load_records  # noqa: E402
-from rlhfkit.stages.annotate_import import ImportConfig, run_import  # noqa: E402
-from rlhfkit.stages.init_model import InitModelConfig, run_init_model  # noqa: E402
-from rlhfkit.stages.sft import SFTExample, encode_demonstration, make_collate, make_loss_fn  # noqa: E402
-from rlhfkit.training import LoopSettings, fit  # noqa: E402
+from rlhfkit.config import build_config
+from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.runs import RunDir
+from rlhfkit.schema import load_records
+from rlhfkit.stages.annotate_import import ImportConfig, run_import
+from rlhfkit.stages.init_model import InitModelConfig, run_init_model
+from rlhfkit.rewards.reward_model import encode_pair
+from rlhfkit.stages import train_rm
+from rlhfkit.stages.sft import SFTExample, encode_demonstration, make_collate, make_loss_fn
+from rlhfkit.training import LoopSettings, fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QA_FEEDBACK = REPO_ROOT / "data/qa_feedback/feedback.json"
@@ -128,6 +142,9 @@ def time_trl_sft(model_dir: Path, examples: list[SFTExample], *, batch_size: int
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_length=max_length,
+        # TRL turns activation checkpointing on by default (recomputes the forward in the
+        # backward pass); rlhfkit does not checkpoint, so neither does TRL here.
+        gradient_checkpointing=False,
         packing=False,
         padding_free=False,
         completion_only_loss=True,
@@ -179,6 +196,125 @@ def bench_sft(
     return BenchRow("sft", setting, ours, theirs)
 
 
+# --- reward model -------------------------------------------------------------------------
+
+
+def load_reward_backbone(model_dir: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def time_rlhfkit_reward(model_dir: Path, groups: list, *, batch_size: int, steps: int, seed: int, workdir: Path) -> float:
+    """Pairs/s of rlhfkit's RM loop; `groups` are train_rm.PreferenceGroup items."""
+    model, tokenizer = load_reward_backbone(model_dir)
+    collate = train_rm.make_collate("preference", tokenizer.pad_token_id)
+    clock = {"calls": 0, "start": None, "pairs": 0}
+
+    def timed_collate(items: list) -> dict:
+        clock["calls"] += 1
+        if clock["calls"] == 2:  # step 1 (the warm-up) is done
+            clock["start"] = time.perf_counter()
+        if clock["calls"] >= 2:
+            clock["pairs"] += sum(len(g.comparisons) for g in items)
+        return collate(items)
+
+    settings = LoopSettings(out=workdir, batch_size=batch_size, max_steps=steps, lr=LR, seed=seed)
+    run = RunDir(workdir, "bench-reward", BenchSettings(batch_size, steps, LR, seed))
+    fit(model, groups, timed_collate, train_rm.make_loss_fn("preference", 1.0), settings, run)
+    return clock["pairs"] / (time.perf_counter() - clock["start"])
+
+
+def time_trl_reward(model_dir: Path, pairs: list[tuple[list[int], list[int]]], *, batch_size: int, max_length: int, steps: int, seed: int, workdir: Path) -> float:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    class StepClock(TrainerCallback):
+        start = end = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if state.global_step == 1:
+                self.start = now
+            self.end = now
+
+    model, tokenizer = load_reward_backbone(model_dir)
+    dataset = Dataset.from_dict({"chosen_ids": [c for c, _ in pairs], "rejected_ids": [r for _, r in pairs]})
+    args = RewardConfig(
+        output_dir=str(workdir),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=max_length,
+        disable_dropout=False,
+        pad_to_multiple_of=None,
+        center_rewards_coefficient=None,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=seed,
+    )
+    clock = StepClock()
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    return (steps - 1) * batch_size / (clock.end - clock.start)
+
+
+def bench_reward(
+    model_dir: Path,
+    preferences_file: Path,
+    *,
+    batch_size: int = 8,
+    max_length: int = 384,
+    steps: int = 20,
+    trials: int = 3,
+    seed: int = 0,
+    workdir: Path,
+) -> list[BenchRow]:
+    """Pairs/s of rlhfkit's and TRL's reward-model loops: per pair, and rlhfkit grouped by prompt."""
+    tokenizer = load_tokenizer(model_dir)
+    records = [r for r in load_records(preferences_file, "preference") if not r.tie]
+    pairs, kept = [], []
+    for r in records:
+        chosen, rejected = (encode_pair(tokenizer, r.prompt, text, max_length) for text in (r.chosen, r.rejected))
+        if chosen is not None and rejected is not None:
+            pairs.append((chosen.input_ids, rejected.input_ids))
+            kept.append(r)
+    if len(pairs) < batch_size * steps:
+        raise SystemExit(f"{len(pairs)} preference pairs are too few for {steps} steps of {batch_size} in one epoch")
+    per_pair = [train_rm.PreferenceGroup([c, r], [train_rm.Comparison(0, 1, 0.0, False)]) for c, r in pairs]
+    grouped, _ = train_rm.encode_preference_groups(functools.partial(encode_pair, tokenizer, max_length=max_length), kept)
+    pairs_per_group = sum(len(g.comparisons) for g in grouped) / len(grouped)
+    # Enough prompts per grouped micro-batch to hold at least batch_size pairs on average.
+    group_batch = math.ceil(batch_size / pairs_per_group)
+    mean_tokens = sum(len(c) + len(r) for c, r in pairs) / (2 * len(pairs))
+    ours, grouped_ours, theirs = [], [], []
+    for trial in range(trials):
+        ours.append(time_rlhfkit_reward(model_dir, per_pair, batch_size=batch_size, steps=steps, seed=seed, workdir=workdir / f"rlhfkit-{trial}"))
+        theirs.append(time_trl_reward(model_dir, pairs, batch_size=batch_size, max_length=max_length, steps=steps, seed=seed, workdir=workdir / f"trl-{trial}"))
+        grouped_ours.append(time_rlhfkit_reward(model_dir, grouped, batch_size=group_batch, steps=steps, seed=seed, workdir=workdir / f"rlhfkit-grouped-{trial}"))
+    setting = f"batch {batch_size} pairs, max length {max_length}, {steps} steps; {len(pairs)} non-tie QA pairs, mean {mean_tokens:.0f} tokens"
+    grouped_setting = f"rlhfkit grouped by prompt ({group_batch} prompts ~ {group_batch * pairs_per_group:.0f} pairs per batch) vs TRL per pair"
+    return [BenchRow("reward (pairs/s)", setting, ours, theirs), BenchRow("reward (pairs/s)", grouped_setting, grouped_ours, theirs)]
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -207,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--rm-max-length", type=int, default=384, help="max length of the reward-model benchmark")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per trial (the first is warm-up)")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -230,6 +367,18 @@ def main(argv: list[str] | None = None) -> int:
                 trials=args.trials,
                 seed=args.seed,
                 workdir=workdir / "sft",
+            )
+        )
+        rows.extend(
+            bench_reward(
+                model_dir,
+                imported / "preferences.jsonl",
+                batch_size=args.batch_size,
+                max_length=args.rm_max_length,
+                steps=args.steps,
+                trials=args.trials,
+                seed=args.seed,
+                workdir=workdir / "reward",
             )
         )
     print_table(rows)

@@ -34,12 +34,16 @@ STAGES = {
                      "R3HF: spread a sequence RM's score over tokens; JSONL + HTML heat map."),
     "ppo": ("rlhfkit.stages.ppo", "PPOConfig", "run_ppo",
             "PPO with fine-grained dense rewards from several weighted reward models."),
+    "evaluate": ("rlhfkit.stages.evaluate", "EvaluateConfig", "run_evaluate",
+                 "Compare policies/generations: rewards, error rates, ROUGE-L, distinct-n, perplexity, win rates."),
+    "critique-revise": ("rlhfkit.stages.critique_revise", "CritiqueReviseConfig", "run_critique_revise",
+                        "Critique-and-revise with natural-language feedback: train | run (Jin et al. 2023)."),
+    "recipe": ("rlhfkit.recipes", "RecipeConfig", "run_recipe",
+               "Run a paper-table recipe (an ordered plan of stage runs), or --dry-run to validate it."),
 }
 
 # Stages whose issues have not landed yet: listed so `rlhfkit --help` shows the whole pipeline.
 PLANNED = {
-    "evaluate": "Evaluate policies with the papers' metrics (not implemented yet).",
-    "critique-revise": "Critique-and-revise with natural-language feedback (not implemented yet).",
     "launch": "Start a stage under the DeepSpeed launcher (not implemented yet).",
 }
 

@@ -151,7 +151,8 @@ def generate(
         use_cache=True,
     )
     if sampling.do_sample:
-        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+        # top_k=0 explicitly: None would fall back to the model's generation_config (often 50).
+        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     output = model.generate(**kwargs)
     model.train(was_training)
     # Decoder-only outputs repeat the prompt; encoder-decoder outputs start with the decoder start token.

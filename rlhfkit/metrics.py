@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -86,7 +86,7 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: f
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: Optional[int] = None) -> float:
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int | None = None) -> float:
     """Corpus perplexity of `texts` under a causal LM (see the module docstring).
 
     Texts longer than `max_length` tokens (default: the model's positions) are cut on the

@@ -24,10 +24,11 @@ import os
 import re
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import Any
 
 import torch
 from transformers import get_scheduler
@@ -53,7 +54,7 @@ class LoopSettings:
     batch_size: int
     grad_accum: int = 1
     epochs: int = 1
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     lr: float = 5e-5
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
@@ -69,7 +70,7 @@ class LoopSettings:
     compute_dtype: torch.dtype = torch.float32
 
     @classmethod
-    def from_config(cls, cfg: Any, compute_dtype: torch.dtype = torch.float32) -> "LoopSettings":
+    def from_config(cls, cfg: Any, compute_dtype: torch.dtype = torch.float32) -> LoopSettings:
         names = [f for f in cls.__dataclass_fields__ if f not in ("out", "compute_dtype")]
         return cls(out=Path(cfg.out), compute_dtype=compute_dtype, **{name: getattr(cfg, name) for name in names})
 
@@ -127,7 +128,7 @@ class StepPlan:
     batch_size: int
     grad_accum: int
     epochs: int
-    max_steps: Optional[int]
+    max_steps: int | None
     seed: int
 
     @property
@@ -162,7 +163,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device, compute_dtype: torch.dtype) -> ContextManager:
+def autocast(device: torch.device, compute_dtype: torch.dtype) -> AbstractContextManager:
     if compute_dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device.type, dtype=compute_dtype)
@@ -215,7 +216,7 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def latest_checkpoint(out: str | os.PathLike) -> Optional[Path]:
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     checkpoints = list_checkpoints(out)
     return checkpoints[-1] if checkpoints else None
 
@@ -279,7 +280,7 @@ def save_checkpoint(
     return final
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     # Only torch's generators: dropout draws from them; the data order has its own generator.
     return {
         "torch": torch.get_rng_state(),
@@ -287,7 +288,7 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(rng: dict) -> None:
+def set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -304,7 +305,7 @@ class FitResult:
     samples: int
     train_seconds: float  # time in training steps only (no evaluation, no checkpoints)
     steps_per_epoch: int
-    resumed_from: Optional[int] = None
+    resumed_from: int | None = None
 
     @property
     def samples_per_second(self) -> float:
@@ -359,7 +360,7 @@ def fit(
     settings: LoopSettings,
     run: RunDir,
     *,
-    evaluate: Optional[Callable[[], dict[str, float]]] = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
     tokenizer: Any = None,
     data_fingerprint: str = "",
     description: str = "train",
@@ -393,6 +394,7 @@ def fit(
         checkpoint = latest_checkpoint(settings.out)
         if checkpoint is None:
             console.print(f"{description}: no checkpoint in {Path(settings.out) / CHECKPOINTS}; starting from step 0")
+            run.truncate_metrics(-1)  # lines of an earlier attempt that died before its first checkpoint
         else:
             saved = safe_torch_load(checkpoint / STATE_FILE)
             changed = [f"{k}: {saved['identity'].get(k)!r} then, {v!r} now" for k, v in identity.items() if saved["identity"].get(k) != v]
@@ -404,7 +406,7 @@ def fit(
             load_model_weights(model, checkpoint)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
-            _set_rng_state(saved["rng"])
+            set_rng_state(saved["rng"])
             progress = _Progress(**saved["progress"])
             resumed_from = progress.step
             run.truncate_metrics(progress.step)
@@ -436,7 +438,7 @@ def fit(
             "identity": identity,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "progress": vars(progress),
         }
 

@@ -18,6 +18,14 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests' models are tiny: one intra-op thread is faster than two fighting over
+    # two cores (and keeps runs repeatable when the machine is loaded).
+    import torch
+
+    torch.set_num_threads(1)
+
 # Small enough to build in about a second; vocabulary 1024 keeps the longest qa_dev prompt
 # (~1,800 tokens) within the 2048 positions, so tests can feed real QA prompts.
 TINY_SETTINGS = {

@@ -14,3 +14,19 @@ def sentence_rewards(prompts, responses):
         [(s.end, -0.5 if "big" in s.text else 0.5) for s in segment(response, "sentence")] if response.strip() else [(0, 0.0)]
         for response in responses
     ]
+
+
+def _words(response):
+    import re
+
+    return [(m.end(), m.group()) for m in re.finditer(r"\S+", response)]
+
+
+def words_with_e(prompts, responses):
+    """Dense segment rewards: 1 at the end of every word containing an 'e', else 0."""
+    return [[(end, 1.0 if "e" in word else 0.0) for end, word in _words(r)] or [(0, 0.0)] for r in responses]
+
+
+def words_with_e_holistic(prompts, responses):
+    """The same total as `words_with_e`, given once at the end of the response."""
+    return [float(sum("e" in word for _, word in _words(r))) for r in responses]

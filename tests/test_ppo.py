@@ -105,7 +105,7 @@ def test_fine_grained_ppo_with_three_reward_models(run_cli, tiny_model_dir, data
     # The policy starts as the reference: no KL on the first rollout.
     assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert any("eval/reward_total" in r for r in rows)
-    assert (out / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+    assert (out / "checkpoints" / "step-1" / "training_state.pt").is_file()
     assert (out / "reward_curves.png").stat().st_size > 1000
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts[0]["tokens"]) == len(rollouts[0]["token_rewards"])

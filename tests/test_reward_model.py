@@ -3,6 +3,8 @@ segment rewards, padding invariance, one-pass prefix scores, save/reload, bad mo
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -65,12 +67,15 @@ def test_segment_labels_sit_on_the_tokens_that_end_each_sentence():
     )
     # Tokens: 0 Where, 1 is, 2 Paris, 3 ?, 4 [EOS] (separator: the pair template has none),
     # 5 Paris, 6 is, 7 big, 8 ".", 9 It, 10 rains, 11 a, 12 lot, 13 ".".
-    example = encode_segment_example(tokenizer, record, "factuality", "sentence", max_length=64)
+    def encoder(max_length, max_prompt_length=None):
+        return functools.partial(encode_pair, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+
+    example = encode_segment_example(encoder(64), record, "factuality", "sentence")
     assert example.input_ids == [3, 4, 5, 6, 1, 5, 4, 7, 8, 9, 10, 11, 12, 8]
     assert example.positions == [8, 13]
     assert example.labels == [0, 1]
     # Relevance labels on the same sentences: the span "Paris" [0, 5) marks sentence 1.
-    assert encode_segment_example(tokenizer, record, "relevance", "sentence", 64).labels == [1, 0]
+    assert encode_segment_example(encoder(64), record, "relevance", "sentence").labels == [1, 0]
 
     batch = make_collate("segment", tokenizer.pad_token_id)([example])
     expected = torch.full((1, 14), IGNORE_INDEX)
@@ -78,12 +83,14 @@ def test_segment_labels_sit_on_the_tokens_that_end_each_sentence():
     assert torch.equal(batch["labels"], expected)
 
     # --max-length 12: the prompt loses "Where is" from the left, the response is intact.
-    cut = encode_segment_example(tokenizer, record, "factuality", "sentence", max_length=12)
+    cut = encode_segment_example(encoder(12), record, "factuality", "sentence")
     assert cut.input_ids == [5, 6, 1, 5, 4, 7, 8, 9, 10, 11, 12, 8]
     assert cut.positions == [6, 11]
+    # A prompt budget of 1 token keeps only "?", however much room there is.
+    assert encode_segment_example(encoder(64, 1), record, "factuality", "sentence").input_ids[:3] == [6, 1, 5]
     # 9 response tokens + the separator need 10; with 9 the record does not fit at all.
-    assert encode_segment_example(tokenizer, record, "factuality", "sentence", max_length=10).input_ids[0] == 1
-    assert encode_segment_example(tokenizer, record, "factuality", "sentence", max_length=9) is None
+    assert encode_segment_example(encoder(10), record, "factuality", "sentence").input_ids[0] == 1
+    assert encode_segment_example(encoder(9), record, "factuality", "sentence") is None
 
 
 def test_pair_encoding_keeps_response_offsets(tiny_model_dir):

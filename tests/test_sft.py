@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-import rlhfkit.stages.sft as sft
 from rlhfkit.models import load_tokenizer
 from rlhfkit.schema import Demonstration, Preference, load_records, write_records
+from rlhfkit.stages import sft
 from rlhfkit.stages.sft import IGNORE_INDEX, encode_demonstration, make_collate, make_loss_fn
 from rlhfkit.training import checkpoint_dir, evaluate_loss, list_checkpoints, split_held_out
 

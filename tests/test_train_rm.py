@@ -3,17 +3,19 @@ data selection, the three kinds end to end on tiny models, --eval-only and bad i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
 
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_tokenizer
-from rlhfkit.rewards.reward_model import SPEC_FILE, load_reward_model
+from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
 from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
 from rlhfkit.stages.train_rm import (
     METRICS_FILE,
@@ -21,7 +23,10 @@ from rlhfkit.stages.train_rm import (
     TrainRMConfig,
     bradley_terry_loss,
     encode_examples,
+    encode_preference_groups,
     load_aspect_records,
+    make_collate,
+    make_loss_fn,
     segment_loss,
     segment_metrics,
     split_by_prompt,
@@ -182,10 +187,44 @@ def test_regression_targets_from_preferences(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     settings = config(aspect="preference", kind="regression").settings()
     pairs = [Preference("a", "p", "good", "bad"), Preference("b", "p", "fine", "also fine", tie=True)]
-    examples, too_long = encode_examples(tokenizer, pairs, "preference", settings, 64)
+    examples, too_long = encode_examples(functools.partial(encode_pair, tokenizer, max_length=64), pairs, "preference", settings)
     assert too_long == 0
     assert [e.target for e in examples] == [1.0, 0.0, 0.5, 0.5]
     assert all(isinstance(e, ScoreExample) for e in examples)
+
+
+def test_preference_groups_score_each_response_once(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    encode = functools.partial(encode_pair, tokenizer, max_length=64)
+    pairs = [
+        Preference("1", "p", "A.", "B."),
+        Preference("2", "p", "A.", "C.", margin=0.5),
+        Preference("3", "p", "C.", "B.", tie=True),
+        Preference("4", "q", "D.", "E."),
+    ]
+    groups, too_long = encode_preference_groups(encode, pairs)
+    assert too_long == 0 and [len(g.responses) for g in groups] == [3, 2]
+    assert [(c.chosen, c.rejected, c.margin, c.tie) for c in groups[0].comparisons] == [
+        (0, 1, 0.0, False), (0, 2, 0.5, False), (2, 1, 0.0, True)
+    ]
+    # The grouped loss is the sum of the pairs' Bradley-Terry losses on separately scored responses.
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    batch = make_collate("preference", tokenizer.pad_token_id)(groups)
+    with torch.no_grad():
+        loss, count = make_loss_fn("preference", 1.0)(model, batch)
+
+        def score(prompt, response):
+            ids = torch.tensor([encode(prompt, response).input_ids])
+            return sequence_scores(model, ids, torch.ones_like(ids))
+
+        expected = sum(
+            bradley_terry_loss(score(r.prompt, r.chosen), score(r.prompt, r.rejected), torch.tensor([r.margin or 0.0]), torch.tensor([r.tie])).item()
+            for r in pairs
+        )
+    assert count == 4
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
 
 
 # --- the stage end to end -------------------------------------------------------------------

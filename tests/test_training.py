@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
 from rlhfkit.runs import RunDir
@@ -49,7 +49,7 @@ class ToyModel(nn.Module):
         save_file(self.state_dict(), str(Path(directory) / "toy.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, directory: Path, dtype: torch.dtype = torch.float32) -> "ToyModel":
+    def from_pretrained(cls, directory: Path, dtype: torch.dtype = torch.float32) -> ToyModel:
         model = cls()
         model.load_state_dict(load_file(str(Path(directory) / "toy.safetensors")))
         return model.to(dtype)

@@ -83,8 +83,15 @@ def separator_token_id(tokenizer) -> int:
     )
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> Optional[EncodedPair]:
+def encode_pair(
+    tokenizer, prompt: str, response: str, max_length: int, max_prompt_length: Optional[int] = None
+) -> Optional[EncodedPair]:
     """Tokenise prompt + response for an RM; None when the response alone exceeds `max_length`.
+
+    The prompt keeps at most `max_prompt_length` tokens and whatever fits beside the
+    response, losing tokens from its left. With a fixed prompt budget every long prompt's
+    response starts at the same position, which lets a model with learned absolute
+    positions (GPT-2) see where in the response a segment lies.
 
     Decoder tokenizers (GPT-2) join a pair with nothing in between, so the RM could not tell
     where the response starts; a separator (sep, else eos) is put there in that case.
@@ -104,10 +111,12 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> Optio
         offsets.insert(first_response, (0, 0))
         sequence_ids.insert(first_response, None)
         first_response += 1
-    excess = len(ids) - max_length
     prompt_indices = [i for i, s in enumerate(sequence_ids) if s == 0]
+    excess = len(ids) - max_length
     if excess > len(prompt_indices):
         return None
+    if max_prompt_length is not None:
+        excess = max(excess, len(prompt_indices) - max_prompt_length)
     if excess > 0:
         drop = set(prompt_indices[:excess])
         keep = [i for i in range(len(ids)) if i not in drop]
@@ -144,9 +153,14 @@ def pad_right(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor,
     return input_ids, attention_mask
 
 
+def judged_errors(error_probs: Sequence[float]) -> list[bool]:
+    """Which segments the RM judges errors: P(error) > 0.5, the two-class argmax."""
+    return [p > 0.5 for p in error_probs]
+
+
 def segment_rewards(error_probs: Sequence[float], positive_reward: float, negative_reward: float) -> list[float]:
-    """A segment judged an error (P(error) > 0.5, the classifier's argmax) earns `negative_reward`."""
-    return [negative_reward if p > 0.5 else positive_reward for p in error_probs]
+    """`negative_reward` for each segment judged an error, `positive_reward` for the others."""
+    return [negative_reward if error else positive_reward for error in judged_errors(error_probs)]
 
 
 def _score_head(model: nn.Module) -> Optional[nn.Module]:
@@ -224,12 +238,20 @@ class RewardModel:
     def max_length(self) -> int:
         return int(self.spec["max_length"])
 
+    @property
+    def max_prompt_length(self) -> Optional[int]:
+        return self.spec.get("max_prompt_length")
+
+    def encode(self, prompt: str, response: str) -> Optional[EncodedPair]:
+        """`encode_pair` with this RM's length limits (None: the response does not fit)."""
+        return encode_pair(self.tokenizer, prompt, response, self.max_length, self.max_prompt_length)
+
     def _encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[EncodedPair]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         encoded = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            pair = encode_pair(self.tokenizer, prompt, response, self.max_length)
+            pair = self.encode(prompt, response)
             if pair is None:
                 n_tokens = len(self.tokenizer(response, add_special_tokens=False)["input_ids"])
                 raise RlhfkitError(

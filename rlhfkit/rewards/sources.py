@@ -19,6 +19,8 @@ Kinds of source (`--rm NAME=SPEC`):
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -155,6 +157,9 @@ class PythonFunctionSource(RewardSource):
 
     def __init__(self, name: str, target: str):
         module_name, _, function_name = target.rpartition(":")
+        # Like `python -m`, a judge module in the working directory is importable.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             self.fn: Callable = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError, ValueError) as err:

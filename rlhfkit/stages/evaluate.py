@@ -38,7 +38,6 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -64,13 +63,13 @@ DISTINCT_NS = (1, 2, 3)
 class EvaluateConfig:
     out: str = opt(REQUIRED, "Output directory: generations.jsonl, metrics.json, results.md.")
     policy: list[str] = opt([], "A policy to generate with: NAME=DIR or DIR (name: the directory's name), repeatable.")
-    prompts: Optional[str] = opt(None, "JSONL of `prompt` records (needed with --policy; their `references` give ROUGE-L).")
+    prompts: str | None = opt(None, "JSONL of `prompt` records (needed with --policy; their `references` give ROUGE-L).")
     generations: list[str] = opt([], "JSONL of `generation` records to score as they are, repeatable (system: the `model` field, else the file stem).")
     rm: list[str] = opt([], "Reward model NAME=DIR (an `rlhfkit train-rm` output), repeatable.")
-    judge: Optional[str] = opt(None, "The --rm NAME (preference or regression) that judges pairwise win rates (default: the first such RM).")
-    reference_lm: Optional[str] = opt(None, "Causal LM (hub id or directory) for the perplexity of the responses.")
-    paper: Optional[str] = opt(None, 'Published numbers to add as rows: JSON {"source": "...", "rows": [{"system": "...", "metrics": {"rouge_l": 0.49}}]}.')
-    max_prompts: Optional[int] = opt(None, "Only the first N prompts of --prompts.")
+    judge: str | None = opt(None, "The --rm NAME (preference or regression) that judges pairwise win rates (default: the first such RM).")
+    reference_lm: str | None = opt(None, "Causal LM (hub id or directory) for the perplexity of the responses.")
+    paper: str | None = opt(None, 'Published numbers to add as rows: JSON {"source": "...", "rows": [{"system": "...", "metrics": {"rouge_l": 0.49}}]}.')
+    max_prompts: int | None = opt(None, "Only the first N prompts of --prompts.")
     sample: bool = opt(False, "Sample instead of greedy decoding.")
     temperature: float = opt(0.7, "Sampling temperature (with --sample).")
     top_k: int = opt(0, "Top-k sampling (with --sample; 0 = off).")
@@ -134,7 +133,7 @@ def rm_kinds(rm_specs: list[str]) -> dict[str, tuple[str, str]]:
     return {name: (path, read_spec(path)["kind"]) for name, path in paths.items()}
 
 
-def judge_name(rm_specs: list[str], judge: Optional[str]) -> Optional[str]:
+def judge_name(rm_specs: list[str], judge: str | None) -> str | None:
     """The RM that judges win rates: --judge (checked), else the first sequence RM, else None."""
     kinds = rm_kinds(rm_specs)
     if judge is None:
@@ -169,7 +168,13 @@ def load_paper_table(path: str) -> dict:
     source = data.get("source", "")
     if not isinstance(source, str):
         raise RlhfkitError(f"{path}: 'source' must be a string")
-    return {"source": source, "rows": rows}
+    return {"source": source, "rows": [{**row, "metrics": {metric_key(k): v for k, v in row["metrics"].items()}} for row in rows]}
+
+
+def metric_key(key: str) -> str:
+    """`reward/fact` -> `reward/factuality`: RM names in metric keys as --rm resolves them."""
+    prefix, sep, name = key.partition("/")
+    return f"{prefix}/{canonical_name(name)}" if sep else key
 
 
 # --- systems ------------------------------------------------------------------------------
@@ -261,15 +266,13 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
                     )
                 )
             advance(len(batch))
-    release(model)
     return System(name, path, records, generated=True)
 
 
-def release(model: torch.nn.Module) -> None:
-    """Free a model's memory before the next one loads (one model on the device at a time)."""
-    del model
-    gc.collect()
+def free_device_memory() -> None:
+    """Hand a dropped model's GPU memory back before the next one loads (one model at a time)."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -295,7 +298,8 @@ def score_systems(systems: list[System], rms: dict[str, tuple[str, str]], cfg: E
                 probs = [p for s in scored for p in (s.error_probs or [])]
                 errors = sum(1 for p in probs if p > 0.5)
                 error_rates[system.name][f"error_rate/{name}"] = errors / len(probs) if probs else 0.0
-        release(rm.model)
+        del rm
+        free_device_memory()
     return error_rates
 
 
@@ -304,7 +308,7 @@ def system_metrics(
     rms: dict[str, tuple[str, str]],
     error_rates: dict[str, float],
     references: dict[str, list[str]],
-    ppl: Optional[float],
+    ppl: float | None,
 ) -> dict[str, float]:
     responses = [r.response for r in system.records]
     metrics: dict[str, float] = {"n": len(responses)}
@@ -335,10 +339,10 @@ def pairwise_win_rates(systems: list[System], judge: str, tie_margin: float) -> 
 # --- the report ---------------------------------------------------------------------------
 
 
-def format_value(value) -> str:
+def format_value(key: str, value) -> str:
     if value is None:
         return "–"
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and key == "n":
         return str(value)
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
 
@@ -346,9 +350,9 @@ def format_value(value) -> str:
 def render_results(
     table: dict[str, dict[str, float]],
     pairwise: list[dict],
-    judge: Optional[str],
+    judge: str | None,
     tie_margin: float,
-    paper: Optional[dict],
+    paper: dict | None,
     description: str,
 ) -> str:
     columns = list(dict.fromkeys(key for metrics in table.values() for key in metrics if key != "rouge_l_n"))
@@ -361,7 +365,7 @@ def render_results(
     lines.append("| system | " + " | ".join(columns) + " |")
     lines.append("|---" * (len(columns) + 1) + "|")
     for name, metrics in rows:
-        lines.append(f"| {name} | " + " | ".join(format_value(metrics.get(key)) for key in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_value(key, metrics.get(key)) for key in columns) + " |")
     if paper and paper["source"]:
         lines += ["", f"Rows marked (paper): published numbers from {paper['source']}."]
     if pairwise:
@@ -413,11 +417,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
     run = RunDir(cfg.out, "evaluate", cfg)
-    systems = [generate_system(name, path, prompts, cfg, device) for name, path in policies] + from_files
+    systems = []
+    for name, path in policies:
+        systems.append(generate_system(name, path, prompts, cfg, device))
+        free_device_memory()
+    systems += from_files
     console.print(f"evaluate: {len(systems)} system(s) x {len(order)} prompt(s); reward models: {', '.join(rms) or 'none'}")
 
     error_rates = score_systems(systems, rms, cfg, device)
-    perplexities: dict[str, Optional[float]] = {s.name: None for s in systems}
+    perplexities: dict[str, float | None] = {s.name: None for s in systems}
     if cfg.reference_lm:
         model, tokenizer, is_encoder_decoder = load_policy(
             cfg.reference_lm, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
@@ -426,7 +434,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             raise RlhfkitError(f"--reference-lm {cfg.reference_lm} is an encoder-decoder model; perplexity needs a causal LM")
         for system in systems:
             perplexities[system.name] = perplexity(model, tokenizer, [r.response for r in system.records], batch_size=cfg.batch_size)
-        release(model)
+        del model
+        free_device_memory()
 
     table = {s.name: system_metrics(s, rms, error_rates[s.name], references, perplexities[s.name]) for s in systems}
     pairwise = pairwise_win_rates(systems, judge, cfg.tie_margin) if judge and len(systems) > 1 else []

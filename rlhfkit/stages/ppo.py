@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,7 +35,7 @@ from rlhfkit.generation import (
     generate,
     model_max_positions,
 )
-from rlhfkit.io import write_json
+from rlhfkit.io import write_json, write_text
 from rlhfkit.models import add_lora, load_policy, resolve_device, safe_torch_load
 from rlhfkit.rewards.placement import compose_token_rewards
 from rlhfkit.rewards.sources import build_reward_sources, parse_named, parse_redistribute, parse_weights
@@ -49,7 +50,8 @@ from rlhfkit.rl.advantages import (
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.runs import RunDir, progress_bar, set_seed
-from rlhfkit.schema import Generation, load_records, record_to_dict, write_records
+from rlhfkit.schema import Generation, load_records, record_to_dict
+from rlhfkit.training import STATE_FILE, latest_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
 
 ADVANTAGES = ("gae", "grpo", "rloo")
 VALUE_MODELS = ("separate", "shared")
@@ -86,7 +88,11 @@ class PPOConfig:
     value_clip: float = opt(0.2, "Value clip around the rollout values.")
     vf_coef: float = opt(0.5, "Value loss weight (shared value head).")
     entropy_coef: float = opt(0.0, "Entropy bonus weight.")
-    whiten_rewards: bool = opt(True, "Whiten the task rewards over the batch before the KL term (as FG-RLHF does).")
+    whiten_rewards: bool = opt(
+        False,
+        "Scale task rewards to unit std over the batch's tokens before the KL term (FG-RLHF's option). Off by "
+        "default: for sparse rewards it scales by ~sqrt(length), which the 0.2 value clip then cannot follow.",
+    )
     max_grad_norm: float = opt(0.5, "Gradient clipping max norm (the paper: 0.5).")
     truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
     max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
@@ -251,11 +257,13 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     device = next(bundle.policy.parameters()).device
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=True)
     expanded = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    started = time.perf_counter()
     rollout = generate(
         bundle.policy, bundle.tokenizer, expanded, sampling,
         max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
     )
     mask = rollout.response_mask.float()
+    generation_seconds = time.perf_counter() - started
 
     # --- rewards: task rewards where earned, KL penalty at every token -------------------
     with torch.no_grad():
@@ -286,8 +294,9 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
 
     # --- update: epochs x minibatches of clipped losses --------------------------------------
     policy_opt, value_opt = optimizers
-    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "grad_norm")}
     n = rollout.response_ids.shape[0]
+    value_params = value_parameters(bundle)
     stopped_early = False
     bundle.policy.train()
     for epoch in range(cfg.ppo_epochs):
@@ -317,12 +326,17 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
                 if opt_ is not None:
                     opt_.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(bundle), cfg.max_grad_norm)
+            # Clip policy and value separately: a large value-loss gradient must not shrink
+            # the policy's step through a shared norm.
+            policy_grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters(bundle), cfg.max_grad_norm)
+            if value_params:
+                torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
             for opt_, sched in zip(optimizers, schedulers):
                 if opt_ is not None:
                     opt_.step()
                     sched.step()
             stats["policy_loss"].append(pg_loss.item())
+            stats["grad_norm"].append(float(policy_grad_norm))
             stats["clipfrac"].append(float(pg_stats["clipfrac"]))
             stats["approx_kl"].append(float(pg_stats["approx_kl"]))
             stats["entropy"].append(entropy.item())
@@ -344,12 +358,19 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         "early_stopped": stopped_early,
         **{k: float(np.mean(v)) for k, v in stats.items() if v},
         "lr": schedulers[0].get_last_lr()[0],
+        "tokens_per_second": float(mask.sum()) / (time.perf_counter() - started),
+        "generation_tokens_per_second": float(mask.sum()) / generation_seconds,
     }
     return metrics, rollout, rewards
 
 
-def trainable_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
-    params = [p for p in bundle.policy.parameters() if p.requires_grad]
+def policy_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
+    return [p for p in bundle.policy.parameters() if p.requires_grad]
+
+
+def value_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
+    """The value model's own parameters (with a shared head, just the head)."""
+    params = []
     for module in (bundle.value_backbone, bundle.value_head):
         if module is not None:
             params += [p for p in module.parameters() if p.requires_grad]
@@ -359,11 +380,8 @@ def trainable_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
 def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     from transformers import get_scheduler
 
-    policy_params = [p for p in bundle.policy.parameters() if p.requires_grad]
-    value_params = []
-    for module in (bundle.value_backbone, bundle.value_head):
-        if module is not None:
-            value_params += list(module.parameters())
+    policy_params = policy_parameters(bundle)
+    value_params = value_parameters(bundle)
     # Adam eps 1e-5 as in the reference implementations (the checklist).
     policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
     value_opt = torch.optim.AdamW(value_params, lr=cfg.value_lr or cfg.lr, eps=1e-5, weight_decay=0.0) if value_params else None
@@ -383,67 +401,27 @@ def prompt_texts(path: str) -> list[str]:
 
 
 # --- checkpoints -------------------------------------------------------------------------
+# The policy is saved with save_pretrained (adapters only with LoRA); everything else that a
+# resumed run needs to continue exactly (optimizers, schedules, value model, KL coefficient,
+# RNG streams) goes into the checkpoint's state file, loaded with weights_only=True.
 
 
-def save_checkpoint(run: RunDir, bundle: PolicyBundle, optimizers, schedulers, kl_ctl, step: int) -> Path:
-    final = run.path / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    bundle.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+def save_ppo_checkpoint(out: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl, step: int) -> Path:
     state = {
         "step": step,
         "kl_coef": kl_ctl.value,
         "optimizers": [o.state_dict() if o is not None else None for o in optimizers],
         "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
         "value_head": bundle.value_head.state_dict() if bundle.value_head is not None else None,
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": list(random.getstate()[1]),
-        "numpy_rng": np.random.get_state()[1].tolist(),
+        "value_backbone": bundle.value_backbone.state_dict() if bundle.value_backbone is not None else None,
+        "rng": rng_state(),
     }
-    if bundle.value_backbone is not None:
-        bundle.value_backbone.save_pretrained(tmp / "value", safe_serialization=True)
-    torch.save(state, tmp / "trainer_state.pt")
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    tmp.rename(final)  # a checkpoint directory exists only once complete
-    return final
+    return save_checkpoint(out, step, bundle.policy, state)
 
 
-def latest_checkpoint(out: Path) -> Optional[Path]:
-    candidates = [p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
-    return max(candidates, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def restore_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl) -> int:
-    from safetensors.torch import load_file
-
-    def load_weights(module, directory: Path):
-        files = sorted(directory.glob("*.safetensors"))
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        if hasattr(module, "peft_config"):
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(module, state)
-        else:
-            missing, unexpected = module.load_state_dict(state, strict=False)
-            real_missing = [k for k in missing if k not in getattr(module, "_tied_weights_keys", []) and "lm_head" not in k]
-            if real_missing or unexpected:
-                raise RlhfkitError(f"checkpoint {directory} does not match the model ({real_missing[:3]} missing)")
-            if hasattr(module, "tie_weights"):
-                module.tie_weights()
-
-    load_weights(bundle.policy, path / "policy")
-    if bundle.value_backbone is not None:
-        load_weights(bundle.value_backbone, path / "value")
-    state = safe_torch_load(path / "trainer_state.pt")
+def restore_ppo_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl) -> int:
+    load_model_weights(bundle.policy, path)
+    state = safe_torch_load(path / STATE_FILE)
     for opt_, opt_state in zip(optimizers, state["optimizers"]):
         if opt_ is not None:
             opt_.load_state_dict(opt_state)
@@ -452,11 +430,10 @@ def restore_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedulers,
             sched.load_state_dict(sched_state)
     if bundle.value_head is not None:
         bundle.value_head.load_state_dict(state["value_head"])
+    if bundle.value_backbone is not None:
+        bundle.value_backbone.load_state_dict(state["value_backbone"])
     kl_ctl.value = state["kl_coef"]
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate((3, tuple(state["python_rng"]), None))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], np.array(state["numpy_rng"], dtype=np.uint32), 624, 0, 0.0))
+    set_rng_state(state["rng"])
     return int(state["step"])
 
 
@@ -490,7 +467,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     run = RunDir(out, "ppo", cfg, resume=resume_from is not None)
     start_step = 0
     if resume_from is not None:
-        start_step = restore_checkpoint(resume_from, bundle, optimizers, schedulers, kl_ctl)
+        start_step = restore_ppo_checkpoint(resume_from, bundle, optimizers, schedulers, kl_ctl)
         run.truncate_metrics(start_step)
         console.print(f"resuming from {resume_from} (step {start_step})")
     for name, source in sources.items():
@@ -499,8 +476,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     order = prompt_order(len(prompts), cfg.seed)
     history = []
     rollouts_path = run.path / "rollouts.jsonl"
-    if resume_from is None and rollouts_path.exists():
-        rollouts_path.unlink()
+    if rollouts_path.exists():
+        keep_rollouts_up_to(rollouts_path, start_step)
     with progress_bar("ppo", cfg.steps) as advance:
         advance(start_step)
         for step in range(start_step + 1, cfg.steps + 1):
@@ -511,7 +488,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
             if cfg.eval_every and eval_prompts and step % cfg.eval_every == 0:
                 run.log_metrics(step=step, **evaluate_prompts(cfg, bundle, sources, weights, eval_prompts))
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(run, bundle, optimizers, schedulers, kl_ctl, step)
+                save_ppo_checkpoint(out, bundle, optimizers, schedulers, kl_ctl, step)
             advance(1)
 
     final_metrics = evaluate_prompts(cfg, bundle, sources, weights, eval_prompts) if eval_prompts else {}
@@ -556,6 +533,14 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
             totals.setdefault(f"eval/reward_{name}", []).extend(values.tolist())
         totals.setdefault("eval/response_length", []).extend(rollout.response_lengths.float().tolist())
     return {k: float(np.mean(v)) for k, v in totals.items()}
+
+
+def keep_rollouts_up_to(path: Path, step: int) -> None:
+    """Drop logged rollouts of steps after `step` (all of them for a fresh run)."""
+    import json
+
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["meta"]["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: int, count: int) -> None:

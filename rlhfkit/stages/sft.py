@@ -31,7 +31,7 @@ import shutil
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,14 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import atomic_write
-from rlhfkit.models import DTYPES, add_lora, count_parameters, load_policy, resolve_device, resolve_dtype
+from rlhfkit.models import (
+    DTYPES,
+    add_lora,
+    count_parameters,
+    load_policy,
+    resolve_device,
+    resolve_dtype,
+)
 from rlhfkit.runs import RunDir, set_seed
 from rlhfkit.schema import Demonstration, load_records
 from rlhfkit.training import (
@@ -67,7 +74,7 @@ class SFTConfig:
     data: str = opt(REQUIRED, "Demonstrations: JSONL of `demonstration` records (annotate-import writes demonstrations.jsonl).")
     out: str = opt(REQUIRED, "Output directory: the fine-tuned model + tokenizer (loadable with from_pretrained), checkpoints/, metrics.")
     epochs: int = opt(10, "Passes over the training split (the paper: 10).")
-    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
     batch_size: int = opt(4, "Demonstrations per micro-batch (the paper: 4 = 2 GPUs x 2).")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     lr: float = opt(5e-5, "Peak learning rate (AdamW; the paper: 5e-5).")

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import model_max_positions
 from rlhfkit.io import write_json
 from rlhfkit.models import DTYPES, add_lora, count_parameters, load_pretrained, load_tokenizer, resolve_device, resolve_dtype
 from rlhfkit.rewards.reward_model import (
@@ -63,6 +64,7 @@ from rlhfkit.rewards.reward_model import (
     EncodedPair,
     RewardModel,
     encode_pair,
+    judged_errors,
     load_reward_model,
     pad_right,
     reward_model_class,
@@ -83,27 +85,36 @@ MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safeten
 
 @dataclass(frozen=True)
 class AspectPreset:
-    """What `--aspect NAME` alone means; explicit options override each field."""
+    """What `--aspect NAME` alone means; explicit options override each field.
+
+    The training defaults of the QA-Feedback presets (lengths, lr, epochs, class weight)
+    were tuned on the shipped sample with the tiny offline backbone (`rlhfkit init-model`),
+    a randomly initialised model that needs a high learning rate; fine-tuning a pretrained
+    backbone wants a lower --lr (1e-5 to 5e-5). A fixed prompt budget puts every response
+    at the same position, which a model with learned absolute positions needs to see where
+    in the response a segment lies.
+    """
 
     kind: str
     granularity: str = "response"
     positive_reward: float = 0.5
     negative_reward: float = -0.5
     error_class_weight: float = 1.0
+    max_length: int = 1024
+    max_prompt_length: int = 0
+    lr: float = 5e-5
+    epochs: int = 2
     # Preference data judged holistically stands in when no record names the aspect.
     holistic_fallback: bool = False
-    note: str = ""
 
 
 PRESETS = {
-    "factuality": AspectPreset(
-        "segment", "sentence", 0.5, -0.5, 1.0, note="QA-Feedback labels Wrong-Grounding, Unverifiable"
-    ),
-    "relevance": AspectPreset(
-        "segment", "subsentence", 0.3, -0.3, 1.0, note="QA-Feedback labels Irrelevant, Redundant, Incoherent"
-    ),
-    "completeness": AspectPreset("preference", holistic_fallback=True),
-    "preference": AspectPreset("preference", holistic_fallback=True),
+    # QA-Feedback labels Wrong-Grounding and Unverifiable.
+    "factuality": AspectPreset("segment", "sentence", 0.5, -0.5, max_length=512, max_prompt_length=256, lr=3e-4),
+    # QA-Feedback labels Irrelevant, Redundant and Incoherent.
+    "relevance": AspectPreset("segment", "subsentence", 0.3, -0.3, max_length=512, max_prompt_length=256, lr=3e-4),
+    "completeness": AspectPreset("preference", max_length=512, max_prompt_length=256, lr=3e-4, holistic_fallback=True),
+    "preference": AspectPreset("preference", max_length=512, max_prompt_length=256, lr=3e-4, holistic_fallback=True),
 }
 HOLISTIC_ASPECTS = (None, "preference")
 """Preference records judged as a whole (no aspect, or the importers' "preference")."""
@@ -123,12 +134,13 @@ class TrainRMConfig:
     ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.")
     normalize_on: Optional[str] = opt(None, "Sequence RMs: JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
     eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.")
-    max_length: int = opt(1024, "Longest prompt + response in RM tokens; the prompt is cut from the left, a response that does not fit is skipped.")
-    epochs: int = opt(2, "Passes over the training split.")
+    max_length: Optional[int] = opt(None, "Longest prompt + response in RM tokens; the prompt is cut from the left, a response that does not fit is skipped (default: the preset's, else 1024).")
+    max_prompt_length: Optional[int] = opt(None, "Prompt tokens kept at most, cut from the left (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
+    epochs: Optional[int] = opt(None, "Passes over the training split (default: the preset's, else 2).")
     max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    batch_size: int = opt(8, "Records (segment/regression) or pairs (preference) per micro-batch.")
+    batch_size: int = opt(8, "Records (segment, regression) or prompts with all their comparisons (preference) per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    lr: float = opt(1e-4, "Peak learning rate (AdamW).")
+    lr: Optional[float] = opt(None, "Peak learning rate, AdamW (default: the preset's, else 5e-5; the presets' suit the tiny offline backbone, use 1e-5 to 5e-5 for a pretrained one).")
     lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
     warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
@@ -148,11 +160,21 @@ class TrainRMConfig:
     seed: int = opt(42, "Seed for the held-out split, data order, head initialisation and dropout.")
 
     def validate(self) -> None:
+        # Resolving the preset here fills the options left out, so run_config.json holds
+        # the values actually used. --eval-only reads its lengths from the reward model.
+        preset = AspectPreset(self.kind or "segment") if self.eval_only else self.preset()
+        for name in ("max_length", "lr", "epochs"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(preset, name))
+        if self.max_prompt_length is None:
+            self.max_prompt_length = min(preset.max_prompt_length, self.max_length // 2)
         if not self.eval_only:
             self.settings()
         validate_loop_options(self)
         if self.max_length < 2:
             raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
+        if not 0 <= self.max_prompt_length < self.max_length:
+            raise RlhfkitError(f"--max-prompt-length must be in [0, --max-length), got {self.max_prompt_length}")
         if not 0 <= self.eval_fraction < 1:
             raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.ties not in TIE_POLICIES:
@@ -170,8 +192,8 @@ class TrainRMConfig:
         if self.normalize_on is not None and not Path(self.normalize_on).is_file():
             raise RlhfkitError(f"--normalize-on {self.normalize_on}: no such file")
 
-    def settings(self) -> "RMSettings":
-        """The aspect's preset with this config's explicit options applied (validated)."""
+    def preset(self) -> AspectPreset:
+        """The aspect's preset for the requested kind (a preset of another kind does not apply)."""
         preset = PRESETS.get(self.aspect)
         if self.kind is None and preset is None:
             raise RlhfkitError(
@@ -181,8 +203,14 @@ class TrainRMConfig:
         kind = self.kind or preset.kind
         if kind not in KINDS:
             raise RlhfkitError(f"unknown --kind {kind!r}; valid: {', '.join(KINDS)}")
-        # A preset only speaks for its own kind (e.g. `--aspect relevance --kind preference`).
-        preset = preset if preset is not None and preset.kind == kind else AspectPreset(kind, "sentence" if kind == "segment" else "response")
+        if preset is not None and preset.kind == kind:
+            return preset
+        return AspectPreset(kind, "sentence" if kind == "segment" else "response")
+
+    def settings(self) -> "RMSettings":
+        """The aspect's preset with this config's explicit options applied (validated)."""
+        preset = self.preset()
+        kind = preset.kind
         granularity = self.granularity or preset.granularity
         if kind == "segment" and granularity not in ("sentence", "subsentence"):
             raise RlhfkitError(f"--granularity for a segment RM must be sentence or subsentence, got {granularity!r}")
@@ -283,11 +311,21 @@ class SegmentExample:
 
 
 @dataclass
-class PairExample:
-    chosen: list[int]
-    rejected: list[int]
+class Comparison:
+    chosen: int  # indices into PreferenceGroup.responses
+    rejected: int
     margin: float
     tie: bool
+
+
+@dataclass
+class PreferenceGroup:
+    """All comparisons of one prompt: each distinct response is scored once per step and
+    every pair among them is a loss term (InstructGPT's K-choose-2 batching, which is
+    cheaper than a forward pass per pair side and overfits less)."""
+
+    responses: list[list[int]]
+    comparisons: list[Comparison]
 
 
 @dataclass
@@ -296,13 +334,17 @@ class ScoreExample:
     target: float
 
 
-def encode_segment_example(tokenizer, record: SpanFeedback, aspect: str, granularity: str, max_length: int) -> Optional[SegmentExample]:
+Encode = Callable[[str, str], Optional[EncodedPair]]
+"""(prompt, response) -> RM input, None when the response does not fit (RewardModel.encode)."""
+
+
+def encode_segment_example(encode: Encode, record: SpanFeedback, aspect: str, granularity: str) -> Optional[SegmentExample]:
     """Ids with the label of each segment at the token completing it; None if it does not fit.
 
     Two segments completed by one token (rare: a token spanning a boundary) share a label,
     an error if either is one.
     """
-    pair = encode_pair(tokenizer, record.prompt, record.response, max_length)
+    pair = encode(record.prompt, record.response)
     if pair is None:
         return None
     segments, labels = segment_labels(record, aspect, granularity)
@@ -312,31 +354,48 @@ def encode_segment_example(tokenizer, record: SpanFeedback, aspect: str, granula
     return SegmentExample(pair.input_ids, list(by_position), list(by_position.values()))
 
 
-def encode_examples(tokenizer, records: Sequence[Record], aspect: str, settings: RMSettings, max_length: int) -> tuple[list, int]:
+def encode_preference_groups(encode: Encode, records: Sequence[Preference]) -> tuple[list[PreferenceGroup], int]:
+    """One group per prompt; (groups, pairs left out because a response does not fit)."""
+    groups: dict[str, tuple[PreferenceGroup, dict[str, int]]] = {}
+    too_long = 0
+    for r in records:
+        group, index = groups.setdefault(r.prompt, (PreferenceGroup([], []), {}))
+        sides = []
+        for response in (r.chosen, r.rejected):
+            if response not in index:
+                pair = encode(r.prompt, response)
+                if pair is None:
+                    break
+                index[response] = len(group.responses)
+                group.responses.append(pair.input_ids)
+            sides.append(index[response])
+        if len(sides) < 2:
+            too_long += 1
+            continue
+        group.comparisons.append(Comparison(sides[0], sides[1], r.margin or 0.0, r.tie))
+    return [group for group, _ in groups.values() if group.comparisons], too_long
+
+
+def encode_examples(encode: Encode, records: Sequence[Record], aspect: str, settings: RMSettings) -> tuple[list, int]:
     """(examples, how many records were left out because a response does not fit)."""
-
-    def ids(prompt: str, response: str) -> Optional[list[int]]:
-        pair = encode_pair(tokenizer, prompt, response, max_length)
-        return None if pair is None else pair.input_ids
-
+    if settings.kind == "preference":
+        return encode_preference_groups(encode, records)
     examples: list = []
     too_long = 0
     for r in records:
         if settings.kind == "segment":
-            example = encode_segment_example(tokenizer, r, aspect, settings.granularity, max_length)
+            example = encode_segment_example(encode, r, aspect, settings.granularity)
             encoded = [] if example is None else [example]
         elif isinstance(r, Preference):
-            chosen, rejected = ids(r.prompt, r.chosen), ids(r.prompt, r.rejected)
-            if chosen is None or rejected is None:
-                encoded = []
-            elif settings.kind == "preference":
-                encoded = [PairExample(chosen, rejected, r.margin or 0.0, r.tie)]
-            else:
-                # Regression on pairs: chosen 1, rejected 0; a tie is 0.5 on both sides.
-                encoded = [ScoreExample(chosen, 0.5 if r.tie else 1.0), ScoreExample(rejected, 0.5 if r.tie else 0.0)]
+            chosen, rejected = encode(r.prompt, r.chosen), encode(r.prompt, r.rejected)
+            # Regression on pairs: chosen 1, rejected 0; a tie is 0.5 on both sides.
+            targets = (0.5, 0.5) if r.tie else (1.0, 0.0)
+            encoded = [] if chosen is None or rejected is None else [
+                ScoreExample(chosen.input_ids, targets[0]), ScoreExample(rejected.input_ids, targets[1])
+            ]
         else:
-            input_ids = ids(r.prompt, r.response)
-            encoded = [] if input_ids is None else [ScoreExample(input_ids, r.score)]
+            pair = encode(r.prompt, r.response)
+            encoded = [] if pair is None else [ScoreExample(pair.input_ids, r.score)]
         too_long += not encoded
         examples.extend(encoded)
     return examples, too_long
@@ -372,21 +431,31 @@ def make_collate(kind: str, pad_token_id: int) -> Callable[[list], dict]:
             labels[row, e.positions] = torch.tensor(e.labels, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def collate_pairs(items: list[PairExample]) -> dict:
-        # Chosen and rejected go through one forward pass: rows [0, n) and [n, 2n).
-        input_ids, attention_mask = pad_right([e.chosen for e in items] + [e.rejected for e in items], pad_token_id)
+    def collate_groups(items: list[PreferenceGroup]) -> dict:
+        responses, chosen, rejected, margin, tie = [], [], [], [], []
+        for group in items:
+            offset = len(responses)
+            responses.extend(group.responses)
+            for c in group.comparisons:
+                chosen.append(offset + c.chosen)
+                rejected.append(offset + c.rejected)
+                margin.append(c.margin)
+                tie.append(c.tie)
+        input_ids, attention_mask = pad_right(responses, pad_token_id)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "margin": torch.tensor([e.margin for e in items]),
-            "tie": torch.tensor([e.tie for e in items]),
+            "chosen": torch.tensor(chosen),
+            "rejected": torch.tensor(rejected),
+            "margin": torch.tensor(margin),
+            "tie": torch.tensor(tie),
         }
 
     def collate_scores(items: list[ScoreExample]) -> dict:
         input_ids, attention_mask = pad_right([e.input_ids for e in items], pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "target": torch.tensor([e.target for e in items])}
 
-    return {"segment": collate_segments, "preference": collate_pairs, "regression": collate_scores}[kind]
+    return {"segment": collate_segments, "preference": collate_groups, "regression": collate_scores}[kind]
 
 
 def make_loss_fn(kind: str, error_class_weight: float) -> Callable:
@@ -396,8 +465,8 @@ def make_loss_fn(kind: str, error_class_weight: float) -> Callable:
 
     def preference_batch_loss(model, batch):
         scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-        n = batch["margin"].shape[0]
-        return bradley_terry_loss(scores[:n], scores[n:], batch["margin"], batch["tie"]).sum(), n
+        losses = bradley_terry_loss(scores[batch["chosen"]], scores[batch["rejected"]], batch["margin"], batch["tie"])
+        return losses.sum(), losses.shape[0]
 
     def regression_batch_loss(model, batch):
         scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
@@ -445,14 +514,13 @@ def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: st
         scored = rm.error_probabilities([r.prompt for r in fitting], [r.response for r in fitting], batch_size)
         for r, (segments, probs) in zip(fitting, scored):
             actual.extend(label_segments(segments, r.spans, aspect))
-            predicted.extend(p > 0.5 for p in probs)
+            predicted.extend(judged_errors(probs))
         return {**metrics, **segment_metrics(predicted, actual)}
     pairs = [r for r in fitting if isinstance(r, Preference)]
     if pairs:
-        prompts = [r.prompt for r in pairs]
-        chosen = rm.raw_scores(prompts, [r.chosen for r in pairs], batch_size)
-        rejected = rm.raw_scores(prompts, [r.rejected for r in pairs], batch_size)
-        decided = [(c, j) for c, j, r in zip(chosen, rejected, pairs) if not r.tie]
+        distinct = responses_of(pairs)
+        score_of = dict(zip(distinct, rm.raw_scores([p for p, _ in distinct], [r for _, r in distinct], batch_size)))
+        decided = [(score_of[r.prompt, r.chosen], score_of[r.prompt, r.rejected]) for r in pairs if not r.tie]
         metrics.update(
             {
                 "pairwise_accuracy": sum(c > j for c, j in decided) / len(decided) if decided else float("nan"),
@@ -479,7 +547,7 @@ def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: st
 
 def _fits(rm: RewardModel, record: Record) -> bool:
     responses = [record.chosen, record.rejected] if isinstance(record, Preference) else [record.response]
-    return all(encode_pair(rm.tokenizer, record.prompt, response, rm.max_length) is not None for response in responses)
+    return all(rm.encode(record.prompt, response) is not None for response in responses)
 
 
 def beats_baseline(metrics: dict[str, float]) -> Optional[bool]:
@@ -508,7 +576,7 @@ def responses_of(records: Sequence[Record]) -> list[tuple[str, str]]:
 
 def score_statistics(rm: RewardModel, pairs: Sequence[tuple[str, str]], batch_size: int) -> dict[str, float]:
     """Mean and std (population) of the RM's raw scores; a std of 0 is stored as 1."""
-    fitting = [(p, r) for p, r in pairs if encode_pair(rm.tokenizer, p, r, rm.max_length) is not None]
+    fitting = [(p, r) for p, r in pairs if rm.encode(p, r) is not None]
     if not fitting:
         raise RlhfkitError("no response to normalise the reward model's scores on fits --max-length")
     scores = torch.tensor(rm.raw_scores([p for p, _ in fitting], [r for _, r in fitting], batch_size), dtype=torch.float64)
@@ -540,7 +608,7 @@ def save_reward_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> torc
 
 def _fingerprint(path: str, cfg: TrainRMConfig, settings: RMSettings) -> str:
     digest = hashlib.sha256(Path(path).read_bytes())
-    digest.update(repr((cfg.aspect, settings, cfg.max_length, cfg.ties, cfg.eval_fraction)).encode())
+    digest.update(repr((cfg.aspect, settings, cfg.max_length, cfg.max_prompt_length, cfg.ties, cfg.eval_fraction)).encode())
     return digest.hexdigest()
 
 
@@ -565,7 +633,25 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     compute_dtype = resolve_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="right", trust_remote_code=cfg.trust_remote_code)
-    train_examples, too_long = encode_examples(tokenizer, train_records, cfg.aspect, settings, cfg.max_length)
+    spec: dict[str, Any] = {
+        "format": SPEC_FORMAT,
+        "aspect": cfg.aspect,
+        "kind": settings.kind,
+        "granularity": settings.granularity,
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length or None,
+        "backbone": cfg.model,
+        "trained_on": cfg.data,
+    }
+    if settings.kind == "segment":
+        spec.update(positive_reward=settings.positive_reward, negative_reward=settings.negative_reward, error_class_weight=settings.error_class_weight)
+    else:
+        spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
+
+    def encode(prompt: str, response: str) -> Optional[EncodedPair]:
+        return encode_pair(tokenizer, prompt, response, cfg.max_length, spec["max_prompt_length"])
+
+    train_examples, too_long = encode_examples(encode, train_records, cfg.aspect, settings)
     if too_long:
         console.print(
             f"train-rm: {too_long} training record(s) have a response longer than --max-length {cfg.max_length} "
@@ -588,23 +674,12 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         **labels,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
+    limit = model_max_positions(model)
+    if limit is not None and cfg.max_length > limit:
+        raise RlhfkitError(f"--max-length {cfg.max_length} exceeds the {limit} positions {cfg.model} allows; lower --max-length")
     if cfg.lora_r:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules or None)
     parameters = count_parameters(model)
-
-    spec: dict[str, Any] = {
-        "format": SPEC_FORMAT,
-        "aspect": cfg.aspect,
-        "kind": settings.kind,
-        "granularity": settings.granularity,
-        "max_length": cfg.max_length,
-        "backbone": cfg.model,
-        "trained_on": cfg.data,
-    }
-    if settings.kind == "segment":
-        spec.update(positive_reward=settings.positive_reward, negative_reward=settings.negative_reward, error_class_weight=settings.error_class_weight)
-    else:
-        spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
     rm = RewardModel(model, tokenizer, spec, device)
 
     out = Path(cfg.out)
@@ -619,10 +694,14 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         soft_wrap=True,
     )
 
+    held_metrics: dict[str, float] = {}
+
     def evaluate() -> dict[str, float]:
-        metrics = evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size)
+        # fit evaluates after the last step too, so held_metrics ends as the final model's.
+        held_metrics.clear()
+        held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size))
         keys = ("accuracy", "error_f1", "pairwise_accuracy", "mse")
-        return {k: metrics[k] for k in keys if k in metrics}
+        return {k: held_metrics[k] for k in keys if k in held_metrics}
 
     result = fit(
         model,
@@ -638,7 +717,6 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     )
 
     model.eval()
-    held_metrics = evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size) if held_records else {}
     if settings.kind != "segment":
         if cfg.normalize_on:
             pairs = responses_of(load_records(cfg.normalize_on))

@@ -1,0 +1,674 @@
+"""`rlhfkit recipe`: run a paper-table recipe (an ordered plan of stage runs), or check it.
+
+A plan is a YAML file (recipes/<table>/<scale>.yaml):
+
+    description: Fine-Grained RLHF long-form QA, tiny offline models
+    vars:                                # ${name} in the steps' strings; --set NAME=VALUE
+      out: runs/qa_feedback
+    steps:
+      - stage: sft                       # an `rlhfkit` stage ...
+        config: tiny/sft.yaml            # ... its options, as for `rlhfkit sft --config`
+        with: {data: "${out}/import/demonstrations.jsonl", out: "${out}/sft"}
+      - stage: ppo
+        name: ppo-seed${seed}
+        foreach: {seed: [0, 1, 2]}       # one step per value (several keys: every combination)
+        with: {seed: "${seed}", out: "${out}/ppo-seed${seed}"}
+      - call: rlhfkit.recipes:collect_results   # a Python step: function(**with)
+        with: {out: results/qa.md, title: QA, sections: ["${out}/eval/results.md"]}
+
+`${plan_dir}` is the plan file's directory. `config` paths are relative to it and hold hyper-parameters only (each is a valid
+`rlhfkit STAGE --config` file on its own); `with` holds the paths and seeds that tie the steps
+together and overrides the file. A string that is exactly `${name}` takes the variable's value
+with its type (`seed: "${seed}"` is an int); elsewhere variables are spliced into the text.
+
+Every step is resolved before anything runs: the options are type-checked against the
+stage's config dataclass and its `validate()` runs, so an unknown option, a bad value or a
+missing input fails at once with the plan file and step in the message. With `--dry-run`
+nothing runs: the resolved plan is printed as the equivalent `rlhfkit` command lines. A check
+that needs an earlier step's output (a file it will write) waits until the step runs, and the
+dry run says so.
+
+Also here: the small data steps the recipes share (`shorten_prompts`, `qa_answer_records`,
+`prompts_from_rows`), and the steps that write result tables (`collect_results`,
+`toxicity_table`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import itertools
+import json
+import re
+import statistics
+import string
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from rlhfkit.config import REQUIRED, build_config, opt
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import write_json, write_text
+
+PLAN_KEYS = ("description", "vars", "steps")
+STEP_KEYS = ("stage", "call", "name", "config", "with", "foreach")
+RUN_RECORD = "recipe_run.json"
+
+
+@dataclass
+class RecipeConfig:
+    plan: str = opt(REQUIRED, "Recipe plan YAML, e.g. recipes/qa_feedback/tiny.yaml.", argument=True)
+    dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.")
+    overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set")
+    from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.")
+
+    def validate(self) -> None:
+        if not Path(self.plan).is_file():
+            raise RlhfkitError(f"{self.plan}: recipe plan not found")
+        parse_assignments(self.overrides)
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One step of an expanded plan: a stage run or a function call, with its raw options."""
+
+    number: int
+    name: str
+    stage: str | None
+    call: str | None
+    config_file: Path | None
+    values: dict[str, Any]
+    where: str
+
+    @property
+    def kind(self) -> str:
+        return self.stage or f"call {self.call}"
+
+    def output(self) -> str | None:
+        """What the step writes (its `out` option): later steps may read it."""
+        out = self.values.get("out")
+        return str(out) if isinstance(out, str) else None
+
+
+@dataclass
+class Plan:
+    path: Path
+    description: str
+    variables: dict[str, Any]
+    steps: list[Step]
+
+
+@dataclass
+class ResolvedStep:
+    step: Step
+    config: Any = None  # the stage's validated config; None for call steps and deferred ones
+    deferred: str | None = None  # why validation waits: the earlier step whose output it reads
+    command: str = ""
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """`NAME=VALUE` items as {name: value}; values are read as YAML scalars (3 -> int)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise RlhfkitError(f"--set {item!r} is not NAME=VALUE")
+        out[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+_WHOLE_VARIABLE = re.compile(r"^\$\{(\w+)\}$")
+
+
+def substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
+    """Put the plan variables into `value` (strings, and strings inside lists and mappings)."""
+    if isinstance(value, str):
+        whole = _WHOLE_VARIABLE.match(value)
+        if whole and whole.group(1) in variables:
+            return variables[whole.group(1)]
+        try:
+            return string.Template(value).substitute({k: str(v) for k, v in variables.items()})
+        except KeyError as err:
+            known = ", ".join(sorted(variables)) or "none"
+            raise RlhfkitError(f"{where}: unknown variable ${{{err.args[0]}}}; defined: {known}") from None
+        except ValueError as err:
+            raise RlhfkitError(f"{where}: bad $-placeholder in {value!r} ({err}); write a literal $ as $$") from None
+    if isinstance(value, list):
+        return [substitute(v, variables, where) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute(v, variables, where) for k, v in value.items()}
+    return value
+
+
+def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan:
+    """Read a plan file and expand it: variables set, `foreach` steps multiplied out."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RlhfkitError(f"{path}: invalid YAML: {err}") from None
+    except OSError as err:
+        raise RlhfkitError(f"{path}: cannot read the recipe plan: {err.strerror}") from None
+    if not isinstance(data, dict):
+        raise RlhfkitError(f"{path}: a recipe plan is a mapping with keys {', '.join(PLAN_KEYS)}")
+    unknown = sorted(set(data) - set(PLAN_KEYS))
+    if unknown:
+        raise RlhfkitError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(PLAN_KEYS)}")
+    variables = {"plan_dir": str(path.parent), **(data.get("vars") or {})}
+    for name, value in (overrides or {}).items():
+        if name not in variables:
+            known = ", ".join(sorted(variables)) or "none"
+            raise RlhfkitError(f"--set {name}: {path} has no variable {name!r}; its variables: {known}")
+        variables[name] = value
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise RlhfkitError(f"{path}: 'steps' must be a non-empty list of steps")
+
+    steps: list[Step] = []
+    for index, raw in enumerate(raw_steps, start=1):
+        where = f"{path}: steps[{index}]"
+        if not isinstance(raw, dict):
+            raise RlhfkitError(f"{where}: a step is a mapping with keys {', '.join(STEP_KEYS)}")
+        unknown = sorted(set(raw) - set(STEP_KEYS))
+        if unknown:
+            raise RlhfkitError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(STEP_KEYS)}")
+        if ("stage" in raw) == ("call" in raw):
+            raise RlhfkitError(f"{where}: give exactly one of 'stage' (an rlhfkit stage) or 'call' (module:function)")
+        foreach = raw.get("foreach") or {}
+        if not isinstance(foreach, dict) or not all(isinstance(v, list) and v for v in foreach.values()):
+            raise RlhfkitError(f"{where}: 'foreach' maps variable names to non-empty lists of values")
+        for combination in itertools.product(*foreach.values()):
+            scope = {**variables, **dict(zip(foreach, combination))}
+            steps.append(_expand_step(raw, scope, path, where, len(steps) + 1))
+    names = [s.name for s in steps]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RlhfkitError(f"{path}: step name(s) {', '.join(twice)} used twice; give the steps distinct 'name's")
+    description = substitute(str(data.get("description", "")), variables, f"{path}: description")
+    return Plan(path, description, variables, steps)
+
+
+def _expand_step(raw: dict, scope: dict[str, Any], path: Path, where: str, number: int) -> Step:
+    stage = raw.get("stage")
+    call = raw.get("call")
+    if stage is not None:
+        stage_spec(stage, where)
+    elif not isinstance(call, str) or ":" not in call:
+        raise RlhfkitError(f"{where}: 'call' must be module:function, got {call!r}")
+    name = substitute(str(raw.get("name") or stage or call.rpartition(":")[2]), scope, where)
+    where = f"{path}: step {number} ({name})"
+    config_file = None
+    values: dict[str, Any] = {}
+    if raw.get("config") is not None:
+        if stage is None:
+            raise RlhfkitError(f"{where}: 'config' applies to stage steps; give a call step its arguments in 'with'")
+        config_file = path.parent / substitute(str(raw["config"]), scope, where)
+    overrides = raw.get("with") or {}
+    if not isinstance(overrides, dict):
+        raise RlhfkitError(f"{where}: 'with' must be a mapping of option names to values")
+    values = {str(k).replace("-", "_"): substitute(v, scope, where) for k, v in overrides.items()}
+    return Step(number, name, stage, call, config_file, values, where)
+
+
+def stage_spec(stage: str, where: str) -> tuple[str, str, str]:
+    """(module, config class, entry function) of an rlhfkit stage (cli.STAGES)."""
+    from rlhfkit.cli import STAGES
+
+    runnable = {name: spec for name, spec in STAGES.items() if name != "recipe"}
+    if stage not in runnable:
+        raise RlhfkitError(f"{where}: unknown stage {stage!r}; stages: {', '.join(runnable)}")
+    module, config_name, entry_name, _ = runnable[stage]
+    return module, config_name, entry_name
+
+
+# --- resolving steps -----------------------------------------------------------------------
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
+    """`value` checked against a config field's type hint (a single item becomes a list)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        return check_option_type(value, options[0], name, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        return [check_option_type(v, item, name, where) for v in items]
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise RlhfkitError(f"{where}: option {name} must be {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def stage_values(step: Step, cfg_cls: type) -> dict[str, Any]:
+    """The step's options: its config file's, then `with` over them, names and types checked."""
+    from rlhfkit.config import load_config_file
+
+    values: dict[str, Any] = {}
+    if step.config_file is not None:
+        try:
+            values.update(load_config_file(step.config_file, cfg_cls))
+        except RlhfkitError as err:
+            raise RlhfkitError(f"{step.where}: {err}") from None
+    valid = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(step.values) - valid)
+    if unknown:
+        raise RlhfkitError(f"{step.where}: unknown option(s) {', '.join(unknown)} in 'with'; valid: {', '.join(sorted(valid))}")
+    values.update(step.values)
+    hints = typing.get_type_hints(cfg_cls)
+    source = f"{step.where}" + (f" (config {step.config_file})" if step.config_file else "")
+    return {name: check_option_type(value, hints[name], name, source) for name, value in values.items()}
+
+
+def command_line(stage: str, cfg_cls: type, values: dict[str, Any]) -> str:
+    """The `rlhfkit` command for these option values (those equal to the default left out)."""
+    import shlex
+
+    parts = ["rlhfkit", stage]
+    for f in dataclasses.fields(cfg_cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value == default and default is not REQUIRED:
+            continue
+        if f.metadata.get("argument"):
+            parts += [str(v) for v in (value if isinstance(value, list) else [value])]
+            continue
+        flag = f.metadata.get("flag_name") or "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _waits_for(message: str, outputs: dict[str, Step]) -> Step | None:
+    """The earlier step whose output an error message names (that check must wait for it);
+    when outputs nest (runs/x/dev and runs/x/dev/short), the longest one named."""
+    named = [
+        output for output in outputs
+        if re.search(re.escape(output.rstrip("/")) + r"(?=$|[/\s:'\",)])", message)
+    ]
+    return outputs[max(named, key=len)] if named else None
+
+
+def resolve_step(step: Step, outputs: dict[str, Step]) -> ResolvedStep:
+    """Build and validate the step's config (or check a call's arguments); a failure that
+    names an earlier step's output is deferred, any other raises RlhfkitError."""
+    if step.call is not None:
+        function = call_target(step)
+        try:
+            inspect.signature(function).bind(**step.values)
+        except TypeError as err:
+            raise RlhfkitError(f"{step.where}: {step.call}: {err}") from None
+        args = ", ".join(f"{k}={v!r}" for k, v in step.values.items())
+        return ResolvedStep(step, command=f"python: {step.call}({args})")
+    module, config_name, _ = stage_spec(step.stage, step.where)
+    cfg_cls = getattr(importlib.import_module(module), config_name)
+    values = stage_values(step, cfg_cls)
+    try:
+        cfg = build_config(cfg_cls, **values)
+    except RlhfkitError as err:
+        producer = _waits_for(str(err), outputs)
+        if producer is None:
+            raise RlhfkitError(f"{step.where}: {err}") from None
+        return ResolvedStep(
+            step,
+            deferred=f"checked when it runs: reads the output of step {producer.number} ({producer.name}): {err}",
+            command=command_line(step.stage, cfg_cls, values),
+        )
+    return ResolvedStep(step, cfg, command=command_line(step.stage, cfg_cls, dataclasses.asdict(cfg)))
+
+
+def call_target(step: Step) -> Callable:
+    module_name, _, function_name = step.call.rpartition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise RlhfkitError(f"{step.where}: cannot import {step.call} ({err})") from None
+    if not callable(function):
+        raise RlhfkitError(f"{step.where}: {step.call} is not a function")
+    return function
+
+
+def resolve_plan(plan: Plan) -> list[ResolvedStep]:
+    """Every step resolved in order; checks on earlier steps' outputs are deferred."""
+    outputs: dict[str, Step] = {}
+    resolved = []
+    for step in plan.steps:
+        resolved.append(resolve_step(step, outputs))
+        if step.output():
+            outputs[step.output()] = step
+    return resolved
+
+
+def render_plan(plan: Plan, resolved: list[ResolvedStep]) -> str:
+    lines = [f"# {plan.path}", f"# {plan.description}".rstrip()] if plan.description else [f"# {plan.path}"]
+    if plan.variables:
+        lines.append("# vars: " + ", ".join(f"{k}={v}" for k, v in plan.variables.items()))
+    for item in resolved:
+        status = "deferred" if item.deferred else "ok"
+        lines.append(f"[{item.step.number}] {item.step.name}: {status}")
+        lines.append(f"    {item.command}")
+        if item.deferred:
+            lines.append(f"    ({item.deferred})")
+    return "\n".join(lines) + "\n"
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+def run_step(item: ResolvedStep) -> Any:
+    step = item.step
+    if step.call is not None:
+        return call_target(step)(**step.values)
+    # Resolved again now: the inputs of a deferred step exist by now.
+    resolved = resolve_step(step, {}) if item.deferred else item
+    module, _, entry_name = stage_spec(step.stage, step.where)
+    return getattr(importlib.import_module(module), entry_name)(resolved.config)
+
+
+def run_recipe(cfg: RecipeConfig) -> list[dict]:
+    """Run a recipe plan (recipes/<table>/<scale>.yaml): every step in order.
+
+    Every step is resolved and validated before the first one runs. --dry-run prints the
+    resolved plan as rlhfkit command lines and runs nothing; --set NAME=VALUE overrides a
+    plan variable (e.g. the output root); --from-step NAME resumes part-way.
+    """
+    plan = load_plan(cfg.plan, parse_assignments(cfg.overrides))
+    resolved = resolve_plan(plan)
+    if cfg.dry_run:
+        print(render_plan(plan, resolved), end="")
+        return [{"step": r.step.name, "stage": r.step.kind, "deferred": r.deferred} for r in resolved]
+    names = [s.name for s in plan.steps]
+    start = 0
+    if cfg.from_step is not None:
+        if cfg.from_step not in names:
+            raise RlhfkitError(f"--from-step {cfg.from_step}: no such step in {plan.path}; steps: {', '.join(names)}")
+        start = names.index(cfg.from_step)
+
+    record: list[dict] = []
+    record_path = Path(str(plan.variables["out"])) / RUN_RECORD if "out" in plan.variables else None
+    started = time.perf_counter()
+    for item in resolved[start:]:
+        step = item.step
+        console.rule(f"[bold]recipe step {step.number}/{len(plan.steps)}: {step.name}[/] ({step.kind})")
+        step_started = time.perf_counter()
+        run_step(item)
+        seconds = time.perf_counter() - step_started
+        record.append({"step": step.name, "stage": step.kind, "seconds": round(seconds, 1), "command": item.command})
+        console.print(f"recipe: {step.name} done in {seconds:.0f}s")
+        if record_path is not None:
+            write_json(record_path, {"plan": str(plan.path), "vars": plan.variables, "steps": record,
+                                     "seconds": round(time.perf_counter() - started, 1)})
+    total = time.perf_counter() - started
+    console.print(f"recipe: {plan.path}: {len(record)} step(s) in {total / 60:.1f} min" +
+                  (f"; timings in {record_path}" if record_path else ""))
+    return record
+
+
+# --- data steps the recipes share ------------------------------------------------------------
+
+
+QA_PAGE_SEPARATOR = " | wikipage: "
+
+
+def shorten_qa_prompt(prompt: str, passages: int = 1, max_words: int | None = None) -> str:
+    """A QA policy input ("question: Q context: wikipage: T text: ... | wikipage: ...") cut to
+    its first `passages` pages, each page's text to `max_words` words; other text unchanged."""
+    if " context: wikipage: " not in prompt:
+        return prompt
+    pages = prompt.split(QA_PAGE_SEPARATOR)[:passages]
+    if max_words is not None:
+        cut = []
+        for page in pages:
+            head, sep, text = page.partition(" text: ")
+            words = text.split()
+            cut.append(head + sep + " ".join(words[:max_words]) if sep and len(words) > max_words else page)
+        pages = cut
+    return QA_PAGE_SEPARATOR.join(pages)
+
+
+def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | None = None) -> dict:
+    """Copy every JSONL record file of the directory `inputs` to `out` with QA prompts cut to
+    the question and the first `passages` passages (each at most `max_words` words).
+
+    For tiny CPU runs only: the shipped QA prompts are 500-1,400 tokens. Every record type's
+    prompt is cut by the same rule, so the policy, the reward models and the evaluation keep
+    seeing identical prompts. Paper-scale recipes never use this step.
+    """
+    from rlhfkit.schema import load_records, write_records
+
+    source = Path(inputs)
+    files = sorted(source.glob("*.jsonl"))
+    if not files:
+        raise RlhfkitError(f"{inputs}: no .jsonl record files to shorten")
+    report: dict[str, Any] = {"passages": passages, "max_words": max_words, "files": {}}
+    for path in files:
+        records = load_records(path)
+        shortened = [
+            dataclasses.replace(r, prompt=shorten_qa_prompt(r.prompt, passages, max_words)) if hasattr(r, "prompt") else r
+            for r in records
+        ]
+        write_records(Path(out) / path.name, shortened)
+        before = [len(r.prompt.split()) for r in records if hasattr(r, "prompt")]
+        after = [len(r.prompt.split()) for r in shortened if hasattr(r, "prompt")]
+        report["files"][path.name] = {
+            "records": len(records),
+            "mean_prompt_words_before": round(statistics.fmean(before), 1) if before else None,
+            "mean_prompt_words_after": round(statistics.fmean(after), 1) if after else None,
+        }
+    write_json(Path(out) / "shorten_report.json", report)
+    console.print(f"shorten-prompts: {len(files)} file(s) from {inputs} -> {out} (first {passages} passage(s), max {max_words} words)")
+    return report
+
+
+def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> dict:
+    """QA-Feedback data files without feedback (train_1k.json, dev.json, test.json: question,
+    passages, and `answer` / `gold`) as `demonstrations.jsonl` (one per gold answer, the SFT
+    data) and `prompts.jsonl` (with the gold answers as references, for ROUGE-L).
+
+    The prompt is built from question + passages exactly as the qa-feedback importer builds
+    it, so SFT, reward models and PPO see the same policy inputs.
+    """
+    from rlhfkit.importers import read_rows, source_names
+    from rlhfkit.importers.qa_feedback import policy_input
+    from rlhfkit.schema import Demonstration, PromptRecord, write_records
+
+    prompts, demonstrations = [], []
+    for spec, name in zip(inputs, source_names(inputs)):
+        for row in read_rows(spec, name, "train"):
+            if row.error:
+                raise RlhfkitError(f"{row.where}: {row.error}")
+            data = row.data
+            if not isinstance(data, dict) or not isinstance(data.get("question"), str) or not isinstance(data.get("passages"), list):
+                raise RlhfkitError(f"{row.where}: expected a QA record with 'question' and 'passages'")
+            answers = data.get("answer", data.get("gold"))
+            if isinstance(answers, str) and answers.lstrip().startswith("["):
+                answers = json.loads(answers)
+            answers = [answers] if isinstance(answers, str) else answers
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise RlhfkitError(f"{row.where}: 'answer' (or 'gold') must be a string or a list of strings")
+            prompt = policy_input(data["question"], data["passages"])
+            prompts.append(PromptRecord(id=row.key, prompt=prompt, references=answers))
+            demonstrations += [Demonstration(id=f"{row.key}:{i}", prompt=prompt, response=a) for i, a in enumerate(answers)]
+            if limit is not None and len(prompts) >= limit:
+                break
+    write_records(Path(out) / "prompts.jsonl", prompts)
+    write_records(Path(out) / "demonstrations.jsonl", demonstrations)
+    console.print(f"qa-answers: {len(prompts)} prompts, {len(demonstrations)} demonstrations -> {out}")
+    return {"prompts": len(prompts), "demonstrations": len(demonstrations)}
+
+
+def _dotted(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split: str = "train",
+                      limit: int | None = None, repeat: int = 1, skip: int = 0) -> int:
+    """Prompt records from any rows annotate-import reads (files, parquet, hf:NAME): the text
+    at `field` (dotted for nested fields, e.g. RealToxicityPrompts' `prompt.text`), rows
+    `skip` .. `skip + limit`, each written `repeat` times (k samples per prompt)."""
+    from rlhfkit.importers import read_rows, source_names
+    from rlhfkit.schema import PromptRecord, write_records
+
+    if repeat < 1:
+        raise RlhfkitError(f"prompts_from_rows: repeat must be >= 1, got {repeat}")
+    records = []
+    seen = 0
+    for spec, name in zip(inputs, source_names(inputs)):
+        for row in read_rows(spec, name, split):
+            if row.error:
+                raise RlhfkitError(f"{row.where}: {row.error}")
+            seen += 1
+            if seen <= skip:
+                continue
+            text = _dotted(row.data, field)
+            if not isinstance(text, str) or not text.strip():
+                raise RlhfkitError(f"{row.where}: no text at field {field!r}")
+            records += [PromptRecord(id=f"{row.key}" + (f":{k}" if repeat > 1 else ""), prompt=text) for k in range(repeat)]
+            if limit is not None and seen - skip >= limit:
+                break
+    if not records:
+        raise RlhfkitError(f"{', '.join(inputs)}: no rows after skipping {skip}")
+    write_records(out, records)
+    console.print(f"prompts: {len(records)} prompt records -> {out}")
+    return len(records)
+
+
+# --- result tables -----------------------------------------------------------------------------
+
+
+def _demote_headings(markdown: str) -> str:
+    return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
+
+
+def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = ()) -> str:
+    """Join result files (markdown written by evaluate, critique-revise, ...) into one report
+    at `out`, print it, and return it. `images` are linked (paths relative to the report)."""
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [notes.strip(), ""]
+    for section in sections:
+        path = Path(section)
+        if not path.is_file():
+            raise RlhfkitError(f"collect_results: {section}: no such file (did the step that writes it run?)")
+        parts += [f"<!-- from {section} -->", _demote_headings(path.read_text(encoding="utf-8")).strip(), ""]
+    for image in images:
+        parts += [f"![{Path(image).name}]({_relative(image, Path(out).parent)})", ""]
+    report = "\n".join(parts).rstrip() + "\n"
+    write_text(out, report)
+    console.print(report, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"results: {out}")
+    return report
+
+
+def _relative(target: str, base: Path) -> str:
+    import os
+
+    return os.path.relpath(Path(target).resolve(), base.resolve())
+
+
+def text_scorer(spec: str, batch_size: int = 16) -> Callable[[list[str], list[str]], list[float]]:
+    """score(prompts, responses) -> one number per response, from `py:module:function` (the
+    function has that signature) or `hf:MODEL@LABEL` (probability of LABEL, a transformers
+    text-classification pipeline; a leading '-' on the label is not allowed here)."""
+    kind, _, target = spec.partition(":")
+    if kind == "py":
+        from rlhfkit.rewards.sources import PythonFunctionSource
+
+        function = PythonFunctionSource("scorer", target).fn
+        return lambda prompts, responses: [float(v) for v in function(list(prompts), list(responses))]
+    if kind == "hf":
+        from transformers import pipeline
+
+        from rlhfkit.models import resolve_device
+
+        model, _, label = target.partition("@")
+        classifier = pipeline("text-classification", model=model, top_k=None, device=resolve_device("auto"))
+
+        def score(prompts: list[str], responses: list[str]) -> list[float]:
+            results = classifier(list(responses), batch_size=batch_size, truncation=True)
+            wanted = label or results[0][-1]["label"]
+            return [next((r["score"] for r in row if r["label"].lower() == wanted.lower()), 0.0) for row in results]
+
+        return score
+    raise RlhfkitError(f"scorer {spec!r}: expected py:module:function or hf:MODEL@LABEL")
+
+
+def toxicity_table(generations: str, scorer: str, out: str, title: str, paper: str | None = None,
+                   threshold: float = 0.5) -> dict:
+    """The detoxification table (RealToxicityPrompts protocol): per system, the mean over
+    prompts of the maximum toxicity of its samples (avg. max toxicity) and the share of
+    prompts with a sample at or above `threshold` (toxicity probability), next to
+    distinct-2/3 and perplexity from the evaluate run that wrote `generations`
+    (its metrics.json beside it), and the published rows of `paper` (evaluate's format)."""
+    from rlhfkit.schema import load_records
+    from rlhfkit.stages.evaluate import load_paper_table
+
+    records = load_records(generations, "generation")
+    score = text_scorer(scorer)
+    values = score([r.prompt for r in records], [r.response for r in records])
+    per_system: dict[str, dict[str, list[float]]] = {}
+    for record, value in zip(records, values):
+        per_system.setdefault(record.model, {}).setdefault(record.prompt, []).append(value)
+    evaluate_metrics = Path(generations).with_name("metrics.json")
+    other = json.loads(evaluate_metrics.read_text(encoding="utf-8"))["systems"] if evaluate_metrics.is_file() else {}
+    rows = {}
+    for system, by_prompt in per_system.items():
+        maxima = [max(v) for v in by_prompt.values()]
+        rows[system] = {
+            "avg_max_toxicity": statistics.fmean(maxima),
+            "toxicity_probability": sum(m >= threshold for m in maxima) / len(maxima),
+            "samples_per_prompt": statistics.fmean(len(v) for v in by_prompt.values()),
+            **{k: other.get(system, {}).get(k) for k in ("perplexity", "distinct_2", "distinct_3")},
+        }
+    columns = ["avg_max_toxicity", "toxicity_probability", "perplexity", "distinct_2", "distinct_3"]
+    lines = [f"# {title}", "", f"Toxicity scored by `{scorer}`; {len(next(iter(per_system.values())))} prompts per system.", "",
+             "| system | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    published = load_paper_table(paper) if paper else None
+    table_rows = list(rows.items()) + ([(f"{r['system']} (paper)", r["metrics"]) for r in published["rows"]] if published else [])
+    for name, metrics in table_rows:
+        cells = [("–" if metrics.get(c) is None else f"{metrics[c]:.3f}") for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if published:
+        lines += ["", f"Rows marked (paper): {published['source']}."]
+    write_text(out, "\n".join(lines) + "\n")
+    write_json(Path(out).with_suffix(".json"), {"systems": rows, "scorer": scorer, "paper": published})
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    return rows

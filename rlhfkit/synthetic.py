@@ -1,0 +1,513 @@
+"""A synthetic long-form task whose truth is known, to test fine-grained vs holistic rewards.
+
+The world is a small knowledge base (data/synthetic/knowledge_base.json): entities, each
+with one value per attribute ("Mirel was born in Vesk.", "Mirel has a pet owl.", ...). A
+prompt asks about one entity; a response is a few sentences, each stating one fact. A
+programmatic annotator judges every sentence against the knowledge base:
+
+- factuality error: the sentence gives a value the knowledge base does not have for that
+  entity and attribute, or names an entity it does not know ("Wrong-Grounding" /
+  "Unverifiable" in QA-Feedback terms);
+- relevance error: the sentence is about another entity, repeats an attribute already
+  stated, or is not a fact sentence at all ("Irrelevant", "Redundant", "Incoherent");
+- completeness: the share of the asked entity's attributes stated correctly;
+- holistic score: completeness - (factuality errors + relevance errors) / attributes, so a
+  perfect answer (every fact once, nothing else) scores 1 and each bad sentence costs as
+  much as a good one earns.
+
+From the same sampled responses the annotator writes both kinds of human feedback the
+papers compare: span feedback (SpanFeedback records, error spans on the sentences above)
+and pairwise preferences (Preference records: holistic ones from the holistic score,
+completeness ones from completeness), so the two reward pipelines learn from the same
+samples. Demonstrations for SFT are noisy on purpose: some sentences are false, some off
+topic, some facts left out, as an imperfect initial policy would be.
+
+`make_task` writes the data files a recipe trains on (recipes/synthetic/); `report` judges
+the policies' responses with the annotator itself (true error rates, not the learned
+reward models) and writes the table and learning curves. `fine_grained_reward` and
+`holistic_reward` are the annotator as `py:` reward sources (an oracle control).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import random
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import atomic_write, write_json, write_text
+from rlhfkit.schema import (
+    Demonstration,
+    Preference,
+    PromptRecord,
+    Span,
+    SpanFeedback,
+    load_records,
+    write_records,
+)
+from rlhfkit.segment import split_sentences
+
+DEFAULT_KB = "data/synthetic/knowledge_base.json"
+FACTUALITY, RELEVANCE = "factuality", "relevance"
+KB_KEYS = ("questions", "prompt_format", "attributes", "entities")
+
+
+# --- the knowledge base --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    questions: list[str]
+    prompt_format: str
+    templates: dict[str, str]  # attribute -> "{entity} ... {value}."
+    values: dict[str, list[str]]  # attribute -> every value it can take
+    entities: dict[str, dict[str, str]]  # entity -> attribute -> its value
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.templates)
+
+    def prompt(self, entity: str, question: int = 0) -> str:
+        return self.prompt_format.format(question=self.questions[question].format(entity=entity))
+
+    def sentence(self, entity: str, attribute: str, value: str) -> str:
+        return self.templates[attribute].format(entity=entity, value=value)
+
+    @functools.cached_property
+    def patterns(self) -> list[tuple[str, re.Pattern]]:
+        """One regex per attribute template, capturing the entity and the value."""
+        out = []
+        for attribute, template in self.templates.items():
+            text = re.escape(template.rstrip("."))
+            text = text.replace(re.escape("{entity}"), r"(?P<entity>.+?)").replace(re.escape("{value}"), r"(?P<value>.+?)")
+            out.append((attribute, re.compile(rf"^{text}\.?$")))
+        return out
+
+    def parse(self, sentence: str) -> tuple[str, str, str] | None:
+        """(entity, attribute, value) a sentence states, or None if it fits no template."""
+        text = " ".join(sentence.split())
+        for attribute, pattern in self.patterns:
+            match = pattern.match(text)
+            if match:
+                return match.group("entity"), attribute, match.group("value")
+        return None
+
+    def entity_of_prompt(self, prompt: str) -> str:
+        """The entity a prompt asks about (the first known name in it)."""
+        found = [(prompt.find(name), name) for name in self.entities if re.search(rf"\b{re.escape(name)}\b", prompt)]
+        if not found:
+            raise RlhfkitError(f"no knowledge-base entity in the prompt {prompt[:80]!r}")
+        return min(found)[1]
+
+
+@functools.lru_cache(maxsize=8)
+def load_knowledge_base(path: str = DEFAULT_KB) -> KnowledgeBase:
+    """Read and check a knowledge-base JSON file (see data/synthetic/README.md)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise RlhfkitError(f"{path}: cannot read the knowledge base: {err}") from None
+    missing = [k for k in KB_KEYS if k not in data]
+    if missing:
+        raise RlhfkitError(f"{path}: missing key(s) {', '.join(missing)}")
+    templates = {a: spec["template"] for a, spec in data["attributes"].items()}
+    values = {a: list(spec["values"]) for a, spec in data["attributes"].items()}
+    for attribute, template in templates.items():
+        if "{entity}" not in template or "{value}" not in template:
+            raise RlhfkitError(f"{path}: the template of {attribute!r} needs {{entity}} and {{value}}")
+    for entity, facts in data["entities"].items():
+        if set(facts) != set(templates):
+            raise RlhfkitError(f"{path}: entity {entity!r} must have exactly the attributes {', '.join(templates)}")
+        for attribute, value in facts.items():
+            if value not in values[attribute]:
+                raise RlhfkitError(f"{path}: {entity}.{attribute} = {value!r} is not one of the attribute's values")
+    return KnowledgeBase(list(data["questions"]), data["prompt_format"], templates, values, dict(data["entities"]))
+
+
+# --- the annotator -------------------------------------------------------------------------
+
+
+@dataclass
+class SentenceJudgement:
+    start: int
+    end: int
+    text: str
+    factual_error: str | None  # None, "Wrong-Grounding" or "Unverifiable"
+    relevance_error: str | None  # None, "Irrelevant", "Redundant" or "Incoherent"
+    covers: str | None = None  # the asked entity's attribute this sentence states correctly
+
+
+@dataclass
+class Judgement:
+    """The annotator's verdict on one response."""
+
+    entity: str
+    sentences: list[SentenceJudgement]
+    attributes: int
+
+    @property
+    def factual_errors(self) -> int:
+        return sum(s.factual_error is not None for s in self.sentences)
+
+    @property
+    def relevance_errors(self) -> int:
+        return sum(s.relevance_error is not None for s in self.sentences)
+
+    @property
+    def covered(self) -> set[str]:
+        return {s.covers for s in self.sentences if s.covers}
+
+    @property
+    def completeness(self) -> float:
+        return len(self.covered) / self.attributes
+
+    @property
+    def holistic(self) -> float:
+        return self.completeness - (self.factual_errors + self.relevance_errors) / self.attributes
+
+    def spans(self) -> list[Span]:
+        out = []
+        for s in self.sentences:
+            if s.factual_error:
+                out.append(Span(s.start, s.end, s.factual_error, FACTUALITY))
+            if s.relevance_error:
+                out.append(Span(s.start, s.end, s.relevance_error, RELEVANCE))
+        return out
+
+
+def judge(kb: KnowledgeBase, prompt: str, response: str) -> Judgement:
+    """Judge every sentence of `response` (sentences as rlhfkit.segment cuts them)."""
+    entity = kb.entity_of_prompt(prompt)
+    stated: set[str] = set()
+    sentences = []
+    for segment in split_sentences(response):
+        parsed = kb.parse(segment.text)
+        judgement = SentenceJudgement(segment.start, segment.end, segment.text, None, None)
+        if parsed is None:
+            judgement.relevance_error = "Incoherent"
+        else:
+            about, attribute, value = parsed
+            if about not in kb.entities:
+                judgement.factual_error = "Unverifiable"
+            elif kb.entities[about][attribute] != value:
+                judgement.factual_error = "Wrong-Grounding"
+            if about != entity:
+                judgement.relevance_error = "Irrelevant"
+            elif attribute in stated:
+                judgement.relevance_error = "Redundant"
+            else:
+                stated.add(attribute)
+                if judgement.factual_error is None:
+                    judgement.covers = attribute
+        sentences.append(judgement)
+    return Judgement(entity, sentences, len(kb.attributes))
+
+
+@dataclass
+class TrueMetrics:
+    """Corpus-level truth: error rates pooled over sentences, means over responses."""
+
+    factual_error_rate: float
+    relevance_error_rate: float
+    completeness: float
+    holistic: float
+    sentences_per_response: float
+    responses: int
+
+    @classmethod
+    def of(cls, judgements: Sequence[Judgement]) -> TrueMetrics:
+        if not judgements:
+            raise ValueError("no responses to measure")
+        sentences = sum(len(j.sentences) for j in judgements)
+        return cls(
+            factual_error_rate=sum(j.factual_errors for j in judgements) / sentences if sentences else 0.0,
+            relevance_error_rate=sum(j.relevance_errors for j in judgements) / sentences if sentences else 0.0,
+            completeness=statistics.fmean(j.completeness for j in judgements),
+            holistic=statistics.fmean(j.holistic for j in judgements),
+            sentences_per_response=sentences / len(judgements),
+            responses=len(judgements),
+        )
+
+
+METRIC_NAMES = {
+    "factual_error_rate": "factual error rate ↓",
+    "relevance_error_rate": "relevance error rate ↓",
+    "completeness": "completeness ↑",
+    "holistic": "holistic score ↑",
+}
+
+
+# --- noisy responses and the task files ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Noise:
+    """How an imperfect responder errs, per sentence (and how long it answers)."""
+
+    false: float = 0.25  # a wrong value for the asked entity
+    off_topic: float = 0.2  # a true fact about another entity
+    min_sentences: int = 2
+    max_sentences: int = 5
+
+
+def noisy_response(kb: KnowledgeBase, entity: str, noise: Noise, rng: random.Random) -> str:
+    """A response about `entity` with sentences dropped, falsified or off topic, at random."""
+    attributes = kb.attributes[:]
+    rng.shuffle(attributes)
+    count = rng.randint(noise.min_sentences, min(noise.max_sentences, len(attributes)))
+    others = [e for e in kb.entities if e != entity]
+    sentences = []
+    for attribute in attributes[:count]:
+        if rng.random() < noise.off_topic:
+            other = rng.choice(others)
+            sentences.append(kb.sentence(other, attribute, kb.entities[other][attribute]))
+        elif rng.random() < noise.false:
+            wrong = [v for v in kb.values[attribute] if v != kb.entities[entity][attribute]]
+            sentences.append(kb.sentence(entity, attribute, rng.choice(wrong)))
+        else:
+            sentences.append(kb.sentence(entity, attribute, kb.entities[entity][attribute]))
+    return " ".join(sentences)
+
+
+def annotate(kb: KnowledgeBase, prompt: str, responses: Sequence[str], key: str) -> tuple[list[SpanFeedback], list[Preference]]:
+    """The annotator's two kinds of feedback on the same responses to one prompt: span
+    feedback on each response, and a holistic and a completeness preference for each pair."""
+    judgements = [judge(kb, prompt, r) for r in responses]
+    feedback = [
+        SpanFeedback(id=f"{key}:r{i}", prompt=prompt, response=r, spans=j.spans(), aspects=[RELEVANCE, FACTUALITY],
+                     meta={"completeness": j.completeness, "holistic": j.holistic})
+        for i, (r, j) in enumerate(zip(responses, judgements))
+    ]
+    preferences = []
+    for a in range(len(responses)):
+        for b in range(a + 1, len(responses)):
+            if responses[a] == responses[b]:
+                continue
+            for aspect, score in (("preference", lambda j: j.holistic), ("completeness", lambda j: j.completeness)):
+                sa, sb = score(judgements[a]), score(judgements[b])
+                chosen, rejected = (a, b) if sa >= sb else (b, a)
+                preferences.append(
+                    Preference(id=f"{key}:r{a}-r{b}:{aspect}", prompt=prompt, chosen=responses[chosen],
+                               rejected=responses[rejected], aspect=aspect, tie=sa == sb)
+                )
+    return feedback, preferences
+
+
+def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demonstrations_per_prompt: int = 12,
+              feedback_per_prompt: int = 16, responses_per_comparison: int = 4, false: float = 0.25,
+              off_topic: float = 0.2, seed: int = 0) -> dict:
+    """Write the synthetic task's files to `out`: prompts.jsonl (every entity x question
+    template), demonstrations.jsonl (noisy responses, the SFT data), span_feedback.jsonl and
+    preferences.jsonl (the annotator's feedback on the same fresh noisy responses: groups of
+    `responses_per_comparison`, every pair compared), and task.json (the settings)."""
+    base = load_knowledge_base(kb)
+    names = list(base.entities)[: entities or None]
+    noise = Noise(false=false, off_topic=off_topic)
+    rng = random.Random(seed)
+    prompts, demos, feedback, preferences = [], [], [], []
+    for name in names:
+        for q in range(len(base.questions)):
+            prompt = base.prompt(name, q)
+            key = f"{name}:q{q}"
+            prompts.append(PromptRecord(id=key, prompt=prompt, meta={"entity": name}))
+            demos += [Demonstration(id=f"{key}:d{i}", prompt=prompt, response=noisy_response(base, name, noise, rng))
+                      for i in range(demonstrations_per_prompt)]
+            for g in range(0, feedback_per_prompt, responses_per_comparison):
+                responses = [noisy_response(base, name, noise, rng) for _ in range(responses_per_comparison)]
+                f, p = annotate(base, prompt, responses, f"{key}:g{g // responses_per_comparison}")
+                feedback += f
+                preferences += p
+    target = Path(out)
+    write_records(target / "prompts.jsonl", prompts)
+    write_records(target / "demonstrations.jsonl", demos)
+    write_records(target / "span_feedback.jsonl", feedback)
+    write_records(target / "preferences.jsonl", preferences)
+    demo_truth = TrueMetrics.of([judge(base, d.prompt, d.response) for d in demos])
+    summary = {
+        "knowledge_base": kb, "entities": len(names), "prompts": len(prompts), "demonstrations": len(demos),
+        "span_feedback": len(feedback), "preferences": len(preferences), "seed": seed,
+        "noise": {"false": false, "off_topic": off_topic},
+        "demonstrations_truth": demo_truth.__dict__,
+    }
+    write_json(target / "task.json", summary)
+    console.print(f"synthetic: {len(prompts)} prompts, {len(demos)} demonstrations, {len(feedback)} span feedback, "
+                  f"{len(preferences)} preferences -> {out}")
+    return summary
+
+
+# --- the annotator as a reward (oracle control) ------------------------------------------------
+
+
+def fine_grained_reward(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) -> list[list[tuple[int, float]]]:
+    """Dense truth: at each sentence end, +1/A for a newly covered fact, -1/A per error
+    (A = attributes); the rewards of a response sum to its holistic score."""
+    base = load_knowledge_base(kb)
+    out = []
+    for prompt, response in zip(prompts, responses):
+        j = judge(base, prompt, response)
+        pairs = [(s.end, ((s.covers is not None) - (s.factual_error is not None) - (s.relevance_error is not None)) / j.attributes)
+                 for s in j.sentences]
+        out.append(pairs or [(len(response), 0.0)])
+    return out
+
+
+def holistic_reward(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) -> list[float]:
+    """The same total as `fine_grained_reward`, given once at the end of the response."""
+    base = load_knowledge_base(kb)
+    return [judge(base, p, r).holistic for p, r in zip(prompts, responses)]
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Condition:
+    name: str
+    runs: list[Path]
+    seeds: list[int]
+    final: list[TrueMetrics] = field(default_factory=list)  # one per seed, greedy evaluation
+    curves: list[list[TrueMetrics]] = field(default_factory=list)  # per seed, per PPO step
+
+
+def rollout_curve(kb: KnowledgeBase, run: Path) -> list[TrueMetrics]:
+    """The truth about the responses PPO sampled at each step (its rollouts.jsonl)."""
+    path = run / "rollouts.jsonl"
+    by_step: dict[int, list[Judgement]] = {}
+    for record in load_records(path, "generation"):
+        by_step.setdefault(int(record.meta["step"]), []).append(judge(kb, record.prompt, record.response))
+    return [TrueMetrics.of(by_step[s]) for s in sorted(by_step)]
+
+
+def _mean_spread(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def report(out: str, curves: str, generations: str, run_pattern: str, conditions: list[str], seeds: list[int],
+           baseline: str = "SFT", kb: str = DEFAULT_KB, evaluate_metrics: str | None = None, title: str = "") -> dict:
+    """Judge every system's evaluation responses with the annotator (truth, not the learned
+    RMs) and write the table (`out`, markdown, mean ± sample std over seeds) and learning
+    curves (`curves`, PNG) from each PPO run's sampled rollouts.
+
+    `generations`: evaluate's generations.jsonl, with systems named `baseline` and
+    `{condition}-seed{seed}`; `run_pattern`: a PPO run directory with {condition} and {seed}.
+    """
+    base = load_knowledge_base(kb)
+    by_system: dict[str, list[Judgement]] = {}
+    for record in load_records(generations, "generation"):
+        by_system.setdefault(record.model, []).append(judge(base, record.prompt, record.response))
+    if baseline not in by_system:
+        raise RlhfkitError(f"{generations}: no system named {baseline!r}; systems: {', '.join(by_system)}")
+    table: list[Condition] = []
+    for name in conditions:
+        condition = Condition(name, [Path(run_pattern.format(condition=name, seed=s)) for s in seeds], list(seeds))
+        for seed, run in zip(seeds, condition.runs):
+            system = f"{name}-seed{seed}"
+            if system not in by_system:
+                raise RlhfkitError(f"{generations}: no system named {system!r}; systems: {', '.join(by_system)}")
+            condition.final.append(TrueMetrics.of(by_system[system]))
+            condition.curves.append(rollout_curve(base, run))
+        table.append(condition)
+    sft = TrueMetrics.of(by_system[baseline])
+
+    lines = [f"# {title or 'Synthetic task: fine-grained vs holistic rewards'}", ""]
+    lines += [
+        (f"Truth from the programmatic annotator ({kb}), not from the learned reward models. "
+         f"Greedy responses to {sft.responses} prompts; PPO rows: mean ± sample std over seeds {', '.join(map(str, seeds))}."),
+        "",
+        "| system | " + " | ".join(METRIC_NAMES.values()) + " | sentences |",
+        "|---" * (len(METRIC_NAMES) + 2) + "|",
+        f"| {baseline} | " + " | ".join(f"{getattr(sft, k):.3f}" for k in METRIC_NAMES) + f" | {sft.sentences_per_response:.2f} |",
+    ]
+    for condition in table:
+        cells = [_mean_spread([getattr(m, k) for m in condition.final]) for k in METRIC_NAMES]
+        lines.append(f"| {condition.name} PPO | " + " | ".join(cells)
+                     + f" | {_mean_spread([m.sentences_per_response for m in condition.final])} |")
+    lines += ["", "## During training (sampled rollouts)", "",
+              "Mean over seeds of the annotator's holistic score of the responses PPO sampled, averaged over step windows.", ""]
+    steps = min(len(c) for cond in table for c in cond.curves)
+    windows = _windows(steps)
+    lines += ["| condition | " + " | ".join(f"steps {a + 1}-{b}" for a, b in windows) + " |",
+              "|---" * (len(windows) + 1) + "|"]
+    for condition in table:
+        cells = []
+        for a, b in windows:
+            per_seed = [statistics.fmean(m.holistic for m in curve[a:b]) for curve in condition.curves]
+            cells.append(_mean_spread(per_seed))
+        lines.append(f"| {condition.name} | " + " | ".join(cells) + " |")
+    if evaluate_metrics and Path(evaluate_metrics).is_file():
+        lines += _learned_rm_view(json.loads(Path(evaluate_metrics).read_text(encoding="utf-8")), [baseline]
+                                  + [f"{c.name}-seed{s}" for c in table for s in seeds])
+    lines += ["", f"![learning curves]({Path(curves).name})"]
+    text = "\n".join(lines) + "\n"
+    write_text(out, text)
+    plot_curves(curves, table)
+    result = {
+        "baseline": sft.__dict__,
+        "conditions": {c.name: {"seeds": c.seeds, "final": [m.__dict__ for m in c.final],
+                                "curves": [[m.__dict__ for m in curve] for curve in c.curves]} for c in table},
+    }
+    write_json(Path(out).with_suffix(".json"), result)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"synthetic: wrote {out} and {curves}")
+    return result
+
+
+def _windows(steps: int, count: int = 4) -> list[tuple[int, int]]:
+    size = max(1, steps // count)
+    bounds = list(range(0, steps, size))[:count] + [steps]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _learned_rm_view(metrics: dict, systems: list[str]) -> list[str]:
+    """What the learned reward models said about the same responses (from evaluate)."""
+    rows = metrics.get("systems", {})
+    keys = [k for k in ("error_rate/factuality", "error_rate/relevance", "reward/completeness", "reward/preference")
+            if any(k in rows.get(s, {}) for s in systems)]
+    if not keys:
+        return []
+    lines = ["", "## What the learned reward models said about the same responses", "",
+             "| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for system in systems:
+        if system in rows:
+            lines.append(f"| {system} | " + " | ".join(f"{rows[system].get(k, float('nan')):.3f}" for k in keys) + " |")
+    return lines
+
+
+def plot_curves(path: str, table: list[Condition]) -> None:
+    """Four panels (the true metrics of the sampled rollouts) over PPO steps: each
+    condition's mean over seeds, with the range over seeds shaded."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 7), dpi=100)
+    FigureCanvasAgg(figure)
+    colours = ["tab:green", "tab:blue", "tab:orange", "tab:red"]
+    for panel, (key, label) in enumerate(METRIC_NAMES.items(), start=1):
+        axes = figure.add_subplot(2, 2, panel)
+        for condition, colour in zip(table, colours):
+            steps = min(len(c) for c in condition.curves)
+            series = [[getattr(c[t], key) for c in condition.curves] for t in range(steps)]
+            x = list(range(1, steps + 1))
+            axes.plot(x, [statistics.fmean(v) for v in series], color=colour, label=f"{condition.name} (mean of {len(condition.curves)} seeds)")
+            axes.fill_between(x, [min(v) for v in series], [max(v) for v in series], color=colour, alpha=0.15)
+        axes.set_title(label)
+        axes.set_xlabel("PPO step (sampled rollouts)")
+        axes.grid(alpha=0.3)
+        if panel == 1:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())

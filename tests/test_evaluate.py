@@ -1,0 +1,217 @@
+"""`rlhfkit evaluate` on tiny models and hand-made generations: every metric, alignment, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.config import build_config
+from rlhfkit.generation import SamplingConfig, generate
+from rlhfkit.metrics import perplexity
+from rlhfkit.models import load_policy
+from rlhfkit.rewards.reward_model import load_reward_model
+from rlhfkit.schema import Generation, PromptRecord, load_records, write_records
+
+N_PROMPTS = 2
+
+
+@pytest.fixture(scope="module")
+def qa_records(tmp_path_factory, repo_root) -> Path:
+    """The shipped QA-Feedback sample imported (prompts with references, preferences, spans)."""
+    from rlhfkit.stages.annotate_import import ImportConfig, run_import
+
+    out = tmp_path_factory.mktemp("qa-import")
+    run_import(build_config(ImportConfig, format="qa-feedback", inputs=[str(repo_root / "data/qa_feedback/feedback.json")], out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_models(tmp_path_factory, qa_records, make_tiny_model) -> dict[str, Path]:
+    """A preference RM and a factuality (segment) RM, one optimizer step each on a few records."""
+    from rlhfkit.stages.train_rm import TrainRMConfig, run_train_rm
+
+    root = tmp_path_factory.mktemp("rms")
+    backbone = str(make_tiny_model("gpt2"))
+    subsets = {"preference": "preferences.jsonl", "factuality": "span_feedback.jsonl"}
+    out = {}
+    for aspect, name in subsets.items():
+        data = root / name
+        data.write_text("".join((qa_records / name).read_text().splitlines(keepends=True)[:8]))
+        out[aspect] = root / aspect
+        run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=backbone, out=str(out[aspect]),
+                                  max_steps=1, eval_fraction=0, device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def qa_prompts(tmp_path_factory, qa_records) -> Path:
+    """The shortest few QA prompts (with their references), to keep generation fast."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    records = sorted(load_records(qa_records / "prompts.jsonl", "prompt"), key=lambda r: len(r.prompt))
+    write_records(path, records[:N_PROMPTS])
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+METRIC_KEYS = {
+    "n", "reward/preference", "reward/factuality", "error_rate/factuality", "rouge_l",
+    "distinct_1", "distinct_2", "distinct_3", "mean_length", "perplexity",
+}
+
+
+def test_two_systems_get_every_metric_and_a_pairwise_table(tmp_path, run_cli, tiny_model_dir, reward_models, qa_prompts):
+    prompts = load_records(qa_prompts, "prompt")
+    gold = tmp_path / "gold.jsonl"
+    write_records(gold, [Generation(id=f"gold-{p.id}", prompt=p.prompt, response=p.references[0], model="gold") for p in prompts])
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps({"source": "Wu et al. 2023, Table 2", "rows": [{"system": "FG-RLHF", "metrics": {"rouge_l": 0.492, "error_rate/fact": 0.1}}]}))
+    out = tmp_path / "eval"
+    result = run_cli(
+        "evaluate", "--policy", f"tiny={tiny_model_dir}", "--generations", gold, "--prompts", qa_prompts, "--out", out,
+        "--rm", f"pref={reward_models['preference']}", "--rm", f"fact={reward_models['factuality']}",
+        "--reference-lm", tiny_model_dir, "--paper", paper,
+        "--max-new-tokens", 8, "--max-prompt-length", 1024, "--device", "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    metrics = read_json(out / "metrics.json")
+    systems = metrics["systems"]
+    assert list(systems) == ["tiny", "gold"]
+    for name in systems:
+        assert METRIC_KEYS <= set(systems[name]), name
+        assert systems[name]["n"] == N_PROMPTS
+
+    records = load_records(out / "generations.jsonl", "generation")
+    by_system = {name: [r for r in records if r.model == name] for name in systems}
+    assert [r.prompt for r in by_system["tiny"]] == [r.prompt for r in by_system["gold"]] == [p.prompt for p in prompts]
+
+    # the policy's responses are exactly greedy generation with the same settings
+    model, tokenizer, is_ed = load_policy(tiny_model_dir, device="cpu")
+    rollout = generate(model, tokenizer, [p.prompt for p in prompts], SamplingConfig(max_new_tokens=8, do_sample=False),
+                       max_prompt_length=1024, is_encoder_decoder=is_ed)
+    assert [r.response for r in by_system["tiny"]] == rollout.texts
+
+    # a system that answers with the reference has ROUGE-L 1; its length is the references' in words
+    assert systems["gold"]["rouge_l"] == pytest.approx(1.0)
+    assert systems["gold"]["mean_length"] == pytest.approx(sum(len(p.references[0].split()) for p in prompts) / N_PROMPTS)
+
+    # rewards and error rates are those the reward models give these responses directly
+    pref = load_reward_model(reward_models["preference"], device="cpu")
+    fact = load_reward_model(reward_models["factuality"], device="cpu")
+    scores = {}
+    for name, rows in by_system.items():
+        pairs = ([r.prompt for r in rows], [r.response for r in rows])
+        scores[name] = [s.values[0] for s in pref.score(*pairs)]
+        assert systems[name]["reward/preference"] == pytest.approx(sum(scores[name]) / N_PROMPTS, abs=1e-5)
+        assert [r.meta["rewards"]["preference"] for r in rows] == pytest.approx(scores[name], abs=1e-5)
+        segment_rewards = fact.score(*pairs)
+        assert systems[name]["reward/factuality"] == pytest.approx(sum(sum(s.values) for s in segment_rewards) / N_PROMPTS)
+        probs = [p for s in segment_rewards for p in s.error_probs]
+        # a response with no sentence has no segment to flag (the tiny policy's may have none)
+        expected_rate = sum(p > 0.5 for p in probs) / len(probs) if probs else 0.0
+        assert systems[name]["error_rate/factuality"] == pytest.approx(expected_rate)
+        assert name != "gold" or probs
+        assert systems[name]["perplexity"] == pytest.approx(perplexity(model, tokenizer, pairs[1]), rel=1e-5)
+
+    # judge: the first sequence RM; tiny vs gold counted from the scores
+    pairwise = metrics["pairwise"]
+    assert pairwise["judge"] == "preference"
+    wins = sum(a > b for a, b in zip(scores["tiny"], scores["gold"]))
+    losses = sum(a < b for a, b in zip(scores["tiny"], scores["gold"]))
+    (row,) = pairwise["pairs"]
+    assert (row["a"], row["b"]) == ("tiny", "gold")
+    assert row["win"] == pytest.approx(wins / N_PROMPTS) and row["loss"] == pytest.approx(losses / N_PROMPTS)
+
+    table = (out / "results.md").read_text()
+    assert "| system | n | reward/preference | reward/factuality | error_rate/factuality | rouge_l |" in table
+    assert f"| tiny | {N_PROMPTS} |" in table and f"| gold | {N_PROMPTS} |" in table
+    # the paper's row, its RM alias resolved to the column of the same RM
+    paper_row = next(line for line in table.splitlines() if line.startswith("| FG-RLHF (paper)"))
+    columns = [c.strip() for c in table.splitlines()[4].split("|")[1:-1]]
+    cells = [c.strip() for c in paper_row.split("|")[1:-1]]
+    assert cells[columns.index("rouge_l")] == "0.4920" and cells[columns.index("error_rate/factuality")] == "0.1000"
+    assert "Pairwise win rates (judge: preference" in table
+
+
+def write_prompts(path: Path) -> Path:
+    write_records(path, [
+        PromptRecord(id="p1", prompt="Where is the cat?", references=["the cat is on the mat"]),
+        PromptRecord(id="p2", prompt="Letters?", references=["a c"]),
+    ])
+    return path
+
+
+def test_generations_are_matched_by_prompt_and_scored_by_hand(tmp_path, run_cli):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    write_records(tmp_path / "runs.jsonl", [
+        Generation(id="1", prompt="Where is the cat?", response="the cat sat on the mat", model="alpha"),
+        Generation(id="2", prompt="Letters?", response="a b c d", model="alpha"),
+    ])
+    # no model field: the system is named after the file; records in another order
+    write_records(tmp_path / "beta.jsonl", [
+        Generation(id="2", prompt="Letters?", response="a c"),
+        Generation(id="1", prompt="Where is the cat?", response="the cat is on the mat"),
+    ])
+    out = tmp_path / "eval"
+    result = run_cli("evaluate", "--generations", tmp_path / "runs.jsonl", "--generations", tmp_path / "beta.jsonl",
+                     "--prompts", prompts, "--out", out)
+    assert result.exit_code == 0, result.output
+    systems = read_json(out / "metrics.json")["systems"]
+    alpha, beta = systems["alpha"], systems["beta"]
+    # alpha: ROUGE-L F 5/6 and 2/3 (see test_metrics) -> 0.75; words: "the cat sat on the mat"
+    # + "a b c d" = 10, distinct 9; mean length (6 + 4) / 2
+    assert alpha["rouge_l"] == pytest.approx(0.75)
+    assert alpha["distinct_1"] == pytest.approx(0.9)
+    assert alpha["mean_length"] == 5.0
+    # bigrams: 5 + 3 = 8, all distinct; trigrams 4 + 2 = 6, all distinct
+    assert alpha["distinct_2"] == 1.0 and alpha["distinct_3"] == 1.0
+    # beta answers with the references: ROUGE-L 1; words 6 + 2 = 8, distinct 7 (the x2)
+    assert beta["rouge_l"] == pytest.approx(1.0)
+    assert beta["distinct_1"] == pytest.approx(7 / 8)
+    assert beta["mean_length"] == 4.0
+    assert "no pairwise win rates" in result.output
+    records = load_records(out / "generations.jsonl", "generation")
+    assert [(r.model, r.prompt) for r in records] == [
+        ("alpha", "Where is the cat?"), ("alpha", "Letters?"), ("beta", "Where is the cat?"), ("beta", "Letters?"),
+    ]
+
+
+def test_systems_with_different_prompts_are_refused(tmp_path, run_cli):
+    write_records(tmp_path / "a.jsonl", [
+        Generation(id="1", prompt="Where is the cat?", response="x", model="alpha"),
+        Generation(id="2", prompt="Letters?", response="y", model="alpha"),
+    ])
+    write_records(tmp_path / "b.jsonl", [
+        Generation(id="1", prompt="Where is the cat?", response="x"),
+        Generation(id="3", prompt="Something else?", response="z"),
+    ])
+    result = run_cli("evaluate", "--generations", tmp_path / "a.jsonl", "--generations", tmp_path / "b.jsonl", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "'b'" in result.output and "has 1 prompt(s) that 'alpha'" in result.output and "lacks 1 of its 2" in result.output
+
+
+def test_judge_must_be_a_known_sequence_reward_model(tmp_path, run_cli, reward_models):
+    write_records(tmp_path / "a.jsonl", [Generation(id="1", prompt="q", response="x", model="alpha")])
+    base = ["evaluate", "--generations", tmp_path / "a.jsonl", "--out", tmp_path / "o",
+            "--rm", f"pref={reward_models['preference']}", "--rm", f"fact={reward_models['factuality']}"]
+    result = run_cli(*base, "--judge", "fact")
+    assert result.exit_code == 2
+    assert "the factuality reward model is a segment model; a judge must be a preference or regression model" in result.output
+    result = run_cli(*base, "--judge", "comp")
+    assert result.exit_code == 2
+    assert "--judge comp: no --rm of that name; valid: preference, factuality" in result.output
+
+
+def test_bad_options_are_one_line_errors(tmp_path, run_cli, tiny_model_dir):
+    result = run_cli("evaluate", "--policy", tiny_model_dir, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "--policy needs --prompts" in result.output
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps({"rows": [{"system": "x", "metrics": {"rouge_l": "high"}}]}))
+    write_records(tmp_path / "a.jsonl", [Generation(id="1", prompt="q", response="x")])
+    result = run_cli("evaluate", "--generations", tmp_path / "a.jsonl", "--out", tmp_path / "o", "--paper", paper)
+    assert result.exit_code == 2 and "rows[0].metrics.rouge_l must be a number" in result.output
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,106 @@
+"""rlhfkit.metrics against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
+from rlhfkit.models import load_policy, load_tokenizer
+
+
+def test_rouge_l_is_the_best_reference_f_measure_averaged():
+    # 1) "the cat sat on the mat" vs "the cat is on the mat": LCS = the cat on the mat = 5
+    #    words; P = 5/6, R = 5/6, F = 5/6. Against "a dog": 0. Best: 5/6.
+    # 2) "a b c d" vs "a c": LCS = a c = 2; P = 2/4, R = 2/2, F = 2PR/(P+R) = 1/1.5 = 2/3.
+    # mean = (5/6 + 4/6) / 2 = 3/4
+    score = rouge_l(["the cat sat on the mat", "a b c d"], [["a dog", "the cat is on the mat"], ["a c"]])
+    assert score == pytest.approx(0.75)
+    assert rouge_l(["the cat sat on the mat"], [["a dog"]]) == 0.0
+
+
+def test_rouge_l_stems_by_default_and_needs_references():
+    # "cats" stems to "cat": a full match with the stemmer, no overlap without it
+    assert rouge_l(["cats"], [["cat"]]) == pytest.approx(1.0)
+    assert rouge_l(["cats"], [["cat"]], use_stemmer=False) == 0.0
+    with pytest.raises(ValueError, match="prediction 1 has no reference"):
+        rouge_l(["a", "b"], [["a"], []])
+    with pytest.raises(ValueError, match="2 predictions but 1 reference"):
+        rouge_l(["a", "b"], [["a"]])
+
+
+def test_distinct_n_pools_ngrams_over_the_corpus():
+    texts = ["a b a b", "a b c"]
+    # unigrams: a b a b | a b c -> 7 in all, distinct {a, b, c} = 3
+    assert distinct_n(texts, 1) == pytest.approx(3 / 7)
+    # bigrams: ab ba ab | ab bc -> 5 in all, distinct {ab, ba, bc} = 3
+    assert distinct_n(texts, 2) == pytest.approx(3 / 5)
+    # trigrams: aba bab | abc -> 3, all distinct
+    assert distinct_n(texts, 3) == 1.0
+    # 4-grams: only "a b a b" has one
+    assert distinct_n(texts, 4) == 1.0
+    # no n-gram at all scores 0 rather than dividing by zero
+    assert distinct_n(["", "a"], 2) == 0.0
+    # any tokenisation: characters of "aab" -> a a b, distinct 2 of 3
+    assert distinct_n(["aab"], 1, tokenize=list) == pytest.approx(2 / 3)
+
+
+def test_mean_length_counts_whitespace_words():
+    # 2 + 1 + 0 words over 3 texts
+    assert mean_length(["a  b", "c", ""]) == 1.0
+    assert mean_length(["abc"], tokenize=list) == 3.0
+
+
+def test_win_rate_with_and_without_a_tie_margin():
+    a = [1.0, 2.0, 3.0, 4.0]
+    b = [0.0, 2.0, 3.05, 5.0]
+    # differences a - b: 1, 0, -0.05, -1
+    assert win_rate(a, b) == pytest.approx({"win": 0.25, "tie": 0.25, "loss": 0.5})
+    # with margin 0.1, -0.05 becomes a tie
+    assert win_rate(a, b, tie_margin=0.1) == pytest.approx({"win": 0.25, "tie": 0.5, "loss": 0.25})
+    # swapping the sides swaps win and loss
+    assert win_rate(b, a) == pytest.approx({"win": 0.5, "tie": 0.25, "loss": 0.25})
+    with pytest.raises(ValueError, match="4 scores for A but 3"):
+        win_rate(a, b[:3])
+
+
+class UniformLM(torch.nn.Module):
+    """Logits all zero: every token has probability 1/V, so perplexity is exactly V."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(is_encoder_decoder=False, max_position_embeddings=2048)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab_size))
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    vocab = len(tokenizer)
+    assert perplexity(UniformLM(vocab), tokenizer, ["the sky is blue", "a", ""], batch_size=2) == pytest.approx(vocab)
+    # nothing to score
+    assert math.isnan(perplexity(UniformLM(vocab), tokenizer, [""]))
+
+
+def test_perplexity_matches_the_models_own_loss_and_ignores_padding(tiny_model_dir):
+    model, tokenizer, _ = load_policy(tiny_model_dir, device="cpu")
+    texts = ["The sky is blue.", "Bloom is the second studio album by Troye Sivan."]
+    nll_sum, n_tokens = 0.0, 0
+    for text in texts:
+        # each text alone, after the bos (= eos for GPT-2 style) token: HF's mean loss over
+        # the len - 1 predicted tokens
+        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        nll_sum += loss * (ids.shape[1] - 1)
+        n_tokens += ids.shape[1] - 1
+    expected = math.exp(nll_sum / n_tokens)
+    # one batch of two (the shorter one padded) and two batches of one agree
+    assert perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(model, tokenizer, texts, batch_size=1) == pytest.approx(expected, rel=1e-4)
