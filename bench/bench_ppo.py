@@ -1,30 +1,32 @@
 """PPO iteration throughput against TRL's GRPOTrainer (`make bench-ppo`), and reward-model costs.
 
 One iteration = generate + score + update. Both sides get the same policy (a GPT-2 built by
-`rlhfkit init-model`'s code into a temporary directory and loaded from there by each), the same
-prompt batch (8 short prompts x 4 samples), the same reward (`bench/ppo_reward.py`, a python
-function both call), the same sampling (temperature 0.7, top-k 20), a KL penalty against a
-reference model (TRL beta = rlhfkit --kl-coef, so both load a reference and score with it),
-and the same optimizer steps per iteration (rollouts / minibatch x epochs: TRL
-steps_per_generation x num_iterations). Every response is exactly --new-tokens long on both
-sides: EOS is suppressed until then with transformers' `min_new_tokens` (TRL: through
-`generation_kwargs`; rlhfkit: on the policy's generation_config, which `generate` honours),
-so generated tokens/s compare like for like. TRL is set up like for like: fp32 (its
-bf16 default off), no gradient checkpointing (its default on), dropout off, no logging,
-saving or evaluation. Its optimizer stays its default (fused AdamW); rlhfkit's is AdamW.
+`rlhfkit init-model`'s code into a temporary directory and loaded from there by each), the
+same prompt batch (8 short prompts x 4 samples), the same reward (`bench/ppo_reward.py`, one
+python function both call), the same sampling (temperature 0.7, top-k 20), a KL penalty
+against a reference model (TRL beta = rlhfkit --kl-coef, so both load and run a reference),
+and the same optimizer steps per iteration (rollouts / minibatch x epochs; TRL:
+steps_per_generation x num_iterations, which also makes it compute the rollout logprobs as
+rlhfkit does). Every response is exactly --new-tokens long on both sides: EOS is suppressed
+until then by transformers' `min_new_tokens` (TRL: `generation_kwargs`; rlhfkit: the policy's
+generation_config, which `generate` honours), so tokens/s compare like for like. TRL runs
+like for like: fp32 (its bf16 default off), no gradient checkpointing (its default on),
+dropout off, no logging, saving or evaluation; its optimizer stays its default.
 
-rlhfkit runs twice: `--advantage grpo` (critic-free, the like-for-like row) and `gae` (the
-paper's separate value model, an extra model to run and train). Each configuration runs in
-a fresh subprocess, so its peak memory is its own: on CPU the peak RSS (getrusage) minus the
+rlhfkit runs twice: `--advantage grpo` (critic-free: the like-for-like row) and `gae` (the
+paper's separate value model: one more model to run and train). Each configuration runs in
+a fresh subprocess, so peak memory is its own: on CPU the peak RSS (getrusage) minus the
 RSS after imports, before any model is loaded; on CUDA torch.cuda.max_memory_allocated.
-Each subprocess runs one warm-up iteration, then --repeats timed ones; the table shows the
-median. Tokens/s = generated response tokens / wall time of the whole iteration.
+Each subprocess runs one warm-up iteration, then --repeats timed ones; tables show medians.
+Tokens/s = generated response tokens / time of the whole iteration. On CPU the time is the
+process's CPU time (one torch thread, so it is the work done, whatever else the machine
+runs); wall time is shown beside it. On CUDA only wall time means anything.
 
-Reward-model costs (score only: `score_rollout` on one rollout batch, as `ppo` calls it):
-three reward models (factuality + relevance segment RMs, completeness preference RM, each
-trained for 2 steps with `train-rm` on the tiny backbone) against completeness alone, and
-R3HF redistribution of the completeness RM (`--redistribute comp`: prefix scores) against
-its plain sequence score. The same comparisons are also timed as whole iterations.
+Reward-model costs, score only (`score_rollout` on one rollout batch, as `ppo` calls it):
+three reward models (factuality + relevance segment RMs, a completeness preference RM, each
+trained for 2 steps by `train-rm` on the tiny backbone) against completeness alone; and R3HF
+redistribution of the completeness RM (`--redistribute comp`: prefix scores) against its
+plain sequence score. The same reward setups are also timed as whole grpo iterations.
 """
 
 from __future__ import annotations
@@ -39,10 +41,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from typing_extensions import Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `bench.ppo_reward` must import the same way on both sides
+if str(REPO_ROOT) not in sys.path:  # `bench.ppo_reward` imports the same way on both sides
     sys.path.insert(0, str(REPO_ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,15 +66,24 @@ QUESTIONS = [
     "How tall is the tower?",
     "Why is the sky blue?",
 ]
-MODEL_SIZES = {"tiny": dict(n_layer=4, n_embd=128, n_head=4), "small": dict(n_layer=12, n_embd=768, n_head=12)}
+MODEL_SIZES = {
+    "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4},
+    "small": {"n_layer": 12, "n_embd": 768, "n_head": 12},
+}
 ITERATION_CONFIGS = ("trl-grpo", "rlhfkit-grpo", "rlhfkit-gae")
-# Span feedback and preferences for the three tiny reward models (as tests/test_ppo.py trains them).
+MAX_PROMPT_TOKENS = 64
+# Feedback for the three tiny reward models, as tests/test_ppo.py trains them.
 RM_RESPONSES = [
     "Bloom was written by Troye Sivan. It was released in 2018.",
     "The bridge opened in 1937. It is red.",
     "The Nile is in Africa. It is long.",
     "Paris is the capital. The city is old.",
 ]
+RM_SETUPS = {  # name: (reward weights, redistributed sources)
+    "comp": ({"completeness": 1.0}, {}),
+    "fact+rel+comp": ({"factuality": 0.3, "relevance": 0.5, "completeness": 0.3}, {}),
+    "comp redistributed": ({"completeness": 1.0}, {"completeness": "token"}),
+}
 
 
 @dataclass
@@ -92,7 +107,7 @@ class BenchSpec:
     temperature: float = 0.7
     top_k: int = 20
     seed: int = 0
-    profile_dir: Optional[str] = None
+    profile_dir: str | None = None
 
     @property
     def rollouts(self) -> int:
@@ -109,11 +124,31 @@ class BenchSpec:
 # --- worker side: one configuration per fresh process -------------------------------------------
 
 
-def start_worker(spec: BenchSpec):
+class Clock:
+    """Wall and process CPU time of a section (CUDA work finished before each reading)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Self:
+        self._sync()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+    def _sync(self) -> None:
+        synchronize(self.device)
+
+
+def synchronize(device) -> None:
     import torch
 
-    torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def memory_baseline(device) -> int:
@@ -127,7 +162,7 @@ def memory_baseline(device) -> int:
 
 
 def peak_memory(device, baseline: int) -> int:
-    """Bytes: CUDA allocator peak, or the process's peak RSS above its post-import RSS."""
+    """Bytes: the CUDA allocator's peak, or the process's peak RSS above its post-import RSS."""
     import resource
 
     import torch
@@ -135,38 +170,24 @@ def peak_memory(device, baseline: int) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak *= 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
-    return peak - baseline
+    return peak * (1 if sys.platform == "darwin" else 1024) - baseline  # Linux reports KiB, macOS bytes
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def force_length(model, new_tokens: int) -> None:
-    """Suppress EOS until `new_tokens` are generated (transformers' MinNewTokensLengthLogitsProcessor)."""
-    model.generation_config.min_new_tokens = new_tokens
-
-
-def rlhfkit_config(spec: BenchSpec, advantage: str, rewards: str, rm: list[str], redistribute: list[str] = ()):
+def rlhfkit_config(spec: BenchSpec, advantage: str, weights: dict[str, float], rm: dict[str, str], redistribute: dict[str, str]):
     from rlhfkit.config import build_config
     from rlhfkit.schema import PromptRecord, write_records
     from rlhfkit.stages.ppo import PPOConfig
 
     prompts_file = Path(spec.workdir) / "prompts.jsonl"
-    if not prompts_file.exists():
-        write_records(prompts_file, [PromptRecord(id=f"p{i}", prompt=p) for i, p in enumerate(spec.prompt_texts())])
+    write_records(prompts_file, [PromptRecord(id=f"p{i}", prompt=p) for i, p in enumerate(spec.prompt_texts())])
     return build_config(
         PPOConfig,
         policy=spec.model_dir,
         prompts=str(prompts_file),
-        out=str(Path(spec.workdir) / f"rlhfkit-{advantage}"),
-        rewards=rewards,
-        rm=list(rm),
-        redistribute=list(redistribute),
+        out=str(Path(spec.workdir) / "run"),
+        rewards=",".join(f"{name}={weight}" for name, weight in weights.items()),
+        rm=[f"{name}={target}" for name, target in rm.items()],
+        redistribute=[f"{name}:{granularity}" for name, granularity in redistribute.items()],
         advantage=advantage,
         steps=1 + spec.repeats,
         prompts_per_step=spec.prompts,
@@ -176,7 +197,7 @@ def rlhfkit_config(spec: BenchSpec, advantage: str, rewards: str, rm: list[str],
         lr=spec.lr,
         kl_coef=spec.kl_coef,
         max_new_tokens=spec.new_tokens,
-        max_prompt_length=64,
+        max_prompt_length=MAX_PROMPT_TOKENS,
         temperature=spec.temperature,
         top_k=spec.top_k,
         top_p=1.0,
@@ -186,12 +207,27 @@ def rlhfkit_config(spec: BenchSpec, advantage: str, rewards: str, rm: list[str],
     )
 
 
-class RlhfkitTrainer:
-    """What `run_ppo` sets up before its loop, so single iterations can be timed."""
+def reward_sources(cfg):
+    from rlhfkit.models import resolve_device
+    from rlhfkit.rewards.sources import (
+        build_reward_sources,
+        parse_named,
+        parse_redistribute,
+        parse_weights,
+    )
 
-    def __init__(self, cfg, sources=None):
+    return build_reward_sources(
+        parse_weights(cfg.rewards), parse_named(cfg.rm, "--rm"), parse_redistribute(cfg.redistribute),
+        device=resolve_device(cfg.device), dtype=cfg.dtype, batch_size=cfg.rm_batch_size,
+    )
+
+
+class RlhfkitPPO:
+    """What `run_ppo` sets up before its loop, so that single iterations can be timed."""
+
+    def __init__(self, cfg):
         from rlhfkit.models import resolve_device
-        from rlhfkit.rewards.sources import build_reward_sources, parse_named, parse_redistribute, parse_weights
+        from rlhfkit.rewards.sources import parse_weights
         from rlhfkit.rl.advantages import FixedKLController
         from rlhfkit.runs import set_seed
         from rlhfkit.stages.ppo import load_models, make_optimizers
@@ -200,28 +236,25 @@ class RlhfkitTrainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.weights = parse_weights(cfg.rewards)
-        self.sources = sources or build_reward_sources(
-            self.weights, parse_named(cfg.rm, "--rm"), parse_redistribute(cfg.redistribute),
-            device=self.device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size,
-        )
+        self.sources = reward_sources(cfg)
         self.bundle = load_models(cfg, self.device)
-        force_length(self.bundle.policy, cfg.max_new_tokens)
+        # Fixed-length responses: EOS is suppressed until max_new_tokens.
+        self.bundle.policy.generation_config.min_new_tokens = cfg.max_new_tokens
         self.optimizers, self.schedulers = make_optimizers(cfg, self.bundle)
         self.kl_ctl = FixedKLController(cfg.kl_coef)
         self.step = 0
 
-    def iteration(self, prompts: list[str]) -> tuple[float, int]:
-        """(seconds, generated tokens) of one `ppo_iteration`."""
+    def iteration(self, prompts: list[str], sources=None, weights=None) -> tuple[Clock, torch.Tensor]:
+        """One `ppo_iteration` (with these reward sources, default the config's): its clock and response lengths."""
         from rlhfkit.stages.ppo import ppo_iteration
 
         self.step += 1
-        synchronize(self.device)
-        started = time.perf_counter()
-        metrics, rollout, _ = ppo_iteration(
-            self.cfg, self.bundle, self.sources, self.weights, prompts, self.optimizers, self.schedulers, self.kl_ctl, self.step
-        )
-        synchronize(self.device)
-        return time.perf_counter() - started, int(rollout.response_mask.sum())
+        with Clock(self.device) as clock:
+            _, rollout, _ = ppo_iteration(
+                self.cfg, self.bundle, sources or self.sources, weights or self.weights, prompts,
+                self.optimizers, self.schedulers, self.kl_ctl, self.step,
+            )
+        return clock, rollout.response_lengths.cpu()
 
 
 def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
@@ -231,19 +264,21 @@ def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
 
     device = resolve_device(spec.device)
     baseline = memory_baseline(device)
-    trainer = RlhfkitTrainer(rlhfkit_config(spec, advantage, "judge=1.0", [f"judge={REWARD_SPEC}"]))
+    ppo = RlhfkitPPO(rlhfkit_config(spec, advantage, {"judge": 1.0}, {"judge": REWARD_SPEC}, {}))
     prompts = spec.prompt_texts()
-    trainer.iteration(prompts)  # warm-up
+    ppo.iteration(prompts)  # warm-up
     profiler = start_profile(spec)
-    seconds, tokens = [], []
+    clocks, lengths = [], []
     for _ in range(spec.repeats):
-        s, t = trainer.iteration(prompts)
-        seconds.append(s)
-        tokens.append(t)
+        clock, response_lengths = ppo.iteration(prompts)
+        clocks.append(clock)
+        lengths.append(response_lengths)
     stop_profile(profiler, spec, f"rlhfkit-{advantage}")
     return {
-        "seconds": seconds,
-        "tokens": tokens,
+        "wall": [c.wall for c in clocks],
+        "cpu": [c.cpu for c in clocks],
+        "tokens": [int(n.sum()) for n in lengths],
+        "shortest_response": min(int(n.min()) for n in lengths),
         "peak_memory": peak_memory(device, baseline),
         "threads": torch.get_num_threads(),
     }
@@ -261,21 +296,21 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
     device = resolve_device(spec.device)
     baseline = memory_baseline(device)
     steps_per_generation = spec.rollouts // spec.minibatch
-    per_iteration = steps_per_generation * spec.epochs
+    steps_per_iteration = steps_per_generation * spec.epochs
 
     class IterationClock(TrainerCallback):
-        """Time at the end of every iteration's last optimizer step; the logged completion lengths."""
+        """Clock readings at the end of each iteration's last optimizer step; the logged lengths."""
 
         def __init__(self):
-            self.marks: list[float] = []
+            self.readings: list[tuple[float, float]] = []
             self.logs: list[dict] = []
             self.profiler = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % per_iteration == 0:
+            if state.global_step % steps_per_iteration == 0:
                 synchronize(device)
-                self.marks.append(time.perf_counter())
-                if len(self.marks) == 1:
+                self.readings.append((time.perf_counter(), time.process_time()))
+                if len(self.readings) == 1:  # the warm-up iteration is over
                     self.profiler = start_profile(spec)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -303,7 +338,7 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=0.5,
-        max_steps=(1 + spec.repeats) * per_iteration,
+        max_steps=(1 + spec.repeats) * steps_per_iteration,
         model_init_kwargs={"dtype": spec.dtype},
         gradient_checkpointing=False,
         bf16=False,
@@ -319,25 +354,24 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
         dataloader_pin_memory=False,
         seed=spec.seed,
     )
-    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir, padding_side="left")
     clock = IterationClock()
     trainer = GRPOTrainer(
         model=spec.model_dir,
         reward_funcs=letter_e_share,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": spec.prompt_texts()}),
-        processing_class=tokenizer,
+        processing_class=AutoTokenizer.from_pretrained(spec.model_dir, padding_side="left"),
         callbacks=[clock],
     )
     trainer.train()
-    seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
-    lengths = [log for log in clock.logs if "completions/mean_length" in log]
-    mean_length = lengths[-1]["completions/mean_length"] if lengths else float("nan")
-    min_length = lengths[-1]["completions/min_length"] if lengths else float("nan")
+    pairs = list(zip(clock.readings, clock.readings[1:]))
+    # TRL logs once, at the end: lengths averaged over every generation (the warm-up's too).
+    lengths = next(log for log in reversed(clock.logs) if "completions/mean_length" in log)
     return {
-        "seconds": seconds,
-        "tokens": [round(mean_length * spec.rollouts)] * len(seconds),
-        "min_length": min_length,
+        "wall": [b[0] - a[0] for a, b in pairs],
+        "cpu": [b[1] - a[1] for a, b in pairs],
+        "tokens": [round(lengths["completions/mean_length"] * spec.rollouts)] * len(pairs),
+        "shortest_response": lengths["completions/min_length"],
         "peak_memory": peak_memory(device, baseline),
         "threads": torch.get_num_threads(),
     }
@@ -364,83 +398,64 @@ def train_reward_models(spec: BenchSpec) -> dict[str, str]:
         spans.append(SpanFeedback(id=f"s{i}", prompt=prompts[i % len(prompts)], response=response, spans=marked,
                                   aspects=["factuality", "relevance"]))
     write_records(root / "spans.jsonl", spans)
-    prefs = [
+    write_records(root / "prefs.jsonl", [
         Preference(id=f"q{i}", prompt=prompts[i % len(prompts)], chosen=RM_RESPONSES[i % 4],
                    rejected=RM_RESPONSES[i % 4].split(".")[0] + ".", aspect="preference")
         for i in range(12)
-    ]
-    write_records(root / "prefs.jsonl", prefs)
+    ])
     out = {}
     for aspect, data in (("factuality", "spans.jsonl"), ("relevance", "spans.jsonl"), ("completeness", "prefs.jsonl")):
-        cfg = build_config(
+        run_train_rm(build_config(
             TrainRMConfig, aspect=aspect, data=str(root / data), model=spec.rm_backbone, out=str(root / aspect),
             max_steps=2, batch_size=4, max_length=256, eval_fraction=0.0, device=spec.device, dtype=spec.dtype,
-        )
-        run_train_rm(cfg)
+        ))
         out[aspect] = str(root / aspect)
     return out
 
 
 def run_rm_costs(spec: BenchSpec) -> dict:
-    """Score-only and whole-iteration seconds of: completeness alone, three RMs, completeness redistributed."""
+    """Seconds to score one rollout batch, and of a whole grpo iteration, for each of RM_SETUPS."""
+    import dataclasses
+
     from rlhfkit.generation import SamplingConfig, generate
-    from rlhfkit.rewards.sources import build_reward_sources
+    from rlhfkit.rewards.sources import parse_weights
     from rlhfkit.stages.ppo import score_rollout
 
     rms = train_reward_models(spec)
-    one = {"completeness": 1.0}
-    three = {"factuality": 0.3, "relevance": 0.5, "completeness": 0.3}
-    setups = {
-        "comp": (one, {}),
-        "fact+rel+comp": (three, {}),
-        "comp redistributed": (one, {"completeness": "token"}),
-    }
     cfgs = {
-        name: rlhfkit_config(
-            spec, "grpo", ",".join(f"{k}={v}" for k, v in weights.items()), [f"{k}={rms[k]}" for k in weights],
-            [f"{k}:{g}" for k, g in redistribute.items()],
-        )
-        for name, (weights, redistribute) in setups.items()
+        name: rlhfkit_config(spec, "grpo", weights, {k: rms[k] for k in weights}, redistribute)
+        for name, (weights, redistribute) in RM_SETUPS.items()
     }
-    trainers = {}
-    for name, cfg in cfgs.items():
-        from rlhfkit.models import resolve_device
-        from rlhfkit.rewards.sources import parse_named, parse_redistribute, parse_weights
-
-        sources = build_reward_sources(
-            parse_weights(cfg.rewards), parse_named(cfg.rm, "--rm"), parse_redistribute(cfg.redistribute),
-            device=resolve_device(cfg.device), dtype=cfg.dtype, batch_size=cfg.rm_batch_size,
-        )
-        trainers[name] = RlhfkitTrainer(cfg, sources)
-
+    setups = {name: (reward_sources(cfg), parse_weights(cfg.rewards), cfg) for name, cfg in cfgs.items()}
+    # One policy for all setups: they differ only in their reward sources.
+    ppo = RlhfkitPPO(dataclasses.replace(cfgs["comp"], steps=1 + 2 * spec.repeats * len(setups)))
     prompts = spec.prompt_texts()
-    expanded = [p for p in prompts for _ in range(spec.samples_per_prompt)]
-    first = next(iter(trainers.values()))
     rollout = generate(
-        first.bundle.policy, first.bundle.tokenizer, expanded,
+        ppo.bundle.policy, ppo.bundle.tokenizer, [p for p in prompts for _ in range(spec.samples_per_prompt)],
         SamplingConfig(spec.new_tokens, spec.temperature, spec.top_k, 1.0, do_sample=True),
-        max_prompt_length=64, is_encoder_decoder=first.bundle.is_encoder_decoder,
+        max_prompt_length=MAX_PROMPT_TOKENS, is_encoder_decoder=ppo.bundle.is_encoder_decoder,
     )
-    score_seconds: dict[str, list[float]] = {name: [] for name in setups}
-    iteration_seconds: dict[str, list[float]] = {name: [] for name in setups}
+    score: dict[str, list[Clock]] = {name: [] for name in setups}
+    iteration: dict[str, list[Clock]] = {name: [] for name in setups}
     profiler = None
-    for repeat in range(1 + spec.repeats):  # the first round is the warm-up
+    for repeat in range(1 + spec.repeats):  # round 0 is the warm-up
         if repeat == 1:
             profiler = start_profile(spec)
-        for name, trainer in trainers.items():  # interleaved, so background load hits all alike
-            synchronize(trainer.device)
-            started = time.perf_counter()
-            score_rollout(trainer.sources, trainer.weights, rollout, trainer.cfg)
-            synchronize(trainer.device)
+        for name, (sources, weights, cfg) in setups.items():  # interleaved: background load hits all alike
+            with Clock(ppo.device) as clock:
+                score_rollout(sources, weights, rollout, cfg)
             if repeat:
-                score_seconds[name].append(time.perf_counter() - started)
-        for name, trainer in trainers.items():
-            seconds, _ = trainer.iteration(prompts)
+                score[name].append(clock)
+        for name, (sources, weights, _) in setups.items():
+            clock, _ = ppo.iteration(prompts, sources, weights)
             if repeat:
-                iteration_seconds[name].append(seconds)
+                iteration[name].append(clock)
     stop_profile(profiler, spec, "rm-costs")
-    return {"score_seconds": score_seconds, "iteration_seconds": iteration_seconds,
-            "response_tokens": int(rollout.response_mask.sum())}
+    return {"score": clock_lists(score), "iteration": clock_lists(iteration), "response_tokens": int(rollout.response_mask.sum())}
+
+
+def clock_lists(clocks: dict[str, list[Clock]]) -> dict[str, dict[str, list[float]]]:
+    return {name: {"wall": [c.wall for c in cs], "cpu": [c.cpu for c in cs]} for name, cs in clocks.items()}
 
 
 def start_profile(spec: BenchSpec):
@@ -461,10 +476,11 @@ def stop_profile(profiler, spec: BenchSpec, name: str) -> None:
 
     profiler.disable()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(35)
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("cumulative").print_stats(40)
+    stats.sort_stats("tottime").print_stats(25)
     path = Path(spec.profile_dir) / f"profile-{name}.txt"
     path.write_text(out.getvalue())
-    print(f"profile of {name}'s timed part: {path}", file=sys.stderr)
 
 
 WORKERS = {
@@ -476,10 +492,12 @@ WORKERS = {
 
 
 def worker_main(name: str, spec_path: str, result_path: str) -> int:
+    import torch
+
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
-    start_worker(spec)
-    result = WORKERS[name](spec)
-    Path(result_path).write_text(json.dumps(result))
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    Path(result_path).write_text(json.dumps(WORKERS[name](spec)))
     return 0
 
 
@@ -488,22 +506,19 @@ def worker_main(name: str, spec_path: str, result_path: str) -> int:
 
 def run_worker(name: str, spec: BenchSpec, root: Path) -> dict:
     """Run one configuration in a fresh interpreter; its output is shown only if it fails."""
-    workdir = root / name.replace(" ", "-")
+    workdir = root / name
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = workdir / "spec.json", workdir / "result.json"
-    spec_path.write_text(json.dumps(asdict(BenchSpec(**{**asdict(spec), "workdir": str(workdir)}))))
+    spec_path.write_text(json.dumps(asdict(spec) | {"workdir": str(workdir)}))
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads)}
-    started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(spec_path), str(result_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False,
     )
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-5000:] + done.stderr[-10000:])
         raise SystemExit(f"benchmark worker '{name}' failed (exit {done.returncode})")
-    result = json.loads(result_path.read_text())
-    result["wall"] = time.perf_counter() - started
-    return result
+    return json.loads(result_path.read_text())
 
 
 def build_model(root: Path, size: str) -> Path:
@@ -513,129 +528,123 @@ def build_model(root: Path, size: str) -> Path:
     return run_init_model(build_config(InitModelConfig, out=str(root / f"policy-{size}"), arch="gpt2", **MODEL_SIZES[size]))
 
 
-@dataclass
-class IterationRow:
-    name: str
-    seconds: list[float]
-    tokens: list[int]
-    peak_memory: int
-
-    @property
-    def tokens_per_second(self) -> float:
-        return statistics.median(t / s for t, s in zip(self.tokens, self.seconds))
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB"
+def each(values: list[float], digits: int = 2) -> str:
+    return f"{median(values):.{digits}f} (" + " ".join(f"{v:.{digits}f}" for v in values) + ")"
 
 
-def print_report(spec: BenchSpec, size: str, rows: list[IterationRow], trl_min_length, rm: Optional[dict], threads: int, device: str) -> None:
+def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict | None) -> None:
     import torch
     import transformers
     import trl
     from rich.console import Console
     from rich.table import Table
 
-    out = Console(width=160)
-    memory_kind = "CUDA max allocated" if device.startswith("cuda") else "peak RSS - RSS after imports"
-    title = (
-        f"one PPO iteration (generate + score + {spec.updates_per_iteration} optimizer steps): {spec.prompts} prompts x "
-        f"{spec.samples_per_prompt} samples x {spec.new_tokens} new tokens, {size} GPT-2, {device} {spec.dtype}, "
-        f"{threads} torch thread(s); median of {spec.repeats} after 1 warm-up"
+    on_cpu = spec.device == "cpu"
+    basis = "cpu" if on_cpu else "wall"
+    out = Console(width=180)
+    threads = results["trl-grpo"]["threads"]
+    table = Table(
+        title=(
+            f"one PPO iteration = generate + score + {spec.updates_per_iteration} optimizer steps: {spec.prompts} prompts x "
+            f"{spec.samples_per_prompt} samples x {spec.new_tokens} new tokens; {size} GPT-2, {spec.device} {spec.dtype}, "
+            f"{threads} torch thread(s); median of {spec.repeats} timed iterations after 1 warm-up"
+        ),
+        title_justify="left",
     )
-    table = Table(title=title, title_justify="left")
-    for column in ("configuration", "tokens/s", "s / iteration (each)", f"peak memory ({memory_kind})", "vs TRL tokens/s"):
-        table.add_column(column)
-    trl_rate = next(r.tokens_per_second for r in rows if r.name == "trl-grpo")
-    for row in rows:
-        table.add_row(
-            row.name,
-            f"{row.tokens_per_second:,.0f}",
-            f"{statistics.median(row.seconds):.2f} (" + " ".join(f"{s:.2f}" for s in row.seconds) + ")",
-            mib(row.peak_memory),
-            f"{row.tokens_per_second / trl_rate:.2f}x",
-        )
+    columns = ["configuration", "tokens/s" + (" (CPU time)" if on_cpu else "")]
+    columns += (["CPU s / iteration (each)", "tokens/s (wall)"] if on_cpu else []) + ["wall s / iteration (each)"]
+    columns += ["peak memory" + (" (peak RSS - RSS after imports)" if on_cpu else " (CUDA max allocated)"), "vs TRL"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    rate = {name: median([t / s for t, s in zip(r["tokens"], r[basis])]) for name, r in results.items()}
+    for name, r in results.items():
+        row = [name, f"{rate[name]:,.0f}"]
+        if on_cpu:
+            row += [each(r["cpu"]), f"{median([t / s for t, s in zip(r['tokens'], r['wall'])]):,.0f}"]
+        row += [each(r["wall"]), f"{r['peak_memory'] / 2**20:,.0f} MiB", f"{rate[name] / rate['trl-grpo']:.2f}x"]
+        table.add_row(*row)
     out.print(table)
     out.print(
-        f"generated tokens per iteration: " + ", ".join(f"{r.name} {statistics.median(r.tokens)}" for r in rows)
-        + f" (TRL shortest completion: {trl_min_length:g} tokens)"
+        "generated tokens per iteration: " + ", ".join(f"{name} {median(r['tokens']):.0f}" for name, r in results.items())
+        + "; shortest response: " + ", ".join(f"{name} {r['shortest_response']}" for name, r in results.items())
     )
-    goal = min(r.tokens_per_second for r in rows if r.name == "rlhfkit-grpo") / trl_rate
-    out.print(f"goal rlhfkit (grpo) >= 1.5x TRL tokens/s: {goal:.2f}x -> {'met' if goal >= 1.5 else 'NOT met'}")
+    ratio = rate["rlhfkit-grpo"] / rate["trl-grpo"]
+    out.print(f"goal: rlhfkit (grpo) >= 1.5x TRL tokens/s: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")
     if rm:
-        score, iteration = rm["score_seconds"], rm["iteration_seconds"]
-        med = {k: statistics.median(v) for k, v in score.items()}
-        it = {k: statistics.median(v) for k, v in iteration.items()}
-        table = Table(title=f"reward-model cost ({rm['response_tokens']} response tokens per batch; median of {spec.repeats})", title_justify="left")
-        for column in ("reward sources", "score only, s (each)", "whole grpo iteration, s (each)"):
-            table.add_column(column)
-        for name in score:
+        table = Table(
+            title=f"reward-model cost: one batch of {spec.rollouts} rollouts, {rm['response_tokens']} response tokens; "
+                  f"median of {spec.repeats} ({basis} seconds)",
+            title_justify="left",
+        )
+        for column in ("reward sources", "score only, s (each)", "vs comp", "whole grpo iteration, s (each)", "vs comp"):
+            table.add_column(column, justify="left" if column == "reward sources" else "right")
+        score = {name: r[basis] for name, r in rm["score"].items()}
+        iteration = {name: r[basis] for name, r in rm["iteration"].items()}
+        for name, seconds in score.items():
             table.add_row(
-                name,
-                f"{med[name]:.3f} (" + " ".join(f"{s:.3f}" for s in score[name]) + ")",
-                f"{it[name]:.2f} (" + " ".join(f"{s:.2f}" for s in iteration[name]) + ")",
+                name, each(seconds, 3), f"{median(seconds) / median(score['comp']):.2f}x",
+                each(iteration[name]), f"{median(iteration[name]) / median(iteration['comp']):.2f}x",
             )
         out.print(table)
-        three = med["fact+rel+comp"] / med["comp"]
-        redistributed = med["comp redistributed"] / med["comp"]
-        out.print(
-            f"three RMs / one: score only {three:.2f}x, whole iteration "
-            f"{it['fact+rel+comp'] / it['comp']:.2f}x -> goal <= 1.3x {'met' if three <= 1.3 else 'NOT met'} (score only)"
-        )
-        out.print(
-            f"redistributed / plain: score only {redistributed:.2f}x, whole iteration "
-            f"{it['comp redistributed'] / it['comp']:.2f}x -> goal <= 1.05x {'met' if redistributed <= 1.05 else 'NOT met'} (score only)"
-        )
-    out.print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-              f"{os.cpu_count()} CPUs, torch threads {threads} (torch.set_num_threads in every worker)")
+        three = median(score["fact+rel+comp"]) / median(score["comp"])
+        spread = median(score["comp redistributed"]) / median(score["comp"])
+        out.print(f"goal: three RMs <= 1.3x one (score only): {three:.2f}x -> {'met' if three <= 1.3 else 'NOT met'}")
+        out.print(f"goal: redistribution <= 1.05x plain scoring (score only): {spread:.2f}x -> {'met' if spread <= 1.05 else 'NOT met'}")
+    out.print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {os.cpu_count()} CPUs; "
+        f"torch.set_num_threads({threads}) in every worker"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on supporting GPUs), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPUs that support it), float32, bfloat16")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny",
-                        help="tiny: 4 layers x 128 (CPU); small: 12 layers x 768 (GPU)")
+                        help="tiny: 4 layers x 128 wide (CPU); small: 12 layers x 768 wide (GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: stable numbers on a shared machine)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64, help="response length, forced on both sides")
     parser.add_argument("--minibatch", type=int, default=8, help="rollouts per optimizer step")
-    parser.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch (TRL num_iterations)")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch (TRL: num_iterations)")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per configuration, after one warm-up")
-    parser.add_argument("--skip-rm-costs", action="store_true", help="only the TRL comparison")
-    parser.add_argument("--profile-dir", help="write a cProfile of each worker's timed part here")
+    parser.add_argument("--skip-rm-costs", action="store_true", help="only the comparison with TRL")
+    parser.add_argument("--profile-dir", help="write a cProfile of each worker's timed part into this directory")
     parser.add_argument("--worker", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(*args.worker)
 
-    from rlhfkit.models import resolve_device, resolve_dtype
+    from rlhfkit.models import DTYPES, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    dtype = {v: k for k, v in __import__("rlhfkit.models", fromlist=["DTYPES"]).DTYPES.items()}[resolve_dtype(args.dtype, device)]
+    torch_dtype = resolve_dtype(args.dtype, device)
+    dtype = next(name for name, value in DTYPES.items() if value == torch_dtype)
     if (args.prompts * args.samples_per_prompt) % args.minibatch:
         raise SystemExit("--minibatch must divide --prompts x --samples-per-prompt")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-ppo-") as tmp:
         root = Path(tmp)
         policy = build_model(root, args.model_size)
-        rm_backbone = policy if args.model_size == "tiny" else build_model(root, "tiny")
         spec = BenchSpec(
-            model_dir=str(policy), rm_backbone=str(rm_backbone), workdir=str(root), device=str(device), dtype=dtype,
-            threads=args.threads, prompts=args.prompts, samples_per_prompt=args.samples_per_prompt,
-            new_tokens=args.new_tokens, minibatch=args.minibatch, epochs=args.epochs, repeats=args.repeats,
+            model_dir=str(policy),
+            rm_backbone=str(policy if args.model_size == "tiny" else build_model(root, "tiny")),
+            workdir=str(root), device=str(device), dtype=dtype, threads=args.threads, prompts=args.prompts,
+            samples_per_prompt=args.samples_per_prompt, new_tokens=args.new_tokens, minibatch=args.minibatch,
+            epochs=args.epochs, repeats=args.repeats,
             profile_dir=str(Path(args.profile_dir).resolve()) if args.profile_dir else None,
         )
-        rows, trl_min_length, threads = [], None, None
-        for name in ITERATION_CONFIGS:
-            result = run_worker(name, spec, root)
-            rows.append(IterationRow(name, result["seconds"], result["tokens"], result["peak_memory"]))
-            trl_min_length = result.get("min_length", trl_min_length)
-            threads = result["threads"]
+        if spec.profile_dir:
+            Path(spec.profile_dir).mkdir(parents=True, exist_ok=True)
+        results = {name: run_worker(name, spec, root) for name in ITERATION_CONFIGS}
         rm = None if args.skip_rm_costs else run_worker("rm-costs", spec, root)
-    print_report(spec, args.model_size, rows, trl_min_length, rm, threads, str(device))
-    print(f"total bench time {time.perf_counter() - started:.0f}s")
+    print_report(spec, args.model_size, results, rm)
+    print(f"bench time {time.perf_counter() - started:.0f}s")
     return 0
 
 

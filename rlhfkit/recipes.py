@@ -495,12 +495,13 @@ def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | N
 
 
 def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> dict:
-    """QA-Feedback data files without feedback (train_1k.json, dev.json, test.json: question,
-    passages, and `answer` / `gold`) as `demonstrations.jsonl` (one per gold answer, the SFT
-    data) and `prompts.jsonl` (with the gold answers as references, for ROUGE-L).
+    """QA-Feedback data files without feedback (train_1k.json, dev.json, test.json) as
+    `demonstrations.jsonl` (one per gold answer: the SFT data) and `prompts.jsonl` (with the
+    gold answers as references, for ROUGE-L).
 
-    The prompt is built from question + passages exactly as the qa-feedback importer builds
-    it, so SFT, reward models and PPO see the same policy inputs.
+    The prompt is the record's `text` (the released policy input) or, without one, built
+    from `question` + `passages` ([title, sentence, ...] lists) exactly as the qa-feedback
+    importer builds it. Gold answers: `answer` (a list, or a JSON-encoded list) or `gold`.
     """
     from rlhfkit.importers import read_rows, source_names
     from rlhfkit.importers.qa_feedback import policy_input
@@ -511,20 +512,25 @@ def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> 
         for row in read_rows(spec, name, "train"):
             if row.error:
                 raise RlhfkitError(f"{row.where}: {row.error}")
-            data = row.data
-            if not isinstance(data, dict) or not isinstance(data.get("question"), str) or not isinstance(data.get("passages"), list):
-                raise RlhfkitError(f"{row.where}: expected a QA record with 'question' and 'passages'")
+            data = row.data if isinstance(row.data, dict) else {}
+            if isinstance(data.get("text"), str):
+                prompt = data["text"]
+            elif isinstance(data.get("question"), str) and isinstance(data.get("passages"), list):
+                prompt = policy_input(data["question"], data["passages"])
+            else:
+                raise RlhfkitError(f"{row.where}: expected a QA record with 'text', or 'question' and 'passages'")
             answers = data.get("answer", data.get("gold"))
             if isinstance(answers, str) and answers.lstrip().startswith("["):
                 answers = json.loads(answers)
             answers = [answers] if isinstance(answers, str) else answers
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
                 raise RlhfkitError(f"{row.where}: 'answer' (or 'gold') must be a string or a list of strings")
-            prompt = policy_input(data["question"], data["passages"])
             prompts.append(PromptRecord(id=row.key, prompt=prompt, references=answers))
             demonstrations += [Demonstration(id=f"{row.key}:{i}", prompt=prompt, response=a) for i, a in enumerate(answers)]
             if limit is not None and len(prompts) >= limit:
                 break
+        if limit is not None and len(prompts) >= limit:
+            break
     write_records(Path(out) / "prompts.jsonl", prompts)
     write_records(Path(out) / "demonstrations.jsonl", demonstrations)
     console.print(f"qa-answers: {len(prompts)} prompts, {len(demonstrations)} demonstrations -> {out}")

@@ -26,6 +26,7 @@ from rlhfkit.stages.train_rm import (
     encode_preference_groups,
     load_aspect_records,
     make_collate,
+    roc_auc,
     make_loss_fn,
     segment_loss,
     segment_metrics,
@@ -114,6 +115,14 @@ def test_segment_loss_by_hand():
     # position 1: label 0, -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928, weight 1
     assert loss.item() == pytest.approx(2.079442 + 0.126928, abs=1e-5)
     assert count.item() == 2
+
+
+def test_roc_auc_by_hand():
+    # Errors score 0.9 and 0.4, non-errors 0.4, 0.2, 0.1: of the 2 x 3 pairs the error wins
+    # 5 and ties 1 (0.4 vs 0.4) -> (5 + 0.5) / 6.
+    assert roc_auc([0.9, 0.4, 0.4, 0.2, 0.1], [True, True, False, False, False]) == pytest.approx(5.5 / 6)
+    assert roc_auc([0.1, 0.2, 0.3], [True, False, False]) == 0.0
+    assert math.isnan(roc_auc([0.1, 0.2], [False, False]))
 
 
 def test_segment_metrics_by_hand():

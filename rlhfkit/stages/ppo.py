@@ -307,7 +307,10 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             mb_mask = mask[idx]
             logits, logprobs, hidden = policy_logprobs(bundle, mb, cfg.temperature, want_hidden=bundle.value_model_shared)
             pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
-            entropy = entropy_from_logits(logits, mb_mask)
+            # Without a bonus the entropy is only logged: a backward pass through its
+            # vocabulary-sized softmax would cost ~20% of the update for a zero gradient.
+            with torch.set_grad_enabled(cfg.entropy_coef != 0):
+                entropy = entropy_from_logits(logits, mb_mask)
             loss = pg_loss - cfg.entropy_coef * entropy
             if cfg.advantage != "gae":
                 loss = loss + kl_ctl.value * masked_mean(kl_penalty(logprobs, ref_logprobs[idx], kind="k3"), mb_mask)

@@ -478,10 +478,31 @@ def make_loss_fn(kind: str, error_class_weight: float) -> Callable:
 # --- metrics ----------------------------------------------------------------------------------
 
 
-def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool]) -> dict[str, float]:
+def roc_auc(scores: Sequence[float], actual: Sequence[bool]) -> float:
+    """P(a random error scores above a random non-error), ties counting 1/2 (Mann-Whitney U)."""
+    n_pos = sum(actual)
+    n_neg = len(actual) - n_pos
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1  # tied scores share their average rank
+        start = end + 1
+    positive_rank_sum = sum(rank for rank, a in zip(ranks, actual) if a)
+    return (positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool], error_probs: Optional[Sequence[float]] = None) -> dict[str, float]:
     """Accuracy and the error class's precision/recall/F1, beside the majority-class accuracy.
 
-    The baseline is the better of the two constant predictions on the same segments.
+    The baseline is the better of the two constant predictions on the same segments. With
+    the error probabilities, also their ROC AUC (0.5 for an RM that cannot rank errors).
     """
     n = len(actual)
     tp = sum(p and a for p, a in zip(predicted, actual))
@@ -500,6 +521,7 @@ def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool]) -> dict[s
         "segments": n,
         "error_segments": errors,
         "predicted_errors": tp + fp,
+        **({"error_auc": roc_auc(error_probs, actual)} if error_probs is not None else {}),
     }
 
 
@@ -510,12 +532,13 @@ def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: st
     if not fitting:
         return metrics
     if rm.kind == "segment":
-        predicted, actual = [], []
+        all_probs: list[float] = []
+        actual: list[bool] = []
         scored = rm.error_probabilities([r.prompt for r in fitting], [r.response for r in fitting], batch_size)
         for r, (segments, probs) in zip(fitting, scored):
             actual.extend(label_segments(segments, r.spans, aspect))
-            predicted.extend(judged_errors(probs))
-        return {**metrics, **segment_metrics(predicted, actual)}
+            all_probs.extend(probs)
+        return {**metrics, **segment_metrics(judged_errors(all_probs), actual, all_probs)}
     pairs = [r for r in fitting if isinstance(r, Preference)]
     if pairs:
         distinct = responses_of(pairs)
@@ -700,7 +723,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         # fit evaluates after the last step too, so held_metrics ends as the final model's.
         held_metrics.clear()
         held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size))
-        keys = ("accuracy", "error_f1", "pairwise_accuracy", "mse")
+        keys = ("accuracy", "error_f1", "error_auc", "pairwise_accuracy", "mse")
         return {k: held_metrics[k] for k in keys if k in held_metrics}
 
     result = fit(
@@ -760,7 +783,8 @@ def _summary(metrics: dict[str, float]) -> str:
     if "majority_baseline_accuracy" in metrics:
         return (
             f"held-out segment accuracy {metrics['accuracy']:.4f} (majority baseline "
-            f"{metrics['majority_baseline_accuracy']:.4f}), error F1 {metrics['error_f1']:.4f}"
+            f"{metrics['majority_baseline_accuracy']:.4f}), error F1 {metrics['error_f1']:.4f}, "
+            f"error AUC {metrics['error_auc']:.4f}"
         )
     if "pairwise_accuracy" in metrics:
         return f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.4f} on {metrics['pairs']} pairs (baseline 0.5)"
