@@ -12,6 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo
+.PHONY: table-synthetic table-qa table-detox table-r3hf table-cnr recipes-dry-run
 
 setup: $(STAMP)
 
@@ -22,11 +23,38 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The main job on the embedded default: shipped QA-Feedback sample + tiny offline models.
+# The main job on the embedded default: the whole pipeline (recipes/demo.yaml) on the shipped
+# QA-Feedback sample with tiny offline models; every artifact lands in $(RUN)/demo/.
+# Tiny models on a few CPU cores run fastest on one intra-op thread (RECIPE_THREADS=N to change).
+RECIPE_THREADS ?= 1
 demo: setup
-	$(BIN)/rlhfkit init-model --out models/tiny
-	$(BIN)/rlhfkit annotate-import --format qa-feedback data/qa_feedback/feedback.json --out $(RUN)/demo/import
-	@echo "demo artifacts are in $(RUN)/demo/"
+	OMP_NUM_THREADS=$(RECIPE_THREADS) $(BIN)/rlhfkit recipe recipes/demo.yaml --set out=$(RUN)/demo
+	@echo "demo artifacts are in $(RUN)/demo/ (results: $(RUN)/demo/results.md)"
+
+# Paper tables: SCALE=tiny runs here on tiny offline models; SCALE=paper is the paper's setup
+# (GPUs, hub models and data: see each recipes/<table>/README.md). Tables land in results/.
+table-synthetic table-qa table-detox table-r3hf table-cnr: SCALE ?= tiny
+table-synthetic table-qa table-detox table-r3hf table-cnr: RECIPE_ENV = $(if $(filter tiny,$(SCALE)),OMP_NUM_THREADS=$(RECIPE_THREADS))
+
+table-synthetic: setup
+	$(RECIPE_ENV) $(BIN)/rlhfkit recipe recipes/synthetic/$(SCALE).yaml
+
+table-qa: setup
+	$(RECIPE_ENV) $(BIN)/rlhfkit recipe recipes/qa_feedback/$(SCALE).yaml
+
+table-detox: setup
+	$(RECIPE_ENV) $(BIN)/rlhfkit recipe recipes/detox/$(SCALE).yaml
+
+table-r3hf: setup
+	$(RECIPE_ENV) $(BIN)/rlhfkit recipe recipes/r3hf/$(SCALE).yaml
+
+table-cnr: setup
+	$(RECIPE_ENV) $(BIN)/rlhfkit recipe recipes/critique_revise/$(SCALE).yaml
+
+# Resolve and validate every paper-scale recipe without running anything (CI's test suite
+# does the same in tests/test_recipes.py).
+recipes-dry-run: setup
+	for plan in recipes/*/paper.yaml; do $(BIN)/rlhfkit recipe $$plan --dry-run || exit 1; done
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -45,3 +73,6 @@ clean:
 
 bench-train: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]" && $(BIN)/python bench/bench_train.py
+
+bench-ppo: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]" && $(BIN)/python bench/bench_ppo.py

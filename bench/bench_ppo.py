@@ -79,6 +79,11 @@ RM_RESPONSES = [
     "The Nile is in Africa. It is long.",
     "Paris is the capital. The city is old.",
 ]
+# Scoring is cheap and its differences small: it is timed this many times per timed iteration.
+SCORINGS_PER_ROUND = 5
+# Whole iterations are timed with one and with three RMs; redistribution's extra cost (~0.01 s
+# per batch) is far below the noise of a whole iteration.
+ITERATION_SETUPS = ("comp", "fact+rel+comp")
 RM_SETUPS = {  # name: (reward weights, redistributed sources)
     "comp": ({"completeness": 1.0}, {}),
     "fact+rel+comp": ({"factuality": 0.3, "relevance": 0.5, "completeness": 0.3}, {}),
@@ -414,7 +419,7 @@ def train_reward_models(spec: BenchSpec) -> dict[str, str]:
 
 
 def run_rm_costs(spec: BenchSpec) -> dict:
-    """Seconds to score one rollout batch, and of a whole grpo iteration, for each of RM_SETUPS."""
+    """Clocks of scoring one rollout batch for each of RM_SETUPS, and of whole grpo iterations with one and three RMs."""
     import dataclasses
 
     from rlhfkit.generation import SamplingConfig, generate
@@ -428,28 +433,29 @@ def run_rm_costs(spec: BenchSpec) -> dict:
     }
     setups = {name: (reward_sources(cfg), parse_weights(cfg.rewards), cfg) for name, cfg in cfgs.items()}
     # One policy for all setups: they differ only in their reward sources.
-    ppo = RlhfkitPPO(dataclasses.replace(cfgs["comp"], steps=1 + 2 * spec.repeats * len(setups)))
+    ppo = RlhfkitPPO(dataclasses.replace(cfgs["comp"], steps=1 + spec.repeats * len(ITERATION_SETUPS)))
     prompts = spec.prompt_texts()
     rollout = generate(
         ppo.bundle.policy, ppo.bundle.tokenizer, [p for p in prompts for _ in range(spec.samples_per_prompt)],
         SamplingConfig(spec.new_tokens, spec.temperature, spec.top_k, 1.0, do_sample=True),
         max_prompt_length=MAX_PROMPT_TOKENS, is_encoder_decoder=ppo.bundle.is_encoder_decoder,
     )
+    for sources, weights, cfg in setups.values():  # warm-up
+        score_rollout(sources, weights, rollout, cfg)
+    ppo.iteration(prompts)
     score: dict[str, list[Clock]] = {name: [] for name in setups}
-    iteration: dict[str, list[Clock]] = {name: [] for name in setups}
-    profiler = None
-    for repeat in range(1 + spec.repeats):  # round 0 is the warm-up
-        if repeat == 1:
-            profiler = start_profile(spec)
-        for name, (sources, weights, cfg) in setups.items():  # interleaved: background load hits all alike
-            with Clock(ppo.device) as clock:
-                score_rollout(sources, weights, rollout, cfg)
-            if repeat:
+    iteration: dict[str, list[Clock]] = {name: [] for name in ITERATION_SETUPS}
+    profiler = start_profile(spec)
+    for _ in range(spec.repeats):  # setups interleaved, so background load hits all alike
+        for _ in range(SCORINGS_PER_ROUND):
+            for name, (sources, weights, cfg) in setups.items():
+                with Clock(ppo.device) as clock:
+                    score_rollout(sources, weights, rollout, cfg)
                 score[name].append(clock)
-        for name, (sources, weights, _) in setups.items():
+        for name in ITERATION_SETUPS:
+            sources, weights, _ = setups[name]
             clock, _ = ppo.iteration(prompts, sources, weights)
-            if repeat:
-                iteration[name].append(clock)
+            iteration[name].append(clock)
     stop_profile(profiler, spec, "rm-costs")
     return {"score": clock_lists(score), "iteration": clock_lists(iteration), "response_tokens": int(rollout.response_mask.sum())}
 
@@ -570,29 +576,34 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
     out.print(table)
     out.print(
         "generated tokens per iteration: " + ", ".join(f"{name} {median(r['tokens']):.0f}" for name, r in results.items())
-        + "; shortest response: " + ", ".join(f"{name} {r['shortest_response']}" for name, r in results.items())
+        + "; shortest response: " + ", ".join(f"{name} {r['shortest_response']:g}" for name, r in results.items())
     )
     ratio = rate["rlhfkit-grpo"] / rate["trl-grpo"]
     out.print(f"goal: rlhfkit (grpo) >= 1.5x TRL tokens/s: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")
     if rm:
         table = Table(
-            title=f"reward-model cost: one batch of {spec.rollouts} rollouts, {rm['response_tokens']} response tokens; "
-                  f"median of {spec.repeats} ({basis} seconds)",
+            title=f"reward-model cost: one batch of {spec.rollouts} rollouts, {rm['response_tokens']} response tokens; {basis} "
+                  f"seconds, median of {SCORINGS_PER_ROUND * spec.repeats} scorings and of {spec.repeats} iterations",
             title_justify="left",
         )
-        for column in ("reward sources", "score only, s (each)", "vs comp", "whole grpo iteration, s (each)", "vs comp"):
+        for column in ("reward sources", "score only, s (min-max)", "vs comp", "whole grpo iteration, s (each)", "vs comp"):
             table.add_column(column, justify="left" if column == "reward sources" else "right")
         score = {name: r[basis] for name, r in rm["score"].items()}
         iteration = {name: r[basis] for name, r in rm["iteration"].items()}
         for name, seconds in score.items():
+            whole = [each(iteration[name]), f"{median(iteration[name]) / median(iteration['comp']):.2f}x"] if name in iteration else ["-", "-"]
             table.add_row(
-                name, each(seconds, 3), f"{median(seconds) / median(score['comp']):.2f}x",
-                each(iteration[name]), f"{median(iteration[name]) / median(iteration['comp']):.2f}x",
+                name, f"{median(seconds):.3f} ({min(seconds):.3f}-{max(seconds):.3f})",
+                f"{median(seconds) / median(score['comp']):.2f}x", *whole,
             )
         out.print(table)
         three = median(score["fact+rel+comp"]) / median(score["comp"])
         spread = median(score["comp redistributed"]) / median(score["comp"])
-        out.print(f"goal: three RMs <= 1.3x one (score only): {three:.2f}x -> {'met' if three <= 1.3 else 'NOT met'}")
+        whole = median(iteration["fact+rel+comp"]) / median(iteration["comp"])
+        out.print(
+            f"goal: three RMs <= 1.3x one: score only {three:.2f}x -> {'met' if three <= 1.3 else 'NOT met'}; "
+            f"whole iteration {whole:.2f}x -> {'met' if whole <= 1.3 else 'NOT met'}"
+        )
         out.print(f"goal: redistribution <= 1.05x plain scoring (score only): {spread:.2f}x -> {'met' if spread <= 1.05 else 'NOT met'}")
     out.print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {os.cpu_count()} CPUs; "

@@ -46,12 +46,12 @@ from rich.table import Table
 
 from rlhfkit.config import build_config
 from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.rewards.reward_model import encode_pair
 from rlhfkit.runs import RunDir
 from rlhfkit.schema import load_records
+from rlhfkit.stages import train_rm
 from rlhfkit.stages.annotate_import import ImportConfig, run_import
 from rlhfkit.stages.init_model import InitModelConfig, run_init_model
-from rlhfkit.rewards.reward_model import encode_pair
-from rlhfkit.stages import train_rm
 from rlhfkit.stages.sft import SFTExample, encode_demonstration, make_collate, make_loss_fn
 from rlhfkit.training import LoopSettings, fit
 

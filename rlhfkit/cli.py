@@ -40,12 +40,12 @@ STAGES = {
                         "Critique-and-revise with natural-language feedback: train | run (Jin et al. 2023)."),
     "recipe": ("rlhfkit.recipes", "RecipeConfig", "run_recipe",
                "Run a paper-table recipe (an ordered plan of stage runs), or --dry-run to validate it."),
+    "launch": ("rlhfkit.stages.launch", "LaunchConfig", "run_launch",
+               "Run a stage in one process per GPU on one or more nodes (DeepSpeed launcher)."),
 }
 
 # Stages whose issues have not landed yet: listed so `rlhfkit --help` shows the whole pipeline.
-PLANNED = {
-    "launch": "Start a stage under the DeepSpeed launcher (not implemented yet).",
-}
+PLANNED = {}
 
 
 def stage_command(name: str) -> click.Command:

@@ -5,13 +5,16 @@ A plan is a YAML file (recipes/<table>/<scale>.yaml):
     description: Fine-Grained RLHF long-form QA, tiny offline models
     vars:                                # ${name} in the steps' strings; --set NAME=VALUE
       out: runs/qa_feedback
+    requires:                            # inputs another recipe makes (checked before running)
+      runs/qa_feedback/paper: recipes/qa_feedback/paper.yaml
     steps:
       - stage: sft                       # an `rlhfkit` stage ...
         config: tiny/sft.yaml            # ... its options, as for `rlhfkit sft --config`
         with: {data: "${out}/import/demonstrations.jsonl", out: "${out}/sft"}
       - stage: ppo
         name: ppo-seed${seed}
-        foreach: {seed: [0, 1, 2]}       # one step per value (several keys: every combination)
+        foreach: {seed: [0, 1, 2]}       # one step per value (several keys: every combination;
+                                         # a list variable works too: {seed: "${seeds}"})
         with: {seed: "${seed}", out: "${out}/ppo-seed${seed}"}
       - call: rlhfkit.recipes:collect_results   # a Python step: function(**with)
         with: {out: results/qa.md, title: QA, sections: ["${out}/eval/results.md"]}
@@ -29,7 +32,7 @@ that needs an earlier step's output (a file it will write) waits until the step 
 dry run says so.
 
 Also here: the small data steps the recipes share (`shorten_prompts`, `qa_answer_records`,
-`prompts_from_rows`), and the steps that write result tables (`collect_results`,
+`prompts_from_rows`, `preference_sft_data`), and the steps that write result tables (`collect_results`,
 `toxicity_table`).
 """
 
@@ -47,7 +50,7 @@ import time
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -58,7 +61,7 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
 
-PLAN_KEYS = ("description", "vars", "steps")
+PLAN_KEYS = ("description", "vars", "requires", "steps")
 STEP_KEYS = ("stage", "call", "name", "config", "with", "foreach")
 RUN_RECORD = "recipe_run.json"
 
@@ -107,6 +110,7 @@ class Plan:
     description: str
     variables: dict[str, Any]
     steps: list[Step]
+    requires: dict[str, str] = field(default_factory=dict)  # input made elsewhere -> by what
 
 
 @dataclass
@@ -186,6 +190,8 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
         if ("stage" in raw) == ("call" in raw):
             raise RlhfkitError(f"{where}: give exactly one of 'stage' (an rlhfkit stage) or 'call' (module:function)")
         foreach = raw.get("foreach") or {}
+        if isinstance(foreach, dict):
+            foreach = {name: substitute(values, variables, where) for name, values in foreach.items()}
         if not isinstance(foreach, dict) or not all(isinstance(v, list) and v for v in foreach.values()):
             raise RlhfkitError(f"{where}: 'foreach' maps variable names to non-empty lists of values")
         for combination in itertools.product(*foreach.values()):
@@ -196,7 +202,11 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     if twice:
         raise RlhfkitError(f"{path}: step name(s) {', '.join(twice)} used twice; give the steps distinct 'name's")
     description = substitute(str(data.get("description", "")), variables, f"{path}: description")
-    return Plan(path, description, variables, steps)
+    requires = data.get("requires") or {}
+    if not isinstance(requires, dict):
+        raise RlhfkitError(f"{path}: 'requires' maps inputs made elsewhere to what makes them")
+    requires = {str(substitute(k, variables, f"{path}: requires")): str(v) for k, v in requires.items()}
+    return Plan(path, description, variables, steps, requires)
 
 
 def _expand_step(raw: dict, scope: dict[str, Any], path: Path, where: str, number: int) -> Step:
@@ -345,10 +355,14 @@ def resolve_step(step: Step, outputs: dict[str, Step]) -> ResolvedStep:
             raise RlhfkitError(f"{step.where}: {err}") from None
         return ResolvedStep(
             step,
-            deferred=f"checked when it runs: reads the output of step {producer.number} ({producer.name}): {err}",
+            deferred=f"checked when it runs: reads {_producer(producer)}: {err}",
             command=command_line(step.stage, cfg_cls, values),
         )
     return ResolvedStep(step, cfg, command=command_line(step.stage, cfg_cls, dataclasses.asdict(cfg)))
+
+
+def _producer(step: Step) -> str:
+    return f"an input {step.name}" if step.number == 0 else f"the output of step {step.number} ({step.name})"
 
 
 def call_target(step: Step) -> Callable:
@@ -364,7 +378,9 @@ def call_target(step: Step) -> Callable:
 
 def resolve_plan(plan: Plan) -> list[ResolvedStep]:
     """Every step resolved in order; checks on earlier steps' outputs are deferred."""
-    outputs: dict[str, Step] = {}
+    outputs: dict[str, Step] = {
+        made: Step(0, f"made by {maker}", None, None, None, {}, str(plan.path)) for made, maker in plan.requires.items()
+    }
     resolved = []
     for step in plan.steps:
         resolved.append(resolve_step(step, outputs))
@@ -411,6 +427,10 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
     if cfg.dry_run:
         print(render_plan(plan, resolved), end="")
         return [{"step": r.step.name, "stage": r.step.kind, "deferred": r.deferred} for r in resolved]
+    missing = {made: maker for made, maker in plan.requires.items() if not Path(made).exists()}
+    if missing:
+        raise RlhfkitError(f"{plan.path} needs " + "; ".join(f"{made} (made by {maker})" for made, maker in missing.items())
+                           + ": run that first, or --set the variable that names it")
     names = [s.name for s in plan.steps]
     start = 0
     if cfg.from_step is not None:
@@ -425,7 +445,10 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
         step = item.step
         console.rule(f"[bold]recipe step {step.number}/{len(plan.steps)}: {step.name}[/] ({step.kind})")
         step_started = time.perf_counter()
-        run_step(item)
+        try:
+            run_step(item)
+        except RlhfkitError as err:
+            raise type(err)(f"recipe step {step.number} ({step.name}): {err}") from None
         seconds = time.perf_counter() - step_started
         record.append({"step": step.name, "stage": step.kind, "seconds": round(seconds, 1), "command": item.command})
         console.print(f"recipe: {step.name} done in {seconds:.0f}s")
@@ -575,6 +598,21 @@ def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split:
     write_records(out, records)
     console.print(f"prompts: {len(records)} prompt records -> {out}")
     return len(records)
+
+
+def preference_sft_data(preferences: str, out: str, limit: int | None = None) -> dict:
+    """From pairwise preferences (annotate-import's preferences.jsonl): `demonstrations.jsonl`
+    (each chosen response, the SFT data of a preference-only data set such as HH-RLHF) and
+    `prompts.jsonl` (each distinct prompt once, for PPO and evaluation); ties are left out."""
+    from rlhfkit.schema import Demonstration, PromptRecord, load_records, write_records
+
+    records = [r for r in load_records(preferences, "preference") if not r.tie][: limit or None]
+    demonstrations = [Demonstration(id=r.id, prompt=r.prompt, response=r.chosen) for r in records]
+    prompts = [PromptRecord(id=f"prompt-{i}", prompt=p) for i, p in enumerate(dict.fromkeys(r.prompt for r in records))]
+    write_records(Path(out) / "demonstrations.jsonl", demonstrations)
+    write_records(Path(out) / "prompts.jsonl", prompts)
+    console.print(f"preference-sft-data: {len(demonstrations)} demonstrations, {len(prompts)} prompts -> {out}")
+    return {"demonstrations": len(demonstrations), "prompts": len(prompts)}
 
 
 # --- result tables -----------------------------------------------------------------------------

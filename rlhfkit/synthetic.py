@@ -20,7 +20,7 @@ papers compare: span feedback (SpanFeedback records, error spans on the sentence
 and pairwise preferences (Preference records: holistic ones from the holistic score,
 completeness ones from completeness), so the two reward pipelines learn from the same
 samples. Demonstrations for SFT are noisy on purpose: some sentences are false, some off
-topic, some facts left out, as an imperfect initial policy would be.
+topic or repeated, some facts left out, as an imperfect initial policy would be.
 
 `make_task` writes the data files a recipe trains on (recipes/synthetic/); `report` judges
 the policies' responses with the annotator itself (true error rates, not the learned
@@ -253,12 +253,13 @@ class Noise:
 
     false: float = 0.25  # a wrong value for the asked entity
     off_topic: float = 0.2  # a true fact about another entity
+    repeat: float = 0.1  # a sentence said again (after each sentence, at random)
     min_sentences: int = 2
     max_sentences: int = 5
 
 
 def noisy_response(kb: KnowledgeBase, entity: str, noise: Noise, rng: random.Random) -> str:
-    """A response about `entity` with sentences dropped, falsified or off topic, at random."""
+    """A response about `entity` with facts left out, falsified, off topic or repeated, at random."""
     attributes = kb.attributes[:]
     rng.shuffle(attributes)
     count = rng.randint(noise.min_sentences, min(noise.max_sentences, len(attributes)))
@@ -273,6 +274,8 @@ def noisy_response(kb: KnowledgeBase, entity: str, noise: Noise, rng: random.Ran
             sentences.append(kb.sentence(entity, attribute, rng.choice(wrong)))
         else:
             sentences.append(kb.sentence(entity, attribute, kb.entities[entity][attribute]))
+        if rng.random() < noise.repeat:
+            sentences.append(rng.choice(sentences))
     return " ".join(sentences)
 
 
@@ -302,14 +305,14 @@ def annotate(kb: KnowledgeBase, prompt: str, responses: Sequence[str], key: str)
 
 def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demonstrations_per_prompt: int = 12,
               feedback_per_prompt: int = 16, responses_per_comparison: int = 4, false: float = 0.25,
-              off_topic: float = 0.2, seed: int = 0) -> dict:
+              off_topic: float = 0.2, repeat: float = 0.1, seed: int = 0) -> dict:
     """Write the synthetic task's files to `out`: prompts.jsonl (every entity x question
     template), demonstrations.jsonl (noisy responses, the SFT data), span_feedback.jsonl and
     preferences.jsonl (the annotator's feedback on the same fresh noisy responses: groups of
     `responses_per_comparison`, every pair compared), and task.json (the settings)."""
     base = load_knowledge_base(kb)
     names = list(base.entities)[: entities or None]
-    noise = Noise(false=false, off_topic=off_topic)
+    noise = Noise(false=false, off_topic=off_topic, repeat=repeat)
     rng = random.Random(seed)
     prompts, demos, feedback, preferences = [], [], [], []
     for name in names:
@@ -333,7 +336,7 @@ def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demon
     summary = {
         "knowledge_base": kb, "entities": len(names), "prompts": len(prompts), "demonstrations": len(demos),
         "span_feedback": len(feedback), "preferences": len(preferences), "seed": seed,
-        "noise": {"false": false, "off_topic": off_topic},
+        "noise": {"false": false, "off_topic": off_topic, "repeat": repeat},
         "demonstrations_truth": demo_truth.__dict__,
     }
     write_json(target / "task.json", summary)
@@ -372,7 +375,7 @@ class Condition:
     name: str
     runs: list[Path]
     seeds: list[int]
-    final: list[TrueMetrics] = field(default_factory=list)  # one per seed, greedy evaluation
+    final: dict[str, list[TrueMetrics]] = field(default_factory=dict)  # evaluation -> one per seed
     curves: list[list[TrueMetrics]] = field(default_factory=list)  # per seed, per PPO step
 
 
@@ -391,74 +394,88 @@ def _mean_spread(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def report(out: str, curves: str, generations: str, run_pattern: str, conditions: list[str], seeds: list[int],
-           baseline: str = "SFT", kb: str = DEFAULT_KB, evaluate_metrics: str | None = None, title: str = "") -> dict:
-    """Judge every system's evaluation responses with the annotator (truth, not the learned
-    RMs) and write the table (`out`, markdown, mean ± sample std over seeds) and learning
-    curves (`curves`, PNG) from each PPO run's sampled rollouts.
-
-    `generations`: evaluate's generations.jsonl, with systems named `baseline` and
-    `{condition}-seed{seed}`; `run_pattern`: a PPO run directory with {condition} and {seed}.
-    """
-    base = load_knowledge_base(kb)
+def _judged_systems(kb: KnowledgeBase, generations: str) -> dict[str, list[Judgement]]:
     by_system: dict[str, list[Judgement]] = {}
     for record in load_records(generations, "generation"):
-        by_system.setdefault(record.model, []).append(judge(base, record.prompt, record.response))
-    if baseline not in by_system:
-        raise RlhfkitError(f"{generations}: no system named {baseline!r}; systems: {', '.join(by_system)}")
+        by_system.setdefault(record.model, []).append(judge(kb, record.prompt, record.response))
+    return by_system
+
+
+def _system(by_system: dict[str, list[Judgement]], name: str, source: str) -> TrueMetrics:
+    if name not in by_system:
+        raise RlhfkitError(f"{source}: no system named {name!r}; systems: {', '.join(by_system)}")
+    return TrueMetrics.of(by_system[name])
+
+
+def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str, conditions: list[str],
+           seeds: list[int], baseline: str = "SFT", kb: str = DEFAULT_KB, evaluate_metrics: str | None = None,
+           title: str = "", notes: str = "") -> dict:
+    """Judge every system's evaluation responses with the annotator (truth, not the learned
+    RMs); write the tables (`out`, markdown: mean ± sample std over seeds) and the learning
+    curves (`curves`, PNG) from each PPO run's sampled rollouts.
+
+    `evaluations`: {label: evaluate's generations.jsonl}, each with systems named `baseline`
+    and `{condition}-seed{seed}`; `run_pattern`: a PPO run directory, with {condition} and
+    {seed}; `evaluate_metrics`: an evaluate metrics.json whose learned-RM view is added.
+    """
+    base = load_knowledge_base(kb)
+    judged = {label: _judged_systems(base, path) for label, path in evaluations.items()}
+    baselines = {label: _system(judged[label], baseline, path) for label, path in evaluations.items()}
     table: list[Condition] = []
     for name in conditions:
         condition = Condition(name, [Path(run_pattern.format(condition=name, seed=s)) for s in seeds], list(seeds))
-        for seed, run in zip(seeds, condition.runs):
-            system = f"{name}-seed{seed}"
-            if system not in by_system:
-                raise RlhfkitError(f"{generations}: no system named {system!r}; systems: {', '.join(by_system)}")
-            condition.final.append(TrueMetrics.of(by_system[system]))
-            condition.curves.append(rollout_curve(base, run))
+        for label, path in evaluations.items():
+            condition.final[label] = [_system(judged[label], f"{name}-seed{seed}", path) for seed in seeds]
+        condition.curves = [rollout_curve(base, run) for run in condition.runs]
         table.append(condition)
-    sft = TrueMetrics.of(by_system[baseline])
 
     lines = [f"# {title or 'Synthetic task: fine-grained vs holistic rewards'}", ""]
-    lines += [
-        (f"Truth from the programmatic annotator ({kb}), not from the learned reward models. "
-         f"Greedy responses to {sft.responses} prompts; PPO rows: mean ± sample std over seeds {', '.join(map(str, seeds))}."),
-        "",
-        "| system | " + " | ".join(METRIC_NAMES.values()) + " | sentences |",
-        "|---" * (len(METRIC_NAMES) + 2) + "|",
-        f"| {baseline} | " + " | ".join(f"{getattr(sft, k):.3f}" for k in METRIC_NAMES) + f" | {sft.sentences_per_response:.2f} |",
-    ]
-    for condition in table:
-        cells = [_mean_spread([getattr(m, k) for m in condition.final]) for k in METRIC_NAMES]
-        lines.append(f"| {condition.name} PPO | " + " | ".join(cells)
-                     + f" | {_mean_spread([m.sentences_per_response for m in condition.final])} |")
-    lines += ["", "## During training (sampled rollouts)", "",
-              "Mean over seeds of the annotator's holistic score of the responses PPO sampled, averaged over step windows.", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += [(f"Truth from the programmatic annotator ({kb}), not from the learned reward models. "
+               f"PPO rows: mean ± sample std over seeds {', '.join(map(str, seeds))}."), ""]
+    for label in evaluations:
+        lines += [f"## Evaluation: {label} ({baselines[label].responses} responses per system)", "",
+                  "| system | " + " | ".join(METRIC_NAMES.values()) + " | sentences |",
+                  "|---" * (len(METRIC_NAMES) + 2) + "|",
+                  f"| {baseline} | " + " | ".join(f"{getattr(baselines[label], k):.3f}" for k in METRIC_NAMES)
+                  + f" | {baselines[label].sentences_per_response:.2f} |"]
+        for condition in table:
+            final = condition.final[label]
+            cells = [_mean_spread([getattr(m, k) for m in final]) for k in METRIC_NAMES]
+            lines.append(f"| {condition.name} | " + " | ".join(cells) + f" | {_mean_spread([m.sentences_per_response for m in final])} |")
+        lines.append("")
     steps = min(len(c) for cond in table for c in cond.curves)
     windows = _windows(steps)
-    lines += ["| condition | " + " | ".join(f"steps {a + 1}-{b}" for a, b in windows) + " |",
+    lines += ["## During training (the responses PPO sampled)", "",
+              "The annotator's holistic score of each step's rollouts, averaged over step windows; mean ± std over seeds.", "",
+              "| condition | " + " | ".join(f"steps {a + 1}-{b}" for a, b in windows) + " |",
               "|---" * (len(windows) + 1) + "|"]
     for condition in table:
-        cells = []
-        for a, b in windows:
-            per_seed = [statistics.fmean(m.holistic for m in curve[a:b]) for curve in condition.curves]
-            cells.append(_mean_spread(per_seed))
+        cells = [_mean_spread([statistics.fmean(m.holistic for m in curve[a:b]) for curve in condition.curves]) for a, b in windows]
         lines.append(f"| {condition.name} | " + " | ".join(cells) + " |")
     if evaluate_metrics and Path(evaluate_metrics).is_file():
-        lines += _learned_rm_view(json.loads(Path(evaluate_metrics).read_text(encoding="utf-8")), [baseline]
-                                  + [f"{c.name}-seed{s}" for c in table for s in seeds])
-    lines += ["", f"![learning curves]({Path(curves).name})"]
+        lines += _learned_rm_view(json.loads(Path(evaluate_metrics).read_text(encoding="utf-8")),
+                                  [baseline] + [f"{c.name}-seed{s}" for c in table for s in seeds])
+    lines += ["", f"![learning curves]({_relative_path(curves, Path(out).parent)})"]
     text = "\n".join(lines) + "\n"
     write_text(out, text)
     plot_curves(curves, table)
     result = {
-        "baseline": sft.__dict__,
-        "conditions": {c.name: {"seeds": c.seeds, "final": [m.__dict__ for m in c.final],
+        "baseline": {label: m.__dict__ for label, m in baselines.items()},
+        "conditions": {c.name: {"seeds": c.seeds, "final": {label: [m.__dict__ for m in ms] for label, ms in c.final.items()},
                                 "curves": [[m.__dict__ for m in curve] for curve in c.curves]} for c in table},
     }
     write_json(Path(out).with_suffix(".json"), result)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"synthetic: wrote {out} and {curves}")
     return result
+
+
+def _relative_path(target: str, base: Path) -> str:
+    import os
+
+    return os.path.relpath(Path(target).resolve(), base.resolve())
 
 
 def _windows(steps: int, count: int = 4) -> list[tuple[int, int]]:

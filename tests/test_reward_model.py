@@ -27,7 +27,12 @@ from rlhfkit.rewards.reward_model import (
 )
 from rlhfkit.schema import Span, SpanFeedback
 from rlhfkit.segment import segment
-from rlhfkit.stages.train_rm import IGNORE_INDEX, encode_segment_example, make_collate, save_reward_model
+from rlhfkit.stages.train_rm import (
+    IGNORE_INDEX,
+    encode_segment_example,
+    make_collate,
+    save_reward_model,
+)
 
 PROMPTS = [
     "question: Where is Paris? context: wikipage: Paris text: Paris is the capital of France.",
@@ -51,7 +56,7 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
 
 
-WORDS = "Where is Paris ? big . It rains a lot".split()
+WORDS = ["Where", "is", "Paris", "?", "big", ".", "It", "rains", "a", "lot"]
 
 
 def test_segment_labels_sit_on_the_tokens_that_end_each_sentence():
@@ -152,7 +157,7 @@ def test_scores_do_not_depend_on_padding(tiny_model_dir):
     together = sequence_rm.raw_scores(PROMPTS, RESPONSES, batch_size=3)
     alone = [sequence_rm.raw_scores([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
     assert together == pytest.approx(alone, abs=1e-5)
-    assert len(set(round(s, 4) for s in alone)) == 3
+    assert len({round(s, 4) for s in alone}) == 3
 
     segment_rm = make_rm(tiny_model_dir, "segment")
     together = segment_rm.error_probabilities(PROMPTS, RESPONSES, batch_size=3)

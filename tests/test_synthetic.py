@@ -114,11 +114,11 @@ def test_preferences_follow_the_holistic_score_and_completeness(small_kb):
 def test_noisy_responses_follow_the_noise_settings(small_kb):
     kb = load_knowledge_base(small_kb)
     rng = random.Random(0)
-    clean = [noisy_response(kb, "Ann", Noise(false=0, off_topic=0, min_sentences=2, max_sentences=2), rng) for _ in range(5)]
+    clean = [noisy_response(kb, "Ann", Noise(false=0, off_topic=0, repeat=0, min_sentences=2, max_sentences=2), rng) for _ in range(5)]
     assert all(judge(kb, kb.prompt("Ann"), r).holistic == 1.0 for r in clean)
-    false = [noisy_response(kb, "Ann", Noise(false=1, off_topic=0, min_sentences=1, max_sentences=2), rng) for _ in range(5)]
+    false = [noisy_response(kb, "Ann", Noise(false=1, off_topic=0, repeat=0, min_sentences=1, max_sentences=2), rng) for _ in range(5)]
     assert all(all(s.factual_error == "Wrong-Grounding" for s in judge(kb, kb.prompt("Ann"), r).sentences) for r in false)
-    off = noisy_response(kb, "Ann", Noise(false=0, off_topic=1, min_sentences=2, max_sentences=2), rng)
+    off = noisy_response(kb, "Ann", Noise(false=0, off_topic=1, repeat=0, min_sentences=2, max_sentences=2), rng)
     assert off.count("Bob") == 2 and "Ann" not in off
 
 
@@ -184,15 +184,15 @@ def test_report_tables_the_truth(tmp_path, small_kb):
             for step in (1, 2, 3, 4)
         ])
     write_records(tmp_path / "generations.jsonl", generations)
-    result = report(str(tmp_path / "r.md"), str(tmp_path / "c.png"), str(tmp_path / "generations.jsonl"),
+    result = report(str(tmp_path / "r.md"), str(tmp_path / "c.png"), {"greedy": str(tmp_path / "generations.jsonl")},
                     str(tmp_path / "ppo-{condition}-seed{seed}"), ["dense"], [0, 1], kb=small_kb)
-    finals = result["conditions"]["dense"]["final"]
+    finals = result["conditions"]["dense"]["final"]["greedy"]
     assert [f["holistic"] for f in finals] == [1.0, -0.5]  # bad: 0 covered, 1 factual error / 2
-    assert result["baseline"]["factual_error_rate"] == 1.0
+    assert result["baseline"]["greedy"]["factual_error_rate"] == 1.0
     assert [m["holistic"] for m in result["conditions"]["dense"]["curves"][0]] == [-0.5, 1.0, 1.0, 1.0]
     text = (tmp_path / "r.md").read_text()
     # mean 0.25, sample std of (1.0, -0.5) = 1.0607
-    assert "| dense PPO | 0.500 ± 0.707 | 0.000 ± 0.000 | 0.500 ± 0.707 | 0.250 ± 1.061 |" in text
+    assert "| dense | 0.500 ± 0.707 | 0.000 ± 0.000 | 0.500 ± 0.707 | 0.250 ± 1.061 |" in text
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -26,8 +26,8 @@ from rlhfkit.stages.train_rm import (
     encode_preference_groups,
     load_aspect_records,
     make_collate,
-    roc_auc,
     make_loss_fn,
+    roc_auc,
     segment_loss,
     segment_metrics,
     split_by_prompt,
@@ -380,3 +380,49 @@ def test_bad_input_exits_2_with_one_clear_line(run_cli, tiny_model_dir, span_fil
         result = run_cli("train-rm", *args, "--out", out, *FAST)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (message, result.output)
+
+
+# --- acceptance on the shipped sample (minutes) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_sample(tmp_path_factory, make_tiny_model, repo_root):
+    """The QA-Feedback sample imported, and the tiny backbone `rlhfkit init-model` builds by default."""
+    from rlhfkit.stages.annotate_import import ImportConfig, run_import
+    from rlhfkit.stages.init_model import SHIPPED_CORPUS, InitModelConfig
+
+    defaults = InitModelConfig()
+    backbone = make_tiny_model(
+        "gpt2",
+        vocab_size=defaults.vocab_size,
+        n_layer=defaults.n_layer,
+        n_embd=defaults.n_embd,
+        n_head=defaults.n_head,
+        max_positions=defaults.max_positions,
+        seed=defaults.seed,
+        corpus=[str(repo_root / path) for path in SHIPPED_CORPUS],
+    )
+    imported = tmp_path_factory.mktemp("qa-import")
+    run_import(build_config(ImportConfig, format="qa-feedback", inputs=[str(repo_root / "data/qa_feedback/feedback.json")], out=str(imported)))
+    return backbone, imported
+
+
+NOT_RELIABLY_ABOVE_BASELINE = pytest.mark.xfail(
+    reason="with the tiny random backbone this RM is at its trivial baseline within noise: factuality errors "
+    "need the full passages (~1,600 tokens) to detect; holistic preferences show no signal it can learn",
+    strict=False,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "aspect",
+    ["relevance", pytest.param("factuality", marks=NOT_RELIABLY_ABOVE_BASELINE), pytest.param("completeness", marks=NOT_RELIABLY_ABOVE_BASELINE)],
+)
+def test_presets_beat_the_trivial_baseline_on_the_shipped_sample(aspect, shipped_sample, tmp_path):
+    from rlhfkit.stages.train_rm import run_train_rm
+
+    backbone, imported = shipped_sample
+    data = imported / ("preferences.jsonl" if aspect == "completeness" else "span_feedback.jsonl")
+    metrics = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(backbone), out=str(tmp_path / aspect)))
+    assert metrics["beats_baseline"], metrics["held_out"]

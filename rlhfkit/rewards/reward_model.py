@@ -14,17 +14,20 @@ Kinds:
   score is read at the last real token and normalised with the mean/std stored in the spec.
 
 Inputs are encoded as a tokenizer *pair* (prompt, response), so special tokens are whatever
-the backbone uses and the response's token offsets are offsets into the response itself.
-A prompt that does not fit `max_length` loses tokens from its left; the response never does.
+the backbone uses and the response's token offsets are offsets into the response itself
+(a separator is added where the template has none, e.g. GPT-2). A prompt longer than its
+budget (`max_prompt_length`, and whatever `max_length` leaves beside the response) loses
+tokens from its left; the response never does: one that does not fit is an error here and
+is left out (counted) in training.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +55,7 @@ class SegmentRewards:
 
     values: list[float]
     char_ends: list[int]
-    error_probs: Optional[list[float]] = None
+    error_probs: list[float] | None = None
 
 
 @dataclass
@@ -69,7 +72,6 @@ class EncodedPair:
     response_positions: list[int]
     response_char_spans: list[tuple[int, int]]
     prompt_position: int
-    prompt_tokens_dropped: int
 
 
 def separator_token_id(tokenizer) -> int:
@@ -84,8 +86,8 @@ def separator_token_id(tokenizer) -> int:
 
 
 def encode_pair(
-    tokenizer, prompt: str, response: str, max_length: int, max_prompt_length: Optional[int] = None
-) -> Optional[EncodedPair]:
+    tokenizer, prompt: str, response: str, max_length: int, max_prompt_length: int | None = None
+) -> EncodedPair | None:
     """Tokenise prompt + response for an RM; None when the response alone exceeds `max_length`.
 
     The prompt keeps at most `max_prompt_length` tokens and whatever fits beside the
@@ -130,7 +132,6 @@ def encode_pair(
         response_positions=response_positions,
         response_char_spans=[offsets[i] for i in response_positions],
         prompt_position=first_response - 1,
-        prompt_tokens_dropped=max(excess, 0),
     )
 
 
@@ -163,7 +164,7 @@ def segment_rewards(error_probs: Sequence[float], positive_reward: float, negati
     return [negative_reward if error else positive_reward for error in judged_errors(error_probs)]
 
 
-def _score_head(model: nn.Module) -> Optional[nn.Module]:
+def _score_head(model: nn.Module) -> nn.Module | None:
     """The per-position `score` head of a decoder sequence classifier (GPT-2, Llama, Mistral, Qwen...).
 
     Encoder classifiers (BERT, Longformer) have a `classifier` over a pooled first token instead.
@@ -239,10 +240,10 @@ class RewardModel:
         return int(self.spec["max_length"])
 
     @property
-    def max_prompt_length(self) -> Optional[int]:
+    def max_prompt_length(self) -> int | None:
         return self.spec.get("max_prompt_length")
 
-    def encode(self, prompt: str, response: str) -> Optional[EncodedPair]:
+    def encode(self, prompt: str, response: str) -> EncodedPair | None:
         """`encode_pair` with this RM's length limits (None: the response does not fit)."""
         return encode_pair(self.tokenizer, prompt, response, self.max_length, self.max_prompt_length)
 
@@ -376,7 +377,7 @@ def reward_model_class(kind: str):
     return AutoModelForTokenClassification if kind == "segment" else AutoModelForSequenceClassification
 
 
-def load_reward_model(path: str | os.PathLike, *, device: Optional[str | torch.device] = None, dtype: str = "auto") -> RewardModel:
+def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> RewardModel:
     """Load a directory written by `rlhfkit train-rm` for scoring (eval mode, on `device`)."""
     spec = read_spec(path)
     target = resolve_device(None if device is None else str(device))

@@ -43,9 +43,10 @@ import hashlib
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,15 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import write_json
-from rlhfkit.models import DTYPES, add_lora, count_parameters, load_pretrained, load_tokenizer, resolve_device, resolve_dtype
+from rlhfkit.models import (
+    DTYPES,
+    add_lora,
+    count_parameters,
+    load_pretrained,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from rlhfkit.rewards.reward_model import (
     KINDS,
     SEGMENT_LABELS,
@@ -89,10 +98,15 @@ class AspectPreset:
 
     The training defaults of the QA-Feedback presets (lengths, lr, epochs, class weight)
     were tuned on the shipped sample with the tiny offline backbone (`rlhfkit init-model`),
-    a randomly initialised model that needs a high learning rate; fine-tuning a pretrained
-    backbone wants a lower --lr (1e-5 to 5e-5). A fixed prompt budget puts every response
-    at the same position, which a model with learned absolute positions needs to see where
-    in the response a segment lies.
+    a randomly initialised model that needs a high learning rate: a pretrained backbone
+    wants --lr 1e-5 to 5e-5, and a larger --max-length / --max-prompt-length so that the
+    passages a factuality judgement needs are in view. The fixed prompt budget puts every
+    response at the same position, which a model with learned absolute positions (GPT-2)
+    needs to tell where in the response a segment lies (later sub-sentences of the sample
+    are more often irrelevant); the preference presets keep only the prompt's tail, as the
+    tiny model learns nothing from the passages and pairs cost two forward passes. As the
+    prompt budget is fixed, --max-length only bounds the response (generous, so that PPO's
+    longer samples still fit: a response that does not fit cannot be scored).
     """
 
     kind: str
@@ -109,12 +123,17 @@ class AspectPreset:
 
 
 PRESETS = {
-    # QA-Feedback labels Wrong-Grounding and Unverifiable.
-    "factuality": AspectPreset("segment", "sentence", 0.5, -0.5, max_length=512, max_prompt_length=256, lr=3e-4),
-    # QA-Feedback labels Irrelevant, Redundant and Incoherent.
-    "relevance": AspectPreset("segment", "subsentence", 0.3, -0.3, max_length=512, max_prompt_length=256, lr=3e-4),
-    "completeness": AspectPreset("preference", max_length=512, max_prompt_length=256, lr=3e-4, holistic_fallback=True),
-    "preference": AspectPreset("preference", max_length=512, max_prompt_length=256, lr=3e-4, holistic_fallback=True),
+    # QA-Feedback labels Wrong-Grounding and Unverifiable; errors are 1 in 6 sentences, so the
+    # error class weighs 3 (at weight 1 the tiny backbone never predicts one).
+    "factuality": AspectPreset(
+        "segment", "sentence", 0.5, -0.5, error_class_weight=3.0, max_length=640, max_prompt_length=128, lr=1e-3
+    ),
+    # QA-Feedback labels Irrelevant, Redundant and Incoherent (about half the sub-sentences).
+    "relevance": AspectPreset("segment", "subsentence", 0.3, -0.3, max_length=640, max_prompt_length=128, lr=1e-3),
+    "completeness": AspectPreset(
+        "preference", max_length=512, max_prompt_length=16, lr=1e-3, epochs=1, holistic_fallback=True
+    ),
+    "preference": AspectPreset("preference", max_length=512, max_prompt_length=16, lr=1e-3, epochs=1, holistic_fallback=True),
 }
 HOLISTIC_ASPECTS = (None, "preference")
 """Preference records judged as a whole (no aspect, or the importers' "preference")."""
@@ -126,21 +145,21 @@ class TrainRMConfig:
     data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL.")
     model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
     out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
-    kind: Optional[str] = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
-    granularity: Optional[str] = opt(None, "Segment RMs: sentence or subsentence (default: the preset's; factuality sentence, relevance subsentence).")
-    positive_reward: Optional[float] = opt(None, "Segment RMs: reward of a segment judged fine (default: relevance 0.3, factuality 0.5, else 0.5).")
-    negative_reward: Optional[float] = opt(None, "Segment RMs: reward of a segment judged an error (default: relevance -0.3, factuality -0.5, else -0.5).")
-    error_class_weight: Optional[float] = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
+    kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
+    granularity: str | None = opt(None, "Segment RMs: sentence or subsentence (default: the preset's; factuality sentence, relevance subsentence).")
+    positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default: relevance 0.3, factuality 0.5, else 0.5).")
+    negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default: relevance -0.3, factuality -0.5, else -0.5).")
+    error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
     ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.")
-    normalize_on: Optional[str] = opt(None, "Sequence RMs: JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
+    normalize_on: str | None = opt(None, "Sequence RMs: JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
     eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.")
-    max_length: Optional[int] = opt(None, "Longest prompt + response in RM tokens; the prompt is cut from the left, a response that does not fit is skipped (default: the preset's, else 1024).")
-    max_prompt_length: Optional[int] = opt(None, "Prompt tokens kept at most, cut from the left (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
-    epochs: Optional[int] = opt(None, "Passes over the training split (default: the preset's, else 2).")
-    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
+    max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut from the left, a response that does not fit is skipped (default: the preset's, else 1024).")
+    max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut from the left (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
+    epochs: int | None = opt(None, "Passes over the training split (default: the preset's, else 2).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
     batch_size: int = opt(8, "Records (segment, regression) or prompts with all their comparisons (preference) per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    lr: Optional[float] = opt(None, "Peak learning rate, AdamW (default: the preset's, else 5e-5; the presets' suit the tiny offline backbone, use 1e-5 to 5e-5 for a pretrained one).")
+    lr: float | None = opt(None, "Peak learning rate, AdamW (default: the preset's, else 5e-5; the presets' suit the tiny offline backbone, use 1e-5 to 5e-5 for a pretrained one).")
     lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
     warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
@@ -207,7 +226,7 @@ class TrainRMConfig:
             return preset
         return AspectPreset(kind, "sentence" if kind == "segment" else "response")
 
-    def settings(self) -> "RMSettings":
+    def settings(self) -> RMSettings:
         """The aspect's preset with this config's explicit options applied (validated)."""
         preset = self.preset()
         kind = preset.kind
@@ -334,11 +353,11 @@ class ScoreExample:
     target: float
 
 
-Encode = Callable[[str, str], Optional[EncodedPair]]
+Encode = Callable[[str, str], EncodedPair | None]
 """(prompt, response) -> RM input, None when the response does not fit (RewardModel.encode)."""
 
 
-def encode_segment_example(encode: Encode, record: SpanFeedback, aspect: str, granularity: str) -> Optional[SegmentExample]:
+def encode_segment_example(encode: Encode, record: SpanFeedback, aspect: str, granularity: str) -> SegmentExample | None:
     """Ids with the label of each segment at the token completing it; None if it does not fit.
 
     Two segments completed by one token (rare: a token spanning a boundary) share a label,
@@ -498,7 +517,7 @@ def roc_auc(scores: Sequence[float], actual: Sequence[bool]) -> float:
     return (positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool], error_probs: Optional[Sequence[float]] = None) -> dict[str, float]:
+def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool], error_probs: Sequence[float] | None = None) -> dict[str, float]:
     """Accuracy and the error class's precision/recall/F1, beside the majority-class accuracy.
 
     The baseline is the better of the two constant predictions on the same segments. With
@@ -573,7 +592,7 @@ def _fits(rm: RewardModel, record: Record) -> bool:
     return all(rm.encode(record.prompt, response) is not None for response in responses)
 
 
-def beats_baseline(metrics: dict[str, float]) -> Optional[bool]:
+def beats_baseline(metrics: dict[str, float]) -> bool | None:
     if "majority_baseline_accuracy" in metrics:
         return metrics["accuracy"] > metrics["majority_baseline_accuracy"]
     if "pairwise_accuracy" in metrics:
@@ -671,7 +690,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     else:
         spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
 
-    def encode(prompt: str, response: str) -> Optional[EncodedPair]:
+    def encode(prompt: str, response: str) -> EncodedPair | None:
         return encode_pair(tokenizer, prompt, response, cfg.max_length, spec["max_prompt_length"])
 
     train_examples, too_long = encode_examples(encode, train_records, cfg.aspect, settings)

@@ -1,0 +1,261 @@
+"""DeepSpeed configuration and the few collectives the stages use across processes.
+
+`rlhfkit launch` starts a stage once per GPU under the `deepspeed` launcher, which gives
+every process RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment.
+A stage then calls `init_distributed()` and works on `shard(items, rank, world_size)` of its
+data; every helper here is a no-op in a single process, so the same stage code runs
+unchanged with and without the launcher.
+
+The DeepSpeed JSON is generated from the stage's own options (`deepspeed_config`), so the
+batch size, accumulation, clipping and precision DeepSpeed uses can never disagree with the
+ones the stage validated and logged; a user JSON can add or change anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rlhfkit.errors import RlhfkitError
+
+ZERO_PRESETS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+DTYPES = ("float32", "bfloat16", "float16")
+# The keys DeepSpeed derives the global batch from; a user JSON may not contradict them.
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+# Bytes of optimizer state per parameter, besides the fp32 master weights of mixed precision.
+OPTIMIZER_STATE_BYTES = {"adam": 8, "sgd": 4}  # Adam: momentum + variance; SGD: momentum (fp32)
+
+T = TypeVar("T")
+
+
+class DeepSpeedOption(NamedTuple):
+    """What a stage's `--deepspeed` value asks for."""
+
+    zero_stage: int
+    user_config: str | None  # a JSON whose keys override the generated config
+
+
+def resolve_deepspeed_option(value: str) -> DeepSpeedOption:
+    """`zero0`..`zero3` → that ZeRO stage; a path to a .json file → a user config (ZeRO stage
+    from the file, 0 if it has none)."""
+    if value in ZERO_PRESETS:
+        return DeepSpeedOption(ZERO_PRESETS[value], None)
+    if value.endswith(".json"):
+        if not Path(value).is_file():
+            raise RlhfkitError(f"--deepspeed: {value}: file not found")
+        return DeepSpeedOption(0, value)
+    raise RlhfkitError(
+        f"--deepspeed must be one of {', '.join(ZERO_PRESETS)} or a path to a DeepSpeed .json file, got '{value}'"
+    )
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    dtype: str,
+    max_grad_norm: float,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    user_config: str | None = None,
+) -> dict:
+    """The DeepSpeed config for a stage's options, with `user_config` (a JSON path) merged over it.
+
+    The user JSON wins key by key (nested sections are merged, not replaced); a value of
+    "auto" keeps the generated one. A batch key that contradicts the stage's options is an
+    error, because the stage sized its data loading and learning-rate schedule from them.
+    """
+    user = _read_user_config(user_config) if user_config is not None else {}
+    # The JSON's own ZeRO stage decides which stage-specific settings are generated.
+    zero_stage = (user.get("zero_optimization") or {}).get("stage", zero_stage)
+    if zero_stage not in ZERO_PRESETS.values():
+        raise RlhfkitError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if dtype not in DTYPES:
+        raise RlhfkitError(f"DeepSpeed dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if offload_optimizer and zero_stage == 0:
+        raise RlhfkitError("optimizer offload needs ZeRO stage 1, 2 or 3 (e.g. --deepspeed zero2)")
+    if offload_params and zero_stage != 3:
+        raise RlhfkitError("parameter offload needs ZeRO stage 3 (--deepspeed zero3)")
+
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    if zero_stage == 3:
+        # Without this, saving under ZeRO-3 writes each rank's empty placeholder tensors
+        # instead of the full 16-bit weights that from_pretrained can load.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+
+    generated = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        # loss_scale 0 = dynamic loss scaling, the only safe choice without tuning.
+        "fp16": {"enabled": dtype == "float16", "loss_scale": 0},
+        "zero_optimization": zero,
+        # The stage logs its own metrics; DeepSpeed's periodic prints would interleave them.
+        "steps_per_print": 2**31 - 1,
+    }
+    if user_config is None:
+        return generated
+    for key in BATCH_KEYS:
+        if key in user and user[key] != "auto" and user[key] != generated[key]:
+            raise RlhfkitError(
+                f"{user_config}: {key} is {user[key]} but the stage's options give {generated[key]} "
+                f"(micro batch {micro_batch_size} x grad accum {grad_accum} x {world_size} processes); "
+                f"remove {key} from the JSON or change the stage's options"
+            )
+    return _merge(generated, user, user_config)
+
+
+def _read_user_config(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RlhfkitError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as err:
+        raise RlhfkitError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise RlhfkitError(f"{path}: a DeepSpeed config must be a JSON object")
+    return data
+
+
+def _merge(base: dict, override: dict, source: str, prefix: str = "") -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if value == "auto":
+            # "auto" is the HF Trainer convention for "fill from the training options";
+            # DeepSpeed itself cannot read it, so only keys generated here can be auto.
+            if key not in base:
+                raise RlhfkitError(
+                    f"{source}: '{prefix}{key}' is \"auto\" but rlhfkit does not generate it; give a value"
+                )
+            continue
+        if isinstance(value, dict):
+            section = base.get(key) if isinstance(base.get(key), dict) else {}
+            merged[key] = _merge(section, value, source, f"{prefix}{key}.")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def zero_memory_per_gpu(
+    n_params: float,
+    world_size: int,
+    zero_stage: int,
+    dtype_bytes: int = 2,
+    optimizer: str = "adam",
+    offload: bool = False,
+) -> dict[str, float]:
+    """Model-state memory per GPU in bytes, as in the ZeRO paper (Rajbhandari et al. 2020, §5).
+
+    With Ψ parameters in 16-bit mixed precision, a GPU holds 2Ψ of parameters, 2Ψ of
+    gradients and KΨ of optimizer state, K = 12 for Adam (fp32 master weights, momentum,
+    variance). Stage 1 shards the optimizer state over the N GPUs, stage 2 also the
+    gradients, stage 3 also the parameters. In fp32 (`dtype_bytes=4`) there is no separate
+    master copy. `offload` (ZeRO-Offload) keeps the optimizer state, still sharded, in CPU
+    memory instead: it is reported under "cpu_optimizer_states" and not in "total".
+    Activations, buffers and fragmentation come on top.
+    """
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise RlhfkitError(f"optimizer must be one of {', '.join(OPTIMIZER_STATE_BYTES)}, got '{optimizer}'")
+    if zero_stage not in ZERO_PRESETS.values():
+        raise RlhfkitError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
+    master_weights = 4 if dtype_bytes < 4 else 0
+    per_param_optimizer = OPTIMIZER_STATE_BYTES[optimizer] + master_weights
+    params = dtype_bytes * n_params / (world_size if zero_stage >= 3 else 1)
+    grads = dtype_bytes * n_params / (world_size if zero_stage >= 2 else 1)
+    optimizer_states = per_param_optimizer * n_params / (world_size if zero_stage >= 1 else 1)
+    on_gpu_optimizer = 0.0 if offload else optimizer_states
+    return {
+        "params": params,
+        "grads": grads,
+        "optimizer_states": on_gpu_optimizer,
+        "cpu_optimizer_states": optimizer_states if offload else 0.0,
+        "total": params + grads + on_gpu_optimizer,
+    }
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment; (0, 0, 1) without one."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def is_main_process() -> bool:
+    """Rank 0: the process that writes run files, checkpoints and progress bars."""
+    return world_info()[0] == 0
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Join the process group the launcher set up (gloo on CPU, nccl on CUDA by default).
+
+    A no-op in a single process, so stages can always call it.
+    """
+    rank, local_rank, world_size = world_info()
+    if world_size == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        # nccl needs each process bound to its own GPU before the first collective.
+        torch.cuda.set_device(local_rank)
+    import deepspeed  # slow to import (~seconds) and only needed with several processes
+
+    deepspeed.init_distributed(
+        dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+        verbose=rank == 0,
+    )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum `tensor` over all processes, in place, and return it (unchanged in one process).
+
+    Matches rlhfkit.rl.advantages' `all_reduce` hook (a collective: every rank must call it
+    with the same shape in the same order).
+    """
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait until every process gets here (e.g. rank 0 finished writing a file the others read)."""
+    if _distributed():
+        dist.barrier()
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """This rank's contiguous block of `items`.
+
+    Block sizes differ by at most one (the first len(items) % world_size ranks get one
+    more), so every item is in exactly one shard and concatenating the shards in rank order
+    gives `items` back in order, which is how per-rank outputs are put together. Shards can
+    differ in length by one: a loop that runs a collective per batch must run the same
+    number of batches on every rank.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    base, extra = divmod(len(items), world_size)
+    start = rank * base + min(rank, extra)
+    return list(items[start : start + base + (1 if rank < extra else 0)])

@@ -1,0 +1,159 @@
+"""`rlhfkit launch`: run a stage in one process per GPU, on one node or several, via DeepSpeed.
+
+    rlhfkit launch --gpus 8 -- ppo --config recipes/qa/ppo.yaml
+    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa/sft.yaml
+
+Everything after `--` is the stage and its options, passed on verbatim: each process runs
+`python -m rlhfkit.cli STAGE ARGS...` under the `deepspeed` launcher, which sets RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (see rlhfkit.distributed). With a
+hostfile the launcher starts the other nodes over passwordless ssh (pdsh) in the same
+working directory, so relative paths in the stage's options must exist on every node.
+`--dry-run` prints the command instead of running it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rlhfkit.cli import STAGES
+from rlhfkit.config import opt
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError
+
+# A hostfile line as the DeepSpeed launcher reads it: `HOSTNAME slots=GPUS`.
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
+LAUNCHABLE_STAGES = [name for name in STAGES if name != "launch"]
+
+
+@dataclass
+class LaunchConfig:
+    stage_args: list[str] = opt(
+        [], "After `--`: the stage and its options, e.g. `-- ppo --config recipes/qa/ppo.yaml`.", argument=True
+    )
+    gpus: int = opt(0, "GPUs (processes) per node; 0 = all the node has.")
+    num_nodes: int = opt(0, "Use the first N hosts of --hostfile; 0 = all of them (1 node without a hostfile).")
+    hostfile: Optional[str] = opt(None, "Hostfile for several nodes: one `HOSTNAME slots=GPUS` line per node.")
+    master_addr: str = opt("", "Address of node 0 for the rendezvous (default: DeepSpeed's choice).")
+    master_port: int = opt(0, "Port of the rendezvous on node 0 (0 = DeepSpeed's default, 29500).")
+    include: str = opt("", "Only these hosts/GPUs, DeepSpeed syntax: 'worker-0@worker-1:0,2' or 'localhost:0,1'.")
+    exclude: str = opt("", "All hosts/GPUs but these (same syntax as --include).")
+    dry_run: bool = opt(False, "Print the deepspeed command (one shell-quoted line) and exit.")
+
+    def validate(self) -> None:
+        if not self.stage_args:
+            raise RlhfkitError(
+                "give the stage to run after `--`, e.g. `rlhfkit launch --gpus 8 -- ppo --config recipes/qa/ppo.yaml`; "
+                f"stages: {', '.join(LAUNCHABLE_STAGES)}"
+            )
+        stage = self.stage_args[0]
+        if stage not in LAUNCHABLE_STAGES:
+            raise RlhfkitError(f"unknown stage '{stage}'; stages: {', '.join(LAUNCHABLE_STAGES)}")
+        for name in ("gpus", "num_nodes", "master_port"):
+            if getattr(self, name) < 0:
+                raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.master_port > 65535:
+            raise RlhfkitError(f"--master-port must be a port number (1-65535), got {self.master_port}")
+        if self.include and self.exclude:
+            raise RlhfkitError("give --include or --exclude, not both")
+        if (self.include or self.exclude) and (self.gpus or self.num_nodes):
+            # The DeepSpeed launcher refuses the combination: the filters already say which GPUs.
+            raise RlhfkitError("--include/--exclude choose the GPUs themselves: drop --gpus and --num-nodes")
+        if self.hostfile is None:
+            if self.num_nodes > 1:
+                raise RlhfkitError(
+                    f"--num-nodes {self.num_nodes} needs --hostfile (one `HOSTNAME slots=GPUS` line per node)"
+                )
+            return
+        hosts = read_hostfile(self.hostfile)
+        if self.num_nodes > len(hosts):
+            raise RlhfkitError(
+                f"--num-nodes {self.num_nodes} but {self.hostfile} lists {len(hosts)} host(s): {', '.join(hosts)}"
+            )
+
+
+class LaunchFailed(RlhfkitError):
+    """The launched processes failed; `rlhfkit launch` exits with the launcher's code."""
+
+    def __init__(self, returncode: int):
+        super().__init__(f"the deepspeed launcher exited with code {returncode} (see the processes' output above)")
+        self.exit_code = returncode
+
+
+def read_hostfile(path: str) -> dict[str, int]:
+    """Host name → GPU slots, in file order, from an MPI-style hostfile (`#` comments allowed)."""
+    if not Path(path).is_file():
+        raise RlhfkitError(f"--hostfile {path}: file not found")
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = HOSTFILE_LINE.match(line)
+        if match is None:
+            raise RlhfkitError(f"{path}:{number}: expected `HOSTNAME slots=GPUS`, got '{line}'")
+        if match[1] in hosts:
+            raise RlhfkitError(f"{path}:{number}: host {match[1]} is listed twice")
+        hosts[match[1]] = int(match[2])
+    if not hosts:
+        raise RlhfkitError(f"{path}: no hosts (expected `HOSTNAME slots=GPUS` lines)")
+    return hosts
+
+
+def deepspeed_executable() -> str:
+    """The `deepspeed` launcher of the Python environment rlhfkit runs in (then the one on PATH)."""
+    beside_python = Path(sys.executable).parent / "deepspeed"
+    if beside_python.is_file():
+        return str(beside_python)
+    on_path = shutil.which("deepspeed")
+    if on_path is None:
+        raise RlhfkitError("the `deepspeed` launcher is not installed here: pip install deepspeed")
+    return on_path
+
+
+def launch_command(cfg: LaunchConfig) -> list[str]:
+    """The `deepspeed` command line that runs the configured stage in every process."""
+    cmd = [deepspeed_executable()]
+    if cfg.num_nodes:
+        cmd += ["--num_nodes", str(cfg.num_nodes)]
+    if cfg.gpus:
+        cmd += ["--num_gpus", str(cfg.gpus)]
+    if cfg.hostfile is not None:
+        cmd += ["--hostfile", cfg.hostfile]
+    if cfg.include:
+        cmd += ["--include", cfg.include]
+    if cfg.exclude:
+        cmd += ["--exclude", cfg.exclude]
+    if cfg.master_addr:
+        cmd += ["--master_addr", cfg.master_addr]
+    if cfg.master_port:
+        cmd += ["--master_port", str(cfg.master_port)]
+    # --no_local_rank: the launcher would otherwise append `--local_rank=N`, which the
+    # stage's command does not take; processes read LOCAL_RANK from the environment.
+    return cmd + ["--no_local_rank", "--module", "rlhfkit.cli", *cfg.stage_args]
+
+
+def run_launch(cfg: LaunchConfig) -> list[str]:
+    """Run a stage in one process per GPU (one or more nodes) under the DeepSpeed launcher.
+
+    Put the stage and its options after `--`, for example
+
+    \b
+    rlhfkit launch --gpus 8 -- ppo --config recipes/qa/ppo.yaml
+    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa/sft.yaml
+    """
+    cmd = launch_command(cfg)
+    if cfg.dry_run:
+        print(shlex.join(cmd))
+        return cmd
+    console.print(f"launching: {shlex.join(cmd)}", markup=False, highlight=False, soft_wrap=True)
+    returncode = subprocess.run(cmd, check=False).returncode
+    if returncode != 0:
+        raise LaunchFailed(returncode)
+    return cmd

@@ -1,0 +1,265 @@
+"""The recipe runner: every shipped plan resolves (the paper-scale ones are what CI checks),
+plan errors name the file and step, variables and foreach expand, steps run in order, and
+the shared data and table steps do what they say on hand-made inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.config import build_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.recipes import (
+    RUN_RECORD,
+    RecipeConfig,
+    collect_results,
+    load_plan,
+    prompts_from_rows,
+    qa_answer_records,
+    resolve_plan,
+    run_recipe,
+    shorten_prompts,
+    shorten_qa_prompt,
+    toxicity_table,
+)
+from rlhfkit.schema import Demonstration, Generation, PromptRecord, load_records, write_records
+
+REPO = Path(__file__).resolve().parent.parent
+PLANS = sorted((REPO / "recipes").glob("**/*.yaml"))
+PLANS = [p for p in PLANS if p.parent.name not in ("tiny", "paper")]  # stage configs live there
+PAPER_PLANS = [p for p in PLANS if p.name == "paper.yaml"]
+
+
+def test_every_recipe_folder_has_a_tiny_and_a_paper_plan_and_a_readme():
+    folders = sorted(p for p in (REPO / "recipes").iterdir() if p.is_dir())
+    assert [f.name for f in folders] == ["critique_revise", "detox", "qa_feedback", "r3hf", "synthetic"]
+    for folder in folders:
+        assert (folder / "tiny.yaml").is_file() and (folder / "paper.yaml").is_file() and (folder / "README.md").is_file()
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_plan_resolves(plan, monkeypatch):
+    """The dry run of every plan: each step's options are known, typed right and validated;
+    only checks that read an earlier step's output wait (CI runs this for the paper plans)."""
+    monkeypatch.chdir(REPO)
+    loaded = load_plan(plan.relative_to(REPO))
+    resolved = resolve_plan(loaded)
+    assert len(resolved) == len(loaded.steps) >= 3
+    for item in resolved:
+        if item.deferred:
+            assert item.deferred.startswith("checked when it runs: reads "), item.deferred
+        elif item.step.stage:
+            assert item.config is not None
+        assert item.command
+
+
+@pytest.mark.parametrize("plan", PAPER_PLANS, ids=lambda p: p.parent.name)
+def test_paper_plans_dry_run_through_the_cli(plan, run_cli, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    result = run_cli("recipe", plan.relative_to(REPO), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "rlhfkit ppo" in result.output
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_unknown_option_in_a_stage_config_names_the_file_and_step(tmp_path):
+    write(tmp_path / "cfg/ppo.yaml", "steps: 3\nlearning_rate: 0.1\n")
+    plan = write(tmp_path / "plan.yaml", "steps:\n  - stage: ppo\n    config: cfg/ppo.yaml\n    with: {policy: p, prompts: q, out: o, rewards: a=1}\n")
+    with pytest.raises(RlhfkitError) as err:
+        resolve_plan(load_plan(plan))
+    message = str(err.value)
+    assert f"{plan}: step 1 (ppo)" in message and f"{tmp_path / 'cfg/ppo.yaml'}: unknown option(s) learning_rate" in message
+    assert "valid: " in message and "lr" in message
+
+
+def test_unknown_option_in_with_names_the_plan_and_step(tmp_path):
+    plan = write(tmp_path / "plan.yaml", "steps:\n  - stage: sft\n    name: warm-up\n    with: {model: m, data: d, out: o, epoch: 2}\n")
+    with pytest.raises(RlhfkitError, match=r"plan\.yaml: step 1 \(warm-up\): unknown option\(s\) epoch in 'with'; valid: .*epochs"):
+        resolve_plan(load_plan(plan))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("steps:\n  - stage: spf\n", r"steps\[1\]: unknown stage 'spf'; stages: annotate-import, .*sft"),
+        ("steps:\n  - stage: sft\n    call: a:b\n", "give exactly one of 'stage'"),
+        ("steps:\n  - stage: sft\n    with: {out: '${nowhere}/x'}\n", r"unknown variable \$\{nowhere\}; defined: plan_dir"),
+        ("stepz: []\n", "unknown key.* stepz; valid: description, vars, steps"),
+        ("steps:\n  - stage: sft\n    colour: red\n", r"steps\[1\]: unknown key\(s\) colour"),
+        ("steps:\n  - stage: ppo\n  - stage: ppo\n", "step name.* ppo used twice"),
+        ("steps:\n  - call: rlhfkit.recipes:shorten_qa_prompt\n    with: {prompt: x, passagez: 2}\n",
+         r"step 1 \(shorten_qa_prompt\): rlhfkit.recipes:shorten_qa_prompt: got an unexpected keyword argument 'passagez'"),
+        ("steps:\n  - call: rlhfkit.recipes:no_such_function\n", "cannot import rlhfkit.recipes:no_such_function"),
+    ],
+)
+def test_plan_errors(tmp_path, body, message):
+    plan = write(tmp_path / "plan.yaml", body)
+    with pytest.raises(RlhfkitError, match=message):
+        resolve_plan(load_plan(plan))
+
+
+def test_option_types_are_checked(tmp_path):
+    plan = write(tmp_path / "plan.yaml", "steps:\n  - stage: ppo\n    with: {policy: p, prompts: q, out: o, rewards: a=1, steps: ten}\n")
+    with pytest.raises(RlhfkitError, match=r"step 1 \(ppo\): option steps must be int, got 'ten'"):
+        resolve_plan(load_plan(plan))
+
+
+def test_stage_validation_errors_carry_the_step(tmp_path):
+    plan = write(tmp_path / "plan.yaml", "steps:\n  - stage: ppo\n    with: {policy: p, prompts: q, out: o, rewards: a=1, advantage: vtrace}\n")
+    with pytest.raises(RlhfkitError, match=r"step 1 \(ppo\): --advantage must be one of gae, grpo, rloo"):
+        resolve_plan(load_plan(plan))
+
+
+def test_variables_foreach_and_overrides(tmp_path):
+    plan = write(tmp_path / "plan.yaml", """
+vars: {out: runs/x, steps: 4}
+steps:
+  - stage: ppo
+    name: ppo-seed${seed}
+    foreach: {seed: [1, 2]}
+    with: {policy: p, prompts: q, rewards: a=1, out: "${out}/s${seed}", seed: "${seed}", steps: "${steps}"}
+""")
+    loaded = load_plan(plan, {"out": "elsewhere"})
+    assert [s.name for s in loaded.steps] == ["ppo-seed1", "ppo-seed2"]
+    configs = [r.config for r in resolve_plan(loaded)]
+    # A whole-string variable keeps its type; a spliced one becomes text.
+    assert [(c.seed, c.steps, c.out) for c in configs] == [(1, 4, "elsewhere/s1"), (2, 4, "elsewhere/s2")]
+    with pytest.raises(RlhfkitError, match="--set colour: .* has no variable 'colour'; its variables: out, plan_dir, steps"):
+        load_plan(plan, {"colour": "red"})
+
+
+def test_checks_on_an_earlier_steps_output_wait(tmp_path):
+    plan = write(tmp_path / "plan.yaml", f"""
+steps:
+  - call: rlhfkit.recipes:shorten_prompts
+    name: short
+    with: {{inputs: {tmp_path}/in, out: {tmp_path}/data}}
+  - stage: sft
+    with: {{model: m, data: {tmp_path}/data/demonstrations.jsonl, out: {tmp_path}/sft}}
+  - stage: sft
+    name: sft-missing
+    with: {{model: m, data: {tmp_path}/nowhere.jsonl, out: {tmp_path}/sft2}}
+""")
+    with pytest.raises(RlhfkitError, match=r"step 3 \(sft-missing\): --data .*nowhere.jsonl: no such file"):
+        resolve_plan(load_plan(plan))
+    write(plan, plan.read_text().rsplit("  - stage: sft\n    name: sft-missing", 1)[0])
+    resolved = resolve_plan(load_plan(plan))
+    assert resolved[1].deferred.startswith("checked when it runs: reads the output of step 1 (short)")
+
+
+def test_run_recipe_runs_steps_in_order_and_records_them(tmp_path, capsys):
+    write_records(tmp_path / "in/prompts.jsonl", [PromptRecord(id="1", prompt="question: Q? context: wikipage: A text: a b c d | wikipage: B text: e")])
+    write(tmp_path / "note.md", "# Note\n\nhello\n")
+    plan = write(tmp_path / "plan.yaml", f"""
+vars: {{out: {tmp_path}/run}}
+steps:
+  - call: rlhfkit.recipes:shorten_prompts
+    with: {{inputs: {tmp_path}/in, out: "${{out}}/short", max_words: 2}}
+  - call: rlhfkit.recipes:collect_results
+    with: {{out: "${{out}}/report.md", title: T, sections: ["{tmp_path}/note.md"]}}
+""")
+    assert run_recipe(build_config(RecipeConfig, plan=str(plan), dry_run=True))[0]["deferred"] is None
+    assert not (tmp_path / "run").exists()
+    record = run_recipe(build_config(RecipeConfig, plan=str(plan)))
+    assert [r["step"] for r in record] == ["shorten_prompts", "collect_results"]
+    assert load_records(tmp_path / "run/short/prompts.jsonl")[0].prompt == "question: Q? context: wikipage: A text: a b"
+    assert (tmp_path / "run/report.md").read_text() == "# T\n\n<!-- from " + f"{tmp_path}/note.md" + " -->\n## Note\n\nhello\n"
+    saved = json.loads((tmp_path / "run" / RUN_RECORD).read_text())
+    assert [s["step"] for s in saved["steps"]] == ["shorten_prompts", "collect_results"]
+    again = run_recipe(build_config(RecipeConfig, plan=str(plan), from_step="collect_results"))
+    assert [r["step"] for r in again] == ["collect_results"]
+    with pytest.raises(RlhfkitError, match="--from-step nope: no such step .* steps: shorten_prompts, collect_results"):
+        run_recipe(build_config(RecipeConfig, plan=str(plan), from_step="nope"))
+
+
+def test_cli_reports_a_bad_plan_in_one_line(tmp_path, run_cli):
+    write(tmp_path / "cfg.yaml", "epoch: 3\n")
+    plan = write(tmp_path / "plan.yaml", "steps:\n  - stage: sft\n    config: cfg.yaml\n    with: {model: m, data: d, out: o}\n")
+    result = run_cli("recipe", plan, "--dry-run")
+    assert result.exit_code == 2
+    assert "cfg.yaml: unknown option(s) epoch" in result.output and "step 1 (sft)" in result.output
+
+
+def test_shorten_qa_prompt():
+    prompt = "question: Who? context: wikipage: A text: one two three four | wikipage: B text: five six | wikipage: C text: x"
+    assert shorten_qa_prompt(prompt) == "question: Who? context: wikipage: A text: one two three four"
+    assert shorten_qa_prompt(prompt, passages=2, max_words=3) == (
+        "question: Who? context: wikipage: A text: one two three | wikipage: B text: five six"
+    )
+    assert shorten_qa_prompt("plain prompt | wikipage: x", 1, 1) == "plain prompt | wikipage: x"
+
+
+def test_shorten_prompts_cuts_every_record_type_alike(tmp_path):
+    prompt = "question: Q? context: wikipage: A text: a b c | wikipage: B text: d"
+    write_records(tmp_path / "in/demonstrations.jsonl", [Demonstration(id="d", prompt=prompt, response="r")])
+    write_records(tmp_path / "in/prompts.jsonl", [PromptRecord(id="p", prompt=prompt, references=["g"])])
+    report = shorten_prompts(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert load_records(tmp_path / "out/demonstrations.jsonl")[0].prompt == load_records(tmp_path / "out/prompts.jsonl")[0].prompt
+    assert load_records(tmp_path / "out/prompts.jsonl")[0].references == ["g"]
+    assert report["files"]["prompts.jsonl"] == {"records": 1, "mean_prompt_words_before": 14.0, "mean_prompt_words_after": 10.0}
+    with pytest.raises(RlhfkitError, match="no .jsonl record files"):
+        shorten_prompts(str(tmp_path / "empty"), str(tmp_path / "o"))
+
+
+def test_qa_answer_records_reads_the_shipped_dev_file(tmp_path):
+    counts = qa_answer_records([str(REPO / "data/qa_feedback/qa_dev.json")], str(tmp_path), limit=2)
+    assert counts == {"prompts": 2, "demonstrations": 2}
+    dev = json.loads((REPO / "data/qa_feedback/qa_dev.json").read_text())
+    prompts = load_records(tmp_path / "prompts.jsonl")
+    assert [p.prompt for p in prompts] == [dev[0]["text"], dev[1]["text"]]
+    assert prompts[0].references == dev[0]["answer"]
+
+
+def test_qa_answer_records_builds_the_prompt_from_passages(tmp_path):
+    write(tmp_path / "a.json", json.dumps([{"question": "Q?", "passages": [["T", "S1.", "S2."]], "gold": "G"}]))
+    qa_answer_records([str(tmp_path / "a.json")], str(tmp_path / "o"))
+    assert load_records(tmp_path / "o/demonstrations.jsonl")[0].prompt == "question: Q? context: wikipage: T text: S1. S2."
+    write(tmp_path / "b.json", json.dumps([{"question": "Q?"}]))
+    with pytest.raises(RlhfkitError, match=r"b.json: record 0: expected a QA record"):
+        qa_answer_records([str(tmp_path / "b.json")], str(tmp_path / "o"))
+
+
+def test_prompts_from_rows_dotted_field_repeat_and_skip(tmp_path):
+    rows = [{"prompt": {"text": f"p{i}"}} for i in range(5)]
+    write(tmp_path / "rtp.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    n = prompts_from_rows([str(tmp_path / "rtp.jsonl")], str(tmp_path / "p.jsonl"), field="prompt.text", skip=1, limit=2, repeat=3)
+    records = load_records(tmp_path / "p.jsonl")
+    assert n == 6 and [r.prompt for r in records] == ["p1"] * 3 + ["p2"] * 3
+    with pytest.raises(RlhfkitError, match="no text at field 'prompt.txt'"):
+        prompts_from_rows([str(tmp_path / "rtp.jsonl")], str(tmp_path / "q.jsonl"), field="prompt.txt")
+
+
+def test_toxicity_table_takes_the_max_per_prompt_then_the_mean(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # A stand-in scorer: the share of the words that are "bad".
+    write(tmp_path / "scorer_for_test.py",
+          "def score(prompts, responses):\n    return [r.split().count('bad') / len(r.split()) for r in responses]\n")
+    samples = {("A", "p1"): ["good good", "bad good"], ("A", "p2"): ["good", "good"], ("B", "p1"): ["bad", "good"], ("B", "p2"): ["bad bad", "good"]}
+    write_records(tmp_path / "eval/generations.jsonl", [
+        Generation(id=f"{s}{p}{i}", prompt=p, response=r, model=s) for (s, p), rs in samples.items() for i, r in enumerate(rs)
+    ])
+    write(tmp_path / "eval/metrics.json", json.dumps({"systems": {"A": {"distinct_2": 0.5}}}))
+    write(tmp_path / "paper.json", json.dumps({"source": "Somebody 2023", "rows": [{"system": "X", "metrics": {"avg_max_toxicity": 0.1}}]}))
+    rows = toxicity_table(str(tmp_path / "eval/generations.jsonl"), "py:scorer_for_test:score", str(tmp_path / "t.md"), "T",
+                          paper=str(tmp_path / "paper.json"))
+    # A: max per prompt (0.5, 0) -> mean 0.25, one prompt at >= 0.5; B: (1, 1) -> 1.0, both.
+    assert (rows["A"]["avg_max_toxicity"], rows["A"]["toxicity_probability"]) == (0.25, 0.5)
+    assert (rows["B"]["avg_max_toxicity"], rows["B"]["toxicity_probability"]) == (1.0, 1.0)
+    table = (tmp_path / "t.md").read_text()
+    assert "| A | 0.250 | 0.500 | – | 0.500 | – |" in table and "| X (paper) | 0.100 |" in table
+
+
+def test_collect_results_links_images_relative_to_the_report(tmp_path):
+    write(tmp_path / "a.md", "# A\n")
+    write(tmp_path / "runs/x/curve.png", "png")
+    text = collect_results(str(tmp_path / "results/r.md"), "R", [str(tmp_path / "a.md")], notes="n", images=[str(tmp_path / "runs/x/curve.png")])
+    assert text.endswith("![curve.png](../runs/x/curve.png)\n")
+    with pytest.raises(RlhfkitError, match="nothing.md: no such file"):
+        collect_results(str(tmp_path / "r.md"), "R", [str(tmp_path / "nothing.md")])
