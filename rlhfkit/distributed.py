@@ -77,7 +77,10 @@ def deepspeed_config(
     """
     user = _read_user_config(user_config) if user_config is not None else {}
     # The JSON's own ZeRO stage decides which stage-specific settings are generated.
-    zero_stage = (user.get("zero_optimization") or {}).get("stage", zero_stage)
+    user_zero = user.get("zero_optimization", {})
+    if not isinstance(user_zero, dict):
+        raise RlhfkitError(f"{user_config}: zero_optimization must be a JSON object")
+    zero_stage = user_zero.get("stage", zero_stage)
     if zero_stage not in ZERO_PRESETS.values():
         raise RlhfkitError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
     if dtype not in DTYPES:
@@ -194,9 +197,9 @@ def zero_memory_per_gpu(
 def world_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher's environment; (0, 0, 1) without one."""
     return (
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
     )
 
 

@@ -135,7 +135,7 @@ def test_launch_exits_with_the_launchers_code(run_cli, fake_deepspeed):
 
 # ------------------------------------------------------------------ deepspeed_config
 
-BASE = dict(micro_batch_size=4, grad_accum=2, world_size=8, max_grad_norm=1.0)
+BASE = {"micro_batch_size": 4, "grad_accum": 2, "world_size": 8, "max_grad_norm": 1.0}
 
 
 def test_deepspeed_config_zero2_bf16_whole():
@@ -194,10 +194,10 @@ def test_deepspeed_config_is_valid_for_deepspeed():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(zero_stage=4, dtype="bfloat16"), "ZeRO stage must be 0, 1, 2 or 3, got 4"),
-        (dict(zero_stage=2, dtype="fp8"), "float32, bfloat16, float16, got 'fp8'"),
-        (dict(zero_stage=0, dtype="float32", offload_optimizer=True), "optimizer offload needs ZeRO stage 1, 2 or 3"),
-        (dict(zero_stage=2, dtype="float32", offload_params=True), "parameter offload needs ZeRO stage 3"),
+        ({"zero_stage": 4, "dtype": "bfloat16"}, "ZeRO stage must be 0, 1, 2 or 3, got 4"),
+        ({"zero_stage": 2, "dtype": "fp8"}, "float32, bfloat16, float16, got 'fp8'"),
+        ({"zero_stage": 0, "dtype": "float32", "offload_optimizer": True}, "optimizer offload needs ZeRO stage 1, 2 or 3"),
+        ({"zero_stage": 2, "dtype": "float32", "offload_params": True}, "parameter offload needs ZeRO stage 3"),
     ],
 )
 def test_deepspeed_config_errors(kwargs, message):

@@ -91,7 +91,7 @@ def test_unknown_option_in_with_names_the_plan_and_step(tmp_path):
         ("steps:\n  - stage: spf\n", r"steps\[1\]: unknown stage 'spf'; stages: annotate-import, .*sft"),
         ("steps:\n  - stage: sft\n    call: a:b\n", "give exactly one of 'stage'"),
         ("steps:\n  - stage: sft\n    with: {out: '${nowhere}/x'}\n", r"unknown variable \$\{nowhere\}; defined: plan_dir"),
-        ("stepz: []\n", "unknown key.* stepz; valid: description, vars, steps"),
+        ("stepz: []\n", "unknown key.* stepz; valid: description, vars, requires, steps"),
         ("steps:\n  - stage: sft\n    colour: red\n", r"steps\[1\]: unknown key\(s\) colour"),
         ("steps:\n  - stage: ppo\n  - stage: ppo\n", "step name.* ppo used twice"),
         ("steps:\n  - call: rlhfkit.recipes:shorten_qa_prompt\n    with: {prompt: x, passagez: 2}\n",
@@ -203,7 +203,7 @@ def test_shorten_prompts_cuts_every_record_type_alike(tmp_path):
     report = shorten_prompts(str(tmp_path / "in"), str(tmp_path / "out"))
     assert load_records(tmp_path / "out/demonstrations.jsonl")[0].prompt == load_records(tmp_path / "out/prompts.jsonl")[0].prompt
     assert load_records(tmp_path / "out/prompts.jsonl")[0].references == ["g"]
-    assert report["files"]["prompts.jsonl"] == {"records": 1, "mean_prompt_words_before": 14.0, "mean_prompt_words_after": 10.0}
+    assert report["files"]["prompts.jsonl"] == {"records": 1, "mean_prompt_words_before": 14.0, "mean_prompt_words_after": 9.0}
     with pytest.raises(RlhfkitError, match="no .jsonl record files"):
         shorten_prompts(str(tmp_path / "empty"), str(tmp_path / "o"))
 

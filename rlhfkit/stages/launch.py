@@ -20,7 +20,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from rlhfkit.cli import STAGES
 from rlhfkit.config import opt
@@ -39,7 +38,7 @@ class LaunchConfig:
     )
     gpus: int = opt(0, "GPUs (processes) per node; 0 = all the node has.")
     num_nodes: int = opt(0, "Use the first N hosts of --hostfile; 0 = all of them (1 node without a hostfile).")
-    hostfile: Optional[str] = opt(None, "Hostfile for several nodes: one `HOSTNAME slots=GPUS` line per node.")
+    hostfile: str | None = opt(None, "Hostfile for several nodes: one `HOSTNAME slots=GPUS` line per node.")
     master_addr: str = opt("", "Address of node 0 for the rendezvous (default: DeepSpeed's choice).")
     master_port: int = opt(0, "Port of the rendezvous on node 0 (0 = DeepSpeed's default, 29500).")
     include: str = opt("", "Only these hosts/GPUs, DeepSpeed syntax: 'worker-0@worker-1:0,2' or 'localhost:0,1'.")
