@@ -11,7 +11,7 @@ RUN := runs
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo
+.PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo learn-check
 .PHONY: table-synthetic table-qa table-detox table-r3hf table-cnr recipes-dry-run
 
 setup: $(STAMP)
@@ -76,3 +76,7 @@ bench-train: setup
 
 bench-ppo: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]" && $(BIN)/python bench/bench_ppo.py
+
+# PPO on a programmatic reward (fine-grained vs holistic, two seeds): the reward must rise.
+learn-check: setup
+	OMP_NUM_THREADS=$(RECIPE_THREADS) $(BIN)/python bench/learning_check.py --out $(RUN)/learning-check

@@ -345,7 +345,7 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
         max_grad_norm=0.5,
         max_steps=(1 + spec.repeats) * steps_per_iteration,
         model_init_kwargs={"dtype": spec.dtype},
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # TRL's default is on; rlhfkit does not checkpoint
         bf16=False,
         fp16=False,
         use_cpu=device.type == "cpu",
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="response length, forced on both sides")
     parser.add_argument("--minibatch", type=int, default=8, help="rollouts per optimizer step")
     parser.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch (TRL: num_iterations)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per configuration, after one warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed iterations per configuration, after one warm-up")
     parser.add_argument("--skip-rm-costs", action="store_true", help="only the comparison with TRL")
     parser.add_argument("--profile-dir", help="write a cProfile of each worker's timed part into this directory")
     parser.add_argument("--worker", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)

@@ -21,9 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rlhfkit.config import build_config  # noqa: E402
-from rlhfkit.schema import PromptRecord, write_records  # noqa: E402
-from rlhfkit.stages import ppo  # noqa: E402
+from rlhfkit.config import build_config
+from rlhfkit.schema import PromptRecord, write_records
+from rlhfkit.stages import ppo
 
 QUESTIONS = [
     "Who wrote the album Bloom?", "When was the bridge opened?", "Where is the river Nile?",

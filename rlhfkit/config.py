@@ -175,6 +175,7 @@ def run_stage(entry: Callable[[Any], Any], make_config: Callable[[], Any], debug
     except RlhfkitError as err:
         if debug:
             raise
+        console.quiet = False  # every process reports its error, rank 0 or not
         console.print(Text("error: ", style="bold red") + Text(str(err)), soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:

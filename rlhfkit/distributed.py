@@ -13,10 +13,12 @@ ones the stage validated and logged; a user JSON can add or change anything else
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -85,10 +87,7 @@ def deepspeed_config(
         raise RlhfkitError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
     if dtype not in DTYPES:
         raise RlhfkitError(f"DeepSpeed dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    if offload_optimizer and zero_stage == 0:
-        raise RlhfkitError("optimizer offload needs ZeRO stage 1, 2 or 3 (e.g. --deepspeed zero2)")
-    if offload_params and zero_stage != 3:
-        raise RlhfkitError("parameter offload needs ZeRO stage 3 (--deepspeed zero3)")
+    _check_offload(zero_stage, offload_optimizer, offload_params)
 
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage >= 2:
@@ -124,6 +123,13 @@ def deepspeed_config(
                 f"remove {key} from the JSON or change the stage's options"
             )
     return _merge(generated, user, user_config)
+
+
+def _check_offload(zero_stage: int, offload_optimizer: bool, offload_params: bool) -> None:
+    if offload_optimizer and zero_stage == 0:
+        raise RlhfkitError("optimizer offload needs ZeRO stage 1, 2 or 3 (e.g. --deepspeed zero2)")
+    if offload_params and zero_stage != 3:
+        raise RlhfkitError("parameter offload needs ZeRO stage 3 (--deepspeed zero3)")
 
 
 def _read_user_config(path: str) -> dict:
@@ -262,3 +268,156 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     base, extra = divmod(len(items), world_size)
     start = rank * base + min(rank, extra)
     return list(items[start : start + base + (1 if rank < extra else 0)])
+
+
+# --- DeepSpeed engines: the part of the stages' training that `--deepspeed` switches on --------
+
+# The option help of the training stages (sft, train-rm, ppo), so the three say the same.
+DEEPSPEED_HELP = (
+    "Train data-parallel in a DeepSpeed engine: zero0..zero3 (ZeRO stage) or a DeepSpeed JSON whose keys override "
+    "the config generated from this stage's options. Start several processes with `rlhfkit launch`."
+)
+OFFLOAD_OPTIMIZER_HELP = "With --deepspeed zero1-3: keep the optimizer state in CPU memory (ZeRO-Offload)."
+OFFLOAD_PARAMS_HELP = "With --deepspeed zero3: keep the parameters in CPU memory between uses (ZeRO-Infinity)."
+
+
+def require_deepspeed():
+    """The deepspeed module, or one clear error when it is not installed."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise RlhfkitError("--deepspeed needs the deepspeed package, which is not installed here: pip install deepspeed") from None
+    return deepspeed
+
+
+def check_deepspeed_options(deepspeed: str | None, offload_optimizer: bool, offload_params: bool) -> None:
+    """Validate a stage's --deepspeed / --offload-* options against each other and the launcher.
+
+    Several processes without --deepspeed would each train their own copy of the model on
+    their own shard, so that is an error rather than a silent N-fold waste.
+    """
+    world_size = world_info()[2]
+    if deepspeed is None:
+        if offload_optimizer or offload_params:
+            raise RlhfkitError("--offload-optimizer and --offload-params need --deepspeed (zero1-3 and zero3 respectively)")
+        if world_size > 1:
+            raise RlhfkitError(
+                f"this is one of {world_size} processes (WORLD_SIZE={world_size}) but --deepspeed is not set, so each "
+                "would train its own copy; add --deepspeed zero2 (or zero1, zero3)"
+            )
+        return
+    zero_stage, user_config = resolve_deepspeed_option(deepspeed)
+    if user_config is not None:
+        # The JSON's ZeRO stage decides; its batch keys are checked when the engine is built.
+        zero_stage = _read_user_config(user_config).get("zero_optimization", {}).get("stage", zero_stage)
+    _check_offload(zero_stage, offload_optimizer, offload_params)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def stage_deepspeed_config(
+    deepspeed: str,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    dtype: torch.dtype,
+    max_grad_norm: float,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> dict:
+    """The DeepSpeed config of a stage's `--deepspeed VALUE` with its batch, precision and clipping."""
+    zero_stage, user_config = resolve_deepspeed_option(deepspeed)
+    return deepspeed_config(
+        zero_stage=zero_stage,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        world_size=world_info()[2],
+        dtype=dtype_name(dtype),
+        max_grad_norm=max_grad_norm,
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        user_config=user_config,
+    )
+
+
+def _join_process_group() -> None:
+    """init_distributed, and a one-process group when no launcher started this process
+    (DeepSpeed needs a process group even for one process)."""
+    from rlhfkit.console import console
+
+    console.quiet = not is_main_process()  # in case RANK was set after rlhfkit.console was imported
+    init_distributed()
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:  # a free local port for the one-process rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+
+
+def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """Wrap a trained model and its optimizer in a DeepSpeed engine (data parallel + ZeRO).
+
+    The stage's own optimizer is used (ZeRO shards its state), so the optimizer, weight decay
+    groups and learning-rate schedule are the same with and without DeepSpeed; the stage
+    keeps stepping its scheduler itself.
+    """
+    deepspeed = require_deepspeed()
+    _join_process_group()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def deepspeed_inference_module(model: torch.nn.Module, config: dict) -> torch.nn.Module:
+    """A frozen model (PPO's reference) for inference under DeepSpeed.
+
+    Under ZeRO-3 its parameters are sharded over the processes like the trained models'
+    (an engine without optimizer: forward only); under ZeRO 0-2 each process keeps a plain
+    eval copy, since sharding only pays off where the trained models' are sharded too.
+    """
+    model.eval().requires_grad_(False)
+    if config["zero_optimization"]["stage"] != 3:
+        return model
+    deepspeed = require_deepspeed()
+    _join_process_group()
+    inference_config = {k: v for k, v in config.items() if k != "gradient_clipping"}
+    zero = dict(inference_config["zero_optimization"])
+    zero.pop("offload_optimizer", None)  # no optimizer to offload
+    inference_config["zero_optimization"] = zero
+    engine, *_ = deepspeed.initialize(model=model, config=inference_config)
+    return engine.module
+
+
+def is_zero3_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 holds `model`'s parameters as shards (a process sees placeholders)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every process sees `model`'s full parameters (gathered from the
+    ZeRO-3 shards; changes are not written back). A no-op for unsharded models.
+
+    A collective under ZeRO-3: every process must enter it, even those that only wait for
+    rank 0 to save.
+    """
+    if not is_zero3_partitioned(model):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order ([obj] in a single process)."""
+    if not _distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from rlhfkit.distributed import is_zero3_partitioned
 from rlhfkit.errors import RlhfkitError
 
 
@@ -153,6 +154,10 @@ def generate(
     if sampling.do_sample:
         # top_k=0 explicitly: None would fall back to the model's generation_config (often 50).
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    if is_zero3_partitioned(model):
+        # Every process's forward gathers the sharded parameters with the others, so all keep
+        # stepping until the last one has finished its responses.
+        kwargs["synced_gpus"] = True
     output = model.generate(**kwargs)
     model.train(was_training)
     # Decoder-only outputs repeat the prompt; encoder-decoder outputs start with the decoder start token.

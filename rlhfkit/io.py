@@ -51,3 +51,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as handle:
         handle.write(text)
+
+
+# The repository checkout this package runs from (the Makefile installs it editable), where
+# data/ holds the shipped QA-Feedback sample and the synthetic knowledge base.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shipped_path(path: str | os.PathLike) -> Path:
+    """`path` as given when it exists; otherwise, for a relative path, the same path under the
+    repository root, so the shipped-data defaults work from any working directory."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    in_repo = REPO_ROOT / given
+    return in_repo if in_repo.exists() else given

@@ -4,6 +4,10 @@
 as resolved, plus the versions of rlhfkit, torch and transformers, so a result can be
 reproduced); `log_metrics` appends one JSON line per step to `metrics.jsonl`.
 
+Under several processes (rlhfkit launch) every process makes a RunDir, but only rank 0
+writes to it: the others' `log_metrics` return the row without writing it, so a stage
+logs unconditionally and metrics.jsonl has each line once.
+
 The file is `run_config.json`, not `config.json`, because stages that save a model save it
 into their output directory, where Hugging Face's `from_pretrained` reads `config.json`.
 """
@@ -68,9 +72,14 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, stage: str, cfg: Any, *, resume: bool = False):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         self.metrics_path = self.path / "metrics.jsonl"
+        from rlhfkit.distributed import is_main_process  # imports torch: only when a run starts
+
+        self.writes = is_main_process()
+        if not self.writes:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
         if not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
         write_json(
@@ -93,13 +102,15 @@ class RunDir:
             if isinstance(value, float) and not math.isfinite(value):
                 value = str(value)
             row[key] = value
+        if not self.writes:
+            return row
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         return row
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop metric lines logged after the checkpoint being resumed from."""
-        if not self.metrics_path.exists():
+        if not self.writes or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
@@ -110,7 +121,8 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> Path:
         target = self.path / name
-        write_json(target, obj)
+        if self.writes:
+            write_json(target, obj)
         return target
 
 
@@ -125,7 +137,7 @@ def progress_bar(description: str, total: Optional[int]) -> Iterator[Any]:
         TimeRemainingColumn(),
         console=console,
         transient=False,
-        disable=not console.is_terminal,
+        disable=not console.is_terminal or console.quiet,
     )
     with progress:
         task = progress.add_task(description, total=total)

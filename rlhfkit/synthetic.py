@@ -42,7 +42,7 @@ from pathlib import Path
 
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_write, write_json, write_text
+from rlhfkit.io import atomic_write, shipped_path, write_json, write_text
 from rlhfkit.schema import (
     Demonstration,
     Preference,
@@ -111,7 +111,7 @@ class KnowledgeBase:
 def load_knowledge_base(path: str = DEFAULT_KB) -> KnowledgeBase:
     """Read and check a knowledge-base JSON file (see data/synthetic/README.md)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(shipped_path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise RlhfkitError(f"{path}: cannot read the knowledge base: {err}") from None
     missing = [k for k in KB_KEYS if k not in data]

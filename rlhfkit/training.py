@@ -15,6 +15,16 @@ Checkpoints are `out/checkpoints/step-N/`: the model via `save_pretrained` (a Lo
 saves its adapter) and `training_state.pt` (optimizer, scheduler, RNG, step, loss history),
 read back with `weights_only=True`. Each is written to a temporary directory and renamed
 into place, so a crash mid-save never leaves a checkpoint that `--resume` would trust.
+
+With `--deepspeed` (LoopSettings.deepspeed) the model and optimizer train inside a
+DeepSpeed engine, data-parallel over the processes `rlhfkit launch` started. The step plan
+stays global: a micro-batch of `batch_size` items per process is a global micro-batch of
+`batch_size x processes` items, of which each process takes its `shard`; so N processes
+with --batch-size B see the same items per step as one process with --batch-size N*B, and
+every optimizer step divides the summed loss by the count of the whole global step, as in
+one process. The optimizer's state (and under ZeRO-2/3 the gradients and parameters) is
+sharded by DeepSpeed; its checkpoint goes into `step-N/deepspeed/` beside the
+from_pretrained model, and only rank 0 writes everything else.
 """
 
 from __future__ import annotations
@@ -34,16 +44,30 @@ import torch
 from transformers import get_scheduler
 
 from rlhfkit.console import console
+from rlhfkit.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    deepspeed_engine,
+    full_parameters,
+    is_main_process,
+    shard,
+    stage_deepspeed_config,
+    world_info,
+)
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
 from rlhfkit.models import safe_torch_load
 from rlhfkit.runs import RunDir, progress_bar
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
+DEEPSPEED_TAG = "deepspeed"  # step-N/deepspeed/: the engine's (sharded) model and optimizer states
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 Batch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor | int]"]
+CountFn = Callable[[Batch], "torch.Tensor | int"]
+"""The count a LossFn divides by, from the batch alone (needed under DeepSpeed, see fit)."""
 
 
 @dataclass
@@ -68,11 +92,16 @@ class LoopSettings:
     # bf16 runs keep fp32 weights and autocast the forward: AdamW steps of ~1e-5 relative
     # size vanish in bf16 weights (8 mantissa bits).
     compute_dtype: torch.dtype = torch.float32
+    deepspeed: str | None = None  # zero0..zero3 or a JSON path: train in a DeepSpeed engine
+    offload_optimizer: bool = False
+    offload_params: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any, compute_dtype: torch.dtype = torch.float32) -> LoopSettings:
         names = [f for f in cls.__dataclass_fields__ if f not in ("out", "compute_dtype")]
-        return cls(out=Path(cfg.out), compute_dtype=compute_dtype, **{name: getattr(cfg, name) for name in names})
+        # Stages without the DeepSpeed options train in one process.
+        values = {name: getattr(cfg, name, cls.__dataclass_fields__[name].default) for name in names}
+        return cls(out=Path(cfg.out), compute_dtype=compute_dtype, **values)
 
 
 def validate_loop_options(cfg: Any) -> None:
@@ -256,39 +285,83 @@ def save_checkpoint(
     *,
     tokenizer: Any = None,
     keep: int = 0,
+    engines: Sequence[Any] = (),
 ) -> Path:
-    """Write `out/checkpoints/step-N` atomically; keep the newest `keep` (0: all)."""
+    """Write `out/checkpoints/step-N` atomically; keep the newest `keep` (0: all).
+
+    With DeepSpeed `engines`, every process must call this (saving is a collective): each
+    writes its optimizer shard to `step-N/deepspeed/` (several engines: `deepspeed-K/`),
+    and rank 0 the from_pretrained model (gathered from ZeRO-3 shards) and `state`.
+    """
     final = checkpoint_dir(out, step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    main = is_main_process()
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()  # the directory exists before any process writes its shard
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        for index, engine in enumerate(engines):
+            engine.save_checkpoint(str(tmp), tag=deepspeed_tag(index))
+        with full_parameters(model):
+            if main:
+                model.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                torch.save(state, tmp / STATE_FILE)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep:
+    if keep and main:
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old)
+    barrier()  # nobody reads the checkpoints before rank 0 has renamed and pruned them
     return final
 
 
-def rng_state() -> dict:
+def deepspeed_tag(index: int) -> str:
+    """The sub-directory of a checkpoint holding the `index`-th engine's DeepSpeed states."""
+    return DEEPSPEED_TAG if index == 0 else f"{DEEPSPEED_TAG}-{index}"
+
+
+def load_deepspeed_states(checkpoint: Path, engines: Sequence[Any]) -> None:
+    """Load each engine's model and (sharded) optimizer states saved by `save_checkpoint`."""
+    for index, engine in enumerate(engines):
+        if not (checkpoint / deepspeed_tag(index)).is_dir():
+            raise RlhfkitError(
+                f"{checkpoint} was saved without --deepspeed (no {deepspeed_tag(index)}/ in it); "
+                "resume with the options it was trained with, or use another --out"
+            )
+        # The stage steps its own LR scheduler (restored from training_state.pt).
+        engine.load_checkpoint(str(checkpoint), tag=deepspeed_tag(index), load_lr_scheduler_states=False)
+
+
+def rng_state() -> dict | list[dict]:
+    """torch's generator states; under several processes, a list with every rank's."""
     # Only torch's generators: dropout draws from them; the data order has its own generator.
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+    if world_info()[2] == 1:
+        return state
+    # Each process has drawn differently shaped dropout masks, so each resumes its own stream.
+    return all_gather_objects(state)
 
 
-def set_rng_state(rng: dict) -> None:
+def set_rng_state(rng: dict | list[dict]) -> None:
+    if isinstance(rng, list):
+        rank, _, world_size = world_info()
+        if len(rng) != world_size:
+            raise RlhfkitError(
+                f"the checkpoint was saved by {len(rng)} processes, this run has {world_size}; resume with the same number"
+            )
+        rng = rng[rank]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -364,21 +437,52 @@ def fit(
     tokenizer: Any = None,
     data_fingerprint: str = "",
     description: str = "train",
+    count_fn: CountFn | None = None,
 ) -> FitResult:
     """Train `model` in place; `evaluate()` runs at step 0, every `eval_every` steps and at the end.
 
     With `settings.resume`, training continues from the latest checkpoint in `settings.out`
     (and from step 0 when there is none). A non-finite loss, gradient norm, or parameter
     raises TrainingDiverged before the bad update is applied or saved, so the newest
-    checkpoint is always a good one.
+    checkpoint is always a good one (under DeepSpeed a non-finite gradient norm is only
+    seen after the engine's step; the parameter check still runs before every save).
+
+    `count_fn(batch)` gives the count `loss_fn` returns without running the model; it is
+    required with `settings.deepspeed`, where each micro-batch's gradient is reduced across
+    the processes during its backward, so the step's global count must be known before
+    the first one. Every process must call `fit` (and run `evaluate`) under DeepSpeed.
     """
     if not train_items:
         raise RlhfkitError("no training items")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    plan = StepPlan(len(train_items), settings.batch_size, settings.grad_accum, settings.epochs, settings.max_steps, settings.seed)
+    world_size = world_info()[2]
+    plan = StepPlan(
+        len(train_items), settings.batch_size * world_size, settings.grad_accum, settings.epochs, settings.max_steps, settings.seed
+    )
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
     scheduler = make_scheduler(optimizer, settings.lr_scheduler, plan.total_steps, settings.warmup_ratio)
+    engine = None
+    if settings.deepspeed is not None:
+        if count_fn is None:
+            raise ValueError("fit: count_fn is required with settings.deepspeed")
+        config = stage_deepspeed_config(
+            settings.deepspeed,
+            micro_batch_size=settings.batch_size,
+            grad_accum=settings.grad_accum,
+            dtype=settings.compute_dtype,
+            max_grad_norm=settings.max_grad_norm,
+            offload_optimizer=settings.offload_optimizer,
+            offload_params=settings.offload_params,
+        )
+        if config["zero_optimization"]["stage"] == 3 and settings.grad_accum > 1:
+            # Measured with DeepSpeed 0.19.8 on 2 processes: with an explicit accumulation
+            # boundary, ZeRO-3 loses the gradients of a step's earlier micro-batches.
+            raise RlhfkitError(
+                "--deepspeed zero3 with --grad-accum > 1 is not supported yet; use --grad-accum 1 with a larger "
+                "--batch-size, or zero2"
+            )
+        engine = deepspeed_engine(model, optimizer, config)
     # What must match for a checkpoint's step N to mean the same items and updates.
     identity = {
         "items": len(train_items),
@@ -387,6 +491,8 @@ def fit(
         "seed": settings.seed,
         "data": data_fingerprint,
     }
+    if world_size > 1:
+        identity["processes"] = world_size  # the global batch is batch_size x processes
     progress = _Progress()
     resumed_from = None
 
@@ -403,8 +509,13 @@ def fit(
                     f"{checkpoint} was trained on other data or settings ({'; '.join(changed)}); "
                     "resume with the same data, --batch-size, --grad-accum and --seed, or use another --out"
                 )
-            load_model_weights(model, checkpoint)
-            optimizer.load_state_dict(saved["optimizer"])
+            if engine is not None:
+                load_deepspeed_states(checkpoint, [engine])
+            elif saved["optimizer"] is None:
+                raise RlhfkitError(f"{checkpoint} was saved under --deepspeed; resume with --deepspeed")
+            else:
+                load_model_weights(model, checkpoint)
+                optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             set_rng_state(saved["rng"])
             progress = _Progress(**saved["progress"])
@@ -436,7 +547,8 @@ def fit(
     def checkpoint_state() -> dict:
         return {
             "identity": identity,
-            "optimizer": optimizer.state_dict(),
+            # Under DeepSpeed the optimizer's (sharded) state is in the engine's checkpoint.
+            "optimizer": optimizer.state_dict() if engine is None else None,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "progress": vars(progress),
@@ -450,29 +562,36 @@ def fit(
         advance(progress.step)
         for step, micro_batches in plan.windows(progress.step):
             started = time.perf_counter()
-            loss_total = torch.zeros((), dtype=torch.float64, device=device)
-            count_total = torch.zeros((), dtype=torch.float64, device=device)
-            samples = 0
-            for indices in micro_batches:
-                batch = to_device(collate([train_items[i] for i in indices]), device)
-                with autocast(device, settings.compute_dtype):
-                    loss_sum, count = loss_fn(model, batch)
-                loss_sum.backward()
-                loss_total += loss_sum.detach().double()
-                count_total += count
-                samples += len(indices)
-            count_value = max(count_total.item(), 1.0)  # one device sync per step
-            loss = loss_total.item() / count_value
-            if not math.isfinite(loss):
-                raise diverged(f"the loss is {loss}", step)
-            torch._foreach_div_([p.grad for p in params if p.grad is not None], count_value)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if not math.isfinite(grad_norm):
-                raise diverged(f"the gradient norm is {grad_norm}", step)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if engine is not None:
+                loss, grad_norm, samples = _deepspeed_step(
+                    engine, train_items, micro_batches, collate, loss_fn, count_fn, settings.compute_dtype,
+                    lambda what, step=step: diverged(what, step),
+                )
+                scheduler.step()
+            else:
+                loss_total = torch.zeros((), dtype=torch.float64, device=device)
+                count_total = torch.zeros((), dtype=torch.float64, device=device)
+                samples = 0
+                for indices in micro_batches:
+                    batch = to_device(collate([train_items[i] for i in indices]), device)
+                    with autocast(device, settings.compute_dtype):
+                        loss_sum, count = loss_fn(model, batch)
+                    loss_sum.backward()
+                    loss_total += loss_sum.detach().double()
+                    count_total += count
+                    samples += len(indices)
+                count_value = max(count_total.item(), 1.0)  # one device sync per step
+                loss = loss_total.item() / count_value
+                if not math.isfinite(loss):
+                    raise diverged(f"the loss is {loss}", step)
+                torch._foreach_div_([p.grad for p in params if p.grad is not None], count_value)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                if not math.isfinite(grad_norm):
+                    raise diverged(f"the gradient norm is {grad_norm}", step)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             progress.train_seconds += time.perf_counter() - started
             progress.step = step
             progress.samples += samples
@@ -486,7 +605,10 @@ def fit(
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
                 if not _parameters_finite(model):
                     raise diverged("a parameter became NaN/inf", step)
-                save_checkpoint(settings.out, step, model, checkpoint_state(), tokenizer=tokenizer, keep=settings.keep_checkpoints)
+                save_checkpoint(
+                    settings.out, step, model, checkpoint_state(), tokenizer=tokenizer, keep=settings.keep_checkpoints,
+                    engines=[engine] if engine is not None else [],
+                )
     if not _parameters_finite(model):
         raise diverged("a parameter became NaN/inf", progress.step)
     if not progress.evals or progress.evals[-1]["step"] != progress.step:
@@ -500,3 +622,60 @@ def fit(
         steps_per_epoch=plan.steps_per_epoch,
         resumed_from=resumed_from,
     )
+
+
+def _deepspeed_step(
+    engine: Any,
+    items: Sequence,
+    micro_batches: list[list[int]],
+    collate: Callable[[list], Batch],
+    loss_fn: LossFn,
+    count_fn: CountFn,
+    compute_dtype: torch.dtype,
+    diverged: Callable[[str], TrainingDiverged],
+) -> tuple[float, float, int]:
+    """One optimizer step of `fit` in a DeepSpeed engine: (loss, grad norm, samples), all global.
+
+    `micro_batches` are the step's global micro-batches; this process trains on its shard
+    of each. The loss `fit` wants is sum(loss over the global step) / global count. Each
+    process backpropagates its summed loss x world_size / global count: DeepSpeed averages
+    the processes' gradients (divides their sum by world_size) and, with
+    scale_wrt_gas=False, does not divide by the accumulation steps, so the reduced gradient
+    is exactly the one-process gradient. Clipping (DeepSpeed's `gradient_clipping`, from
+    --max-grad-norm) then sees the global norm.
+    """
+    rank, _, world_size = world_info()
+    device = engine.device
+    batches, weights = [], []
+    for indices in micro_batches:
+        mine = shard(indices, rank, world_size)
+        # ZeRO reduces gradients during every backward (a collective), so every process
+        # runs one per global micro-batch: an empty shard runs the batch's first item at weight 0.
+        batches.append(to_device(collate([items[i] for i in (mine or indices[:1])]), device))
+        weights.append(1.0 if mine else 0.0)
+    local_count = sum(float(count_fn(batch)) * weight for batch, weight in zip(batches, weights))
+    global_count = max(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64, device=device)).item(), 1.0)
+    scale = world_size / global_count
+    loss_total = torch.zeros(1, dtype=torch.float64, device=device)
+    for k, (batch, weight) in enumerate(zip(batches, weights)):
+        # The step's micro-batches can be fewer than --grad-accum (an epoch's last step), so
+        # the boundary is set explicitly instead of by DeepSpeed's micro-step counter.
+        engine.set_gradient_accumulation_boundary(k == len(batches) - 1)
+        with autocast(device, compute_dtype):
+            loss_sum, _ = loss_fn(engine.module, batch)
+        engine.backward(loss_sum * (scale * weight), scale_wrt_gas=False)
+        loss_total += loss_sum.detach().double() * weight
+    loss = all_reduce_sum(loss_total).item() / global_count
+    if not math.isfinite(loss):
+        raise diverged(f"the loss is {loss}")
+    if engine.zero_optimization_stage() == 0:
+        # Without ZeRO, DeepSpeed clips but does not report the norm; the gradients are
+        # already averaged over the processes here, so this is the global norm.
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
+        engine.step()
+    else:
+        engine.step()
+        grad_norm = float(engine.get_global_grad_norm())
+    if not math.isfinite(grad_norm):
+        raise diverged(f"the gradient norm is {grad_norm}")
+    return loss, grad_norm, sum(len(indices) for indices in micro_batches)

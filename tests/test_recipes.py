@@ -60,7 +60,9 @@ def test_paper_plans_dry_run_through_the_cli(plan, run_cli, monkeypatch, capsys)
     monkeypatch.chdir(REPO)
     result = run_cli("recipe", plan.relative_to(REPO), "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "rlhfkit ppo" in result.output
+    steps = [line for line in result.output.splitlines() if line.startswith("[")]
+    assert len(steps) == len(load_plan(plan.relative_to(REPO)).steps)
+    assert all(line.endswith((": ok", ": deferred")) for line in steps)
 
 
 def write(path: Path, text: str) -> Path:
@@ -263,3 +265,30 @@ def test_collect_results_links_images_relative_to_the_report(tmp_path):
     assert text.endswith("![curve.png](../runs/x/curve.png)\n")
     with pytest.raises(RlhfkitError, match="nothing.md: no such file"):
         collect_results(str(tmp_path / "r.md"), "R", [str(tmp_path / "nothing.md")])
+
+
+def test_requires_names_inputs_made_by_another_recipe(tmp_path):
+    plan = write(tmp_path / "plan.yaml", f"""
+vars: {{other: {tmp_path}/other}}
+requires: {{"${{other}}/sft": other.yaml (the SFT policy)}}
+steps:
+  - stage: sft
+    with: {{model: m, data: "${{other}}/sft/demonstrations.jsonl", out: {tmp_path}/o}}
+""")
+    resolved = resolve_plan(load_plan(plan))
+    assert resolved[0].deferred.startswith("checked when it runs: reads an input made by other.yaml (the SFT policy)")
+    with pytest.raises(RlhfkitError, match=r"plan.yaml needs .*/other/sft \(made by other.yaml \(the SFT policy\)\): run that first"):
+        run_recipe(build_config(RecipeConfig, plan=str(plan)))
+
+
+def test_foreach_takes_a_list_variable(tmp_path):
+    plan = write(tmp_path / "plan.yaml", """
+vars: {seeds: [3, 5]}
+steps:
+  - call: rlhfkit.recipes:shorten_qa_prompt
+    name: s${seed}
+    foreach: {seed: "${seeds}"}
+    with: {prompt: "p${seed}", passages: "${seed}"}
+""")
+    steps = load_plan(plan).steps
+    assert [(s.name, s.values) for s in steps] == [("s3", {"prompt": "p3", "passages": 3}), ("s5", {"prompt": "p5", "passages": 5})]

@@ -30,7 +30,7 @@ from typing import Any
 from rlhfkit.config import config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import write_json
+from rlhfkit.io import shipped_path, write_json
 from rlhfkit.models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer, count_parameters
 from rlhfkit.runs import package_versions
 
@@ -81,11 +81,11 @@ class InitModelConfig:
             )
         if not self.corpus:
             raise RlhfkitError("--corpus: give at least one file to train the tokenizer on")
+        self.corpus = [str(shipped_path(path)) for path in self.corpus]
         for path in self.corpus:
             if not Path(path).is_file():
                 raise RlhfkitError(
-                    f"--corpus {path}: file not found (the default is the shipped data, relative to the "
-                    "repository root)"
+                    f"--corpus {path}: file not found"
                 )
         out = Path(self.out)
         if out.exists() and not out.is_dir():

@@ -10,6 +10,15 @@ One iteration, read top to bottom in `ppo_iteration`:
 4. update: several epochs of clipped policy loss + clipped value loss over minibatches,
    stopping an epoch early when the approximate KL to the rollout policy passes a threshold.
 The RL math lives in rlhfkit.rl (pure, unit-tested functions); this file wires it together.
+
+With `--deepspeed` (several processes via `rlhfkit launch`) each process rolls out its
+shard of the step's prompts, scores and advantages its own rollouts, and trains the policy
+and value model in DeepSpeed engines on minibatches of `--minibatch-size / processes`
+rollouts. Everything that is a statistic of the batch stays global: advantage (and reward)
+whitening, the KL controller's KL, the logged metrics, the KL early stop, and the
+token-mean losses, whose gradients are scaled so that N processes take the update one
+process would take on the same global minibatch. The reference policy is inference-only
+(sharded under ZeRO-3); reward models are plain eval copies in every process.
 """
 
 from __future__ import annotations
@@ -27,6 +36,20 @@ import torch.nn as nn
 
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
+from rlhfkit.distributed import (
+    DEEPSPEED_HELP,
+    OFFLOAD_OPTIMIZER_HELP,
+    OFFLOAD_PARAMS_HELP,
+    all_reduce_sum,
+    check_deepspeed_options,
+    deepspeed_engine,
+    deepspeed_inference_module,
+    full_parameters,
+    is_main_process,
+    shard,
+    stage_deepspeed_config,
+    world_info,
+)
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
 from rlhfkit.generation import (
     Rollout,
@@ -51,7 +74,15 @@ from rlhfkit.rl.advantages import (
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.runs import RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, record_to_dict
-from rlhfkit.training import STATE_FILE, latest_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from rlhfkit.training import (
+    STATE_FILE,
+    latest_checkpoint,
+    load_deepspeed_states,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 ADVANTAGES = ("gae", "grpo", "rloo")
 VALUE_MODELS = ("separate", "shared")
@@ -110,8 +141,19 @@ class PPOConfig:
     dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     seed: int = opt(0, "Random seed.")
+    deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).")
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
 
     def validate(self) -> None:
+        check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        world_size = world_info()[2]
+        for name in ("prompts_per_step", "minibatch_size"):
+            if getattr(self, name) % world_size:
+                raise RlhfkitError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of the {world_size} processes")
+        if self.deepspeed is not None and self.advantage == "gae" and self.value_model == "shared":
+            # One loss through two engines' parameters (the policy trunk and the head).
+            raise RlhfkitError("--value-model shared is not supported with --deepspeed; use --value-model separate")
         if self.advantage not in ADVANTAGES:
             raise RlhfkitError(f"--advantage must be one of {', '.join(ADVANTAGES)}, got '{self.advantage}'")
         if self.value_model not in VALUE_MODELS:
@@ -142,7 +184,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        # In the head's dtype (fp32, or bf16 where a DeepSpeed engine cast it), values in fp32.
+        return self.linear(hidden.to(self.linear.weight.dtype)).float().squeeze(-1)
 
 
 def hidden_size_of(model) -> int:
@@ -162,6 +205,12 @@ class PolicyBundle:
     value_backbone: Optional[nn.Module]  # None for shared heads and critic-free runs
     value_head: Optional[ValueHead]
     value_model_shared: bool = False
+    policy_engine: object = None  # DeepSpeed engines (--deepspeed), training the models above
+    value_engine: object = None
+
+    @property
+    def engines(self) -> list:
+        return [e for e in (self.policy_engine, self.value_engine) if e is not None]
 
 
 def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
@@ -273,8 +322,9 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
     task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
     score_per_sequence = (task_rewards * mask).sum(dim=1)
+    # all_reduce_sum: the statistics of the global batch (a no-op in one process).
     if cfg.whiten_rewards:
-        task_rewards = masked_whiten(task_rewards, mask, shift_mean=False) * mask
+        task_rewards = masked_whiten(task_rewards, mask, shift_mean=False, all_reduce=all_reduce_sum) * mask
     kl = (old_logprobs - ref_logprobs) * mask
 
     # --- advantages ------------------------------------------------------------------------
@@ -286,7 +336,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     if cfg.advantage == "gae":
         rewards = task_rewards - kl_ctl.value * kl
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask) * mask
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce_sum) * mask
     else:
         rewards = task_rewards
         advantages = group_token_returns(task_rewards, mask, cfg.samples_per_prompt, kind=cfg.advantage, reward_mask=reward_given)
@@ -296,13 +346,15 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     policy_opt, value_opt = optimizers
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "grad_norm")}
     n = rollout.response_ids.shape[0]
+    world_size = world_info()[2]
+    minibatch_size = cfg.minibatch_size // world_size  # this process's share of a minibatch
     value_params = value_parameters(bundle)
     stopped_early = False
     bundle.policy.train()
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n)
-        for start in range(0, n, cfg.minibatch_size):
-            idx = order[start : start + cfg.minibatch_size]
+        for start in range(0, n, minibatch_size):
+            idx = order[start : start + minibatch_size]
             mb = select(rollout, idx.to(rollout.response_ids.device))
             mb_mask = mask[idx]
             logits, logprobs, hidden = policy_logprobs(bundle, mb, cfg.temperature, want_hidden=bundle.value_model_shared)
@@ -314,6 +366,17 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             loss = pg_loss - cfg.entropy_coef * entropy
             if cfg.advantage != "gae":
                 loss = loss + kl_ctl.value * masked_mean(kl_penalty(logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
+            if bundle.engines:
+                policy_objective = loss
+                values = value_estimates(bundle, mb, hidden) if cfg.advantage == "gae" else None
+                vf_loss, vf_stats = (
+                    value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip) if values is not None else (None, {})
+                )
+                deepspeed_update(bundle, policy_objective, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mb_mask, stats, step)
+                for sched in schedulers:
+                    if sched is not None:
+                        sched.step()
+                continue
             if cfg.advantage == "gae":
                 values = value_estimates(bundle, mb, hidden)
                 vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip)
@@ -343,28 +406,74 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             stats["clipfrac"].append(float(pg_stats["clipfrac"]))
             stats["approx_kl"].append(float(pg_stats["approx_kl"]))
             stats["entropy"].append(entropy.item())
-        if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-math.ceil(n / cfg.minibatch_size):]) > cfg.kl_stop:
+        if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-math.ceil(n / minibatch_size):]) > cfg.kl_stop:
             stopped_early = True
             break
 
-    mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device)).item()
-    kl_ctl.update(mean_kl, n)
+    mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device), all_reduce=all_reduce_sum).item()
+    kl_ctl.update(mean_kl, n * world_size)
+    tokens = float(all_reduce_sum(mask.sum().reshape(1)).item())  # of all processes
     metrics = {
-        "reward/total": score_per_sequence.mean().item(),
-        **{f"reward/{name}": value.mean().item() for name, value in per_source.items()},
+        "reward/total": mean_over_processes(score_per_sequence),
+        **{f"reward/{name}": mean_over_processes(value) for name, value in per_source.items()},
         "kl": mean_kl,
         "kl_coef": kl_ctl.value,
-        "kl_penalty": (kl_ctl.value * kl).sum(dim=1).mean().item(),
-        "response_length": rollout.response_lengths.float().mean().item(),
-        "truncated_fraction": (~rollout.finished).float().mean().item(),
+        "kl_penalty": mean_over_processes((kl_ctl.value * kl).sum(dim=1)),
+        "response_length": mean_over_processes(rollout.response_lengths.float()),
+        "truncated_fraction": mean_over_processes((~rollout.finished).float()),
         "epochs_run": epoch + 1,
         "early_stopped": stopped_early,
         **{k: float(np.mean(v)) for k, v in stats.items() if v},
         "lr": schedulers[0].get_last_lr()[0],
-        "tokens_per_second": float(mask.sum()) / (time.perf_counter() - started),
-        "generation_tokens_per_second": float(mask.sum()) / generation_seconds,
+        "tokens_per_second": tokens / (time.perf_counter() - started),
+        "generation_tokens_per_second": tokens / generation_seconds,
     }
     return metrics, rollout, rewards
+
+
+def mean_over_processes(values: torch.Tensor) -> float:
+    """The mean of a per-rollout quantity over the rollouts of all processes."""
+    if world_info()[2] == 1:
+        return values.mean().item()
+    total = all_reduce_sum(torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64)]))
+    return (total[0] / total[1]).item()
+
+
+def deepspeed_update(bundle: PolicyBundle, policy_objective, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mask, stats, step: int) -> None:
+    """One minibatch update in the DeepSpeed engines, and its globally aggregated stats.
+
+    Every loss here is a mean over this process's valid tokens; the one-process loss is the
+    mean over the global minibatch's tokens, sum_r n_r * loss_r / N. DeepSpeed averages the
+    gradients over the W processes, so backpropagating loss_r * n_r * W / N gives exactly
+    the one-process gradient; clipping (the engines' gradient_clipping) is on the global
+    gradients, policy and value separately as in one process.
+    """
+    world_size = world_info()[2]
+    local_tokens = mask.sum().to(torch.float64)
+    names = ["policy_loss", "clipfrac", "approx_kl", "entropy"]
+    local = [pg_loss, pg_stats["clipfrac"], pg_stats["approx_kl"], entropy]
+    if vf_loss is not None:
+        names += ["value_loss", "vf_clipfrac"]
+        local += [vf_loss, vf_stats["vf_clipfrac"]]
+    # One all-reduce: the token-weighted sums of the stats, and the global token count.
+    sums = all_reduce_sum(torch.stack([t.detach().double() * local_tokens for t in local] + [local_tokens]))
+    global_tokens = max(sums[-1].item(), 1.0)
+    means = {name: (value / global_tokens).item() for name, value in zip(names, sums[:-1])}
+    if not all(math.isfinite(v) for v in means.values()):  # the same on every process: all stop
+        raise TrainingDiverged(
+            f"step {step}: the PPO loss is not finite ({means}); "
+            "the last good checkpoint is kept; lower --lr or check the reward sources"
+        )
+    scale = (local_tokens * world_size / global_tokens).item()
+    bundle.policy_engine.backward(policy_objective * scale, scale_wrt_gas=False)
+    bundle.policy_engine.step()
+    if bundle.value_engine is not None and vf_loss is not None:
+        bundle.value_engine.backward(vf_loss * scale, scale_wrt_gas=False)
+        bundle.value_engine.step()
+    for name, value in means.items():
+        stats[name].append(value)
+    grad_norm = bundle.policy_engine.get_global_grad_norm()  # None without ZeRO (DeepSpeed does not report it)
+    stats["grad_norm"].append(float("nan") if grad_norm is None else float(grad_norm))
 
 
 def policy_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
@@ -410,31 +519,38 @@ def prompt_texts(path: str) -> list[str]:
 
 
 def save_ppo_checkpoint(out: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl, step: int) -> Path:
+    # Under DeepSpeed the engines' checkpoints hold the optimizers and the value model.
+    in_state = not bundle.engines
     state = {
         "step": step,
         "kl_coef": kl_ctl.value,
-        "optimizers": [o.state_dict() if o is not None else None for o in optimizers],
+        "optimizers": [o.state_dict() if o is not None and in_state else None for o in optimizers],
         "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
-        "value_head": bundle.value_head.state_dict() if bundle.value_head is not None else None,
-        "value_backbone": bundle.value_backbone.state_dict() if bundle.value_backbone is not None else None,
+        "value_head": bundle.value_head.state_dict() if bundle.value_head is not None and in_state else None,
+        "value_backbone": bundle.value_backbone.state_dict() if bundle.value_backbone is not None and in_state else None,
         "rng": rng_state(),
     }
-    return save_checkpoint(out, step, bundle.policy, state)
+    return save_checkpoint(out, step, bundle.policy, state, engines=bundle.engines)
 
 
 def restore_ppo_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl) -> int:
-    load_model_weights(bundle.policy, path)
     state = safe_torch_load(path / STATE_FILE)
-    for opt_, opt_state in zip(optimizers, state["optimizers"]):
-        if opt_ is not None:
-            opt_.load_state_dict(opt_state)
+    if bundle.engines:
+        load_deepspeed_states(path, bundle.engines)
+    else:
+        if state["optimizers"][0] is None:  # the policy's optimizer state is in the engine's checkpoint
+            raise RlhfkitError(f"{path} was saved under --deepspeed; resume with --deepspeed")
+        load_model_weights(bundle.policy, path)
+        for opt_, opt_state in zip(optimizers, state["optimizers"]):
+            if opt_ is not None:
+                opt_.load_state_dict(opt_state)
+        if bundle.value_head is not None:
+            bundle.value_head.load_state_dict(state["value_head"])
+        if bundle.value_backbone is not None:
+            bundle.value_backbone.load_state_dict(state["value_backbone"])
     for sched, sched_state in zip(schedulers, state["schedulers"]):
         if sched is not None:
             sched.load_state_dict(sched_state)
-    if bundle.value_head is not None:
-        bundle.value_head.load_state_dict(state["value_head"])
-    if bundle.value_backbone is not None:
-        bundle.value_backbone.load_state_dict(state["value_backbone"])
     kl_ctl.value = state["kl_coef"]
     set_rng_state(state["rng"])
     return int(state["step"])
@@ -465,6 +581,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     sources = build_reward_sources(weights, rm_paths, redistribute, device=device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size)
     bundle = load_models(cfg, device)
     optimizers, schedulers = make_optimizers(cfg, bundle)
+    if cfg.deepspeed is not None:
+        start_engines(cfg, bundle, optimizers)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.kl_coef)
 
     run = RunDir(out, "ppo", cfg, resume=resume_from is not None)
@@ -479,15 +597,19 @@ def run_ppo(cfg: PPOConfig) -> dict:
     order = prompt_order(len(prompts), cfg.seed)
     history = []
     rollouts_path = run.path / "rollouts.jsonl"
-    if rollouts_path.exists():
+    main = is_main_process()
+    rank, _, world_size = world_info()
+    if main and rollouts_path.exists():
         keep_rollouts_up_to(rollouts_path, start_step)
     with progress_bar("ppo", cfg.steps) as advance:
         advance(start_step)
         for step in range(start_step + 1, cfg.steps + 1):
-            batch = prompts_for_step(prompts, order, step, cfg.prompts_per_step, cfg.seed)
+            # The step's prompts are global; each process rolls out its shard of them.
+            batch = shard(prompts_for_step(prompts, order, step, cfg.prompts_per_step, cfg.seed), rank, world_size)
             metrics, rollout, rewards = ppo_iteration(cfg, bundle, sources, weights, batch, optimizers, schedulers, kl_ctl, step)
             history.append(run.log_metrics(step=step, **metrics))
-            append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)
+            if main:
+                append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)
             if cfg.eval_every and eval_prompts and step % cfg.eval_every == 0:
                 run.log_metrics(step=step, **evaluate_prompts(cfg, bundle, sources, weights, eval_prompts))
             if step % cfg.save_every == 0 or step == cfg.steps:
@@ -495,11 +617,42 @@ def run_ppo(cfg: PPOConfig) -> dict:
             advance(1)
 
     final_metrics = evaluate_prompts(cfg, bundle, sources, weights, eval_prompts) if eval_prompts else {}
-    save_final_policy(bundle, out)
+    with full_parameters(bundle.policy):  # gathered from the ZeRO-3 shards: every process enters
+        if main:
+            save_final_policy(bundle, out)
     summary = {"steps": cfg.steps, "last": history[-1] if history else {}, "eval": final_metrics}
-    write_json(out / "ppo_summary.json", summary)
-    plot_reward_curves(run.metrics_path, out / "reward_curves.png")
+    if main:
+        write_json(out / "ppo_summary.json", summary)
+        plot_reward_curves(run.metrics_path, out / "reward_curves.png")
     return summary
+
+
+def start_engines(cfg: PPOConfig, bundle: PolicyBundle, optimizers) -> None:
+    """Put the trained models in DeepSpeed engines and the frozen reference in inference mode.
+
+    Each engine's micro-batch is this process's share of --minibatch-size, one micro-batch
+    per optimizer step; the policy and value model clip their gradients separately.
+    """
+    policy_opt, value_opt = optimizers
+
+    def config() -> dict:
+        return stage_deepspeed_config(
+            cfg.deepspeed,
+            micro_batch_size=cfg.minibatch_size // world_info()[2],
+            grad_accum=1,
+            dtype=next(bundle.policy.parameters()).dtype,
+            max_grad_norm=cfg.max_grad_norm,
+            offload_optimizer=cfg.offload_optimizer,
+            offload_params=cfg.offload_params,
+        )
+
+    bundle.policy_engine = deepspeed_engine(bundle.policy, policy_opt, config())
+    if value_opt is not None:
+        # One module for the engine; the stage keeps calling the backbone and head by name.
+        value_model = nn.ModuleDict({"backbone": bundle.value_backbone, "head": bundle.value_head})
+        bundle.value_engine = deepspeed_engine(value_model, value_opt, config())
+    if bundle.ref is not None:
+        bundle.ref = deepspeed_inference_module(bundle.ref, config())
 
 
 def prompt_order(n: int, seed: int) -> list[int]:

@@ -38,6 +38,14 @@ import torch.nn.functional as F
 
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
+from rlhfkit.distributed import (
+    DEEPSPEED_HELP,
+    OFFLOAD_OPTIMIZER_HELP,
+    OFFLOAD_PARAMS_HELP,
+    check_deepspeed_options,
+    full_parameters,
+    is_main_process,
+)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import atomic_write
@@ -97,9 +105,13 @@ class SFTConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
     seed: int = opt(42, "Seed for the held-out split, data order, LoRA init and dropout.")
+    deepspeed: str | None = opt(None, DEEPSPEED_HELP)
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
 
     def validate(self) -> None:
         validate_loop_options(self)
+        check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
         if self.max_length < 2:
             raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
@@ -198,7 +210,7 @@ def make_loss_fn(model: torch.nn.Module, is_encoder_decoder: bool):
                 use_cache=False,
             ).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            return loss, (labels != IGNORE_INDEX).sum()
+            return loss, supervised_tokens(batch)
 
         return seq2seq_loss
 
@@ -215,9 +227,16 @@ def make_loss_fn(model: torch.nn.Module, is_encoder_decoder: bool):
         logits = logits[:, -keep:-1]
         targets = labels[:, start:]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, (targets != IGNORE_INDEX).sum()
+        return loss, supervised_tokens(batch)
 
     return causal_loss
+
+
+def supervised_tokens(batch: dict) -> torch.Tensor:
+    """The number of tokens the loss sums over: every label but -100, except a causal LM's
+    position 0 (nothing precedes it to predict it; make_collate marks causal batches)."""
+    labels = batch["labels"][:, 1:] if "first_target" in batch else batch["labels"]
+    return (labels != IGNORE_INDEX).sum()
 
 
 # --- saving -------------------------------------------------------------------------------
@@ -358,9 +377,12 @@ def run_sft(cfg: SFTConfig) -> Path:
         tokenizer=tokenizer,
         data_fingerprint=_fingerprint(train_examples),
         description="sft",
+        count_fn=supervised_tokens,
     )
 
-    saved = save_model(model, tokenizer, out, merge_lora=cfg.merge_lora)
+    main = is_main_process()
+    with full_parameters(model):  # gathered from the ZeRO-3 shards: every process enters
+        saved = save_model(model, tokenizer, out, merge_lora=cfg.merge_lora) if main else model
     before = result.evals[0] if result.evals else {}
     after = result.evals[-1] if result.evals else {}
     metrics = {
@@ -385,7 +407,8 @@ def run_sft(cfg: SFTConfig) -> Path:
         "resumed_from_step": result.resumed_from,
     }
     run.write_json(METRICS_FILE, metrics)
-    plot_loss_curve(out / LOSS_CURVE_FILE, result)
+    if main:
+        plot_loss_curve(out / LOSS_CURVE_FILE, result)
     summary = f"sft: {result.steps} steps, train loss {metrics['train_loss']:.4f}"
     if after:
         summary += f", eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {after['perplexity']:.2f})"

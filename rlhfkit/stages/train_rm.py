@@ -53,6 +53,14 @@ import torch.nn.functional as F
 
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
+from rlhfkit.distributed import (
+    DEEPSPEED_HELP,
+    OFFLOAD_OPTIMIZER_HELP,
+    OFFLOAD_PARAMS_HELP,
+    check_deepspeed_options,
+    full_parameters,
+    is_main_process,
+)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import write_json
@@ -177,8 +185,14 @@ class TrainRMConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
     seed: int = opt(42, "Seed for the held-out split, data order, head initialisation and dropout.")
+    deepspeed: str | None = opt(None, DEEPSPEED_HELP)
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
 
     def validate(self) -> None:
+        check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        if self.eval_only and self.deepspeed is not None:
+            raise RlhfkitError("--eval-only scores in one process; drop --deepspeed")
         # Resolving the preset here fills the options left out, so run_config.json holds
         # the values actually used. --eval-only reads its lengths from the reward model.
         preset = AspectPreset(self.kind or "segment") if self.eval_only else self.preset()
@@ -478,20 +492,33 @@ def make_collate(kind: str, pad_token_id: int) -> Callable[[list], dict]:
 
 
 def make_loss_fn(kind: str, error_class_weight: float) -> Callable:
+    count = make_count_fn(kind)
+
     def segment_batch_loss(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return segment_loss(logits, batch["labels"], error_class_weight)
+        loss, _ = segment_loss(logits, batch["labels"], error_class_weight)
+        return loss, count(batch)
 
     def preference_batch_loss(model, batch):
         scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
         losses = bradley_terry_loss(scores[batch["chosen"]], scores[batch["rejected"]], batch["margin"], batch["tie"])
-        return losses.sum(), losses.shape[0]
+        return losses.sum(), count(batch)
 
     def regression_batch_loss(model, batch):
         scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-        return F.mse_loss(scores, batch["target"].float(), reduction="sum"), scores.shape[0]
+        return F.mse_loss(scores, batch["target"].float(), reduction="sum"), count(batch)
 
     return {"segment": segment_batch_loss, "preference": preference_batch_loss, "regression": regression_batch_loss}[kind]
+
+
+def make_count_fn(kind: str) -> Callable:
+    """count(batch): what the kind's loss sums over (labelled segment ends, comparisons,
+    scored responses), from the batch alone."""
+    if kind == "segment":
+        return lambda batch: (batch["labels"] != IGNORE_INDEX).sum()
+    if kind == "preference":
+        return lambda batch: len(batch["chosen"])
+    return lambda batch: len(batch["target"])
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -726,7 +753,8 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
 
     out = Path(cfg.out)
     # A stale spec beside weights being replaced would make a half-trained directory look usable.
-    (out / SPEC_FILE).unlink(missing_ok=True)
+    if is_main_process():
+        (out / SPEC_FILE).unlink(missing_ok=True)
     run = RunDir(out, "train-rm", cfg, resume=cfg.resume)
     console.print(
         f"train-rm: {cfg.aspect} ({settings.kind}"
@@ -756,6 +784,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         tokenizer=tokenizer,
         data_fingerprint=_fingerprint(cfg.data, cfg, settings),
         description=f"train-rm {cfg.aspect}",
+        count_fn=make_count_fn(settings.kind),
     )
 
     model.eval()
@@ -768,7 +797,9 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
             computed_on = "training responses"
         spec["normalization"] = {**score_statistics(rm, pairs, cfg.batch_size), "computed_on": computed_on}
 
-    saved = save_reward_model(model, tokenizer, out)
+    main = is_main_process()
+    with full_parameters(model):  # gathered from the ZeRO-3 shards: every process enters
+        saved = save_reward_model(model, tokenizer, out) if main else model
     metrics = {
         "aspect": cfg.aspect,
         "kind": settings.kind,
@@ -793,7 +824,8 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         metrics["train_ties"] = sum(1 for r in train_records if isinstance(r, Preference) and r.tie)
     run.write_json(METRICS_FILE, metrics)
     # Written last: a directory with rlhfkit_rm.json is a complete reward model.
-    write_json(out / SPEC_FILE, spec)
+    if main:
+        write_json(out / SPEC_FILE, spec)
     console.print(f"train-rm: {_summary(held_metrics)}; reward model saved to {out}", soft_wrap=True)
     return metrics
 
