@@ -11,10 +11,13 @@ Decoder-only and encoder-decoder (T5) policies go through the same two functions
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhfkit.distributed import is_zero3_partitioned
 from rlhfkit.errors import RlhfkitError
@@ -124,6 +127,52 @@ def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[i
     return text, spans
 
 
+class TopKSampler(LogitsProcessor):
+    """Temperature + top-k (+ top-p within the k) sampling as a logits processor.
+
+    Same distribution as transformers' TemperatureLogitsWarper -> TopKLogitsWarper ->
+    TopPLogitsWarper -> softmax -> multinomial, but softmax and the draw run over the k
+    candidates instead of the whole vocabulary (~10x less work per step for k=20 of 4,096).
+    It returns scores that are -inf everywhere except 0 at the drawn token, so generate's
+    greedy step (do_sample=False) emits exactly that token; the processors transformers
+    puts before custom ones (min_new_tokens' EOS suppression, repetition penalties) have
+    already run. The draw uses torch's global generator, as transformers' own sampling does,
+    so a seeded run stays repeatable. Log-probs for PPO are recomputed from the model
+    (`forward_response`), so nothing reads these scores.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float = 1.0):
+        if temperature <= 0:
+            raise RlhfkitError(f"sampling temperature must be > 0 (got {temperature})")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, scores.shape[-1])
+        values, candidates = torch.topk(scores / self.temperature, k, dim=-1)  # descending
+        if self.top_p < 1.0:
+            # TopPLogitsWarper's rule, on the k candidates in ascending order: drop the tokens
+            # whose cumulative probability is <= 1 - top_p, always keeping the most likely one.
+            ascending = values.flip(-1)
+            cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+            remove = cumulative <= (1 - self.top_p)
+            remove[..., -1] = False
+            values = ascending.masked_fill(remove, -float("inf")).flip(-1)
+        pick = torch.multinomial(values.softmax(dim=-1), num_samples=1)
+        drawn = candidates.gather(-1, pick)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, drawn, 0.0)
+
+
+def _other_sampling_warpers(model) -> bool:
+    """Whether the model's generation_config asks for sampling warpers TopKSampler lacks."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return False
+    return any(
+        getattr(config, name, None) not in (None, default)
+        for name, default in (("min_p", 0.0), ("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0), ("top_h", 1.0))
+    )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -151,7 +200,16 @@ def generate(
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
     )
-    if sampling.do_sample:
+    if sampling.do_sample and sampling.top_k > 0 and not _other_sampling_warpers(model):
+        # Draw the token among the top-k candidates only (see TopKSampler): transformers would
+        # softmax and sample over the whole vocabulary at every step. The draw happens in the
+        # processor and the greedy step emits it, so no sampling flags go to transformers
+        # (they would only warn under do_sample=False).
+        kwargs.update(
+            do_sample=False,
+            logits_processor=LogitsProcessorList([TopKSampler(sampling.temperature, sampling.top_k, sampling.top_p)]),
+        )
+    elif sampling.do_sample:
         # top_k=0 explicitly: None would fall back to the model's generation_config (often 50).
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     if is_zero3_partitioned(model):
@@ -215,7 +273,22 @@ def forward_response(
         trunk = getattr(base, base.base_model_prefix, base)
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return None, hidden[:, prompt_len - 1 : -1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=want_hidden)
-    logits = out.logits[:, prompt_len - 1 : -1]
+    # Only the positions that predict response tokens go through the LM head (the prompt's
+    # would be projected to the vocabulary and thrown away): the last T + 1, minus the final one.
+    keep = rollout.response_ids.shape[1] + 1
+    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=want_hidden, **extra)
+    logits = out.logits[:, -keep:-1]
     hidden = out.hidden_states[-1][:, prompt_len - 1 : -1] if want_hidden else None
     return logits, hidden
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_parameters(forward_type: type) -> frozenset:
+    return frozenset(inspect.signature(forward_type.forward).parameters)
+
+
+def _accepts(model, argument: str) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward takes `argument`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in _forward_parameters(type(base))

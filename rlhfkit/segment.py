@@ -76,13 +76,27 @@ def _cut(text: str, start: int, end: int, cuts: Iterable[int]) -> list[Segment]:
     return [piece for piece in pieces if piece is not None]
 
 
+# Segmentation is memoised: in PPO every segment reward model (factuality per sentence,
+# relevance per sub-sentence) and sentence-level redistribution segment the same responses,
+# and pysbd is the expensive part. The cached values are tuples of frozen Segments, so no
+# caller can change them; the public functions hand out fresh lists. The sentence splitter
+# is part of the key, so a different splitter (tests swap in a fake one) never gets results
+# cached for another.
+_CACHE_SIZE = 4096
+
+
 def split_sentences(text: str) -> list[Segment]:
     """Sentences of `text` (pysbd's English rules), with exact offsets into `text`."""
+    return list(_sentences(text, _sentence_splitter()))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _sentences(text: str, splitter) -> tuple[Segment, ...]:
     if not text.strip():
-        return []
+        return ()
     starts = []
     cursor = 0
-    for span in _sentence_splitter().segment(text):
+    for span in splitter.segment(text):
         sentence = span.sent.strip()
         # Re-locate each sentence after the previous one instead of trusting span.start:
         # pysbd's spans can overlap (e.g. "reste ...." gives "reste ." then "..."), and a
@@ -93,7 +107,7 @@ def split_sentences(text: str) -> list[Segment]:
             continue
         starts.append(found)
         cursor = found + len(sentence)
-    return _cut(text, 0, len(text), starts)
+    return tuple(_cut(text, 0, len(text), starts))
 
 
 def _subsentence_starts(words: list[re.Match]) -> list[int]:
@@ -113,12 +127,17 @@ def _subsentence_starts(words: list[re.Match]) -> list[int]:
 
 def split_subsentences(text: str) -> list[Segment]:
     """Sentences further cut after clause punctuation, as the Fine-Grained RLHF paper does."""
+    return list(_subsentences(text, _sentence_splitter()))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _subsentences(text: str, splitter) -> tuple[Segment, ...]:
     pieces = []
-    for sentence in split_sentences(text):
+    for sentence in _sentences(text, splitter):
         words = list(re.finditer(r"\S+", sentence.text))
         cuts = [sentence.start + words[i].start() for i in _subsentence_starts(words)]
         pieces.extend(_cut(text, sentence.start, sentence.end, cuts))
-    return pieces
+    return tuple(pieces)
 
 
 def segment(text: str, granularity: str) -> list[Segment]:

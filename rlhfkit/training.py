@@ -201,7 +201,7 @@ def autocast(device: torch.device, compute_dtype: torch.dtype) -> AbstractContex
 # --- optimizer and schedule ---------------------------------------------------------------
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; biases and norm weights (1-D) are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -213,9 +213,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0)
     groups = [g for g in groups if g["params"]]
     try:
         # One fused kernel per step instead of ~a dozen ops per tensor (as transformers' default).
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=True)
     except RuntimeError:  # a device without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, eps=eps)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_ratio: float):

@@ -224,3 +224,63 @@ def test_token_and_sentence_granularity_share_one_code_path():
     close(every_token, prefix_differences(scores, torch.ones(1, 4), prompt))
     at_segment_ends = score_differences(scores, torch.tensor([[0, 1, 0, 1]]), prompt)
     close(at_segment_ends, [[0.0, -0.4 - 0.1, 0.0, 0.7 - (-0.4)]])
+
+
+def _prefix_scores_one_scan(read_scores, read_char_ends, prompt_score, spans):
+    """The reference: one scan over the policy tokens and the RM's reads, in order."""
+    out = torch.empty(len(spans))
+    j, current = 0, prompt_score
+    for t, (_, end) in enumerate(spans):
+        while j < len(read_char_ends) and read_char_ends[j] <= end:
+            current = float(read_scores[j])
+            j += 1
+        out[t] = current
+    if len(spans) and len(read_char_ends):
+        out[-1] = float(read_scores[-1])
+    return out
+
+
+def test_vectorised_prefix_scores_on_policy_tokens_match_one_scan():
+    from rlhfkit.rewards.sources import _prefix_scores_on_policy_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [
+        ([], [], []),  # nothing
+        ([0.3], [5], []),  # no policy token
+        ([], [], [(0, 3), (3, 5)]),  # no RM read: the prompt score, last token included
+        ([0.3, 0.9], [2, 5], [(0, 0), (0, 1)]),  # tokens before any read, the last gets the final score
+    ]
+    for _ in range(200):
+        n_reads, n_tokens = torch.randint(0, 8, (2,), generator=generator).tolist()
+        reads = torch.randint(0, 20, (n_reads,), generator=generator).tolist()
+        if torch.rand(1, generator=generator) < 0.8:
+            reads.sort()  # RM offsets are sorted; unsorted ones must still match the scan
+        ends = sorted(torch.randint(0, 20, (n_tokens,), generator=generator).tolist())
+        spans = list(zip([0] + ends[:-1], ends))
+        cases.append((torch.randn(n_reads, generator=generator).tolist(), reads, spans))
+    for scores, reads, spans in cases:
+        scores = torch.tensor(scores, dtype=torch.float32)
+        expected = _prefix_scores_one_scan(scores, reads, -0.25, spans)
+        got = _prefix_scores_on_policy_tokens(scores, reads, -0.25, spans)
+        assert got.dtype == torch.float32 and torch.equal(got, expected), (reads, spans)
+
+
+def test_redistributed_rows_match_per_row_prefix_differences():
+    from rlhfkit.rewards.sources import RewardModelSource, _prefix_scores_on_policy_tokens
+
+    class FakeRM:
+        kind, aspect = "preference", "completeness"
+
+        def prefix_scores(self, prompts, responses, batch_size=8):
+            scores = [torch.tensor([0.5, 1.5, 1.0]), torch.tensor([2.0]), torch.tensor([0.1, -0.3])]
+            return scores, [[2, 4, 6], [3], [1, 2]], torch.tensor([0.2, -1.0, 0.0])
+
+    spans = [[(0, 1), (1, 4), (4, 6)], [(0, 3)], [(0, 1), (1, 1), (1, 2), (2, 2)]]
+    source = RewardModelSource("comp", FakeRM(), redistribute="token")
+    rows = source.token_rewards(["p"] * 3, ["abcdef", "abc", "ab"], spans).per_token
+    scores, ends, prompt_scores = FakeRM().prefix_scores(None, None)
+    for row, row_scores, row_ends, prompt_score, row_spans in zip(rows, scores, ends, prompt_scores, spans):
+        policy_scores = _prefix_scores_on_policy_tokens(row_scores, row_ends, float(prompt_score), row_spans)
+        expected = prefix_differences(policy_scores[None], torch.ones(1, len(row_spans)), prompt_score.reshape(1))[0]
+        assert torch.equal(row, expected)
+        close(row.sum(), row_scores[-1] - prompt_score)

@@ -380,3 +380,23 @@ def test_group_token_returns_reduce_to_sequence_advantages_for_a_final_reward(ki
     reward_mask[torch.arange(4), last] = True
     expected = broadcast_sequence_advantage(group_advantages(scores, 2, kind), mask)
     close(group_token_returns(rewards, mask, 2, kind, reward_mask=reward_mask), expected)
+
+
+def test_logprobs_and_entropy_without_gradient_go_in_chunks_with_the_same_values(monkeypatch):
+    import rlhfkit.rl.losses as losses
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3, 11, generator=generator)
+    tokens = torch.randint(0, 11, (5, 3), generator=generator)
+    mask = torch.ones(5, 3)
+    whole = logprobs_from_logits(logits, tokens, 0.7), entropy_from_logits(logits, mask)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 2 * 3 * 11)  # two rows a chunk
+    chunked = logprobs_from_logits(logits, tokens, 0.7), entropy_from_logits(logits, mask)
+    expected = (logits / 0.7).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(chunked[0], expected)
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked[1], whole[1], atol=1e-6, rtol=0)
+    # With a gradient the batch goes in one piece and the gradient flows.
+    logits.requires_grad_(True)
+    logprobs_from_logits(logits, tokens, 0.7).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

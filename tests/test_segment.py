@@ -215,3 +215,12 @@ def test_first_shipped_record_by_hand(repo_root):
         False,
         True,
     ]
+
+
+def test_segmentation_is_memoised_and_callers_get_their_own_lists():
+    text = "Memo one is here. Memo two, which follows it closely, is longer than the first."
+    first = split_sentences(text)
+    first.append(Segment(0, 1, "M"))  # a caller changing its list changes nobody else's
+    assert split_sentences(text) == first[:-1]
+    assert segment_module._sentences.cache_info().hits >= 1
+    assert segment(text, "subsentence") == split_subsentences(text)

@@ -123,7 +123,7 @@ class RewardModelSource(RewardSource):
         telescope to R(x, y) - R(x) whatever the two tokenizers are.
         """
         scores, rm_char_ends, prompt_scores = self.rm.prefix_scores(prompts, responses, batch_size=self.batch_size)
-        out = []
+        rows = []
         for response, row_scores, row_ends, prompt_score, row_spans in zip(
             responses, scores, rm_char_ends, prompt_scores, spans
         ):
@@ -132,23 +132,39 @@ class RewardModelSource(RewardSource):
                 sentence_ends = [s.end for s in segment(response, "sentence")] or [len(response)]
                 picked = token_index_for_char_ends(rm_spans, sentence_ends)
                 row_scores, row_ends = row_scores[picked], [row_ends[i] for i in picked]
-            policy_scores = _prefix_scores_on_policy_tokens(row_scores, row_ends, float(prompt_score), row_spans)
-            mask = torch.ones(1, len(row_spans))
-            out.append(prefix_differences(policy_scores.unsqueeze(0), mask, prompt_score.reshape(1)).squeeze(0))
-        return out
+            rows.append(_prefix_scores_on_policy_tokens(row_scores, row_ends, float(prompt_score), row_spans))
+        # The differences of all rows in one call: rows padded to the longest, each masked to
+        # its own tokens (every token reads the score, so a padded tail changes nothing).
+        lengths = [row.shape[0] for row in rows]
+        padded = torch.zeros(len(rows), max(lengths, default=0))
+        mask = torch.zeros(padded.shape)
+        for i, row in enumerate(rows):
+            padded[i, : lengths[i]] = row
+            mask[i, : lengths[i]] = 1.0
+        if padded.numel() == 0:
+            return [torch.zeros(n) for n in lengths]
+        rewards = prefix_differences(padded, mask, prompt_scores.reshape(-1))
+        return [rewards[i, :n] for i, n in enumerate(lengths)]
 
 
 def _prefix_scores_on_policy_tokens(read_scores: torch.Tensor, read_char_ends: list[int], prompt_score: float, spans) -> torch.Tensor:
-    """Score of each policy token's prefix: the last score read at or before the token's end."""
-    out = torch.empty(len(spans))
-    j, current = 0, prompt_score
-    for t, (_, end) in enumerate(spans):
-        while j < len(read_char_ends) and read_char_ends[j] <= end:
-            current = float(read_scores[j])
-            j += 1
-        out[t] = current
-    if len(spans) and len(read_char_ends):
-        out[-1] = float(read_scores[-1])
+    """Score of each policy token's prefix: the last score read at or before the token's end
+    (the prompt's score before any), and the last score read at the last token.
+
+    A token has read every score up to the first one that ends after it: reads and token
+    ends are taken as running maxima, so out-of-order offsets give what one scan over both
+    in order gives (the reference loop in tests/test_reward_placement.py).
+    """
+    if not spans:
+        return torch.empty(0)
+    if not read_char_ends:
+        return torch.full((len(spans),), prompt_score)
+    read_ends = torch.tensor(read_char_ends).cummax(dim=0).values
+    token_ends = torch.tensor([end for _, end in spans]).cummax(dim=0).values
+    count = torch.searchsorted(read_ends, token_ends, right=True)  # scores read by each token
+    read = read_scores.to(torch.float32)
+    out = torch.where(count > 0, read[(count - 1).clamp(min=0)], torch.tensor(prompt_score, dtype=torch.float32))
+    out[-1] = read[-1]
     return out
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from rlhfkit.errors import RlhfkitError
 
 AGGREGATIONS = ("token_mean", "seq_mean")
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32) where no gradient is needed
 
 
 def _aggregate(per_token: Tensor, valid: Tensor, aggregation: str) -> Tensor:
@@ -108,9 +109,7 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
 
     H = logsumexp(z) - sum(softmax(z) * z), computed in float32.
     """
-    logits = logits.to(torch.float32)
-    probs = torch.softmax(logits, dim=-1)
-    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+    entropy = _by_rows(_token_entropy, logits)
     valid = mask.bool()
     return torch.where(valid, entropy, 0.0).sum() / valid.sum().clamp(min=1)
 
@@ -125,6 +124,34 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     """
     if temperature <= 0:
         raise RlhfkitError(f"temperature must be > 0 (got {temperature})")
+    return _by_rows(_token_logprobs, logits, tokens, temperature)
+
+
+def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
     scaled = logits.to(torch.float32) / temperature
     chosen = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return chosen - torch.logsumexp(scaled, dim=-1)
+
+
+def _token_entropy(logits: Tensor) -> Tensor:
+    logits = logits.to(torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def _by_rows(per_token, logits: Tensor, *args) -> Tensor:
+    """`per_token(logits, *args)` -> (B, T), a few batch rows at a time when no gradient is needed.
+
+    Its float32 / temperature-scaled copy of the logits and its softmax temporaries then take
+    a chunk of ~CHUNK_ELEMENTS instead of more copies of the whole batch's (B, T, V) logits
+    (PPO's rollout and reference passes). With a gradient autograd keeps them for the
+    backward anyway, so the batch goes in one piece. Tensor `args` are (B, ...), split alike.
+    """
+    rows = max(1, CHUNK_ELEMENTS // max(1, logits[0].numel()))
+    if (torch.is_grad_enabled() and logits.requires_grad) or logits.shape[0] <= rows:
+        return per_token(logits, *args)
+    chunks = []
+    for i in range(0, logits.shape[0], rows):
+        chunk_args = [a[i : i + rows] if isinstance(a, Tensor) else a for a in args]
+        chunks.append(per_token(logits[i : i + rows], *chunk_args))
+    return torch.cat(chunks)

@@ -79,6 +79,7 @@ from rlhfkit.training import (
     latest_checkpoint,
     load_deepspeed_states,
     load_model_weights,
+    make_optimizer,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -316,7 +317,11 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
 
     # --- rewards: task rewards where earned, KL penalty at every token -------------------
     with torch.no_grad():
-        _, old_logprobs, hidden = policy_logprobs(bundle, rollout, cfg.temperature, want_hidden=bundle.value_model_shared)
+        logits, old_logprobs, hidden = policy_logprobs(bundle, rollout, cfg.temperature, want_hidden=bundle.value_model_shared)
+        # Without an entropy bonus the entropy is only logged: read it once, here, from the
+        # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
+        rollout_entropy = global_entropy(logits, mask) if cfg.entropy_coef == 0 else None
+        del logits
         _, ref_logprobs, _ = policy_logprobs(bundle, rollout, cfg.temperature, reference=True)
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
     task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
@@ -359,11 +364,11 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             mb_mask = mask[idx]
             logits, logprobs, hidden = policy_logprobs(bundle, mb, cfg.temperature, want_hidden=bundle.value_model_shared)
             pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
-            # Without a bonus the entropy is only logged: a backward pass through its
-            # vocabulary-sized softmax would cost ~20% of the update for a zero gradient.
-            with torch.set_grad_enabled(cfg.entropy_coef != 0):
+            loss, entropy = pg_loss, None
+            if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
                 entropy = entropy_from_logits(logits, mb_mask)
-            loss = pg_loss - cfg.entropy_coef * entropy
+                loss = pg_loss - cfg.entropy_coef * entropy
+            del logits
             if cfg.advantage != "gae":
                 loss = loss + kl_ctl.value * masked_mean(kl_penalty(logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
             if bundle.engines:
@@ -405,10 +410,13 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             stats["grad_norm"].append(float(policy_grad_norm))
             stats["clipfrac"].append(float(pg_stats["clipfrac"]))
             stats["approx_kl"].append(float(pg_stats["approx_kl"]))
-            stats["entropy"].append(entropy.item())
+            if entropy is not None:
+                stats["entropy"].append(entropy.item())
         if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-math.ceil(n / minibatch_size):]) > cfg.kl_stop:
             stopped_early = True
             break
+    if rollout_entropy is not None:
+        stats["entropy"].append(rollout_entropy)
 
     mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device), all_reduce=all_reduce_sum).item()
     kl_ctl.update(mean_kl, n * world_size)
@@ -431,6 +439,14 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     return metrics, rollout, rewards
 
 
+def global_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """The mean entropy of softmax(logits) over the valid tokens of all processes."""
+    local_tokens = mask.sum().to(torch.float64)
+    local = entropy_from_logits(logits, mask).double() * local_tokens
+    total = all_reduce_sum(torch.stack([local, local_tokens]))
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
 def mean_over_processes(values: torch.Tensor) -> float:
     """The mean of a per-rollout quantity over the rollouts of all processes."""
     if world_info()[2] == 1:
@@ -450,8 +466,11 @@ def deepspeed_update(bundle: PolicyBundle, policy_objective, vf_loss, pg_loss, p
     """
     world_size = world_info()[2]
     local_tokens = mask.sum().to(torch.float64)
-    names = ["policy_loss", "clipfrac", "approx_kl", "entropy"]
-    local = [pg_loss, pg_stats["clipfrac"], pg_stats["approx_kl"], entropy]
+    names = ["policy_loss", "clipfrac", "approx_kl"]
+    local = [pg_loss, pg_stats["clipfrac"], pg_stats["approx_kl"]]
+    if entropy is not None:  # None: logged once per iteration from the rollout pass
+        names.append("entropy")
+        local.append(entropy)
     if vf_loss is not None:
         names += ["value_loss", "vf_clipfrac"]
         local += [vf_loss, vf_stats["vf_clipfrac"]]
@@ -492,11 +511,11 @@ def value_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
 def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     from transformers import get_scheduler
 
-    policy_params = policy_parameters(bundle)
-    value_params = value_parameters(bundle)
-    # Adam eps 1e-5 as in the reference implementations (the checklist).
-    policy_opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
-    value_opt = torch.optim.AdamW(value_params, lr=cfg.value_lr or cfg.lr, eps=1e-5, weight_decay=0.0) if value_params else None
+    # The stages' AdamW (fused where the device has the kernel), no weight decay, Adam eps
+    # 1e-5 as in the reference implementations (the checklist).
+    policy_opt = make_optimizer(bundle.policy, cfg.lr, eps=1e-5)
+    value_modules = [m for m in (bundle.value_backbone, bundle.value_head) if m is not None]
+    value_opt = make_optimizer(nn.ModuleList(value_modules), cfg.value_lr or cfg.lr, eps=1e-5) if value_modules else None
     updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
     schedulers = [get_scheduler("linear", opt_, num_warmup_steps=cfg.warmup_steps, num_training_steps=updates) for opt_ in (policy_opt, value_opt) if opt_ is not None]
     return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
