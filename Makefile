@@ -63,7 +63,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 lint: setup
-	$(BIN)/ruff check rlhfkit tests
+	$(BIN)/ruff check rlhfkit tests bench
 
 tiny-models: setup
 	$(BIN)/rlhfkit init-model --out models/tiny

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import click
 import typer
 import yaml
-
 from rich.text import Text
 
 from rlhfkit.console import console

@@ -54,7 +54,7 @@ class Rollout:
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
 
-    def to(self, device: torch.device) -> "Rollout":
+    def to(self, device: torch.device) -> Rollout:
         for name in ("query_ids", "query_mask", "response_ids", "response_mask", "finished"):
             setattr(self, name, getattr(self, name).to(device))
         return self
@@ -191,15 +191,15 @@ def generate(
         torch.manual_seed(generator_seed)
     was_training = model.training
     model.eval()
-    kwargs = dict(
-        input_ids=query_ids,
-        attention_mask=query_mask,
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=sampling.do_sample,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
+    kwargs = {
+        "input_ids": query_ids,
+        "attention_mask": query_mask,
+        "max_new_tokens": sampling.max_new_tokens,
+        "do_sample": sampling.do_sample,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "use_cache": True,
+    }
     if sampling.do_sample and sampling.top_k > 0 and not _other_sampling_warpers(model):
         # Draw the token among the top-k candidates only (see TopKSampler): transformers would
         # softmax and sample over the whole vocabulary at every step. The draw happens in the

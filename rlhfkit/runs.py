@@ -21,10 +21,11 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from rich.progress import (
     BarColumn,

@@ -15,9 +15,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import jsonlines
 
@@ -145,7 +146,7 @@ class RecordError(ValueError):
     """A record's content is invalid; the reader adds file and line."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -217,9 +218,8 @@ def validate_record(record: Record) -> None:
                 raise RecordError(f"span {i} is empty or reversed: start {span.start} >= end {span.end}")
             if not span.aspect:
                 raise RecordError(f"span {i} has no aspect")
-    if isinstance(record, (PromptRecord, Demonstration, SpanFeedback, Preference, ScalarScore, Critique, Generation)):
-        if not record.id:
-            raise RecordError("empty 'id'")
+    if isinstance(record, (PromptRecord, Demonstration, SpanFeedback, Preference, ScalarScore, Critique, Generation)) and not record.id:
+        raise RecordError("empty 'id'")
 
 
 def record_from_dict(data: Any, expected_type: Optional[str] = None) -> Record:
@@ -298,9 +298,8 @@ def _dumps(obj: Any) -> str:
 @contextlib.contextmanager
 def record_writer(path: str | os.PathLike) -> Iterator[jsonlines.Writer]:
     """Write records to `path` atomically: `writer.write(record_to_dict(r))` for each."""
-    with atomic_write(path) as handle:
-        with jsonlines.Writer(handle, dumps=_dumps, flush=False) as writer:
-            yield writer
+    with atomic_write(path) as handle, jsonlines.Writer(handle, dumps=_dumps, flush=False) as writer:
+        yield writer
 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:

@@ -1,7 +1,12 @@
 """`rlhfkit.generation`: top-k sampling in a logits processor, and what `generate` returns with it."""
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from rlhfkit.generation import SamplingConfig, TopKSampler, generate
 

@@ -7,8 +7,6 @@ matter here: these tests check the wiring, the artifacts, resume and bad input).
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -121,7 +119,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_gives_the_same_policy_as_an_uninterrupted_run(run_cli, tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    import rlhfkit.stages.ppo as ppo
+    from rlhfkit.stages import ppo
 
     judge = ["--rewards", "judge=1", "--rm", "judge=py:tests.judges:count_letters_e"]
     straight = tmp_path / "straight"

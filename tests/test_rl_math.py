@@ -383,7 +383,7 @@ def test_group_token_returns_reduce_to_sequence_advantages_for_a_final_reward(ki
 
 
 def test_logprobs_and_entropy_without_gradient_go_in_chunks_with_the_same_values(monkeypatch):
-    import rlhfkit.rl.losses as losses
+    from rlhfkit.rl import losses
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 3, 11, generator=generator)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -57,11 +58,11 @@ class TokenRewards:
         return values, given
 
     @classmethod
-    def dense(cls, rows: list[torch.Tensor]) -> "TokenRewards":
+    def dense(cls, rows: list[torch.Tensor]) -> TokenRewards:
         return cls(rows, [torch.ones(row.shape[0], dtype=torch.bool) for row in rows])
 
     @classmethod
-    def placed(cls, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> "TokenRewards":
+    def placed(cls, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> TokenRewards:
         return cls([values for values, _ in rows], [given for _, given in rows])
 
 

@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
@@ -61,7 +61,12 @@ from rlhfkit.generation import (
 from rlhfkit.io import write_json, write_text
 from rlhfkit.models import add_lora, load_policy, resolve_device, safe_torch_load
 from rlhfkit.rewards.placement import compose_token_rewards
-from rlhfkit.rewards.sources import build_reward_sources, parse_named, parse_redistribute, parse_weights
+from rlhfkit.rewards.sources import (
+    build_reward_sources,
+    parse_named,
+    parse_redistribute,
+    parse_weights,
+)
 from rlhfkit.rl.advantages import (
     AdaptiveKLController,
     FixedKLController,
@@ -348,7 +353,6 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         returns = None
 
     # --- update: epochs x minibatches of clipped losses --------------------------------------
-    policy_opt, value_opt = optimizers
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "grad_norm")}
     n = rollout.response_ids.shape[0]
     world_size = world_info()[2]
