@@ -13,6 +13,8 @@ All are corpus-level numbers over lists of texts (or scores). Conventions:
   when it has none, as GPT-2 does) so that the first word is scored too.
 - `win_rate`: the share of paired items where A's score beats B's by more than `tie_margin`
   (win), falls behind by more (loss), or neither (tie).
+- `bootstrap_interval`: a seeded percentile-bootstrap interval of any statistic that is a
+  function of how often each independent unit (e.g. a prompt with all its records) is drawn.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from rlhfkit.rl.losses import logprobs_from_logits
@@ -83,6 +86,39 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: f
     losses = sum(1 for a, b in zip(scores_a, scores_b) if b - a > tie_margin)
     n = len(scores_a)
     return {"win": wins / n, "tie": (n - wins - losses) / n, "loss": losses / n}
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    units: int,
+    *,
+    seed: int,
+    draws: int = 1000,
+    level: float = 0.95,
+    chunk: int = 100,
+) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of `statistic` over `units` independent units.
+
+    Each of the `draws` resamples draws `units` units with replacement, seeded by `seed`.
+    `statistic(weights)` gets a (d, units) array of how many times each unit is in each of d
+    resamples (a row of ones is the original data) and returns the d statistics, so a
+    statistic that is a ratio of weighted sums costs a matrix product (called on `chunk`
+    resamples at a time to bound memory). Resamples where the statistic is undefined (NaN)
+    are left out; None when none is defined. With few units the interval is too narrow
+    (resampling cannot show variation the units do not have: one unit gives a point).
+    """
+    if units < 1 or draws < 1:
+        raise ValueError(f"bootstrap_interval needs >= 1 unit and draw, got {units} and {draws}")
+    if not 0 <= level < 1:
+        raise ValueError(f"level must be in [0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(units, np.full(units, 1 / units), size=draws).astype(np.float64)
+    values = np.concatenate([np.asarray(statistic(weights[i : i + chunk]), dtype=np.float64) for i in range(0, draws, chunk)])
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return None
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 @torch.no_grad()

@@ -5,10 +5,18 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
+from rlhfkit.metrics import (
+    bootstrap_interval,
+    distinct_n,
+    mean_length,
+    perplexity,
+    rouge_l,
+    win_rate,
+)
 from rlhfkit.models import load_policy, load_tokenizer
 
 
@@ -104,3 +112,41 @@ def test_perplexity_matches_the_models_own_loss_and_ignores_padding(tiny_model_d
     # one batch of two (the shorter one padded) and two batches of one agree
     assert perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-4)
     assert perplexity(model, tokenizer, texts, batch_size=1) == pytest.approx(expected, rel=1e-4)
+
+
+def mean_of(values):
+    """The bootstrap statistic 'mean of the units' values' (weights: multiplicities)."""
+    values = np.asarray(values, dtype=float)
+    return lambda weights: weights @ values / weights.sum(axis=1)
+
+
+def test_bootstrap_interval_of_a_statistic_every_resample_shares_is_a_point():
+    # Units that all hold 0.7: every resample's mean is 0.7. One unit: every resample is it.
+    assert bootstrap_interval(mean_of([0.7] * 5), 5, seed=0) == pytest.approx((0.7, 0.7))
+    assert bootstrap_interval(lambda w: w[:, 0] * 3.0, 1, seed=0) == (3.0, 3.0)
+
+
+def test_bootstrap_interval_known_answers():
+    # Two units 0 and 1: a resample's mean is 0, 1/2 or 1 with probability 1/4, 1/2, 1/4, so
+    # the 2.5% and 97.5% quantiles of 1000 draws are 0 and 1, and the median is 1/2.
+    assert bootstrap_interval(mean_of([0, 1]), 2, seed=0) == (0.0, 1.0)
+    assert bootstrap_interval(mean_of([0, 1]), 2, seed=0, level=0.0) == (0.5, 0.5)
+    # 300 ones and 100 zeros: the mean's bootstrap sd is sqrt(0.75 * 0.25 / 400) = 0.02165,
+    # so the interval is about 0.75 -+ 1.96 * 0.02165 = [0.7076, 0.7924].
+    values = [1] * 300 + [0] * 100
+    lo, hi = bootstrap_interval(mean_of(values), 400, seed=0)
+    assert (lo, hi) == pytest.approx((0.7076, 0.7924), abs=0.01)
+    # Seeded: the same seed repeats the interval, another draws other resamples.
+    assert bootstrap_interval(mean_of(values), 400, seed=0) == (lo, hi)
+    assert bootstrap_interval(mean_of(values), 400, seed=1) != (lo, hi)
+
+
+def test_bootstrap_interval_leaves_out_undefined_resamples():
+    # The statistic is defined only on resamples that drew unit 0: those have mean 1/2 here.
+    def defined_with_unit_0(weights):
+        return np.where(weights[:, 0] > 0, 0.5, np.nan)
+
+    assert bootstrap_interval(defined_with_unit_0, 2, seed=0) == (0.5, 0.5)
+    assert bootstrap_interval(lambda w: np.full(len(w), np.nan), 2, seed=0) is None
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval(mean_of([0, 1]), 2, seed=0, level=1.0)

@@ -8,6 +8,7 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -21,15 +22,20 @@ from rlhfkit.stages.train_rm import (
     METRICS_FILE,
     ScoreExample,
     TrainRMConfig,
+    _summary,
+    beats_baseline_clearly,
     bradley_terry_loss,
     encode_examples,
     encode_preference_groups,
     load_aspect_records,
     make_collate,
     make_loss_fn,
+    pairwise_intervals,
     roc_auc,
+    segment_intervals,
     segment_loss,
     segment_metrics,
+    segment_statistics,
     split_by_prompt,
 )
 
@@ -135,6 +141,89 @@ def test_segment_metrics_by_hand():
     assert (m["error_precision"], m["error_recall"], m["error_f1"]) == pytest.approx((0.5, 0.5, 0.5))
     assert m["majority_baseline_accuracy"] == pytest.approx(0.6)
     assert (m["segments"], m["error_segments"], m["predicted_errors"]) == (5, 2, 2)
+
+
+# Two prompts of four segments each (error probability, is an error); predicted: p > 0.5.
+# A: the RM is right on all 4 (accuracy 1; 1 error of 4: majority 0.75; difference 0.25)
+#    and ranks its error above its 3 non-errors (AUC 1).
+# B: it misses the error (accuracy 0.75 = majority 0.75: difference 0), which outscores
+#    1 of its 3 non-errors (AUC 1/3).
+SEGMENTS_A = [(0.9, True), (0.1, False), (0.2, False), (0.3, False)]
+SEGMENTS_B = [(0.2, True), (0.1, False), (0.3, False), (0.4, False)]
+
+
+def segment_columns(by_prompt: dict[str, list[tuple[float, bool]]]) -> tuple[list, list, list, list]:
+    """(prompts, predicted, actual, error_probs), one entry per segment."""
+    rows = [(prompt, p, a) for prompt, segments in by_prompt.items() for p, a in segments]
+    return [r[0] for r in rows], [r[1] > 0.5 for r in rows], [r[2] for r in rows], [r[1] for r in rows]
+
+
+def test_segment_statistics_weight_whole_prompts():
+    prompts, predicted, actual, probs = segment_columns({"a": SEGMENTS_A, "b": SEGMENTS_B})
+    units, difference, auc = segment_statistics(prompts, predicted, actual, probs)
+    assert units == 2
+    # Each prompt once: the point metrics (the 0.2 error of B ties A's 0.2 non-error: 1/2).
+    m = segment_metrics(predicted, actual, probs)
+    assert difference(np.ones((1, 2))) == pytest.approx([m["accuracy"] - m["majority_baseline_accuracy"]])
+    assert auc(np.ones((1, 2))) == pytest.approx([roc_auc(probs, actual)])
+    # A twice and B not at all: A's segments counted twice; each prompt alone: its values.
+    doubled = segment_columns({"a": SEGMENTS_A, "a2": SEGMENTS_A})
+    m = segment_metrics(*doubled[1:])
+    assert difference(np.array([[2.0, 0.0]])) == pytest.approx([m["accuracy"] - m["majority_baseline_accuracy"]])
+    assert auc(np.array([[2.0, 0.0], [0.0, 2.0]])) == pytest.approx([1.0, 1 / 3])
+    assert difference(np.array([[0.0, 2.0]])) == pytest.approx([0.0])
+
+
+def test_segment_intervals_by_hand():
+    # Two prompts: a resample is AA, AB or BB (probability 1/4, 1/2, 1/4), so the 95%
+    # interval of 1000 draws runs from B's value to A's.
+    prompts, predicted, actual, probs = segment_columns({"a": SEGMENTS_A, "b": SEGMENTS_B})
+    intervals = segment_intervals(prompts, predicted, actual, probs, seed=0)
+    assert intervals["accuracy_minus_baseline_ci95"] == pytest.approx([0.0, 0.25])
+    assert intervals["error_auc_ci95"] == pytest.approx([1 / 3, 1.0])
+    assert intervals["bootstrap_prompts"] == 2
+    # Three prompts alike: every resample gives the same values. Each has errors 0.9 and
+    # 0.2, non-errors 0.5 and 0.1: predicted right 3 of 4 against a majority of 2 of 4
+    # (difference 0.25); 3 of the 4 error/non-error pairs ranked right (AUC 0.75).
+    alike = [(0.9, True), (0.5, False), (0.2, True), (0.1, False)]
+    intervals = segment_intervals(*segment_columns({"a": alike, "b": alike, "c": alike}), seed=0)
+    assert intervals["accuracy_minus_baseline_ci95"] == pytest.approx([0.25, 0.25])
+    assert intervals["error_auc_ci95"] == pytest.approx([0.75, 0.75])
+    # One prompt: resampling cannot show the noise, so no interval.
+    single = segment_intervals(*segment_columns({"a": SEGMENTS_A}), seed=0)
+    assert single == {"accuracy_minus_baseline_ci95": None, "error_auc_ci95": None, "bootstrap_prompts": 1}
+
+
+def test_pairwise_intervals_by_hand():
+    # Prompt a: 2 of 2 pairs right; b: 1 of 2. Alone: 1 and 0.5, the interval's ends.
+    assert pairwise_intervals(["a", "a", "b", "b"], [True, True, True, False], seed=0) == {
+        "pairwise_accuracy_ci95": pytest.approx([0.5, 1.0]),
+        "bootstrap_prompts": 2,
+    }
+    assert pairwise_intervals(["a", "b"], [True, True], seed=3)["pairwise_accuracy_ci95"] == [1.0, 1.0]
+    assert pairwise_intervals(["a", "a"], [True, False], seed=0)["pairwise_accuracy_ci95"] is None
+
+
+def test_verdict_and_summary_show_the_interval():
+    segment = {
+        "accuracy": 0.8485, "majority_baseline_accuracy": 0.8447, "error_f1": 0.2, "error_auc": 0.61,
+        "accuracy_minus_baseline_ci95": [0.0, 0.012], "error_auc_ci95": [0.52, 0.7], "bootstrap_prompts": 88,
+    }
+    assert beats_baseline_clearly(segment) is False
+    assert "held-out segment accuracy 0.8485 (majority baseline 0.8447; difference 95% CI [+0.000, +0.012]: " \
+        "not clearly better), error F1 0.2000, error AUC 0.6100 (95% CI [0.520, 0.700]); intervals over 88 prompts" == _summary(segment)
+    clearly = {**segment, "accuracy_minus_baseline_ci95": [0.004, 0.02]}
+    assert beats_baseline_clearly(clearly) is True and "clearly better)" in _summary(clearly)
+    worse = {**segment, "accuracy_minus_baseline_ci95": [-0.03, -0.001]}
+    assert beats_baseline_clearly(worse) is False and "clearly worse)" in _summary(worse)
+    none = {**segment, "accuracy_minus_baseline_ci95": None, "error_auc_ci95": None, "bootstrap_prompts": 1}
+    assert beats_baseline_clearly(none) is False
+    assert "(majority baseline 0.8447; no interval: fewer than 2 prompts)" in _summary(none)
+    pairwise = {"pairwise_accuracy": 0.5075, "pairwise_baseline_accuracy": 0.5, "pairs": 400, "pairwise_accuracy_ci95": [0.46, 0.56], "bootstrap_prompts": 100}
+    assert beats_baseline_clearly(pairwise) is False
+    assert _summary(pairwise) == "held-out pairwise accuracy 0.5075 on 400 pairs of 100 prompts (baseline 0.5; 95% CI [0.460, 0.560]: not clearly better)"
+    assert beats_baseline_clearly({**pairwise, "pairwise_accuracy_ci95": [0.51, 0.6]}) is True
+    assert beats_baseline_clearly({"mse": 1.0, "mean_baseline_mse": 2.0}) is None
 
 
 # --- options and data -------------------------------------------------------------------------
@@ -263,6 +352,11 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, span_file, tmp_path):
     assert (metrics["train_records"], metrics["held_out_records"], held["segments"]) == (10, 2, 6)
     assert 0 <= held["accuracy"] <= 1 and held["majority_baseline_accuracy"] >= 0.5
     assert metrics["steps"] == 3 and metrics["beats_baseline"] == (held["accuracy"] > held["majority_baseline_accuracy"])
+    # Bootstrap intervals over the 2 held-out prompts, and the verdict they give.
+    assert held["bootstrap_prompts"] == 2
+    lo, hi = held["accuracy_minus_baseline_ci95"]
+    assert -1 <= lo <= hi <= 1 and metrics["beats_baseline_clearly"] == (lo > 0)
+    assert "difference 95% CI [" in result.output
     assert read_json(out / "run_config.json")["stage"] == "train-rm"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3]
@@ -277,6 +371,11 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, span_file, tmp_path):
     assert result.exit_code == 0, result.output
     eval_metrics = read_json(evaluated / METRICS_FILE)
     assert eval_metrics["eval_only"] is True and eval_metrics["held_out"]["segments"] == 36
+    assert eval_metrics["held_out"]["bootstrap_prompts"] == 12 and "beats_baseline_clearly" in eval_metrics
+    # Seeded by --seed: a second evaluation repeats the intervals.
+    again = tmp_path / "eval-again"
+    assert run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", span_file, "--model", out, "--out", again).exit_code == 0
+    assert read_json(again / METRICS_FILE)["held_out"] == eval_metrics["held_out"]
     assert not (evaluated / SPEC_FILE).exists() and not list(evaluated.glob("*.safetensors"))
 
 
@@ -306,6 +405,11 @@ def test_preference_rm_stores_score_normalisation(run_cli, tiny_model_dir, prefe
     assert held["pairwise_baseline_accuracy"] == 0.5
     assert (held["pairs"], held["ties"]) == (sum(not r.tie for r in held_records), sum(r.tie for r in held_records))
     assert metrics["train_ties"] == sum(r.tie for r in train)
+    # The pairwise accuracy's interval resamples the prompts of the decided pairs.
+    assert held["bootstrap_prompts"] == len({r.prompt for r in held_records if not r.tie})
+    lo, hi = held["pairwise_accuracy_ci95"]
+    assert 0 <= lo <= hi <= 1 and metrics["beats_baseline_clearly"] == (lo > 0.5)
+    assert f"95% CI [{lo:.3f}, {hi:.3f}]" in result.output
 
     # Normalised scores of the training responses have mean 0 and std 1.
     rm = load_reward_model(out, device="cpu")

@@ -35,6 +35,12 @@ alone does not fit is left out and counted (its segment ends would be lost).
 stages need: aspect, kind, granularity, rewards, normalisation, max_length, backbone),
 `rm_metrics.json` (held-out metrics next to their trivial baselines), run_config.json and
 metrics.jsonl. `--eval-only` scores a saved RM (`--model`) on new labelled data.
+
+Small held-out splits make small differences noise, so rm_metrics.json also holds 95%
+bootstrap intervals over held-out prompts (segment RMs: accuracy minus the majority
+baseline, and error AUC; preference RMs: pairwise accuracy), seeded by `--seed`.
+`beats_baseline` compares the point estimates; `beats_baseline_clearly` asks the interval's
+lower end to be above the baseline.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +71,7 @@ from rlhfkit.distributed import (
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import write_json
+from rlhfkit.metrics import bootstrap_interval
 from rlhfkit.models import (
     DTYPES,
     add_lora,
@@ -94,6 +102,7 @@ from rlhfkit.segment import label_segments, segment
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
 
 METRICS_FILE = "rm_metrics.json"
+BOOTSTRAP_DRAWS = 1000
 IGNORE_INDEX = -100
 TIE_POLICIES = ("soft", "drop")
 # Files of a previous save that a new save must not leave behind.
@@ -571,25 +580,34 @@ def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool], error_pro
     }
 
 
-def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int) -> dict[str, float]:
-    """Held-out metrics of `rm` on labelled records, each beside its trivial baseline."""
+def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """Held-out metrics of `rm` on labelled records, each beside its trivial baseline, with
+    95% bootstrap intervals over the records' prompts (seeded by `seed`) where there is one."""
     fitting = [r for r in records if _fits(rm, r)]
-    metrics: dict[str, float] = {"records": len(fitting), "records_too_long": len(records) - len(fitting)}
+    metrics: dict[str, Any] = {"records": len(fitting), "records_too_long": len(records) - len(fitting)}
     if not fitting:
         return metrics
     if rm.kind == "segment":
         all_probs: list[float] = []
         actual: list[bool] = []
+        prompts: list[str] = []
         scored = rm.error_probabilities([r.prompt for r in fitting], [r.response for r in fitting], batch_size)
         for r, (segments, probs) in zip(fitting, scored):
             actual.extend(label_segments(segments, r.spans, aspect))
             all_probs.extend(probs)
-        return {**metrics, **segment_metrics(judged_errors(all_probs), actual, all_probs)}
+            prompts.extend([r.prompt] * len(probs))
+        predicted = judged_errors(all_probs)
+        return {
+            **metrics,
+            **segment_metrics(predicted, actual, all_probs),
+            **segment_intervals(prompts, predicted, actual, all_probs, seed),
+        }
     pairs = [r for r in fitting if isinstance(r, Preference)]
     if pairs:
         distinct = responses_of(pairs)
         score_of = dict(zip(distinct, rm.raw_scores([p for p, _ in distinct], [r for _, r in distinct], batch_size)))
-        decided = [(score_of[r.prompt, r.chosen], score_of[r.prompt, r.rejected]) for r in pairs if not r.tie]
+        decided_records = [r for r in pairs if not r.tie]
+        decided = [(score_of[r.prompt, r.chosen], score_of[r.prompt, r.rejected]) for r in decided_records]
         metrics.update(
             {
                 "pairwise_accuracy": sum(c > j for c, j in decided) / len(decided) if decided else float("nan"),
@@ -597,6 +615,7 @@ def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: st
                 "pairs": len(decided),
                 "ties": len(pairs) - len(decided),
                 "mean_score_margin": sum(c - j for c, j in decided) / len(decided) if decided else float("nan"),
+                **pairwise_intervals([r.prompt for r in decided_records], [c > j for c, j in decided], seed),
             }
         )
     scored_records = [r for r in fitting if isinstance(r, ScalarScore)]
@@ -614,12 +633,109 @@ def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: st
     return metrics
 
 
+Statistic = Callable[[np.ndarray], np.ndarray]
+"""(d, k) multiplicities of k prompts in d resamples -> the d values (see bootstrap_interval)."""
+
+
+def _units(prompts: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Each item's prompt as an index 0..k-1 (first-seen order), and k."""
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(p, len(index)) for p in prompts], dtype=np.int64), len(index)
+
+
+def _interval(statistic: Statistic, units: int, seed: int, draws: int) -> list[float] | None:
+    """The 95% bootstrap interval as [lo, hi]; None with fewer than 2 prompts (no variation to resample)."""
+    if units < 2:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 on a resample: NaN, left out
+        interval = bootstrap_interval(statistic, units, seed=seed, draws=draws)
+    return None if interval is None else list(interval)
+
+
+def segment_statistics(
+    prompts: Sequence[str], predicted: Sequence[bool], actual: Sequence[bool], error_probs: Sequence[float]
+) -> tuple[int, Statistic, Statistic]:
+    """(prompts k, accuracy minus majority baseline, error AUC) as functions of how often each
+    prompt is drawn (`prompts` names each segment's); a row of ones gives segment_metrics'.
+
+    The majority baseline is recomputed on each resample: it is the statistic reported (the
+    better constant on the same segments), paired with the RM's accuracy on those segments.
+    Keeping the full split's majority class instead would compare, on the resamples where
+    that class is the minority (common when errors are near half the segments, as for
+    relevance), against a constant worse than the baseline, and so flatter the RM. The AUC
+    counts score ties 1/2 as roc_auc does; NaN on a resample without an error or a non-error.
+    """
+    unit, units = _units(prompts)
+    is_error = np.asarray(actual, dtype=bool)
+    correct = np.asarray(predicted, dtype=bool) == is_error
+    segments_of = np.bincount(unit, minlength=units).astype(np.float64)
+    correct_of = np.bincount(unit, weights=correct, minlength=units)
+    errors_of = np.bincount(unit, weights=is_error, minlength=units)
+
+    def accuracy_minus_majority(weights: np.ndarray) -> np.ndarray:
+        n, right, errors = weights @ segments_of, weights @ correct_of, weights @ errors_of
+        return (right - np.maximum(errors, n - errors)) / n
+
+    # Mann-Whitney with multiplicities: segments sorted by score, tied scores in one group.
+    scores = np.asarray(error_probs, dtype=np.float64)
+    order = np.argsort(scores, kind="stable")
+    scores, sorted_unit, sorted_error = scores[order], unit[order], is_error[order]
+    group_starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+
+    def error_auc(weights: np.ndarray) -> np.ndarray:
+        if not len(scores):
+            return np.full(len(weights), np.nan)
+        w = weights[:, sorted_unit]
+        pos = np.add.reduceat(w * sorted_error, group_starts, axis=1)
+        neg = np.add.reduceat(w * ~sorted_error, group_starts, axis=1)
+        neg_below = np.cumsum(neg, axis=1) - neg
+        return (pos * (neg_below + neg / 2)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+    return units, accuracy_minus_majority, error_auc
+
+
+def segment_intervals(
+    prompts: Sequence[str],
+    predicted: Sequence[bool],
+    actual: Sequence[bool],
+    error_probs: Sequence[float],
+    seed: int,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> dict[str, Any]:
+    """95% bootstrap intervals of (accuracy - majority baseline accuracy) and of the error AUC
+    (segment_statistics). Whole prompts are resampled, as the segments of one response, and
+    the responses to one prompt, are correlated: resampling segments would be too narrow."""
+    units, accuracy_minus_majority, error_auc = segment_statistics(prompts, predicted, actual, error_probs)
+    return {
+        "accuracy_minus_baseline_ci95": _interval(accuracy_minus_majority, units, seed, draws),
+        "error_auc_ci95": _interval(error_auc, units, seed, draws),
+        "bootstrap_prompts": units,
+    }
+
+
+def pairwise_intervals(prompts: Sequence[str], correct: Sequence[bool], seed: int, draws: int = BOOTSTRAP_DRAWS) -> dict[str, Any]:
+    """95% bootstrap interval of the pairwise accuracy over the prompts of the decided pairs.
+
+    `correct[i]`: pair i's chosen response scores strictly above its rejected one (a score
+    tie is wrong, labelled ties are not pairs: the pairwise_accuracy convention). Whole
+    prompts are resampled, as the pairs of one prompt share responses.
+    """
+    unit, units = _units(prompts)
+    pairs_of = np.bincount(unit, minlength=units).astype(np.float64)
+    correct_of = np.bincount(unit, weights=np.asarray(correct, dtype=np.float64), minlength=units)
+    return {
+        "pairwise_accuracy_ci95": _interval(lambda w: (w @ correct_of) / (w @ pairs_of), units, seed, draws),
+        "bootstrap_prompts": units,
+    }
+
+
 def _fits(rm: RewardModel, record: Record) -> bool:
     responses = [record.chosen, record.rejected] if isinstance(record, Preference) else [record.response]
     return all(rm.encode(record.prompt, response) is not None for response in responses)
 
 
-def beats_baseline(metrics: dict[str, float]) -> bool | None:
+def beats_baseline(metrics: dict[str, Any]) -> bool | None:
+    """Whether the point estimate is better than the trivial baseline (noise included)."""
     if "majority_baseline_accuracy" in metrics:
         return metrics["accuracy"] > metrics["majority_baseline_accuracy"]
     if "pairwise_accuracy" in metrics:
@@ -627,6 +743,26 @@ def beats_baseline(metrics: dict[str, float]) -> bool | None:
     if "mse" in metrics:
         return metrics["mse"] < metrics["mean_baseline_mse"]
     return None
+
+
+def beats_baseline_clearly(metrics: dict[str, Any]) -> bool | None:
+    """Whether the 95% bootstrap interval lies above the baseline (False without an interval,
+    None for metrics that have none: regression RMs, no held-out data)."""
+    if "accuracy_minus_baseline_ci95" in metrics:
+        interval, baseline = metrics["accuracy_minus_baseline_ci95"], 0.0
+    elif "pairwise_accuracy_ci95" in metrics:
+        interval, baseline = metrics["pairwise_accuracy_ci95"], metrics["pairwise_baseline_accuracy"]
+    else:
+        return None
+    return interval is not None and interval[0] > baseline
+
+
+def _verdict(interval: list[float] | None, baseline: float) -> str:
+    if interval is None:
+        return "no interval: fewer than 2 prompts"
+    if interval[0] > baseline:
+        return "clearly better"
+    return "clearly worse" if interval[1] < baseline else "not clearly better"
 
 
 # --- normalisation and saving -----------------------------------------------------------------
@@ -764,12 +900,12 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         soft_wrap=True,
     )
 
-    held_metrics: dict[str, float] = {}
+    held_metrics: dict[str, Any] = {}
 
     def evaluate() -> dict[str, float]:
         # fit evaluates after the last step too, so held_metrics ends as the final model's.
         held_metrics.clear()
-        held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size))
+        held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size, cfg.seed))
         keys = ("accuracy", "error_f1", "error_auc", "pairwise_accuracy", "mse")
         return {k: held_metrics[k] for k in keys if k in held_metrics}
 
@@ -805,6 +941,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         "kind": settings.kind,
         "held_out": held_metrics,
         "beats_baseline": beats_baseline(held_metrics),
+        "beats_baseline_clearly": beats_baseline_clearly(held_metrics),
         "steps": result.steps,
         "train_examples": len(train_examples),
         "train_records": len(train_records),
@@ -830,15 +967,27 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     return metrics
 
 
-def _summary(metrics: dict[str, float]) -> str:
+def _summary(metrics: dict[str, Any]) -> str:
     if "majority_baseline_accuracy" in metrics:
+        difference = metrics["accuracy_minus_baseline_ci95"]
+        auc = metrics["error_auc_ci95"]
         return (
             f"held-out segment accuracy {metrics['accuracy']:.4f} (majority baseline "
-            f"{metrics['majority_baseline_accuracy']:.4f}), error F1 {metrics['error_f1']:.4f}, "
+            f"{metrics['majority_baseline_accuracy']:.4f}; "
+            + (f"difference 95% CI [{difference[0]:+.3f}, {difference[1]:+.3f}]: " if difference else "")
+            + f"{_verdict(difference, 0.0)}), error F1 {metrics['error_f1']:.4f}, "
             f"error AUC {metrics['error_auc']:.4f}"
+            + (f" (95% CI [{auc[0]:.3f}, {auc[1]:.3f}])" if auc else "")
+            + f"; intervals over {metrics['bootstrap_prompts']} prompts"
         )
     if "pairwise_accuracy" in metrics:
-        return f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.4f} on {metrics['pairs']} pairs (baseline 0.5)"
+        interval = metrics["pairwise_accuracy_ci95"]
+        return (
+            f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.4f} on {metrics['pairs']} pairs "
+            f"of {metrics['bootstrap_prompts']} prompts (baseline 0.5; "
+            + (f"95% CI [{interval[0]:.3f}, {interval[1]:.3f}]: " if interval else "")
+            + f"{_verdict(interval, metrics['pairwise_baseline_accuracy'])})"
+        )
     if "mse" in metrics:
         return f"held-out MSE {metrics['mse']:.4f} (predicting the mean: {metrics['mean_baseline_mse']:.4f})"
     return "no held-out data"
@@ -854,9 +1003,17 @@ def _evaluate_only(cfg: TrainRMConfig) -> dict:
         console.print(f"train-rm: note: {cfg.model} was trained for aspect {rm.aspect!r}; evaluating against {cfg.aspect!r} labels")
     records = load_aspect_records(cfg.data, cfg.aspect, settings, cfg.ties)
     run = RunDir(cfg.out, "train-rm", cfg)
-    held_metrics = evaluate_reward_model(rm, records, cfg.aspect, cfg.batch_size)
+    held_metrics = evaluate_reward_model(rm, records, cfg.aspect, cfg.batch_size, cfg.seed)
     run.log_metrics(**{f"eval_{k}": v for k, v in held_metrics.items()})
-    metrics = {"aspect": cfg.aspect, "kind": rm.kind, "reward_model": cfg.model, "eval_only": True, "held_out": held_metrics, "beats_baseline": beats_baseline(held_metrics)}
+    metrics = {
+        "aspect": cfg.aspect,
+        "kind": rm.kind,
+        "reward_model": cfg.model,
+        "eval_only": True,
+        "held_out": held_metrics,
+        "beats_baseline": beats_baseline(held_metrics),
+        "beats_baseline_clearly": beats_baseline_clearly(held_metrics),
+    }
     run.write_json(METRICS_FILE, metrics)
     console.print(f"train-rm --eval-only: {_summary(held_metrics)}", soft_wrap=True)
     return metrics
