@@ -48,6 +48,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhfkit.config import build_config
+from rlhfkit.finetune import SFTExample, encode_demonstration, make_collate, make_loss_fn
 from rlhfkit.models import load_policy, load_tokenizer
 from rlhfkit.rewards.reward_model import encode_pair
 from rlhfkit.runs import RunDir
@@ -55,7 +56,6 @@ from rlhfkit.schema import load_records
 from rlhfkit.stages import train_rm
 from rlhfkit.stages.annotate_import import ImportConfig, run_import
 from rlhfkit.stages.init_model import InitModelConfig, run_init_model
-from rlhfkit.stages.sft import SFTExample, encode_demonstration, make_collate, make_loss_fn
 from rlhfkit.training import LoopSettings, fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +176,34 @@ class BenchSettings:
     seed: int
 
 
+def trl_loop_args(workdir: Path, *, batch_size: int, max_length: int, steps: int, seed: int, device: Device) -> dict:
+    """The TRL training arguments both loops share, set like for like with rlhfkit's loop."""
+    return {
+        "output_dir": str(workdir),
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_steps": steps,
+        "learning_rate": LR,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_length": max_length,
+        # TRL turns activation checkpointing on by default (recomputes the forward in the
+        # backward pass); rlhfkit does not checkpoint, so neither does TRL here.
+        "activation_checkpointing": False,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        **trl_precision(device),
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "seed": seed,
+    }
+
+
 def time_trl_sft(model_dir: Path, examples: list[SFTExample], *, batch_size: int, max_length: int, steps: int, seed: int, workdir: Path, device: Device) -> Rate:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -185,31 +213,10 @@ def time_trl_sft(model_dir: Path, examples: list[SFTExample], *, batch_size: int
     tokenizer = load_tokenizer(model_dir)
     dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
     args = SFTConfig(
-        output_dir=str(workdir),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        learning_rate=LR,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_length=max_length,
-        # TRL turns activation checkpointing on by default (recomputes the forward in the
-        # backward pass); rlhfkit does not checkpoint, so neither does TRL here.
-        activation_checkpointing=False,
+        **trl_loop_args(workdir, batch_size=batch_size, max_length=max_length, steps=steps, seed=seed, device=device),
         packing=False,
         padding_free=False,
         completion_only_loss=True,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        **trl_precision(device),
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        seed=seed,
     )
     clock = step_clock(device)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])
@@ -290,29 +297,10 @@ def time_trl_reward(model_dir: Path, pairs: list[tuple[list[int], list[int]]], *
     model, tokenizer = load_reward_backbone(model_dir)
     dataset = Dataset.from_dict({"chosen_ids": [c for c, _ in pairs], "rejected_ids": [r for _, r in pairs]})
     args = RewardConfig(
-        output_dir=str(workdir),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        learning_rate=LR,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_length=max_length,
-        activation_checkpointing=False,  # TRL's default is on; rlhfkit does not checkpoint
+        **trl_loop_args(workdir, batch_size=batch_size, max_length=max_length, steps=steps, seed=seed, device=device),
         disable_dropout=False,
         pad_to_multiple_of=None,
         center_rewards_coefficient=None,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        **trl_precision(device),
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        seed=seed,
     )
     clock = step_clock(device)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock])

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from rlhfkit import finetune as sft
+from rlhfkit.finetune import IGNORE_INDEX, encode_demonstration, make_collate, make_loss_fn
 from rlhfkit.models import load_tokenizer
 from rlhfkit.schema import Demonstration, Preference, load_records, write_records
-from rlhfkit.stages import sft
-from rlhfkit.stages.sft import IGNORE_INDEX, encode_demonstration, make_collate, make_loss_fn
 from rlhfkit.training import checkpoint_dir, evaluate_loss, list_checkpoints, split_held_out
 
 PROMPT = "question: What colour is the sky on a clear day? answer:"

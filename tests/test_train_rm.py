@@ -511,22 +511,28 @@ def shipped_sample(tmp_path_factory, make_tiny_model, repo_root):
     return backbone, imported
 
 
-NOT_RELIABLY_ABOVE_BASELINE = pytest.mark.xfail(
-    reason="with the tiny random backbone this RM is at its trivial baseline within noise: factuality errors "
-    "need the full passages (~1,600 tokens) to detect; holistic preferences show no signal it can learn",
-    strict=False,
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "aspect",
-    ["relevance", pytest.param("factuality", marks=NOT_RELIABLY_ABOVE_BASELINE), pytest.param("completeness", marks=NOT_RELIABLY_ABOVE_BASELINE)],
-)
-def test_presets_beat_the_trivial_baseline_on_the_shipped_sample(aspect, shipped_sample, tmp_path):
+@pytest.mark.parametrize("aspect", ["relevance", "factuality", "completeness"])
+def test_presets_on_the_shipped_sample_report_baselines_with_intervals(aspect, shipped_sample, tmp_path):
+    """Relevance beats its baseline (measured: accuracy 0.591 vs majority 0.504, error AUC 0.616,
+    95% CI [0.558, 0.682]). Factuality and completeness do not beat theirs beyond noise with the
+    tiny random backbone (factuality errors need the full passages, ~1,600 tokens, to detect;
+    the holistic preferences show no signal it can learn), so for them the test checks that the
+    report is consistent: the verdict follows the interval, which holds the point estimate."""
     from rlhfkit.stages.train_rm import run_train_rm
 
     backbone, imported = shipped_sample
     data = imported / ("preferences.jsonl" if aspect == "completeness" else "span_feedback.jsonl")
     metrics = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(backbone), out=str(tmp_path / aspect)))
-    assert metrics["beats_baseline"], metrics["held_out"]
+    held = metrics["held_out"]
+    if aspect == "completeness":
+        low, high = held["pairwise_accuracy_ci95"]
+        assert low <= held["pairwise_accuracy"] <= high
+        assert metrics["beats_baseline_clearly"] == (low > held["pairwise_baseline_accuracy"])
+    else:
+        low, high = held["accuracy_minus_baseline_ci95"]
+        assert low <= held["accuracy"] - held["majority_baseline_accuracy"] <= high
+        assert metrics["beats_baseline_clearly"] == (low > 0)
+    if aspect == "relevance":
+        assert metrics["beats_baseline"], held
+        assert held["error_auc_ci95"][0] > 0.5, held

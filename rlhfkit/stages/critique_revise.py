@@ -69,6 +69,7 @@ import torch
 from rlhfkit.config import REQUIRED, build_config, config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
 from rlhfkit.io import atomic_write, write_json, write_text
 from rlhfkit.metrics import win_rate
@@ -76,8 +77,6 @@ from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
 from rlhfkit.runs import RunDir, progress_bar, set_seed
 from rlhfkit.schema import Critique, Demonstration, Generation, load_records, write_records
-from rlhfkit.stages.sft import SFTConfig, run_sft
-from rlhfkit.training import validate_loop_options
 
 ACTIONS = ("train", "run")
 DEFAULT_CRITIQUE_TEMPLATE = "{prompt}\n\nResponse: {response}\n\nWhat is wrong or missing in this response?\nCritique:"
@@ -96,7 +95,7 @@ PAPER_WIN_RATES = {1: 0.566, 5: 0.659}
 
 
 @dataclass
-class CritiqueReviseConfig:
+class CritiqueReviseConfig(FinetuneOptions):
     action: str = opt(REQUIRED, "train (fine-tune a critique-and-revise model) or run (critique and revise responses).", argument=True)
     model: str = opt(REQUIRED, "train: the base model (hub id or directory); run: the critique-and-revise model (or any policy: self-critique).")
     out: str = opt(REQUIRED, "Output directory. train: the model + critique_revise.json; run: revisions.jsonl, results.md (+ winrates with --judge).")
@@ -117,29 +116,6 @@ class CritiqueReviseConfig:
     top_k: int = opt(0, "[run] Top-k sampling (with --sample; 0 = off).")
     top_p: float = opt(1.0, "[run] Top-p sampling (with --sample).")
     batch_size: int = opt(4, "train: demonstrations per micro-batch; run: inputs per generation / judge batch.")
-    epochs: int = opt(10, "[train] Passes over the training split.")
-    max_steps: int | None = opt(None, "[train] Stop after this many optimizer steps (overrides --epochs).")
-    grad_accum: int = opt(1, "[train] Micro-batches per optimizer step.")
-    lr: float = opt(5e-5, "[train] Peak learning rate (AdamW).")
-    lr_scheduler: str = opt("linear", "[train] Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
-    warmup_ratio: float = opt(0.0, "[train] Fraction of the steps with linear LR warm-up.")
-    weight_decay: float = opt(0.0, "[train] AdamW weight decay.")
-    max_grad_norm: float = opt(1.0, "[train] Gradient clipping max norm (0 = no clipping).")
-    max_length: int = opt(1024, "[train] Longest input + target in tokens (the input is cut from the left first).")
-    eval_fraction: float = opt(0.1, "[train] Fraction of the demonstrations held out for eval loss (0 = none).")
-    eval_every: int = opt(0, "[train] Evaluate every N steps (0 = before and after training only).")
-    save_every: int = opt(500, "[train] Checkpoint every N steps (0 = never).")
-    keep_checkpoints: int = opt(2, "[train] Newest checkpoints to keep (0 = all).")
-    resume: bool = opt(False, "[train] Continue from the latest checkpoint in --out.")
-    lora_r: int = opt(0, "[train] LoRA rank (0 = full fine-tuning; the paper fine-tunes with QLoRA).")
-    lora_alpha: int = opt(16, "[train] LoRA alpha.")
-    lora_dropout: float = opt(0.05, "[train] LoRA dropout.")
-    lora_target_modules: list[str] = opt([], "[train] Module names LoRA adapts, repeatable (default: peft's choice).")
-    merge_lora: bool = opt(True, "[train] Save the model with the LoRA adapter merged in (else the adapter alone).")
-    dtype: str = opt("auto", "Dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
-    seed: int = opt(42, "Seed (training data order and dropout; sampling).")
 
     def validate(self) -> None:
         if self.action not in ACTIONS:
@@ -164,9 +140,7 @@ class CritiqueReviseConfig:
             raise RlhfkitError("`critique-revise train` needs --data (JSONL of `critique` records)")
         if not Path(self.data).is_file():
             raise RlhfkitError(f"--data {self.data}: no such file")
-        validate_loop_options(self)
-        if self.max_length < 2:
-            raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
+        self.validate_finetune()
 
     def _validate_run(self) -> None:
         if self.input is None:
@@ -281,8 +255,7 @@ def run_train(cfg: CritiqueReviseConfig) -> Path:
         f"{counts['revision']} revision demonstrations ({len(records) - counts['revision']} without a revision)",
         soft_wrap=True,
     )
-    shared = {f.name for f in fields(SFTConfig)} - {"model", "data", "out"}
-    sft_options = {name: getattr(cfg, name) for name in shared if hasattr(cfg, name)}
+    sft_options = {f.name: getattr(cfg, f.name) for f in fields(FinetuneOptions)}
     run_sft(build_config(SFTConfig, model=cfg.model, data=str(out / DATA_FILE), out=str(out), **sft_options))
     write_json(
         out / TEMPLATES_FILE,

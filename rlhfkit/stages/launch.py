@@ -1,7 +1,7 @@
 """`rlhfkit launch`: run a stage in one process per GPU, on one node or several, via DeepSpeed.
 
-    rlhfkit launch --gpus 8 -- ppo --config recipes/qa/ppo.yaml
-    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa/sft.yaml
+    rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml
+    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa_feedback/paper/sft.yaml
 
 Everything after `--` is the stage and its options, passed on verbatim: each process runs
 `python -m rlhfkit.cli STAGE ARGS...` under the `deepspeed` launcher, which sets RANK,
@@ -34,7 +34,7 @@ LAUNCHABLE_STAGES = [name for name in STAGES if name != "launch"]
 @dataclass
 class LaunchConfig:
     stage_args: list[str] = opt(
-        [], "After `--`: the stage and its options, e.g. `-- ppo --config recipes/qa/ppo.yaml`.", argument=True
+        [], "After `--`: the stage and its options, e.g. `-- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml`.", argument=True
     )
     gpus: int = opt(0, "GPUs (processes) per node; 0 = all the node has.")
     num_nodes: int = opt(0, "Use the first N hosts of --hostfile; 0 = all of them (1 node without a hostfile).")
@@ -48,7 +48,7 @@ class LaunchConfig:
     def validate(self) -> None:
         if not self.stage_args:
             raise RlhfkitError(
-                "give the stage to run after `--`, e.g. `rlhfkit launch --gpus 8 -- ppo --config recipes/qa/ppo.yaml`; "
+                "give the stage to run after `--`, e.g. `rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml`; "
                 f"stages: {', '.join(LAUNCHABLE_STAGES)}"
             )
         stage = self.stage_args[0]
@@ -144,8 +144,8 @@ def run_launch(cfg: LaunchConfig) -> list[str]:
     Put the stage and its options after `--`, for example
 
     \b
-    rlhfkit launch --gpus 8 -- ppo --config recipes/qa/ppo.yaml
-    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa/sft.yaml
+    rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml
+    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa_feedback/paper/sft.yaml
     """
     cmd = launch_command(cfg)
     if cfg.dry_run:

@@ -1,0 +1,427 @@
+"""Supervised fine-tuning on demonstrations: the loop behind `rlhfkit sft` (the policy PPO
+starts from) and `rlhfkit critique-revise train` (which fine-tunes on critique and revision
+demonstrations with the same options, `FinetuneOptions`).
+
+The loss is the language-model cross-entropy on response tokens only: prompt tokens are
+inputs, never targets (their labels are -100). Causal LMs see `prompt + response + eos`;
+encoder-decoder models (the paper's T5 policy) read the prompt in the encoder and predict
+`response + eos` in the decoder. Prompts are tokenized exactly as the ppo stage's rollouts
+tokenize them (`tokenizer(prompt)`, special tokens included), so the policy is trained on
+the token sequences it will later generate from.
+
+Records longer than `--max-length` are cut, and counted:
+- the prompt loses tokens from the left first (the end of a QA prompt sits next to the
+  answer; the response is what is being learned);
+- a response that alone leaves no room for its prompt keeps the prompt's last
+  `max_length // 2` tokens and is cut on the right to the rest, losing its eos: it is still
+  trained on, so a long answer's beginning is not thrown away.
+For an encoder-decoder, `--max-length` bounds the prompt and the response each.
+
+The held-out split (`--eval-fraction`) gives eval loss and perplexity before and after
+training; the training loop itself (accumulation, schedule, checkpoints, resume, NaN
+guard) is rlhfkit.training's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import math
+import os
+import shutil
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.config import REQUIRED, opt
+from rlhfkit.console import console
+from rlhfkit.distributed import (
+    DEEPSPEED_HELP,
+    OFFLOAD_OPTIMIZER_HELP,
+    OFFLOAD_PARAMS_HELP,
+    check_deepspeed_options,
+    full_parameters,
+    is_main_process,
+)
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import model_max_positions
+from rlhfkit.io import atomic_write
+from rlhfkit.models import (
+    DTYPES,
+    add_lora,
+    count_parameters,
+    load_policy,
+    resolve_device,
+    resolve_dtype,
+)
+from rlhfkit.runs import RunDir, set_seed
+from rlhfkit.schema import Demonstration, load_records
+from rlhfkit.training import (
+    FitResult,
+    LoopSettings,
+    evaluate_loss,
+    fit,
+    split_held_out,
+    validate_loop_options,
+)
+
+IGNORE_INDEX = -100
+METRICS_FILE = "sft_metrics.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+# Files of a previous save at the top of --out that a new save must not leave behind
+# (a stale adapter_config.json would make from_pretrained load an adapter over the model).
+MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*")
+
+
+@dataclass
+class FinetuneOptions:
+    """The fine-tuning options `sft` and `critique-revise train` share (declared once here)."""
+
+    epochs: int = opt(10, "Passes over the training split (the paper: 10).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
+    batch_size: int = opt(4, "Demonstrations per micro-batch (the paper: 4 = 2 GPUs x 2).")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    lr: float = opt(5e-5, "Peak learning rate (AdamW; the paper: 5e-5).")
+    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
+    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
+    max_length: int = opt(1024, "Longest prompt + response in tokens (encoder-decoder: prompt and response each); prompts are cut from the left first.")
+    eval_fraction: float = opt(0.1, "Fraction of the demonstrations held out for eval loss / perplexity (0 = none).")
+    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
+    save_every: int = opt(500, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning).")
+    lora_alpha: int = opt(16, "LoRA alpha.")
+    lora_dropout: float = opt(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).")
+    merge_lora: bool = opt(True, "Save the model with the LoRA adapter merged in (else the adapter alone).")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
+    seed: int = opt(42, "Seed for the held-out split, data order, LoRA init and dropout.")
+
+    def validate_finetune(self) -> None:
+        validate_loop_options(self)
+        if self.max_length < 2:
+            raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
+        if not 0 <= self.eval_fraction < 1:
+            raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.lora_r < 0:
+            raise RlhfkitError(f"--lora-r must be >= 0, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise RlhfkitError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.dtype == "float16":
+            raise RlhfkitError("--dtype float16 is not supported for training (no loss scaling); use bfloat16 or float32")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise RlhfkitError(f"unknown --dtype {self.dtype!r}; valid: auto, float32, bfloat16")
+
+
+@dataclass
+class SFTConfig(FinetuneOptions):
+    model: str = opt(REQUIRED, "Base model: a Hugging Face hub id or a local save_pretrained directory (causal LM or T5-style seq2seq).")
+    data: str = opt(REQUIRED, "Demonstrations: JSONL of `demonstration` records (annotate-import writes demonstrations.jsonl).")
+    out: str = opt(REQUIRED, "Output directory: the fine-tuned model + tokenizer (loadable with from_pretrained), checkpoints/, metrics.")
+    deepspeed: str | None = opt(None, DEEPSPEED_HELP)
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
+
+    def validate(self) -> None:
+        self.validate_finetune()
+        check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        if not Path(self.data).is_file():
+            raise RlhfkitError(f"--data {self.data}: no such file")
+
+
+# --- tokenization -------------------------------------------------------------------------
+
+
+@dataclass
+class SFTExample:
+    """Token ids of one demonstration: `input_ids` (causal: prompt + response + eos; seq2seq:
+    the prompt) and `labels` (causal: -100 over the prompt; seq2seq: response + eos)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_cut: int = 0  # prompt tokens dropped from the left
+    response_cut: int = 0  # response tokens (eos included) dropped from the right
+
+
+def encode_demonstration(
+    tokenizer: Any, prompt: str, response: str, max_length: int, is_encoder_decoder: bool
+) -> SFTExample:
+    """Tokenize one demonstration and apply the --max-length rule (see the module docstring)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if is_encoder_decoder:
+        keep_prompt = min(len(prompt_ids), max_length)
+        keep_response = min(len(response_ids), max_length)
+    elif len(prompt_ids) + len(response_ids) <= max_length:
+        keep_prompt, keep_response = len(prompt_ids), len(response_ids)
+    elif len(response_ids) < max_length:
+        keep_prompt, keep_response = max_length - len(response_ids), len(response_ids)
+    else:
+        keep_prompt = min(len(prompt_ids), max_length // 2)
+        keep_response = max_length - keep_prompt
+    kept_prompt = prompt_ids[len(prompt_ids) - keep_prompt :]
+    kept_response = response_ids[:keep_response]
+    if is_encoder_decoder:
+        input_ids, labels = kept_prompt, kept_response
+    else:
+        input_ids = kept_prompt + kept_response
+        labels = [IGNORE_INDEX] * len(kept_prompt) + kept_response
+    return SFTExample(input_ids, labels, len(prompt_ids) - keep_prompt, len(response_ids) - keep_response)
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def make_collate(pad_token_id: int, is_encoder_decoder: bool):
+    """Pad a list of SFTExamples to the longest in the batch (right padding; labels with -100)."""
+
+    def collate(examples: list[SFTExample]) -> dict:
+        input_ids = _pad([e.input_ids for e in examples], pad_token_id)
+        attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
+        labels = _pad([e.labels for e in examples], IGNORE_INDEX)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if not is_encoder_decoder:
+            # First supervised position of the batch: logits are needed only from the one
+            # before it (position 0 is never a target: nothing precedes it).
+            supervised = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+            batch["first_target"] = max(1, int(supervised[0])) if len(supervised) else labels.shape[1]
+        return batch
+
+    return collate
+
+
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
+
+
+def make_loss_fn(model: torch.nn.Module, is_encoder_decoder: bool):
+    """loss_fn(model, batch) -> (cross-entropy summed over supervised tokens, their count)."""
+    if is_encoder_decoder:
+
+        def seq2seq_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            labels = batch["labels"]
+            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=decoder_input_ids,
+                use_cache=False,
+            ).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            return loss, supervised_tokens(batch)
+
+        return seq2seq_loss
+
+    # Long prompts are most of a QA sequence: projecting only the positions that predict a
+    # response token through the LM head (logits_to_keep) saves most of its cost.
+    keeps_logits = _accepts(model, "logits_to_keep")
+
+    def causal_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        start = batch["first_target"]
+        keep = labels.shape[1] - start + 1  # positions start-1 .. end predict start .. end(+1)
+        extra = {"logits_to_keep": keep} if keeps_logits else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra).logits
+        logits = logits[:, -keep:-1]
+        targets = labels[:, start:]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, supervised_tokens(batch)
+
+    return causal_loss
+
+
+def supervised_tokens(batch: dict) -> torch.Tensor:
+    """The number of tokens the loss sums over: every label but -100, except a causal LM's
+    position 0 (nothing precedes it to predict it; make_collate marks causal batches)."""
+    labels = batch["labels"][:, 1:] if "first_target" in batch else batch["labels"]
+    return (labels != IGNORE_INDEX).sum()
+
+
+# --- saving -------------------------------------------------------------------------------
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora: bool) -> torch.nn.Module:
+    """save_pretrained model + tokenizer at the top of `out`; returns the model saved.
+
+    The files are written to a temporary directory first and then moved in, so a crash
+    never leaves a mix of old and new weights.
+    """
+    if hasattr(model, "merge_and_unload") and merge_lora:
+        model = model.merge_and_unload()
+    tmp = out / ".model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        new_names = {p.name for p in tmp.iterdir()}
+        for pattern in MODEL_FILE_PATTERNS:
+            for stale in out.glob(pattern):
+                if stale.is_file() and stale.name not in new_names:
+                    stale.unlink()
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def plot_loss_curve(path: Path, result: FitResult) -> None:
+    """Training loss per step and held-out loss at each evaluation, as a PNG (Agg, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(range(1, len(result.losses) + 1), result.losses, label="train loss", linewidth=1)
+    evals = [e for e in result.evals if "loss" in e]
+    if evals:
+        axes.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy per response token")
+    axes.set_title("rlhfkit sft")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _fingerprint(examples: list[SFTExample]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(array("q", example.input_ids).tobytes())
+        digest.update(array("q", example.labels).tobytes())
+    return digest.hexdigest()
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    """Supervised fine-tuning on demonstrations: loss on response tokens only.
+
+    Holds out --eval-fraction of the data (eval loss and perplexity before and after),
+    trains with gradient accumulation, LR warm-up/decay, optional LoRA, checkpoints and
+    --resume, and saves a from_pretrained-loadable model at the top of --out, with
+    sft_metrics.json and loss_curve.png.
+    """
+    records: list[Demonstration] = load_records(cfg.data, "demonstration")
+    train_records, eval_records = split_held_out(records, cfg.eval_fraction, cfg.seed)
+
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    set_seed(cfg.seed)
+    # Full fine-tuning keeps fp32 master weights (see LoopSettings.compute_dtype); a LoRA
+    # base is frozen, so it is loaded in the compute dtype and the adapters stay fp32.
+    weights_dtype = cfg.dtype if cfg.lora_r else "float32"
+    model, tokenizer, is_encoder_decoder = load_policy(
+        cfg.model, dtype=weights_dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.eos_token_id is None:
+        raise RlhfkitError(f"{cfg.model}: the tokenizer has no eos token, so responses cannot be taught to end")
+    limit = model_max_positions(model)
+    if not is_encoder_decoder and limit is not None and cfg.max_length > limit:
+        raise RlhfkitError(f"--max-length {cfg.max_length} exceeds the {limit} positions {cfg.model} allows; lower --max-length")
+
+    def encode(batch: list[Demonstration]) -> list[SFTExample]:
+        return [encode_demonstration(tokenizer, r.prompt, r.response, cfg.max_length, is_encoder_decoder) for r in batch]
+
+    train_examples, eval_examples = encode(train_records), encode(eval_records)
+    all_examples = train_examples + eval_examples
+    truncated = sum(1 for e in all_examples if e.prompt_cut or e.response_cut)
+    responses_cut = sum(1 for e in all_examples if e.response_cut)
+    if truncated:
+        note = (
+            f"; {responses_cut} response(s) did not fit and are trained on their first tokens only (no eos)"
+            if responses_cut
+            else ""
+        )
+        console.print(
+            f"sft: {truncated} of {len(all_examples)} demonstrations exceed --max-length {cfg.max_length} "
+            f"and were truncated (prompt cut from the left){note}",
+            soft_wrap=True,
+        )
+
+    if cfg.lora_r:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules or None)
+    parameters = count_parameters(model)
+    console.print(
+        f"sft: {cfg.model} ({'encoder-decoder' if is_encoder_decoder else 'causal'}, {parameters.trainable:,} of "
+        f"{parameters.total:,} parameters trained) on {device}, compute {str(compute_dtype).removeprefix('torch.')}; "
+        f"{len(train_examples)} training / {len(eval_examples)} held-out demonstrations",
+        soft_wrap=True,
+    )
+
+    out = Path(cfg.out)
+    run = RunDir(out, "sft", cfg, resume=cfg.resume)
+    collate = make_collate(tokenizer.pad_token_id, is_encoder_decoder)
+    loss_fn = make_loss_fn(model, is_encoder_decoder)
+
+    def evaluate() -> dict[str, float]:
+        loss = evaluate_loss(model, eval_examples, collate, loss_fn, cfg.batch_size, compute_dtype)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+    result = fit(
+        model,
+        train_examples,
+        collate,
+        loss_fn,
+        LoopSettings.from_config(cfg, compute_dtype),
+        run,
+        evaluate=evaluate if eval_examples else None,
+        tokenizer=tokenizer,
+        data_fingerprint=_fingerprint(train_examples),
+        description="sft",
+        count_fn=supervised_tokens,
+    )
+
+    main = is_main_process()
+    with full_parameters(model):  # gathered from the ZeRO-3 shards: every process enters
+        saved = save_model(model, tokenizer, out, merge_lora=cfg.merge_lora) if main else model
+    before = result.evals[0] if result.evals else {}
+    after = result.evals[-1] if result.evals else {}
+    metrics = {
+        "steps": result.steps,
+        "epochs": round(result.steps / result.steps_per_epoch, 4),
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+        "train_loss": result.final_epoch_loss,
+        "train_loss_last_step": result.losses[-1] if result.losses else None,
+        "eval_loss_before": before.get("loss"),
+        "eval_loss_after": after.get("loss"),
+        "eval_perplexity_before": before.get("perplexity"),
+        "eval_perplexity_after": after.get("perplexity"),
+        "truncated": truncated,
+        "responses_truncated": responses_cut,
+        "samples_per_second": result.samples_per_second,
+        "train_seconds": result.train_seconds,
+        "trainable_parameters": parameters.trainable,
+        "total_parameters": parameters.total,
+        "lora_merged": bool(cfg.lora_r and cfg.merge_lora),
+        "saved_model_class": type(saved).__name__,
+        "resumed_from_step": result.resumed_from,
+    }
+    run.write_json(METRICS_FILE, metrics)
+    if main:
+        plot_loss_curve(out / LOSS_CURVE_FILE, result)
+    summary = f"sft: {result.steps} steps, train loss {metrics['train_loss']:.4f}"
+    if after:
+        summary += f", eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {after['perplexity']:.2f})"
+    console.print(f"{summary}, {result.samples_per_second:.1f} samples/s; model saved to {out}", soft_wrap=True)
+    return out
