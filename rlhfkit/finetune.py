@@ -28,8 +28,6 @@ import hashlib
 import inspect
 import io
 import math
-import os
-import shutil
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +56,7 @@ from rlhfkit.models import (
     load_policy,
     resolve_device,
     resolve_dtype,
+    save_model,
 )
 from rlhfkit.runs import RunDir, set_seed
 from rlhfkit.schema import Demonstration, load_records
@@ -75,7 +74,6 @@ METRICS_FILE = "sft_metrics.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 # Files of a previous save at the top of --out that a new save must not leave behind
 # (a stale adapter_config.json would make from_pretrained load an adapter over the model).
-MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*")
 
 
 @dataclass
@@ -253,30 +251,6 @@ def supervised_tokens(batch: dict) -> torch.Tensor:
 # --- saving -------------------------------------------------------------------------------
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora: bool) -> torch.nn.Module:
-    """save_pretrained model + tokenizer at the top of `out`; returns the model saved.
-
-    The files are written to a temporary directory first and then moved in, so a crash
-    never leaves a mix of old and new weights.
-    """
-    if hasattr(model, "merge_and_unload") and merge_lora:
-        model = model.merge_and_unload()
-    tmp = out / ".model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        new_names = {p.name for p in tmp.iterdir()}
-        for pattern in MODEL_FILE_PATTERNS:
-            for stale in out.glob(pattern):
-                if stale.is_file() and stale.name not in new_names:
-                    stale.unlink()
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model
 
 
 def plot_loss_curve(path: Path, result: FitResult) -> None:

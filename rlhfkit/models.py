@@ -11,6 +11,7 @@ trained on local text, so the pipeline and its tests run without downloading any
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -367,4 +368,35 @@ def build_tiny_model(
         model = auto_class.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+# Files a save_pretrained directory may hold from an earlier save (full model or LoRA adapter):
+# a new save removes the ones it did not write, so a directory never mixes two models.
+MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*")
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora: bool = True) -> torch.nn.Module:
+    """save_pretrained model + tokenizer at the top of `out`; returns the model saved.
+
+    The files are written to a temporary directory first and then moved in, so a crash
+    never leaves a mix of old and new weights.
+    """
+    if hasattr(model, "merge_and_unload") and merge_lora:
+        model = model.merge_and_unload()
+    tmp = out / ".model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        new_names = {p.name for p in tmp.iterdir()}
+        for pattern in MODEL_FILE_PATTERNS:
+            for stale in out.glob(pattern):
+                if stale.is_file() and stale.name not in new_names:
+                    stale.unlink()
+        for path in tmp.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return model

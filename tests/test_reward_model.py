@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import load_tokenizer, save_model
 from rlhfkit.rewards.reward_model import (
     SPEC_FILE,
     RewardModel,
@@ -31,7 +31,6 @@ from rlhfkit.stages.train_rm import (
     IGNORE_INDEX,
     encode_segment_example,
     make_collate,
-    save_reward_model,
 )
 
 PROMPTS = [
@@ -220,7 +219,7 @@ def test_saved_reward_model_reloads_with_the_same_scores(tiny_model_dir, tmp_pat
         rm = make_rm(tiny_model_dir, kind, aspect=f"{kind}-aspect")
         out = tmp_path / kind
         out.mkdir()
-        save_reward_model(rm.model, rm.tokenizer, out)
+        save_model(rm.model, rm.tokenizer, out)
         write_json(out / SPEC_FILE, rm.spec)
         loaded = load_reward_model(out, device="cpu")
         assert (loaded.aspect, loaded.kind, loaded.spec) == (f"{kind}-aspect", kind, rm.spec)

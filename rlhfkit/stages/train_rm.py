@@ -46,8 +46,6 @@ lower end to be above the baseline.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,6 +78,7 @@ from rlhfkit.models import (
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+    save_model,
 )
 from rlhfkit.rewards.reward_model import (
     KINDS,
@@ -106,7 +105,6 @@ BOOTSTRAP_DRAWS = 1000
 IGNORE_INDEX = -100
 TIE_POLICIES = ("soft", "drop")
 # Files of a previous save that a new save must not leave behind.
-MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*")
 
 
 @dataclass(frozen=True)
@@ -789,26 +787,6 @@ def score_statistics(rm: RewardModel, pairs: Sequence[tuple[str, str]], batch_si
     return {"mean": float(scores.mean()), "std": std if std > 1e-8 else 1.0, "responses": len(fitting)}
 
 
-def save_reward_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> torch.nn.Module:
-    """save_pretrained a full model (LoRA merged in) + tokenizer into `out`, never half-mixed."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    tmp = out / ".model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        new_names = {p.name for p in tmp.iterdir()}
-        for pattern in MODEL_FILE_PATTERNS:
-            for stale in out.glob(pattern):
-                if stale.is_file() and stale.name not in new_names:
-                    stale.unlink()
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model
 
 
 def _fingerprint(path: str, cfg: TrainRMConfig, settings: RMSettings) -> str:
@@ -935,7 +913,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
 
     main = is_main_process()
     with full_parameters(model):  # gathered from the ZeRO-3 shards: every process enters
-        saved = save_reward_model(model, tokenizer, out) if main else model
+        saved = save_model(model, tokenizer, out, merge_lora=True) if main else model
     metrics = {
         "aspect": cfg.aspect,
         "kind": settings.kind,
