@@ -237,13 +237,25 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum `tensor` over all processes, in place, and return it (unchanged in one process).
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: this process's GPU under NCCL (which
+    cannot reduce CPU tensors), the CPU under gloo."""
+    if _distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    Matches rlhfkit.rl.advantages' `all_reduce` hook (a collective: every rank must call it
-    with the same shape in the same order).
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum `tensor` over all processes and return the sum (`tensor` itself in one process).
+
+    The tensor is moved to `collective_device()` first, so a caller holding statistics on
+    another device (reward-source outputs live on the CPU, the model's on its GPU) cannot
+    hand NCCL a CPU tensor; the sum is returned on the collective device. Matches
+    rlhfkit.rl.advantages' `all_reduce` hook (a collective: every rank must call it with the
+    same shape in the same order).
     """
     if _distributed():
+        tensor = tensor.to(collective_device())
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 

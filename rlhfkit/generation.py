@@ -21,6 +21,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhfkit.distributed import is_zero3_partitioned
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.truncation import encode_prompt
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Rollout:
     texts: list[str]
     finished: torch.Tensor
     token_char_spans: list[list[tuple[int, int]]] = field(default_factory=list)
+    prompts_cut: int = 0  # prompts cut to max_prompt_length (rlhfkit.truncation)
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -60,21 +62,25 @@ class Rollout:
         return self
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids; a prompt longer than `max_prompt_length` is an error, not a silent cut."""
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, add_special_tokens=True)
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    too_long = [i for i, n in enumerate(lengths) if n > max_prompt_length]
-    if too_long:
-        i = too_long[0]
-        raise RlhfkitError(
-            f"{len(too_long)} prompt(s) are longer than --max-prompt-length {max_prompt_length} tokens "
-            f"(prompt {i} has {lengths[i]}); raise --max-prompt-length (the model allows "
-            f"{model_max_positions(tokenizer)}) or shorten the prompts"
-        )
-    batch = tokenizer.pad(encoded, padding=True, return_tensors="pt")
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+def encode_prompts(
+    tokenizer, prompts: list[str], max_prompt_length: int, device: torch.device, truncation_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompt ids, each prompt cut to `max_prompt_length` tokens on `truncation_side`
+    (rlhfkit.truncation: special tokens are kept), and how many prompts were cut."""
+    rows, n_cut = [], 0
+    for prompt in prompts:
+        ids, cut = encode_prompt(tokenizer, prompt, max_prompt_length, truncation_side)
+        rows.append(ids)
+        n_cut += cut > 0
+    width = max(len(ids) for ids in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if ids:
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device), n_cut
 
 
 def model_max_positions(tokenizer_or_model) -> Optional[int]:
@@ -183,10 +189,11 @@ def generate(
     max_prompt_length: int,
     is_encoder_decoder: bool = False,
     generator_seed: Optional[int] = None,
+    truncation_side: str = "right",
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts in `prompts` for several samples)."""
     device = next(model.parameters()).device
-    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    query_ids, query_mask, prompts_cut = encode_prompts(tokenizer, prompts, max_prompt_length, device, truncation_side)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = model.training
@@ -239,6 +246,7 @@ def generate(
         texts=texts,
         finished=finished,
         token_char_spans=spans,
+        prompts_cut=prompts_cut,
     )
 
 

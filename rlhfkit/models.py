@@ -400,3 +400,29 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Switch off every dropout of `model`, whatever the architecture.
+
+    Zeroing `nn.Dropout` modules is not enough: T5's attention applies functional dropout
+    with a rate copied from `config.dropout_rate` at construction (`T5Attention.dropout`),
+    Llama's with `attention_dropout`; so float attributes named like dropout on every module
+    and the config's dropout fields are zeroed too. PPO needs this for the policy, the
+    reference and the value model: with dropout the rollout log-probs, the reference's and
+    the update's disagree even when nothing has been learnt.
+    """
+    configs = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and all(config is not c for c in configs):
+            configs.append(config)
+    for config in configs:
+        for name, value in list(vars(config).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(config, name, 0.0)

@@ -164,3 +164,49 @@ def label_segments(segments: list[Segment], spans: Iterable[_ErrorSpan], aspect:
         (span.start, span.end) for span in spans if span.aspect == aspect and span.start < span.end
     ]
     return [any(start < seg.end and seg.start < end for start, end in ranges) for seg in segments]
+
+
+@dataclass(frozen=True)
+class SegmentLabelRules:
+    """How span annotations become per-segment training labels (Fine-Grained RLHF's rules).
+
+    The reference (`create_rel_fact_rm_files.py`) applies two rules that plain overlap misses:
+    - spans of `min_span_aspects` with fewer than `min_span_words` whitespace words are dropped
+      (QA-Feedback: irrelevance/redundancy/incoherence spans under 5 words, paper App. D);
+    - a segment with no error of the trained aspect but an error of one of
+      `ignore_with_aspects` is left out of training, not labelled "no error" (QA-Feedback's
+      annotators did not mark factual errors inside text they had marked irrelevant).
+    """
+
+    min_span_words: int = 0
+    min_span_aspects: tuple[str, ...] = ()
+    ignore_with_aspects: tuple[str, ...] = ()
+
+    def kept_spans(self, spans: Iterable[_ErrorSpan], text: str) -> list[_ErrorSpan]:
+        return [
+            span for span in spans
+            if not (span.aspect in self.min_span_aspects and len(text[span.start:span.end].split()) < self.min_span_words)
+        ]
+
+    def labels(self, segments: list[Segment], spans: Iterable[_ErrorSpan], text: str, aspect: str) -> list[bool | None]:
+        """Per segment: True (an error of `aspect`), False (none) or None (left out of training)."""
+        spans = self.kept_spans(spans, text)
+        errors = label_segments(segments, spans, aspect)
+        others = [label_segments(segments, spans, other) for other in self.ignore_with_aspects if other != aspect]
+        return [True if error else (None if any(o[i] for o in others) else False) for i, error in enumerate(errors)]
+
+    def to_dict(self) -> dict:
+        return {
+            "min_span_words": self.min_span_words,
+            "min_span_aspects": list(self.min_span_aspects),
+            "ignore_with_aspects": list(self.ignore_with_aspects),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> SegmentLabelRules:
+        data = data or {}
+        return cls(
+            int(data.get("min_span_words", 0)),
+            tuple(data.get("min_span_aspects", ())),
+            tuple(data.get("ignore_with_aspects", ())),
+        )

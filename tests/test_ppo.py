@@ -234,8 +234,8 @@ def test_reward_placement_on_policy_tokens(tiny_model_dir):
      "--advantage must be one of gae, grpo, rloo"),
     (["--rewards", "judge=1", "--rm", "judge=py:tests.judges:count_letters_e", "--minibatch-size", "3"],
      "--minibatch-size 3 must divide the rollouts per step"),
-    (["--rewards", "judge=1", "--rm", "judge=py:tests.judges:count_letters_e", "--max-prompt-length", "4"],
-     "prompt(s) are longer than --max-prompt-length 4 tokens"),
+    (["--rewards", "judge=1", "--rm", "judge=py:tests.judges:count_letters_e", "--truncation-side", "top"],
+     "--truncation-side must be one of right, left, middle, got 'top'"),
     (["--rewards", "judge=1", "--rm", "judge=py:tests.judges:count_letters_e", "--max-prompt-length", "4000"],
      "exceeds the 2048 positions the policy allows"),
 ])

@@ -71,8 +71,10 @@ def test_segment_labels_sit_on_the_tokens_that_end_each_sentence():
     )
     # Tokens: 0 Where, 1 is, 2 Paris, 3 ?, 4 [EOS] (separator: the pair template has none),
     # 5 Paris, 6 is, 7 big, 8 ".", 9 It, 10 rains, 11 a, 12 lot, 13 ".".
-    def encoder(max_length, max_prompt_length=None):
-        return functools.partial(encode_pair, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    def encoder(max_length, max_prompt_length=None, side="left"):
+        return functools.partial(
+            encode_pair, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, truncation_side=side
+        )
 
     example = encode_segment_example(encoder(64), record, "factuality", "sentence")
     assert example.input_ids == [3, 4, 5, 6, 1, 5, 4, 7, 8, 9, 10, 11, 12, 8]
@@ -95,6 +97,12 @@ def test_segment_labels_sit_on_the_tokens_that_end_each_sentence():
     # 9 response tokens + the separator need 10; with 9 the record does not fit at all.
     assert encode_segment_example(encoder(10), record, "factuality", "sentence").input_ids[0] == 1
     assert encode_segment_example(encoder(9), record, "factuality", "sentence") is None
+    # The same cuts keeping the head (the default, where a QA prompt's question is): "Where is"
+    # stays; middle keeps one token of each end ("Where", "?"). A budget of 1 keeps "Where".
+    assert encode_segment_example(encoder(12, side="right"), record, "factuality", "sentence").input_ids[:4] == [3, 4, 1, 5]
+    assert encode_segment_example(encoder(12, side="middle"), record, "factuality", "sentence").input_ids[:4] == [3, 6, 1, 5]
+    assert encode_segment_example(encoder(64, 1, side="right"), record, "factuality", "sentence").input_ids[:3] == [3, 1, 5]
+    assert encode_pair(tokenizer, record.prompt, record.response, 12).input_ids[:4] == [3, 4, 1, 5]
 
 
 def test_pair_encoding_keeps_response_offsets(tiny_model_dir):

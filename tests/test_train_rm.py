@@ -17,6 +17,7 @@ from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_tokenizer
 from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
+from rlhfkit.segment import SegmentLabelRules
 from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
 from rlhfkit.stages.train_rm import (
     METRICS_FILE,
@@ -235,8 +236,13 @@ def config(**values) -> TrainRMConfig:
 
 def test_presets_and_overrides():
     fact, rel, comp = (config(aspect=a).settings() for a in ("factuality", "relevance", "completeness"))
-    assert (fact.kind, fact.granularity, fact.positive_reward, fact.negative_reward) == ("segment", "sentence", 0.5, -0.5)
-    assert (rel.kind, rel.granularity, rel.positive_reward, rel.negative_reward) == ("segment", "subsentence", 0.3, -0.3)
+    # +-1: the paper's 0.5/0.3 are `ppo --rewards` weights, applied once there.
+    assert (fact.kind, fact.granularity, fact.positive_reward, fact.negative_reward) == ("segment", "sentence", 1.0, -1.0)
+    assert (rel.kind, rel.granularity, rel.positive_reward, rel.negative_reward) == ("segment", "subsentence", 1.0, -1.0)
+    # The reference's label rules (create_rel_fact_rm_files.py, --min_span_len 5).
+    assert fact.label_rules == SegmentLabelRules(5, ("relevance",), ("relevance",))
+    assert rel.label_rules == SegmentLabelRules(5, ("relevance",), ())
+    assert config(aspect="factuality", min_span_words=0, ignore_segments_with=["none"]).settings().label_rules == SegmentLabelRules(0, ("relevance",), ())
     assert (comp.kind, comp.holistic_fallback) == ("preference", True)
     custom = config(aspect="toxicity", kind="segment", positive_reward=1.0, negative_reward=-2.0, error_class_weight=2.5).settings()
     assert (custom.granularity, custom.positive_reward, custom.negative_reward, custom.error_class_weight) == ("sentence", 1.0, -2.0, 2.5)
@@ -341,15 +347,17 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, span_file, tmp_path):
         "aspect": "factuality",
         "kind": "segment",
         "granularity": "sentence",
-        "positive_reward": 0.5,
-        "negative_reward": -0.5,
+        "positive_reward": 1.0,
+        "negative_reward": -1.0,
         "max_length": 96,
         "backbone": str(tiny_model_dir),
     }
     metrics = read_json(out / METRICS_FILE)
     held = metrics["held_out"]
-    # 12 records, 20% held out by prompt: 2 records x 3 sentences.
-    assert (metrics["train_records"], metrics["held_out_records"], held["segments"]) == (10, 2, 6)
+    # 12 records, 20% held out by prompt: 2 records x 3 sentences, less the one sentence with
+    # only a relevance error (record 0's third; "People like it, ..." is 8 words, so kept),
+    # which the reference's rule leaves out of factuality training and metrics.
+    assert (metrics["train_records"], metrics["held_out_records"], held["segments"]) == (10, 2, 5)
     assert 0 <= held["accuracy"] <= 1 and held["majority_baseline_accuracy"] >= 0.5
     assert metrics["steps"] == 3 and metrics["beats_baseline"] == (held["accuracy"] > held["majority_baseline_accuracy"])
     # Bootstrap intervals over the 2 held-out prompts, and the verdict they give.
@@ -363,14 +371,14 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, span_file, tmp_path):
 
     rm = load_reward_model(out, device="cpu")
     scored = rm.score([r.prompt for r in span_records(2)], [r.response for r in span_records(2)])
-    assert all(len(s.values) == 3 and set(s.values) <= {0.5, -0.5} for s in scored)
+    assert all(len(s.values) == 3 and set(s.values) <= {1.0, -1.0} for s in scored)
 
     # --eval-only scores the saved RM on labelled data and writes metrics only.
     evaluated = tmp_path / "eval"
     result = run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", span_file, "--model", out, "--out", evaluated)
     assert result.exit_code == 0, result.output
     eval_metrics = read_json(evaluated / METRICS_FILE)
-    assert eval_metrics["eval_only"] is True and eval_metrics["held_out"]["segments"] == 36
+    assert eval_metrics["eval_only"] is True and eval_metrics["held_out"]["segments"] == 32  # 36 sentences, 4 relevance-only ones left out
     assert eval_metrics["held_out"]["bootstrap_prompts"] == 12 and "beats_baseline_clearly" in eval_metrics
     # Seeded by --seed: a second evaluation repeats the intervals.
     again = tmp_path / "eval-again"
@@ -384,7 +392,7 @@ def test_relevance_preset_uses_subsentences(run_cli, tiny_model_dir, span_file, 
     result = run_cli("train-rm", "--aspect", "relevance", "--data", span_file, "--model", tiny_model_dir, "--out", out, *FAST, "--eval-fraction", "0")
     assert result.exit_code == 0, result.output
     spec = read_json(out / SPEC_FILE)
-    assert (spec["granularity"], spec["positive_reward"], spec["negative_reward"]) == ("subsentence", 0.3, -0.3)
+    assert (spec["granularity"], spec["positive_reward"], spec["negative_reward"]) == ("subsentence", 1.0, -1.0)
     rm = load_reward_model(out, device="cpu")
     # "People like it, and it is made of iron." has fewer than 5 words after the comma: one piece.
     response = span_records(1)[0].response

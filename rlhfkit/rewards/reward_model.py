@@ -36,6 +36,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device
 from rlhfkit.rewards.placement import token_index_for_char_ends
 from rlhfkit.segment import Segment, segment
+from rlhfkit.truncation import kept_indices
 
 SPEC_FILE = "rlhfkit_rm.json"
 SPEC_FORMAT = 1
@@ -86,12 +87,14 @@ def separator_token_id(tokenizer) -> int:
 
 
 def encode_pair(
-    tokenizer, prompt: str, response: str, max_length: int, max_prompt_length: int | None = None
+    tokenizer, prompt: str, response: str, max_length: int, max_prompt_length: int | None = None,
+    truncation_side: str = "right",
 ) -> EncodedPair | None:
     """Tokenise prompt + response for an RM; None when the response alone exceeds `max_length`.
 
     The prompt keeps at most `max_prompt_length` tokens and whatever fits beside the
-    response, losing tokens from its left. With a fixed prompt budget every long prompt's
+    response, losing tokens on `truncation_side` (rlhfkit.truncation; the default keeps the
+    head, where a QA prompt's question is). With a fixed prompt budget every long prompt's
     response starts at the same position, which lets a model with learned absolute
     positions (GPT-2) see where in the response a segment lies.
 
@@ -120,8 +123,8 @@ def encode_pair(
     if max_prompt_length is not None:
         excess = max(excess, len(prompt_indices) - max_prompt_length)
     if excess > 0:
-        drop = set(prompt_indices[:excess])
-        keep = [i for i in range(len(ids)) if i not in drop]
+        kept_prompt = {prompt_indices[k] for k in kept_indices(len(prompt_indices), len(prompt_indices) - excess, truncation_side)}
+        keep = [i for i in range(len(ids)) if sequence_ids[i] != 0 or i in kept_prompt]
         ids = [ids[i] for i in keep]
         offsets = [offsets[i] for i in keep]
         sequence_ids = [sequence_ids[i] for i in keep]
@@ -245,7 +248,9 @@ class RewardModel:
 
     def encode(self, prompt: str, response: str) -> EncodedPair | None:
         """`encode_pair` with this RM's length limits (None: the response does not fit)."""
-        return encode_pair(self.tokenizer, prompt, response, self.max_length, self.max_prompt_length)
+        # RMs saved before the option existed were trained with prompts cut on the left.
+        side = self.spec.get("truncation_side", "left")
+        return encode_pair(self.tokenizer, prompt, response, self.max_length, self.max_prompt_length, side)
 
     def _encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[EncodedPair]:
         if len(prompts) != len(responses):
@@ -325,8 +330,9 @@ class RewardModel:
         and each token's end character in the response, plus a (B,) tensor of prompt scores
         (the score at the token before the response: the separator after the prompt). Special
         tokens the template appends after the response (an EOS) are included with end
-        `len(response)`, so the last prefix score is exactly the sequence score and the
-        differences telescope to score(x, y) - score(x).
+        `len(response) + 1`, after the whole text, so the last prefix score is exactly the
+        sequence score (the differences telescope to score(x, y) - score(x)) and only a policy
+        token that ends the response (its EOS) reads them.
         """
         self._require_sequence_kind("prefix_scores")
         scores: list[Tensor] = []
@@ -342,7 +348,7 @@ class RewardModel:
                 first = pair.response_positions[0] if pair.response_positions else end
                 trailing = end - first - len(pair.response_positions)
                 scores.append(per_position[row, first:end].clone())
-                char_ends.append([char_end for _, char_end in pair.response_char_spans] + [len(responses[i])] * trailing)
+                char_ends.append([char_end for _, char_end in pair.response_char_spans] + [len(responses[i]) + 1] * trailing)
                 prompt_scores.append(float(per_position[row, pair.prompt_position]))
         return scores, char_ends, torch.tensor(prompt_scores)
 

@@ -13,7 +13,11 @@ Kinds of source (`--rm NAME=SPEC`):
   reward = probability of LABEL (prefix `-` for minus it), scored per sentence by default,
   as the Fine-Grained RLHF detoxification task does;
 - `py:module:function`: a Python function `f(prompts, responses)` returning, per response,
-  either a float (sequence reward) or a list of `(char_end, value)` pairs (segment rewards).
+  either a float (sequence reward, on the last token) or a list of `(char_end, value)` pairs
+  (segment rewards).
+
+A whole-response score (sequence RMs, a `py:` float) lands on the response's last token: EOS
+when the response ended, the last generated token when it was cut off (as in the reference).
 """
 
 from __future__ import annotations
@@ -66,8 +70,22 @@ class TokenRewards:
         return cls([values for values, _ in rows], [given for _, given in rows])
 
 
+def _place_at_last_token(value: float, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole-response score on the response's last token: EOS when the response ended (EOS
+    has no text, so it completes no segment), the last generated token when it was cut off.
+
+    As the reference (`PreferenceReward`: the score at index length - 1 of the response mask),
+    TRL and lm-human-preferences do: the decision to stop is what completes the response.
+    """
+    given = torch.zeros(len(spans), dtype=torch.bool)
+    if not spans:
+        return torch.zeros(0), given
+    given[-1] = True
+    return place_rewards(len(spans), [len(spans) - 1], [value]), given
+
+
 def _place(char_ends_and_values: Sequence[tuple[int, float]], spans: list[tuple[int, int]], text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards at the policy tokens completing each char end (and where they were given)."""
+    """Segment rewards at the policy tokens completing each char end (and where they were given)."""
     given = torch.zeros(len(spans), dtype=torch.bool)
     if not spans:
         return torch.zeros(0), given
@@ -106,6 +124,8 @@ class RewardModelSource(RewardSource):
         if self.redistribute:
             return TokenRewards.dense(self._redistributed(prompts, responses, spans))
         scored = self.rm.score(prompts, responses, batch_size=self.batch_size)
+        if self.rm.kind != "segment":
+            return TokenRewards.placed([_place_at_last_token(s.values[0], row_spans) for s, row_spans in zip(scored, spans)])
         return TokenRewards.placed(
             [
                 _place(list(zip(s.char_ends, s.values)), row_spans, response)
@@ -121,7 +141,10 @@ class RewardModelSource(RewardSource):
         (the Fine-Grained RLHF dense toxicity reward) reads it only where a sentence ends.
         Either way a policy token's prefix score is the last score read at or before its
         end (the prompt's score before any), and the rewards are the differences, so they
-        telescope to R(x, y) - R(x) whatever the two tokenizers are.
+        telescope to R(x, y) - R(x) whatever the two tokenizers are. Scores the RM reads
+        after the text (at special tokens its template appends, such as an EOS) belong to
+        the policy's final token: its EOS when the response ended, so ending the response
+        earns the change that ending causes in the RM's score.
         """
         scores, rm_char_ends, prompt_scores = self.rm.prefix_scores(prompts, responses, batch_size=self.batch_size)
         rows = []
@@ -132,6 +155,7 @@ class RewardModelSource(RewardSource):
                 rm_spans = list(zip([0] + row_ends[:-1], row_ends))
                 sentence_ends = [s.end for s in segment(response, "sentence")] or [len(response)]
                 picked = token_index_for_char_ends(rm_spans, sentence_ends)
+                picked += [i for i, end in enumerate(row_ends) if end > len(response)]  # after the text
                 row_scores, row_ends = row_scores[picked], [row_ends[i] for i in picked]
             rows.append(_prefix_scores_on_policy_tokens(row_scores, row_ends, float(prompt_score), row_spans))
         # The differences of all rows in one call: rows padded to the longest, each masked to
@@ -189,8 +213,10 @@ class PythonFunctionSource(RewardSource):
             raise RlhfkitError(f"reward '{self.name}' returned {len(results)} values for {len(responses)} responses")
         out = []
         for result, response, row_spans in zip(results, responses, spans):
-            pairs = [(len(response), float(result))] if isinstance(result, (int, float)) else [(int(e), float(v)) for e, v in result]
-            out.append(_place(pairs, row_spans, response))
+            if isinstance(result, (int, float)):
+                out.append(_place_at_last_token(float(result), row_spans))
+            else:
+                out.append(_place([(int(e), float(v)) for e, v in result], row_spans, response))
         return TokenRewards.placed(out)
 
 

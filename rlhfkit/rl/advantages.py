@@ -36,6 +36,7 @@ StatsReducer = Callable[[Tensor], Tensor]
 
 KL_PENALTY_KINDS = ("k1", "abs", "mse", "k3")
 GROUP_ADVANTAGE_KINDS = ("grpo", "rloo")
+GROUP_BASELINES = ("per-reward", "sequence-sum")
 
 
 def _sum_and_count(
@@ -282,8 +283,14 @@ def group_token_returns(
     kind: str = "grpo",
     reward_mask: Tensor | None = None,
     eps: float = 1e-6,
+    baseline: str = "per-reward",
 ) -> Tensor:
     """Per-token advantages for GRPO/RLOO with dense (fine-grained) rewards.
+
+    baseline="sequence-sum" instead compares each sample's summed reward with its group's
+    (`group_advantages` of the sums) and gives every token that advantage: a sample with more
+    rewarded segments wins, which "per-reward" below cannot see (+0.3 on 2 and on 4
+    sub-sentences are both exactly the group mean there), at the price of the positions.
 
     Choice: DeepSeekMath's GRPO with process supervision (Shao et al. 2024, sec. 4.1.3).
     The rewards themselves are normalised within the group, then each token gets the
@@ -305,8 +312,13 @@ def group_token_returns(
     """
     n_rows, n_positions = token_rewards.shape
     _check_group_shape(n_rows, group_size, kind)
+    if baseline not in GROUP_BASELINES:
+        raise RlhfkitError(f"unknown group baseline {baseline!r}; choose one of {', '.join(GROUP_BASELINES)}")
     valid = mask.bool()
     given = valid if reward_mask is None else (reward_mask.bool() & valid)
+    if baseline == "sequence-sum":
+        sums = torch.where(given, token_rewards.to(torch.float32), 0.0).sum(dim=1)
+        return broadcast_sequence_advantage(group_advantages(sums, group_size, kind, eps), mask)
     rewards = torch.where(given, token_rewards.to(torch.float32), 0.0).view(
         -1, group_size, n_positions
     )

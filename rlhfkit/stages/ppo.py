@@ -59,7 +59,7 @@ from rlhfkit.generation import (
     model_max_positions,
 )
 from rlhfkit.io import write_json, write_text
-from rlhfkit.models import add_lora, load_policy, resolve_device, safe_torch_load
+from rlhfkit.models import add_lora, disable_dropout, load_policy, resolve_device, safe_torch_load
 from rlhfkit.rewards.placement import compose_token_rewards
 from rlhfkit.rewards.sources import (
     build_reward_sources,
@@ -68,6 +68,7 @@ from rlhfkit.rewards.sources import (
     parse_weights,
 )
 from rlhfkit.rl.advantages import (
+    GROUP_BASELINES,
     AdaptiveKLController,
     FixedKLController,
     gae,
@@ -89,9 +90,11 @@ from rlhfkit.training import (
     save_checkpoint,
     set_rng_state,
 )
+from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side
 
 ADVANTAGES = ("gae", "grpo", "rloo")
 VALUE_MODELS = ("separate", "shared")
+KL_LOGPROBS = ("untempered", "tempered")
 
 
 @dataclass
@@ -99,18 +102,31 @@ class PPOConfig:
     policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.")
     prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).")
     out: str = opt(REQUIRED, "Output directory: final policy, checkpoints, metrics, rollouts.")
-    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. fact=0.3,rel=0.5,comp=0.3 (pref=1.0: holistic).")
+    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).")
     rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.")
     redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.")
-    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy).")
+    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy; with --lora-r, the policy with its adapters disabled).")
     eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.")
     advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).")
+    group_baseline: str = opt(
+        "per-reward",
+        "grpo/rloo with dense rewards: 'per-reward' normalises each given reward against the group's rewards and gives "
+        "each token the reward-to-go (rewards keep their positions, but a sample's number of rewards does not count: "
+        "+0.3 on 2 or on 4 sub-sentences both get 0); 'sequence-sum' compares each sample's summed reward with the "
+        "group's (more good segments win) and gives every token that one advantage (positions are lost).",
+    )
     value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.")
     value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).")
     steps: int = opt(100, "PPO iterations (rollout + update).")
     prompts_per_step: int = opt(8, "Prompts per rollout batch.")
     samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).")
-    minibatch_size: int = opt(8, "Rollouts per optimizer step.")
+    minibatch_size: int = opt(8, "Rollouts per forward/backward pass (a micro-batch).")
+    grad_accum: int = opt(
+        1,
+        "Minibatches whose gradients are accumulated into one optimizer step (token-weighted, so the step is the "
+        "one a single pass over them would take). The reference accumulates a whole rollout batch: one step per "
+        "PPO epoch, i.e. rollouts / --minibatch-size.",
+    )
     ppo_epochs: int = opt(2, "Passes over each rollout batch.")
     lr: float = opt(1e-5, "Policy learning rate.")
     value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).")
@@ -127,13 +143,21 @@ class PPOConfig:
     entropy_coef: float = opt(0.0, "Entropy bonus weight.")
     whiten_rewards: bool = opt(
         False,
-        "Scale task rewards to unit std over the batch's tokens before the KL term (FG-RLHF's option). Off by "
-        "default: for sparse rewards it scales by ~sqrt(length), which the 0.2 value clip then cannot follow.",
+        "gae: scale the KL-penalised per-token rewards to unit std over the batch's tokens (mean kept) before GAE, as "
+        "the reference's whiten_rewards does. Off by default: for sparse rewards it scales by ~sqrt(length), which "
+        "the 0.2 value clip then cannot follow.",
+    )
+    kl_logprobs: str = opt(
+        "untempered",
+        "Log-probs the KL to the reference (and the logged entropy / entropy bonus) use: 'untempered' (softmax of the "
+        "raw logits, as the reference, so --kl-coef means what it means there) or 'tempered' (logits / --temperature). "
+        "The PPO ratio always uses the sampling temperature.",
     )
     max_grad_norm: float = opt(0.5, "Gradient clipping max norm (the paper: 0.5).")
     truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
     max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
-    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are an error.")
+    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
+    truncation_side: str = opt("right", TRUNCATION_HELP)
     temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.")
     top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).")
     top_p: float = opt(1.0, "Top-p sampling.")
@@ -170,6 +194,16 @@ class PPOConfig:
                 f"--minibatch-size {self.minibatch_size} must divide the rollouts per step "
                 f"(--prompts-per-step {self.prompts_per_step} x --samples-per-prompt {self.samples_per_prompt} = {rollouts})"
             )
+        if self.grad_accum < 1 or (rollouts // self.minibatch_size) % self.grad_accum:
+            raise RlhfkitError(
+                f"--grad-accum {self.grad_accum} must divide the {rollouts // self.minibatch_size} minibatches of a rollout "
+                f"batch ({rollouts} rollouts / --minibatch-size {self.minibatch_size})"
+            )
+        if self.group_baseline not in GROUP_BASELINES:
+            raise RlhfkitError(f"--group-baseline must be one of {', '.join(GROUP_BASELINES)}, got '{self.group_baseline}'")
+        if self.kl_logprobs not in KL_LOGPROBS:
+            raise RlhfkitError(f"--kl-logprobs must be one of {', '.join(KL_LOGPROBS)}, got '{self.kl_logprobs}'")
+        check_truncation_side(self.truncation_side)
         if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise RlhfkitError(f"--advantage {self.advantage} needs --samples-per-prompt >= 2 (it compares samples of one prompt)")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "max_new_tokens"):
@@ -207,7 +241,7 @@ class PolicyBundle:
     policy: nn.Module
     tokenizer: object
     is_encoder_decoder: bool
-    ref: Optional[nn.Module]  # None with LoRA: the policy with adapters disabled is the reference
+    ref: Optional[nn.Module]  # None with LoRA and no --ref: the policy with adapters disabled is the reference
     value_backbone: Optional[nn.Module]  # None for shared heads and critic-free runs
     value_head: Optional[ValueHead]
     value_model_shared: bool = False
@@ -221,6 +255,7 @@ class PolicyBundle:
 
 def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
     policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device)
+    disable_dropout(policy)  # before LoRA wraps it: the adapters are made without dropout below
     limit = model_max_positions(policy)
     if limit is not None and not is_encdec and cfg.max_prompt_length + cfg.max_new_tokens > limit:
         raise RlhfkitError(
@@ -230,7 +265,8 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
     ref = None
     if cfg.lora_r:
         policy = add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0)
-    else:
+    if not cfg.lora_r or cfg.ref:
+        # With LoRA and no --ref, the policy with its adapters disabled is the reference.
         ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=cfg.dtype, device=device)
         ref.eval().requires_grad_(False)
     value_backbone = value_head = None
@@ -240,7 +276,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
             value_head = ValueHead(hidden_size_of(value_backbone)).to(device)
         else:
             value_head = ValueHead(hidden_size_of(policy)).to(device)
-    # Dropout would make the rollout logprobs and the update's logprobs disagree.
+    # Dropout would make the rollout log-probs, the reference's and the update's disagree.
     for module in (policy, ref, value_backbone):
         if module is not None:
             disable_dropout(module)
@@ -248,21 +284,18 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
     return PolicyBundle(policy, tokenizer, is_encdec, ref, value_backbone, value_head, shared)
 
 
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
-def policy_logprobs(bundle: PolicyBundle, rollout: Rollout, temperature: float, *, reference: bool = False, want_hidden: bool = False):
-    """Log-probs of the rollout's tokens (and hidden states) under the policy or the reference."""
+def policy_logits(bundle: PolicyBundle, rollout: Rollout, *, reference: bool = False, want_hidden: bool = False):
+    """Logits predicting the rollout's tokens (and hidden states) under the policy or the reference."""
     if reference and bundle.ref is None:
         with bundle.policy.disable_adapter():
-            logits, hidden = forward_response(bundle.policy, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
-    else:
-        model = bundle.ref if reference else bundle.policy
-        logits, hidden = forward_response(model, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
-    return logits, logprobs_from_logits(logits, rollout.response_ids, temperature), hidden
+            return forward_response(bundle.policy, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
+    model = bundle.ref if reference else bundle.policy
+    return forward_response(model, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
+
+
+def kl_temperature(cfg: PPOConfig) -> float:
+    """The temperature of the log-probs the KL (and entropy) is taken on (see --kl-logprobs)."""
+    return cfg.temperature if cfg.kl_logprobs == "tempered" else 1.0
 
 
 def value_estimates(bundle: PolicyBundle, rollout: Rollout, policy_hidden: Optional[torch.Tensor]) -> torch.Tensor:
@@ -314,114 +347,129 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     expanded = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     started = time.perf_counter()
     rollout = generate(
-        bundle.policy, bundle.tokenizer, expanded, sampling,
-        max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
+        bundle.policy, bundle.tokenizer, expanded, sampling, max_prompt_length=cfg.max_prompt_length,
+        is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
     )
     mask = rollout.response_mask.float()
     generation_seconds = time.perf_counter() - started
+    kl_temp = kl_temperature(cfg)
 
     # --- rewards: task rewards where earned, KL penalty at every token -------------------
+    # The ratio uses the sampling temperature (the probabilities the tokens were drawn
+    # with); the KL to the reference and the entropy use --kl-logprobs (untempered, as the
+    # reference, by default).
     with torch.no_grad():
-        logits, old_logprobs, hidden = policy_logprobs(bundle, rollout, cfg.temperature, want_hidden=bundle.value_model_shared)
+        logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
+        old_logprobs = logprobs_from_logits(logits, rollout.response_ids, cfg.temperature)
+        old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, rollout.response_ids, kl_temp)
         # Without an entropy bonus the entropy is only logged: read it once, here, from the
         # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
-        rollout_entropy = global_entropy(logits, mask) if cfg.entropy_coef == 0 else None
+        rollout_entropy = global_entropy(logits / kl_temp, mask) if cfg.entropy_coef == 0 else None
         del logits
-        _, ref_logprobs, _ = policy_logprobs(bundle, rollout, cfg.temperature, reference=True)
+        ref_logits, _ = policy_logits(bundle, rollout, reference=True)
+        ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids, kl_temp)
+        del ref_logits
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
     task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
     task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
     score_per_sequence = (task_rewards * mask).sum(dim=1)
-    # all_reduce_sum: the statistics of the global batch (a no-op in one process).
-    if cfg.whiten_rewards:
-        task_rewards = masked_whiten(task_rewards, mask, shift_mean=False, all_reduce=all_reduce_sum) * mask
-    kl = (old_logprobs - ref_logprobs) * mask
+    kl = (old_kl_logprobs - ref_logprobs) * mask
 
     # --- advantages ------------------------------------------------------------------------
-    # GAE (the paper): the KL penalty is part of every token's reward. Critic-free
-    # (GRPO/RLOO): task rewards are normalised within each prompt's group of samples and
-    # each token gets the reward-to-go, so fine-grained rewards keep their positions; the
-    # KL term moves into the loss, as in GRPO, since normalising it with the task rewards
-    # would mix two scales.
+    # GAE (the paper): the KL penalty is part of every token's reward; --whiten-rewards
+    # whitens that penalised reward, as the reference does. Critic-free (GRPO/RLOO): task
+    # rewards are normalised within each prompt's group of samples (--group-baseline) and
+    # the KL term moves into the loss, as in GRPO, since normalising it with the task
+    # rewards would mix two scales. all_reduce_sum: statistics of the global batch.
     if cfg.advantage == "gae":
         rewards = task_rewards - kl_ctl.value * kl
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce_sum) * mask
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask, all_reduce=all_reduce_sum) * mask
     else:
         rewards = task_rewards
-        advantages = group_token_returns(task_rewards, mask, cfg.samples_per_prompt, kind=cfg.advantage, reward_mask=reward_given)
+        advantages = group_token_returns(
+            task_rewards, mask, cfg.samples_per_prompt, kind=cfg.advantage, reward_mask=reward_given, baseline=cfg.group_baseline
+        )
         returns = None
 
-    # --- update: epochs x minibatches of clipped losses --------------------------------------
+    # --- update: epochs x optimizer steps x accumulated minibatches of clipped losses -------
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "grad_norm")}
     n = rollout.response_ids.shape[0]
-    world_size = world_info()[2]
-    minibatch_size = cfg.minibatch_size // world_size  # this process's share of a minibatch
+    minibatch_size = cfg.minibatch_size // world_info()[2]  # this process's share of a minibatch
     value_params = value_parameters(bundle)
     stopped_early = False
     bundle.policy.train()
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n)
-        for start in range(0, n, minibatch_size):
-            idx = order[start : start + minibatch_size]
-            mb = select(rollout, idx.to(rollout.response_ids.device))
-            mb_mask = mask[idx]
-            logits, logprobs, hidden = policy_logprobs(bundle, mb, cfg.temperature, want_hidden=bundle.value_model_shared)
-            pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
-            loss, entropy = pg_loss, None
-            if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
-                entropy = entropy_from_logits(logits, mb_mask)
-                loss = pg_loss - cfg.entropy_coef * entropy
-            del logits
-            if cfg.advantage != "gae":
-                loss = loss + kl_ctl.value * masked_mean(kl_penalty(logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
-            if bundle.engines:
-                policy_objective = loss
-                values = value_estimates(bundle, mb, hidden) if cfg.advantage == "gae" else None
-                vf_loss, vf_stats = (
-                    value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip) if values is not None else (None, {})
-                )
-                deepspeed_update(bundle, policy_objective, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mb_mask, stats, step)
-                for sched in schedulers:
-                    if sched is not None:
-                        sched.step()
-                continue
-            if cfg.advantage == "gae":
-                values = value_estimates(bundle, mb, hidden)
-                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip)
-                loss = loss + (cfg.vf_coef if bundle.value_model_shared else 1.0) * vf_loss
-                stats["value_loss"].append(vf_loss.item())
-                stats["vf_clipfrac"].append(float(vf_stats["vf_clipfrac"]))
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"step {step}: the PPO loss is {loss.item()} (policy loss {pg_loss.item()}); "
-                    "the last good checkpoint is kept; lower --lr or check the reward sources"
-                )
-            for opt_ in optimizers:
-                if opt_ is not None:
-                    opt_.zero_grad(set_to_none=True)
-            loss.backward()
-            # Clip policy and value separately: a large value-loss gradient must not shrink
-            # the policy's step through a shared norm.
-            policy_grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters(bundle), cfg.max_grad_norm)
-            if value_params:
-                torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
-            for opt_, sched in zip(optimizers, schedulers):
-                if opt_ is not None:
-                    opt_.step()
+        minibatches = [order[start : start + minibatch_size] for start in range(0, n, minibatch_size)]
+        for first in range(0, len(minibatches), cfg.grad_accum):
+            accumulated = minibatches[first : first + cfg.grad_accum]
+            # Each minibatch's token-mean loss is weighted by its share of the accumulated
+            # tokens (of all processes), so the step is the token mean over all of them.
+            step_tokens = all_reduce_sum(torch.stack([mask[idx].sum() for idx in accumulated]).sum().double().reshape(1)).item()
+            if not bundle.engines:
+                for opt_ in optimizers:
+                    if opt_ is not None:
+                        opt_.zero_grad(set_to_none=True)
+            for idx in accumulated:
+                mb = select(rollout, idx.to(rollout.response_ids.device))
+                mb_mask = mask[idx]
+                logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
+                logprobs = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
+                loss, entropy = pg_loss, None
+                if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
+                    entropy = entropy_from_logits(logits / kl_temp, mb_mask)
+                    loss = pg_loss - cfg.entropy_coef * entropy
+                if cfg.advantage != "gae":
+                    kl_logprobs = logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, mb.response_ids, kl_temp)
+                    loss = loss + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
+                del logits
+                vf_loss, vf_stats = None, {}
+                if cfg.advantage == "gae":
+                    values = value_estimates(bundle, mb, hidden)
+                    vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip)
+                weight = mb_mask.sum().item() / step_tokens
+                if bundle.engines:
+                    deepspeed_update(bundle, loss, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mb_mask, stats, step, step_tokens)
+                    continue
+                if vf_loss is not None:
+                    loss = loss + (cfg.vf_coef if bundle.value_model_shared else 1.0) * vf_loss
+                    stats["value_loss"].append(vf_loss.item())
+                    stats["vf_clipfrac"].append(float(vf_stats["vf_clipfrac"]))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"step {step}: the PPO loss is {loss.item()} (policy loss {pg_loss.item()}); "
+                        "the last good checkpoint is kept; lower --lr or check the reward sources"
+                    )
+                (loss * weight if len(accumulated) > 1 else loss).backward()
+                stats["policy_loss"].append(pg_loss.item())
+                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
+                stats["approx_kl"].append(float(pg_stats["approx_kl"]))
+                if entropy is not None:
+                    stats["entropy"].append(entropy.item())
+            if not bundle.engines:
+                # Clip policy and value separately: a large value-loss gradient must not
+                # shrink the policy's step through a shared norm.
+                policy_grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters(bundle), cfg.max_grad_norm)
+                if value_params:
+                    torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+                for opt_ in optimizers:
+                    if opt_ is not None:
+                        opt_.step()
+                stats["grad_norm"].append(float(policy_grad_norm))
+            for sched in schedulers:
+                if sched is not None:
                     sched.step()
-            stats["policy_loss"].append(pg_loss.item())
-            stats["grad_norm"].append(float(policy_grad_norm))
-            stats["clipfrac"].append(float(pg_stats["clipfrac"]))
-            stats["approx_kl"].append(float(pg_stats["approx_kl"]))
-            if entropy is not None:
-                stats["entropy"].append(entropy.item())
-        if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-math.ceil(n / minibatch_size):]) > cfg.kl_stop:
+        if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-len(minibatches):]) > cfg.kl_stop:
             stopped_early = True
             break
     if rollout_entropy is not None:
         stats["entropy"].append(rollout_entropy)
 
+    world_size = world_info()[2]
     mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device), all_reduce=all_reduce_sum).item()
     kl_ctl.update(mean_kl, n * world_size)
     tokens = float(all_reduce_sum(mask.sum().reshape(1)).item())  # of all processes
@@ -433,6 +481,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         "kl_penalty": mean_over_processes((kl_ctl.value * kl).sum(dim=1)),
         "response_length": mean_over_processes(rollout.response_lengths.float()),
         "truncated_fraction": mean_over_processes((~rollout.finished).float()),
+        "prompts_cut": rollout.prompts_cut,
         "epochs_run": epoch + 1,
         "early_stopped": stopped_early,
         **{k: float(np.mean(v)) for k, v in stats.items() if v},
@@ -452,21 +501,27 @@ def global_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def mean_over_processes(values: torch.Tensor) -> float:
-    """The mean of a per-rollout quantity over the rollouts of all processes."""
+    """The mean of a per-rollout quantity over the rollouts of all processes.
+
+    The count is made on the values' own device (a CPU count stacked with GPU values fails),
+    and all_reduce_sum moves the pair to the collective's device."""
     if world_info()[2] == 1:
         return values.mean().item()
-    total = all_reduce_sum(torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64)]))
+    values = values.double()
+    total = all_reduce_sum(torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)]))
     return (total[0] / total[1]).item()
 
 
-def deepspeed_update(bundle: PolicyBundle, policy_objective, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mask, stats, step: int) -> None:
-    """One minibatch update in the DeepSpeed engines, and its globally aggregated stats.
+def deepspeed_update(bundle: PolicyBundle, policy_objective, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mask, stats, step: int, step_tokens: float) -> None:
+    """One minibatch's backward in the DeepSpeed engines (a step at the accumulation
+    boundary), and its globally aggregated stats.
 
     Every loss here is a mean over this process's valid tokens; the one-process loss is the
-    mean over the global minibatch's tokens, sum_r n_r * loss_r / N. DeepSpeed averages the
-    gradients over the W processes, so backpropagating loss_r * n_r * W / N gives exactly
-    the one-process gradient; clipping (the engines' gradient_clipping) is on the global
-    gradients, policy and value separately as in one process.
+    mean over the global tokens of the accumulated minibatches, sum_r n_r * loss_r / N.
+    DeepSpeed averages the gradients over the W processes, so backpropagating
+    loss_r * n_r * W / N gives exactly the one-process gradient; the engines accumulate
+    --grad-accum of them (gradient_accumulation_steps) and clip the global gradients, policy
+    and value separately as in one process.
     """
     world_size = world_info()[2]
     local_tokens = mask.sum().to(torch.float64)
@@ -478,7 +533,7 @@ def deepspeed_update(bundle: PolicyBundle, policy_objective, vf_loss, pg_loss, p
     if vf_loss is not None:
         names += ["value_loss", "vf_clipfrac"]
         local += [vf_loss, vf_stats["vf_clipfrac"]]
-    # One all-reduce: the token-weighted sums of the stats, and the global token count.
+    # One all-reduce: the token-weighted sums of the stats, and the minibatch's global token count.
     sums = all_reduce_sum(torch.stack([t.detach().double() * local_tokens for t in local] + [local_tokens]))
     global_tokens = max(sums[-1].item(), 1.0)
     means = {name: (value / global_tokens).item() for name, value in zip(names, sums[:-1])}
@@ -487,7 +542,7 @@ def deepspeed_update(bundle: PolicyBundle, policy_objective, vf_loss, pg_loss, p
             f"step {step}: the PPO loss is not finite ({means}); "
             "the last good checkpoint is kept; lower --lr or check the reward sources"
         )
-    scale = (local_tokens * world_size / global_tokens).item()
+    scale = (local_tokens * world_size / max(step_tokens, 1.0)).item()
     bundle.policy_engine.backward(policy_objective * scale, scale_wrt_gas=False)
     bundle.policy_engine.step()
     if bundle.value_engine is not None and vf_loss is not None:
@@ -520,7 +575,7 @@ def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     policy_opt = make_optimizer(bundle.policy, cfg.lr, eps=1e-5)
     value_modules = [m for m in (bundle.value_backbone, bundle.value_head) if m is not None]
     value_opt = make_optimizer(nn.ModuleList(value_modules), cfg.value_lr or cfg.lr, eps=1e-5) if value_modules else None
-    updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
+    updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // (cfg.minibatch_size * cfg.grad_accum))
     schedulers = [get_scheduler("linear", opt_, num_warmup_steps=cfg.warmup_steps, num_training_steps=updates) for opt_ in (policy_opt, value_opt) if opt_ is not None]
     return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
 
@@ -585,7 +640,7 @@ def restore_ppo_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedul
 def run_ppo(cfg: PPOConfig) -> dict:
     """Train a policy with PPO on fine-grained, weighted rewards from several reward models.
 
-    `--rewards fact=0.3,rel=0.5,comp=0.3 --rm fact=runs/rm-fact --rm rel=... --rm comp=...`
+    `--rewards rel=0.3,fact=0.5,comp=0.3 --rm fact=runs/rm-fact --rm rel=... --rm comp=...`
     is Fine-Grained RLHF; `--rewards pref=1.0` the holistic baseline; `--redistribute pref`
     spreads a sequence RM's score over tokens (R3HF).
     """
@@ -653,8 +708,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
 def start_engines(cfg: PPOConfig, bundle: PolicyBundle, optimizers) -> None:
     """Put the trained models in DeepSpeed engines and the frozen reference in inference mode.
 
-    Each engine's micro-batch is this process's share of --minibatch-size, one micro-batch
-    per optimizer step; the policy and value model clip their gradients separately.
+    Each engine's micro-batch is this process's share of --minibatch-size, --grad-accum
+    micro-batches per optimizer step; the policy and value model clip their gradients separately.
     """
     policy_opt, value_opt = optimizers
 
@@ -662,7 +717,7 @@ def start_engines(cfg: PPOConfig, bundle: PolicyBundle, optimizers) -> None:
         return stage_deepspeed_config(
             cfg.deepspeed,
             micro_batch_size=cfg.minibatch_size // world_info()[2],
-            grad_accum=1,
+            grad_accum=cfg.grad_accum,
             dtype=next(bundle.policy.parameters()).dtype,
             max_grad_norm=cfg.max_grad_norm,
             offload_optimizer=cfg.offload_optimizer,
@@ -705,7 +760,8 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
     totals: dict[str, list[float]] = {}
     for i in range(0, len(prompts), cfg.prompts_per_step):
         rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
-                           max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder)
+                           max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
+                           truncation_side=cfg.truncation_side)
         rewards, _, per_source = score_rollout(sources, weights, rollout, cfg)
         totals.setdefault("eval/reward_total", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
         for name, values in per_source.items():

@@ -66,7 +66,8 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
             prompts, responses = [r.prompt for r in batch], [r.response for r in batch]
             # Show the rewards on the RM's own tokens: there is no policy tokenizer here.
             _, rm_char_ends, prompt_scores = rm.prefix_scores(prompts, responses, batch_size=cfg.batch_size)
-            spans = [_spans_from_ends(ends) for ends in rm_char_ends]
+            # The RM's tokens after the text (an EOS) get empty spans at the end, as a policy's EOS.
+            spans = [_spans_from_ends([min(end, len(r)) for end in ends]) for ends, r in zip(rm_char_ends, responses)]
             rewards = source.token_rewards(prompts, responses, spans).per_token
             for record, response, row_spans, row_rewards, prompt_score in zip(batch, responses, spans, rewards, prompt_scores):
                 outputs.append(

@@ -7,10 +7,14 @@ Three kinds (`--kind`, or the aspect's preset):
   prompt + response and predicts, at the RM token that completes each segment, whether the
   segment has an error of the aspect. Training labels come from span feedback: a segment is
   an error when an error span of the aspect overlaps it. Only records whose annotator judged
-  the aspect (`SpanFeedback.aspects`) are used, so "no span" really means "no error".
+  the aspect (`SpanFeedback.aspects`) are used, so "no span" really means "no error". The
+  QA-Feedback presets add the reference's two rules (rlhfkit.segment.SegmentLabelRules):
+  relevance spans under 5 words are dropped, and the factuality RM leaves out sentences with
+  a relevance error and no factuality error (`--min-span-words`, `--ignore-segments-with`).
   Cross-entropy is taken at those positions only; `--error-class-weight` up-weights the
   rarer error class. At inference each segment earns `--positive-reward` or
-  `--negative-reward` (the paper: relevance +-0.3, factuality +-0.5).
+  `--negative-reward` (+-1; the paper's +-0.3 relevance / +-0.5 factuality are the weights
+  `ppo --rewards rel=0.3,fact=0.5` applies, once).
 - `preference`: a sequence-level Bradley-Terry RM on (chosen, rejected) pairs,
   loss -log sigmoid(r_c - r_r - margin). A tie ("no preference") is trained toward the
   Bradley-Terry probability 1/2 either way: loss -(log sigmoid(d) + log sigmoid(-d)) / 2,
@@ -97,10 +101,12 @@ from rlhfkit.rewards.reward_model import (
 )
 from rlhfkit.runs import RunDir, set_seed
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
-from rlhfkit.segment import label_segments, segment
+from rlhfkit.segment import SegmentLabelRules, segment
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
+from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side
 
 METRICS_FILE = "rm_metrics.json"
+NO_LABEL_RULES = SegmentLabelRules()  # plain overlap: an error span of the aspect makes a segment an error
 BOOTSTRAP_DRAWS = 1000
 IGNORE_INDEX = -100
 TIE_POLICIES = ("soft", "drop")
@@ -126,9 +132,14 @@ class AspectPreset:
 
     kind: str
     granularity: str = "response"
-    positive_reward: float = 0.5
-    negative_reward: float = -0.5
+    # +-1: the paper's weights w_k are the `ppo --rewards` weights, applied once there.
+    positive_reward: float = 1.0
+    negative_reward: float = -1.0
     error_class_weight: float = 1.0
+    # The reference's label rules (rlhfkit.segment.SegmentLabelRules).
+    min_span_words: int = 0
+    min_span_aspects: tuple[str, ...] = ()
+    ignore_with_aspects: tuple[str, ...] = ()
     max_length: int = 1024
     max_prompt_length: int = 0
     lr: float = 5e-5
@@ -137,14 +148,20 @@ class AspectPreset:
     holistic_fallback: bool = False
 
 
+# The reference's QA-Feedback label rules (create_rel_fact_rm_files.py, --min_span_len 5): relevance
+# spans under 5 words are dropped for both segment RMs; the factuality RM leaves out sentences
+# that have a relevance error and no factuality error.
+QA_MIN_SPAN = {"min_span_words": 5, "min_span_aspects": ("relevance",)}
+
 PRESETS = {
     # QA-Feedback labels Wrong-Grounding and Unverifiable; errors are 1 in 6 sentences, so the
     # error class weighs 3 (at weight 1 the tiny backbone never predicts one).
     "factuality": AspectPreset(
-        "segment", "sentence", 0.5, -0.5, error_class_weight=3.0, max_length=640, max_prompt_length=128, lr=1e-3
+        "segment", "sentence", error_class_weight=3.0, max_length=640, max_prompt_length=128, lr=1e-3,
+        ignore_with_aspects=("relevance",), **QA_MIN_SPAN,
     ),
     # QA-Feedback labels Irrelevant, Redundant and Incoherent (about half the sub-sentences).
-    "relevance": AspectPreset("segment", "subsentence", 0.3, -0.3, max_length=640, max_prompt_length=128, lr=1e-3),
+    "relevance": AspectPreset("segment", "subsentence", max_length=640, max_prompt_length=128, lr=1e-3, **QA_MIN_SPAN),
     "completeness": AspectPreset(
         "preference", max_length=512, max_prompt_length=16, lr=1e-3, epochs=1, holistic_fallback=True
     ),
@@ -162,14 +179,17 @@ class TrainRMConfig:
     out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
     kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
     granularity: str | None = opt(None, "Segment RMs: sentence or subsentence (default: the preset's; factuality sentence, relevance subsentence).")
-    positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default: relevance 0.3, factuality 0.5, else 0.5).")
-    negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default: relevance -0.3, factuality -0.5, else -0.5).")
+    positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default 1; the paper's +0.3/+0.5 are the weights of `ppo --rewards rel=0.3,fact=0.5`).")
+    negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default -1).")
     error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
+    min_span_words: int | None = opt(None, "Segment RMs: drop relevance spans (QA-Feedback presets; else spans of --aspect) shorter than this many words, as the reference does (default: the preset's, 5 for factuality/relevance; 0 keeps all).")
+    ignore_segments_with: list[str] = opt(["preset"], "Segment RMs: leave out of training segments with an error of these other aspects and none of --aspect (the reference's rule for factuality: 'relevance'); 'none' labels them no-error; default: the preset's.")
+    truncation_side: str = opt("right", TRUNCATION_HELP)
     ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.")
     normalize_on: str | None = opt(None, "Sequence RMs: JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
     eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.")
-    max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut from the left, a response that does not fit is skipped (default: the preset's, else 1024).")
-    max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut from the left (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
+    max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut (--truncation-side), a response that does not fit is skipped (default: the preset's, else 1024).")
+    max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut on --truncation-side (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
     epochs: int | None = opt(None, "Passes over the training split (default: the preset's, else 2).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
     batch_size: int = opt(8, "Records (segment, regression) or prompts with all their comparisons (preference) per micro-batch.")
@@ -215,6 +235,7 @@ class TrainRMConfig:
             raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0 <= self.max_prompt_length < self.max_length:
             raise RlhfkitError(f"--max-prompt-length must be in [0, --max-length), got {self.max_prompt_length}")
+        check_truncation_side(self.truncation_side)
         if not 0 <= self.eval_fraction < 1:
             raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.ties not in TIE_POLICIES:
@@ -263,7 +284,20 @@ class TrainRMConfig:
         weight = preset.error_class_weight if self.error_class_weight is None else self.error_class_weight
         if not weight > 0:
             raise RlhfkitError(f"--error-class-weight must be > 0, got {weight}")
-        return RMSettings(kind, granularity, positive, negative, weight, preset.holistic_fallback)
+        min_words = preset.min_span_words if self.min_span_words is None else self.min_span_words
+        if min_words < 0:
+            raise RlhfkitError(f"--min-span-words must be >= 0, got {min_words}")
+        ignore = [a for item in self.ignore_segments_with for a in str(item).split(",") if a.strip()]
+        if ignore == ["preset"]:
+            ignore_with = preset.ignore_with_aspects
+        elif ignore == ["none"]:
+            ignore_with = ()
+        else:
+            ignore_with = tuple(a.strip() for a in ignore)
+        rules = SegmentLabelRules(
+            min_words, preset.min_span_aspects if preset.min_span_aspects else (self.aspect,), ignore_with
+        )
+        return RMSettings(kind, granularity, positive, negative, weight, preset.holistic_fallback, rules)
 
 
 @dataclass(frozen=True)
@@ -274,6 +308,7 @@ class RMSettings:
     negative_reward: float
     error_class_weight: float
     holistic_fallback: bool
+    label_rules: SegmentLabelRules = NO_LABEL_RULES
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -338,9 +373,12 @@ def split_by_prompt(records: Sequence[Record], fraction: float, seed: int) -> tu
     return [r for r in records if r.prompt not in held], [r for r in records if r.prompt in held]
 
 
-def segment_labels(record: SpanFeedback, aspect: str, granularity: str) -> tuple[list, list[bool]]:
+def segment_labels(
+    record: SpanFeedback, aspect: str, granularity: str, rules: SegmentLabelRules = NO_LABEL_RULES
+) -> tuple[list, list[bool | None]]:
+    """The record's segments and each one's label: True error, False none, None left out."""
     segments = segment(record.response, granularity)
-    return segments, label_segments(segments, record.spans, aspect)
+    return segments, rules.labels(segments, record.spans, record.response, aspect)
 
 
 @dataclass
@@ -378,19 +416,22 @@ Encode = Callable[[str, str], EncodedPair | None]
 """(prompt, response) -> RM input, None when the response does not fit (RewardModel.encode)."""
 
 
-def encode_segment_example(encode: Encode, record: SpanFeedback, aspect: str, granularity: str) -> SegmentExample | None:
+def encode_segment_example(
+    encode: Encode, record: SpanFeedback, aspect: str, granularity: str, rules: SegmentLabelRules = NO_LABEL_RULES
+) -> SegmentExample | None:
     """Ids with the label of each segment at the token completing it; None if it does not fit.
 
-    Two segments completed by one token (rare: a token spanning a boundary) share a label,
-    an error if either is one.
+    Segments the label rules leave out get no position (no loss). Two segments completed by
+    one token (rare: a token spanning a boundary) share a label, an error if either is one.
     """
     pair = encode(record.prompt, record.response)
     if pair is None:
         return None
-    segments, labels = segment_labels(record, aspect, granularity)
+    segments, labels = segment_labels(record, aspect, granularity, rules)
     by_position: dict[int, int] = {}
     for position, label in zip(segment_end_positions(pair, segments, record.response), labels):
-        by_position[position] = max(by_position.get(position, 0), int(label))
+        if label is not None:
+            by_position[position] = max(by_position.get(position, 0), int(label))
     return SegmentExample(pair.input_ids, list(by_position), list(by_position.values()))
 
 
@@ -424,7 +465,7 @@ def encode_examples(encode: Encode, records: Sequence[Record], aspect: str, sett
     too_long = 0
     for r in records:
         if settings.kind == "segment":
-            example = encode_segment_example(encode, r, aspect, settings.granularity)
+            example = encode_segment_example(encode, r, aspect, settings.granularity, settings.label_rules)
             encoded = [] if example is None else [example]
         elif isinstance(r, Preference):
             chosen, rejected = encode(r.prompt, r.chosen), encode(r.prompt, r.rejected)
@@ -578,7 +619,10 @@ def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool], error_pro
     }
 
 
-def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int, seed: int = 0) -> dict[str, Any]:
+def evaluate_reward_model(
+    rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int, seed: int = 0,
+    rules: SegmentLabelRules | None = None,
+) -> dict[str, Any]:
     """Held-out metrics of `rm` on labelled records, each beside its trivial baseline, with
     95% bootstrap intervals over the records' prompts (seeded by `seed`) where there is one."""
     fitting = [r for r in records if _fits(rm, r)]
@@ -586,14 +630,18 @@ def evaluate_reward_model(rm: RewardModel, records: Sequence[Record], aspect: st
     if not fitting:
         return metrics
     if rm.kind == "segment":
+        rules = SegmentLabelRules.from_dict(rm.spec.get("label_rules")) if rules is None else rules
         all_probs: list[float] = []
         actual: list[bool] = []
         prompts: list[str] = []
         scored = rm.error_probabilities([r.prompt for r in fitting], [r.response for r in fitting], batch_size)
         for r, (segments, probs) in zip(fitting, scored):
-            actual.extend(label_segments(segments, r.spans, aspect))
-            all_probs.extend(probs)
-            prompts.extend([r.prompt] * len(probs))
+            # Segments the label rules leave out of training are left out of the metrics too.
+            for label, prob in zip(rules.labels(segments, r.spans, r.response, aspect), probs):
+                if label is not None:
+                    actual.append(label)
+                    all_probs.append(prob)
+                    prompts.append(r.prompt)
         predicted = judged_errors(all_probs)
         return {
             **metrics,
@@ -823,16 +871,20 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         "granularity": settings.granularity,
         "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length or None,
+        "truncation_side": cfg.truncation_side,
         "backbone": cfg.model,
         "trained_on": cfg.data,
     }
     if settings.kind == "segment":
-        spec.update(positive_reward=settings.positive_reward, negative_reward=settings.negative_reward, error_class_weight=settings.error_class_weight)
+        spec.update(
+            positive_reward=settings.positive_reward, negative_reward=settings.negative_reward,
+            error_class_weight=settings.error_class_weight, label_rules=settings.label_rules.to_dict(),
+        )
     else:
         spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
 
     def encode(prompt: str, response: str) -> EncodedPair | None:
-        return encode_pair(tokenizer, prompt, response, cfg.max_length, spec["max_prompt_length"])
+        return encode_pair(tokenizer, prompt, response, cfg.max_length, spec["max_prompt_length"], cfg.truncation_side)
 
     train_examples, too_long = encode_examples(encode, train_records, cfg.aspect, settings)
     if too_long:
