@@ -7,8 +7,9 @@ One iteration, read top to bottom in `ppo_iteration`:
    says; minus beta * (logp_policy - logp_ref) at every token;
 3. advantages: GAE over a value model (the paper), or group-normalised returns (GRPO/RLOO,
    critic-free);
-4. update: several epochs of clipped policy loss + clipped value loss over minibatches,
-   stopping an epoch early when the approximate KL to the rollout policy passes a threshold.
+4. update: several epochs of clipped policy loss + clipped value loss over minibatches
+   (--grad-accum of them per optimizer step), stopping an epoch early when the approximate
+   KL to the rollout policy passes a threshold.
 The RL math lives in rlhfkit.rl (pure, unit-tested functions); this file wires it together.
 
 With `--deepspeed` (several processes via `rlhfkit launch`) each process rolls out its
