@@ -269,7 +269,7 @@ def test_redistributed_rows_match_per_row_prefix_differences():
     from rlhfkit.rewards.sources import RewardModelSource, _prefix_scores_on_policy_tokens
 
     class FakeRM:
-        kind, aspect = "preference", "completeness"
+        kind, aspect, scores_prefixes = "preference", "completeness", True
 
         def prefix_scores(self, prompts, responses, batch_size=8):
             scores = [torch.tensor([0.5, 1.5, 1.0]), torch.tensor([2.0]), torch.tensor([0.1, -0.3])]

@@ -239,6 +239,11 @@ class RewardModel:
         return self.spec["kind"]
 
     @property
+    def scores_prefixes(self) -> bool:
+        """Whether one forward pass gives the score of every prefix (a causal classifier)."""
+        return _score_head(self.model) is not None
+
+    @property
     def max_length(self) -> int:
         return int(self.spec["max_length"])
 

@@ -116,6 +116,12 @@ class RewardModelSource(RewardSource):
                 f"--redistribute {name}: '{name}' is a segment reward model, which is already dense; "
                 "redistribution applies to sequence-level (preference/regression) reward models"
             )
+        if redistribute and not reward_model.scores_prefixes:
+            raise RlhfkitError(
+                f"--redistribute {name}: '{name}' is an encoder reward model ({type(reward_model.model).__name__}), which "
+                "reads the whole text at once, so it cannot score every prefix in one pass as R3HF needs (and one pass "
+                "per prefix costs a forward pass per token); train the RM on a causal backbone (e.g. the SFT policy)"
+            )
         self.description = f"{reward_model.kind} RM ({reward_model.aspect})" + (
             f", redistributed per {redistribute}" if redistribute else ""
         )
