@@ -97,7 +97,7 @@ from rlhfkit.rewards.reward_model import (
 )
 from rlhfkit.runs import RunDir, set_seed
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
-from rlhfkit.segment import label_segments, segment
+from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, label_segments, segment
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
 
 METRICS_FILE = "rm_metrics.json"
@@ -161,7 +161,7 @@ class TrainRMConfig:
     model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
     out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
     kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
-    granularity: str | None = opt(None, "Segment RMs: sentence or subsentence (default: the preset's; factuality sentence, relevance subsentence).")
+    granularity: str | None = opt(None, "Segment RMs: sentence, subsentence or step (one line each, for process reward models; default: the preset's, factuality sentence, relevance subsentence).")
     positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default: relevance 0.3, factuality 0.5, else 0.5).")
     negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default: relevance -0.3, factuality -0.5, else -0.5).")
     error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
@@ -252,8 +252,8 @@ class TrainRMConfig:
         preset = self.preset()
         kind = preset.kind
         granularity = self.granularity or preset.granularity
-        if kind == "segment" and granularity not in ("sentence", "subsentence"):
-            raise RlhfkitError(f"--granularity for a segment RM must be sentence or subsentence, got {granularity!r}")
+        if kind == "segment" and granularity not in SEGMENT_RM_GRANULARITIES:
+            raise RlhfkitError(f"--granularity for a segment RM must be {' or '.join(SEGMENT_RM_GRANULARITIES)}, got {granularity!r}")
         if kind != "segment" and self.granularity not in (None, "response"):
             raise RlhfkitError(f"--granularity applies to segment RMs only; a {kind} RM scores the whole response")
         positive = preset.positive_reward if self.positive_reward is None else self.positive_reward
