@@ -18,6 +18,7 @@ Records without `meta["messages"]`, and tokenizers without a template, keep the 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -129,7 +130,7 @@ def render_pair(tokenizer: Any, prompt: str, response: str, meta: dict) -> tuple
     messages = messages_of(meta)
     if messages is None or not has_chat_template(tokenizer):
         return prompt, response
-    content = response[1:] if prompt.endswith(ASSISTANT_CUE) and response.startswith(" ") else response
+    content = assistant_content(prompt, response)
     head = _template(tokenizer, messages, generation_prompt=True)
     whole = _template(tokenizer, [*messages, {"role": "assistant", "content": content}], False)
     if not whole.startswith(head):
@@ -166,3 +167,42 @@ def assistant_pieces(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bo
     if whole != done:
         pieces.append((whole[len(done) :], False))
     return pieces
+
+
+def render_record(tokenizer: Any, record: Any) -> Any:
+    """A record with its prompt (and responses) rendered by the tokenizer's chat template.
+
+    Records without `meta["messages"]`, or a tokenizer without a template, come back as they
+    are. Span offsets move with the response text, so spans keep covering the same words.
+    """
+    from rlhfkit.schema import Critique, Demonstration, Generation, Preference, PromptRecord, ScalarScore, SpanFeedback
+
+    meta = getattr(record, "meta", {})
+    if messages_of(meta) is None or not has_chat_template(tokenizer):
+        return record
+    prompt = record.prompt
+    if isinstance(record, PromptRecord):
+        return dataclasses.replace(record, prompt=render_prompt(tokenizer, prompt, meta))
+    if isinstance(record, Preference):
+        head, chosen = render_pair(tokenizer, prompt, record.chosen, meta)
+        _, rejected = render_pair(tokenizer, prompt, record.rejected, meta)
+        return dataclasses.replace(record, prompt=head, chosen=chosen, rejected=rejected)
+    if isinstance(record, Critique):
+        head, response = render_pair(tokenizer, prompt, record.response, meta)
+        _, revision = render_pair(tokenizer, prompt, record.revision, meta)
+        return dataclasses.replace(record, prompt=head, response=response, revision=revision)
+    if isinstance(record, (Demonstration, ScalarScore, Generation)):
+        head, response = render_pair(tokenizer, prompt, record.response, meta)
+        return dataclasses.replace(record, prompt=head, response=response)
+    if isinstance(record, SpanFeedback):
+        head, response = render_pair(tokenizer, prompt, record.response, meta)
+        content = assistant_content(prompt, record.response)
+        shift = response.find(content) - (len(record.response) - len(content))
+        spans = [dataclasses.replace(s, start=s.start + shift, end=s.end + shift) for s in record.spans]
+        return dataclasses.replace(record, prompt=head, response=response, spans=spans)
+    return record
+
+
+def assistant_content(prompt: str, response: str) -> str:
+    """The assistant turn's content: the plain response without the space after the cue."""
+    return response[1:] if prompt.endswith(ASSISTANT_CUE) and response.startswith(" ") else response

@@ -45,6 +45,7 @@ lower end to be above the baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.chat import apply_chat_template, load_chat_template, render_record
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -156,7 +158,7 @@ HOLISTIC_ASPECTS = (None, "preference")
 
 @dataclass
 class TrainRMConfig:
-    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind).")
+    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/.")
     data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL.")
     model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
     out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
@@ -195,9 +197,27 @@ class TrainRMConfig:
     deepspeed: str | None = opt(None, DEEPSPEED_HELP)
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.")
+
+    def aspects(self) -> list[str]:
+        return [name.strip() for name in self.aspect.split(",") if name.strip()]
+
+    def per_aspect(self) -> list[TrainRMConfig]:
+        """`--aspect a,b,c`: one config per aspect, each writing into OUT/<aspect>/."""
+        return [dataclasses.replace(self, aspect=name, out=str(Path(self.out) / name)) for name in self.aspects()]
 
     def validate(self) -> None:
+        if len(self.aspects()) > 1:
+            names = self.aspects()
+            if len(set(names)) != len(names):
+                raise RlhfkitError(f"--aspect {self.aspect!r} names an aspect twice")
+            if self.eval_only or self.resume:
+                raise RlhfkitError("--eval-only and --resume take one --aspect")
+            for one in self.per_aspect():
+                one.validate()
+            return
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        load_chat_template(self.chat_template)
         if self.eval_only and self.deepspeed is not None:
             raise RlhfkitError("--eval-only scores in one process; drop --deepspeed")
         # Resolving the preset here fills the options left out, so run_config.json holds
@@ -805,7 +825,10 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     feedback; preference RMs are Bradley-Terry models on pairs; regression RMs fit scores.
     Writes the model with rlhfkit_rm.json (everything ppo/evaluate need to use it) and
     rm_metrics.json (held-out metrics beside their trivial baselines). Returns the metrics.
+    Several aspects (`--aspect a,b,c`) train one RM each, into OUT/<aspect>/ (metrics by aspect).
     """
+    if len(cfg.aspects()) > 1:
+        return {one.aspect: run_train_rm(one) for one in cfg.per_aspect()}
     if cfg.eval_only:
         return _evaluate_only(cfg)
     settings = cfg.settings()
@@ -816,6 +839,9 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     compute_dtype = resolve_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="right", trust_remote_code=cfg.trust_remote_code)
+    apply_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    train_records = [render_record(tokenizer, r) for r in train_records]
+    held_records = [render_record(tokenizer, r) for r in held_records]
     spec: dict[str, Any] = {
         "format": SPEC_FORMAT,
         "aspect": cfg.aspect,
