@@ -828,7 +828,11 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     Several aspects (`--aspect a,b,c`) train one RM each, into OUT/<aspect>/ (metrics by aspect).
     """
     if len(cfg.aspects()) > 1:
-        return {one.aspect: run_train_rm(one) for one in cfg.per_aspect()}
+        results = {}
+        for one in cfg.per_aspect():
+            one.validate()  # fills the aspect's preset values, as for a single --aspect
+            results[one.aspect] = run_train_rm(one)
+        return results
     if cfg.eval_only:
         return _evaluate_only(cfg)
     settings = cfg.settings()
