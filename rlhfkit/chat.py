@@ -22,6 +22,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
+from jinja2 import TemplateError
+
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.schema import RecordError
 
@@ -87,7 +89,7 @@ def load_chat_template(path: Optional[str]) -> Optional[str]:
         raise RlhfkitError(f"--chat-template: {path}: not UTF-8 text (byte {err.start})") from None
 
 
-def apply_chat_template(tokenizer: Any, override: Optional[str] = None) -> None:
+def override_chat_template(tokenizer: Any, override: Optional[str] = None) -> None:
     """Install `--chat-template` text on `tokenizer` (it then wins over the model's own)."""
     if override is not None:
         tokenizer.chat_template = override
@@ -108,7 +110,7 @@ def _template(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> 
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
-    except Exception as err:  # jinja2 errors: the template rejects this conversation
+    except (TemplateError, ValueError) as err:  # the template rejects this conversation
         raise RlhfkitError(f"the chat template cannot render this conversation: {err}") from None
 
 
@@ -175,7 +177,15 @@ def render_record(tokenizer: Any, record: Any) -> Any:
     Records without `meta["messages"]`, or a tokenizer without a template, come back as they
     are. Span offsets move with the response text, so spans keep covering the same words.
     """
-    from rlhfkit.schema import Critique, Demonstration, Generation, Preference, PromptRecord, ScalarScore, SpanFeedback
+    from rlhfkit.schema import (
+        Critique,
+        Demonstration,
+        Generation,
+        Preference,
+        PromptRecord,
+        ScalarScore,
+        SpanFeedback,
+    )
 
     meta = getattr(record, "meta", {})
     if messages_of(meta) is None or not has_chat_template(tokenizer):

@@ -36,6 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.chat import (
+    assistant_content,
+    assistant_pieces,
+    has_chat_template,
+    load_chat_template,
+    messages_of,
+    override_chat_template,
+)
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -59,14 +67,6 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.runs import RunDir, set_seed
-from rlhfkit.chat import (
-    apply_chat_template,
-    assistant_content,
-    assistant_pieces,
-    has_chat_template,
-    load_chat_template,
-    messages_of,
-)
 from rlhfkit.schema import Demonstration, load_records
 from rlhfkit.training import (
     FitResult,
@@ -343,7 +343,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     if not is_encoder_decoder and limit is not None and cfg.max_length > limit:
         raise RlhfkitError(f"--max-length {cfg.max_length} exceeds the {limit} positions {cfg.model} allows; lower --max-length")
 
-    apply_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
     templated = has_chat_template(tokenizer) and not is_encoder_decoder
 
     def encode_one(r: Demonstration) -> SFTExample:

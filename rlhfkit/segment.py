@@ -1,7 +1,8 @@
-"""Sentence and sub-sentence segmentation of responses, with exact character offsets.
+"""Sentence, sub-sentence and step segmentation of responses, with exact character offsets.
 
 Fine-grained rewards are given per segment: the paper's relevance reward model scores
-sub-sentences, the factuality one sentences, completeness the whole response. Segments are
+sub-sentences, the factuality one sentences, completeness the whole response; a process
+reward model (PRM800K, Math-Shepherd) scores reasoning steps, one per line. Segments are
 character ranges `[start, end)` of the response, so annotated error spans (also character
 ranges) map onto them by overlap.
 

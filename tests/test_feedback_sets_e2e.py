@@ -92,6 +92,8 @@ def test_prm800k_step_rm_is_a_dense_ppo_source(run_cli, tiny_model_dir, tmp_path
     values, given = source.token_rewards(["Solve it."], [text], [offsets]).padded(len(offsets))
     ends = [i for i, (_, end) in enumerate(offsets) if end in (1, 4, 6)]
     assert given[0].nonzero().flatten().tolist() == ends
+    # Each step's reward is the RM's +0.5 (no error) or -0.5 (error), the segment defaults.
+    assert all(abs(value) == 0.5 for value in values[0, ends].tolist())
 
     out = tmp_path / "ppo"
     result = run_cli(*ppo_args(tiny_model_dir, data / "prompts.jsonl", out, "--rewards", "step=1", "--rm", f"step={rm}"))

@@ -18,7 +18,15 @@ from __future__ import annotations
 import re
 
 from rlhfkit.chat import MESSAGES_KEY, plain_prompt
-from rlhfkit.importers import Converted, Importer, ImportOptions, Row, get_field, get_rating, unique_prompts
+from rlhfkit.importers import (
+    Converted,
+    Importer,
+    ImportOptions,
+    Row,
+    get_field,
+    get_rating,
+    unique_prompts,
+)
 from rlhfkit.schema import PromptRecord, RecordError, ScalarScore
 
 NAME = "helpsteer2"

@@ -22,7 +22,16 @@ configuration from the Hub).
 from __future__ import annotations
 
 from rlhfkit.chat import MESSAGES_KEY, checked_messages, plain_prompt
-from rlhfkit.importers import Converted, Importer, ImportOptions, Row, Skipped, get_field, get_rating, unique_prompts
+from rlhfkit.importers import (
+    Converted,
+    Importer,
+    ImportOptions,
+    Row,
+    Skipped,
+    get_field,
+    get_rating,
+    unique_prompts,
+)
 from rlhfkit.schema import Critique, Demonstration, Preference, PromptRecord, RecordError
 
 NAME = "helpsteer3"

@@ -22,7 +22,6 @@ import os
 from typing import Optional
 
 from rlhfkit.chat import MESSAGES_KEY, render_plain, role_name
-
 from rlhfkit.importers import Converted, Importer, ImportOptions, Row, Skipped, get_field
 from rlhfkit.schema import Preference, RecordError
 

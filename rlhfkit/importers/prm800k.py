@@ -21,7 +21,15 @@ with its ground-truth answer as reference.
 
 from __future__ import annotations
 
-from rlhfkit.importers import Converted, Importer, ImportOptions, Row, Skipped, get_field, unique_prompts
+from rlhfkit.importers import (
+    Converted,
+    Importer,
+    ImportOptions,
+    Row,
+    Skipped,
+    get_field,
+    unique_prompts,
+)
 from rlhfkit.importers.steps import join_steps, step_spans
 from rlhfkit.schema import PromptRecord, RecordError, SpanFeedback
 

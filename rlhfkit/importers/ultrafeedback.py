@@ -21,7 +21,15 @@ from __future__ import annotations
 
 import itertools
 
-from rlhfkit.importers import Converted, Importer, ImportOptions, Row, Skipped, get_field, unique_prompts
+from rlhfkit.importers import (
+    Converted,
+    Importer,
+    ImportOptions,
+    Row,
+    Skipped,
+    get_field,
+    unique_prompts,
+)
 from rlhfkit.schema import Critique, Preference, PromptRecord, RecordError, ScalarScore
 
 NAME = "ultrafeedback"

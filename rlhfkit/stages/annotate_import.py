@@ -26,14 +26,14 @@ from rlhfkit.importers import (
     label_studio,
     math_shepherd,
     pairwise,
-    prm800k,
     parse_field_map,
     parse_label_map,
+    prm800k,
     qa_feedback,
     read_rows,
-    ultrafeedback,
     resolve_labels,
     source_names,
+    ultrafeedback,
 )
 from rlhfkit.runs import RunDir, progress_bar
 from rlhfkit.schema import (

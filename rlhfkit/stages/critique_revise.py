@@ -66,10 +66,10 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.chat import MESSAGES_KEY, load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, build_config, config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.chat import MESSAGES_KEY, apply_chat_template, load_chat_template, render_prompt
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
 from rlhfkit.io import atomic_write, write_json, write_text
@@ -529,7 +529,7 @@ def read_inputs(path: str, limit: int | None) -> list:
 
 def model_generator(cfg: CritiqueReviseConfig, templates: Templates, device: torch.device) -> ModelGenerator:
     model, tokenizer, is_encoder_decoder = load_policy(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
-    apply_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
     limit = model_max_positions(model)
     if not is_encoder_decoder and limit is not None and cfg.max_prompt_length + cfg.max_new_tokens > limit:
         raise RlhfkitError(

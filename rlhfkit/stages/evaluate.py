@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.chat import apply_chat_template, load_chat_template, render_prompt
+from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
@@ -238,7 +238,7 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
     model, tokenizer, is_encoder_decoder = load_policy(
         path, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
     )
-    apply_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,

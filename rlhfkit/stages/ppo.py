@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -60,7 +61,6 @@ from rlhfkit.generation import (
 )
 from rlhfkit.io import write_json, write_text
 from rlhfkit.models import add_lora, load_policy, resolve_device, safe_torch_load
-from rlhfkit.chat import apply_chat_template, load_chat_template, render_prompt
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
 from rlhfkit.rewards.sources import (
     build_reward_sources,
@@ -614,7 +614,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     device = resolve_device(cfg.device)
     sources = build_reward_sources(weights, rm_paths, redistribute, device=device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size)
     bundle = load_models(cfg, device)
-    apply_chat_template(bundle.tokenizer, load_chat_template(cfg.chat_template))
+    override_chat_template(bundle.tokenizer, load_chat_template(cfg.chat_template))
     prompts = prompt_texts(cfg.prompts, bundle.tokenizer)
     eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer) if cfg.eval_prompts else []
     optimizers, schedulers = make_optimizers(cfg, bundle)

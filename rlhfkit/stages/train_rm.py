@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.chat import apply_chat_template, load_chat_template, render_record
+from rlhfkit.chat import load_chat_template, override_chat_template, render_record
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -843,7 +843,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     compute_dtype = resolve_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="right", trust_remote_code=cfg.trust_remote_code)
-    apply_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
     train_records = [render_record(tokenizer, r) for r in train_records]
     held_records = [render_record(tokenizer, r) for r in held_records]
     spec: dict[str, Any] = {
