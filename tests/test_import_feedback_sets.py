@@ -263,3 +263,46 @@ def test_math_shepherd_label_mark_must_be_plus_or_minus(tmp_path):
 def test_pairs_option_only_where_it_applies(tmp_path):
     result = runner.invoke(app, ["annotate-import", "--format", "helpsteer2", str(FIXTURES / "helpsteer2.jsonl"), "--out", str(tmp_path / "o"), "--pairs", "all"])
     assert result.exit_code == 2 and "--pairs does not apply to --format helpsteer2" in one_line(result.output)
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face datasets: the same rows through `datasets` (nested lists of structs, absent
+# optional fields filled with None by Arrow) give the same records.
+
+
+def _rows(fixture: str) -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / fixture).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fmt, fixture", [
+    ("helpsteer3", "helpsteer3_preference.jsonl"),
+    ("helpsteer3", "helpsteer3_edit.jsonl"),
+    ("helpsteer2", "helpsteer2.jsonl"),
+    ("math-shepherd", "math_shepherd.jsonl"),
+])
+def test_saved_datasets_import_like_the_jsonl(tmp_path, fmt, fixture):
+    import datasets
+
+    datasets.Dataset.from_list(_rows(fixture)).save_to_disk(str(tmp_path / "ds"))
+    from_jsonl = run(fmt, FIXTURES / fixture, out=tmp_path / "a")
+    from_dataset = run(fmt, tmp_path / "ds", out=tmp_path / "b")
+    assert from_dataset["counts"] == from_jsonl["counts"]
+    for name in from_jsonl["files"].values():
+        # Same content; only the ids differ (row 0.. instead of line 1..).
+        strip = lambda records: [{k: v for k, v in vars(r).items() if k != "id"} for r in records]  # noqa: E731
+        assert strip(load_records(tmp_path / "b" / name)) == strip(load_records(tmp_path / "a" / name))
+
+
+def test_hf_name_with_a_configuration(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(_rows("helpsteer3_edit.jsonl"))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rep = run("helpsteer3", "hf:nvidia/HelpSteer3:edit", out=tmp_path / "o", extra=("--split", "validation"))
+    assert calls == [("nvidia/HelpSteer3", "edit", "validation")]
+    assert rep["counts"] == {"prompt": 2, "demonstration": 2, "critique": 2}
