@@ -69,6 +69,15 @@ def test_helpsteer2_three_attribute_rms_then_weighted_ppo(run_cli, tiny_model_di
     # The tiny tokenizer has a chat template: prompts are templated and end with the generation prompt.
     assert all(r["prompt"].startswith("<|user|>\n") and r["prompt"].endswith("<|assistant|>\n") for r in rollouts)
 
+    # evaluate generates from the templated prompts; the records keep the plain prompt (the
+    # key that joins systems and references) and the conversation.
+    result = run_cli("evaluate", "--policy", f"ppo={out}", "--prompts", data / "prompts.jsonl", "--out", tmp_path / "eval",
+                     "--rm", f"helpfulness={rms / 'helpfulness'}", "--max-new-tokens", "6", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    generations = load_records(tmp_path / "eval" / "generations.jsonl", "generation")
+    assert [g.prompt for g in generations] == [p.prompt for p in load_records(data / "prompts.jsonl", "prompt")]
+    assert generations[1].meta["messages"][1] == {"role": "assistant", "content": "How about Whiskers?"}
+
 
 def test_prm800k_step_rm_is_a_dense_ppo_source(run_cli, tiny_model_dir, tmp_path):
     data = imported(run_cli, "prm800k", "prm800k.jsonl", tmp_path / "prm")

@@ -293,7 +293,14 @@ def score_systems(systems: list[System], rms: dict[str, tuple[str, str]], cfg: E
     for name, (path, kind) in rms.items():
         rm = load_reward_model(path, device=device, dtype=cfg.dtype)
         pairs = list(dict.fromkeys((r.prompt, r.response) for s in systems for r in s.records))
-        rewards = rm.score([p for p, _ in pairs], [r for _, r in pairs], batch_size=cfg.batch_size)
+        metas = {}
+        for system in systems:
+            for r in system.records:
+                metas.setdefault((r.prompt, r.response), r.meta)
+        # A conversational prompt reaches the RM as it was trained on it: through the RM
+        # tokenizer's chat template (the plain prompt when it has none).
+        prompts = [render_prompt(rm.tokenizer, p, metas[(p, r)]) for p, r in pairs]
+        rewards = rm.score(prompts, [r for _, r in pairs], batch_size=cfg.batch_size)
         by_pair = dict(zip(pairs, rewards))
         for system in systems:
             scored = [by_pair[(r.prompt, r.response)] for r in system.records]
