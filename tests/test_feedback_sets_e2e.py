@@ -133,6 +133,7 @@ def test_helpsteer3_edit_critique_revise_train_and_run(run_cli, tiny_model_dir, 
 @pytest.mark.parametrize("bad, message", [
     (["--aspect", "helpfulness,helpfulness", "--kind", "regression"], "names an aspect twice"),
     (["--aspect", "helpfulness,correctness"], "has no preset; give --kind"),
+    (["--aspect", "helpfulness,corectness", "--kind", "regression"], "no score record has aspect 'corectness'"),
 ])
 def test_multi_aspect_options_are_checked_before_training(run_cli, tiny_model_dir, tmp_path, bad, message):
     data = imported(run_cli, "helpsteer2", "helpsteer2.jsonl", tmp_path / "hs2")

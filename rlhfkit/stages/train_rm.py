@@ -828,11 +828,12 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     Several aspects (`--aspect a,b,c`) train one RM each, into OUT/<aspect>/ (metrics by aspect).
     """
     if len(cfg.aspects()) > 1:
-        results = {}
-        for one in cfg.per_aspect():
+        configs = cfg.per_aspect()
+        for one in configs:
             one.validate()  # fills the aspect's preset values, as for a single --aspect
-            results[one.aspect] = run_train_rm(one)
-        return results
+            # Every aspect must have records before the first RM trains (a typo fails at once).
+            load_aspect_records(one.data, one.aspect, one.settings(), one.ties)
+        return {one.aspect: run_train_rm(one) for one in configs}
     if cfg.eval_only:
         return _evaluate_only(cfg)
     settings = cfg.settings()
