@@ -23,7 +23,7 @@ from rlhfkit.console import console
 # command -> (module, config class, entry function, one-line help); in pipeline order.
 STAGES = {
     "annotate-import": ("rlhfkit.stages.annotate_import", "ImportConfig", "run_import",
-                        "Convert human feedback (QA-Feedback, pairwise, critiques, doccano, Label Studio) to rlhfkit JSONL."),
+                        "Convert human feedback (QA-Feedback, pairwise, critiques, doccano, Label Studio, HelpSteer2/3, UltraFeedback, PRM800K, Math-Shepherd) to rlhfkit JSONL."),
     "init-model": ("rlhfkit.stages.init_model", "InitModelConfig", "run_init_model",
                    "Build a tiny offline model and tokenizer (tests, demo, small recipes)."),
     "sft": ("rlhfkit.stages.sft", "SFTConfig", "run_sft",

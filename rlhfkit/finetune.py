@@ -36,6 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.chat import (
+    assistant_content,
+    assistant_pieces,
+    has_chat_template,
+    load_chat_template,
+    messages_of,
+    override_chat_template,
+)
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -104,9 +112,11 @@ class FinetuneOptions:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
     seed: int = opt(42, "Seed for the held-out split, data order, LoRA init and dropout.")
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational demonstrations (default: the tokenizer's own, if any); saved with the model.")
 
     def validate_finetune(self) -> None:
         validate_loop_options(self)
+        load_chat_template(self.chat_template)
         if self.max_length < 2:
             raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
@@ -175,6 +185,26 @@ def encode_demonstration(
         input_ids = kept_prompt + kept_response
         labels = [IGNORE_INDEX] * len(kept_prompt) + kept_response
     return SFTExample(input_ids, labels, len(prompt_ids) - keep_prompt, len(response_ids) - keep_response)
+
+
+def encode_chat_demonstration(tokenizer: Any, pieces: list[tuple[str, bool]], max_length: int) -> SFTExample:
+    """Token ids of a templated conversation (`chat.assistant_pieces`): the labels are the
+    assistant turns' tokens (and the eos after the last one), -100 elsewhere.
+
+    Each piece is tokenized on its own, so no token straddles an assistant turn's edge and the
+    mask is exact; the template writes any special tokens itself. A conversation longer than
+    `max_length` loses tokens from the left, as prompts do.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, is_assistant in pieces:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if is_assistant else [IGNORE_INDEX] * len(ids)
+    input_ids.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id if pieces and pieces[-1][1] else IGNORE_INDEX)
+    cut = max(0, len(input_ids) - max_length)
+    return SFTExample(input_ids[cut:], labels[cut:], cut, 0)
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -313,8 +343,18 @@ def run_sft(cfg: SFTConfig) -> Path:
     if not is_encoder_decoder and limit is not None and cfg.max_length > limit:
         raise RlhfkitError(f"--max-length {cfg.max_length} exceeds the {limit} positions {cfg.model} allows; lower --max-length")
 
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    templated = has_chat_template(tokenizer) and not is_encoder_decoder
+
+    def encode_one(r: Demonstration) -> SFTExample:
+        messages = messages_of(r.meta)
+        if templated and messages is not None:
+            turn = {"role": "assistant", "content": assistant_content(r.prompt, r.response)}
+            return encode_chat_demonstration(tokenizer, assistant_pieces(tokenizer, [*messages, turn]), cfg.max_length)
+        return encode_demonstration(tokenizer, r.prompt, r.response, cfg.max_length, is_encoder_decoder)
+
     def encode(batch: list[Demonstration]) -> list[SFTExample]:
-        return [encode_demonstration(tokenizer, r.prompt, r.response, cfg.max_length, is_encoder_decoder) for r in batch]
+        return [encode_one(r) for r in batch]
 
     train_examples, eval_examples = encode(train_records), encode(eval_records)
     all_examples = train_examples + eval_examples

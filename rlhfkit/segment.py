@@ -1,7 +1,8 @@
-"""Sentence and sub-sentence segmentation of responses, with exact character offsets.
+"""Sentence, sub-sentence and step segmentation of responses, with exact character offsets.
 
 Fine-grained rewards are given per segment: the paper's relevance reward model scores
-sub-sentences, the factuality one sentences, completeness the whole response. Segments are
+sub-sentences, the factuality one sentences, completeness the whole response; a process
+reward model (PRM800K, Math-Shepherd) scores reasoning steps, one per line. Segments are
 character ranges `[start, end)` of the response, so annotated error spans (also character
 ranges) map onto them by overlap.
 
@@ -25,7 +26,9 @@ import pysbd
 
 from rlhfkit.errors import RlhfkitError
 
-GRANULARITIES = ("sentence", "subsentence", "response")
+GRANULARITIES = ("sentence", "subsentence", "step", "response")
+SEGMENT_RM_GRANULARITIES = ("sentence", "subsentence", "step")
+"""The granularities a segment reward model can score (one reward at the end of each segment)."""
 
 # Sub-sentence rule of the Fine-Grained RLHF reference code (allenai/FineGrainedRLHF,
 # tasks/qa_feedback/reward_modeling/create_rel_fact_rm_files.py, `get_subsentence_starts`,
@@ -140,12 +143,28 @@ def _subsentences(text: str, splitter) -> tuple[Segment, ...]:
     return tuple(pieces)
 
 
+def split_steps(text: str) -> list[Segment]:
+    """Reasoning steps: one per line (steps are separated by newlines, as PRM800K and
+    Math-Shepherd render their solutions and the step importers join them). Blank lines
+    separate nothing more, so a step written over several lines counts as several steps;
+    the importers label each of those lines with the step's label."""
+    return list(_steps(text))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _steps(text: str) -> tuple[Segment, ...]:
+    cuts = [match.end() for match in re.finditer("\n", text)]
+    return tuple(_cut(text, 0, len(text), cuts))
+
+
 def segment(text: str, granularity: str) -> list[Segment]:
-    """Segments of `text` at `granularity`: "sentence", "subsentence" or "response"."""
+    """Segments of `text` at `granularity`: "sentence", "subsentence", "step" or "response"."""
     if granularity == "sentence":
         return split_sentences(text)
     if granularity == "subsentence":
         return split_subsentences(text)
+    if granularity == "step":
+        return split_steps(text)
     if granularity == "response":
         whole = _stripped_segment(text, 0, len(text))
         return [whole] if whole is not None else []

@@ -184,6 +184,7 @@ def test_templates_are_checked():
 
 def test_long_inputs_lose_the_left_of_their_prompt(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = None  # the plain format: this test is about cutting the prompt
     generator = ModelGenerator(None, tokenizer, False, Templates(), None, max_prompt_length=60, batch_size=1, seed=0)
     prompt = "question: " + " ".join(f"word{i}" for i in range(80)) + " END"
     fields = {"prompt": prompt, "response": "The answer is here."}
@@ -196,6 +197,17 @@ def test_long_inputs_lose_the_left_of_their_prompt(tiny_model_dir):
     assert generator.fit("critique", short) == Templates().format("critique", short)
     with pytest.raises(RlhfkitError, match="even without its prompt"):
         generator.fit("critique", {"prompt": "q", "response": "long " * 80})
+
+
+def test_inputs_are_one_user_turn_of_the_chat_template(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)  # init-model's tokenizer has the simple template
+    generator = ModelGenerator(None, tokenizer, False, Templates(), None, max_prompt_length=200, batch_size=1, seed=0)
+    prompt = "question: " + " ".join(f"word{i}" for i in range(200)) + " END"
+    fields = {"prompt": prompt, "response": "The answer is here."}
+    text = generator.fit("critique", fields)
+    assert generator.n_tokens(text) <= 200  # the template's own tokens count against the limit
+    assert text.startswith("<|user|>\n") and "question:" not in text
+    assert text.endswith("END\n\nResponse: The answer is here.\n\nWhat is wrong or missing in this response?\nCritique:<|end|>\n<|assistant|>\n")
 
 
 # --- options ------------------------------------------------------------------------------

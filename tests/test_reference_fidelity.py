@@ -16,7 +16,11 @@ import pytest
 import torch
 
 from rlhfkit.rewards.reward_model import SegmentRewards
-from rlhfkit.rewards.sources import PythonFunctionSource, RewardModelSource, _prefix_scores_on_policy_tokens
+from rlhfkit.rewards.sources import (
+    PythonFunctionSource,
+    RewardModelSource,
+    _prefix_scores_on_policy_tokens,
+)
 from rlhfkit.schema import PromptRecord, Span, SpanFeedback, write_records
 from rlhfkit.segment import SegmentLabelRules, segment
 from rlhfkit.truncation import cut_to_length, kept_indices

@@ -72,7 +72,7 @@ def test_response_granularity_is_one_trimmed_segment():
 
 
 def test_unknown_granularity_lists_valid_ones():
-    with pytest.raises(RlhfkitError, match="valid: sentence, subsentence, response"):
+    with pytest.raises(RlhfkitError, match="valid: sentence, subsentence, step, response"):
         segment(PARIS, "paragraph")
 
 
@@ -224,3 +224,30 @@ def test_segmentation_is_memoised_and_callers_get_their_own_lists():
     assert split_sentences(text) == first[:-1]
     assert segment_module._sentences.cache_info().hits >= 1
     assert segment(text, "subsentence") == split_subsentences(text)
+
+
+def test_step_granularity_is_one_segment_per_line():
+    from rlhfkit.segment import Segment, segment
+
+    text = "Step 1: a.\nStep 2: b.\n\n# Answer\n\n2\n  \n"
+    # "Step 1: a." is 10 characters [0, 10); "\n" at 10; "Step 2: b." [11, 21); "\n\n" at 21-22;
+    # "# Answer" [23, 31); "\n\n" at 31-32; "2" [33, 34); the blank line "  " gives nothing.
+    assert segment(text, "step") == [
+        Segment(0, 10, "Step 1: a."),
+        Segment(11, 21, "Step 2: b."),
+        Segment(23, 31, "# Answer"),
+        Segment(33, 34, "2"),
+    ]
+    assert segment("  one step, no newline ", "step") == [Segment(2, 22, "one step, no newline")]
+
+
+def test_step_labels_follow_step_spans():
+    from rlhfkit.schema import Span
+    from rlhfkit.segment import label_segments, segment
+
+    # PRM800K-style: the second step (a wrong one) spans two lines, both carry its label.
+    text = "Add 2.\nSo x = 5\nwhich is odd.\nDone."
+    steps = segment(text, "step")
+    assert [s.text for s in steps] == ["Add 2.", "So x = 5", "which is odd.", "Done."]
+    wrong = [Span(7, 29, "-1", "correctness")]  # "So x = 5\nwhich is odd." is [7, 29)
+    assert label_segments(steps, wrong, "correctness") == [False, True, True, False]

@@ -17,8 +17,8 @@ from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_tokenizer
 from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
-from rlhfkit.segment import SegmentLabelRules
 from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
+from rlhfkit.segment import SegmentLabelRules
 from rlhfkit.stages.train_rm import (
     METRICS_FILE,
     ScoreExample,

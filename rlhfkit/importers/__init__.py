@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.schema import Record, RecordError, Span, SpanFeedback, parse_json
+from rlhfkit.schema import PromptRecord, Record, RecordError, Span, SpanFeedback, parse_json
 
 HF_PREFIX = "hf:"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -73,6 +73,8 @@ class ImportOptions:
     labels: Optional[LabelMap] = None
     fields: dict[str, str] = field(default_factory=dict)
     """Logical field name -> the field name in the input (defaults overridden by --field)."""
+    pairs: str = "all"
+    """Which preference pairs a format rating several responses makes (`--pairs`)."""
 
 
 Converted = Iterator[Union[Record, Skipped]]
@@ -89,6 +91,8 @@ class Importer:
     """The default label map (None: --label-map does not apply)."""
     finish: Optional[Callable[[list[Record]], None]] = None
     """Runs once over all records of an import, after every row converted."""
+    pairs: tuple[str, ...] = ()
+    """The `--pairs` choices this format offers, the default first (() : --pairs does not apply)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,7 +171,9 @@ def _dataset_rows(spec: str, name: str, split: str) -> Iterator[Row]:
 
     try:
         if spec.startswith(HF_PREFIX):
-            dataset = datasets.load_dataset(spec[len(HF_PREFIX) :], split=split)
+            # `hf:NAME:CONFIG` picks a configuration (e.g. hf:nvidia/HelpSteer3:edit).
+            repo, _, config = spec[len(HF_PREFIX) :].partition(":")
+            dataset = datasets.load_dataset(repo, config or None, split=split)
         elif Path(spec).is_dir():
             dataset = datasets.load_from_disk(spec)
         elif Path(spec).is_file():
@@ -290,6 +296,27 @@ def get_field(
         names = " or ".join(t.__name__ for t in expected_types)
         raise RecordError(f"field {name!r} must be {names}, got {type(value).__name__}")
     return value
+
+
+def get_rating(data: Any, name: str, low: int, high: int) -> int:
+    """`data[name]` as an integer rating in `low..high` (RecordError naming the field if not)."""
+    value = get_field(data, name, int)
+    if not low <= value <= high:
+        raise RecordError(f"field {name!r} must be in {low}..{high}, got {value}")
+    return value
+
+
+def unique_prompts(records: list[Record]) -> None:
+    """Keep the first PromptRecord of each prompt text (formats with several rows per prompt)."""
+    seen: set[str] = set()
+    kept = []
+    for record in records:
+        if isinstance(record, PromptRecord):
+            if record.prompt in seen:
+                continue
+            seen.add(record.prompt)
+        kept.append(record)
+    records[:] = kept
 
 
 def checked_spans(spans: list[Span], text: str, what: str = "span") -> list[Span]:

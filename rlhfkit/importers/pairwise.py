@@ -8,7 +8,8 @@ Three shapes are read, each giving one Preference whose `prompt + chosen` (and
   prompt is everything up to and including the last `"\\n\\nAssistant:"` both share;
 - conversational message lists (`[{"role": ..., "content": ...}]`): the prompt is the
   `prompt` messages (a string prompt is one user message) or, without one, the messages
-  `chosen` and `rejected` share; messages are rendered with `render_messages`.
+  `chosen` and `rejected` share; messages are rendered with `chat.render_plain`, and the
+  prompt messages are kept in `meta["messages"]` for chat templates.
 
 Optional `margin` (number), `tie` (bool) and `aspect` (string) are carried over; `--field`
 renames any of these six fields.
@@ -18,23 +19,15 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
+from rlhfkit.chat import MESSAGES_KEY, render_plain, role_name
 from rlhfkit.importers import Converted, Importer, ImportOptions, Row, Skipped, get_field
 from rlhfkit.schema import Preference, RecordError
 
 NAME = "pairwise"
 FIELDS = {name: name for name in ("prompt", "chosen", "rejected", "margin", "tie", "aspect")}
 HH_ASSISTANT_TURN = "\n\nAssistant:"
-ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def render_messages(messages: list[dict]) -> str:
-    """The plain dialogue template: `User: ...\\n\\nAssistant: ...` (other roles capitalised)."""
-    return "\n\n".join(f"{_role_name(m['role'])}: {m['content']}" for m in messages)
-
-
-def _role_name(role: str) -> str:
-    return ROLE_NAMES.get(role, role.capitalize())
 
 
 def _messages(value: list, field_name: str) -> list[dict]:
@@ -64,12 +57,14 @@ def split_dialogue_strings(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def split_dialogue_messages(
     prompt: list[dict], chosen: list[dict], rejected: list[dict]
-) -> tuple[str, str, str]:
+) -> tuple[str, str, str, Optional[list[dict]]]:
     """(prompt, chosen response, rejected response) of a conversation, rendered as text.
 
     Without prompt messages the shared leading messages are the prompt. The prompt text ends
     with the role cue of the next turn (`\\n\\nAssistant:`) and each response starts with a
     space, as in the HH dialogue strings, so `prompt + response` is the rendered conversation.
+    The fourth value is the prompt messages when each response is one assistant message (a
+    chat template can then render the pair), else None.
     """
     if not prompt:
         shared = 0
@@ -79,19 +74,21 @@ def split_dialogue_messages(
             raise RecordError("no prompt field, and chosen and rejected share no leading messages")
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     if not chosen and not rejected:
-        return render_messages(prompt), "", ""  # identical conversations: the caller skips them
+        return render_plain(prompt), "", "", None  # identical conversations: the caller skips them
     if not chosen or not rejected:
         raise RecordError("chosen or rejected has no message after the prompt")
     if chosen[0]["role"] != rejected[0]["role"]:
         raise RecordError(
             f"chosen and rejected continue with different roles ({chosen[0]['role']!r}, {rejected[0]['role']!r})"
         )
-    cue = f"{_role_name(chosen[0]['role'])}:"
-    prompt_text = f"{render_messages(prompt)}\n\n{cue}"
+    cue = f"{role_name(chosen[0]['role'])}:"
+    prompt_text = f"{render_plain(prompt)}\n\n{cue}"
+    single_turns = len(chosen) == len(rejected) == 1 and chosen[0]["role"] == "assistant"
     return (
         prompt_text,
-        render_messages(chosen)[len(cue) :],
-        render_messages(rejected)[len(cue) :],
+        render_plain(chosen)[len(cue) :],
+        render_plain(rejected)[len(cue) :],
+        prompt if single_turns else None,
     )
 
 
@@ -100,6 +97,7 @@ def convert(row: Row, options: ImportOptions) -> Converted:
     chosen = get_field(data, fields["chosen"], (str, list))
     rejected = get_field(data, fields["rejected"], (str, list))
     prompt = get_field(data, fields["prompt"], (str, list), optional=True)
+    messages = None
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is None:
             prompt, chosen, rejected = split_dialogue_strings(chosen, rejected)
@@ -110,7 +108,7 @@ def convert(row: Row, options: ImportOptions) -> Converted:
     elif isinstance(chosen, list) and isinstance(rejected, list):
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        prompt, chosen, rejected = split_dialogue_messages(
+        prompt, chosen, rejected, messages = split_dialogue_messages(
             _messages(prompt or [], fields["prompt"]),
             _messages(chosen, fields["chosen"]),
             _messages(rejected, fields["rejected"]),
@@ -138,6 +136,7 @@ def convert(row: Row, options: ImportOptions) -> Converted:
         aspect=aspect,
         margin=None if margin is None else float(margin),
         tie=tie,
+        meta={MESSAGES_KEY: messages} if messages else {},
     )
 
 

@@ -114,3 +114,33 @@ def compose_token_rewards(
     total = torch.stack(list(weighted.values())).sum(dim=0)
     per_component_sums = {name: rewards.sum(dim=-1) for name, rewards in weighted.items()}
     return total, per_component_sums
+
+
+NORMALIZE_REWARDS = ("none", "per-source")
+NORMALIZE_EPS = 1e-8
+
+
+def normalize_per_source(
+    components: Mapping[str, Tensor], given: Mapping[str, Tensor], eps: float = NORMALIZE_EPS
+) -> dict[str, Tensor]:
+    """Each source's rewards standardised over the batch, before weighting.
+
+    Sources live on different scales (a 0-4 regression attribute, a +-0.5 segment reward,
+    a Bradley-Terry logit), so a weight means little until each is put on one scale. For
+    each source, the rewards it gave (`given[name]`, (B, T) bool: the positions where it
+    placed a reward; a sequence RM gives one per response, a segment RM one per segment)
+    become `(r - mean) / (std + eps)`, mean and population std over those positions in the
+    batch; positions it gave no reward stay 0. A source that gave one reward, or the same
+    reward everywhere, becomes 0 there (its std is 0).
+    """
+    out = {}
+    for name, rewards in components.items():
+        mask = given[name].to(rewards.device)
+        values = rewards[mask]
+        normalized = torch.zeros_like(rewards)
+        if values.numel():
+            mean = values.mean()
+            std = values.std(unbiased=False) if values.numel() > 1 else torch.zeros_like(mean)
+            normalized[mask] = (values - mean) / (std + eps)
+        out[name] = normalized
+    return out

@@ -21,14 +21,19 @@ from rlhfkit.importers import (
     Skipped,
     critique,
     doccano,
+    helpsteer2,
+    helpsteer3,
     label_studio,
+    math_shepherd,
     pairwise,
     parse_field_map,
     parse_label_map,
+    prm800k,
     qa_feedback,
     read_rows,
     resolve_labels,
     source_names,
+    ultrafeedback,
 )
 from rlhfkit.runs import RunDir, progress_bar
 from rlhfkit.schema import (
@@ -46,6 +51,11 @@ FORMATS: dict[str, Importer] = {
     "critique": critique.IMPORTER,
     "doccano": doccano.IMPORTER,
     "label-studio": label_studio.IMPORTER,
+    "helpsteer2": helpsteer2.IMPORTER,
+    "helpsteer3": helpsteer3.IMPORTER,
+    "ultrafeedback": ultrafeedback.IMPORTER,
+    "prm800k": prm800k.IMPORTER,
+    "math-shepherd": math_shepherd.IMPORTER,
 }
 
 OUTPUT_FILES = {
@@ -78,7 +88,10 @@ class ImportConfig:
         [], "Rename an input field: NAME=INPUT_FIELD (repeatable, or comma-separated)."
     )
     split: str = opt(
-        "train", "Split of a Hugging Face dataset (hf:NAME or a save_to_disk DatasetDict)."
+        "train", "Split of a Hugging Face dataset (hf:NAME[:CONFIG] or a save_to_disk DatasetDict)."
+    )
+    pairs: Optional[str] = opt(
+        None, "Which preference pairs of several rated responses (ultrafeedback): all (default) or best-vs-worst."
     )
     skip_invalid: bool = opt(
         False, "Skip invalid records (listed in import_report.json) instead of stopping."
@@ -95,14 +108,22 @@ class ImportConfig:
                 f"unknown --format {self.format!r}; valid formats: {', '.join(FORMATS)}"
             )
         importer = FORMATS[self.format]
+        if self.pairs is not None and self.pairs not in importer.pairs:
+            raise RlhfkitError(
+                f"--pairs {self.pairs!r}: valid for --format {self.format}: {', '.join(importer.pairs)}"
+                if importer.pairs
+                else f"--pairs does not apply to --format {self.format}"
+            )
         return ImportOptions(
             labels=resolve_labels(parse_label_map(self.label_map), importer.labels, self.format),
             fields=parse_field_map(self.field, importer.fields, self.format),
+            pairs=self.pairs or (importer.pairs[0] if importer.pairs else "all"),
         )
 
 
 def run_import(cfg: ImportConfig) -> dict:
-    """Import annotations (QA-Feedback, pairwise, critique, doccano, Label Studio) as rlhfkit records.
+    """Import annotations (QA-Feedback, pairwise, critique, doccano, Label Studio, HelpSteer2/3,
+    UltraFeedback, PRM800K, Math-Shepherd) as rlhfkit records.
 
     Writes one JSONL file per record type produced, import_report.json (counts, skipped and
     invalid records with their locations) and run_config.json. Returns the report.

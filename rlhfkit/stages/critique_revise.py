@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.chat import MESSAGES_KEY, load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, build_config, config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
@@ -224,6 +225,12 @@ def resolve_templates(cfg: CritiqueReviseConfig) -> Templates:
 # --- train --------------------------------------------------------------------------------
 
 
+def as_user_turn(task_text: str) -> dict:
+    """A formatted task as one user turn (`meta["messages"]`): with a chat template, the
+    model is trained and run on the templated turn; without one, on the text as it is."""
+    return {MESSAGES_KEY: [{"role": "user", "content": task_text}]}
+
+
 def demonstrations_from_critiques(records: Sequence[Critique], templates: Templates) -> tuple[list[Demonstration], Counter]:
     """One demonstration per task a record can teach; counts per task."""
     demos: list[Demonstration] = []
@@ -233,11 +240,11 @@ def demonstrations_from_critiques(records: Sequence[Critique], templates: Templa
         fields = {"prompt": record.prompt, "response": record.response, "critique": critique}
         if critique:
             prompt = templates.format("critique", fields)
-            demos.append(Demonstration(id=f"{record.id}:critique", prompt=prompt, response=critique, meta={"task": "critique"}))
+            demos.append(Demonstration(id=f"{record.id}:critique", prompt=prompt, response=critique, meta={"task": "critique", **as_user_turn(prompt)}))
             counts["critique"] += 1
         if revision:
             prompt = templates.format("revision", fields)
-            demos.append(Demonstration(id=f"{record.id}:revision", prompt=prompt, response=revision, meta={"task": "revision"}))
+            demos.append(Demonstration(id=f"{record.id}:revision", prompt=prompt, response=revision, meta={"task": "revision", **as_user_turn(prompt)}))
             counts["revision"] += 1
     return demos, counts
 
@@ -373,8 +380,13 @@ class ModelGenerator:
     def n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def fit(self, task: str, fields: dict[str, str]) -> str:
+    def format(self, task: str, fields: dict[str, str]) -> str:
+        """The task's input, rendered as a user turn by the chat template when there is one."""
         text = self.templates.format(task, fields)
+        return render_prompt(self.tokenizer, text, as_user_turn(text))
+
+    def fit(self, task: str, fields: dict[str, str]) -> str:
+        text = self.format(task, fields)
         excess = self.n_tokens(text) - self.max_prompt_length
         if excess <= 0:
             return text
@@ -383,7 +395,7 @@ class ModelGenerator:
         # Decoding and re-encoding can move a token boundary, so check again after each cut.
         while cut <= len(prompt_ids):
             kept = self.tokenizer.decode(prompt_ids[cut:], skip_special_tokens=True)
-            text = self.templates.format(task, {**fields, "prompt": kept})
+            text = self.format(task, {**fields, "prompt": kept})
             excess = self.n_tokens(text) - self.max_prompt_length
             if excess <= 0:
                 self.prompts_cut += 1
@@ -517,6 +529,7 @@ def read_inputs(path: str, limit: int | None) -> list:
 
 def model_generator(cfg: CritiqueReviseConfig, templates: Templates, device: torch.device) -> ModelGenerator:
     model, tokenizer, is_encoder_decoder = load_policy(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
     limit = model_max_positions(model)
     if not is_encoder_decoder and limit is not None and cfg.max_prompt_length + cfg.max_new_tokens > limit:
         raise RlhfkitError(

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
@@ -82,8 +83,10 @@ class EvaluateConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).")
     seed: int = opt(42, "Seed for sampling.")
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational prompts (default: each policy tokenizer's own, if any).")
 
     def validate(self) -> None:
+        load_chat_template(self.chat_template)
         if not self.policy and not self.generations:
             raise RlhfkitError("nothing to evaluate: give --policy DIR (with --prompts) and/or --generations FILE")
         if self.policy and not self.prompts:
@@ -235,6 +238,7 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
     model, tokenizer, is_encoder_decoder = load_policy(
         path, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
     )
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -249,7 +253,7 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
             rollout = generate(
                 model,
                 tokenizer,
-                [p.prompt for p in batch],
+                [render_prompt(tokenizer, p.prompt, p.meta) for p in batch],
                 sampling,
                 max_prompt_length=cfg.max_prompt_length,
                 is_encoder_decoder=is_encoder_decoder,
@@ -262,7 +266,7 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
                         prompt=prompt.prompt,
                         response=text,
                         model=name,
-                        meta={"prompt_id": prompt.id, "finished": bool(finished)},
+                        meta={"prompt_id": prompt.id, "finished": bool(finished), **prompt.meta},
                     )
                 )
             advance(len(batch))
@@ -289,7 +293,14 @@ def score_systems(systems: list[System], rms: dict[str, tuple[str, str]], cfg: E
     for name, (path, kind) in rms.items():
         rm = load_reward_model(path, device=device, dtype=cfg.dtype)
         pairs = list(dict.fromkeys((r.prompt, r.response) for s in systems for r in s.records))
-        rewards = rm.score([p for p, _ in pairs], [r for _, r in pairs], batch_size=cfg.batch_size)
+        metas = {}
+        for system in systems:
+            for r in system.records:
+                metas.setdefault((r.prompt, r.response), r.meta)
+        # A conversational prompt reaches the RM as it was trained on it: through the RM
+        # tokenizer's chat template (the plain prompt when it has none).
+        prompts = [render_prompt(rm.tokenizer, p, metas[(p, r)]) for p, r in pairs]
+        rewards = rm.score(prompts, [r for _, r in pairs], batch_size=cfg.batch_size)
         by_pair = dict(zip(pairs, rewards))
         for system in systems:
             scored = [by_pair[(r.prompt, r.response)] for r in system.records]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.chat import SIMPLE_CHAT_TEMPLATE
 from rlhfkit.config import config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
@@ -191,6 +192,10 @@ def run_init_model(cfg: InitModelConfig) -> Path:
     tokenizer = build_tiny_tokenizer(
         texts, cfg.vocab_size, append_eos=cfg.arch == "t5", model_max_length=cfg.max_positions
     )
+    if cfg.arch != "t5":
+        # A simple chat template, so conversational records take the templated path end to
+        # end in tests (an encoder-decoder policy reads a prompt, not a chat: none for T5).
+        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
     model = build_tiny_model(
         cfg.arch,
         tokenizer,

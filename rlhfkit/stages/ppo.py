@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -61,7 +62,7 @@ from rlhfkit.generation import (
 )
 from rlhfkit.io import write_json, write_text
 from rlhfkit.models import add_lora, disable_dropout, load_policy, resolve_device, safe_torch_load
-from rlhfkit.rewards.placement import compose_token_rewards
+from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
 from rlhfkit.rewards.sources import (
     build_reward_sources,
     parse_named,
@@ -156,6 +157,8 @@ class PPOConfig:
     )
     max_grad_norm: float = opt(0.5, "Gradient clipping max norm (the paper: 0.5).")
     truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
+    normalize_rewards: str = opt("none", "Before weighting: none, or per-source (each source's rewards standardised over the batch; for sources on different scales).")
+    chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).")
     max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
     max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
     truncation_side: str = opt("right", TRUNCATION_HELP)
@@ -178,6 +181,9 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        if self.normalize_rewards not in NORMALIZE_REWARDS:
+            raise RlhfkitError(f"unknown --normalize-rewards {self.normalize_rewards!r}; valid: {', '.join(NORMALIZE_REWARDS)}")
+        load_chat_template(self.chat_template)
         world_size = world_info()[2]
         for name in ("prompts_per_step", "minibatch_size"):
             if getattr(self, name) % world_size:
@@ -328,10 +334,14 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[t
     source's weighted per-sequence sum for logging."""
     length = rollout.response_ids.shape[1]
     components, given = {}, torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
+    given_by_source = {}
     for name, source in sources.items():
         values, source_given = source.token_rewards(rollout.prompts, rollout.texts, rollout.token_char_spans).padded(length)
         components[name] = values
+        given_by_source[name] = source_given
         given |= source_given
+    if cfg.normalize_rewards == "per-source":
+        components = normalize_per_source(components, given_by_source)
     total, per_source = compose_token_rewards(components, weights)
     if cfg.truncation_penalty is not None:
         last = (rollout.response_lengths - 1).clamp(min=0).cpu()
@@ -581,13 +591,14 @@ def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
 
 
-def prompt_texts(path: str) -> list[str]:
+def prompt_texts(path: str, tokenizer=None) -> list[str]:
+    """The prompts of `path`; with a tokenizer, conversational ones rendered by its chat template."""
     records = load_records(path)
     texts = []
     for record in records:
         if not hasattr(record, "prompt"):
             raise RlhfkitError(f"{path}: '{record.type_name}' records carry no prompt")
-        texts.append(record.prompt)
+        texts.append(record.prompt if tokenizer is None else render_prompt(tokenizer, record.prompt, record.meta))
     return texts
 
 
@@ -659,6 +670,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     device = resolve_device(cfg.device)
     sources = build_reward_sources(weights, rm_paths, redistribute, device=device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size)
     bundle = load_models(cfg, device)
+    override_chat_template(bundle.tokenizer, load_chat_template(cfg.chat_template))
+    prompts = prompt_texts(cfg.prompts, bundle.tokenizer)
+    eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer) if cfg.eval_prompts else []
     optimizers, schedulers = make_optimizers(cfg, bundle)
     if cfg.deepspeed is not None:
         start_engines(cfg, bundle, optimizers)

@@ -49,6 +49,7 @@ lower end to be above the baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.chat import load_chat_template, override_chat_template, render_record
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -101,7 +103,7 @@ from rlhfkit.rewards.reward_model import (
 )
 from rlhfkit.runs import RunDir, set_seed
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
-from rlhfkit.segment import SegmentLabelRules, segment
+from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, SegmentLabelRules, segment
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
 from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side
 
@@ -173,12 +175,12 @@ HOLISTIC_ASPECTS = (None, "preference")
 
 @dataclass
 class TrainRMConfig:
-    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind).")
+    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/.")
     data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL.")
     model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
     out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
     kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
-    granularity: str | None = opt(None, "Segment RMs: sentence or subsentence (default: the preset's; factuality sentence, relevance subsentence).")
+    granularity: str | None = opt(None, "Segment RMs: sentence, subsentence or step (one line each, for process reward models; default: the preset's, factuality sentence, relevance subsentence).")
     positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default 1; the paper's +0.3/+0.5 are the weights of `ppo --rewards rel=0.3,fact=0.5`).")
     negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default -1).")
     error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
@@ -215,9 +217,27 @@ class TrainRMConfig:
     deepspeed: str | None = opt(None, DEEPSPEED_HELP)
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.")
+
+    def aspects(self) -> list[str]:
+        return [name.strip() for name in self.aspect.split(",") if name.strip()]
+
+    def per_aspect(self) -> list[TrainRMConfig]:
+        """`--aspect a,b,c`: one config per aspect, each writing into OUT/<aspect>/."""
+        return [dataclasses.replace(self, aspect=name, out=str(Path(self.out) / name)) for name in self.aspects()]
 
     def validate(self) -> None:
+        if len(self.aspects()) > 1:
+            names = self.aspects()
+            if len(set(names)) != len(names):
+                raise RlhfkitError(f"--aspect {self.aspect!r} names an aspect twice")
+            if self.eval_only or self.resume:
+                raise RlhfkitError("--eval-only and --resume take one --aspect")
+            for one in self.per_aspect():
+                one.validate()
+            return
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        load_chat_template(self.chat_template)
         if self.eval_only and self.deepspeed is not None:
             raise RlhfkitError("--eval-only scores in one process; drop --deepspeed")
         # Resolving the preset here fills the options left out, so run_config.json holds
@@ -273,8 +293,8 @@ class TrainRMConfig:
         preset = self.preset()
         kind = preset.kind
         granularity = self.granularity or preset.granularity
-        if kind == "segment" and granularity not in ("sentence", "subsentence"):
-            raise RlhfkitError(f"--granularity for a segment RM must be sentence or subsentence, got {granularity!r}")
+        if kind == "segment" and granularity not in SEGMENT_RM_GRANULARITIES:
+            raise RlhfkitError(f"--granularity for a segment RM must be {' or '.join(SEGMENT_RM_GRANULARITIES)}, got {granularity!r}")
         if kind != "segment" and self.granularity not in (None, "response"):
             raise RlhfkitError(f"--granularity applies to segment RMs only; a {kind} RM scores the whole response")
         positive = preset.positive_reward if self.positive_reward is None else self.positive_reward
@@ -853,7 +873,15 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     feedback; preference RMs are Bradley-Terry models on pairs; regression RMs fit scores.
     Writes the model with rlhfkit_rm.json (everything ppo/evaluate need to use it) and
     rm_metrics.json (held-out metrics beside their trivial baselines). Returns the metrics.
+    Several aspects (`--aspect a,b,c`) train one RM each, into OUT/<aspect>/ (metrics by aspect).
     """
+    if len(cfg.aspects()) > 1:
+        configs = cfg.per_aspect()
+        for one in configs:
+            one.validate()  # fills the aspect's preset values, as for a single --aspect
+            # Every aspect must have records before the first RM trains (a typo fails at once).
+            load_aspect_records(one.data, one.aspect, one.settings(), one.ties)
+        return {one.aspect: run_train_rm(one) for one in configs}
     if cfg.eval_only:
         return _evaluate_only(cfg)
     settings = cfg.settings()
@@ -864,6 +892,9 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     compute_dtype = resolve_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="right", trust_remote_code=cfg.trust_remote_code)
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    train_records = [render_record(tokenizer, r) for r in train_records]
+    held_records = [render_record(tokenizer, r) for r in held_records]
     spec: dict[str, Any] = {
         "format": SPEC_FORMAT,
         "aspect": cfg.aspect,
