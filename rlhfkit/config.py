@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +22,7 @@ import yaml
 from rich.text import Text
 
 from rlhfkit.console import console
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError, os_error_message
 
 
 def opt(default: Any = None, help: str = "", *, argument: bool = False, flag_name: Optional[str] = None) -> Any:
@@ -83,10 +84,69 @@ def build_config(cfg_cls: type, **values: Any) -> Any:
         flags = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise RlhfkitError(f"missing required option(s): {flags}")
     cfg = cfg_cls(**values)
+    check_common_numbers(cfg)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()
     return cfg
+
+
+SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below 2^64
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_common_numbers(cfg: Any) -> None:
+    """Checks every stage shares, before anything loads: no float option is NaN (it would
+    only show up after a rollout or an epoch), and a seed torch can take."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and math.isnan(value):
+            raise RlhfkitError(f"{flag(f.name)} must be a number, got nan")
+    seed = getattr(cfg, "seed", None)
+    if isinstance(seed, int) and not 0 <= seed < SEED_LIMIT:
+        raise RlhfkitError(f"--seed must be in [0, 2^64), got {seed}")
+
+
+def check_numbers(cfg: Any, *, positive: Sequence[str] = (), at_least_one: Sequence[str] = (),
+                  non_negative: Sequence[str] = (), unit: Sequence[str] = (), finite: Sequence[str] = ()) -> None:
+    """Range checks of a config's numeric options, named by field: `positive` (finite, > 0),
+    `at_least_one` (ints >= 1), `non_negative` (>= 0), `unit` (in (0, 1]), `finite`. A field
+    that is None (an unset optional) is skipped."""
+
+    def each(names: Sequence[str]):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None:
+                yield name, value
+
+    for name, value in each(finite):
+        if not math.isfinite(value):
+            raise RlhfkitError(f"{flag(name)} must be a finite number, got {value}")
+    for name, value in each(positive):
+        if not (math.isfinite(value) and value > 0):
+            raise RlhfkitError(f"{flag(name)} must be a positive number, got {value}")
+    for name, value in each(at_least_one):
+        if value < 1:
+            raise RlhfkitError(f"{flag(name)} must be >= 1, got {value}")
+    for name, value in each(non_negative):
+        if not value >= 0:
+            raise RlhfkitError(f"{flag(name)} must be >= 0, got {value}")
+    for name, value in each(unit):
+        if not 0 < value <= 1:
+            raise RlhfkitError(f"{flag(name)} must be in (0, 1], got {value}")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Sampling options every generating stage shares."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise RlhfkitError(f"--temperature must be > 0, got {temperature} (for greedy decoding leave sampling off)")
+    if top_k < 0:
+        raise RlhfkitError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise RlhfkitError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def _config_file_callback(cfg_cls: type) -> Callable:
@@ -169,15 +229,31 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
 
 
 def run_stage(entry: Callable[[Any], Any], make_config: Callable[[], Any], debug: bool) -> None:
-    """Run one stage; bad input prints one line and exits 2 (a traceback only with --debug)."""
+    """Run one stage; bad input prints one line and exits 2 (a traceback only with --debug);
+    a filesystem failure (disk full, read-only, permissions) prints one line and exits 1."""
+    from rlhfkit.runs import abandon_unstarted_runs
+
     try:
-        entry(make_config())
+        try:
+            entry(make_config())
+        except BaseException:
+            abandon_unstarted_runs()
+            raise
     except RlhfkitError as err:
         if debug:
             raise
-        console.quiet = False  # every process reports its error, rank 0 or not
-        console.print(Text("error: ", style="bold red") + Text(str(err)), soft_wrap=True)
+        _print_error(str(err))
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         console.print(Text("interrupted", style="bold red"))
         raise typer.Exit(130) from None
+    except OSError as err:
+        if debug:
+            raise
+        _print_error(f"{os_error_message(err)} (--debug shows the traceback)")
+        raise typer.Exit(EnvironmentFailure.exit_code) from None
+
+
+def _print_error(message: str) -> None:
+    console.quiet = False  # every process reports its error, rank 0 or not
+    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)

@@ -43,6 +43,7 @@ import importlib
 import inspect
 import itertools
 import json
+import math
 import re
 import statistics
 import string
@@ -64,6 +65,25 @@ from rlhfkit.io import write_json, write_text
 PLAN_KEYS = ("description", "vars", "requires", "steps")
 STEP_KEYS = ("stage", "call", "name", "config", "with", "foreach")
 RUN_RECORD = "recipe_run.json"
+# A plan expands to at most this many steps: a `foreach` over huge lists (10^6 values) would
+# otherwise hang even --dry-run. The shipped paper plans have under 40.
+MAX_PLAN_STEPS = 1000
+
+# --- the functions a plan may call ------------------------------------------------------------
+# A plan is data, not code: a `call` step may only name a function rlhfkit registers here
+# with @recipe_function, never an arbitrary module:function (os:system, shutil:rmtree).
+
+RECIPE_FUNCTIONS: dict[str, Callable] = {}
+
+
+def recipe_function(function: Callable) -> Callable:
+    """Register `function` as callable from a plan's `call: module:function` step."""
+    RECIPE_FUNCTIONS[f"{function.__module__}:{function.__qualname__}"] = function
+    return function
+
+
+# rlhfkit modules whose import registers recipe functions (looked up only for these names).
+_RECIPE_MODULES = re.compile(r"rlhfkit(\.\w+)*")
 
 
 @dataclass
@@ -194,6 +214,12 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
             foreach = {name: substitute(values, variables, where) for name, values in foreach.items()}
         if not isinstance(foreach, dict) or not all(isinstance(v, list) and v for v in foreach.values()):
             raise RlhfkitError(f"{where}: 'foreach' maps variable names to non-empty lists of values")
+        count = math.prod(len(v) for v in foreach.values())
+        if len(steps) + count > MAX_PLAN_STEPS:
+            raise RlhfkitError(
+                f"{where}: 'foreach' expands to {count:,} steps, which takes the plan past the limit of "
+                f"{MAX_PLAN_STEPS:,} steps; split it into several plans"
+            )
         for combination in itertools.product(*foreach.values()):
             scope = {**variables, **dict(zip(foreach, combination))}
             steps.append(_expand_step(raw, scope, path, where, len(steps) + 1))
@@ -366,13 +392,19 @@ def _producer(step: Step) -> str:
 
 
 def call_target(step: Step) -> Callable:
-    module_name, _, function_name = step.call.rpartition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise RlhfkitError(f"{step.where}: cannot import {step.call} ({err})") from None
-    if not callable(function):
-        raise RlhfkitError(f"{step.where}: {step.call} is not a function")
+    """The registered recipe function a call step names; nothing outside rlhfkit is imported."""
+    module_name, _, _ = step.call.rpartition(":")
+    if step.call not in RECIPE_FUNCTIONS and _RECIPE_MODULES.fullmatch(module_name):
+        try:
+            importlib.import_module(module_name)  # rlhfkit's own module: registers its functions
+        except ImportError:
+            pass
+    function = RECIPE_FUNCTIONS.get(step.call)
+    if function is None:
+        raise RlhfkitError(
+            f"{step.where}: call {step.call!r} is not a recipe function; a plan may call only "
+            f"rlhfkit stages and these functions: {', '.join(sorted(RECIPE_FUNCTIONS))}"
+        )
     return function
 
 
@@ -483,6 +515,7 @@ def shorten_qa_prompt(prompt: str, passages: int = 1, max_words: int | None = No
     return QA_PAGE_SEPARATOR.join(pages)
 
 
+@recipe_function
 def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | None = None) -> dict:
     """Copy every JSONL record file of the directory `inputs` to `out` with QA prompts cut to
     the question and the first `passages` passages (each at most `max_words` words).
@@ -517,6 +550,7 @@ def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | N
     return report
 
 
+@recipe_function
 def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> dict:
     """QA-Feedback data files without feedback (train_1k.json, dev.json, test.json) as
     `demonstrations.jsonl` (one per gold answer: the SFT data) and `prompts.jsonl` (with the
@@ -568,6 +602,7 @@ def _dotted(data: Any, path: str) -> Any:
     return data
 
 
+@recipe_function
 def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split: str = "train",
                       limit: int | None = None, repeat: int = 1, skip: int = 0) -> int:
     """Prompt records from any rows annotate-import reads (files, parquet, hf:NAME): the text
@@ -600,6 +635,7 @@ def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split:
     return len(records)
 
 
+@recipe_function
 def preference_sft_data(preferences: str, out: str, limit: int | None = None) -> dict:
     """From pairwise preferences (annotate-import's preferences.jsonl): `demonstrations.jsonl`
     (each chosen response, the SFT data of a preference-only data set such as HH-RLHF) and
@@ -622,6 +658,7 @@ def _demote_headings(markdown: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
 
 
+@recipe_function
 def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = ()) -> str:
     """Join result files (markdown written by evaluate, critique-revise, ...) into one report
     at `out`, print it, and return it. `images` are linked (paths relative to the report)."""
@@ -675,6 +712,7 @@ def text_scorer(spec: str, batch_size: int = 16) -> Callable[[list[str], list[st
     raise RlhfkitError(f"scorer {spec!r}: expected py:module:function or hf:MODEL@LABEL")
 
 
+@recipe_function
 def toxicity_table(generations: str, scorer: str, out: str, title: str, paper: str | None = None,
                    threshold: float = 0.5) -> dict:
     """The detoxification table (RealToxicityPrompts protocol): per system, the mean over

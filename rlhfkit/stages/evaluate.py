@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import REQUIRED, opt
+from rlhfkit.config import REQUIRED, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingConfig, generate
@@ -50,7 +50,7 @@ from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_ra
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
 from rlhfkit.rewards.sources import canonical_name, parse_named
-from rlhfkit.runs import RunDir, progress_bar, set_seed
+from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, PromptRecord, load_records, write_records
 
 METRICS_FILE = "metrics.json"
@@ -82,6 +82,7 @@ class EvaluateConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).")
     seed: int = opt(42, "Seed for sampling.")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
 
     def validate(self) -> None:
         if not self.policy and not self.generations:
@@ -98,6 +99,8 @@ class EvaluateConfig:
             raise RlhfkitError(f"--max-prompts must be >= 1, got {self.max_prompts}")
         if self.tie_margin < 0:
             raise RlhfkitError(f"--tie-margin must be >= 0, got {self.tie_margin}")
+        if self.sample:
+            check_sampling(self.temperature, self.top_k, self.top_p)
         if self.sample and self.temperature <= 0:
             raise RlhfkitError(f"--temperature must be > 0, got {self.temperature}")
         policy_names = [name for name, _ in parse_policies(self.policy)]
