@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import click
 import typer
@@ -70,7 +72,42 @@ def load_config_file(path: str | Path, cfg_cls: type) -> dict:
         raise RlhfkitError(
             f"{path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
         )
+    hints = typing.get_type_hints(cfg_cls)
+    values = {name: check_option_type(value, hints[name], name, str(path)) for name, value in values.items()}
+    warn_remote_code_from(values, str(path))
     return values
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
+    """`value` checked against a config field's type hint (a single item becomes a list)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        return check_option_type(value, options[0], name, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        return [check_option_type(v, item, name, where) for v in items]
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise RlhfkitError(f"{where}: option {name} must be {_type_name(hint)}, got {value!r}")
+    return value
 
 
 def build_config(cfg_cls: type, **values: Any) -> Any:
@@ -89,6 +126,32 @@ def build_config(cfg_cls: type, **values: Any) -> Any:
     if validate is not None:
         validate()
     return cfg
+
+
+_REMOTE_CODE_WARNED: set[str] = set()
+MODEL_OPTIONS = ("model", "policy", "reference_lm", "ref", "value_init")
+
+
+def warn_remote_code(name_or_path: str, source: str = "") -> None:
+    """trust_remote_code runs Python shipped with the model: say so, naming the model."""
+    key = f"{name_or_path}|{source}"
+    if key in _REMOTE_CODE_WARNED:
+        return
+    _REMOTE_CODE_WARNED.add(key)
+    console.print(
+        f"warning: trust_remote_code is on{f' ({source})' if source else ''}: the Python code in "
+        f"{name_or_path} (its auto_map modules) will run with your permissions",
+        style="yellow", soft_wrap=True, markup=False, highlight=False,
+    )
+
+
+def warn_remote_code_from(values: dict, source: str) -> None:
+    """Warn when a config file or a plan (not the command line) turns trust_remote_code on."""
+    if values.get("trust_remote_code") is not True:
+        return
+    models = [values[name] for name in MODEL_OPTIONS if isinstance(values.get(name), (str, list))]
+    named = [str(m) for value in models for m in (value if isinstance(value, list) else [value])]
+    warn_remote_code(", ".join(named) or "every model directory the run loads", f"set by {source}")
 
 
 SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below 2^64
@@ -219,13 +282,30 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
 
     def command(**kwargs: Any) -> None:
         debug = kwargs.pop("debug")
-        kwargs.pop("config")
-        runner(entry, lambda: build_config(cfg_cls, **kwargs), debug)
+        config_file = kwargs.pop("config")
+
+        def make_config() -> Any:
+            try:
+                return build_config(cfg_cls, **kwargs)
+            except RlhfkitError as err:
+                raise type(err)(f"{err}{_named_in_config(str(err), config_file, cfg_cls)}") from None
+
+        runner(entry, make_config, debug)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = entry.__doc__
     return command
+
+
+def _named_in_config(message: str, config_file: Optional[Path], cfg_cls: type) -> str:
+    """" (set in FILE)" when the error is about an option the --config file sets."""
+    if config_file is None:
+        return ""
+    given = load_config_file(config_file, cfg_cls)
+    if any(re.search(re.escape(flag(name)) + r"\b", message) for name in given):
+        return f" (set in --config {config_file})"
+    return ""
 
 
 def run_stage(entry: Callable[[Any], Any], make_config: Callable[[], Any], debug: bool) -> None:

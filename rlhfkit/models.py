@@ -33,8 +33,9 @@ from transformers import (
     T5Config,
 )
 
-from rlhfkit.console import console
+from rlhfkit.config import warn_remote_code
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import match_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PADDING_SIDES = ("left", "right")
@@ -98,22 +99,6 @@ def _load_error(name_or_path: str, err: Exception) -> RlhfkitError:
         return RlhfkitError(f"{name_or_path}: cannot load: {first_line}")
     return RlhfkitError(
         f"model {name_or_path!r} is neither a local directory nor reachable on the Hugging Face hub: {first_line}"
-    )
-
-
-_REMOTE_CODE_WARNED: set[str] = set()
-
-
-def warn_remote_code(name_or_path: str, source: str = "") -> None:
-    """trust_remote_code runs Python shipped with the model: say so, naming the model."""
-    key = f"{name_or_path}|{source}"
-    if key in _REMOTE_CODE_WARNED:
-        return
-    _REMOTE_CODE_WARNED.add(key)
-    console.print(
-        f"warning: trust_remote_code is on{f' ({source})' if source else ''}: the Python code in "
-        f"{name_or_path} (its auto_map modules) will run with your permissions",
-        style="yellow", soft_wrap=True, markup=False, highlight=False,
     )
 
 
@@ -460,6 +445,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        match_umask(tmp)
         new_names = {p.name for p in tmp.iterdir()}
         for pattern in MODEL_FILE_PATTERNS:
             for stale in out.glob(pattern):

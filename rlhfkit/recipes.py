@@ -48,16 +48,15 @@ import re
 import statistics
 import string
 import time
-import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-from rlhfkit.config import REQUIRED, build_config, opt
+from rlhfkit.config import REQUIRED, build_config, check_option_type, opt, warn_remote_code_from
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
@@ -82,8 +81,8 @@ def recipe_function(function: Callable) -> Callable:
     return function
 
 
-# rlhfkit modules whose import registers recipe functions (looked up only for these names).
-_RECIPE_MODULES = re.compile(r"rlhfkit(\.\w+)*")
+# The rlhfkit modules that register recipe functions; a plan's `call` imports nothing else.
+RECIPE_MODULES = ("rlhfkit.recipes", "rlhfkit.synthetic")
 
 
 @dataclass
@@ -271,38 +270,6 @@ def stage_spec(stage: str, where: str) -> tuple[str, str, str]:
 # --- resolving steps -----------------------------------------------------------------------
 
 
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
-
-
-def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
-    """`value` checked against a config field's type hint (a single item becomes a list)."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = [h for h in typing.get_args(hint) if h is not type(None)]
-        if value is None and len(options) < len(typing.get_args(hint)):
-            return None
-        return check_option_type(value, options[0], name, where)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        items = value if isinstance(value, list) else [value]
-        return [check_option_type(v, item, name, where) for v in items]
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise RlhfkitError(f"{where}: option {name} must be {_type_name(hint)}, got {value!r}")
-    return value
-
-
 def stage_values(step: Step, cfg_cls: type) -> dict[str, Any]:
     """The step's options: its config file's, then `with` over them, names and types checked."""
     from rlhfkit.config import load_config_file
@@ -373,6 +340,7 @@ def resolve_step(step: Step, outputs: dict[str, Step]) -> ResolvedStep:
     module, config_name, _ = stage_spec(step.stage, step.where)
     cfg_cls = getattr(importlib.import_module(module), config_name)
     values = stage_values(step, cfg_cls)
+    warn_remote_code_from(values, step.where)
     try:
         cfg = build_config(cfg_cls, **values)
     except RlhfkitError as err:
@@ -393,12 +361,8 @@ def _producer(step: Step) -> str:
 
 def call_target(step: Step) -> Callable:
     """The registered recipe function a call step names; nothing outside rlhfkit is imported."""
-    module_name, _, _ = step.call.rpartition(":")
-    if step.call not in RECIPE_FUNCTIONS and _RECIPE_MODULES.fullmatch(module_name):
-        try:
-            importlib.import_module(module_name)  # rlhfkit's own module: registers its functions
-        except ImportError:
-            pass
+    for module_name in RECIPE_MODULES:
+        importlib.import_module(module_name)  # rlhfkit's own modules: they register their functions
     function = RECIPE_FUNCTIONS.get(step.call)
     if function is None:
         raise RlhfkitError(

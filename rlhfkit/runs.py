@@ -78,7 +78,7 @@ LOCK_FILE = ".rlhfkit.lock"
 # Held by this process: resolved --out -> open lock file. flock locks belong to an open file,
 # so a second RunDir on the same directory in this process (a test, a recipe) shares it.
 _HELD_LOCKS: dict[Path, Any] = {}
-_OPENED: list["RunDir"] = []
+_OPENED: list[RunDir] = []
 
 
 def abandon_unstarted_runs() -> None:
@@ -191,7 +191,7 @@ class RunDir:
             return
         lock_path = self.path / LOCK_FILE
         try:
-            handle = open(lock_path, "a+", encoding="utf-8")
+            handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (held open: the lock lives as long as the run)
         except OSError as err:
             raise output_error(err, self.path) from None
         try:

@@ -290,7 +290,7 @@ def read_records(
     if not path.is_file():
         raise RlhfkitError(f"{given}: no such file")
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below; open errors reported first)
     except OSError as err:
         raise RlhfkitError(f"{given}: cannot read: {err.strerror}") from None
     limit = max_record_bytes()

@@ -30,7 +30,7 @@ from typing import Any
 from rlhfkit.config import config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import shipped_path, write_json
+from rlhfkit.io import match_umask, shipped_path, write_json
 from rlhfkit.models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer, count_parameters
 from rlhfkit.runs import package_versions
 
@@ -210,6 +210,7 @@ def run_init_model(cfg: InitModelConfig) -> Path:
         _chmod_as_mkdir(built)
         model.save_pretrained(built)
         tokenizer.save_pretrained(built)
+        match_umask(built)
         write_json(
             built / MODEL_RECORD,
             {

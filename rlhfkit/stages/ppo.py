@@ -60,7 +60,7 @@ from rlhfkit.generation import (
     model_max_positions,
 )
 from rlhfkit.io import write_json, write_text
-from rlhfkit.models import add_lora, load_policy, resolve_device, safe_torch_load
+from rlhfkit.models import add_lora, load_policy, resolve_device, safe_torch_load, save_model
 from rlhfkit.rewards.placement import compose_token_rewards
 from rlhfkit.rewards.sources import (
     build_reward_sources,
@@ -802,11 +802,7 @@ def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: i
 
 
 def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
-    policy = bundle.policy
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(out, safe_serialization=True)
-    bundle.tokenizer.save_pretrained(out)
+    save_model(bundle.policy, bundle.tokenizer, out, merge_lora=True)
 
 
 def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
