@@ -316,9 +316,8 @@ def run_stage(entry: Callable[[Any], Any], make_config: Callable[[], Any], debug
     try:
         try:
             entry(make_config())
-        except BaseException:
-            abandon_unstarted_runs()
-            raise
+        finally:
+            abandon_unstarted_runs()  # releases the locks; undoes runs that wrote nothing
     except RlhfkitError as err:
         if debug:
             raise

@@ -82,7 +82,8 @@ _OPENED: list[RunDir] = []
 
 
 def abandon_unstarted_runs() -> None:
-    """After a failed stage: undo what runs that never wrote anything did to their --out."""
+    """When a stage ends: release its --out locks, and remove an --out a run created but
+    never wrote to (it failed first)."""
     while _OPENED:
         _OPENED.pop().abandon()
 
@@ -190,19 +191,28 @@ class RunDir:
         if key in _HELD_LOCKS:
             return
         lock_path = self.path / LOCK_FILE
-        try:
-            handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (held open: the lock lives as long as the run)
-        except OSError as err:
-            raise output_error(err, self.path) from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+        while True:
+            try:
+                handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (held open: the lock lives as long as the run)
+            except OSError as err:
+                raise output_error(err, self.path) from None
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise RlhfkitError(
+                    f"--out {self.path} is in use by another rlhfkit run (pid {holder}); wait for it to finish "
+                    "or choose another --out"
+                ) from None
+            # The holder removes the file when it is done: a lock on a removed file is no lock.
+            try:
+                if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             handle.close()
-            raise RlhfkitError(
-                f"--out {self.path} is in use by another rlhfkit run (pid {holder}); wait for it to finish or choose another --out"
-            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -216,13 +226,15 @@ class RunDir:
         self.close()
         if self.created and not self.begun:
             with contextlib.suppress(OSError):
-                (self.path / LOCK_FILE).unlink()
                 self.path.rmdir()
 
     def close(self) -> None:
         """Release the lock (it is released anyway when the process ends)."""
         handle = _HELD_LOCKS.pop(self.path.resolve(), None)
         if handle is not None:
+            # Removed while still locked, so no other run can lock the file being removed.
+            with contextlib.suppress(OSError):
+                (self.path / LOCK_FILE).unlink()
             handle.close()
 
     def begin(self) -> None:
