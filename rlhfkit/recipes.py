@@ -91,6 +91,7 @@ class RecipeConfig:
     dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.")
     overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set")
     from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.")
+    overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.")
 
     def validate(self) -> None:
         if not Path(self.plan).is_file():
@@ -419,6 +420,13 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
     plan variable (e.g. the output root); --from-step NAME resumes part-way.
     """
     plan = load_plan(cfg.plan, parse_assignments(cfg.overrides))
+    if cfg.overwrite:
+        for step in plan.steps:
+            if step.stage is not None:
+                module, config_name, _ = stage_spec(step.stage, step.where)
+                names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), config_name))}
+                if "overwrite" in names:
+                    step.values.setdefault("overwrite", True)
     resolved = resolve_plan(plan)
     if cfg.dry_run:
         print(render_plan(plan, resolved), end="")

@@ -164,7 +164,7 @@ class RunDir:
             found = _run_stage_of(self.path)
             if not (resume and found == stage):
                 shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
-                held = f"a {found} run" if found else shown
+                held = f"an earlier {found} run" if found else shown
                 hint = "--overwrite to replace it, or another --out"
                 if found == stage:
                     hint = "--resume to continue that run, " + hint

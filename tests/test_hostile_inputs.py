@@ -141,7 +141,7 @@ def test_ppo_checkpoints_resume_and_out_protection(run_cli, tiny_model_dir, prom
     # 4: a fresh run into a directory holding another run is refused, and writes nothing.
     result = run_cli(*ppo_args(tiny_model_dir, prompts, out, "--steps", "4"))
     assert result.exit_code == 2
-    assert f"--out {out} is not empty (it holds a ppo run); give --resume" in one_line_error(result)
+    assert f"--out {out} is not empty (it holds an earlier ppo run); give --resume" in one_line_error(result)
 
     # 2: --resume with other prompts is another run: refused before anything is written.
     other = tmp_path / "other.jsonl"
@@ -321,7 +321,7 @@ def _ppo_config(**values):
 def test_repeated_and_unused_rm_are_errors():
     with pytest.raises(RlhfkitError, match=r"--rm completeness is given twice \(a and b\)"):
         _ppo_config(rm=["comp=a", "completeness=b"])
-    with pytest.raises(RlhfkitError, match=r"--rm fact: not named by --rewards comp=1"):
+    with pytest.raises(RlhfkitError, match=r"--rm factuality: not named by --rewards comp=1"):
         _ppo_config(rm=["comp=py:tests.judges:count_letters_e", "fact=/no/such/dir"])
 
 
@@ -333,8 +333,8 @@ def test_repeated_and_unused_rm_are_errors():
     ({"lr": float("nan")}, "--lr must be a number, got nan"),
     ({"lr": -1.0}, "--lr must be a positive number, got -1.0"),
     ({"kl_coef": float("nan")}, "--kl-coef must be a number, got nan"),
-    ({"rewards": "comp=nan"}, "the weight of 'completeness' must be a finite number, got nan"),
-    ({"rewards": "comp=inf"}, "the weight of 'completeness' must be a finite number, got inf"),
+    ({"rewards": "comp=nan"}, "--rewards: the weight of 'comp' must be a finite number, got nan"),
+    ({"rewards": "comp=inf"}, "--rewards: the weight of 'comp' must be a finite number, got inf"),
     ({"top_p": 2.0}, r"--top-p must be in \(0, 1\], got 2.0"),
     ({"temperature": 0.0}, "--temperature must be > 0, got 0.0"),
     ({"save_every": -1}, "--save-every must be >= 0, got -1"),
@@ -505,3 +505,14 @@ def test_a_scalar_for_a_list_option_in_a_config(tmp_path):
     config = tmp_path / "ppo.yaml"
     config.write_text("rm: judge=py:tests.judges:count_letters_e\n")
     assert load_config_file(config, PPOConfig) == {"rm": ["judge=py:tests.judges:count_letters_e"]}
+
+
+def test_recipe_overwrite_passes_overwrite_to_its_stages(tmp_path, run_cli):
+    source = tmp_path / "feedback.jsonl"
+    source.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"steps:\n  - stage: annotate-import\n    with: {{format: pairwise, inputs: [{source}], out: {tmp_path}/import}}\n")
+    assert run_cli("recipe", plan).exit_code == 0
+    result = run_cli("recipe", plan)  # the earlier run's output is not silently mixed into
+    assert result.exit_code == 2 and "is not empty (it holds an earlier annotate-import run)" in one_line_error(result)
+    assert run_cli("recipe", plan, "--overwrite").exit_code == 0
