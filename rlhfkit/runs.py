@@ -166,7 +166,7 @@ class RunDir:
                 shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
                 held = f"an earlier {found} run" if found else shown
                 hint = "--overwrite to replace it, or another --out"
-                if found == stage:
+                if found == stage and hasattr(cfg, "resume"):
                     hint = "--resume to continue that run, " + hint
                 raise RlhfkitError(f"--out {self.path} is not empty (it holds {held}); give {hint}")
         if not self.writes:
