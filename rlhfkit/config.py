@@ -205,7 +205,7 @@ def check_numbers(cfg: Any, *, positive: Sequence[str] = (), at_least_one: Seque
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """Sampling options every generating stage shares."""
     if not (math.isfinite(temperature) and temperature > 0):
-        raise RlhfkitError(f"--temperature must be > 0, got {temperature} (for greedy decoding leave sampling off)")
+        raise RlhfkitError(f"--temperature must be > 0, got {temperature}")
     if top_k < 0:
         raise RlhfkitError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
@@ -288,7 +288,7 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
             try:
                 return build_config(cfg_cls, **kwargs)
             except RlhfkitError as err:
-                raise type(err)(f"{err}{_named_in_config(str(err), config_file, cfg_cls)}") from None
+                raise type(err)(f"{err}{_named_in_config(str(err), config_file, cfg_cls, kwargs)}") from None
 
         runner(entry, make_config, debug)
 
@@ -298,12 +298,13 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
     return command
 
 
-def _named_in_config(message: str, config_file: Optional[Path], cfg_cls: type) -> str:
-    """" (set in FILE)" when the error is about an option the --config file sets."""
+def _named_in_config(message: str, config_file: Optional[Path], cfg_cls: type, used: dict) -> str:
+    """" (set in FILE)" when the error is about an option whose value came from the --config file."""
     if config_file is None:
         return ""
     given = load_config_file(config_file, cfg_cls)
-    if any(re.search(re.escape(flag(name)) + r"\b", message) for name in given):
+    from_file = [name for name, value in given.items() if used.get(name) == value or value != value]  # nan != nan
+    if any(re.search(re.escape(flag(name)) + r"\b", message) for name in from_file):
         return f" (set in --config {config_file})"
     return ""
 

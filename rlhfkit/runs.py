@@ -1,8 +1,10 @@
 """What every run leaves in its output directory: resolved config, metrics, and progress.
 
-`RunDir(out, stage, cfg)` creates the directory and writes `run_config.json` (every option
-as resolved, plus the versions of rlhfkit, torch and transformers, so a result can be
-reproduced); `log_metrics` appends one JSON line per step to `metrics.jsonl`.
+`RunDir(out, stage, cfg)` claims the directory for one run (refusing one that holds another
+run or an input, and locking it; see the class) and, at the run's first write, writes
+`run_config.json` (every option as resolved, plus the versions of rlhfkit, torch and
+transformers, so a result can be reproduced); `log_metrics` appends one JSON line per step
+to `metrics.jsonl`.
 
 Under several processes (rlhfkit launch) every process makes a RunDir, but only rank 0
 writes to it: the others' `log_metrics` return the row without writing it, so a stage

@@ -187,7 +187,6 @@ class PPOConfig:
         parse_redistribute(self.redistribute)
         self.validate_numbers()
 
-
     def validate_numbers(self) -> None:
         check_numbers(
             self,
