@@ -303,7 +303,10 @@ def _named_in_config(message: str, config_file: Optional[Path], cfg_cls: type, u
     if config_file is None:
         return ""
     given = load_config_file(config_file, cfg_cls)
-    from_file = [name for name, value in given.items() if used.get(name) == value or value != value]  # nan != nan
+    def same(a: Any, b: Any) -> bool:
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+    from_file = [name for name, value in given.items() if same(used.get(name), value)]
     if any(re.search(re.escape(flag(name)) + r"\b", message) for name in from_file):
         return f" (set in --config {config_file})"
     return ""
