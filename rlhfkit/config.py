@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import re
+import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import click
 import typer
@@ -21,7 +24,7 @@ import yaml
 from rich.text import Text
 
 from rlhfkit.console import console
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError, os_error_message
 
 
 def opt(default: Any = None, help: str = "", *, argument: bool = False, flag_name: Optional[str] = None) -> Any:
@@ -69,7 +72,42 @@ def load_config_file(path: str | Path, cfg_cls: type) -> dict:
         raise RlhfkitError(
             f"{path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
         )
+    hints = typing.get_type_hints(cfg_cls)
+    values = {name: check_option_type(value, hints[name], name, str(path)) for name, value in values.items()}
+    warn_remote_code_from(values, str(path))
     return values
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
+    """`value` checked against a config field's type hint (a single item becomes a list)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        return check_option_type(value, options[0], name, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        return [check_option_type(v, item, name, where) for v in items]
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise RlhfkitError(f"{where}: option {name} must be {_type_name(hint)}, got {value!r}")
+    return value
 
 
 def build_config(cfg_cls: type, **values: Any) -> Any:
@@ -83,10 +121,95 @@ def build_config(cfg_cls: type, **values: Any) -> Any:
         flags = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise RlhfkitError(f"missing required option(s): {flags}")
     cfg = cfg_cls(**values)
+    check_common_numbers(cfg)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()
     return cfg
+
+
+_REMOTE_CODE_WARNED: set[str] = set()
+MODEL_OPTIONS = ("model", "policy", "reference_lm", "ref", "value_init")
+
+
+def warn_remote_code(name_or_path: str, source: str = "") -> None:
+    """trust_remote_code runs Python shipped with the model: say so, naming the model."""
+    key = f"{name_or_path}|{source}"
+    if key in _REMOTE_CODE_WARNED:
+        return
+    _REMOTE_CODE_WARNED.add(key)
+    console.print(
+        f"warning: trust_remote_code is on{f' ({source})' if source else ''}: the Python code in "
+        f"{name_or_path} (its auto_map modules) will run with your permissions",
+        style="yellow", soft_wrap=True, markup=False, highlight=False,
+    )
+
+
+def warn_remote_code_from(values: dict, source: str) -> None:
+    """Warn when a config file or a plan (not the command line) turns trust_remote_code on."""
+    if values.get("trust_remote_code") is not True:
+        return
+    models = [values[name] for name in MODEL_OPTIONS if isinstance(values.get(name), (str, list))]
+    named = [str(m) for value in models for m in (value if isinstance(value, list) else [value])]
+    warn_remote_code(", ".join(named) or "every model directory the run loads", f"set by {source}")
+
+
+SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below 2^64
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_common_numbers(cfg: Any) -> None:
+    """Checks every stage shares, before anything loads: no float option is NaN (it would
+    only show up after a rollout or an epoch), and a seed torch can take."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and math.isnan(value):
+            raise RlhfkitError(f"{flag(f.name)} must be a number, got nan")
+    seed = getattr(cfg, "seed", None)
+    if isinstance(seed, int) and not 0 <= seed < SEED_LIMIT:
+        raise RlhfkitError(f"--seed must be in [0, 2^64), got {seed}")
+
+
+def check_numbers(cfg: Any, *, positive: Sequence[str] = (), at_least_one: Sequence[str] = (),
+                  non_negative: Sequence[str] = (), unit: Sequence[str] = (), finite: Sequence[str] = ()) -> None:
+    """Range checks of a config's numeric options, named by field: `positive` (finite, > 0),
+    `at_least_one` (ints >= 1), `non_negative` (>= 0), `unit` (in (0, 1]), `finite`. A field
+    that is None (an unset optional) is skipped."""
+
+    def each(names: Sequence[str]):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None:
+                yield name, value
+
+    for name, value in each(finite):
+        if not math.isfinite(value):
+            raise RlhfkitError(f"{flag(name)} must be a finite number, got {value}")
+    for name, value in each(positive):
+        if not (math.isfinite(value) and value > 0):
+            raise RlhfkitError(f"{flag(name)} must be a positive number, got {value}")
+    for name, value in each(at_least_one):
+        if value < 1:
+            raise RlhfkitError(f"{flag(name)} must be >= 1, got {value}")
+    for name, value in each(non_negative):
+        if not value >= 0:
+            raise RlhfkitError(f"{flag(name)} must be >= 0, got {value}")
+    for name, value in each(unit):
+        if not 0 < value <= 1:
+            raise RlhfkitError(f"{flag(name)} must be in (0, 1], got {value}")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Sampling options every generating stage shares."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise RlhfkitError(f"--temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise RlhfkitError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise RlhfkitError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def _config_file_callback(cfg_cls: type) -> Callable:
@@ -159,8 +282,15 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
 
     def command(**kwargs: Any) -> None:
         debug = kwargs.pop("debug")
-        kwargs.pop("config")
-        runner(entry, lambda: build_config(cfg_cls, **kwargs), debug)
+        config_file = kwargs.pop("config")
+
+        def make_config() -> Any:
+            try:
+                return build_config(cfg_cls, **kwargs)
+            except RlhfkitError as err:
+                raise type(err)(f"{err}{_named_in_config(str(err), config_file, cfg_cls, kwargs)}") from None
+
+        runner(entry, make_config, debug)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -168,16 +298,45 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
     return command
 
 
+def _named_in_config(message: str, config_file: Optional[Path], cfg_cls: type, used: dict) -> str:
+    """" (set in FILE)" when the error is about an option whose value came from the --config file."""
+    if config_file is None:
+        return ""
+    given = load_config_file(config_file, cfg_cls)
+    def same(a: Any, b: Any) -> bool:
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+    from_file = [name for name, value in given.items() if same(used.get(name), value)]
+    if any(re.search(re.escape(flag(name)) + r"\b", message) for name in from_file):
+        return f" (set in --config {config_file})"
+    return ""
+
+
 def run_stage(entry: Callable[[Any], Any], make_config: Callable[[], Any], debug: bool) -> None:
-    """Run one stage; bad input prints one line and exits 2 (a traceback only with --debug)."""
+    """Run one stage; bad input prints one line and exits 2 (a traceback only with --debug);
+    a filesystem failure (disk full, read-only, permissions) prints one line and exits 1."""
+    from rlhfkit.runs import abandon_unstarted_runs
+
     try:
-        entry(make_config())
+        try:
+            entry(make_config())
+        finally:
+            abandon_unstarted_runs()  # releases the locks; undoes runs that wrote nothing
     except RlhfkitError as err:
         if debug:
             raise
-        console.quiet = False  # every process reports its error, rank 0 or not
-        console.print(Text("error: ", style="bold red") + Text(str(err)), soft_wrap=True)
+        _print_error(str(err))
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         console.print(Text("interrupted", style="bold red"))
         raise typer.Exit(130) from None
+    except OSError as err:
+        if debug:
+            raise
+        _print_error(f"{os_error_message(err)} (--debug shows the traceback)")
+        raise typer.Exit(EnvironmentFailure.exit_code) from None
+
+
+def _print_error(message: str) -> None:
+    console.quiet = False  # every process reports its error, rank 0 or not
+    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)

@@ -66,7 +66,7 @@ from rlhfkit.models import (
     resolve_dtype,
     save_model,
 )
-from rlhfkit.runs import RunDir, set_seed
+from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
 from rlhfkit.schema import Demonstration, load_records
 from rlhfkit.training import (
     FitResult,
@@ -103,6 +103,7 @@ class FinetuneOptions:
     save_every: int = opt(500, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
     keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
     resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning).")
     lora_alpha: int = opt(16, "LoRA alpha.")
     lora_dropout: float = opt(0.05, "LoRA dropout.")
@@ -327,6 +328,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     """
     records: list[Demonstration] = load_records(cfg.data, "demonstration")
     train_records, eval_records = split_held_out(records, cfg.eval_fraction, cfg.seed)
+    out = Path(cfg.out)
+    run = RunDir(out, "sft", cfg, resume=cfg.resume)
 
     device = resolve_device(cfg.device)
     compute_dtype = resolve_dtype(cfg.dtype, device)
@@ -382,8 +385,6 @@ def run_sft(cfg: SFTConfig) -> Path:
         soft_wrap=True,
     )
 
-    out = Path(cfg.out)
-    run = RunDir(out, "sft", cfg, resume=cfg.resume)
     collate = make_collate(tokenizer.pad_token_id, is_encoder_decoder)
     loss_fn = make_loss_fn(model, is_encoder_decoder)
 

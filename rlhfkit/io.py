@@ -42,6 +42,15 @@ def _umask() -> int:
     return current
 
 
+def match_umask(directory: str | os.PathLike) -> None:
+    """Give every file under `directory` the usual umask-based mode: safetensors writes its
+    weights owner-only (0600), while every other artifact is 0644 under a 022 umask."""
+    mode = 0o666 & ~_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically, with a trailing newline."""
     with atomic_write(path) as handle:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
@@ -32,7 +34,9 @@ from transformers import (
     T5Config,
 )
 
+from rlhfkit.config import warn_remote_code
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import match_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PADDING_SIDES = ("left", "right")
@@ -123,6 +127,50 @@ def _load_error(name_or_path: str, err: Exception) -> RlhfkitError:
     )
 
 
+def _weights_error(name_or_path: str, err: Exception) -> RlhfkitError:
+    """A weights file that cannot be read (corrupt, truncated, or a pickle that is not plain
+    tensors), as one line naming the file."""
+    path = Path(name_or_path)
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError):
+        files = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
+        named = f"{path / files[0]}" if files else name_or_path
+        return RlhfkitError(
+            f"{named}: a pickle weights file that does not load as plain tensors (refused: unpickling can run "
+            "code); convert the model to safetensors"
+        )
+    files = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
+    named = f"{path / files[0]}" if len(files) == 1 else name_or_path
+    return RlhfkitError(f"{named}: corrupt or truncated weights file ({first_line})")
+
+
+# Architectures (config.json `architectures`) of models that score text rather than generate it.
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
+RM_SPEC_FILE = "rlhfkit_rm.json"
+
+
+def check_model_kind(name_or_path: str, config: Any, expected: str) -> None:
+    """Refuse a model directory of the wrong kind: `expected` is "language model" (a policy)
+    or "sequence classifier" (an hf: reward)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    classifier = [a for a in architectures if a.endswith(CLASSIFIER_SUFFIXES)]
+    if expected == "language model":
+        if (Path(name_or_path) / RM_SPEC_FILE).is_file() or classifier:
+            what = "an rlhfkit reward model" if (Path(name_or_path) / RM_SPEC_FILE).is_file() else "a classifier"
+            raise RlhfkitError(
+                f"{name_or_path}: is {what} ({', '.join(architectures) or 'no architecture'}); expected a causal or "
+                "seq2seq language model (e.g. an `sft` or `init-model` output)"
+            )
+    elif expected == "sequence classifier":
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise RlhfkitError(
+                f"{name_or_path}: is {', '.join(architectures) or 'a model without a recorded architecture'}, not a "
+                "sequence classifier; hf: rewards need a *ForSequenceClassification model with trained labels"
+            )
+    else:
+        raise ValueError(f"unknown model kind {expected!r}")
+
+
 def _local_safetensors(name_or_path: str) -> bool | None:
     """True for a local directory with safetensors weights, so a stray pickle is never read.
 
@@ -176,6 +224,8 @@ def load_pretrained(
     """
     name_or_path = resolve_model_path(name_or_path)
     target = resolve_device(device)
+    if trust_remote_code:
+        warn_remote_code(name_or_path)
     try:
         model = auto_class.from_pretrained(
             name_or_path,
@@ -184,6 +234,8 @@ def load_pretrained(
             trust_remote_code=trust_remote_code,
             **kwargs,
         )
+    except (SafetensorError, pickle.UnpicklingError) as err:
+        raise _weights_error(name_or_path, err) from None
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from None
     return model.to(target)
@@ -199,10 +251,13 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
     """(model, tokenizer, is_encoder_decoder): a causal or seq2seq LM chosen by its config."""
     name_or_path = resolve_model_path(name_or_path)
+    if trust_remote_code:
+        warn_remote_code(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from None
+    check_model_kind(name_or_path, config, "language model")
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
     tokenizer = load_tokenizer(
@@ -415,6 +470,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        match_umask(tmp)
         new_names = {p.name for p in tmp.iterdir()}
         for pattern in MODEL_FILE_PATTERNS:
             for stale in out.glob(pattern):

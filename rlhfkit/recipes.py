@@ -43,20 +43,20 @@ import importlib
 import inspect
 import itertools
 import json
+import math
 import re
 import statistics
 import string
 import time
-import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-from rlhfkit.config import REQUIRED, build_config, opt
+from rlhfkit.config import REQUIRED, build_config, check_option_type, opt, warn_remote_code_from
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
@@ -64,6 +64,25 @@ from rlhfkit.io import write_json, write_text
 PLAN_KEYS = ("description", "vars", "requires", "steps")
 STEP_KEYS = ("stage", "call", "name", "config", "with", "foreach")
 RUN_RECORD = "recipe_run.json"
+# A plan expands to at most this many steps: a `foreach` over huge lists (10^6 values) would
+# otherwise hang even --dry-run. The shipped paper plans have under 40.
+MAX_PLAN_STEPS = 1000
+
+# --- the functions a plan may call ------------------------------------------------------------
+# A plan is data, not code: a `call` step may only name a function rlhfkit registers here
+# with @recipe_function, never an arbitrary module:function (os:system, shutil:rmtree).
+
+RECIPE_FUNCTIONS: dict[str, Callable] = {}
+
+
+def recipe_function(function: Callable) -> Callable:
+    """Register `function` as callable from a plan's `call: module:function` step."""
+    RECIPE_FUNCTIONS[f"{function.__module__}:{function.__qualname__}"] = function
+    return function
+
+
+# The rlhfkit modules that register recipe functions; a plan's `call` imports nothing else.
+RECIPE_MODULES = ("rlhfkit.recipes", "rlhfkit.synthetic")
 
 
 @dataclass
@@ -72,6 +91,7 @@ class RecipeConfig:
     dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.")
     overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set")
     from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.")
+    overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.")
 
     def validate(self) -> None:
         if not Path(self.plan).is_file():
@@ -194,6 +214,12 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
             foreach = {name: substitute(values, variables, where) for name, values in foreach.items()}
         if not isinstance(foreach, dict) or not all(isinstance(v, list) and v for v in foreach.values()):
             raise RlhfkitError(f"{where}: 'foreach' maps variable names to non-empty lists of values")
+        count = math.prod(len(v) for v in foreach.values())
+        if len(steps) + count > MAX_PLAN_STEPS:
+            raise RlhfkitError(
+                f"{where}: 'foreach' expands to {count:,} steps, which takes the plan past the limit of "
+                f"{MAX_PLAN_STEPS:,} steps; split it into several plans"
+            )
         for combination in itertools.product(*foreach.values()):
             scope = {**variables, **dict(zip(foreach, combination))}
             steps.append(_expand_step(raw, scope, path, where, len(steps) + 1))
@@ -243,38 +269,6 @@ def stage_spec(stage: str, where: str) -> tuple[str, str, str]:
 
 
 # --- resolving steps -----------------------------------------------------------------------
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
-
-
-def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
-    """`value` checked against a config field's type hint (a single item becomes a list)."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = [h for h in typing.get_args(hint) if h is not type(None)]
-        if value is None and len(options) < len(typing.get_args(hint)):
-            return None
-        return check_option_type(value, options[0], name, where)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        items = value if isinstance(value, list) else [value]
-        return [check_option_type(v, item, name, where) for v in items]
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise RlhfkitError(f"{where}: option {name} must be {_type_name(hint)}, got {value!r}")
-    return value
 
 
 def stage_values(step: Step, cfg_cls: type) -> dict[str, Any]:
@@ -347,6 +341,7 @@ def resolve_step(step: Step, outputs: dict[str, Step]) -> ResolvedStep:
     module, config_name, _ = stage_spec(step.stage, step.where)
     cfg_cls = getattr(importlib.import_module(module), config_name)
     values = stage_values(step, cfg_cls)
+    warn_remote_code_from(values, step.where)
     try:
         cfg = build_config(cfg_cls, **values)
     except RlhfkitError as err:
@@ -366,13 +361,15 @@ def _producer(step: Step) -> str:
 
 
 def call_target(step: Step) -> Callable:
-    module_name, _, function_name = step.call.rpartition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise RlhfkitError(f"{step.where}: cannot import {step.call} ({err})") from None
-    if not callable(function):
-        raise RlhfkitError(f"{step.where}: {step.call} is not a function")
+    """The registered recipe function a call step names; nothing outside rlhfkit is imported."""
+    for module_name in RECIPE_MODULES:
+        importlib.import_module(module_name)  # rlhfkit's own modules: they register their functions
+    function = RECIPE_FUNCTIONS.get(step.call)
+    if function is None:
+        raise RlhfkitError(
+            f"{step.where}: call {step.call!r} is not a recipe function; a plan may call only "
+            f"rlhfkit stages and these functions: {', '.join(sorted(RECIPE_FUNCTIONS))}"
+        )
     return function
 
 
@@ -423,6 +420,13 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
     plan variable (e.g. the output root); --from-step NAME resumes part-way.
     """
     plan = load_plan(cfg.plan, parse_assignments(cfg.overrides))
+    if cfg.overwrite:
+        for step in plan.steps:
+            if step.stage is not None:
+                module, config_name, _ = stage_spec(step.stage, step.where)
+                names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), config_name))}
+                if "overwrite" in names:
+                    step.values.setdefault("overwrite", True)
     resolved = resolve_plan(plan)
     if cfg.dry_run:
         print(render_plan(plan, resolved), end="")
@@ -483,6 +487,7 @@ def shorten_qa_prompt(prompt: str, passages: int = 1, max_words: int | None = No
     return QA_PAGE_SEPARATOR.join(pages)
 
 
+@recipe_function
 def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | None = None) -> dict:
     """Copy every JSONL record file of the directory `inputs` to `out` with QA prompts cut to
     the question and the first `passages` passages (each at most `max_words` words).
@@ -517,6 +522,7 @@ def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | N
     return report
 
 
+@recipe_function
 def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> dict:
     """QA-Feedback data files without feedback (train_1k.json, dev.json, test.json) as
     `demonstrations.jsonl` (one per gold answer: the SFT data) and `prompts.jsonl` (with the
@@ -568,6 +574,7 @@ def _dotted(data: Any, path: str) -> Any:
     return data
 
 
+@recipe_function
 def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split: str = "train",
                       limit: int | None = None, repeat: int = 1, skip: int = 0) -> int:
     """Prompt records from any rows annotate-import reads (files, parquet, hf:NAME): the text
@@ -600,6 +607,7 @@ def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split:
     return len(records)
 
 
+@recipe_function
 def preference_sft_data(preferences: str, out: str, limit: int | None = None) -> dict:
     """From pairwise preferences (annotate-import's preferences.jsonl): `demonstrations.jsonl`
     (each chosen response, the SFT data of a preference-only data set such as HH-RLHF) and
@@ -622,6 +630,7 @@ def _demote_headings(markdown: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
 
 
+@recipe_function
 def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = ()) -> str:
     """Join result files (markdown written by evaluate, critique-revise, ...) into one report
     at `out`, print it, and return it. `images` are linked (paths relative to the report)."""
@@ -675,6 +684,7 @@ def text_scorer(spec: str, batch_size: int = 16) -> Callable[[list[str], list[st
     raise RlhfkitError(f"scorer {spec!r}: expected py:module:function or hf:MODEL@LABEL")
 
 
+@recipe_function
 def toxicity_table(generations: str, scorer: str, out: str, title: str, paper: str | None = None,
                    threshold: float = 0.5) -> dict:
     """The detoxification table (RealToxicityPrompts protocol): per system, the mean over

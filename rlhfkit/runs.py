@@ -1,8 +1,10 @@
 """What every run leaves in its output directory: resolved config, metrics, and progress.
 
-`RunDir(out, stage, cfg)` creates the directory and writes `run_config.json` (every option
-as resolved, plus the versions of rlhfkit, torch and transformers, so a result can be
-reproduced); `log_metrics` appends one JSON line per step to `metrics.jsonl`.
+`RunDir(out, stage, cfg)` claims the directory for one run (refusing one that holds another
+run or an input, and locking it; see the class) and, at the run's first write, writes
+`run_config.json` (every option as resolved, plus the versions of rlhfkit, torch and
+transformers, so a result can be reproduced); `log_metrics` appends one JSON line per step
+to `metrics.jsonl`.
 
 Under several processes (rlhfkit launch) every process makes a RunDir, but only rank 0
 writes to it: the others' `log_metrics` return the row without writing it, so a stage
@@ -14,11 +16,15 @@ into their output directory, where Hugging Face's `from_pretrained` reads `confi
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -38,9 +44,11 @@ from rich.progress import (
 
 from rlhfkit.config import config_to_dict
 from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError, output_error
 from rlhfkit.io import write_json, write_text
 
 RUN_CONFIG = "run_config.json"
+OVERWRITE_HELP = "Replace a non-empty --out: everything in it is deleted first (without it such an --out is refused)."
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -68,26 +76,181 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+LOCK_FILE = ".rlhfkit.lock"
+# Held by this process: resolved --out -> open lock file. flock locks belong to an open file,
+# so a second RunDir on the same directory in this process (a test, a recipe) shares it.
+_HELD_LOCKS: dict[Path, Any] = {}
+_OPENED: list[RunDir] = []
+
+
+def abandon_unstarted_runs() -> None:
+    """When a stage ends: release its --out locks, and remove an --out a run created but
+    never wrote to (it failed first)."""
+    while _OPENED:
+        _OPENED.pop().abandon()
+
+
+def _input_paths(cfg: Any) -> list[Path]:
+    """Existing files and directories a config reads: every option value that names one
+    (`NAME=PATH`, `hf:PATH@LABEL` and lists of them included), --out excepted."""
+    found = []
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        if f.name == "out":
+            continue
+        value = getattr(cfg, f.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, (str, os.PathLike)):
+                continue
+            text = str(item)
+            for candidate in {text, text.partition("=")[2]}:
+                candidate = candidate.removeprefix("hf:").partition("@")[0]
+                if candidate and os.path.exists(candidate):
+                    found.append(Path(candidate).resolve())
+    return found
+
+
+def check_out_path(out: Path, cfg: Any, option: str = "--out") -> None:
+    """--out must be creatable as a directory and must not be, or hold, an input."""
+    if out.exists() and not out.is_dir():
+        raise RlhfkitError(f"{option} {out}: exists and is not a directory")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RlhfkitError(f"{option} {out}: {parent} is not a directory")
+            break
+    resolved = out.resolve()
+    for path in _input_paths(cfg):
+        if path == resolved or resolved in path.parents:
+            what = "is" if path == resolved else "holds"
+            raise RlhfkitError(f"{option} {out} {what} an input of this run ({path}); choose another {option}")
+
+
+def _contents(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE) if path.is_dir() else []
+
+
+def _run_stage_of(path: Path) -> Optional[str]:
+    try:
+        return json.loads((path / RUN_CONFIG).read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class RunDir:
-    """An output directory with `run_config.json` and `metrics.jsonl`."""
+    """An output directory with `run_config.json` and `metrics.jsonl`, owned by one run.
+
+    Before anything is written: --out is refused when it is a file, an input of the run, or
+    a non-empty directory that is not this stage's run being resumed (`--overwrite` empties
+    it instead); then an exclusive lock (flock on `.rlhfkit.lock`, holding the PID) keeps a
+    second run out while this one lives. `run_config.json` is written, and a fresh run's old
+    metrics dropped, only at the run's first write (`begin`, called by `log_metrics`,
+    `write_json` and `truncate_metrics`), so a run refused later (a resume whose checkpoint
+    belongs to other data) leaves the directory as it found it.
+    """
 
     def __init__(self, path: str | os.PathLike, stage: str, cfg: Any, *, resume: bool = False):
         self.path = Path(path)
         self.stage = stage
+        self.cfg = cfg
+        self.resume = resume
         self.metrics_path = self.path / "metrics.jsonl"
+        self.begun = False
         from rlhfkit.distributed import is_main_process  # imports torch: only when a run starts
 
         self.writes = is_main_process()
+        self.created = False
+        overwrite = bool(getattr(cfg, "overwrite", False))
+        check_out_path(self.path, cfg)
+        contents = _contents(self.path)
+        if contents and not overwrite:
+            found = _run_stage_of(self.path)
+            if not (resume and found == stage):
+                shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+                held = f"an earlier {found} run" if found else shown
+                hint = "--overwrite to replace it, or another --out"
+                if found == stage and hasattr(cfg, "resume"):
+                    hint = "--resume to continue that run, " + hint
+                raise RlhfkitError(f"--out {self.path} is not empty (it holds {held}); give {hint}")
         if not self.writes:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not resume and self.metrics_path.exists():
+        try:
+            self.created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise output_error(err, self.path) from None
+        self._lock()
+        if contents and overwrite:
+            for name in contents:
+                target = self.path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+            console.print(f"{stage}: --overwrite: emptied {self.path}")
+
+    def _lock(self) -> None:
+        key = self.path.resolve()
+        if key in _HELD_LOCKS:
+            return
+        lock_path = self.path / LOCK_FILE
+        while True:
+            try:
+                handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (held open: the lock lives as long as the run)
+            except OSError as err:
+                raise output_error(err, self.path) from None
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise RlhfkitError(
+                    f"--out {self.path} is in use by another rlhfkit run (pid {holder}); wait for it to finish "
+                    "or choose another --out"
+                ) from None
+            # The holder removes the file when it is done: a lock on a removed file is no lock.
+            try:
+                if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD_LOCKS[key] = handle
+        _OPENED.append(self)
+
+    def abandon(self) -> None:
+        """A run that failed before its first write: release the lock and remove the
+        directory if this run created it (it holds nothing but the lock file)."""
+        self.close()
+        if self.created and not self.begun:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    def close(self) -> None:
+        """Release the lock (it is released anyway when the process ends)."""
+        handle = _HELD_LOCKS.pop(self.path.resolve(), None)
+        if handle is not None:
+            # Removed while still locked, so no other run can lock the file being removed.
+            with contextlib.suppress(OSError):
+                (self.path / LOCK_FILE).unlink()
+            handle.close()
+
+    def begin(self) -> None:
+        """The run's first write: its resolved config (and, for a fresh run, no old metrics)."""
+        if self.begun or not self.writes:
+            return
+        self.begun = True
+        if not self.resume and self.metrics_path.exists():
             self.metrics_path.unlink()
         write_json(
             self.path / RUN_CONFIG,
             {
-                "stage": stage,
-                "config": config_to_dict(cfg),
+                "stage": self.stage,
+                "config": config_to_dict(self.cfg),
                 "versions": package_versions(),
                 "command": sys.argv,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -105,13 +268,17 @@ class RunDir:
             row[key] = value
         if not self.writes:
             return row
+        self.begin()
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         return row
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop metric lines logged after the checkpoint being resumed from."""
-        if not self.writes or not self.metrics_path.exists():
+        if not self.writes:
+            return
+        self.begin()
+        if not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
@@ -123,6 +290,7 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         target = self.path / name
         if self.writes:
+            self.begin()
             write_json(target, obj)
         return target
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import atomic_write, shipped_path, write_json, write_text
+from rlhfkit.recipes import recipe_function
 from rlhfkit.schema import (
     Demonstration,
     Preference,
@@ -303,6 +304,7 @@ def annotate(kb: KnowledgeBase, prompt: str, responses: Sequence[str], key: str)
     return feedback, preferences
 
 
+@recipe_function
 def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demonstrations_per_prompt: int = 12,
               feedback_per_prompt: int = 16, responses_per_comparison: int = 4, false: float = 0.25,
               off_topic: float = 0.2, repeat: float = 0.1, seed: int = 0) -> dict:
@@ -407,6 +409,7 @@ def _system(by_system: dict[str, list[Judgement]], name: str, source: str) -> Tr
     return TrueMetrics.of(by_system[name])
 
 
+@recipe_function
 def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str, conditions: list[str],
            seeds: list[int], baseline: str = "SFT", kb: str = DEFAULT_KB, evaluate_metrics: str | None = None,
            title: str = "", notes: str = "") -> dict:

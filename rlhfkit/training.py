@@ -56,6 +56,7 @@ from rlhfkit.distributed import (
     world_info,
 )
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
+from rlhfkit.io import match_umask
 from rlhfkit.models import safe_torch_load
 from rlhfkit.runs import RunDir, progress_bar
 
@@ -310,6 +311,7 @@ def save_checkpoint(
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
                 torch.save(state, tmp / STATE_FILE)
+                match_umask(tmp)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)

@@ -58,15 +58,16 @@ def test_defaults_and_cli_values(tmp_path):
 
 def test_config_file_then_command_line_overrides(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"out: {tmp_path}\nlr: 0.5\nuse-lora: true\nsteps: 7\n")
+    out = tmp_path / "run"  # its own directory: --out may not be one that holds other files
+    config.write_text(f"out: {out}\nlr: 0.5\nuse-lora: true\nsteps: 7\n")
     result = runner.invoke(toy_app, ["toy", "--config", str(config), "--steps", "3"])
     assert result.exit_code == 0, result.output
     assert seen[0].lr == 0.5 and seen[0].use_lora is True and seen[0].steps == 3
-    saved = json.loads((tmp_path / RUN_CONFIG).read_text())
+    saved = json.loads((out / RUN_CONFIG).read_text())
     assert saved["stage"] == "toy"
-    assert saved["config"] == {"out": str(tmp_path), "lr": 0.5, "steps": 3, "use_lora": True, "rm": []}
+    assert saved["config"] == {"out": str(out), "lr": 0.5, "steps": 3, "use_lora": True, "rm": []}
     assert saved["versions"]["torch"] and saved["versions"]["transformers"]
-    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == [
         {"step": 1, "loss": 0.5}
     ]
 

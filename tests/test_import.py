@@ -830,8 +830,9 @@ def test_reimport_is_byte_identical(tmp_path, qa_import):
     for name in first:
         if name != RUN_CONFIG:
             assert first[name] == second[name], name
-    # Re-importing into the same directory rewrites the same bytes too.
-    assert invoke("--format", "qa-feedback", QA_FEEDBACK, "--out", out).exit_code == 0
+    # Re-importing into the same directory (--overwrite: it holds a run) rewrites the same bytes too.
+    assert invoke("--format", "qa-feedback", QA_FEEDBACK, "--out", out).exit_code == 2
+    assert invoke("--format", "qa-feedback", QA_FEEDBACK, "--out", out, "--overwrite").exit_code == 0
     assert {k: v for k, v in snapshot(out).items() if k != RUN_CONFIG} == {
         k: v for k, v in second.items() if k != RUN_CONFIG
     }
@@ -840,7 +841,7 @@ def test_reimport_is_byte_identical(tmp_path, qa_import):
 def test_reimport_of_another_format_removes_stale_record_files(tmp_path):
     out = tmp_path / "out"
     assert invoke("--format", "doccano", FIXTURES / "doccano.jsonl", "--out", out).exit_code == 0
-    assert invoke("--format", "critique", FIXTURES / "critique.jsonl", "--out", out).exit_code == 0
+    assert invoke("--format", "critique", FIXTURES / "critique.jsonl", "--out", out, "--overwrite").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "critiques.jsonl",
         "import_report.json",

@@ -192,6 +192,8 @@ def test_redistribute_stage_sums_to_sequence_minus_prompt_score(run_cli, data_di
     html = tmp_path / "report.html"
     result = run_cli("redistribute", "--rm", reward_models["completeness"], "--input", generations, "--out", out, "--html", html)
     assert result.exit_code == 0, result.output
+    # Issue 13: success says so (it printed nothing).
+    assert f"redistribute: {len(RESPONSES)} record(s), mean sequence score" in " ".join(result.output.split())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     rm = load_reward_model(reward_models["completeness"], device="cpu")
     sequence = rm.score([r["prompt"] for r in rows], [r["response"] for r in rows])

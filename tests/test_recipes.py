@@ -96,9 +96,10 @@ def test_unknown_option_in_with_names_the_plan_and_step(tmp_path):
         ("stepz: []\n", "unknown key.* stepz; valid: description, vars, requires, steps"),
         ("steps:\n  - stage: sft\n    colour: red\n", r"steps\[1\]: unknown key\(s\) colour"),
         ("steps:\n  - stage: ppo\n  - stage: ppo\n", "step name.* ppo used twice"),
-        ("steps:\n  - call: rlhfkit.recipes:shorten_qa_prompt\n    with: {prompt: x, passagez: 2}\n",
-         r"step 1 \(shorten_qa_prompt\): rlhfkit.recipes:shorten_qa_prompt: got an unexpected keyword argument 'passagez'"),
-        ("steps:\n  - call: rlhfkit.recipes:no_such_function\n", "cannot import rlhfkit.recipes:no_such_function"),
+        ("steps:\n  - call: rlhfkit.recipes:shorten_prompts\n    with: {inputs: x, out: y, passagez: 2}\n",
+         r"step 1 \(shorten_prompts\): rlhfkit.recipes:shorten_prompts: got an unexpected keyword argument 'passagez'"),
+        ("steps:\n  - call: rlhfkit.recipes:no_such_function\n",
+         "call 'rlhfkit.recipes:no_such_function' is not a recipe function; a plan may call only rlhfkit stages"),
     ],
 )
 def test_plan_errors(tmp_path, body, message):

@@ -23,6 +23,8 @@ when the response ended, the last generated token when it was cut off (as in the
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -211,10 +213,19 @@ class PythonFunctionSource(RewardSource):
             self.fn: Callable = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError, ValueError) as err:
             raise RlhfkitError(f"reward '{name}': cannot import '{target}' ({err}); expected py:module:function") from None
-        self.name, self.description = name, f"python function {target}"
+        try:
+            inspect.signature(self.fn).bind([], [])
+        except TypeError as err:
+            raise RlhfkitError(f"reward '{name}': py:{target} must take (prompts, responses) ({err})") from None
+        except ValueError:  # a builtin without a signature: checked when called
+            pass
+        self.name, self.target, self.description = name, target, f"python function {target}"
 
     def token_rewards(self, prompts, responses, spans):
-        results = self.fn(list(prompts), list(responses))
+        try:
+            results = list(self.fn(list(prompts), list(responses)))
+        except Exception as err:  # the user's function: one line (the traceback with --debug)
+            raise RlhfkitError(f"reward '{self.name}': py:{self.target} raised {type(err).__name__}: {err}") from err
         if len(results) != len(responses):
             raise RlhfkitError(f"reward '{self.name}' returned {len(results)} values for {len(responses)} responses")
         out = []
@@ -234,16 +245,21 @@ class ClassifierSource(RewardSource):
     """
 
     def __init__(self, name: str, target: str, device: torch.device, batch_size: int = 8):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        from rlhfkit.models import check_model_kind, load_pretrained
 
         path, _, label = target.partition("@")
         sign = -1.0 if label.startswith("-") else 1.0
         label = label.lstrip("-")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+            check_model_kind(path, AutoConfig.from_pretrained(path), "sequence classifier")
         except OSError as err:
             raise RlhfkitError(f"reward '{name}': cannot load classifier '{path}': {err}") from None
+        except RlhfkitError as err:
+            raise RlhfkitError(f"--rm {name}=hf:{target}: {err}") from None
+        self.model = load_pretrained(AutoModelForSequenceClassification, path, dtype="float32", device=str(device)).eval()
         labels = self.model.config.id2label
         if label:
             matches = [i for i, lab in labels.items() if lab.lower() == label.lower()]
@@ -288,6 +304,8 @@ def parse_weights(text: str) -> dict[str, float]:
             weight = float(value)
         except ValueError:
             raise RlhfkitError(f"--rewards: the weight of '{name}' is not a number: '{value}'") from None
+        if not math.isfinite(weight):
+            raise RlhfkitError(f"--rewards: the weight of '{name}' must be a finite number, got {value}")
         weights[canonical_name(name.strip())] = weight
     if not weights:
         raise RlhfkitError("--rewards is empty; give NAME=WEIGHT pairs, e.g. fact=0.3,rel=0.5,comp=0.3")
@@ -300,7 +318,10 @@ def parse_named(items: Sequence[str], option: str) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
             raise RlhfkitError(f"{option}: '{item}' is not NAME=VALUE")
-        out[canonical_name(name.strip())] = value.strip()
+        key = canonical_name(name.strip())
+        if key in out:  # a later one would silently replace the earlier
+            raise RlhfkitError(f"{option} {key} is given twice ({out[key]} and {value.strip()}); give each name once")
+        out[key] = value.strip()
     return out
 
 

@@ -35,7 +35,7 @@ from rlhfkit.importers import (
     source_names,
     ultrafeedback,
 )
-from rlhfkit.runs import RunDir, progress_bar
+from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar
 from rlhfkit.schema import (
     Preference,
     Record,
@@ -80,6 +80,7 @@ class ImportConfig:
         argument=True,
     )
     out: str = opt(REQUIRED, "Output directory.")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
     label_map: Optional[str] = opt(
         None,
         "Labels to aspects: LABEL=ASPECT,... or a JSON/YAML file (qa-feedback, doccano, label-studio).",

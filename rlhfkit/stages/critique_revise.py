@@ -59,6 +59,7 @@ import gc
 import io
 import json
 import string
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -67,7 +68,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.chat import MESSAGES_KEY, load_chat_template, override_chat_template, render_prompt
-from rlhfkit.config import REQUIRED, build_config, config_to_dict, opt
+from rlhfkit.config import REQUIRED, build_config, check_sampling, config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
@@ -159,8 +160,8 @@ class CritiqueReviseConfig(FinetuneOptions):
             raise RlhfkitError(f"--min-length-ratio must be in [0, 1], got {self.min_length_ratio}")
         if self.tie_margin < 0:
             raise RlhfkitError(f"--tie-margin must be >= 0, got {self.tie_margin}")
-        if self.sample and self.temperature <= 0:
-            raise RlhfkitError(f"--temperature must be > 0, got {self.temperature}")
+        if self.sample:
+            check_sampling(self.temperature, self.top_k, self.top_p)
         if self.judge is not None:
             kind = read_spec(self.judge)["kind"]
             if kind not in SEQUENCE_KINDS:
@@ -256,14 +257,19 @@ def run_train(cfg: CritiqueReviseConfig) -> Path:
     if not demos:
         raise RlhfkitError(f"{cfg.data}: every record has an empty critique and an empty revision; nothing to train on")
     out = Path(cfg.out)
-    write_records(out / DATA_FILE, demos)
     console.print(
         f"critique-revise: {len(records)} critique records -> {counts['critique']} critique and "
         f"{counts['revision']} revision demonstrations ({len(records) - counts['revision']} without a revision)",
         soft_wrap=True,
     )
     sft_options = {f.name: getattr(cfg, f.name) for f in fields(FinetuneOptions)}
-    run_sft(build_config(SFTConfig, model=cfg.model, data=str(out / DATA_FILE), out=str(out), **sft_options))
+    # The demonstrations are sft's input, so they are written outside --out (which sft owns)
+    # and copied in once the model is saved.
+    with tempfile.TemporaryDirectory(prefix="rlhfkit-critique-revise-") as staging:
+        data = Path(staging) / DATA_FILE
+        write_records(data, demos)
+        run_sft(build_config(SFTConfig, model=cfg.model, data=str(data), out=str(out), **sft_options))
+    write_records(out / DATA_FILE, demos)
     write_json(
         out / TEMPLATES_FILE,
         {

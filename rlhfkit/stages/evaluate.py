@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
-from rlhfkit.config import REQUIRED, opt
+from rlhfkit.config import REQUIRED, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingConfig, generate
@@ -51,7 +51,7 @@ from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_ra
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
 from rlhfkit.rewards.sources import canonical_name, parse_named
-from rlhfkit.runs import RunDir, progress_bar, set_seed
+from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, PromptRecord, load_records, write_records
 
 METRICS_FILE = "metrics.json"
@@ -84,6 +84,7 @@ class EvaluateConfig:
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).")
     seed: int = opt(42, "Seed for sampling.")
     chat_template: str | None = opt(None, "Jinja chat template file for conversational prompts (default: each policy tokenizer's own, if any).")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
 
     def validate(self) -> None:
         load_chat_template(self.chat_template)
@@ -101,6 +102,8 @@ class EvaluateConfig:
             raise RlhfkitError(f"--max-prompts must be >= 1, got {self.max_prompts}")
         if self.tie_margin < 0:
             raise RlhfkitError(f"--tie-margin must be >= 0, got {self.tie_margin}")
+        if self.sample:
+            check_sampling(self.temperature, self.top_k, self.top_p)
         if self.sample and self.temperature <= 0:
             raise RlhfkitError(f"--temperature must be > 0, got {self.temperature}")
         policy_names = [name for name, _ in parse_policies(self.policy)]

@@ -31,7 +31,7 @@ from rlhfkit.chat import SIMPLE_CHAT_TEMPLATE
 from rlhfkit.config import config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import shipped_path, write_json
+from rlhfkit.io import match_umask, shipped_path, write_json
 from rlhfkit.models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer, count_parameters
 from rlhfkit.runs import package_versions
 
@@ -215,6 +215,7 @@ def run_init_model(cfg: InitModelConfig) -> Path:
         _chmod_as_mkdir(built)
         model.save_pretrained(built)
         tokenizer.save_pretrained(built)
+        match_umask(built)
         write_json(
             built / MODEL_RECORD,
             {

@@ -24,6 +24,7 @@ process would take on the same global minibatch. The reference policy is inferen
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
-from rlhfkit.config import REQUIRED, opt
+from rlhfkit.config import REQUIRED, check_numbers, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
     DEEPSPEED_HELP,
@@ -61,7 +62,14 @@ from rlhfkit.generation import (
     model_max_positions,
 )
 from rlhfkit.io import write_json, write_text
-from rlhfkit.models import add_lora, disable_dropout, load_policy, resolve_device, safe_torch_load
+from rlhfkit.models import (
+    add_lora,
+    disable_dropout,
+    load_policy,
+    resolve_device,
+    safe_torch_load,
+    save_model,
+)
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
 from rlhfkit.rewards.sources import (
     build_reward_sources,
@@ -80,7 +88,7 @@ from rlhfkit.rl.advantages import (
     masked_whiten,
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from rlhfkit.runs import RunDir, progress_bar, set_seed
+from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, record_to_dict
 from rlhfkit.training import (
     STATE_FILE,
@@ -169,8 +177,10 @@ class PPOConfig:
     lora_alpha: int = opt(16, "LoRA alpha.")
     rm_batch_size: int = opt(8, "Reward-model scoring batch size.")
     eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).")
-    save_every: int = opt(10, "Checkpoint every N steps.")
-    resume: bool = opt(False, "Resume from the latest checkpoint in --out.")
+    save_every: int = opt(10, "Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
+    resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
     log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
@@ -216,9 +226,26 @@ class PPOConfig:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 1")
-        parse_weights(self.rewards)
-        parse_named(self.rm, "--rm")
+        weights = parse_weights(self.rewards)
+        unused = sorted(set(parse_named(self.rm, "--rm")) - set(weights))
+        if unused:
+            raise RlhfkitError(
+                f"--rm {', '.join(unused)}: not named by --rewards {self.rewards}; give it a weight there or drop the --rm"
+            )
         parse_redistribute(self.redistribute)
+        self.validate_numbers()
+
+    def validate_numbers(self) -> None:
+        check_numbers(
+            self,
+            positive=("lr", "value_lr", "clip", "value_clip", "target_kl", "kl_stop"),
+            at_least_one=("kl_horizon", "max_prompt_length", "rm_batch_size"),
+            non_negative=("kl_coef", "warmup_steps", "vf_coef", "max_grad_norm", "eval_every", "save_every",
+                          "keep_checkpoints", "log_rollouts", "lora_r"),
+            unit=("gamma", "lam"),
+            finite=("kl_coef", "vf_coef", "entropy_coef", "max_grad_norm", "truncation_penalty"),
+        )
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 class ValueHead(nn.Module):
@@ -591,13 +618,13 @@ def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
 
 
-def prompt_texts(path: str, tokenizer=None) -> list[str]:
+def prompt_texts(path: str, tokenizer=None, option: str = "--prompts") -> list[str]:
     """The prompts of `path`; with a tokenizer, conversational ones rendered by its chat template."""
-    records = load_records(path)
+    records = load_records(path, option=option)
     texts = []
     for record in records:
         if not hasattr(record, "prompt"):
-            raise RlhfkitError(f"{path}: '{record.type_name}' records carry no prompt")
+            raise RlhfkitError(f"{option} {path}: '{record.type_name}' records carry no prompt")
         texts.append(record.prompt if tokenizer is None else render_prompt(tokenizer, record.prompt, record.meta))
     return texts
 
@@ -608,10 +635,46 @@ def prompt_texts(path: str, tokenizer=None) -> list[str]:
 # RNG streams) goes into the checkpoint's state file, loaded with weights_only=True.
 
 
-def save_ppo_checkpoint(out: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl, step: int) -> Path:
+def ppo_identity(cfg: PPOConfig, weights: dict[str, float], rm_specs: dict[str, str]) -> dict:
+    """What must match for a checkpoint's step N to mean the same prompts, rewards and updates."""
+    identity = {
+        "prompts": hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest(),
+        "policy": cfg.policy,
+        "rewards": weights,
+        "rm": rm_specs,
+        "seed": cfg.seed,
+        "prompts_per_step": cfg.prompts_per_step,
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "minibatch_size": cfg.minibatch_size,
+        "ppo_epochs": cfg.ppo_epochs,
+        "advantage": cfg.advantage,
+        "value_model": cfg.value_model,
+        "lora_r": cfg.lora_r,
+    }
+    if world_info()[2] > 1:
+        identity["processes"] = world_info()[2]
+    return identity
+
+
+def check_resume_identity(checkpoint: Path, identity: dict) -> None:
+    """Refuse to continue a checkpoint another run (other prompts, rewards, batches) wrote."""
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu", mmap=True).get("identity")
+    if saved is None:
+        raise RlhfkitError(f"{checkpoint} records no run identity (written by an older rlhfkit); it cannot be resumed safely; use another --out")
+    changed = [f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in identity.items() if saved.get(k) != v]
+    if changed:
+        raise RlhfkitError(
+            f"{checkpoint} belongs to another run ({'; '.join(changed)}); resume with the same --policy, --prompts, "
+            "--rewards, --rm, --seed and batch options, or use another --out"
+        )
+
+
+def save_ppo_checkpoint(out: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl, step: int,
+                        identity: Optional[dict] = None, keep: int = 0) -> Path:
     # Under DeepSpeed the engines' checkpoints hold the optimizers and the value model.
     in_state = not bundle.engines
     state = {
+        "identity": identity,
         "step": step,
         "kl_coef": kl_ctl.value,
         "optimizers": [o.state_dict() if o is not None and in_state else None for o in optimizers],
@@ -620,7 +683,7 @@ def save_ppo_checkpoint(out: Path, bundle: PolicyBundle, optimizers, schedulers,
         "value_backbone": bundle.value_backbone.state_dict() if bundle.value_backbone is not None and in_state else None,
         "rng": rng_state(),
     }
-    return save_checkpoint(out, step, bundle.policy, state, engines=bundle.engines)
+    return save_checkpoint(out, step, bundle.policy, state, engines=bundle.engines, keep=keep)
 
 
 def restore_ppo_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl) -> int:
@@ -659,26 +722,31 @@ def run_ppo(cfg: PPOConfig) -> dict:
     weights = parse_weights(cfg.rewards)
     rm_paths = parse_named(cfg.rm, "--rm")
     redistribute = parse_redistribute(cfg.redistribute)
-    prompts = prompt_texts(cfg.prompts)
-    eval_prompts = prompt_texts(cfg.eval_prompts) if cfg.eval_prompts else []
+    # Read once before any model loads (file errors first); rendered with the chat template below.
+    prompt_texts(cfg.prompts, option="--prompts")
+    if cfg.eval_prompts:
+        prompt_texts(cfg.eval_prompts, option="--eval-prompts")
     out = Path(cfg.out)
-    resume_from = latest_checkpoint(out) if cfg.resume and out.exists() else None
+    identity = ppo_identity(cfg, weights, rm_paths)
+    resume_from = latest_checkpoint(out) if cfg.resume and out.is_dir() else None
     if cfg.resume and resume_from is None:
         raise RlhfkitError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if resume_from is not None:
+        check_resume_identity(resume_from, identity)
+    run = RunDir(out, "ppo", cfg, resume=resume_from is not None)
 
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     sources = build_reward_sources(weights, rm_paths, redistribute, device=device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size)
     bundle = load_models(cfg, device)
     override_chat_template(bundle.tokenizer, load_chat_template(cfg.chat_template))
-    prompts = prompt_texts(cfg.prompts, bundle.tokenizer)
-    eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer) if cfg.eval_prompts else []
+    prompts = prompt_texts(cfg.prompts, bundle.tokenizer, option="--prompts")
+    eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer, option="--eval-prompts") if cfg.eval_prompts else []
     optimizers, schedulers = make_optimizers(cfg, bundle)
     if cfg.deepspeed is not None:
         start_engines(cfg, bundle, optimizers)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl else FixedKLController(cfg.kl_coef)
 
-    run = RunDir(out, "ppo", cfg, resume=resume_from is not None)
     start_step = 0
     if resume_from is not None:
         start_step = restore_ppo_checkpoint(resume_from, bundle, optimizers, schedulers, kl_ctl)
@@ -705,8 +773,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)
             if cfg.eval_every and eval_prompts and step % cfg.eval_every == 0:
                 run.log_metrics(step=step, **evaluate_prompts(cfg, bundle, sources, weights, eval_prompts))
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save_ppo_checkpoint(out, bundle, optimizers, schedulers, kl_ctl, step)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_ppo_checkpoint(out, bundle, optimizers, schedulers, kl_ctl, step, identity, cfg.keep_checkpoints)
             advance(1)
 
     final_metrics = evaluate_prompts(cfg, bundle, sources, weights, eval_prompts) if eval_prompts else {}
@@ -813,11 +881,7 @@ def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: i
 
 
 def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
-    policy = bundle.policy
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(out, safe_serialization=True)
-    bundle.tokenizer.save_pretrained(out)
+    save_model(bundle.policy, bundle.tokenizer, out, merge_lora=True)
 
 
 def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhfkit.config import REQUIRED, config_to_dict, opt
+from rlhfkit.config import REQUIRED, check_numbers, config_to_dict, opt
+from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
 from rlhfkit.rewards.reward_model import load_reward_model
@@ -46,13 +47,18 @@ class RedistributeConfig:
             raise RlhfkitError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         if not self.out.endswith(".jsonl"):
             raise RlhfkitError(f"--out must be a .jsonl file, got '{self.out}'")
+        check_numbers(self, at_least_one=("batch_size",), non_negative=("limit",))
+        if Path(self.out).is_dir():
+            raise RlhfkitError(f"--out {self.out}: is a directory; give the .jsonl file to write")
+        if Path(self.input).exists() and Path(self.out).resolve() == Path(self.input).resolve():
+            raise RlhfkitError(f"--out {self.out} is the --input file; choose another --out")
 
 
 def run_redistribute(cfg: RedistributeConfig) -> dict:
     """Spread a sequence reward model's score over response tokens (R3HF) and show it as a heat map."""
-    records = load_records(cfg.input)
+    records = load_records(cfg.input, option="--input")
     if any(not (hasattr(r, "prompt") and hasattr(r, "response")) for r in records):
-        raise RlhfkitError(f"{cfg.input}: every record needs a prompt and a response (e.g. `generation` records)")
+        raise RlhfkitError(f"--input {cfg.input}: every record needs a prompt and a response (e.g. `generation` records)")
     if cfg.limit:
         records = records[: cfg.limit]
     set_seed(cfg.seed)
@@ -101,6 +107,11 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
     )
     if cfg.html:
         write_text(cfg.html, heatmap_html(outputs, title=f"Token rewards of {cfg.rm}"))
+    console.print(
+        f"redistribute: {summary['records']} record(s), mean sequence score {summary['mean_sequence_score']:+.4f}, "
+        f"{summary['mean_tokens']:.1f} tokens each -> {cfg.out}" + (f" (heat map: {cfg.html})" if cfg.html else ""),
+        soft_wrap=True,
+    )
     return summary
 
 

@@ -101,7 +101,7 @@ from rlhfkit.rewards.reward_model import (
     segment_end_positions,
     sequence_scores,
 )
-from rlhfkit.runs import RunDir, set_seed
+from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
 from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, SegmentLabelRules, segment
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
@@ -206,6 +206,7 @@ class TrainRMConfig:
     save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
     keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
     resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).")
+    overwrite: bool = opt(False, OVERWRITE_HELP)
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning); the saved RM has the adapter merged in.")
     lora_alpha: int = opt(16, "LoRA alpha.")
     lora_dropout: float = opt(0.05, "LoRA dropout.")
@@ -887,6 +888,8 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     settings = cfg.settings()
     records = load_aspect_records(cfg.data, cfg.aspect, settings, cfg.ties)
     train_records, held_records = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
+    out = Path(cfg.out)
+    run = RunDir(out, "train-rm", cfg, resume=cfg.resume)
 
     device = resolve_device(cfg.device)
     compute_dtype = resolve_dtype(cfg.dtype, device)
@@ -948,11 +951,6 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     parameters = count_parameters(model)
     rm = RewardModel(model, tokenizer, spec, device)
 
-    out = Path(cfg.out)
-    # A stale spec beside weights being replaced would make a half-trained directory look usable.
-    if is_main_process():
-        (out / SPEC_FILE).unlink(missing_ok=True)
-    run = RunDir(out, "train-rm", cfg, resume=cfg.resume)
     console.print(
         f"train-rm: {cfg.aspect} ({settings.kind}"
         + (f", {settings.granularity}s" if settings.kind == "segment" else "")
@@ -995,6 +993,9 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         spec["normalization"] = {**score_statistics(rm, pairs, cfg.batch_size), "computed_on": computed_on}
 
     main = is_main_process()
+    # A stale spec beside weights being replaced would make a half-trained directory look usable.
+    if main:
+        (out / SPEC_FILE).unlink(missing_ok=True)
     with full_parameters(model):  # gathered from the ZeRO-3 shards: every process enters
         saved = save_model(model, tokenizer, out, merge_lora=True) if main else model
     metrics = {
@@ -1055,6 +1056,7 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 def _evaluate_only(cfg: TrainRMConfig) -> dict:
+    run = RunDir(cfg.out, "train-rm", cfg)
     rm = load_reward_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     granularity = rm.spec.get("granularity", "response")
     settings = RMSettings(rm.kind, granularity, 0.0, 0.0, 1.0, PRESETS.get(cfg.aspect, AspectPreset(rm.kind)).holistic_fallback)
@@ -1063,7 +1065,6 @@ def _evaluate_only(cfg: TrainRMConfig) -> dict:
     if rm.aspect != cfg.aspect:
         console.print(f"train-rm: note: {cfg.model} was trained for aspect {rm.aspect!r}; evaluating against {cfg.aspect!r} labels")
     records = load_aspect_records(cfg.data, cfg.aspect, settings, cfg.ties)
-    run = RunDir(cfg.out, "train-rm", cfg)
     held_metrics = evaluate_reward_model(rm, records, cfg.aspect, cfg.batch_size, cfg.seed)
     run.log_metrics(**{f"eval_{k}": v for k, v in held_metrics.items()})
     metrics = {
