@@ -327,7 +327,7 @@ def test_repeated_and_unused_rm_are_errors():
 @pytest.mark.parametrize(("values", "message"), [
     ({"seed": 2**64}, r"--seed must be in \[0, 2\^64\), got 18446744073709551616"),
     ({"lr": float("nan")}, "--lr must be a number, got nan"),
-    ({"lr": -1.0}, "--lr must be a positive number, got -1.0"),
+    ({"lr": -1.0}, "--lr must be >= 0, got -1.0"),  # 0 is allowed: the no-update diagnostic
     ({"kl_coef": float("nan")}, "--kl-coef must be a number, got nan"),
     ({"rewards": "comp=nan"}, "--rewards: the weight of 'comp' must be a finite number, got nan"),
     ({"rewards": "comp=inf"}, "--rewards: the weight of 'comp' must be a finite number, got inf"),

@@ -238,9 +238,10 @@ class PPOConfig:
     def validate_numbers(self) -> None:
         check_numbers(
             self,
-            positive=("lr", "value_lr", "clip", "value_clip", "target_kl", "kl_stop"),
+            positive=("clip", "value_clip", "target_kl", "kl_stop"),
             at_least_one=("kl_horizon", "max_prompt_length", "rm_batch_size"),
-            non_negative=("kl_coef", "warmup_steps", "vf_coef", "max_grad_norm", "eval_every", "save_every",
+            # --lr 0 is a diagnostic: nothing may change, so KL and clip fractions must be 0.
+            non_negative=("lr", "value_lr", "kl_coef", "warmup_steps", "vf_coef", "max_grad_norm", "eval_every", "save_every",
                           "keep_checkpoints", "log_rollouts", "lora_r"),
             unit=("gamma", "lam"),
             finite=("kl_coef", "vf_coef", "entropy_coef", "max_grad_norm", "truncation_penalty"),
