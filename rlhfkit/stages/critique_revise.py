@@ -71,6 +71,7 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.io import atomic_write, write_json, write_text
 from rlhfkit.metrics import win_rate
 from rlhfkit.models import load_policy, resolve_device
@@ -518,6 +519,8 @@ def read_inputs(path: str, limit: int | None) -> list:
 def model_generator(cfg: CritiqueReviseConfig, templates: Templates, device: torch.device) -> ModelGenerator:
     model, tokenizer, is_encoder_decoder = load_policy(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
     limit = model_max_positions(model)
+    if not is_encoder_decoder:
+        fit_default_lengths(cfg, limit, ("max_prompt_length", "max_new_tokens"), "critique-revise")
     if not is_encoder_decoder and limit is not None and cfg.max_prompt_length + cfg.max_new_tokens > limit:
         raise RlhfkitError(
             f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} exceeds the "

@@ -44,7 +44,8 @@ import torch
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import SamplingConfig, generate
+from rlhfkit.generation import SamplingConfig, generate, model_max_positions
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.io import write_text
 from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
 from rlhfkit.models import load_policy, resolve_device
@@ -235,6 +236,8 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
     model, tokenizer, is_encoder_decoder = load_policy(
         path, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
     )
+    if not is_encoder_decoder:
+        fit_default_lengths(cfg, model_max_positions(model), ("max_prompt_length", "max_new_tokens"), "evaluate")
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,

@@ -68,6 +68,7 @@ from rlhfkit.distributed import (
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.io import write_json
 from rlhfkit.metrics import bootstrap_interval
 from rlhfkit.models import (
@@ -96,6 +97,7 @@ from rlhfkit.rewards.reward_model import (
     sequence_scores,
 )
 from rlhfkit.runs import RunDir, set_seed
+from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
 from rlhfkit.segment import label_segments, segment
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
@@ -195,9 +197,11 @@ class TrainRMConfig:
     deepspeed: str | None = opt(None, DEEPSPEED_HELP)
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
+    report_to: list[str] = opt([], REPORT_TO_HELP)
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        parse_report_to(self.report_to)
         if self.eval_only and self.deepspeed is not None:
             raise RlhfkitError("--eval-only scores in one process; drop --deepspeed")
         # Resolving the preset here fills the options left out, so run_config.json holds
@@ -798,6 +802,16 @@ def _fingerprint(path: str, cfg: TrainRMConfig, settings: RMSettings) -> str:
 # --- the stage --------------------------------------------------------------------------------
 
 
+def fit_preset_lengths(cfg: TrainRMConfig, limit: int | None) -> None:
+    """--max-length left at the preset's, lowered to the backbone's positions (see rlhfkit.lengths);
+    a --max-prompt-length left at the preset's follows it (at most half of --max-length)."""
+    preset = cfg.preset()
+    prompt_default = min(preset.max_prompt_length, cfg.max_length // 2)
+    if fit_default_lengths(cfg, limit, ("max_length",), "train-rm", {"max_length": preset.max_length}):
+        if cfg.max_prompt_length == prompt_default:
+            cfg.max_prompt_length = min(preset.max_prompt_length, cfg.max_length // 2)
+
+
 def run_train_rm(cfg: TrainRMConfig) -> dict:
     """Train a reward model for one feedback aspect (segment, preference or regression).
 
@@ -816,6 +830,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     compute_dtype = resolve_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, padding_side="right", trust_remote_code=cfg.trust_remote_code)
+    fit_preset_lengths(cfg, model_max_positions(tokenizer))
     spec: dict[str, Any] = {
         "format": SPEC_FORMAT,
         "aspect": cfg.aspect,
@@ -941,6 +956,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     # Written last: a directory with rlhfkit_rm.json is a complete reward model.
     if main:
         write_json(out / SPEC_FILE, spec)
+    run.close()
     console.print(f"train-rm: {_summary(held_metrics)}; reward model saved to {out}", soft_wrap=True)
     return metrics
 
