@@ -72,16 +72,12 @@ EXAMPLES = {
         "rlhfkit redistribute --rm runs/rm-comp --input runs/ppo/rollouts.jsonl --out runs/tokens.jsonl --html runs/tokens.html",
     ],
     "ppo": [
-        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo --rewards fact=0.5,rel=0.3 "
-        "--rm fact=runs/rm-fact --rm rel=runs/rm-rel",
-        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo-holistic --rewards pref=1.0 "
-        "--rm pref=runs/rm-pref --report-to tensorboard,wandb",
-        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo-r3hf --rewards pref=1.0 "
-        "--rm pref=runs/rm-pref --redistribute pref",
+        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo --rewards fact=0.5,rel=0.3 --rm fact=runs/rm-fact --rm rel=runs/rm-rel",
+        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo-holistic --rewards pref=1.0 --rm pref=runs/rm-pref --report-to tensorboard,wandb",
+        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo-r3hf --rewards pref=1.0 --rm pref=runs/rm-pref --redistribute pref",
     ],
     "evaluate": [
-        "rlhfkit evaluate --policy SFT=runs/sft --policy PPO=runs/ppo --prompts runs/import/prompts.jsonl "
-        "--rm fact=runs/rm-fact --out runs/eval",
+        "rlhfkit evaluate --policy SFT=runs/sft --policy PPO=runs/ppo --prompts runs/import/prompts.jsonl --rm fact=runs/rm-fact --out runs/eval",
     ],
     "critique-revise": [
         "rlhfkit critique-revise train --data runs/import/critiques.jsonl --model models/tiny --out runs/cr",

@@ -48,8 +48,8 @@ from rlhfkit.distributed import (
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
-from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.io import atomic_write
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
     DTYPES,
     add_lora,
@@ -60,8 +60,8 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.runs import RunDir, set_seed
-from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.schema import Demonstration, load_records
+from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     FitResult,
     LoopSettings,

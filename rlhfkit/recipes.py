@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import click
 import yaml
 
 from rlhfkit.config import REQUIRED, build_config, opt
@@ -237,7 +238,11 @@ def stage_spec(stage: str, where: str) -> tuple[str, str, str]:
 
     runnable = {name: spec for name, spec in STAGES.items() if name != "recipe"}
     if stage not in runnable:
-        raise RlhfkitError(f"{where}: unknown stage {stage!r}; stages: {', '.join(runnable)}")
+        from difflib import get_close_matches
+
+        close = get_close_matches(stage, list(runnable), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RlhfkitError(f"{where}: unknown stage {stage!r}{hint}; stages: {', '.join(runnable)}")
     module, config_name, entry_name, _ = runnable[stage]
     return module, config_name, entry_name
 
@@ -247,6 +252,9 @@ def stage_spec(stage: str, where: str) -> tuple[str, str, str]:
 
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
+
+
+SCALAR_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL}
 
 
 def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
@@ -261,6 +269,13 @@ def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
         (item,) = typing.get_args(hint)
         items = value if isinstance(value, list) else [value]
         return [check_option_type(v, item, name, where) for v in items]
+    if isinstance(value, str) and hint in SCALAR_TYPES:
+        # A stage's --config file goes through click, which reads "1e-5" (a string to
+        # YAML 1.1) as a float; a recipe accepts what a stage's config file accepts.
+        try:
+            value = SCALAR_TYPES[hint].convert(value, None, None)
+        except click.BadParameter:
+            raise RlhfkitError(f"{where}: option {name} must be {_type_name(hint)}, got {value!r}") from None
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:

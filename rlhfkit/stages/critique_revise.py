@@ -71,8 +71,8 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
-from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.io import atomic_write, write_json, write_text
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import win_rate
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec

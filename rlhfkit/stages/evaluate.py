@@ -45,8 +45,8 @@ from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
-from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.io import write_text
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec

@@ -79,8 +79,8 @@ from rlhfkit.rl.advantages import (
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.runs import RunDir, progress_bar, set_seed
-from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.schema import Generation, load_records, record_to_dict
+from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     STATE_FILE,
     latest_checkpoint,

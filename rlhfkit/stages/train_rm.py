@@ -49,6 +49,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ from rlhfkit.distributed import (
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
-from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.io import write_json
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import bootstrap_interval
 from rlhfkit.models import (
     DTYPES,
@@ -97,9 +98,9 @@ from rlhfkit.rewards.reward_model import (
     sequence_scores,
 )
 from rlhfkit.runs import RunDir, set_seed
-from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
 from rlhfkit.segment import label_segments, segment
+from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
 
 METRICS_FILE = "rm_metrics.json"
@@ -240,8 +241,10 @@ class TrainRMConfig:
         """The aspect's preset for the requested kind (a preset of another kind does not apply)."""
         preset = PRESETS.get(self.aspect)
         if self.kind is None and preset is None:
+            close = get_close_matches(self.aspect, list(PRESETS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RlhfkitError(
-                f"--aspect {self.aspect!r} has no preset; give --kind ({', '.join(KINDS)}) "
+                f"--aspect {self.aspect!r} has no preset{hint}; give --kind ({', '.join(KINDS)}) "
                 f"or use a preset aspect: {', '.join(PRESETS)}"
             )
         kind = self.kind or preset.kind
@@ -301,8 +304,10 @@ def load_aspect_records(path: str, aspect: str, settings: RMSettings, ties: str 
         judged = [r for r in records if aspect in r.aspects]
         if not judged:
             found = sorted({a for r in records for a in r.aspects} | {s.aspect for r in records for s in r.spans})
+            close = get_close_matches(aspect, found, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RlhfkitError(
-                f"{path}: no span_feedback record judged aspect {aspect!r}; found aspects: {', '.join(found) or 'none'}"
+                f"{path}: no span_feedback record judged aspect {aspect!r}{hint}; found aspects: {', '.join(found) or 'none'}"
             )
         return judged
     by_aspect = [r for r in records if r.aspect == aspect]
@@ -316,7 +321,9 @@ def load_aspect_records(path: str, aspect: str, settings: RMSettings, ties: str 
             )
     if not by_aspect:
         found = sorted({str(r.aspect) for r in records})
-        raise RlhfkitError(f"{path}: no {wanted[0].type_name} record has aspect {aspect!r}; found aspects: {', '.join(found)}")
+        close = get_close_matches(aspect, found, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RlhfkitError(f"{path}: no {wanted[0].type_name} record has aspect {aspect!r}{hint}; found aspects: {', '.join(found)}")
     for r in by_aspect:
         if isinstance(r, Preference) and r.chosen == r.rejected:
             raise RlhfkitError(
@@ -807,9 +814,9 @@ def fit_preset_lengths(cfg: TrainRMConfig, limit: int | None) -> None:
     a --max-prompt-length left at the preset's follows it (at most half of --max-length)."""
     preset = cfg.preset()
     prompt_default = min(preset.max_prompt_length, cfg.max_length // 2)
-    if fit_default_lengths(cfg, limit, ("max_length",), "train-rm", {"max_length": preset.max_length}):
-        if cfg.max_prompt_length == prompt_default:
-            cfg.max_prompt_length = min(preset.max_prompt_length, cfg.max_length // 2)
+    changed = fit_default_lengths(cfg, limit, ("max_length",), "train-rm", {"max_length": preset.max_length})
+    if changed and cfg.max_prompt_length == prompt_default:
+        cfg.max_prompt_length = min(preset.max_prompt_length, cfg.max_length // 2)
 
 
 def run_train_rm(cfg: TrainRMConfig) -> dict:
