@@ -14,6 +14,7 @@ handle); the CLI calls it before a stage's module is imported unless `--debug` i
 
 import logging
 import os
+import sys
 import warnings
 
 from rich.console import Console
@@ -46,3 +47,12 @@ def quiet_libraries() -> None:
     if not any(isinstance(f, _ErrorsOnly) for f in deepspeed_logger.filters):
         deepspeed_logger.addFilter(_ErrorsOnly())
     warnings.filterwarnings("ignore", module=CHATTY_MODULES)
+    if "transformers" in sys.modules:  # imported already (e.g. by a program using the Python API)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()

@@ -127,13 +127,18 @@ def test_two_systems_get_every_metric_and_a_pairwise_table(tmp_path, run_cli, ti
     assert row["win"] == pytest.approx(wins / N_PROMPTS) and row["loss"] == pytest.approx(losses / N_PROMPTS)
 
     table = (out / "results.md").read_text()
-    assert "| system | n | reward/preference | reward/factuality | error_rate/factuality | rouge_l |" in table
-    assert f"| tiny | {N_PROMPTS} |" in table and f"| gold | {N_PROMPTS} |" in table
-    # the paper's row, its RM alias resolved to the column of the same RM
-    paper_row = next(line for line in table.splitlines() if line.startswith("| FG-RLHF (paper)"))
-    columns = [c.strip() for c in table.splitlines()[4].split("|")[1:-1]]
-    cells = [c.strip() for c in paper_row.split("|")[1:-1]]
-    assert cells[columns.index("rouge_l")] == "0.4920" and cells[columns.index("error_rate/factuality")] == "0.1000"
+    header = "| system | preference score (judge) | factuality errors | factuality reward | ROUGE-L | length (words) |"
+    assert table.splitlines()[4] == header
+    tiny_row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
+    expected_rate = systems["tiny"]["error_rate/factuality"]
+    assert tiny_row.split(" | ")[2] == f"{expected_rate:.1%}"  # error rates as percentages
+    assert table.splitlines()[9].startswith("Best system per column (lowest error rate; highest reward")
+    assert "; ROUGE-L: gold (1.0000)." in table.splitlines()[9]  # gold answers with the references
+    assert f"| tiny | {N_PROMPTS} |" in table and f"| gold | {N_PROMPTS} |" in table  # other metrics: n first
+    # the paper's rows in their own table, the RM alias resolved to the same column name
+    published = table.split("## Published numbers")[1]
+    assert "| system | ROUGE-L | factuality errors |" in published
+    assert "| FG-RLHF | 0.4920 | 10.0% |" in published  # 0.1 as a percentage
     assert "Pairwise win rates (judge: preference" in table
 
 
