@@ -10,7 +10,8 @@ Everything stays on this machine unless the user says otherwise:
 - tensorboard: event files in OUT/tensorboard (`tensorboard --logdir OUT/tensorboard`);
 - wandb: offline mode in OUT/wandb unless WANDB_MODE is set (`wandb sync OUT/wandb/offline-run-*`);
 - trackio: its local database (TRACKIO_DIR, by default in the Hugging Face cache);
-- mlflow: a local store in OUT/mlruns unless MLFLOW_TRACKING_URI is set.
+- mlflow: a local SQLite store, OUT/mlflow.db (artifacts in OUT/mlartifacts), unless
+  MLFLOW_TRACKING_URI is set.
 
 Only the process that writes the run directory (rank 0) opens trackers. The packages are
 optional extras: `pip install 'rlhfkit[tensorboard]'` (or wandb, trackio, mlflow, tracking
@@ -165,12 +166,20 @@ class TrackioTracker:
 
 class MlflowTracker:
     def __init__(self, out: Path, stage: str, config: dict):
+        import logging
+
         import mlflow
 
+        # MLflow logs its database set-up at INFO on every run; keep its warnings.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.mlflow = mlflow
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT))
+            # A local SQLite store (MLflow 3 retired the ./mlruns file store), artifacts beside it.
+            mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+            if mlflow.get_experiment_by_name(name) is None:
+                mlflow.create_experiment(name, artifact_location=(out / "mlartifacts").resolve().as_uri())
+        mlflow.set_experiment(name)
         self.run = mlflow.start_run(run_name=f"{stage}:{out.name}")
         # MLflow params are flat strings of at most 6,000 characters.
         mlflow.log_params({key: json.dumps(value)[:6000] for key, value in config.items()})

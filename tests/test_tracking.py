@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,24 @@ def test_scalars_and_markdown_table():
         "loss": 0.5, "early_stopped": 1.0, "epochs_run": 2.0,
     }
     assert markdown_table(["a", "b"], [[1, "x|y\nz"], [0.25, "w"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y z |\n| 0.2500 | w |"
+
+
+@dataclass
+class _TrackedConfig:
+    report_to: list[str]
+    lr: float = 1e-5
+
+
+def test_mlflow_local_store_gets_the_same_scalars(tmp_path):
+    mlflow = pytest.importorskip("mlflow")  # the `mlflow` extra; not in `dev`
+    from rlhfkit.runs import RunDir
+
+    run = RunDir(tmp_path / "run", "ppo", _TrackedConfig(["mlflow"]))
+    run.log_metrics(step=1, **{"reward/total": 0.5, "kl": 0.01, "flag": "nan"})
+    run.log_metrics(step=2, **{"reward/total": 0.75})
+    run.close()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient()
+    (logged,) = client.search_runs([mlflow.get_experiment_by_name("rlhfkit").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "reward/total")] == [(1, 0.5), (2, 0.75)]
+    assert logged.data.params["lr"] == "1e-05"

@@ -1016,5 +1016,6 @@ def _evaluate_only(cfg: TrainRMConfig) -> dict:
         "beats_baseline_clearly": beats_baseline_clearly(held_metrics),
     }
     run.write_json(METRICS_FILE, metrics)
+    run.close()
     console.print(f"train-rm --eval-only: {_summary(held_metrics)}", soft_wrap=True)
     return metrics
