@@ -142,3 +142,18 @@ def test_did_you_mean(run_cli, tmp_path):
     write_span_feedback(data, 2)
     result = run_cli("train-rm", "--aspect", "factuallity", "--data", data, "--model", tmp_path, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "--aspect 'factuallity' has no preset (did you mean 'factuality'?)" in result.output
+
+
+def test_every_help_example_parses(repo_root, monkeypatch):
+    import shlex
+
+    from rlhfkit.cli import EXAMPLES, STAGES, stage_command
+
+    monkeypatch.chdir(repo_root)  # an example's --config names a shipped file
+    assert set(EXAMPLES) <= set(STAGES)
+    for name, examples in EXAMPLES.items():
+        command = stage_command(name)
+        for example in examples:
+            words = shlex.split(example)
+            assert words[:2] == ["rlhfkit", name]
+            command.make_context(name, words[2:])  # parses every option; runs nothing
