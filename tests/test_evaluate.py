@@ -220,3 +220,27 @@ def test_bad_options_are_one_line_errors(tmp_path, run_cli, tiny_model_dir):
     result = run_cli("evaluate", "--generations", tmp_path / "a.jsonl", "--out", tmp_path / "o", "--paper", paper)
     assert result.exit_code == 2 and "rows[0].metrics.rouge_l must be a number" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_results_table_is_short_and_says_what_it_shows():
+    from rlhfkit.stages.evaluate import render_results
+
+    table = {
+        "SFT": {"n": 2, "reward/factuality": 0.5, "error_rate/factuality": 0.25, "reward/preference": -0.5,
+                "rouge_l": 0.3, "distinct_1": 0.5, "distinct_2": 0.75, "distinct_3": 1.0, "mean_length": 10.0},
+        "PPO": {"n": 2, "reward/factuality": 1.5, "error_rate/factuality": 0.125, "reward/preference": -0.5,
+                "rouge_l": 0.25, "distinct_1": 0.5, "distinct_2": 0.5, "distinct_3": 0.5, "mean_length": 12.5},
+    }
+    paper = {"source": "a paper", "rows": [{"system": "FG", "metrics": {"rouge_l": 0.49, "fact (their RM)": 0.8}}]}
+    text = render_results(table, [], "preference", 0.0, paper, "2 prompts.")
+    assert text.split("\n## Other metrics")[0] == (
+        "# rlhfkit evaluate\n\n2 prompts.\n\n"
+        "| system | factuality errors | factuality reward | preference score (judge) | ROUGE-L | length (words) |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+        "| SFT | 25.0% | +0.5000 | -0.5000 | 0.3000 | 10.0 |\n"
+        "| PPO | 12.5% | +1.5000 | -0.5000 | 0.2500 | 12.5 |\n\n"
+        # lowest error rate 12.5% (PPO); highest reward 1.5 (PPO); scores equal; ROUGE-L 0.3 (SFT)
+        "Best system per column (lowest error rate; highest reward, score and ROUGE-L): factuality errors: PPO (12.5%); "
+        "factuality reward: PPO (+1.5000); preference score (judge): all tie (-0.5000); ROUGE-L: SFT (0.3000).\n"
+    )
+    assert "| system | ROUGE-L | fact (their RM) |\n|---|---:|---:|\n| FG | 0.4900 | 0.8000 |" in text

@@ -394,8 +394,11 @@ def best_systems_sentence(table: dict[str, dict[str, float]], columns: list[str]
     def best(key: str) -> str:
         values = {name: metrics[key] for name, metrics in table.items() if metrics.get(key) is not None}
         target = min(values.values()) if key.startswith("error_rate/") else max(values.values())
-        winners = " and ".join(name for name, value in values.items() if value == target)
-        return f"{column_label(key, judge)}: {winners} ({format_value(key, target)})"
+        winners = [name for name, value in values.items() if value == target]
+        if len(winners) == len(table):
+            return f"{column_label(key, judge)}: all tie ({format_value(key, target)})"
+        named = winners[0] if len(winners) == 1 else ", ".join(winners[:-1]) + " and " + winners[-1]
+        return f"{column_label(key, judge)}: {named} ({format_value(key, target)})"
 
     compared = [key for key in columns if key != "mean_length"]
     return (
