@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import importlib
 import sys
+from difflib import get_close_matches
 
 import click
 import typer
+from rich.markup import escape
 from rich.text import Text
 from typer.core import TyperGroup
 
 from rlhfkit import __version__
 from rlhfkit.config import command_from_config, run_stage
-from rlhfkit.console import console
+from rlhfkit.console import console, quiet_libraries
 
 # command -> (module, config class, entry function, one-line help); in pipeline order.
 STAGES = {
@@ -38,10 +40,61 @@ STAGES = {
                  "Compare policies/generations: rewards, error rates, ROUGE-L, distinct-n, perplexity, win rates."),
     "critique-revise": ("rlhfkit.stages.critique_revise", "CritiqueReviseConfig", "run_critique_revise",
                         "Critique-and-revise with natural-language feedback: train | run (Jin et al. 2023)."),
+    "compare": ("rlhfkit.stages.compare", "CompareConfig", "run_compare",
+                "Compare runs side by side: metric curves (PNG) or first/last figures (markdown)."),
     "recipe": ("rlhfkit.recipes", "RecipeConfig", "run_recipe",
                "Run a paper-table recipe (an ordered plan of stage runs), or --dry-run to validate it."),
     "launch": ("rlhfkit.stages.launch", "LaunchConfig", "run_launch",
                "Run a stage in one process per GPU on one or more nodes (DeepSpeed launcher)."),
+}
+
+# Shown under each stage's --help.
+EXAMPLES = {
+    "annotate-import": [
+        "rlhfkit annotate-import --format qa-feedback data/qa_feedback/feedback.json --out runs/import",
+        "rlhfkit annotate-import --format pairwise prefs.jsonl --out runs/import-pairs",
+    ],
+    "init-model": [
+        "rlhfkit init-model --out models/tiny",
+        "rlhfkit init-model --arch t5 --max-positions 512 --out models/tiny-t5",
+    ],
+    "sft": [
+        "rlhfkit sft --model models/tiny --data runs/import/demonstrations.jsonl --out runs/sft",
+        "rlhfkit sft --model gpt2 --data demos.jsonl --out runs/sft --lora-r 16 --report-to tensorboard",
+        "rlhfkit sft --config recipes/qa_feedback/tiny/sft.yaml --model models/tiny --data demos.jsonl --out runs/sft",
+    ],
+    "train-rm": [
+        "rlhfkit train-rm --aspect factuality --data runs/import/span_feedback.jsonl --model models/tiny --out runs/rm-fact",
+        "rlhfkit train-rm --aspect completeness --data runs/import/preferences.jsonl --model models/tiny --out runs/rm-comp",
+        "rlhfkit train-rm --aspect factuality --eval-only --model runs/rm-fact --data heldout.jsonl --out runs/rm-fact-eval",
+    ],
+    "redistribute": [
+        "rlhfkit redistribute --rm runs/rm-comp --input runs/ppo/rollouts.jsonl --out runs/tokens.jsonl --html runs/tokens.html",
+    ],
+    "ppo": [
+        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo --rewards fact=0.5,rel=0.3 --rm fact=runs/rm-fact --rm rel=runs/rm-rel",
+        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo-holistic --rewards pref=1.0 --rm pref=runs/rm-pref --report-to tensorboard,wandb",
+        "rlhfkit ppo --policy runs/sft --prompts runs/import/prompts.jsonl --out runs/ppo-r3hf --rewards pref=1.0 --rm pref=runs/rm-pref --redistribute pref",
+    ],
+    "evaluate": [
+        "rlhfkit evaluate --policy SFT=runs/sft --policy PPO=runs/ppo --prompts runs/import/prompts.jsonl --rm fact=runs/rm-fact --out runs/eval",
+    ],
+    "critique-revise": [
+        "rlhfkit critique-revise train --data runs/import/critiques.jsonl --model models/tiny --out runs/cr",
+        "rlhfkit critique-revise run --model runs/cr --input runs/eval/generations.jsonl --rounds 3 --judge runs/rm-comp --out runs/cr-run",
+    ],
+    "compare": [
+        "rlhfkit compare runs/ppo-fine-grained runs/ppo-holistic --out compare.png",
+        "rlhfkit compare runs/ppo-fine-grained runs/ppo-holistic --metric reward/total --metric kl --out compare.md",
+    ],
+    "recipe": [
+        "rlhfkit recipe recipes/demo.yaml --set out=runs/demo",
+        "rlhfkit recipe recipes/qa_feedback/tiny.yaml --dry-run",
+    ],
+    "launch": [
+        "rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml --deepspeed zero2",
+        "rlhfkit launch --dry-run --gpus 8 -- sft --model gpt2 --data demos.jsonl --out runs/sft",
+    ],
 }
 
 # Stages whose issues have not landed yet: listed so `rlhfkit --help` shows the whole pipeline.
@@ -53,9 +106,12 @@ def stage_command(name: str) -> click.Command:
     module_name, config_name, entry_name, help_text = STAGES[name]
     module = importlib.import_module(module_name)
     cfg_cls, entry = getattr(module, config_name), getattr(module, entry_name)
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    long_help = (entry.__doc__ or help_text).strip()
-    single.command(name=name, help=long_help)(command_from_config(cfg_cls, entry, run_stage))
+    # "rich" markup mode groups the options in panels; help texts are escaped (config.py).
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+    long_help = escape((entry.__doc__ or help_text).strip())
+    examples = "\n\n".join(escape(example) for example in EXAMPLES.get(name, []))
+    epilog = f"[bold]Examples[/bold]\n\n{examples}" if examples else None
+    single.command(name=name, help=long_help, epilog=epilog)(command_from_config(cfg_cls, entry, run_stage))
     return typer.main.get_command(single)
 
 
@@ -74,6 +130,17 @@ class LazyStages(TyperGroup):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(STAGES) + list(PLANNED)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        # Before the stage's module imports transformers/DeepSpeed, which read the settings
+        # then; `--debug` keeps the libraries' own output.
+        if "--debug" not in args:
+            quiet_libraries()
+        if args and not args[0].startswith("-") and args[0] not in self.list_commands(ctx):
+            close = get_close_matches(args[0], self.list_commands(ctx), n=2)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            ctx.fail(f"No such command '{args[0]}'.{hint}")
+        return super().resolve_command(ctx, args)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in STAGES:

@@ -27,9 +27,13 @@ from rlhfkit.console import console
 from rlhfkit.errors import EnvironmentFailure, RlhfkitError, os_error_message
 
 
-def opt(default: Any = None, help: str = "", *, argument: bool = False, flag_name: Optional[str] = None) -> Any:
-    """A config field that is also a CLI option (`argument=True`: a positional argument)."""
-    metadata = {"help": help, "argument": argument, "flag_name": flag_name}
+def opt(
+    default: Any = None, help: str = "", *, argument: bool = False, flag_name: Optional[str] = None, panel: Optional[str] = None
+) -> Any:
+    """A config field that is also a CLI option (`argument=True`: a positional argument).
+
+    `panel` is the `--help` group it is listed in (default: by its name, see PANEL_OF)."""
+    metadata = {"help": help, "argument": argument, "flag_name": flag_name, "panel": panel}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -37,6 +41,27 @@ def opt(default: Any = None, help: str = "", *, argument: bool = False, flag_nam
 
 REQUIRED = ...
 """Default for a field the user must give (on the command line or in `--config`)."""
+
+# `--help` groups options in these panels, in this order (required options first in each).
+PANELS = ("Data", "Model", "Rewards", "Training", "PPO", "Generation", "Distributed", "Output", "Options")
+_PANEL_FIELDS = {
+    "Data": "data prompts eval_prompts input inputs corpus generations format label_map include exclude field split "
+    "skip_invalid max_inputs max_prompts normalize_on limit eval_fraction runs plan critique_template revision_template",
+    "Model": "model policy ref value_init value_model arch vocab_size n_layer n_embd n_head max_positions lora_r "
+    "lora_alpha lora_dropout lora_target_modules merge_lora trust_remote_code dtype reference_lm",
+    "Rewards": "rewards rm redistribute truncation_penalty judge aspect kind granularity positive_reward "
+    "negative_reward error_class_weight ties rm_batch_size whiten_rewards",
+    "Training": "epochs max_steps batch_size grad_accum lr lr_scheduler warmup_ratio warmup_steps weight_decay "
+    "max_grad_norm max_length eval_every resume seed eval_only",
+    "PPO": "advantage steps prompts_per_step samples_per_prompt minibatch_size ppo_epochs value_lr kl_coef target_kl "
+    "kl_horizon kl_stop gamma lam clip value_clip vf_coef entropy_coef",
+    "Generation": "max_new_tokens max_prompt_length temperature top_k top_p sample rounds min_length_ratio "
+    "accept_truncated tie_margin",
+    "Distributed": "deepspeed offload_optimizer offload_params device gpus num_nodes hostfile master_addr master_port",
+    "Output": "out save_every keep_checkpoints log_rollouts report_to html paper labels metric dry_run from_step overrides",
+}
+PANEL_OF = {name: panel for panel, names in _PANEL_FIELDS.items() for name in names.split()}
+"""The panel of an option by its name, unless its `opt(panel=...)` says otherwise."""
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -82,6 +107,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+SCALAR_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL}
+
+
 def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
     """`value` checked against a config field's type hint (a single item becomes a list)."""
     origin = typing.get_origin(hint)
@@ -94,6 +122,13 @@ def check_option_type(value: Any, hint: Any, name: str, where: str) -> Any:
         (item,) = typing.get_args(hint)
         items = value if isinstance(value, list) else [value]
         return [check_option_type(v, item, name, where) for v in items]
+    if isinstance(value, str) and hint in SCALAR_TYPES:
+        # YAML 1.1 reads "1e-5" as a string; click, which reads a stage's command line,
+        # converts it, so a config file or recipe accepts what the command line accepts.
+        try:
+            value = SCALAR_TYPES[hint].convert(value, None, None)
+        except click.BadParameter:
+            raise RlhfkitError(f"{where}: option {name} must be {_type_name(hint)}, got {value!r}") from None
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -234,15 +269,20 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
 
     `runner(entry, cfg_factory, debug)` runs the stage (error handling lives there).
     """
+    from rich.markup import escape  # help texts are shown as rich markup; their [brackets] are text
+
     hints = typing.get_type_hints(cfg_cls)
     params = []
+    order = {}
     for f in dataclasses.fields(cfg_cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         annotation = hints[f.name]
         required = default is REQUIRED
+        panel = meta.get("panel") or PANEL_OF.get(f.name, "Options")
         if meta.get("argument"):
-            info = typer.Argument(None if required else default, help=meta.get("help", ""), show_default=not required)
+            info = typer.Argument(None if required else default, help=escape(meta.get("help", "")), show_default=not required)
+            order[f.name] = (-1, 0)
         else:
             flag = meta.get("flag_name") or "--" + f.name.replace("_", "-")
             decls = [flag]
@@ -251,12 +291,18 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
             info = typer.Option(
                 None if required else default,
                 *decls,
-                help=meta.get("help", "") + (" [required]" if required else ""),
+                help=escape(meta.get("help", "") + (" [required]" if required else "")),
                 show_default=not required,
+                rich_help_panel=panel,
             )
+            order[f.name] = (PANELS.index(panel) if panel in PANELS else len(PANELS), 0 if required else 1)
         if required:
             annotation = Optional[annotation]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
+    # Panels with a required option come first, and required options first in each panel;
+    # the sort is stable, so the dataclass's order holds within that.
+    panels_with_required = {key[0] for key in order.values() if key[1] == 0}
+    params.sort(key=lambda p: (order[p.name][0] not in panels_with_required, *order[p.name]))
     params.append(
         inspect.Parameter(
             "config",
@@ -267,6 +313,7 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
                 "--config",
                 help="YAML file whose keys are this command's option names; command-line options override it.",
                 is_eager=True,
+                rich_help_panel="Options",
                 callback=_config_file_callback(cfg_cls),
             ),
         )
@@ -276,7 +323,10 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
             "debug",
             inspect.Parameter.KEYWORD_ONLY,
             annotation=bool,
-            default=typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+            default=typer.Option(
+                False, "--debug", help="Show full tracebacks on errors, and the libraries' own logging and warnings.",
+                rich_help_panel="Options",
+            ),
         )
     )
 

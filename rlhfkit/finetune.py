@@ -57,6 +57,7 @@ from rlhfkit.distributed import (
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import atomic_write
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
     DTYPES,
     add_lora,
@@ -68,6 +69,7 @@ from rlhfkit.models import (
 )
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
 from rlhfkit.schema import Demonstration, load_records
+from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     FitResult,
     LoopSettings,
@@ -114,10 +116,12 @@ class FinetuneOptions:
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
     seed: int = opt(42, "Seed for the held-out split, data order, LoRA init and dropout.")
     chat_template: str | None = opt(None, "Jinja chat template file for conversational demonstrations (default: the tokenizer's own, if any); saved with the model.")
+    report_to: list[str] = opt([], REPORT_TO_HELP)
 
     def validate_finetune(self) -> None:
         validate_loop_options(self)
         load_chat_template(self.chat_template)
+        parse_report_to(self.report_to)
         if self.max_length < 2:
             raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
@@ -343,6 +347,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     if tokenizer.eos_token_id is None:
         raise RlhfkitError(f"{cfg.model}: the tokenizer has no eos token, so responses cannot be taught to end")
     limit = model_max_positions(model)
+    if not is_encoder_decoder:
+        fit_default_lengths(cfg, limit, ("max_length",), "sft")
     if not is_encoder_decoder and limit is not None and cfg.max_length > limit:
         raise RlhfkitError(f"--max-length {cfg.max_length} exceeds the {limit} positions {cfg.model} allows; lower --max-length")
 
@@ -438,5 +444,6 @@ def run_sft(cfg: SFTConfig) -> Path:
     summary = f"sft: {result.steps} steps, train loss {metrics['train_loss']:.4f}"
     if after:
         summary += f", eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {after['perplexity']:.2f})"
+    run.close()
     console.print(f"{summary}, {result.samples_per_second:.1f} samples/s; model saved to {out}", soft_wrap=True)
     return out

@@ -263,7 +263,11 @@ def stage_spec(stage: str, where: str) -> tuple[str, str, str]:
 
     runnable = {name: spec for name, spec in STAGES.items() if name != "recipe"}
     if stage not in runnable:
-        raise RlhfkitError(f"{where}: unknown stage {stage!r}; stages: {', '.join(runnable)}")
+        from difflib import get_close_matches
+
+        close = get_close_matches(stage, list(runnable), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RlhfkitError(f"{where}: unknown stage {stage!r}{hint}; stages: {', '.join(runnable)}")
     module, config_name, entry_name, _ = runnable[stage]
     return module, config_name, entry_name
 

@@ -46,6 +46,7 @@ from rlhfkit.config import config_to_dict
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError, output_error
 from rlhfkit.io import write_json, write_text
+from rlhfkit.tracking import open_trackers
 
 RUN_CONFIG = "run_config.json"
 OVERWRITE_HELP = "Replace a non-empty --out: everything in it is deleted first (without it such an --out is refused)."
@@ -171,6 +172,7 @@ class RunDir:
                 if found == stage and hasattr(cfg, "resume"):
                     hint = "--resume to continue that run, " + hint
                 raise RlhfkitError(f"--out {self.path} is not empty (it holds {held}); give {hint}")
+        self.trackers = None
         if not self.writes:
             return
         try:
@@ -231,7 +233,10 @@ class RunDir:
                 self.path.rmdir()
 
     def close(self) -> None:
-        """Release the lock (it is released anyway when the process ends)."""
+        """Flush and close the trackers and release the lock (released anyway when the process ends)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
         handle = _HELD_LOCKS.pop(self.path.resolve(), None)
         if handle is not None:
             # Removed while still locked, so no other run can lock the file being removed.
@@ -246,16 +251,19 @@ class RunDir:
         self.begun = True
         if not self.resume and self.metrics_path.exists():
             self.metrics_path.unlink()
+        config = config_to_dict(self.cfg)
         write_json(
             self.path / RUN_CONFIG,
             {
                 "stage": self.stage,
-                "config": config_to_dict(self.cfg),
+                "config": config,
                 "versions": package_versions(),
                 "command": sys.argv,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )
+        # --report-to: the trackers get every row written below (rank 0 only, like the file).
+        self.trackers = open_trackers(getattr(self.cfg, "report_to", None), self.path, self.stage, config)
 
     def log_metrics(self, step: Optional[int] = None, **metrics: Any) -> dict:
         """Append one line to metrics.jsonl (non-finite numbers are written as strings)."""
@@ -271,7 +279,14 @@ class RunDir:
         self.begin()
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
         return row
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: Optional[int] = None) -> None:
+        """A table for the trackers (e.g. ppo's sample rollouts); the stage writes its own file."""
+        if self.trackers is not None:
+            self.trackers.table(name, columns, rows, step)
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop metric lines logged after the checkpoint being resumed from."""
@@ -295,23 +310,78 @@ class RunDir:
         return target
 
 
+# Metrics a progress bar or line shows when a stage passes them, in this order: name, format.
+PROGRESS_FIELDS = (
+    ("loss", "loss {:.4f}"),
+    ("reward/total", "reward {:+.4f}"),
+    ("kl", "KL {:.4f}"),
+    ("tokens_per_second", "{:,.0f} tokens/s"),
+    ("samples_per_second", "{:,.1f} samples/s"),
+)
+PROGRESS_LINES = 10
+"""Without a terminal, a progress line every total/PROGRESS_LINES steps (and at the end)."""
+
+
+def progress_status(metrics: Optional[dict]) -> str:
+    """The metrics a progress bar/line shows, e.g. 'reward +0.1234 · KL 0.0123 · 512 tokens/s'."""
+    parts = []
+    for key, template in PROGRESS_FIELDS:
+        value = (metrics or {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            parts.append(template.format(value))
+    return " · ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @contextmanager
 def progress_bar(description: str, total: Optional[int]) -> Iterator[Any]:
-    """A rich progress bar; yields `advance(n=1)`. Quiet when stderr is not a terminal."""
+    """Progress of a loop; yields `advance(n=1, metrics=None)`.
+
+    In a terminal: a rich bar that shows the latest `metrics` (loss, or reward and KL).
+    Otherwise (a log file, CI, `tee`): one line every ~total/10 steps and at the last, with
+    step/total, the metrics, and the ETA; nothing for a loop of unknown length. Nothing on
+    processes other than rank 0.
+    """
+    interactive = console.is_terminal and not console.quiet
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
         transient=False,
-        disable=not console.is_terminal or console.quiet,
+        disable=not interactive,
     )
+    every = max(1, math.ceil(total / PROGRESS_LINES)) if total else 0
+    started = time.perf_counter()
+    state = {"done": 0, "first": None}
     with progress:
-        task = progress.add_task(description, total=total)
+        task = progress.add_task(description, total=total, status="")
 
-        def advance(n: int = 1, **fields: Any) -> None:
-            progress.update(task, advance=n, **fields)
+        def advance(n: int = 1, metrics: Optional[dict] = None) -> None:
+            status = progress_status(metrics)
+            progress.update(task, advance=n, **({"status": status} if metrics else {}))
+            before, state["done"] = state["done"], state["done"] + n
+            if state["first"] is None:
+                # A first call without metrics skips ahead (the steps a resumed loop had done).
+                state["first"] = state["done"] if metrics is None else before
+                if metrics is None:
+                    return
+            if interactive or console.quiet or not every or n == 0:
+                return
+            done = state["done"]
+            if done // every == before // every and done != total:
+                return
+            elapsed = time.perf_counter() - started
+            ran = done - state["first"]
+            eta = f"ETA {_duration(elapsed / ran * (total - done))}" if ran > 0 else ""
+            fields = [f"{description}: step {done}/{total}", status, eta]
+            console.print(" · ".join(f for f in fields if f), markup=False, highlight=False, soft_wrap=True)
 
         yield advance

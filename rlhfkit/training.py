@@ -601,7 +601,7 @@ def fit(
             run.log_metrics(
                 step=step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=round(step / plan.steps_per_epoch, 4)
             )
-            advance()
+            advance(metrics={"loss": loss, "samples_per_second": progress.samples / max(progress.train_seconds, 1e-9)})
             if settings.eval_every and step % settings.eval_every == 0 and step < plan.total_steps:
                 run_evaluation(step)
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:

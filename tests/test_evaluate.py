@@ -127,13 +127,18 @@ def test_two_systems_get_every_metric_and_a_pairwise_table(tmp_path, run_cli, ti
     assert row["win"] == pytest.approx(wins / N_PROMPTS) and row["loss"] == pytest.approx(losses / N_PROMPTS)
 
     table = (out / "results.md").read_text()
-    assert "| system | n | reward/preference | reward/factuality | error_rate/factuality | rouge_l |" in table
-    assert f"| tiny | {N_PROMPTS} |" in table and f"| gold | {N_PROMPTS} |" in table
-    # the paper's row, its RM alias resolved to the column of the same RM
-    paper_row = next(line for line in table.splitlines() if line.startswith("| FG-RLHF (paper)"))
-    columns = [c.strip() for c in table.splitlines()[4].split("|")[1:-1]]
-    cells = [c.strip() for c in paper_row.split("|")[1:-1]]
-    assert cells[columns.index("rouge_l")] == "0.4920" and cells[columns.index("error_rate/factuality")] == "0.1000"
+    header = "| system | preference score (judge) | factuality errors | factuality reward | ROUGE-L | length (words) |"
+    assert table.splitlines()[4] == header
+    tiny_row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
+    expected_rate = systems["tiny"]["error_rate/factuality"]
+    assert tiny_row.split(" | ")[2] == f"{expected_rate:.1%}"  # error rates as percentages
+    assert table.splitlines()[9].startswith("Best system per column (lowest error rate; highest reward")
+    assert "; ROUGE-L: gold (1.0000)." in table.splitlines()[9]  # gold answers with the references
+    assert f"| tiny | {N_PROMPTS} |" in table and f"| gold | {N_PROMPTS} |" in table  # other metrics: n first
+    # the paper's rows in their own table, the RM alias resolved to the same column name
+    published = table.split("## Published numbers")[1]
+    assert "| system | ROUGE-L | factuality errors |" in published
+    assert "| FG-RLHF | 0.4920 | 10.0% |" in published  # 0.1 as a percentage
     assert "Pairwise win rates (judge: preference" in table
 
 
@@ -215,3 +220,27 @@ def test_bad_options_are_one_line_errors(tmp_path, run_cli, tiny_model_dir):
     result = run_cli("evaluate", "--generations", tmp_path / "a.jsonl", "--out", tmp_path / "o", "--paper", paper)
     assert result.exit_code == 2 and "rows[0].metrics.rouge_l must be a number" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_results_table_is_short_and_says_what_it_shows():
+    from rlhfkit.stages.evaluate import render_results
+
+    table = {
+        "SFT": {"n": 2, "reward/factuality": 0.5, "error_rate/factuality": 0.25, "reward/preference": -0.5,
+                "rouge_l": 0.3, "distinct_1": 0.5, "distinct_2": 0.75, "distinct_3": 1.0, "mean_length": 10.0},
+        "PPO": {"n": 2, "reward/factuality": 1.5, "error_rate/factuality": 0.125, "reward/preference": -0.5,
+                "rouge_l": 0.25, "distinct_1": 0.5, "distinct_2": 0.5, "distinct_3": 0.5, "mean_length": 12.5},
+    }
+    paper = {"source": "a paper", "rows": [{"system": "FG", "metrics": {"rouge_l": 0.49, "fact (their RM)": 0.8}}]}
+    text = render_results(table, [], "preference", 0.0, paper, "2 prompts.")
+    assert text.split("\n## Other metrics")[0] == (
+        "# rlhfkit evaluate\n\n2 prompts.\n\n"
+        "| system | factuality errors | factuality reward | preference score (judge) | ROUGE-L | length (words) |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+        "| SFT | 25.0% | +0.5000 | -0.5000 | 0.3000 | 10.0 |\n"
+        "| PPO | 12.5% | +1.5000 | -0.5000 | 0.2500 | 12.5 |\n\n"
+        # lowest error rate 12.5% (PPO); highest reward 1.5 (PPO); scores equal; ROUGE-L 0.3 (SFT)
+        "Best system per column (lowest error rate; highest reward, score and ROUGE-L): factuality errors: PPO (12.5%); "
+        "factuality reward: PPO (+1.5000); preference score (judge): all tie (-0.5000); ROUGE-L: SFT (0.3000).\n"
+    )
+    assert "| system | ROUGE-L | fact (their RM) |\n|---|---:|---:|\n| FG | 0.4900 | 0.8000 |" in text

@@ -90,7 +90,7 @@ def test_unknown_option_in_with_names_the_plan_and_step(tmp_path):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("steps:\n  - stage: spf\n", r"steps\[1\]: unknown stage 'spf'; stages: annotate-import, .*sft"),
+        ("steps:\n  - stage: spf\n", r"steps\[1\]: unknown stage 'spf' \(did you mean 'sft'\?\); stages: annotate-import, .*sft"),
         ("steps:\n  - stage: sft\n    call: a:b\n", "give exactly one of 'stage'"),
         ("steps:\n  - stage: sft\n    with: {out: '${nowhere}/x'}\n", r"unknown variable \$\{nowhere\}; defined: plan_dir"),
         ("stepz: []\n", "unknown key.* stepz; valid: description, vars, requires, steps"),

@@ -21,14 +21,15 @@ Per system (metrics.json keys):
   normalised score beats B's by more than `--tie-margin`.
 
 Writes to `--out`: `generations.jsonl` (every system's responses as `generation` records,
-with each RM's reward in `meta.rewards`), `metrics.json`, `results.md` (a markdown table like
-the papers') and run_config.json.
+with each RM's reward in `meta.rewards`), `metrics.json`, `results.md` (a short table: per
+aspect the error rate and reward, the judge's score, ROUGE-L and length, with a sentence
+naming the best system per column; the other metrics below it) and run_config.json.
 
-`--paper TABLE.json` adds published numbers as extra rows, marked "(paper)":
+`--paper TABLE.json` adds published numbers as a table of their own under the results:
     {"source": "Wu et al. 2023, Table 2", "rows": [{"system": "FG-RLHF", "metrics":
      {"rouge_l": 0.492, "error_rate/relevance": 0.128}}]}
-Metric names are the keys above, values on the same scale (fractions, not percentages);
-a name no system here has gets a column of its own.
+Metric names are the keys above, values on the same scale (fractions, not percentages),
+so a column of the same name means the same measure.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from rlhfkit.chat import load_chat_template, override_chat_template, render_prom
 from rlhfkit.config import REQUIRED, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import SamplingConfig, generate
+from rlhfkit.generation import SamplingConfig, generate, model_max_positions
 from rlhfkit.io import write_text
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
@@ -242,6 +244,8 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
         path, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
     )
     override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    if not is_encoder_decoder:
+        fit_default_lengths(cfg, model_max_positions(model), ("max_prompt_length", "max_new_tokens"), "evaluate")
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -356,9 +360,65 @@ def pairwise_win_rates(systems: list[System], judge: str, tie_margin: float) -> 
 def format_value(key: str, value) -> str:
     if value is None:
         return "–"
-    if isinstance(value, int) and key == "n":
-        return str(value)
-    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+    if key == "n":
+        return str(int(value))
+    if key.startswith("error_rate/"):
+        return f"{value:.1%}"
+    if key.startswith("reward/"):
+        return f"{value:+.4f}"
+    if key in ("mean_length", "perplexity") or abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def column_label(key: str, judge: str | None = None) -> str:
+    """A readable header: `error_rate/factuality` -> `factuality errors`."""
+    prefix, _, name = key.partition("/")
+    if prefix == "error_rate":
+        return f"{name} errors"
+    if prefix == "reward":
+        return f"{name} score (judge)" if name == judge else f"{name} reward"
+    return {"rouge_l": "ROUGE-L", "mean_length": "length (words)", "distinct_1": "distinct-1", "distinct_2": "distinct-2",
+            "distinct_3": "distinct-3"}.get(key, key)
+
+
+def main_columns(table: dict[str, dict[str, float]]) -> list[str]:
+    """Per aspect its error rate (segment RMs) and reward, then ROUGE-L and length."""
+    keys = list(dict.fromkeys(key for metrics in table.values() for key in metrics))
+    columns = []
+    for key in keys:
+        if key.startswith("reward/"):
+            errors = "error_rate/" + key.partition("/")[2]
+            columns += [errors, key] if errors in keys else [key]
+    return columns + [key for key in ("rouge_l", "mean_length") if key in keys]
+
+
+def markdown_rows(columns: list[str], labels: list[str], rows: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| system | " + " | ".join(labels) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for name, metrics in rows:
+        lines.append(f"| {name} | " + " | ".join(format_value(key, metrics.get(key)) for key in columns) + " |")
+    return lines
+
+
+def best_systems_sentence(table: dict[str, dict[str, float]], columns: list[str], judge: str | None) -> str:
+    """One sentence naming the best system on each compared metric (ties: all of them)."""
+    if len(table) < 2:
+        return "One system only, so nothing to compare."
+
+    def best(key: str) -> str:
+        values = {name: metrics[key] for name, metrics in table.items() if metrics.get(key) is not None}
+        target = min(values.values()) if key.startswith("error_rate/") else max(values.values())
+        winners = [name for name, value in values.items() if value == target]
+        if len(winners) == len(table):
+            return f"{column_label(key, judge)}: all tie ({format_value(key, target)})"
+        named = winners[0] if len(winners) == 1 else ", ".join(winners[:-1]) + " and " + winners[-1]
+        return f"{column_label(key, judge)}: {named} ({format_value(key, target)})"
+
+    compared = [key for key in columns if key != "mean_length"]
+    return (
+        "Best system per column (lowest error rate; highest reward, score and ROUGE-L): "
+        + "; ".join(best(key) for key in compared) + "."
+    )
 
 
 def render_results(
@@ -369,19 +429,24 @@ def render_results(
     paper: dict | None,
     description: str,
 ) -> str:
-    columns = list(dict.fromkeys(key for metrics in table.values() for key in metrics if key != "rouge_l_n"))
-    rows = [(name, metrics) for name, metrics in table.items()]
-    if paper:
-        for row in paper["rows"]:
-            columns.extend(key for key in row["metrics"] if key not in columns)
-            rows.append((f"{row['system']} (paper)", row["metrics"]))
+    """results.md: a main table people can read (per-aspect error rate and reward, the judge's
+    score, ROUGE-L, length), a sentence on what it shows, the other metrics, the published
+    numbers in a table of their own (on the paper's scale), and pairwise win rates."""
+    columns = main_columns(table)
+    rows = list(table.items())
     lines = ["# rlhfkit evaluate", "", description, ""]
-    lines.append("| system | " + " | ".join(columns) + " |")
-    lines.append("|---" * (len(columns) + 1) + "|")
-    for name, metrics in rows:
-        lines.append(f"| {name} | " + " | ".join(format_value(key, metrics.get(key)) for key in columns) + " |")
-    if paper and paper["source"]:
-        lines += ["", f"Rows marked (paper): published numbers from {paper['source']}."]
+    lines += markdown_rows(columns, [column_label(key, judge) for key in columns], rows)
+    lines += ["", best_systems_sentence(table, columns, judge)]
+    others = [key for key in ("n", "distinct_1", "distinct_2", "distinct_3", "perplexity") if any(key in m for m in table.values())]
+    lines += ["", "## Other metrics", ""]
+    lines += markdown_rows(others, [column_label(key) for key in others], rows)
+    if paper:
+        paper_columns = list(dict.fromkeys(key for row in paper["rows"] for key in row["metrics"]))
+        lines += ["", "## Published numbers", ""]
+        if paper["source"]:
+            lines += [f"From {paper['source']}. Their models and scales, not comparable with the rows above unless the column is the same.", ""]
+        lines += markdown_rows(paper_columns, [column_label(key) for key in paper_columns],
+                               [(row["system"], row["metrics"]) for row in paper["rows"]])
     if pairwise:
         lines += [
             "",

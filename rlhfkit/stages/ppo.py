@@ -62,6 +62,7 @@ from rlhfkit.generation import (
     model_max_positions,
 )
 from rlhfkit.io import write_json, write_text
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
     add_lora,
     disable_dropout,
@@ -90,6 +91,7 @@ from rlhfkit.rl.advantages import (
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, record_to_dict
+from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     STATE_FILE,
     latest_checkpoint,
@@ -188,12 +190,14 @@ class PPOConfig:
     deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).")
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
+    report_to: list[str] = opt([], REPORT_TO_HELP)
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
         if self.normalize_rewards not in NORMALIZE_REWARDS:
             raise RlhfkitError(f"unknown --normalize-rewards {self.normalize_rewards!r}; valid: {', '.join(NORMALIZE_REWARDS)}")
         load_chat_template(self.chat_template)
+        parse_report_to(self.report_to)
         world_size = world_info()[2]
         for name in ("prompts_per_step", "minibatch_size"):
             if getattr(self, name) % world_size:
@@ -292,6 +296,8 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
     policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device)
     disable_dropout(policy)  # before LoRA wraps it: the adapters are made without dropout below
     limit = model_max_positions(policy)
+    if not is_encdec:
+        fit_default_lengths(cfg, limit, ("max_prompt_length", "max_new_tokens"), "ppo")
     if limit is not None and not is_encdec and cfg.max_prompt_length + cfg.max_new_tokens > limit:
         raise RlhfkitError(
             f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} exceeds "
@@ -771,12 +777,13 @@ def run_ppo(cfg: PPOConfig) -> dict:
             metrics, rollout, rewards = ppo_iteration(cfg, bundle, sources, weights, batch, optimizers, schedulers, kl_ctl, step)
             history.append(run.log_metrics(step=step, **metrics))
             if main:
-                append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)
+                logged = append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)
+                run.log_table("rollouts", ROLLOUT_TABLE_COLUMNS, [rollout_table_row(g) for g in logged], step)
             if cfg.eval_every and eval_prompts and step % cfg.eval_every == 0:
                 run.log_metrics(step=step, **evaluate_prompts(cfg, bundle, sources, weights, eval_prompts))
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 save_ppo_checkpoint(out, bundle, optimizers, schedulers, kl_ctl, step, identity, cfg.keep_checkpoints)
-            advance(1)
+            advance(1, metrics=metrics)
 
     final_metrics = evaluate_prompts(cfg, bundle, sources, weights, eval_prompts) if eval_prompts else {}
     with full_parameters(bundle.policy):  # gathered from the ZeRO-3 shards: every process enters
@@ -786,7 +793,24 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if main:
         write_json(out / "ppo_summary.json", summary)
         plot_reward_curves(run.metrics_path, out / "reward_curves.png")
+    run.close()
+    console.print(ppo_summary_line(history, final_metrics, out), markup=False, highlight=False, soft_wrap=True)
     return summary
+
+
+def ppo_summary_line(history: list[dict], final_metrics: dict, out: Path) -> str:
+    """One line at the end: the reward and KL of the first and last steps, speed, where it went."""
+    if not history:
+        return f"ppo: nothing to do (already at the last step); policy in {out}"
+    first, last = history[0], history[-1]
+    text = (
+        f"ppo: {len(history)} step(s) to step {last['step']}: reward/total {first['reward/total']:+.4f} -> "
+        f"{last['reward/total']:+.4f}, KL {first['kl']:.4f} -> {last['kl']:.4f}, "
+        f"{sum(r['tokens_per_second'] for r in history) / len(history):,.0f} tokens/s"
+    )
+    if "eval/reward_total" in final_metrics:
+        text += f"; eval reward/total {final_metrics['eval/reward_total']:+.4f}"
+    return text + f"; policy saved to {out}"
 
 
 def start_engines(cfg: PPOConfig, bundle: PolicyBundle, optimizers) -> None:
@@ -862,9 +886,20 @@ def keep_rollouts_up_to(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in kept))
 
 
-def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: int, count: int) -> None:
+ROLLOUT_TABLE_COLUMNS = ["step", "prompt", "response", "reward", "tokens", "finished"]
+
+
+def rollout_table_row(record: Generation) -> list:
+    """A logged rollout as a row of the trackers' sample table (reward: its token rewards' sum)."""
+    return [record.meta["step"], record.prompt, record.response, round(sum(record.token_rewards), 6),
+            len(record.token_rewards), record.meta["finished"]]
+
+
+def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: int, count: int) -> list[Generation]:
+    """Append the first `count` rollouts of a step to rollouts.jsonl; returns them."""
     import json
 
+    written = []
     with open(path, "a", encoding="utf-8") as handle:
         for i in range(min(count, len(rollout.texts))):
             n = int(rollout.response_lengths[i])
@@ -879,6 +914,8 @@ def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: i
                 meta={"step": step, "finished": bool(rollout.finished[i])},
             )
             handle.write(json.dumps(record_to_dict(record), ensure_ascii=False) + "\n")
+            written.append(record)
+    return written
 
 
 def save_final_policy(bundle: PolicyBundle, out: Path) -> None:

@@ -54,6 +54,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ from rlhfkit.distributed import (
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import write_json
+from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import bootstrap_interval
 from rlhfkit.models import (
     DTYPES,
@@ -104,6 +106,7 @@ from rlhfkit.rewards.reward_model import (
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
 from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, SegmentLabelRules, segment
+from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
 from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side
 
@@ -219,6 +222,7 @@ class TrainRMConfig:
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
     chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.")
+    report_to: list[str] = opt([], REPORT_TO_HELP)
 
     def aspects(self) -> list[str]:
         return [name.strip() for name in self.aspect.split(",") if name.strip()]
@@ -239,6 +243,7 @@ class TrainRMConfig:
             return
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
         load_chat_template(self.chat_template)
+        parse_report_to(self.report_to)
         if self.eval_only and self.deepspeed is not None:
             raise RlhfkitError("--eval-only scores in one process; drop --deepspeed")
         # Resolving the preset here fills the options left out, so run_config.json holds
@@ -278,8 +283,10 @@ class TrainRMConfig:
         """The aspect's preset for the requested kind (a preset of another kind does not apply)."""
         preset = PRESETS.get(self.aspect)
         if self.kind is None and preset is None:
+            close = get_close_matches(self.aspect, list(PRESETS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RlhfkitError(
-                f"--aspect {self.aspect!r} has no preset; give --kind ({', '.join(KINDS)}) "
+                f"--aspect {self.aspect!r} has no preset{hint}; give --kind ({', '.join(KINDS)}) "
                 f"or use a preset aspect: {', '.join(PRESETS)}"
             )
         kind = self.kind or preset.kind
@@ -353,8 +360,10 @@ def load_aspect_records(path: str, aspect: str, settings: RMSettings, ties: str 
         judged = [r for r in records if aspect in r.aspects]
         if not judged:
             found = sorted({a for r in records for a in r.aspects} | {s.aspect for r in records for s in r.spans})
+            close = get_close_matches(aspect, found, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RlhfkitError(
-                f"{path}: no span_feedback record judged aspect {aspect!r}; found aspects: {', '.join(found) or 'none'}"
+                f"{path}: no span_feedback record judged aspect {aspect!r}{hint}; found aspects: {', '.join(found) or 'none'}"
             )
         return judged
     by_aspect = [r for r in records if r.aspect == aspect]
@@ -368,7 +377,9 @@ def load_aspect_records(path: str, aspect: str, settings: RMSettings, ties: str 
             )
     if not by_aspect:
         found = sorted({str(r.aspect) for r in records})
-        raise RlhfkitError(f"{path}: no {wanted[0].type_name} record has aspect {aspect!r}; found aspects: {', '.join(found)}")
+        close = get_close_matches(aspect, found, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RlhfkitError(f"{path}: no {wanted[0].type_name} record has aspect {aspect!r}{hint}; found aspects: {', '.join(found)}")
     for r in by_aspect:
         if isinstance(r, Preference) and r.chosen == r.rejected:
             raise RlhfkitError(
@@ -867,6 +878,16 @@ def _fingerprint(path: str, cfg: TrainRMConfig, settings: RMSettings) -> str:
 # --- the stage --------------------------------------------------------------------------------
 
 
+def fit_preset_lengths(cfg: TrainRMConfig, limit: int | None) -> None:
+    """--max-length left at the preset's, lowered to the backbone's positions (see rlhfkit.lengths);
+    a --max-prompt-length left at the preset's follows it (at most half of --max-length)."""
+    preset = cfg.preset()
+    prompt_default = min(preset.max_prompt_length, cfg.max_length // 2)
+    changed = fit_default_lengths(cfg, limit, ("max_length",), "train-rm", {"max_length": preset.max_length})
+    if changed and cfg.max_prompt_length == prompt_default:
+        cfg.max_prompt_length = min(preset.max_prompt_length, cfg.max_length // 2)
+
+
 def run_train_rm(cfg: TrainRMConfig) -> dict:
     """Train a reward model for one feedback aspect (segment, preference or regression).
 
@@ -898,6 +919,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
     train_records = [render_record(tokenizer, r) for r in train_records]
     held_records = [render_record(tokenizer, r) for r in held_records]
+    fit_preset_lengths(cfg, model_max_positions(tokenizer))
     spec: dict[str, Any] = {
         "format": SPEC_FORMAT,
         "aspect": cfg.aspect,
@@ -1025,6 +1047,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     # Written last: a directory with rlhfkit_rm.json is a complete reward model.
     if main:
         write_json(out / SPEC_FILE, spec)
+    run.close()
     console.print(f"train-rm: {_summary(held_metrics)}; reward model saved to {out}", soft_wrap=True)
     return metrics
 
@@ -1077,5 +1100,6 @@ def _evaluate_only(cfg: TrainRMConfig) -> dict:
         "beats_baseline_clearly": beats_baseline_clearly(held_metrics),
     }
     run.write_json(METRICS_FILE, metrics)
+    run.close()
     console.print(f"train-rm --eval-only: {_summary(held_metrics)}", soft_wrap=True)
     return metrics

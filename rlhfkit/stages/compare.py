@@ -1,0 +1,156 @@
+"""`rlhfkit compare`: several runs side by side (e.g. fine-grained vs holistic PPO).
+
+Reads each run directory's `metrics.jsonl` (and `run_config.json` for the stage's name) and
+writes either a PNG of the metric's curves over the steps, one line per run, or a markdown
+table of the figures people quote: the first and last logged value and the change between.
+Rows without a step, and values written as strings (non-finite numbers), are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+
+from rlhfkit.config import REQUIRED, opt
+from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import atomic_write, write_text
+
+OUT_KINDS = (".png", ".md")
+# What a run is compared on when --metric is not given: the first every run has.
+DEFAULT_METRICS = ("reward/total", "loss", "eval_loss")
+
+
+@dataclass
+class CompareConfig:
+    runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True)
+    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values).")
+    metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).")
+    labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).")
+
+    def validate(self) -> None:
+        if Path(self.out).suffix.lower() not in OUT_KINDS:
+            raise RlhfkitError(f"--out must end in {' or '.join(OUT_KINDS)}, got '{self.out}'")
+        if self.labels and len(self.labels) != len(self.runs):
+            raise RlhfkitError(f"--labels gives {len(self.labels)} name(s) for {len(self.runs)} run(s)")
+        for run in self.runs:
+            if not (Path(run) / "metrics.jsonl").is_file():
+                raise RlhfkitError(f"{run}: no metrics.jsonl (not an rlhfkit run directory)")
+
+
+@dataclass
+class RunCurves:
+    label: str
+    stage: str
+    # metric -> [(step, value)] in the order logged
+    series: dict[str, list[tuple[int, float]]]
+
+
+def read_run(path: Path, label: str) -> RunCurves:
+    """A run's numeric metrics by step; a line that is not JSON is an error with file:line."""
+    metrics_file = path / "metrics.jsonl"
+    series: dict[str, list[tuple[int, float]]] = {}
+    for lineno, line in enumerate(metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RlhfkitError(f"{metrics_file}:{lineno}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                series.setdefault(key, []).append((row["step"], float(value)))
+    stage = ""
+    config_file = path / "run_config.json"
+    if config_file.is_file():
+        try:
+            stage = str(json.loads(config_file.read_text(encoding="utf-8")).get("stage", ""))
+        except json.JSONDecodeError:
+            stage = ""
+    return RunCurves(label, stage, series)
+
+
+def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
+    """--metric as given (every run must have it), else the first default every run has."""
+    if not wanted:
+        for metric in DEFAULT_METRICS:
+            if all(metric in run.series for run in runs):
+                return [metric]
+        raise RlhfkitError(
+            f"the runs have none of {', '.join(DEFAULT_METRICS)} in common; name one with --metric "
+            f"(metrics of {runs[0].label}: {', '.join(sorted(runs[0].series)) or 'none'})"
+        )
+    for metric in wanted:
+        for run in runs:
+            if metric not in run.series:
+                close = get_close_matches(metric, list(run.series), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise RlhfkitError(
+                    f"{run.label}: no {metric!r} in metrics.jsonl; {hint}metrics there: {', '.join(sorted(run.series)) or 'none'}"
+                )
+    return list(wanted)
+
+
+def render_table(runs: list[RunCurves], metrics: list[str]) -> str:
+    """One markdown table per metric: first and last logged value, their change, the last step."""
+    lines = [f"# Run comparison: {', '.join(metrics)}", ""]
+    for metric in metrics:
+        lines += [
+            f"## {metric}",
+            "",
+            "| run | stage | last step | first | last | change |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for run in runs:
+            values = run.series[metric]
+            (_, first), (last_step, last) = values[0], values[-1]
+            lines.append(f"| {run.label} | {run.stage or '-'} | {last_step} | {first:.4f} | {last:.4f} | {last - first:+.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path, runs: list[RunCurves], metrics: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for run in runs:
+            steps, values = zip(*run.series[metric])
+            ax.plot(steps, values, label=run.label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_write(path, "wb", encoding=None) as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+
+
+def run_compare(cfg: CompareConfig) -> Path:
+    """Compare runs side by side: curves (--out FILE.png) or first/last figures (--out FILE.md).
+
+    `rlhfkit compare runs/ppo-fine-grained runs/ppo-holistic --metric reward/total --out cmp.md`
+    """
+    labels = cfg.labels or [Path(run).name or str(run) for run in cfg.runs]
+    if len(set(labels)) < len(labels):
+        labels = [str(run) for run in cfg.runs]  # same directory names under different parents
+    runs = [read_run(Path(run), label) for run, label in zip(cfg.runs, labels)]
+    metrics = choose_metrics(runs, cfg.metric)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".md":
+        text = render_table(runs, metrics)
+        write_text(out, text)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    else:
+        plot_curves(out, runs, metrics)
+    console.print(f"compare: {len(runs)} run(s) on {', '.join(metrics)} -> {out}")
+    return out
