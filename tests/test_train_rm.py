@@ -17,8 +17,8 @@ from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_tokenizer
 from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
-from rlhfkit.segment import SegmentLabelRules
 from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
+from rlhfkit.segment import SegmentLabelRules
 from rlhfkit.stages.train_rm import (
     METRICS_FILE,
     ScoreExample,
@@ -584,28 +584,45 @@ def shipped_sample(tmp_path_factory, make_tiny_model, repo_root):
     return backbone, imported
 
 
+# Labelled segments of the shipped sample under the reference's rules (issue 10, counted
+# against create_rel_fact_rm_files.py): 1,281 sentences, of which 651 carry only a relevance
+# error and are left out of factuality; 2,170 relevance sub-sentences.
+SHIPPED_SEGMENTS = {"factuality": 1281 - 651, "relevance": 2170}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("aspect", ["relevance", "factuality", "completeness"])
-def test_presets_on_the_shipped_sample_report_baselines_with_intervals(aspect, shipped_sample, tmp_path):
-    """Relevance beats its baseline (measured: accuracy 0.591 vs majority 0.504, error AUC 0.616,
-    95% CI [0.558, 0.682]). Factuality and completeness do not beat theirs beyond noise with the
-    tiny random backbone (factuality errors need the full passages, ~1,600 tokens, to detect;
-    the holistic preferences show no signal it can learn), so for them the test checks that the
-    report is consistent: the verdict follows the interval, which holds the point estimate."""
+def test_presets_on_the_shipped_sample_report_baselines_with_intervals(aspect, shipped_sample, tmp_path, repo_root):
+    """The report holds what is known about the sample without the RM: 80 of the 400
+    questions held out, and (evaluating a trained segment RM on the whole sample) exactly the
+    segments the reference's label rules give. Of the learning, only what the tiny random
+    backbone reliably shows: relevance errors rank above non-errors (measured: error AUC 0.580,
+    95% CI [0.513, 0.651]; accuracy 0.569 vs majority 0.542, difference CI [-0.061, +0.102]).
+    Factuality errors need the full passages (~1,600 tokens) to detect and the holistic
+    preferences show no signal it can learn (measured: factuality predicts every held-out
+    sentence an error, 138 of 138, accuracy 0.297 vs majority 0.703)."""
     from rlhfkit.stages.train_rm import run_train_rm
 
     backbone, imported = shipped_sample
     data = imported / ("preferences.jsonl" if aspect == "completeness" else "span_feedback.jsonl")
-    metrics = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(backbone), out=str(tmp_path / aspect)))
+    out = tmp_path / aspect
+    metrics = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(backbone), out=str(out)))
     held = metrics["held_out"]
-    if aspect == "completeness":
-        low, high = held["pairwise_accuracy_ci95"]
-        assert low <= held["pairwise_accuracy"] <= high
-        assert metrics["beats_baseline_clearly"] == (low > held["pairwise_baseline_accuracy"])
-    else:
-        low, high = held["accuracy_minus_baseline_ci95"]
-        assert low <= held["accuracy"] - held["majority_baseline_accuracy"] <= high
-        assert metrics["beats_baseline_clearly"] == (low > 0)
+    # 400 questions, each with 4 answers compared in 6 pairs: 20% of the prompts = 80 held out.
+    per_question = 6 if aspect == "completeness" else 1
+    assert (metrics["train_records"], metrics["held_out_records"]) == (320 * per_question, 80 * per_question)
     if aspect == "relevance":
         assert metrics["beats_baseline"], held
         assert held["error_auc_ci95"][0] > 0.5, held
+    evaluated = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(out), out=str(tmp_path / "eval"), eval_only=True))
+    whole = evaluated["held_out"]
+    assert (whole["records"], whole["records_too_long"]) == (400 * per_question, 0)
+    if aspect == "completeness":
+        # The raw file's 6 preference labels per question: 0 is a tie (the reference's
+        # create_comp_rm_files.py get_preference), 1 or 2 the preferred answer of the pair.
+        raw = json.loads((repo_root / "data/qa_feedback/feedback.json").read_text())
+        ties = sum(label == 0 for record in raw for label in record["preference"])
+        assert (whole["pairs"], whole["ties"]) == (2400 - ties, ties)
+        assert whole["pairwise_baseline_accuracy"] == 0.5
+    else:
+        assert whole["segments"] == SHIPPED_SEGMENTS[aspect]
