@@ -248,11 +248,12 @@ def count_mistake(kind: str):
 def test_a_real_mistake_is_caught(model_without_dropout, tmp_path, run_cli, monkeypatch, mistake):
     """The tolerances above still fail a data-parallel run that computes the wrong gradient.
 
-    Measured (2 cores, x86-64): the correct run's update distance is ~1e-5. Adam divides
-    each step by the gradient's own scale, so a gradient scaled uniformly ("divided-twice")
-    leaves the weights where they were (distance ~1e-5 again): the logged loss and gradient
-    norm, compared to REL, catch it. Mistakes that change the gradient's direction also move
-    the weights apart by far more than UPDATE_REL."""
+    Measured (2 cores, x86-64; update distance, then step-1 loss one/two processes): the
+    correct run 1.5e-5, losses equal to 1e-7 relative; per-process-mean 0.149 (7x
+    UPDATE_REL), loss 6.903/5.752; one-process-dropped 0.323, grad norm 5.13/3.09. Adam
+    divides each step by the gradient's own scale, so a uniformly scaled gradient
+    ("divided-twice") leaves the weights where they were (1.5e-5 again): the logged loss
+    (6.903/3.451) and gradient norm, compared to REL, catch it."""
     from rlhfkit import training
 
     data = write_demos(tmp_path / "demos.jsonl")
