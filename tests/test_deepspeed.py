@@ -27,10 +27,28 @@ from safetensors.torch import load_file
 
 from rlhfkit.schema import Demonstration, PromptRecord, write_records
 
-REL = 1e-4  # 1 vs 2 processes: the same sums in another order (float32)
-# Adam divides by sqrt(v): a weight whose gradients are ~0 can move by a visible fraction of
-# one step (lr 1e-3) on a rounding difference; 1e-5 is 1% of such a step.
-WEIGHTS_ATOL = 1e-5
+# Tolerances: 1 and 2 processes add the same float32 terms in another order (the shards'
+# partial sums, then their all-reduce). Reordering a sum of n terms changes it by at most
+# about n * u * sum|terms|, u = 2^-24 ~ 6e-8 (Higham, Accuracy and Stability of Numerical
+# Algorithms, 2nd ed., sec. 4.2).
+# - Logged metrics (loss, gradient norm, eval loss) are sums over at most ~10^3 token terms
+#   of one sign (losses, squares) reduced in float64 at the end: relative error <= 10^3 * u
+#   ~ 6e-5, so REL = 1e-4.
+REL = 1e-4
+# - Weights: a weight's Adam update is lr * m/(sqrt(v) + eps), a ratio of gradient sums, so
+#   where the gradient is well above its rounding error the two runs' updates agree to a
+#   relative ~REL. But a gradient that nearly cancels (|g| within a few rounding errors of 0)
+#   can come out with a different size or sign, and Adam's normalisation turns that into a
+#   different step of up to 2 * lr; no element-wise tolerance below 2 * lr * steps is safe
+#   (on an AMD EPYC one weight of 16,384 moved 1.49e-5 = 1.5% of one 1e-3 step apart).
+#   So the weights are compared through the model's update (final - initial weights, all
+#   tensors as one vector): ||update_2 - update_1|| <= UPDATE_REL * ||update_1||. When N
+#   weights moved ~lr per step, ||update_1|| ~ lr * steps * sqrt(N); k weights taking a fully
+#   different path add <= 2 * lr * steps * sqrt(k), i.e. 2 * sqrt(k / N) relative. The tiny
+#   models move N > 10^5 weights, so UPDATE_REL = 2e-2 admits k ~ 10 such weights, while
+#   ordinary rounding gives ~REL. A real mistake gives far more (measured in
+#   test_a_real_mistake_is_caught).
+UPDATE_REL = 2e-2
 WORLD_SIZE = 2
 TIMEOUT_S = 300  # a collective that one process never joins hangs: fail instead
 
@@ -135,8 +153,9 @@ def metric_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_training(one: Path, two: Path, keys: tuple[str, ...], weights_atol: float = WEIGHTS_ATOL) -> None:
-    """Same metric lines (each once) and the same final weights, up to REL."""
+def assert_same_training(one: Path, two: Path, keys: tuple[str, ...], initial: Path, update_rel: float = UPDATE_REL) -> None:
+    """Same metric lines (each once) up to REL, and the same update of every weight tensor
+    from the `initial` model up to `update_rel` (see UPDATE_REL)."""
     rows_one, rows_two = metric_rows(one), metric_rows(two)
     assert [sorted(r) for r in rows_one] == [sorted(r) for r in rows_two]
     for a, b in zip(rows_one, rows_two):
@@ -144,10 +163,22 @@ def assert_same_training(one: Path, two: Path, keys: tuple[str, ...], weights_at
         for key in keys:
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=REL), (a["step"], key)
+    assert update_distance(one, two, initial) <= update_rel
+
+
+def update_distance(one: Path, two: Path, initial: Path) -> float:
+    """||update_2 - update_1|| / ||update_1||, the updates from `initial` over all weights
+    (a tensor the initial model lacks, such as a new score head, counts from 0)."""
+    start = load_file(initial / "model.safetensors")
     weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
-    for name in weights_one:
-        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=REL, atol=weights_atol)
+    difference = norm = 0.0
+    for name, final_one in weights_one.items():
+        begin = start[name].double() if name in start else 0.0
+        update_one, update_two = final_one.double() - begin, weights_two[name].double() - begin
+        difference += (update_two - update_one).pow(2).sum().item()
+        norm += update_one.pow(2).sum().item()
+    return (difference / norm) ** 0.5
 
 
 # --- sft and train-rm --------------------------------------------------------------------------
@@ -177,10 +208,64 @@ def test_sft_on_two_processes_matches_one(model_without_dropout, tmp_path, run_c
     assert run_cli(*sft_args(model_without_dropout, data, one, 4)).exit_code == 0
     results = run_processes(tmp_path, *sft_args(model_without_dropout, data, two, 2, "--deepspeed", "zero2"))
     assert written_by_other_ranks(results) == []
-    assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_loss", "eval_perplexity"))
+    assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_loss", "eval_perplexity"), model_without_dropout)
     a, b = (json.loads((out / "sft_metrics.json").read_text()) for out in (one, two))
     assert b["eval_loss_after"] == pytest.approx(a["eval_loss_after"], rel=REL)
     assert b["samples_per_second"] > 0 and (b["steps"], b["train_examples"]) == (a["steps"], a["train_examples"])
+
+
+def count_mistake(kind: str):
+    """A stand-in for rlhfkit.training's all_reduce_sum that makes a real data-parallel mistake.
+
+    _deepspeed_step calls it twice per optimizer step: first for the global count the summed
+    loss is divided by, then for the loss it logs.
+    - "per-process-mean": each process divides by its own count, so DeepSpeed's average of
+      the processes' gradients is the mean of per-process token means, not the global mean;
+    - "one-process-dropped": rank 1's count is taken as huge, so its gradients count ~0;
+    - "divided-twice": the count is multiplied by the number of processes once too often
+      (every gradient halved)."""
+    from rlhfkit.distributed import all_reduce_sum
+
+    calls = []
+
+    def reduce(tensor):
+        local = tensor.clone()
+        total = all_reduce_sum(tensor)  # every process still joins every collective
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            return total
+        if kind == "per-process-mean":
+            return local * WORLD_SIZE
+        if kind == "one-process-dropped":
+            return total * (1e12 if os.environ["RANK"] == "1" else 1.0)
+        return total * WORLD_SIZE
+
+    return reduce
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", ["per-process-mean", "one-process-dropped", "divided-twice"])
+def test_a_real_mistake_is_caught(model_without_dropout, tmp_path, run_cli, monkeypatch, mistake):
+    """The tolerances above still fail a data-parallel run that computes the wrong gradient.
+
+    Measured (2 cores, x86-64; update distance, then step-1 loss one/two processes): the
+    correct run 1.5e-5, losses equal to 1e-7 relative; per-process-mean 0.149 (7x
+    UPDATE_REL), loss 6.903/5.752; one-process-dropped 0.323, grad norm 5.13/3.09. Adam
+    divides each step by the gradient's own scale, so a uniformly scaled gradient
+    ("divided-twice") leaves the weights where they were (1.5e-5 again): the logged loss
+    (6.903/3.451) and gradient norm, compared to REL, catch it."""
+    from rlhfkit import training
+
+    data = write_demos(tmp_path / "demos.jsonl")
+    one, two = tmp_path / "sft-one", tmp_path / "sft-two"
+    assert run_cli(*sft_args(model_without_dropout, data, one, 4)).exit_code == 0
+    monkeypatch.setattr(training, "all_reduce_sum", count_mistake(mistake))  # the forked processes inherit it
+    run_processes(tmp_path, *sft_args(model_without_dropout, data, two, 2, "--deepspeed", "zero2"))
+    distance = update_distance(one, two, model_without_dropout)
+    if mistake != "divided-twice":
+        assert distance > 5 * UPDATE_REL, distance
+    with pytest.raises(AssertionError):
+        assert_same_training(one, two, ("loss", "grad_norm"), model_without_dropout)
 
 
 def test_train_rm_on_two_processes_matches_one(model_without_dropout, tmp_path, run_cli):
@@ -196,7 +281,7 @@ def test_train_rm_on_two_processes_matches_one(model_without_dropout, tmp_path, 
     assert run_cli(*common, "--out", one, "--batch-size", 2).exit_code == 0
     results = run_processes(tmp_path, *common, "--out", two, "--batch-size", 1, "--deepspeed", "zero2")
     assert written_by_other_ranks(results) == []
-    assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_accuracy", "eval_error_auc"))
+    assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_accuracy", "eval_error_auc"), model_without_dropout)
     a, b = (json.loads((out / "rm_metrics.json").read_text()) for out in (one, two))
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=REL)
     assert (two / "rlhfkit_rm.json").read_text() == (one / "rlhfkit_rm.json").read_text().replace(str(one), str(two))
@@ -235,7 +320,7 @@ def test_ppo_on_two_processes_matches_one(tiny_model_dir, tmp_path, run_cli):
     assert [p for p in written_by_other_ranks(results) if "checkpoints" not in p] == []
     rows = metric_rows(two)
     assert rows[1]["kl"] != 0 and rows[1]["policy_loss"] != 0  # the second step moved away from the reference
-    assert_same_training(one, two, PPO_KEYS)
+    assert_same_training(one, two, PPO_KEYS, tiny_model_dir)
     assert len((two / "rollouts.jsonl").read_text().splitlines()) == len((one / "rollouts.jsonl").read_text().splitlines())
 
 
@@ -310,5 +395,6 @@ def test_sft_under_other_zero_stages_matches_one_process(model_without_dropout, 
     one, two = tmp_path / "sft-one", tmp_path / "sft-two"
     assert run_cli(*sft_args(model_without_dropout, data, one, 4, *extra)).exit_code == 0
     run_processes(tmp_path, *sft_args(model_without_dropout, data, two, 2, "--deepspeed", stage, *extra))
-    # ZeRO-3 updates partitions: a weight with a ~0 gradient moved 1.4e-5 (of a 1e-3 step) apart once.
-    assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_loss"), weights_atol=5e-5)
+    # ZeRO-3 updates partitions: a weight with a ~0 gradient moved 1.4e-5 (of a 1e-3 step)
+    # apart once, which the update comparison (UPDATE_REL) allows for.
+    assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_loss"), model_without_dropout)

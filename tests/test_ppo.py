@@ -7,6 +7,7 @@ matter here: these tests check the wiring, the artifacts, resume and bad input).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,34 +85,73 @@ def ppo_args(policy: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_rollouts(out: Path, step: int) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["meta"]["step"] == step]
+
+
+# rollouts.jsonl rounds each token reward to 6 decimals: a sum over the <= 13 tokens of a
+# response (12 new tokens + EOS) is off by at most 13 * 0.5e-6 = 6.5e-6.
+ROUNDED_SUM_TOL = 1e-5
+# A policy that has not moved: the same weights give the same log-probs up to float32
+# rounding of a forward pass on a differently padded batch (|logp| < log 1024 ~ 6.9, a few
+# ulps of that ~ 1e-6), and the KL, approx_kl and clip fraction are then all 0.
+UNMOVED_TOL = 1e-6
+
+
 def test_fine_grained_ppo_with_three_reward_models(run_cli, tiny_model_dir, data_dir, reward_models, tmp_path):
     out = tmp_path / "run"
     result = run_cli(*ppo_args(
         tiny_model_dir, data_dir, out,
-        "--rewards", "fact=0.3,rel=0.5,comp=0.3",
+        "--rewards", "rel=0.3,fact=0.5,comp=0.3",  # the paper's w (FG-RLHF sec. 4.2)
         "--rm", f"fact={reward_models['factuality']}", "--rm", f"rel={reward_models['relevance']}",
         "--rm", f"comp={reward_models['completeness']}",
         "--eval-prompts", str(data_dir / "prompts.jsonl"), "--eval-every", "1",
     ))
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     train = [r for r in rows if "reward/total" in r]
     assert [r["step"] for r in train] == [1, 2]
-    for key in ("reward/factuality", "reward/relevance", "reward/completeness", "kl", "entropy", "policy_loss",
-                "value_loss", "clipfrac", "approx_kl", "response_length"):
-        assert key in train[0], key
-    # The policy starts as the reference: no KL on the first rollout.
-    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    for row in train:
+        # The total task reward is the sum of the three weighted sources (each logged already
+        # weighted): float32 sums of <= 13 terms of size <= 1, error << 1e-5.
+        parts = row["reward/factuality"] + row["reward/relevance"] + row["reward/completeness"]
+        assert row["reward/total"] == pytest.approx(parts, abs=1e-5)
+        for key in ("entropy", "policy_loss", "value_loss", "response_length"):
+            assert key in row, key
+    # The policy starts as the reference (dropout off): no KL on the first rollout.
+    assert abs(train[0]["kl"]) <= UNMOVED_TOL and abs(train[0]["kl_penalty"]) <= UNMOVED_TOL
+    assert train[1]["kl"] != 0  # ... and one update (lr 1e-4) later it has moved
+
+    # Step 1 logs its 4 rollouts (--log-rollouts 4 = 2 prompts x 2 samples) with their
+    # per-token rewards; the KL being 0 there, these are the task rewards alone, so their
+    # sums average to reward/total.
+    rollouts = logged_rollouts(out, 1)
+    assert len(rollouts) == 4
+    sums = [sum(r["token_rewards"]) for r in rollouts]
+    assert sum(sums) / 4 == pytest.approx(train[0]["reward/total"], abs=ROUNDED_SUM_TOL)
+    for rollout in rollouts:
+        assert len(rollout["tokens"]) == len(rollout["token_rewards"])
+        # The segment RMs emit +-1, weighted once by --rewards: a token before the last can
+        # only hold a factuality (+-0.5) and/or a relevance (+-0.3) reward, so one of 0,
+        # +-0.3, +-0.5, +-0.8, +-0.2 (not 0.25 or 0.09: weights applied twice). The
+        # completeness score lands on the last token only.
+        allowed = [0.0, 0.3, -0.3, 0.5, -0.5, 0.8, -0.8, 0.2, -0.2]
+        for value in rollout["token_rewards"][:-1]:
+            assert min(abs(value - a) for a in allowed) <= 1e-6, rollout["token_rewards"]
+
     assert any("eval/reward_total" in r for r in rows)
     assert (out / "checkpoints" / "step-1" / "training_state.pt").is_file()
     assert (out / "reward_curves.png").stat().st_size > 1000
-    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
-    assert len(rollouts[0]["tokens"]) == len(rollouts[0]["token_rewards"])
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
     saved = json.loads((out / "run_config.json").read_text())
-    assert saved["config"]["rewards"] == "fact=0.3,rel=0.5,comp=0.3"
+    assert saved["config"]["rewards"] == "rel=0.3,fact=0.5,comp=0.3"
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -148,38 +188,144 @@ def test_resume_gives_the_same_policy_as_an_uninterrupted_run(run_cli, tiny_mode
     assert steps == [1, 2, 3]
 
 
-@pytest.mark.parametrize("extra", [
-    ["--advantage", "grpo"],
-    ["--advantage", "rloo"],
-    ["--value-model", "shared"],
-    ["--lora-r", "4"],
-])
-def test_variants_run(run_cli, tiny_model_dir, data_dir, tmp_path, extra):
+def e_share(text: str) -> float:
+    """tests.judges.count_letters_e, by hand: the share of the letter e in the response."""
+    return text.count("e") / max(len(text), 1)
+
+
+def assert_policy_unmoved(rows: list[dict]) -> None:
+    """--lr 0: every step's rollout policy is the reference and the update's is the rollout's."""
+    for row in rows:
+        for key in ("kl", "kl_penalty", "approx_kl", "clipfrac"):
+            assert abs(row[key]) <= UNMOVED_TOL, (row["step"], key, row[key])
+
+
+def assert_same_weights(a: Path, b: Path, names=None) -> None:
+    wa, wb = _weights(a), _weights(b)
+    for name in names if names is not None else wa.keys() & wb.keys():
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=0, msg=name)
+
+
+def capture_group_advantages(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Record (advantages, mask) each time PPO computes critic-free advantages."""
+    from rlhfkit.stages import ppo
+
+    captured = []
+    real = ppo.group_token_returns
+
+    def recording(token_rewards, mask, *args, **kwargs):
+        advantages = real(token_rewards, mask, *args, **kwargs)
+        captured.append((advantages.detach().cpu(), mask.detach().cpu().bool()))
+        return advantages
+
+    monkeypatch.setattr(ppo, "group_token_returns", recording)
+    return captured
+
+
+JUDGE = ["--rewards", "judge=1", "--rm", "judge=py:tests.judges:count_letters_e"]
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_group_advantages_compare_the_samples_of_a_prompt(run_cli, tiny_model_dir, data_dir, tmp_path, monkeypatch, kind):
+    """--lr 0 keeps the policy where it is, so the rollout of step 1 can be checked by hand."""
+    captured = capture_group_advantages(monkeypatch)
     out = tmp_path / "run"
-    result = run_cli(*ppo_args(tiny_model_dir, data_dir, out, "--rewards", "judge=1",
-                               "--rm", "judge=py:tests.judges:count_letters_e", "--steps", "1", *extra))
+    result = run_cli(*ppo_args(tiny_model_dir, data_dir, out, *JUDGE, "--steps", "1", "--lr", "0", "--advantage", kind))
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors").exists()
+    assert_policy_unmoved(metric_rows(out))
+    assert_same_weights(tiny_model_dir, out)
+    (advantages, mask), = captured
+    rollouts = logged_rollouts(out, 1)  # all 4, in rollout order: prompt 1's 2 samples, then prompt 2's
+    scores = [e_share(r["response"]) for r in rollouts]
+    # One reward per response (at its last token), gamma 1: every token of a response has
+    # the response's sequence advantage, computed here from the two samples of its prompt.
+    for i, score in enumerate(scores):
+        other = scores[i ^ 1]
+        if kind == "grpo":
+            # (r - mean) / (std + 1e-6) with the Bessel std of 2 values: |r1 - r2| / sqrt(2),
+            # so +-1/sqrt(2) whenever the two samples differ.
+            expected = (score - (score + other) / 2) / (abs(score - other) / math.sqrt(2) + 1e-6)
+        else:
+            expected = score - other  # RLOO: minus the mean of the other sample(s) of the prompt
+        row = advantages[i][mask[i]]
+        assert len(row) == len(rollouts[i]["tokens"])
+        torch.testing.assert_close(row, torch.full_like(row, expected), rtol=0, atol=1e-6)
+    # Each prompt's two samples' advantages sum to 0.
+    first = advantages[:, 0]
+    assert abs(first[0] + first[1]) <= 1e-6 and abs(first[2] + first[3]) <= 1e-6
+    assert any(abs(s - scores[i ^ 1]) > 1e-3 for i, s in enumerate(scores))  # not all-zero by accident
+
+
+def test_shared_value_head_trains_a_head_on_the_policy(run_cli, tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*ppo_args(tiny_model_dir, data_dir, out, *JUDGE, "--value-model", "shared", "--lr", "0"))
+    assert result.exit_code == 0, result.output
+    rows = metric_rows(out)
+    assert_policy_unmoved(rows)
+    # A value loss is trained and logged, with no value backbone of its own (only a head).
+    assert all(row["value_loss"] > 0 for row in rows)
+    state = torch.load(out / "checkpoints" / "step-2" / "training_state.pt", weights_only=True)
+    assert state["value_backbone"] is None and state["value_head"]
+
+
+def test_lora_trains_adapters_and_leaves_the_base_weights(run_cli, tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*ppo_args(tiny_model_dir, data_dir, out, *JUDGE, "--lora-r", "4", "--lr", "1e-3", "--steps", "1"))
+    assert result.exit_code == 0, result.output
+    # The saved policy has the adapters merged in: W + (alpha / r) * B @ A on the adapted
+    # layers (peft's default for GPT-2: attn.c_attn), the base weights everywhere else.
+    base, trained = _weights(tiny_model_dir), _weights(out)
+    adapted = {name for name in trained if ".attn.c_attn.weight" in name}
+    assert len(adapted) == 2  # one per layer of the tiny model
+    assert_same_weights(tiny_model_dir, out, sorted((base.keys() & trained.keys()) - adapted))
+    for name in adapted:
+        assert not torch.equal(trained[name], base[name]), name  # B starts at 0; one Adam step moved it
 
 
 def test_encoder_decoder_policy(run_cli, tiny_t5_dir, data_dir, tmp_path):
+    """T5 (the paper's policy): with --lr 0 and every dropout off (T5's functional attention
+    dropout included) the policy, its reference and its update agree at every step."""
     out = tmp_path / "t5"
     result = run_cli(*ppo_args(tiny_t5_dir, data_dir, out, "--rewards", "judge=1",
-                               "--rm", "judge=py:tests.judges:sentence_rewards", "--steps", "1"))
+                               "--rm", "judge=py:tests.judges:sentence_rewards", "--lr", "0"))
     assert result.exit_code == 0, result.output
+    rows = metric_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_policy_unmoved(rows)
+    assert_same_weights(tiny_t5_dir, out)
     from transformers import AutoModelForSeq2SeqLM
 
     AutoModelForSeq2SeqLM.from_pretrained(out)
 
 
 def test_redistributed_preference_reward(run_cli, tiny_model_dir, data_dir, reward_models, tmp_path):
+    """R3HF: the per-token rewards of a response telescope to score(x, y) - score(x)."""
+    from rlhfkit.rewards.reward_model import load_reward_model, sequence_scores
+
     out = tmp_path / "r3hf"
     result = run_cli(*ppo_args(tiny_model_dir, data_dir, out, "--rewards", "comp=1",
                                "--rm", f"comp={reward_models['completeness']}", "--redistribute", "comp", "--steps", "1"))
     assert result.exit_code == 0, result.output
-    rollout = json.loads((out / "rollouts.jsonl").read_text().splitlines()[0])
-    # Dense: (almost) every token carries a reward, not just the last one.
-    assert sum(1 for r in rollout["token_rewards"] if r != 0) > 1
+    rollouts = logged_rollouts(out, 1)
+    assert len(rollouts) == 4
+    # Both scores read independently of the redistribution code: the RM's normalised score
+    # of the whole text, and of the prompt alone (the causal RM's score at the token before
+    # the response, i.e. the pair's ids cut after that token).
+    rm = load_reward_model(reward_models["completeness"], device="cpu")
+    norm = rm.spec["normalization"]
+    for rollout in rollouts:
+        (full,) = rm.score([rollout["prompt"]], [rollout["response"]])
+        pair = rm.encode(rollout["prompt"], rollout["response"])
+        prompt_ids = torch.tensor([pair.input_ids[: pair.prompt_position + 1]])
+        with torch.no_grad():
+            raw_prompt = sequence_scores(rm.model, prompt_ids, torch.ones_like(prompt_ids)).item()
+        prompt_score = (raw_prompt - norm["mean"]) / norm["std"]
+        # Step 1: the policy is the reference, so the logged rewards are the task rewards.
+        assert sum(rollout["token_rewards"]) == pytest.approx(full.values[0] - prompt_score, abs=ROUNDED_SUM_TOL)
+        # Dense: every token that adds text changes the prefix score (a tie to 1e-6 of two
+        # float32 scores of a random RM is not expected).
+        text_tokens = [r for r, t in zip(rollout["token_rewards"], rollout["tokens"]) if t]
+        assert sum(1 for r in text_tokens if r != 0) >= len(text_tokens) - 1
 
 
 def test_redistribute_stage_sums_to_sequence_minus_prompt_score(run_cli, data_dir, reward_models, tmp_path):
@@ -206,25 +352,46 @@ def test_redistribute_stage_sums_to_sequence_minus_prompt_score(run_cli, data_di
 
 
 def test_reward_placement_on_policy_tokens(tiny_model_dir):
-    """A written 2-sentence answer: the segment rewards land on the last token of each sentence."""
+    """Written token ids, one byte-level token per character, then EOS: segment rewards on the
+    token that ends each sentence, a sequence reward on EOS (or, cut off, the last token)."""
     from rlhfkit.generation import token_char_spans
     from rlhfkit.models import load_tokenizer
     from rlhfkit.rewards.sources import PythonFunctionSource
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    text = "Paris is old. It is big."
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "Paris is old. The tower is big."
+    # GPT-2's byte-level alphabet writes a space as "Ġ"; every byte is in the vocabulary.
+    ids = tokenizer.convert_tokens_to_ids(["Ġ" if c == " " else c for c in text]) + [tokenizer.eos_token_id]
+    # Characters 0..30 are tokens 0..30: "Paris is old." ends with the "." at index 12,
+    # "The tower is big." with the "." at index 30; EOS is token 31.
+    assert len(text) == 31 and len(ids) == 32 and ids[31] == tokenizer.eos_token_id
     decoded, spans = token_char_spans(tokenizer, ids)
-    assert decoded == text
-    source = PythonFunctionSource("fact", "tests.judges:sentence_rewards")
-    rewards = source.token_rewards(["q"], [text], [spans])
-    values, given = rewards.padded(len(ids))
-    first_end = next(i for i, (s, e) in enumerate(spans) if e >= len("Paris is old."))
-    expected = torch.zeros(len(ids))
-    expected[first_end] = 0.5  # sentence_rewards: +0.5 for a sentence without "big"
-    expected[len(ids) - 1] = -0.5
-    torch.testing.assert_close(values[0], expected)
-    assert given[0].nonzero().flatten().tolist() == [first_end, len(ids) - 1]
+    assert decoded == text and spans[31] == (31, 31)
+
+    def placed(judge, token_ids):
+        text_, spans_ = token_char_spans(tokenizer, token_ids)
+        rewards = PythonFunctionSource("judge", f"tests.judges:{judge}").token_rewards(["q"], [text_], [spans_])
+        values, given = rewards.padded(len(token_ids))
+        return values[0], given[0].nonzero().flatten().tolist()
+
+    # sentence_rewards: +0.5 for a sentence without "big", -0.5 with it.
+    values, given = placed("sentence_rewards", ids)
+    expected = torch.zeros(32)
+    expected[12], expected[30] = 0.5, -0.5
+    torch.testing.assert_close(values, expected, rtol=0, atol=0)
+    assert given == [12, 30]
+    # count_letters_e: "The" and "tower" hold the 2 e's of 31 characters: 2/31 on EOS ...
+    values, given = placed("count_letters_e", ids)
+    expected = torch.zeros(32)
+    expected[31] = 2 / 31
+    torch.testing.assert_close(values, expected)
+    assert given == [31]
+    # ... and on token 30 when the response was cut off before its EOS.
+    values, given = placed("count_letters_e", ids[:31])
+    expected = torch.zeros(31)
+    expected[30] = 2 / 31
+    torch.testing.assert_close(values, expected)
+    assert given == [30]
 
 
 @pytest.mark.parametrize("args, message", [

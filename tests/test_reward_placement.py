@@ -266,21 +266,37 @@ def test_vectorised_prefix_scores_on_policy_tokens_match_one_scan():
 
 
 def test_redistributed_rows_match_per_row_prefix_differences():
-    from rlhfkit.rewards.sources import RewardModelSource, _prefix_scores_on_policy_tokens
+    from rlhfkit.rewards.sources import RewardModelSource
 
     class FakeRM:
+        """Prefix scores read after RM tokens ending at the given characters; an end of
+        len(response) + 1 is a special token the RM's template appends after the text."""
+
         kind, aspect, scores_prefixes = "preference", "completeness", True
 
         def prefix_scores(self, prompts, responses, batch_size=8):
-            scores = [torch.tensor([0.5, 1.5, 1.0]), torch.tensor([2.0]), torch.tensor([0.1, -0.3])]
-            return scores, [[2, 4, 6], [3], [1, 2]], torch.tensor([0.2, -1.0, 0.0])
+            scores = [[0.5, 1.5, 1.0], [2.0], [0.1, -0.3], [0.4, 0.6, 0.9], [0.4, 0.6, 0.9]]
+            ends = [[2, 4, 6], [3], [1, 2], [1, 2, 3], [1, 2, 3]]
+            return [torch.tensor(s) for s in scores], ends, torch.tensor([0.2, -1.0, 0.0, 0.1, 0.1])
 
-    spans = [[(0, 1), (1, 4), (4, 6)], [(0, 3)], [(0, 1), (1, 1), (1, 2), (2, 2)]]
+    spans = [
+        [(0, 1), (1, 4), (4, 6)],
+        [(0, 3)],
+        [(0, 1), (1, 1), (1, 2), (2, 2)],
+        [(0, 1), (1, 2), (2, 2)],  # "ab" then EOS
+        [(0, 1), (1, 2)],  # "ab" cut off before its EOS
+    ]
     source = RewardModelSource("comp", FakeRM(), redistribute="token")
-    rows = source.token_rewards(["p"] * 3, ["abcdef", "abc", "ab"], spans).per_token
-    scores, ends, prompt_scores = FakeRM().prefix_scores(None, None)
-    for row, row_scores, row_ends, prompt_score, row_spans in zip(rows, scores, ends, prompt_scores, spans):
-        policy_scores = _prefix_scores_on_policy_tokens(row_scores, row_ends, float(prompt_score), row_spans)
-        expected = prefix_differences(policy_scores[None], torch.ones(1, len(row_spans)), prompt_score.reshape(1))[0]
-        assert torch.equal(row, expected)
-        close(row.sum(), row_scores[-1] - prompt_score)
+    rows = source.token_rewards(["p"] * 5, ["abcdef", "abc", "ab", "ab", "ab"], spans).per_token
+    # A token's prefix score is the last score read at or before its end (the prompt's score
+    # before any); the final token reads the last score; its reward is the change.
+    # Row 0: prefix scores 0.2 (nothing read by char 1), 1.5 (reads at 2 and 4), 1.0:
+    #   [0.2 - 0.2, 1.5 - 0.2, 1.0 - 1.5] = [0, 1.3, -0.5], summing to 1.0 - 0.2.
+    # Row 1: one token reading 2.0 after a prompt score of -1.0: [3.0].
+    # Row 2: 0.1, 0.1 (an empty token reads nothing new), -0.3, -0.3: [0.1, 0, -0.4, 0].
+    # Row 3: 0.4, 0.6, then EOS takes the read after the text, 0.9: [0.3, 0.2, 0.3].
+    # Row 4: cut off, the last text token takes it: 0.4, 0.9: [0.3, 0.5].
+    expected = [[0.0, 1.3, -0.5], [3.0], [0.1, 0.0, -0.4, 0.0], [0.3, 0.2, 0.3], [0.3, 0.5]]
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected):
+        close(row, want)

@@ -338,9 +338,43 @@ def read_json(path):
     return json.loads(path.read_text())
 
 
-def test_segment_rm_end_to_end(run_cli, tiny_model_dir, span_file, tmp_path):
+def learnable_span_records(n: int = 12) -> list[SpanFeedback]:
+    """Like span_records, but the factuality error is one the tiny RM learns in a few steps:
+    even records say "It was built on the moon." (an error) where odd ones give a year; as
+    before, records 0, 3, 6, 9 have a relevance error on their third sentence."""
+    records = []
+    for i in range(n):
+        second = "It was built on the moon." if i % 2 == 0 else f"It was built in {1800 + i}."
+        response = f"The tower is {100 + i} metres tall. {second} People like it, and it is made of iron."
+        spans = []
+        if i % 2 == 0:
+            start = response.index("It was")
+            spans.append(Span(start, start + len(second), "Unverifiable", "factuality"))
+        if i % 3 == 0:
+            start = response.index("People")
+            spans.append(Span(start, len(response) - 1, "Irrelevant", "relevance"))
+        records.append(
+            SpanFeedback(
+                id=f"s{i}",
+                prompt=f"question: How tall is tower {i}? context: Tower {i} is {100 + i} metres tall.",
+                response=response,
+                spans=spans,
+                aspects=["relevance", "factuality"],
+            )
+        )
+    return records
+
+
+# Enough steps at a high learning rate for the tiny RM to learn the written data exactly
+# (a few seconds): measured error probabilities ~0.95 on errors, <= 0.09 elsewhere.
+LEARN = ["--max-length", "96", "--batch-size", "4", "--lr", "1e-3"]
+
+
+def test_segment_rm_end_to_end(run_cli, tiny_model_dir, tmp_path):
+    data = tmp_path / "span_feedback.jsonl"
+    write_records(data, learnable_span_records())
     out = tmp_path / "fact"
-    result = run_cli("train-rm", "--aspect", "factuality", "--data", span_file, "--model", tiny_model_dir, "--out", out, *FAST)
+    result = run_cli("train-rm", "--aspect", "factuality", "--data", data, "--model", tiny_model_dir, "--out", out, *LEARN, "--max-steps", "30")
     assert result.exit_code == 0, result.output
     spec = read_json(out / SPEC_FILE)
     assert {k: spec[k] for k in ("aspect", "kind", "granularity", "positive_reward", "negative_reward", "max_length", "backbone")} == {
@@ -354,36 +388,53 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, span_file, tmp_path):
     }
     metrics = read_json(out / METRICS_FILE)
     held = metrics["held_out"]
-    # 12 records, 20% held out by prompt: 2 records x 3 sentences, less the one sentence with
-    # only a relevance error (record 0's third; "People like it, ..." is 8 words, so kept),
-    # which the reference's rule leaves out of factuality training and metrics.
-    assert (metrics["train_records"], metrics["held_out_records"], held["segments"]) == (10, 2, 5)
-    assert 0 <= held["accuracy"] <= 1 and held["majority_baseline_accuracy"] >= 0.5
-    assert metrics["steps"] == 3 and metrics["beats_baseline"] == (held["accuracy"] > held["majority_baseline_accuracy"])
-    # Bootstrap intervals over the 2 held-out prompts, and the verdict they give.
+    # 12 records, 20% held out by prompt: the seeded split (test_split_keeps_a_prompts_records_together
+    # checks the split itself) holds out s6 and s8. By hand:
+    #   s6: sentence 1 no error, sentence 2 error, sentence 3 only a relevance error: left out
+    #       of factuality metrics by the reference's rule -> 2 segments, 1 error;
+    #   s8: no error, error, no error -> 3 segments, 1 error.
+    # 5 segments, 2 errors: the majority class (no error) is right on 3/5 = 0.6. The RM has
+    # learned the data: accuracy 5/5, F1 1, AUC 1.
+    assert (metrics["train_records"], metrics["held_out_records"]) == (10, 2)
+    assert (held["segments"], held["error_segments"], held["predicted_errors"]) == (5, 2, 2)
+    assert held["majority_baseline_accuracy"] == pytest.approx(3 / 5)
+    assert (held["accuracy"], held["error_f1"], held["error_auc"]) == (1.0, 1.0, 1.0)
+    assert metrics["steps"] == 30 and metrics["beats_baseline"] is True
+    # Bootstrap over the 2 held-out prompts: a resample is s6s6, s6s8 or s8s8 (p 1/4, 1/2, 1/4);
+    # accuracy minus majority: s6 alone 1 - 1/2 = 0.5, s8 alone 1 - 2/3 = 1/3, both 1 - 3/5 =
+    # 0.4, so the 95% interval of 1000 draws is [1/3, 0.5], above 0: clearly better.
     assert held["bootstrap_prompts"] == 2
-    lo, hi = held["accuracy_minus_baseline_ci95"]
-    assert -1 <= lo <= hi <= 1 and metrics["beats_baseline_clearly"] == (lo > 0)
-    assert "difference 95% CI [" in result.output
+    assert held["accuracy_minus_baseline_ci95"] == pytest.approx([1 / 3, 0.5])
+    assert metrics["beats_baseline_clearly"] is True
+    assert "difference 95% CI [+0.333, +0.500]: clearly better" in " ".join(result.output.split())
     assert read_json(out / "run_config.json")["stage"] == "train-rm"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3]
+    assert [row["step"] for row in lines if "loss" in row] == list(range(1, 31))
 
+    # The saved RM gives -1 at the end of the error sentence and +1 elsewhere, at the
+    # sentences' end characters (29 = len("The tower is 100 metres tall.")).
     rm = load_reward_model(out, device="cpu")
-    scored = rm.score([r.prompt for r in span_records(2)], [r.response for r in span_records(2)])
-    assert all(len(s.values) == 3 and set(s.values) <= {1.0, -1.0} for s in scored)
+    s0, s1 = learnable_span_records(2)
+    scored = rm.score([s0.prompt, s1.prompt], [s0.response, s1.response])
+    assert [s.values for s in scored] == [[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]
+    assert scored[0].char_ends == [29, 29 + len(" It was built on the moon."), len(s0.response)]
 
-    # --eval-only scores the saved RM on labelled data and writes metrics only.
+    # --eval-only scores the saved RM on labelled data and writes metrics only. By hand:
+    # 36 sentences less the 4 relevance-only ones (s0, s3, s6, s9) = 32, with 6 errors (the
+    # even records): majority 26/32 = 0.8125; the RM gets all 32 right.
     evaluated = tmp_path / "eval"
-    result = run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", span_file, "--model", out, "--out", evaluated)
+    result = run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", data, "--model", out, "--out", evaluated)
     assert result.exit_code == 0, result.output
     eval_metrics = read_json(evaluated / METRICS_FILE)
-    assert eval_metrics["eval_only"] is True and eval_metrics["held_out"]["segments"] == 32  # 36 sentences, 4 relevance-only ones left out
-    assert eval_metrics["held_out"]["bootstrap_prompts"] == 12 and "beats_baseline_clearly" in eval_metrics
+    evaluated_held = eval_metrics["held_out"]
+    assert eval_metrics["eval_only"] is True
+    assert (evaluated_held["segments"], evaluated_held["error_segments"], evaluated_held["predicted_errors"]) == (32, 6, 6)
+    assert evaluated_held["majority_baseline_accuracy"] == pytest.approx(26 / 32) and evaluated_held["accuracy"] == 1.0
+    assert evaluated_held["bootstrap_prompts"] == 12 and eval_metrics["beats_baseline_clearly"] is True
     # Seeded by --seed: a second evaluation repeats the intervals.
     again = tmp_path / "eval-again"
-    assert run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", span_file, "--model", out, "--out", again).exit_code == 0
-    assert read_json(again / METRICS_FILE)["held_out"] == eval_metrics["held_out"]
+    assert run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", data, "--model", out, "--out", again).exit_code == 0
+    assert read_json(again / METRICS_FILE)["held_out"] == evaluated_held
     assert not (evaluated / SPEC_FILE).exists() and not list(evaluated.glob("*.safetensors"))
 
 
@@ -402,27 +453,30 @@ def test_relevance_preset_uses_subsentences(run_cli, tiny_model_dir, span_file, 
 
 def test_preference_rm_stores_score_normalisation(run_cli, tiny_model_dir, preference_file, tmp_path):
     out = tmp_path / "comp"
-    result = run_cli("train-rm", "--aspect", "completeness", "--data", preference_file, "--model", tiny_model_dir, "--out", out, *FAST)
+    result = run_cli("train-rm", "--aspect", "completeness", "--data", preference_file, "--model", tiny_model_dir, "--out", out, *LEARN, "--max-steps", "20")
     assert result.exit_code == 0, result.output
     assert "holistic preferences" in result.output
     spec = read_json(out / SPEC_FILE)
     assert spec["kind"] == "preference" and spec["normalization"]["computed_on"] == "training responses"
     metrics = read_json(out / METRICS_FILE)
     held = metrics["held_out"]
-    train, held_records = split_by_prompt(preference_records(), 0.2, 42)  # the stage's default seed
-    assert held["pairwise_baseline_accuracy"] == 0.5
-    assert (held["pairs"], held["ties"]) == (sum(not r.tie for r in held_records), sum(r.tie for r in held_records))
-    assert metrics["train_ties"] == sum(r.tie for r in train)
-    # The pairwise accuracy's interval resamples the prompts of the decided pairs.
-    assert held["bootstrap_prompts"] == len({r.prompt for r in held_records if not r.tie})
-    lo, hi = held["pairwise_accuracy_ci95"]
-    assert 0 <= lo <= hi <= 1 and metrics["beats_baseline_clearly"] == (lo > 0.5)
-    assert f"95% CI [{lo:.3f}, {hi:.3f}]" in result.output
+    # preference_records(12): ties are p3, p7, p11 (i % 4 == 3). The seeded split holds out
+    # p6 and p8 (see test_segment_rm_end_to_end): 2 decided pairs, no tie, 2 prompts; the 3
+    # ties train. The RM learns to prefer "Tower i is N metres tall." (measured margin ~4.8):
+    # both held-out pairs right, in every resample too, so the interval is [1, 1] > 0.5.
+    assert (held["pairs"], held["ties"], held["bootstrap_prompts"], metrics["train_ties"]) == (2, 0, 2, 3)
+    assert held["pairwise_baseline_accuracy"] == 0.5 and held["pairwise_accuracy"] == 1.0
+    assert held["pairwise_accuracy_ci95"] == [1.0, 1.0] and metrics["beats_baseline_clearly"] is True
+    assert "95% CI [1.000, 1.000]" in result.output
 
-    # Normalised scores of the training responses have mean 0 and std 1.
+    # Normalised scores of the training responses have mean 0 and std 1: the 10 training
+    # records' 20 (prompt, response) pairs, all distinct (every record has its own prompt).
+    assert spec["normalization"]["responses"] == 20
     rm = load_reward_model(out, device="cpu")
-    pairs = list(dict.fromkeys([(r.prompt, r.chosen) for r in train] + [(r.prompt, r.rejected) for r in train]))
+    train = [r for r in preference_records() if r.id not in ("p6", "p8")]
+    pairs = [(r.prompt, r.chosen) for r in train] + [(r.prompt, r.rejected) for r in train]
     values = [s.values[0] for s in rm.score([p for p, _ in pairs], [r for _, r in pairs])]
+    # Mean and std of 20 float32 scores of size ~1, normalised in float64: error ~1e-6.
     assert statistics.fmean(values) == pytest.approx(0.0, abs=1e-4)
     assert statistics.pstdev(values) == pytest.approx(1.0, abs=1e-4)
 
@@ -449,13 +503,24 @@ def test_preference_rm_options(run_cli, tiny_model_dir, preference_file, tmp_pat
 
 def test_regression_rm_on_scores(run_cli, tiny_model_dir, tmp_path):
     data = tmp_path / "scores.jsonl"
+    # Target k = i % 5 for a response of k + 1 words: the RM can read it off the length.
     write_records(data, [ScalarScore(f"c{i}", f"question {i}?", "word " * (i % 5 + 1), float(i % 5), aspect="length") for i in range(15)])
     out = tmp_path / "reg"
-    result = run_cli("train-rm", "--aspect", "length", "--kind", "regression", "--data", data, "--model", tiny_model_dir, "--out", out, *FAST)
+    result = run_cli("train-rm", "--aspect", "length", "--kind", "regression", "--data", data, "--model", tiny_model_dir, "--out", out,
+                     "--max-length", "96", "--batch-size", "4", "--max-steps", "30", "--lr", "3e-3")
     assert result.exit_code == 0, result.output
-    held = read_json(out / METRICS_FILE)["held_out"]
-    assert held["scores"] == 3 and held["mse"] >= 0 and held["mean_baseline_mse"] >= 0
     assert read_json(out / SPEC_FILE)["kind"] == "regression"
+    held = read_json(out / METRICS_FILE)["held_out"]
+    # The seeded split holds out c8, c10, c12: targets 3, 0, 2, mean 5/3; predicting the mean
+    # errs by 4/3, 5/3, 1/3: MSE (16 + 25 + 1) / 9 / 3 = 14/9.
+    assert held["scores"] == 3
+    assert held["mean_baseline_mse"] == pytest.approx(14 / 9)
+    # The held-out MSE is the mean squared error of the saved RM's own predictions.
+    rm = load_reward_model(out, device="cpu")
+    predictions = rm.raw_scores(["question 8?", "question 10?", "question 12?"], ["word " * 4, "word ", "word " * 3])
+    assert held["mse"] == pytest.approx(((predictions[0] - 3) ** 2 + predictions[1] ** 2 + (predictions[2] - 2) ** 2) / 3, rel=1e-5)
+    # After 30 steps it has learned the length (measured: MSE 0.37).
+    assert held["mse"] < held["mean_baseline_mse"] / 2
 
 
 def test_responses_that_do_not_fit_are_counted(run_cli, tiny_model_dir, span_file, tmp_path):
@@ -519,28 +584,45 @@ def shipped_sample(tmp_path_factory, make_tiny_model, repo_root):
     return backbone, imported
 
 
+# Labelled segments of the shipped sample under the reference's rules (issue 10, counted
+# against create_rel_fact_rm_files.py): 1,281 sentences, of which 651 carry only a relevance
+# error and are left out of factuality; 2,170 relevance sub-sentences.
+SHIPPED_SEGMENTS = {"factuality": 1281 - 651, "relevance": 2170}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("aspect", ["relevance", "factuality", "completeness"])
-def test_presets_on_the_shipped_sample_report_baselines_with_intervals(aspect, shipped_sample, tmp_path):
-    """Relevance beats its baseline (measured: accuracy 0.591 vs majority 0.504, error AUC 0.616,
-    95% CI [0.558, 0.682]). Factuality and completeness do not beat theirs beyond noise with the
-    tiny random backbone (factuality errors need the full passages, ~1,600 tokens, to detect;
-    the holistic preferences show no signal it can learn), so for them the test checks that the
-    report is consistent: the verdict follows the interval, which holds the point estimate."""
+def test_presets_on_the_shipped_sample_report_baselines_with_intervals(aspect, shipped_sample, tmp_path, repo_root):
+    """The report holds what is known about the sample without the RM: 80 of the 400
+    questions held out, and (evaluating a trained segment RM on the whole sample) exactly the
+    segments the reference's label rules give. Of the learning, only what the tiny random
+    backbone reliably shows: relevance errors rank above non-errors (measured: error AUC 0.580,
+    95% CI [0.513, 0.651]; accuracy 0.569 vs majority 0.542, difference CI [-0.061, +0.102]).
+    Factuality errors need the full passages (~1,600 tokens) to detect and the holistic
+    preferences show no signal it can learn (measured: factuality predicts every held-out
+    sentence an error, 138 of 138, accuracy 0.297 vs majority 0.703)."""
     from rlhfkit.stages.train_rm import run_train_rm
 
     backbone, imported = shipped_sample
     data = imported / ("preferences.jsonl" if aspect == "completeness" else "span_feedback.jsonl")
-    metrics = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(backbone), out=str(tmp_path / aspect)))
+    out = tmp_path / aspect
+    metrics = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(backbone), out=str(out)))
     held = metrics["held_out"]
-    if aspect == "completeness":
-        low, high = held["pairwise_accuracy_ci95"]
-        assert low <= held["pairwise_accuracy"] <= high
-        assert metrics["beats_baseline_clearly"] == (low > held["pairwise_baseline_accuracy"])
-    else:
-        low, high = held["accuracy_minus_baseline_ci95"]
-        assert low <= held["accuracy"] - held["majority_baseline_accuracy"] <= high
-        assert metrics["beats_baseline_clearly"] == (low > 0)
+    # 400 questions, each with 4 answers compared in 6 pairs: 20% of the prompts = 80 held out.
+    per_question = 6 if aspect == "completeness" else 1
+    assert (metrics["train_records"], metrics["held_out_records"]) == (320 * per_question, 80 * per_question)
     if aspect == "relevance":
         assert metrics["beats_baseline"], held
         assert held["error_auc_ci95"][0] > 0.5, held
+    evaluated = run_train_rm(build_config(TrainRMConfig, aspect=aspect, data=str(data), model=str(out), out=str(tmp_path / "eval"), eval_only=True))
+    whole = evaluated["held_out"]
+    assert (whole["records"], whole["records_too_long"]) == (400 * per_question, 0)
+    if aspect == "completeness":
+        # The raw file's 6 preference labels per question: 0 is a tie (the reference's
+        # create_comp_rm_files.py get_preference), 1 or 2 the preferred answer of the pair.
+        raw = json.loads((repo_root / "data/qa_feedback/feedback.json").read_text())
+        ties = sum(label == 0 for record in raw for label in record["preference"])
+        assert (whole["pairs"], whole["ties"]) == (2400 - ties, ties)
+        assert whole["pairwise_baseline_accuracy"] == 0.5
+    else:
+        assert whole["segments"] == SHIPPED_SEGMENTS[aspect]
