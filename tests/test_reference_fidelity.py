@@ -404,3 +404,23 @@ def test_lora_policy_honours_ref(make_tiny_model, run_cli, prompts_file, tmp_pat
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     rows = ppo(run_cli, base, prompts_file, tmp_path / "ref", "--lora-r", "4", "--steps", "1", "--ref", make_tiny_model("gpt2", seed=1))
     assert abs(rows[0]["kl"]) > 1e-3
+
+
+def test_logged_kl_penalty_uses_the_coefficient_the_rewards_used(make_tiny_model, run_cli, prompts_file, tmp_path):
+    # Adaptive KL: the coefficient changes after the step; the penalty the step's rewards
+    # carried is beta_before * KL, beta_before = --kl-coef 0.3 at step 1. A reference that
+    # differs from the policy makes the KL non-zero from step 1.
+    rows = ppo(run_cli, make_tiny_model("gpt2"), prompts_file, tmp_path / "kl", "--ref", make_tiny_model("gpt2", seed=1),
+               "--target-kl", "0.01", "--kl-horizon", "10", "--steps", "1")
+    assert rows[0]["kl_penalty"] == pytest.approx(0.3 * rows[0]["kl"], rel=1e-6)
+    assert rows[0]["kl_coef"] != 0.3  # the controller moved it (KL far from 0.01)
+
+
+def test_value_lr_zero_freezes_the_value_model(tiny_model_dir, run_cli, prompts_file, tmp_path, monkeypatch):
+    from rlhfkit.stages import ppo as ppo_stage
+
+    lrs = []
+    real = ppo_stage.make_optimizer
+    monkeypatch.setattr(ppo_stage, "make_optimizer", lambda model, lr, **kw: lrs.append(lr) or real(model, lr, **kw))
+    ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "v", "--lr", "1e-3", "--value-lr", "0", "--steps", "1")
+    assert lrs == [1e-3, 0.0]  # policy, then the value model: 0 is not "unset"

@@ -516,6 +516,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
 
     world_size = world_info()[2]
     mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device), all_reduce=all_reduce_sum).item()
+    beta = kl_ctl.value  # the coefficient this step's rewards used, logged before it adapts
     kl_ctl.update(mean_kl, n * world_size)
     tokens = float(all_reduce_sum(mask.sum().reshape(1)).item())  # of all processes
     metrics = {
@@ -523,7 +524,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         **{f"reward/{name}": mean_over_processes(value) for name, value in per_source.items()},
         "kl": mean_kl,
         "kl_coef": kl_ctl.value,
-        "kl_penalty": mean_over_processes((kl_ctl.value * kl).sum(dim=1)),
+        "kl_penalty": mean_over_processes((beta * kl).sum(dim=1)),
         "response_length": mean_over_processes(rollout.response_lengths.float()),
         "truncated_fraction": mean_over_processes((~rollout.finished).float()),
         "prompts_cut": rollout.prompts_cut,
@@ -619,7 +620,7 @@ def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     # 1e-5 as in the reference implementations (the checklist).
     policy_opt = make_optimizer(bundle.policy, cfg.lr, eps=1e-5)
     value_modules = [m for m in (bundle.value_backbone, bundle.value_head) if m is not None]
-    value_opt = make_optimizer(nn.ModuleList(value_modules), cfg.value_lr or cfg.lr, eps=1e-5) if value_modules else None
+    value_opt = make_optimizer(nn.ModuleList(value_modules), cfg.lr if cfg.value_lr is None else cfg.value_lr, eps=1e-5) if value_modules else None
     updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // (cfg.minibatch_size * cfg.grad_accum))
     schedulers = [get_scheduler("linear", opt_, num_warmup_steps=cfg.warmup_steps, num_training_steps=updates) for opt_ in (policy_opt, value_opt) if opt_ is not None]
     return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
