@@ -10,11 +10,12 @@ tokenize them (`tokenizer(prompt)`, special tokens included), so the policy is t
 the token sequences it will later generate from.
 
 Records longer than `--max-length` are cut, and counted:
-- the prompt loses tokens from the left first (the end of a QA prompt sits next to the
-  answer; the response is what is being learned);
-- a response that alone leaves no room for its prompt keeps the prompt's last
-  `max_length // 2` tokens and is cut on the right to the rest, losing its eos: it is still
-  trained on, so a long answer's beginning is not thrown away.
+- the prompt loses tokens first, on `--truncation-side` (default right: the head, where a QA
+  prompt's question is, stays; the same rule as ppo's rollouts, so the policy is trained on
+  the prompts it will see); the response is what is being learned;
+- a response that alone leaves no room for its prompt keeps `max_length // 2` prompt tokens
+  and is cut on the right to the rest, losing its eos: it is still trained on, so a long
+  answer's beginning is not thrown away.
 For an encoder-decoder, `--max-length` bounds the prompt and the response each.
 
 The held-out split (`--eval-fraction`) gives eval loss and perplexity before and after
@@ -78,6 +79,7 @@ from rlhfkit.training import (
     split_held_out,
     validate_loop_options,
 )
+from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side, cut_to_length
 
 IGNORE_INDEX = -100
 METRICS_FILE = "sft_metrics.json"
@@ -99,7 +101,7 @@ class FinetuneOptions:
     warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
     max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
-    max_length: int = opt(1024, "Longest prompt + response in tokens (encoder-decoder: prompt and response each); prompts are cut from the left first.")
+    max_length: int = opt(1024, "Longest prompt + response in tokens (encoder-decoder: prompt and response each); prompts are cut first (--truncation-side).")
     eval_fraction: float = opt(0.1, "Fraction of the demonstrations held out for eval loss / perplexity (0 = none).")
     eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
     save_every: int = opt(500, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
@@ -117,9 +119,11 @@ class FinetuneOptions:
     seed: int = opt(42, "Seed for the held-out split, data order, LoRA init and dropout.")
     chat_template: str | None = opt(None, "Jinja chat template file for conversational demonstrations (default: the tokenizer's own, if any); saved with the model.")
     report_to: list[str] = opt([], REPORT_TO_HELP)
+    truncation_side: str = opt("right", TRUNCATION_HELP)
 
     def validate_finetune(self) -> None:
         validate_loop_options(self)
+        check_truncation_side(self.truncation_side)
         load_chat_template(self.chat_template)
         parse_report_to(self.report_to)
         if self.max_length < 2:
@@ -162,15 +166,17 @@ class SFTExample:
 
     input_ids: list[int]
     labels: list[int]
-    prompt_cut: int = 0  # prompt tokens dropped from the left
+    prompt_cut: int = 0  # prompt tokens dropped (on the truncation side)
     response_cut: int = 0  # response tokens (eos included) dropped from the right
 
 
 def encode_demonstration(
-    tokenizer: Any, prompt: str, response: str, max_length: int, is_encoder_decoder: bool
+    tokenizer: Any, prompt: str, response: str, max_length: int, is_encoder_decoder: bool,
+    truncation_side: str = "right",
 ) -> SFTExample:
     """Tokenize one demonstration and apply the --max-length rule (see the module docstring)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    encoded_prompt = tokenizer(prompt, add_special_tokens=True, return_special_tokens_mask=True)
+    prompt_ids = list(encoded_prompt["input_ids"])
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if is_encoder_decoder:
         keep_prompt = min(len(prompt_ids), max_length)
@@ -182,14 +188,14 @@ def encode_demonstration(
     else:
         keep_prompt = min(len(prompt_ids), max_length // 2)
         keep_response = max_length - keep_prompt
-    kept_prompt = prompt_ids[len(prompt_ids) - keep_prompt :]
+    kept_prompt = cut_to_length(prompt_ids, encoded_prompt["special_tokens_mask"], keep_prompt, truncation_side)
     kept_response = response_ids[:keep_response]
     if is_encoder_decoder:
         input_ids, labels = kept_prompt, kept_response
     else:
         input_ids = kept_prompt + kept_response
         labels = [IGNORE_INDEX] * len(kept_prompt) + kept_response
-    return SFTExample(input_ids, labels, len(prompt_ids) - keep_prompt, len(response_ids) - keep_response)
+    return SFTExample(input_ids, labels, len(prompt_ids) - len(kept_prompt), len(response_ids) - keep_response)
 
 
 def encode_chat_demonstration(tokenizer: Any, pieces: list[tuple[str, bool]], max_length: int) -> SFTExample:
@@ -360,7 +366,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         if templated and messages is not None:
             turn = {"role": "assistant", "content": assistant_content(r.prompt, r.response)}
             return encode_chat_demonstration(tokenizer, assistant_pieces(tokenizer, [*messages, turn]), cfg.max_length)
-        return encode_demonstration(tokenizer, r.prompt, r.response, cfg.max_length, is_encoder_decoder)
+        return encode_demonstration(tokenizer, r.prompt, r.response, cfg.max_length, is_encoder_decoder, cfg.truncation_side)
 
     def encode(batch: list[Demonstration]) -> list[SFTExample]:
         return [encode_one(r) for r in batch]
@@ -377,7 +383,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         )
         console.print(
             f"sft: {truncated} of {len(all_examples)} demonstrations exceed --max-length {cfg.max_length} "
-            f"and were truncated (prompt cut from the left){note}",
+            f"and were truncated (prompt cut on the {cfg.truncation_side}){note}",
             soft_wrap=True,
         )
 

@@ -89,22 +89,27 @@ def test_loss_is_the_cross_entropy_of_the_response_tokens_only(tiny_model_dir):
     assert loss_sum.item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_truncation_cuts_the_prompt_from_the_left_first(tiny_model_dir):
+def test_truncation_cuts_the_prompt_first(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     response_ids = tokenizer(RESPONSE, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     P, R = len(prompt_ids), len(response_ids)
     assert P > 6 and R > 3
 
-    # room for 3 prompt tokens: the prompt keeps its last 3, the response is whole
+    # room for 3 prompt tokens: by default (right) the prompt keeps its first 3 (the head,
+    # where a QA prompt's question is), as ppo's rollouts cut it; the response is whole
     example = encode_demonstration(tokenizer, PROMPT, RESPONSE, R + 3, False)
+    assert example.input_ids == prompt_ids[:3] + response_ids
+    assert (example.prompt_cut, example.response_cut) == (P - 3, 0)
+    # --truncation-side left keeps its last 3
+    example = encode_demonstration(tokenizer, PROMPT, RESPONSE, R + 3, False, "left")
     assert example.input_ids == prompt_ids[-3:] + response_ids
     assert example.labels == [IGNORE_INDEX] * 3 + response_ids
     assert (example.prompt_cut, example.response_cut) == (P - 3, 0)
 
     # the response alone does not fit: the prompt keeps max_length // 2 = 2 tokens, the
     # response its first 3 (no eos); it is still trained on
-    example = encode_demonstration(tokenizer, PROMPT, RESPONSE, 5, False)
+    example = encode_demonstration(tokenizer, PROMPT, RESPONSE, 5, False, "left")
     assert example.input_ids == prompt_ids[-2:] + response_ids[:3]
     assert example.labels == [IGNORE_INDEX] * 2 + response_ids[:3]
     assert (example.prompt_cut, example.response_cut) == (P - 2, R - 3)
