@@ -77,6 +77,7 @@ from rlhfkit.rewards.sources import (
     parse_named,
     parse_redistribute,
     parse_weights,
+    reward_model_name,
 )
 from rlhfkit.rl.advantages import (
     GROUP_BASELINES,
@@ -231,7 +232,8 @@ class PPOConfig:
             if getattr(self, name) < 1:
                 raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 1")
         weights = parse_weights(self.rewards)
-        unused = sorted(set(parse_named(self.rm, "--rm")) - set(weights))
+        rm_paths = parse_named(self.rm, "--rm")
+        unused = sorted(set(rm_paths) - {reward_model_name(name, rm_paths) for name in weights})
         if unused:
             raise RlhfkitError(
                 f"--rm {', '.join(unused)}: not named by --rewards {self.rewards}; give it a weight there or drop the --rm"
