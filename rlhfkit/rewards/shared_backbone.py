@@ -36,8 +36,10 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, SHARED_KIND, RewardModel
 
 HEADS_FILE = "aspect_heads.safetensors"
-# Head outputs of this many input batches are kept; a PPO step scores its rollouts in
-# rollouts / --rm-batch-size batches per aspect, far fewer than this.
+# Head outputs of this many input batches are kept (least recently used dropped first). A PPO
+# step scores its rollouts in rollouts / --rm-batch-size batches, each aspect all of them in
+# turn, so the cache must hold one step's batches; an entry is rm_batch_size x tokens x
+# (2 per segment aspect + 1 per sequence aspect) floats: 8 x 640 x 5 x 4 B = 100 KiB.
 CACHED_BATCHES = 256
 
 
@@ -146,6 +148,10 @@ class SharedBackboneScorer:
         self.model = model.eval()
         self.forward_passes = 0
         self._cache: OrderedDict[tuple, dict[str, Tensor]] = OrderedDict()
+
+    def clear(self) -> None:
+        """Forget every cached output (a benchmark that scores one batch again must run the model)."""
+        self._cache.clear()
 
     @torch.no_grad()
     def outputs(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
