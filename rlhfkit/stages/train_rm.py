@@ -208,6 +208,7 @@ class TrainRMConfig:
     warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
     max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
+    group_by_length: bool = opt(True, "Batch examples of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and rm_metrics.json.")
     eval_fraction: float = opt(0.2, "Fraction of the prompts held out for metrics (0 = none); a prompt's records stay on one side.")
     eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
     save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
@@ -1082,6 +1083,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         data_fingerprint=_fingerprint(cfg.data, cfg, settings),
         description=f"train-rm {cfg.aspect}",
         count_fn=make_count_fn(settings.kind),
+        item_lengths=[example_rows(e) for e in train_examples],
     )
 
     model.eval()
@@ -1114,6 +1116,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         "train_loss": result.final_epoch_loss,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
+        "padding_fraction": result.padding_fraction,
         "trainable_parameters": parameters.trainable,
         "total_parameters": parameters.total,
         "saved_model_class": type(saved).__name__,
