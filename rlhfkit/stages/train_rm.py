@@ -1,4 +1,5 @@
-"""`rlhfkit train-rm`: train one reward model for one feedback aspect.
+"""`rlhfkit train-rm`: train one reward model for one feedback aspect (or, with
+`--shared-backbone`, one model with a head per aspect: run_train_shared, rlhfkit.rewards.shared_backbone).
 
 Three kinds (`--kind`, or the aspect's preset):
 
