@@ -268,3 +268,18 @@ def test_shared_model_into_ppo_and_evaluate(run_cli, fg_model, fg_data, tiny_mod
     metrics = json.loads((ev / "metrics.json").read_text())
     text = json.dumps(metrics)
     assert "error_rate/fg.factuality" in text and "reward/fg.completeness" in text
+
+
+def test_a_sequence_aspect_can_be_redistributed(fg_model):
+    """R3HF on a shared model's completeness head: the token rewards telescope to the last prefix
+    score minus the prompt's (both normalised), as for a separate causal RM."""
+    paths = parse_named([f"fg={fg_model}"], "--rm")
+    sources = build_reward_sources({"fg.completeness": 1.0}, paths, {"fg.completeness": "token"}, device=torch.device("cpu"))
+    source = sources["fg.completeness"]
+    assert "redistributed per token" in source.description
+    response = "It is red. It is old."
+    spans = [[(0, 5), (5, 10), (10, len(response))]]
+    rewards = source.token_rewards(["question 1?"], [response], spans).per_token[0]
+    scores, _, prompt_scores = source.rm.prefix_scores(["question 1?"], [response])
+    # float32 sums of 3 values of size ~1: well within 1e-5.
+    assert rewards.sum().item() == pytest.approx(scores[0][-1].item() - prompt_scores[0].item(), abs=1e-5)
