@@ -18,7 +18,8 @@ and truncation are shared, because all aspects read the same encoded input.
 `load_aspect_reward_models(path)` gives one `RewardModel` per aspect. They share a
 `SharedBackboneScorer`, which runs the backbone and every head once per input batch and
 keeps the head outputs (a few floats per token, not the hidden states) for the other
-aspects: three aspects scored on one batch cost one forward pass.
+aspects: three aspects scored on one batch cost one forward pass (and one tokenisation of each
+(prompt, response)).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, SHARED_KIND, RewardModel
+from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, SHARED_KIND, EncodedPair, RewardModel
 
 HEADS_FILE = "aspect_heads.safetensors"
 # Head outputs of this many input batches are kept (least recently used dropped first). A PPO
@@ -41,6 +43,8 @@ HEADS_FILE = "aspect_heads.safetensors"
 # turn, so the cache must hold one step's batches; an entry is rm_batch_size x tokens x
 # (2 per segment aspect + 1 per sequence aspect) floats: 8 x 640 x 5 x 4 B = 100 KiB.
 CACHED_BATCHES = 256
+# Encoded (prompt, response) pairs kept: a few PPO steps' rollouts.
+CACHED_PAIRS = 4096
 
 
 def reads_last_token(config) -> bool:
@@ -148,10 +152,23 @@ class SharedBackboneScorer:
         self.model = model.eval()
         self.forward_passes = 0
         self._cache: OrderedDict[tuple, dict[str, Tensor]] = OrderedDict()
+        self._encoded: OrderedDict[tuple[str, str], EncodedPair | None] = OrderedDict()
 
     def clear(self) -> None:
         """Forget every cached output (a benchmark that scores one batch again must run the model)."""
         self._cache.clear()
+        self._encoded.clear()
+
+    def encode(self, prompt: str, response: str, encode: Callable[[str, str], EncodedPair | None]) -> EncodedPair | None:
+        """`encode(prompt, response)`, tokenised once for all aspects (they share tokenizer and lengths)."""
+        key = (prompt, response)
+        if key in self._encoded:
+            self._encoded.move_to_end(key)
+            return self._encoded[key]
+        pair = self._encoded[key] = encode(prompt, response)
+        while len(self._encoded) > CACHED_PAIRS:
+            self._encoded.popitem(last=False)
+        return pair
 
     @torch.no_grad()
     def outputs(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
@@ -177,6 +194,9 @@ class AspectRewardModel(RewardModel):
     @property
     def scores_prefixes(self) -> bool:
         return self.scorer.model.causal
+
+    def encode(self, prompt: str, response: str) -> EncodedPair | None:
+        return self.scorer.encode(prompt, response, super().encode)
 
     def token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.scorer.outputs(input_ids, attention_mask)[self.aspect]
