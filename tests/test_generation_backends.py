@@ -10,7 +10,12 @@ from torch import nn
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingConfig
-from rlhfkit.generation_backends import VLLM_MISSING, VLLMGeneration, WeightSync, check_generation_backend
+from rlhfkit.generation_backends import (
+    VLLM_MISSING,
+    VLLMGeneration,
+    WeightSync,
+    check_generation_backend,
+)
 from rlhfkit.models import load_tokenizer
 
 

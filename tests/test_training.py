@@ -19,11 +19,11 @@ from rlhfkit.training import (
     LoopSettings,
     StepPlan,
     checkpoint_dir,
-    group_batches,
-    padding_counts,
     fit,
+    group_batches,
     latest_checkpoint,
     list_checkpoints,
+    padding_counts,
     split_held_out,
 )
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -53,7 +54,10 @@ def reads_last_token(config) -> bool:
     BERT-like models also have a causal-LM class, so "has a causal LM" is not enough: a
     model type with a masked-LM class is taken as an encoder.
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     model_type = getattr(config, "model_type", None)
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -126,7 +130,7 @@ class MultiAspectRewardModel(nn.Module):
             raise RlhfkitError(f"{directory}: no {HEADS_FILE}; the shared-backbone reward model is incomplete, train it again")
         try:
             state = load_file(str(path))
-        except Exception as err:  # a truncated or foreign file: safetensors' own message
+        except (SafetensorError, OSError) as err:  # a truncated or foreign file: safetensors' own message
             raise RlhfkitError(f"{path}: cannot read the aspect heads ({err})") from None
         missing = sorted(set(self.heads.state_dict()) - set(state))
         if missing:

@@ -51,7 +51,14 @@ from rlhfkit.io import write_text
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
 from rlhfkit.models import load_policy, resolve_device
-from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, SHARED_KIND, load_reward_model, load_reward_models, read_spec, spec_aspects
+from rlhfkit.rewards.reward_model import (
+    SEQUENCE_KINDS,
+    SHARED_KIND,
+    load_reward_model,
+    load_reward_models,
+    read_spec,
+    spec_aspects,
+)
 from rlhfkit.rewards.sources import canonical_name, parse_named
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, PromptRecord, load_records, write_records

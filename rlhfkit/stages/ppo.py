@@ -61,6 +61,11 @@ from rlhfkit.generation import (
     generate,
     model_max_positions,
 )
+from rlhfkit.generation_backends import (
+    HFGeneration,
+    check_generation_backend,
+    make_generation_backend,
+)
 from rlhfkit.io import write_json, write_text
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
@@ -71,7 +76,6 @@ from rlhfkit.models import (
     safe_torch_load,
     save_model,
 )
-from rlhfkit.generation_backends import HFGeneration, check_generation_backend, make_generation_backend
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
 from rlhfkit.rewards.sources import (
     build_reward_sources,

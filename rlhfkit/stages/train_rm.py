@@ -1180,7 +1180,13 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     """
     from transformers import AutoModel
 
-    from rlhfkit.rewards.shared_backbone import HEADS_FILE, SHARED_KIND, AspectRewardModel, MultiAspectRewardModel, SharedBackboneScorer
+    from rlhfkit.rewards.shared_backbone import (
+        HEADS_FILE,
+        SHARED_KIND,
+        AspectRewardModel,
+        MultiAspectRewardModel,
+        SharedBackboneScorer,
+    )
 
     cfg.validate_shared()
     configs = {one.aspect: one for one in cfg.per_aspect()}
