@@ -791,7 +791,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         for step in range(start_step + 1, cfg.steps + 1):
             # The step's prompts are global; each process rolls out its shard of them.
             batch = shard(prompts_for_step(prompts, order, step, cfg.prompts_per_step, cfg.seed), rank, world_size)
-            metrics, rollout, rewards = ppo_iteration(cfg, bundle, sources, weights, batch, optimizers, schedulers, kl_ctl, step, backend)
+            metrics, rollout, rewards = ppo_iteration(cfg, bundle, sources, weights, batch, optimizers, schedulers, kl_ctl, step, backend=backend)
             history.append(run.log_metrics(step=step, **metrics))
             if main:
                 logged = append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)
