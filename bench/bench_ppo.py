@@ -83,10 +83,11 @@ RM_RESPONSES = [
 SCORINGS_PER_ROUND = 5
 # Whole iterations are timed with one and with three RMs; redistribution's extra cost (~0.01 s
 # per batch) is far below the noise of a whole iteration.
-ITERATION_SETUPS = ("comp", "fact+rel+comp")
-RM_SETUPS = {  # name: (reward weights, redistributed sources)
+ITERATION_SETUPS = ("comp", "fact+rel+comp", "fg: fact+rel+comp, one backbone")
+RM_SETUPS = {  # name: (reward weights, redistributed sources); fg is the shared-backbone RM of the three aspects
     "comp": ({"completeness": 1.0}, {}),
     "fact+rel+comp": ({"factuality": 0.3, "relevance": 0.5, "completeness": 0.3}, {}),
+    "fg: fact+rel+comp, one backbone": ({"fg.factuality": 0.3, "fg.relevance": 0.5, "fg.completeness": 0.3}, {}),
     "comp redistributed": ({"completeness": 1.0}, {"completeness": "token"}),
 }
 
@@ -415,7 +416,23 @@ def train_reward_models(spec: BenchSpec) -> dict[str, str]:
             max_steps=2, batch_size=4, max_length=256, eval_fraction=0.0, device=spec.device, dtype=spec.dtype,
         ))
         out[aspect] = str(root / aspect)
+    # The same three aspects on one backbone (train-rm --shared-backbone), with the same lengths.
+    run_train_rm(build_config(
+        TrainRMConfig, aspect="factuality,relevance,completeness", shared_backbone=True, data=str(root / "spans.jsonl"),
+        data_for=[f"completeness={root / 'prefs.jsonl'}"], model=spec.rm_backbone, out=str(root / "fg"),
+        max_steps=2, batch_size=4, max_length=256, eval_fraction=0.0, device=spec.device, dtype=spec.dtype,
+    ))
+    out["fg"] = str(root / "fg")
     return out
+
+
+def forget_cached_outputs(sources) -> None:
+    """A shared-backbone RM keeps its head outputs per input batch; scoring the same rollout
+    again must run the model again to be timed."""
+    for source in sources.values():
+        scorer = getattr(getattr(source, "rm", None), "scorer", None)
+        if scorer is not None:
+            scorer.clear()
 
 
 def run_rm_costs(spec: BenchSpec) -> dict:
@@ -428,7 +445,7 @@ def run_rm_costs(spec: BenchSpec) -> dict:
 
     rms = train_reward_models(spec)
     cfgs = {
-        name: rlhfkit_config(spec, "grpo", weights, {k: rms[k] for k in weights}, redistribute)
+        name: rlhfkit_config(spec, "grpo", weights, {k.partition(".")[0]: rms[k.partition(".")[0]] for k in weights}, redistribute)
         for name, (weights, redistribute) in RM_SETUPS.items()
     }
     setups = {name: (reward_sources(cfg), parse_weights(cfg.rewards), cfg) for name, cfg in cfgs.items()}
@@ -441,6 +458,7 @@ def run_rm_costs(spec: BenchSpec) -> dict:
         max_prompt_length=MAX_PROMPT_TOKENS, is_encoder_decoder=ppo.bundle.is_encoder_decoder,
     )
     for sources, weights, cfg in setups.values():  # warm-up
+        forget_cached_outputs(sources)
         score_rollout(sources, weights, rollout, cfg)
     ppo.iteration(prompts)
     score: dict[str, list[Clock]] = {name: [] for name in setups}
@@ -449,6 +467,7 @@ def run_rm_costs(spec: BenchSpec) -> dict:
     for _ in range(spec.repeats):  # setups interleaved, so background load hits all alike
         for _ in range(SCORINGS_PER_ROUND):
             for name, (sources, weights, cfg) in setups.items():
+                forget_cached_outputs(sources)
                 with Clock(ppo.device) as clock:
                     score_rollout(sources, weights, rollout, cfg)
                 score[name].append(clock)
@@ -600,9 +619,15 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
         three = median(score["fact+rel+comp"]) / median(score["comp"])
         spread = median(score["comp redistributed"]) / median(score["comp"])
         whole = median(iteration["fact+rel+comp"]) / median(iteration["comp"])
+        shared_name = "fg: fact+rel+comp, one backbone"
+        shared = median(score[shared_name]) / median(score["comp"])
+        shared_whole = median(iteration[shared_name]) / median(iteration["comp"])
         out.print(
-            f"goal: three RMs <= 1.3x one: score only {three:.2f}x -> {'met' if three <= 1.3 else 'NOT met'}; "
-            f"whole iteration {whole:.2f}x -> {'met' if whole <= 1.3 else 'NOT met'}"
+            f"three separate RMs vs one: score only {three:.2f}x, whole iteration {whole:.2f}x (the goal of 1.3x was for these)"
+        )
+        out.print(
+            f"goal: three aspects on one backbone <= 1.15x one RM: score only {shared:.2f}x -> "
+            f"{'met' if shared <= 1.15 else 'NOT met'}; whole iteration {shared_whole:.2f}x"
         )
         out.print(f"goal: redistribution <= 1.05x plain scoring (score only): {spread:.2f}x -> {'met' if spread <= 1.05 else 'NOT met'}")
     out.print(

@@ -67,6 +67,10 @@ EXAMPLES = {
         "rlhfkit train-rm --aspect factuality --data runs/import/span_feedback.jsonl --model models/tiny --out runs/rm-fact",
         "rlhfkit train-rm --aspect completeness --data runs/import/preferences.jsonl --model models/tiny --out runs/rm-comp",
         "rlhfkit train-rm --aspect factuality --eval-only --model runs/rm-fact --data heldout.jsonl --out runs/rm-fact-eval",
+        (
+            "rlhfkit train-rm --aspect factuality,relevance,completeness --shared-backbone --data runs/import/span_feedback.jsonl "
+            "--data-for completeness=runs/import/preferences.jsonl --model models/tiny --out runs/rm-fg"
+        ),
     ],
     "redistribute": [
         "rlhfkit redistribute --rm runs/rm-comp --input runs/ppo/rollouts.jsonl --out runs/tokens.jsonl --html runs/tokens.html",

@@ -101,6 +101,7 @@ class FinetuneOptions:
     warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
     max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
+    group_by_length: bool = opt(True, "Batch demonstrations of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and sft_metrics.json.")
     max_length: int = opt(1024, "Longest prompt + response in tokens (encoder-decoder: prompt and response each); prompts are cut first (--truncation-side).")
     eval_fraction: float = opt(0.1, "Fraction of the demonstrations held out for eval loss / perplexity (0 = none).")
     eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
@@ -416,6 +417,8 @@ def run_sft(cfg: SFTConfig) -> Path:
         data_fingerprint=_fingerprint(train_examples),
         description="sft",
         count_fn=supervised_tokens,
+        # The sequences a batch pads to one width (seq2seq: the prompts; labels are padded apart).
+        item_lengths=[[len(e.input_ids)] for e in train_examples],
     )
 
     main = is_main_process()
@@ -437,6 +440,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         "truncated": truncated,
         "responses_truncated": responses_cut,
         "samples_per_second": result.samples_per_second,
+        "padding_fraction": result.padding_fraction,
         "train_seconds": result.train_seconds,
         "trainable_parameters": parameters.trainable,
         "total_parameters": parameters.total,

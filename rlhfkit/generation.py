@@ -229,7 +229,21 @@ def generate(
     response_ids = output[:, 1:] if is_encoder_decoder else output[:, query_ids.shape[1]:]
     if response_ids.shape[1] == 0:
         response_ids = torch.full((len(prompts), 1), tokenizer.pad_token_id, device=device)
+    return build_rollout(tokenizer, list(prompts), query_ids, query_mask, response_ids, prompts_cut)
+
+
+def build_rollout(
+    tokenizer, prompts: list[str], query_ids, query_mask, response_ids, prompts_cut: int, lengths: list[int] | None = None
+) -> Rollout:
+    """A Rollout from right-padded sampled ids (however sampled: rlhfkit.generation_backends):
+    everything after a row's first EOS (and, with `lengths`, after its last sampled token) is
+    masked out and the texts are decoded with offsets."""
     response_mask, finished = first_eos_mask(response_ids, tokenizer.eos_token_id)
+    if lengths is not None:
+        positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+        within = positions.unsqueeze(0) < torch.tensor(lengths, device=response_ids.device).unsqueeze(1)
+        response_mask = response_mask * within.to(response_mask.dtype)
+        finished = ((response_ids == tokenizer.eos_token_id) & within).any(dim=1)  # padding may be EOS (GPT-2)
     response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
     texts, spans = [], []
     for row, mask in zip(response_ids.tolist(), response_mask.tolist()):

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -96,6 +97,8 @@ class LoopSettings:
     deepspeed: str | None = None  # zero0..zero3 or a JSON path: train in a DeepSpeed engine
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Micro-batches of similar lengths (StepPlan.lengths) when the stage gives item lengths.
+    group_by_length: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any, compute_dtype: torch.dtype = torch.float32) -> LoopSettings:
@@ -148,11 +151,23 @@ def split_held_out(items: Sequence, fraction: float, seed: int) -> tuple[list, l
     return [items[i] for i in range(len(items)) if i not in held_set], [items[i] for i in held]
 
 
+LENGTH_GROUP_WINDOW = 50
+"""Length grouping sorts the items of this many batches at a time (transformers'
+LengthGroupedSampler uses the same "megabatch" of 50): batches hold similar lengths, and
+which items meet in a batch still changes from epoch to epoch."""
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Which items each optimizer step trains on: a seeded permutation per epoch, cut into
     micro-batches of `batch_size` and windows of `grad_accum` micro-batches (an epoch's
-    last window may be shorter). `max_steps` overrides `epochs` and wraps into new epochs."""
+    last window may be shorter). `max_steps` overrides `epochs` and wraps into new epochs.
+
+    `groups` (one label per item) keeps items of different groups out of one micro-batch
+    (the shared-backbone RM: one aspect per batch). `lengths` (a sort key per item) groups
+    items of similar length into micro-batches (`group_batches`); with either, the epoch's
+    micro-batches are then shuffled as wholes, so no group or length comes first.
+    """
 
     n_items: int
     batch_size: int
@@ -160,33 +175,85 @@ class StepPlan:
     epochs: int
     max_steps: int | None
     seed: int
+    groups: tuple | None = None
+    lengths: tuple[int, ...] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        if self.groups is None:
+            return math.ceil(self.n_items / self.batch_size)
+        return sum(math.ceil(n / self.batch_size) for n in Counter(self.groups).values())
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(math.ceil(self.n_items / self.batch_size) / self.grad_accum)
+        return math.ceil(self.batches_per_epoch / self.grad_accum)
 
     @property
     def total_steps(self) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
 
+    def epoch_batches(self, generator: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(self.n_items, generator=generator).tolist()
+        if self.groups is None and self.lengths is None:
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return group_batches(order, self.batch_size, generator, self.groups, self.lengths)
+
     def windows(self, start_step: int = 0):
         """Yield (step, [micro-batch index lists]) for steps start_step+1 .. total_steps."""
         generator = torch.Generator().manual_seed(self.seed)
-        window_items = self.batch_size * self.grad_accum
         step = 0
-        epoch = 0
         while step < self.total_steps:
-            # Every epoch's permutation is drawn, even skipped ones, so step N sees the same
+            # Every epoch's batches are drawn, even skipped ones, so step N sees the same
             # items whether or not the run was resumed before it.
-            order = torch.randperm(self.n_items, generator=generator).tolist()
-            epoch += 1
-            for begin in range(0, self.n_items, window_items):
+            batches = self.epoch_batches(generator)
+            for begin in range(0, len(batches), self.grad_accum):
                 step += 1
                 if step > start_step:
-                    chunk = order[begin : begin + window_items]
-                    yield step, [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+                    yield step, batches[begin : begin + self.grad_accum]
                 if step == self.total_steps:
                     return
+
+
+def group_batches(
+    order: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator,
+    groups: Sequence | None = None,
+    lengths: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Cut a permutation into micro-batches of one group each, similar lengths together, in shuffled order.
+
+    Within each group (all items when `groups` is None) the permuted items are taken
+    LENGTH_GROUP_WINDOW batches at a time and sorted by length, longest first (a stable
+    sort: equal lengths keep their random order), then cut into batches of `batch_size`;
+    the batches of all groups are then put in a random order drawn from `generator`.
+    """
+    by_group: dict = {}
+    for index in order:
+        by_group.setdefault(None if groups is None else groups[index], []).append(index)
+    batches: list[list[int]] = []
+    window = batch_size * LENGTH_GROUP_WINDOW
+    for members in by_group.values():
+        for begin in range(0, len(members), window):
+            chunk = members[begin : begin + window]
+            if lengths is not None:
+                chunk = sorted(chunk, key=lambda i: -lengths[i])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def padding_counts(batches: Sequence[Sequence[int]], rows: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(padded tokens, all tokens) of right-padded micro-batches: `rows[i]` are the lengths of
+    the sequences item i puts in its batch (one for SFT or a segment example, every response
+    of a preference group), and a batch is as wide as its longest sequence."""
+    padded = total = 0
+    for batch in batches:
+        lengths = [n for i in batch for n in rows[i]]
+        if lengths:
+            total += max(lengths) * len(lengths)
+            padded += max(lengths) * len(lengths) - sum(lengths)
+    return padded, total
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -381,6 +448,7 @@ class FitResult:
     train_seconds: float  # time in training steps only (no evaluation, no checkpoints)
     steps_per_epoch: int
     resumed_from: int | None = None
+    padding_fraction: float | None = None  # padded tokens / all tokens of the batches trained on
 
     @property
     def samples_per_second(self) -> float:
@@ -400,6 +468,8 @@ class _Progress:
     evals: list[dict] = field(default_factory=list)
     samples: int = 0
     train_seconds: float = 0.0
+    padded_tokens: int = 0
+    batch_tokens: int = 0
 
 
 def evaluate_loss(
@@ -440,6 +510,8 @@ def fit(
     data_fingerprint: str = "",
     description: str = "train",
     count_fn: CountFn | None = None,
+    item_lengths: Sequence[Sequence[int]] | None = None,
+    item_groups: Sequence | None = None,
 ) -> FitResult:
     """Train `model` in place; `evaluate()` runs at step 0, every `eval_every` steps and at the end.
 
@@ -453,14 +525,22 @@ def fit(
     required with `settings.deepspeed`, where each micro-batch's gradient is reduced across
     the processes during its backward, so the step's global count must be known before
     the first one. Every process must call `fit` (and run `evaluate`) under DeepSpeed.
+
+    `item_lengths[i]`: the lengths of the sequences item i puts in its batch; with them the
+    padding fraction (padded / all tokens of the batches trained on) is logged and
+    returned, and `settings.group_by_length` batches similar lengths together.
+    `item_groups[i]`: a label; items of different labels never share a micro-batch.
     """
     if not train_items:
         raise RlhfkitError("no training items")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     world_size = world_info()[2]
+    group_lengths = settings.group_by_length and item_lengths is not None
     plan = StepPlan(
-        len(train_items), settings.batch_size * world_size, settings.grad_accum, settings.epochs, settings.max_steps, settings.seed
+        len(train_items), settings.batch_size * world_size, settings.grad_accum, settings.epochs, settings.max_steps, settings.seed,
+        groups=tuple(item_groups) if item_groups is not None else None,
+        lengths=tuple(max(rows, default=0) for rows in item_lengths) if group_lengths else None,
     )
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
     scheduler = make_scheduler(optimizer, settings.lr_scheduler, plan.total_steps, settings.warmup_ratio)
@@ -493,6 +573,8 @@ def fit(
         "seed": settings.seed,
         "data": data_fingerprint,
     }
+    if group_lengths:
+        identity["group_by_length"] = True
     if world_size > 1:
         identity["processes"] = world_size  # the global batch is batch_size x processes
     progress = _Progress()
@@ -598,8 +680,14 @@ def fit(
             progress.step = step
             progress.samples += samples
             progress.losses.append(loss)
+            padding = {}
+            if item_lengths is not None:
+                padded, total = padding_counts(micro_batches, item_lengths)
+                progress.padded_tokens += padded
+                progress.batch_tokens += total
+                padding["padding_fraction"] = round(padded / max(total, 1), 6)
             run.log_metrics(
-                step=step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=round(step / plan.steps_per_epoch, 4)
+                step=step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=round(step / plan.steps_per_epoch, 4), **padding
             )
             advance(metrics={"loss": loss, "samples_per_second": progress.samples / max(progress.train_seconds, 1e-9)})
             if settings.eval_every and step % settings.eval_every == 0 and step < plan.total_steps:
@@ -623,6 +711,7 @@ def fit(
         train_seconds=progress.train_seconds,
         steps_per_epoch=plan.steps_per_epoch,
         resumed_from=resumed_from,
+        padding_fraction=progress.padded_tokens / progress.batch_tokens if progress.batch_tokens else None,
     )
 
 

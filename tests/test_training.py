@@ -20,8 +20,10 @@ from rlhfkit.training import (
     StepPlan,
     checkpoint_dir,
     fit,
+    group_batches,
     latest_checkpoint,
     list_checkpoints,
+    padding_counts,
     split_held_out,
 )
 
@@ -262,3 +264,47 @@ def test_infinite_lr_is_caught_before_a_broken_checkpoint_is_written(tmp_path):
 def test_infinite_lr_without_checkpoints_fails_at_the_next_loss(tmp_path):
     with pytest.raises(TrainingDiverged, match="step 2: the loss is (nan|inf)"):
         fit(ToyModel(), toy_items(), toy_collate, toy_loss, settings(tmp_path, lr=math.inf), RunDir(tmp_path, "toy", ToyConfig()))
+
+
+# --- length-grouped batching ------------------------------------------------------------------
+
+LENGTHS = [5, 1, 9, 3, 7, 2]
+
+
+def test_length_grouped_batches_by_hand():
+    batches = group_batches(list(range(6)), 2, torch.Generator().manual_seed(0), lengths=LENGTHS)
+    # One window (2 x 50 > 6 items), sorted longest first: 9 (item 2), 7 (4), 5 (0), 3 (3), 2 (5), 1 (1).
+    assert sorted(batches) == [[0, 3], [2, 4], [5, 1]]
+    # Seeded: the same generator state gives the same batch order.
+    assert batches == group_batches(list(range(6)), 2, torch.Generator().manual_seed(0), lengths=LENGTHS)
+    rows = [[n] for n in LENGTHS]
+    # [9, 7]: width 9 x 2 = 18 tokens, 2 padded; [5, 3]: 10 tokens, 2 padded; [2, 1]: 4 tokens, 1 padded -> 5 / 32.
+    assert padding_counts(batches, rows) == (5, 32)
+    # In arrival order: [5, 1]: 10 tokens, 4 padded; [9, 3]: 18, 6; [7, 2]: 14, 5 -> 15 / 42.
+    assert padding_counts([[0, 1], [2, 3], [4, 5]], rows) == (15, 42)
+
+
+def test_groups_never_share_a_batch():
+    groups = ["a", "b", "a", "b", "a", "b"]
+    batches = group_batches(list(range(6)), 2, torch.Generator().manual_seed(0), groups=groups, lengths=LENGTHS)
+    # a: items 0, 2, 4 (lengths 5, 9, 7) -> [2, 4], [0]; b: items 1, 3, 5 (1, 3, 2) -> [3, 5], [1].
+    assert sorted(batches) == [[0], [1], [2, 4], [3, 5]]
+    plan = StepPlan(6, 2, 3, 1, None, 0, groups=tuple(groups))
+    assert plan.batches_per_epoch == 4 and plan.steps_per_epoch == 2
+    assert sorted(i for _, window in plan.windows() for batch in window for i in batch) == list(range(6))
+
+
+def test_padding_of_a_preference_group_counts_every_response():
+    # Item 0 puts two responses (3 and 5 tokens) in the batch, item 1 one of 2: width 5 x 3 rows = 15, 10 real.
+    assert padding_counts([[0, 1]], [[3, 5], [2]]) == (5, 15)
+
+
+def test_fit_reports_the_padding_fraction(tmp_path):
+    items = toy_items(6)
+    run = RunDir(tmp_path, "test", ToyConfig())
+    result = fit(ToyModel(), items, toy_collate, toy_loss, settings(tmp_path, grad_accum=1, epochs=1, group_by_length=True),
+                 run, item_lengths=[[n] for n in LENGTHS])
+    run.close()
+    # Every item once, in the batches of test_length_grouped_batches_by_hand: 5 of 32 tokens padded.
+    assert result.padding_fraction == pytest.approx(5 / 32, abs=1e-12)
+    assert all("padding_fraction" in row for row in metric_rows(tmp_path) if "loss" in row)

@@ -42,6 +42,7 @@ SPEC_FILE = "rlhfkit_rm.json"
 SPEC_FORMAT = 1
 KINDS = ("segment", "preference", "regression")
 SEQUENCE_KINDS = ("preference", "regression")
+SHARED_KIND = "multi_aspect"  # rlhfkit.rewards.shared_backbone: several aspects on one backbone
 # Token-classification labels of a segment RM: index 1 is "this segment has an error".
 SEGMENT_LABELS = {0: "no_error", 1: "error"}
 
@@ -243,6 +244,17 @@ class RewardModel:
         """Whether one forward pass gives the score of every prefix (a causal classifier)."""
         return _score_head(self.model) is not None
 
+    # The model's outputs, one method each (a shared-backbone aspect reads them from one pass).
+    def token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Segment RMs: (B, T, 2) no-error / error logits at every token."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def sequence_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return sequence_scores(self.model, input_ids, attention_mask)
+
+    def per_position_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return per_position_scores(self.model, input_ids, attention_mask)
+
     @property
     def max_length(self) -> int:
         return int(self.spec["max_length"])
@@ -293,7 +305,7 @@ class RewardModel:
         for rows in _batches(len(responses), batch_size):
             encoded = self._encode([prompts[i] for i in rows], [responses[i] for i in rows])
             input_ids, attention_mask = self._inputs(encoded)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            logits = self.token_logits(input_ids, attention_mask).float()
             probs = logits.softmax(dim=-1)[..., 1]
             for row, i in enumerate(rows):
                 segments = segment(responses[i], granularity)
@@ -308,7 +320,7 @@ class RewardModel:
         scores: list[float] = []
         for rows in _batches(len(responses), batch_size):
             encoded = self._encode([prompts[i] for i in rows], [responses[i] for i in rows])
-            scores.extend(sequence_scores(self.model, *self._inputs(encoded)).tolist())
+            scores.extend(self.sequence_scores(*self._inputs(encoded)).float().tolist())
         return scores
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> list[SegmentRewards]:
@@ -346,7 +358,7 @@ class RewardModel:
         for rows in _batches(len(responses), batch_size):
             encoded = self._encode([prompts[i] for i in rows], [responses[i] for i in rows])
             input_ids, attention_mask = self._inputs(encoded)
-            per_position = self._normalise(per_position_scores(self.model, input_ids, attention_mask).double()).float().cpu()
+            per_position = self._normalise(self.per_position_scores(input_ids, attention_mask).double()).float().cpu()
             for row, i in enumerate(rows):
                 pair = encoded[row]
                 end = len(pair.input_ids)
@@ -377,9 +389,20 @@ def read_spec(path: str | os.PathLike) -> dict:
     missing = [key for key in ("aspect", "kind", "max_length") if key not in spec]
     if missing:
         raise RlhfkitError(f"{spec_path}: missing {', '.join(missing)}; re-save the model with `rlhfkit train-rm`")
-    if spec["kind"] not in KINDS:
+    if spec["kind"] == SHARED_KIND:
+        from rlhfkit.rewards.shared_backbone import check_shared_spec
+
+        check_shared_spec(spec, spec_path)
+    elif spec["kind"] not in KINDS:
         raise RlhfkitError(f"{spec_path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
     return spec
+
+
+def spec_aspects(spec: dict) -> dict[str, str]:
+    """{aspect: kind} of a reward model's spec: one entry, or every aspect of a shared-backbone model."""
+    if spec["kind"] == SHARED_KIND:
+        return {aspect: entry["kind"] for aspect, entry in spec["aspects"].items()}
+    return {spec["aspect"]: spec["kind"]}
 
 
 def reward_model_class(kind: str):
@@ -391,8 +414,25 @@ def reward_model_class(kind: str):
 def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> RewardModel:
     """Load a directory written by `rlhfkit train-rm` for scoring (eval mode, on `device`)."""
     spec = read_spec(path)
+    if spec["kind"] == SHARED_KIND:
+        raise RlhfkitError(
+            f"{path} is a shared-backbone reward model of several aspects ({', '.join(spec['aspects'])}); "
+            "give it as --rm NAME=DIR and use its aspects as NAME.ASPECT (e.g. --rewards NAME.factuality=0.5)"
+        )
     target = resolve_device(None if device is None else str(device))
     tokenizer = load_tokenizer(str(path), padding_side="right")
     model = load_pretrained(reward_model_class(spec["kind"]), str(path), dtype=dtype, device=str(target))
     model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model, tokenizer, spec, target)
+
+
+def load_reward_models(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
+    """{aspect: RewardModel} of a directory: its one aspect, or every aspect of a shared-backbone
+    model (scored together: one forward pass per batch for all of them)."""
+    spec = read_spec(path)
+    if spec["kind"] != SHARED_KIND:
+        rm = load_reward_model(path, device=device, dtype=dtype)
+        return {rm.aspect: rm}
+    from rlhfkit.rewards.shared_backbone import load_aspect_reward_models
+
+    return load_aspect_reward_models(path, spec, device=resolve_device(None if device is None else str(device)), dtype=dtype)

@@ -44,7 +44,19 @@ GRANULARITIES = ("token", "sentence")
 
 
 def canonical_name(name: str) -> str:
+    """`fact` -> `factuality`; an aspect of a shared-backbone RM too: `fg.fact` -> `fg.factuality`."""
+    model, dot, aspect = name.rpartition(".")
+    if dot and model:
+        return f"{model}.{ALIASES.get(aspect, aspect)}"
     return ALIASES.get(name, name)
+
+
+def reward_model_name(name: str, rm_paths: dict[str, str]) -> str | None:
+    """The --rm a reward name refers to: itself, or MODEL for MODEL.ASPECT (a shared-backbone RM's aspect)."""
+    if name in rm_paths:
+        return name
+    model, dot, _ = name.rpartition(".")
+    return model if dot and model in rm_paths else None
 
 
 @dataclass
@@ -348,7 +360,7 @@ def build_reward_sources(
     """Resolve every weighted reward name to a source; unknown names list the known ones."""
     from rlhfkit.rewards.reward_model import load_reward_model
 
-    unknown = sorted(set(weights) - set(rm_paths))
+    unknown = sorted(name for name in weights if reward_model_name(name, rm_paths) is None)
     if unknown:
         known = ", ".join(sorted(rm_paths)) or "none"
         raise RlhfkitError(
@@ -359,9 +371,23 @@ def build_reward_sources(
     if stray:
         raise RlhfkitError(f"--redistribute names {', '.join(stray)}, which is not in --rewards")
     sources: dict[str, RewardSource] = {}
+    # A shared-backbone RM loads once; its aspects' sources share one forward pass per batch.
+    aspects_of: dict[str, dict] = {}
     for name in weights:
-        spec = rm_paths[name]
-        if spec.startswith("py:"):
+        model_name = reward_model_name(name, rm_paths)
+        spec = rm_paths[model_name]
+        if model_name != name or _is_shared(spec):
+            if model_name not in aspects_of:
+                aspects_of[model_name] = _shared_aspects(model_name, spec, device, dtype)
+            aspects = aspects_of[model_name]
+            aspect = name[len(model_name) + 1 :]
+            if model_name == name or aspect not in aspects:
+                raise RlhfkitError(
+                    f"--rewards {name}: --rm {model_name}={spec} is a shared-backbone reward model; name its aspects "
+                    f"as {', '.join(f'{model_name}.{a}' for a in aspects)}"
+                )
+            sources[name] = RewardModelSource(name, aspects[aspect], redistribute.get(name), batch_size)
+        elif spec.startswith("py:"):
             sources[name] = PythonFunctionSource(name, spec[3:])
         elif spec.startswith("hf:"):
             sources[name] = ClassifierSource(name, spec[3:], device, batch_size)
@@ -372,3 +398,24 @@ def build_reward_sources(
                 name, load_reward_model(spec, device=device, dtype=dtype), redistribute.get(name), batch_size
             )
     return sources
+
+
+def _is_shared(spec: str) -> bool:
+    from rlhfkit.rewards.reward_model import SHARED_KIND, SPEC_FILE, read_spec
+
+    return (Path(spec) / SPEC_FILE).is_file() and read_spec(spec)["kind"] == SHARED_KIND
+
+
+def _shared_aspects(model_name: str, spec: str, device: torch.device, dtype: str) -> dict:
+    """{aspect: RewardModel} of a shared-backbone --rm (an error for anything else)."""
+    from rlhfkit.rewards.reward_model import SHARED_KIND, load_reward_models, read_spec
+
+    if spec.startswith(("py:", "hf:")) or not Path(spec).exists():
+        raise RlhfkitError(f"--rm {model_name}={spec}: NAME.ASPECT rewards need a shared-backbone reward-model directory here")
+    kind = read_spec(spec)["kind"]
+    if kind != SHARED_KIND:
+        raise RlhfkitError(
+            f"--rm {model_name}={spec} is a single-aspect {kind} reward model; name it {model_name} in --rewards "
+            "(NAME.ASPECT is for a shared-backbone model trained with `train-rm --shared-backbone`)"
+        )
+    return load_reward_models(spec, device=device, dtype=dtype)

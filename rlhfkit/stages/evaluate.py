@@ -51,7 +51,14 @@ from rlhfkit.io import write_text
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
 from rlhfkit.models import load_policy, resolve_device
-from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
+from rlhfkit.rewards.reward_model import (
+    SEQUENCE_KINDS,
+    SHARED_KIND,
+    load_reward_model,
+    load_reward_models,
+    read_spec,
+    spec_aspects,
+)
 from rlhfkit.rewards.sources import canonical_name, parse_named
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, PromptRecord, load_records, write_records
@@ -134,11 +141,19 @@ def parse_policies(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def rm_kinds(rm_specs: list[str]) -> dict[str, tuple[str, str]]:
-    """{name: (path, kind)} of the --rm options, read from each RM's rlhfkit_rm.json."""
+    """{name: (path, kind)} of the --rm options, read from each RM's rlhfkit_rm.json; a
+    shared-backbone RM `--rm fg=DIR` gives one entry per aspect, `fg.factuality`, ..."""
     paths = parse_named(rm_specs, "--rm")
     if len(paths) != len(rm_specs):
         raise RlhfkitError("--rm: a reward-model name is given twice")
-    return {name: (path, read_spec(path)["kind"]) for name, path in paths.items()}
+    kinds: dict[str, tuple[str, str]] = {}
+    for name, path in paths.items():
+        spec = read_spec(path)
+        if spec["kind"] == SHARED_KIND:
+            kinds.update({f"{name}.{aspect}": (path, kind) for aspect, kind in spec_aspects(spec).items()})
+        else:
+            kinds[name] = (path, spec["kind"])
+    return kinds
 
 
 def judge_name(rm_specs: list[str], judge: str | None) -> str | None:
@@ -297,8 +312,14 @@ def score_systems(systems: list[System], rms: dict[str, tuple[str, str]], cfg: E
     get identical scores (and tie under the judge).
     """
     error_rates: dict[str, dict[str, float]] = {s.name: {} for s in systems}
+    shared: dict[str, dict] = {}  # a shared-backbone RM's aspects, loaded once: one forward pass per batch for all
     for name, (path, kind) in rms.items():
-        rm = load_reward_model(path, device=device, dtype=cfg.dtype)
+        if read_spec(path)["kind"] == SHARED_KIND:
+            if path not in shared:
+                shared = {path: load_reward_models(path, device=device, dtype=cfg.dtype)}  # the previous one is freed
+            rm = shared[path][name.rpartition(".")[2]]
+        else:
+            rm = load_reward_model(path, device=device, dtype=cfg.dtype)
         pairs = list(dict.fromkeys((r.prompt, r.response) for s in systems for r in s.records))
         metas = {}
         for system in systems:

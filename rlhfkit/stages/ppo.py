@@ -61,6 +61,11 @@ from rlhfkit.generation import (
     generate,
     model_max_positions,
 )
+from rlhfkit.generation_backends import (
+    HFGeneration,
+    check_generation_backend,
+    make_generation_backend,
+)
 from rlhfkit.io import write_json, write_text
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
@@ -77,6 +82,7 @@ from rlhfkit.rewards.sources import (
     parse_named,
     parse_redistribute,
     parse_weights,
+    reward_model_name,
 )
 from rlhfkit.rl.advantages import (
     GROUP_BASELINES,
@@ -172,6 +178,7 @@ class PPOConfig:
     max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
     max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
     truncation_side: str = opt("right", TRUNCATION_HELP)
+    generation_backend: str = opt("hf", "Rollout sampling: hf (the policy's generate) or vllm (a colocated vLLM engine, weights pushed after each update; the optional 'vllm' extra, CUDA).")
     temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.")
     top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).")
     top_p: float = opt(1.0, "Top-p sampling.")
@@ -231,12 +238,14 @@ class PPOConfig:
             if getattr(self, name) < 1:
                 raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 1")
         weights = parse_weights(self.rewards)
-        unused = sorted(set(parse_named(self.rm, "--rm")) - set(weights))
+        rm_paths = parse_named(self.rm, "--rm")
+        unused = sorted(set(rm_paths) - {reward_model_name(name, rm_paths) for name in weights})
         if unused:
             raise RlhfkitError(
                 f"--rm {', '.join(unused)}: not named by --rewards {self.rewards}; give it a weight there or drop the --rm"
             )
         parse_redistribute(self.redistribute)
+        check_generation_backend(self.generation_backend, lora=bool(self.lora_r))
         self.validate_numbers()
 
     def validate_numbers(self) -> None:
@@ -385,13 +394,18 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[t
     return total, given, per_source
 
 
-def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompts: list[str], optimizers, schedulers, kl_ctl, step: int):
-    """One rollout + update; returns (metrics, rollout, per-token rewards) for logging."""
+def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompts: list[str], optimizers, schedulers, kl_ctl, step: int,
+                  backend=None):
+    """One rollout + update; returns (metrics, rollout, per-token rewards) for logging.
+
+    `backend` samples the rollout (rlhfkit.generation_backends; default: the policy's generate).
+    """
+    backend = backend or HFGeneration()
     device = next(bundle.policy.parameters()).device
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=True)
     expanded = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     started = time.perf_counter()
-    rollout = generate(
+    rollout = backend.generate(
         bundle.policy, bundle.tokenizer, expanded, sampling, max_prompt_length=cfg.max_prompt_length,
         is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
     )
@@ -513,6 +527,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             break
     if rollout_entropy is not None:
         stats["entropy"].append(rollout_entropy)
+    backend.policy_updated()  # the next rollout's engine must see these weights
 
     world_size = world_info()[2]
     mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device), all_reduce=all_reduce_sum).item()
@@ -762,6 +777,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         console.print(f"resuming from {resume_from} (step {start_step})")
     for name, source in sources.items():
         console.print(f"reward '{name}' x {weights[name]}: {source.description}")
+    check_generation_backend(cfg.generation_backend, lora=bool(cfg.lora_r), encoder_decoder=bundle.is_encoder_decoder)
+    backend = make_generation_backend(cfg.generation_backend, cfg.policy, dtype=cfg.dtype, seed=cfg.seed, resumed=resume_from is not None)
 
     order = prompt_order(len(prompts), cfg.seed)
     history = []
@@ -775,7 +792,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         for step in range(start_step + 1, cfg.steps + 1):
             # The step's prompts are global; each process rolls out its shard of them.
             batch = shard(prompts_for_step(prompts, order, step, cfg.prompts_per_step, cfg.seed), rank, world_size)
-            metrics, rollout, rewards = ppo_iteration(cfg, bundle, sources, weights, batch, optimizers, schedulers, kl_ctl, step)
+            metrics, rollout, rewards = ppo_iteration(cfg, bundle, sources, weights, batch, optimizers, schedulers, kl_ctl, step, backend=backend)
             history.append(run.log_metrics(step=step, **metrics))
             if main:
                 logged = append_rollouts(rollouts_path, rollout, rewards, step, cfg.log_rollouts)

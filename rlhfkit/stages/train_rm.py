@@ -1,4 +1,5 @@
-"""`rlhfkit train-rm`: train one reward model for one feedback aspect.
+"""`rlhfkit train-rm`: train one reward model for one feedback aspect (or, with
+`--shared-backbone`, one model with a head per aspect: run_train_shared, rlhfkit.rewards.shared_backbone).
 
 Three kinds (`--kind`, or the aspect's preset):
 
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -180,8 +182,11 @@ HOLISTIC_ASPECTS = (None, "preference")
 
 @dataclass
 class TrainRMConfig:
-    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/.")
-    data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL.")
+    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/, or one model with a head per aspect with --shared-backbone.")
+    data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL (with several aspects: the file of every aspect --data-for does not name).")
+    data_for: list[str] = opt([], "Several aspects: ASPECT=FILE, the data of one aspect (repeatable), e.g. --data-for completeness=runs/import/preferences.jsonl.")
+    shared_backbone: bool = opt(False, "Several aspects: train ONE model, a backbone with a head per aspect (segment or sequence), each aspect's loss on its own data; scores all aspects in one forward pass (ppo --rm fg=OUT --rewards fg.factuality=...).")
+    aspect_weights: str | None = opt(None, "With --shared-backbone: loss weight of each aspect, comma-separated in --aspect order (default: 1 each).")
     model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
     out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
     kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
@@ -206,6 +211,7 @@ class TrainRMConfig:
     warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
     max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
+    group_by_length: bool = opt(True, "Batch examples of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and rm_metrics.json.")
     eval_fraction: float = opt(0.2, "Fraction of the prompts held out for metrics (0 = none); a prompt's records stay on one side.")
     eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
     save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
@@ -229,11 +235,51 @@ class TrainRMConfig:
     def aspects(self) -> list[str]:
         return [name.strip() for name in self.aspect.split(",") if name.strip()]
 
+    def data_files(self) -> dict[str, str]:
+        """Each aspect's data file: its --data-for, else --data."""
+        named: dict[str, str] = {}
+        for item in self.data_for:
+            aspect, sep, path = str(item).partition("=")
+            if not sep or not aspect.strip() or not path.strip():
+                raise RlhfkitError(f"--data-for {item!r} is not ASPECT=FILE (e.g. completeness=runs/import/preferences.jsonl)")
+            if aspect.strip() in named:
+                raise RlhfkitError(f"--data-for names {aspect.strip()!r} twice; give each aspect one file")
+            named[aspect.strip()] = path.strip()
+        stray = sorted(set(named) - set(self.aspects()))
+        if stray:
+            raise RlhfkitError(f"--data-for {', '.join(stray)}: not in --aspect {self.aspect}")
+        return {aspect: named.get(aspect, self.data) for aspect in self.aspects()}
+
+    def weights(self) -> dict[str, float]:
+        """--aspect-weights by aspect (1 each when not given)."""
+        names = self.aspects()
+        if self.aspect_weights is None:
+            return {name: 1.0 for name in names}
+        parts = [part.strip() for part in self.aspect_weights.split(",")]
+        if len(parts) != len(names):
+            raise RlhfkitError(f"--aspect-weights gives {len(parts)} weight(s) for {len(names)} aspects ({', '.join(names)}); give one each, in that order")
+        try:
+            values = [float(part) for part in parts]
+        except ValueError:
+            raise RlhfkitError(f"--aspect-weights {self.aspect_weights!r}: not comma-separated numbers") from None
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise RlhfkitError(f"--aspect-weights must be finite numbers > 0, got {self.aspect_weights}")
+        return dict(zip(names, values))
+
     def per_aspect(self) -> list[TrainRMConfig]:
-        """`--aspect a,b,c`: one config per aspect, each writing into OUT/<aspect>/."""
-        return [dataclasses.replace(self, aspect=name, out=str(Path(self.out) / name)) for name in self.aspects()]
+        """`--aspect a,b,c`: one config per aspect (its --data-for file), each writing into OUT/<aspect>/."""
+        files = self.data_files()
+        return [
+            dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None)
+            for name in self.aspects()
+        ]
 
     def validate(self) -> None:
+        if self.shared_backbone:
+            self.validate_shared()
+            return
+        if self.aspect_weights is not None:
+            raise RlhfkitError("--aspect-weights weighs the aspects' losses of one model; add --shared-backbone")
         if len(self.aspects()) > 1:
             names = self.aspects()
             if len(set(names)) != len(names):
@@ -243,6 +289,8 @@ class TrainRMConfig:
             for one in self.per_aspect():
                 one.validate()
             return
+        if self.data_for:
+            raise RlhfkitError("--data-for names the file of one of several aspects; with one --aspect use --data")
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
         load_chat_template(self.chat_template)
         parse_report_to(self.report_to)
@@ -280,6 +328,37 @@ class TrainRMConfig:
             raise RlhfkitError(f"--data {self.data}: no such file")
         if self.normalize_on is not None and not Path(self.normalize_on).is_file():
             raise RlhfkitError(f"--normalize-on {self.normalize_on}: no such file")
+
+    def validate_shared(self) -> None:
+        """--shared-backbone: every aspect valid on its own, one set of lengths and training options.
+
+        All aspects read one encoded input, so they share --max-length and
+        --max-prompt-length; options left out take the largest of the aspects' presets
+        (lengths, epochs) and the smallest learning rate.
+        """
+        names = self.aspects()
+        if len(set(names)) != len(names):
+            raise RlhfkitError(f"--aspect {self.aspect!r} names an aspect twice")
+        if len(names) < 2:
+            raise RlhfkitError("--shared-backbone trains one head per aspect; give several, e.g. --aspect factuality,relevance,completeness")
+        bad = [n for n in names if not n.isidentifier()]
+        if bad:
+            raise RlhfkitError(f"--shared-backbone: aspect name(s) {', '.join(bad)} must be letters, digits and _ (they name heads and NAME.ASPECT rewards)")
+        for option, value in (("--eval-only", self.eval_only), ("--resume", self.resume), ("--deepspeed", self.deepspeed), ("--lora-r", self.lora_r)):
+            if value:
+                raise RlhfkitError(f"{option} is not supported with --shared-backbone yet; train without it")
+        self.weights()
+        presets = [dataclasses.replace(self, aspect=name, shared_backbone=False).preset() for name in names]
+        if self.max_length is None:
+            self.max_length = max(p.max_length for p in presets)
+        if self.max_prompt_length is None:
+            self.max_prompt_length = max(min(p.max_prompt_length, self.max_length // 2) for p in presets)
+        if self.lr is None:
+            self.lr = min(p.lr for p in presets)
+        if self.epochs is None:
+            self.epochs = max(p.epochs for p in presets)
+        for one in self.per_aspect():
+            one.validate()
 
     def preset(self) -> AspectPreset:
         """The aspect's preset for the requested kind (a preset of another kind does not apply)."""
@@ -897,8 +976,11 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     feedback; preference RMs are Bradley-Terry models on pairs; regression RMs fit scores.
     Writes the model with rlhfkit_rm.json (everything ppo/evaluate need to use it) and
     rm_metrics.json (held-out metrics beside their trivial baselines). Returns the metrics.
-    Several aspects (`--aspect a,b,c`) train one RM each, into OUT/<aspect>/ (metrics by aspect).
+    Several aspects (`--aspect a,b,c`) train one RM each, into OUT/<aspect>/ (metrics by aspect),
+    or, with --shared-backbone, one model with a head per aspect (run_train_shared).
     """
+    if cfg.shared_backbone:
+        return run_train_shared(cfg)
     if len(cfg.aspects()) > 1:
         configs = cfg.per_aspect()
         for one in configs:
@@ -1004,6 +1086,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         data_fingerprint=_fingerprint(cfg.data, cfg, settings),
         description=f"train-rm {cfg.aspect}",
         count_fn=make_count_fn(settings.kind),
+        item_lengths=[example_rows(e) for e in train_examples],
     )
 
     model.eval()
@@ -1036,6 +1119,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         "train_loss": result.final_epoch_loss,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
+        "padding_fraction": result.padding_fraction,
         "trainable_parameters": parameters.trainable,
         "total_parameters": parameters.total,
         "saved_model_class": type(saved).__name__,
@@ -1051,6 +1135,216 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         write_json(out / SPEC_FILE, spec)
     run.close()
     console.print(f"train-rm: {_summary(held_metrics)}; reward model saved to {out}", soft_wrap=True)
+    return metrics
+
+
+def example_rows(example: SegmentExample | PreferenceGroup | ScoreExample) -> list[int]:
+    """The lengths of the sequences an example puts in its batch (a preference group: each response)."""
+    if isinstance(example, PreferenceGroup):
+        return [len(ids) for ids in example.responses]
+    return [len(example.input_ids)]
+
+
+def make_shared_loss_fn(kinds: dict[str, str], weights: dict[str, float], error_class_weights: dict[str, float]) -> Callable:
+    """loss(model, batch) of a MultiAspectRewardModel on a batch of one aspect (batch["aspect"]).
+
+    Returns (weight x the aspect's mean loss over the batch, 1): fit divides the sum over a
+    step's micro-batches by their number, so the objective is the mean over micro-batches
+    of the weighted per-batch mean losses. The aspects' losses are means over different
+    things (segments, comparisons, scores), which a common sum could not weigh fairly.
+    """
+
+    def shared_batch_loss(model, batch):
+        aspect = batch["aspect"]
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        if kinds[aspect] == "segment":
+            loss_sum, count = segment_loss(model.aspect_outputs(aspect, hidden), batch["labels"], error_class_weights[aspect])
+        elif kinds[aspect] == "preference":
+            scores = model.sequence_scores(aspect, hidden, batch["attention_mask"])
+            loss_sum = bradley_terry_loss(scores[batch["chosen"]], scores[batch["rejected"]], batch["margin"], batch["tie"]).sum()
+            count = len(batch["chosen"])
+        else:
+            scores = model.sequence_scores(aspect, hidden, batch["attention_mask"])
+            loss_sum, count = F.mse_loss(scores, batch["target"].float(), reduction="sum"), len(batch["target"])
+        return weights[aspect] * loss_sum / max(float(count), 1.0), 1
+
+    return shared_batch_loss
+
+
+def run_train_shared(cfg: TrainRMConfig) -> dict:
+    """`--shared-backbone`: one backbone with a head per aspect, each aspect's loss on its own data.
+
+    Every micro-batch holds examples of one aspect (fit's item groups); the epoch's batches
+    of all aspects are shuffled together, so the aspects alternate at random, each in
+    proportion to its number of batches, and every optimizer step of --grad-accum batches
+    may mix them. The held-out split of each aspect is the one a separate RM of that aspect
+    makes (same records, same seed), so rm_metrics.json can be read beside separate RMs'.
+    """
+    from transformers import AutoModel
+
+    from rlhfkit.rewards.shared_backbone import (
+        HEADS_FILE,
+        SHARED_KIND,
+        AspectRewardModel,
+        MultiAspectRewardModel,
+        SharedBackboneScorer,
+    )
+
+    cfg.validate_shared()
+    configs = {one.aspect: one for one in cfg.per_aspect()}
+    weights = cfg.weights()
+    settings = {aspect: one.settings() for aspect, one in configs.items()}
+    kinds = {aspect: s.kind for aspect, s in settings.items()}
+    records = {aspect: load_aspect_records(one.data, aspect, settings[aspect], cfg.ties) for aspect, one in configs.items()}
+    splits = {aspect: split_by_prompt(rs, cfg.eval_fraction, cfg.seed) for aspect, rs in records.items()}
+    out = Path(cfg.out)
+    run = RunDir(out, "train-rm", cfg)
+
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, padding_side="right", trust_remote_code=cfg.trust_remote_code)
+    override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
+    train_records = {a: [render_record(tokenizer, r) for r in split[0]] for a, split in splits.items()}
+    held_records = {a: [render_record(tokenizer, r) for r in split[1]] for a, split in splits.items()}
+    limit = model_max_positions(tokenizer)
+    if limit is not None and cfg.max_length > limit:
+        raise RlhfkitError(f"--max-length {cfg.max_length} exceeds the {limit} positions {cfg.model} allows; lower --max-length")
+    max_prompt_length = cfg.max_prompt_length or None
+
+    def encode(prompt: str, response: str) -> EncodedPair | None:
+        return encode_pair(tokenizer, prompt, response, cfg.max_length, max_prompt_length, cfg.truncation_side)
+
+    items: list[tuple[str, Any]] = []
+    counts: dict[str, dict[str, int]] = {}
+    for aspect, rs in train_records.items():
+        examples, too_long = encode_examples(encode, rs, aspect, settings[aspect])
+        if not examples:
+            raise RlhfkitError(f"{configs[aspect].data}: no {aspect} training record fits --max-length {cfg.max_length}")
+        if too_long:
+            console.print(f"train-rm: {aspect}: {too_long} training record(s) do not fit --max-length {cfg.max_length} and are left out", soft_wrap=True)
+        items += [(aspect, e) for e in examples]
+        counts[aspect] = {"train_examples": len(examples), "train_records": len(rs), "train_records_too_long": too_long, "held_out_records": len(held_records[aspect])}
+
+    backbone = load_pretrained(AutoModel, cfg.model, dtype="float32", device=str(device), trust_remote_code=cfg.trust_remote_code)
+    model = MultiAspectRewardModel(backbone, kinds).to(device)
+    parameters = count_parameters(model)
+    spec: dict[str, Any] = {
+        "format": SPEC_FORMAT,
+        "kind": SHARED_KIND,
+        "aspect": ",".join(configs),
+        "max_length": cfg.max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation_side": cfg.truncation_side,
+        "backbone": cfg.model,
+        "reads": "last_token" if model.causal else "first_token",
+        "heads_file": HEADS_FILE,
+        "aspects": {},
+    }
+    for aspect, s in settings.items():
+        entry: dict[str, Any] = {"kind": s.kind, "granularity": s.granularity, "weight": weights[aspect], "trained_on": configs[aspect].data}
+        if s.kind == "segment":
+            entry.update(positive_reward=s.positive_reward, negative_reward=s.negative_reward,
+                         error_class_weight=s.error_class_weight, label_rules=s.label_rules.to_dict())
+        else:
+            entry["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
+        spec["aspects"][aspect] = entry
+    console.print(
+        f"train-rm: {', '.join(f'{a} ({k})' for a, k in kinds.items())} on one {cfg.model} backbone, "
+        f"{parameters.trainable:,} parameters trained on {device}; "
+        + ", ".join(f"{a} {c['train_examples']} training examples" for a, c in counts.items()),
+        soft_wrap=True,
+    )
+
+    def views() -> dict[str, RewardModel]:
+        # A fresh scorer: the weights change between evaluations, so nothing cached may be reused.
+        scorer = SharedBackboneScorer(model)
+        return {aspect: AspectRewardModel(scorer, aspect, tokenizer, spec, device) for aspect in kinds}
+
+    held_metrics: dict[str, dict[str, Any]] = {}
+
+    def evaluate() -> dict[str, float]:
+        held_metrics.clear()
+        keys = ("accuracy", "error_f1", "error_auc", "pairwise_accuracy", "mse")
+        summary = {}
+        for aspect, rm in views().items():
+            if held_records[aspect]:
+                held_metrics[aspect] = evaluate_reward_model(rm, held_records[aspect], aspect, cfg.batch_size, cfg.seed)
+                summary.update({f"{aspect}_{k}": held_metrics[aspect][k] for k in keys if k in held_metrics[aspect]})
+        model.train()
+        return summary
+
+    collates = {aspect: make_collate(kind, tokenizer.pad_token_id) for aspect, kind in kinds.items()}
+
+    def collate(batch_items: list) -> dict:
+        aspect = batch_items[0][0]
+        return {**collates[aspect]([example for _, example in batch_items]), "aspect": aspect}
+
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(one.data for one in configs.values()):
+        digest.update(Path(path).read_bytes())
+    digest.update(repr((cfg.aspect, settings, weights, cfg.max_length, cfg.max_prompt_length, cfg.ties, cfg.eval_fraction)).encode())
+    has_held = any(held_records.values())
+    result = fit(
+        model,
+        items,
+        collate,
+        make_shared_loss_fn(kinds, weights, {a: s.error_class_weight for a, s in settings.items()}),
+        LoopSettings.from_config(cfg, compute_dtype),
+        run,
+        evaluate=evaluate if has_held else None,
+        tokenizer=tokenizer,
+        data_fingerprint=digest.hexdigest(),
+        description=f"train-rm {cfg.aspect}",
+        count_fn=lambda batch: 1,
+        item_lengths=[example_rows(e) for _, e in items],
+        item_groups=[aspect for aspect, _ in items],
+    )
+
+    model.eval()
+    scoring = views()
+    for aspect, s in settings.items():
+        if s.kind == "segment":
+            continue
+        if cfg.normalize_on:
+            pairs, computed_on = responses_of(load_records(cfg.normalize_on)), cfg.normalize_on
+        else:
+            pairs, computed_on = responses_of(train_records[aspect]), "training responses"
+        spec["aspects"][aspect]["normalization"] = {**score_statistics(scoring[aspect], pairs, cfg.batch_size), "computed_on": computed_on}
+
+    (out / SPEC_FILE).unlink(missing_ok=True)
+    save_model(model, tokenizer, out, merge_lora=False)
+    per_aspect = {
+        aspect: {
+            "kind": kinds[aspect],
+            "weight": weights[aspect],
+            "held_out": held_metrics.get(aspect, {}),
+            "beats_baseline": beats_baseline(held_metrics.get(aspect, {})),
+            "beats_baseline_clearly": beats_baseline_clearly(held_metrics.get(aspect, {})),
+            **counts[aspect],
+            **({"normalization": spec["aspects"][aspect]["normalization"]} if kinds[aspect] != "segment" else {}),
+        }
+        for aspect in kinds
+    }
+    metrics = {
+        "aspect": cfg.aspect,
+        "kind": SHARED_KIND,
+        "shared_backbone": True,
+        "aspects": per_aspect,
+        "steps": result.steps,
+        "train_loss": result.final_epoch_loss,
+        "train_seconds": result.train_seconds,
+        "samples_per_second": result.samples_per_second,
+        "padding_fraction": result.padding_fraction,
+        "trainable_parameters": parameters.trainable,
+        "total_parameters": parameters.total,
+    }
+    run.write_json(METRICS_FILE, metrics)
+    write_json(out / SPEC_FILE, spec)  # last: a directory with rlhfkit_rm.json is a complete reward model
+    run.close()
+    for aspect in kinds:
+        console.print(f"train-rm: {aspect}: {_summary(held_metrics.get(aspect, {}))}", soft_wrap=True)
+    console.print(f"train-rm: shared-backbone reward model of {len(kinds)} aspects saved to {out}", soft_wrap=True)
     return metrics
 
 
