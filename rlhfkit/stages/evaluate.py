@@ -20,6 +20,16 @@ Per system (metrics.json keys):
   preference/regression RM among `--rm`; default: the first one): A wins an item when its
   normalised score beats B's by more than `--tie-margin`.
 
+Reward-hacking audit (rlhfkit.audit): `--audit-rm NAME=DIR` (repeatable) `--audit-judge
+py:module:function` `--rollouts [NAME=]RUN/rollouts.jsonl` (repeatable) replays PPO's logged
+rollouts through each RM and the judge and writes audit.json, audit.md and audit.png: per
+step, a segment RM's segment accuracy (its error verdict vs the judge's error spans of its
+aspect, plus true/flagged error rates and error recall) and a sequence RM's pairwise
+accuracy (over same-prompt pairs of a step that the judge does not tie, the share the RM
+orders as the judge does; an RM tie counts one half). The judge returns, per response,
+{"spans": [Span...], "scores": {aspect: true score}}. With no --policy/--generations,
+evaluate runs the audit only.
+
 Writes to `--out`: `generations.jsonl` (every system's responses as `generation` records,
 with each RM's reward in `meta.rewards`), `metrics.json`, `results.md` (a markdown table like
 the papers') and run_config.json.
@@ -41,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.audit import run_audit
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
@@ -82,13 +93,19 @@ class EvaluateConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).")
     seed: int = opt(42, "Seed for sampling.")
+    audit_rm: list[str] = opt([], "Reward model NAME=DIR to audit on --rollouts against --audit-judge, repeatable: segment RMs by segment accuracy, sequence RMs by pairwise accuracy on same-prompt pairs, per PPO step (audit.json/.md/.png).")
+    audit_judge: str | None = opt(None, "py:module:function knowing the truth for --audit-rm: per response {'spans': [Span...], 'scores': {aspect: score}}.")
+    rollouts: list[str] = opt([], "A PPO run's rollouts.jsonl to audit, NAME=FILE or FILE (name: the run directory), repeatable.")
 
     def validate(self) -> None:
-        if not self.policy and not self.generations:
-            raise RlhfkitError("nothing to evaluate: give --policy DIR (with --prompts) and/or --generations FILE")
+        if not self.policy and not self.generations and not self.audit_rm:
+            raise RlhfkitError("nothing to evaluate: give --policy DIR (with --prompts) and/or --generations FILE, or --audit-rm")
+        if (self.audit_rm or self.audit_judge or self.rollouts) and not (self.audit_rm and self.audit_judge and self.rollouts):
+            raise RlhfkitError("the audit needs all of --audit-rm NAME=DIR, --audit-judge py:module:function and --rollouts FILE")
+        rm_kinds(self.audit_rm)
         if self.policy and not self.prompts:
             raise RlhfkitError("--policy needs --prompts (JSONL of `prompt` records) to generate from")
-        for path in [self.prompts, *self.generations, self.paper]:
+        for path in [self.prompts, *self.generations, self.paper, *(r.partition("=")[2] or r for r in self.rollouts)]:
             if path is not None and not Path(path).is_file():
                 raise RlhfkitError(f"{path}: no such file")
         for name in ("max_new_tokens", "max_prompt_length", "batch_size"):
@@ -384,6 +401,21 @@ def render_results(
 # --- the stage ----------------------------------------------------------------------------
 
 
+def audit_only(cfg: EvaluateConfig) -> dict:
+    """`evaluate --audit-rm ...` without systems: the reward-hacking audit alone."""
+    from rlhfkit.audit import AUDIT_MARKDOWN, load_judge, parse_rollouts, read_rollouts
+
+    load_judge(cfg.audit_judge)
+    for path in parse_rollouts(cfg.rollouts).values():
+        read_rollouts(path)
+    run = RunDir(cfg.out, "evaluate", cfg)
+    result = run_audit(run.path, {n: p for n, (p, _) in rm_kinds(cfg.audit_rm).items()}, cfg.audit_judge, cfg.rollouts,
+                       device=resolve_device(cfg.device), dtype=cfg.dtype, batch_size=cfg.batch_size)
+    console.print((run.path / AUDIT_MARKDOWN).read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"evaluate: wrote the audit to {run.path}")
+    return result
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate policies and/or existing generations: rewards, error rates, ROUGE-L, distinct-n,
     length, perplexity and pairwise win rates; writes metrics.json and a results.md table.
@@ -391,6 +423,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     Published numbers (--paper TABLE.json, {"source": ..., "rows": [{"system": ..., "metrics":
     {...}}]}) are added as extra rows.
     """
+    if not (cfg.policy or cfg.generations):
+        return {"audit": audit_only(cfg)}
     rms = rm_kinds(cfg.rm)
     judge = judge_name(cfg.rm, cfg.judge)
     paper = load_paper_table(cfg.paper) if cfg.paper else None
@@ -437,6 +471,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         del model
         free_device_memory()
 
+    if cfg.audit_rm:
+        result_audit = run_audit(run.path, {n: p for n, (p, _) in rm_kinds(cfg.audit_rm).items()}, cfg.audit_judge, cfg.rollouts,
+                                 device=device, dtype=cfg.dtype, batch_size=cfg.batch_size)
     table = {s.name: system_metrics(s, rms, error_rates[s.name], references, perplexities[s.name]) for s in systems}
     pairwise = pairwise_win_rates(systems, judge, cfg.tie_margin) if judge and len(systems) > 1 else []
     if len(systems) > 1 and not judge:
@@ -462,6 +499,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "pairwise": {"judge": judge, "tie_margin": cfg.tie_margin, "pairs": pairwise} if pairwise else None,
         "paper": paper,
     }
+    if cfg.audit_rm:
+        result["audit"] = result_audit
     run.write_json(METRICS_FILE, result)
     report = render_results(table, pairwise, judge, cfg.tie_margin, paper, description)
     write_text(run.path / RESULTS_FILE, report)
