@@ -44,6 +44,7 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import atomic_write, shipped_path, write_json, write_text
 from rlhfkit.schema import (
+    Critique,
     Demonstration,
     Preference,
     PromptRecord,
@@ -303,13 +304,75 @@ def annotate(kb: KnowledgeBase, prompt: str, responses: Sequence[str], key: str)
     return feedback, preferences
 
 
+RELEVANCE_WORDS = {"Irrelevant": "about someone else", "Redundant": "repeated", "Incoherent": "not a fact"}
+
+
+def critique(kb: KnowledgeBase, judgement: Judgement) -> str:
+    """The annotator's natural-language critique of a judged response: which sentence (1-based)
+    is false, off-topic, repeated or not a fact, and which attributes are missing.
+
+    "Sentence 2 is false. Sentence 3 is about someone else. Missing: job, pet." A response
+    with nothing wrong or missing gets "Nothing is wrong or missing."
+    """
+    lines = []
+    for number, sentence in enumerate(judgement.sentences, start=1):
+        faults = (["false"] if sentence.factual_error else []) + (
+            [RELEVANCE_WORDS[sentence.relevance_error]] if sentence.relevance_error else [])
+        if faults:
+            lines.append(f"Sentence {number} is {' and '.join(faults)}.")
+    missing = [a for a in kb.attributes if a not in judgement.covered]
+    if missing:
+        lines.append(f"Missing: {', '.join(missing)}.")
+    return " ".join(lines) or "Nothing is wrong or missing."
+
+
+def revision(kb: KnowledgeBase, judgement: Judgement) -> str:
+    """The annotator's corrected response: sentences about the asked entity kept in order with
+    false values corrected, off-topic, repeated and non-fact sentences dropped, then every
+    missing attribute stated (in the knowledge base's order): each attribute exactly once."""
+    facts = kb.entities[judgement.entity]
+    stated: list[str] = []
+    for sentence in judgement.sentences:
+        parsed = kb.parse(sentence.text)
+        if parsed is None:
+            continue
+        about, attribute, _ = parsed
+        if about == judgement.entity and attribute not in stated:
+            stated.append(attribute)
+    stated += [a for a in kb.attributes if a not in stated]
+    return " ".join(kb.sentence(judgement.entity, a, facts[a]) for a in stated)
+
+
+def critiques_of(kb: KnowledgeBase, feedback: Sequence[SpanFeedback]) -> list[Critique]:
+    """The annotator's critique and corrected revision of every judged response."""
+    out = []
+    for record in feedback:
+        judgement = judge(kb, record.prompt, record.response)
+        out.append(Critique(id=record.id, prompt=record.prompt, response=record.response,
+                            critique=critique(kb, judgement), revision=revision(kb, judgement)))
+    return out
+
+
+def audit_judge(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) -> list[dict]:
+    """The annotator as the judge of `rlhfkit evaluate --audit-rm` (rlhfkit.audit): its error
+    spans, and the true score of each sequence RM's aspect (preference: the holistic score;
+    completeness: the share of attributes stated correctly)."""
+    base = load_knowledge_base(kb)
+    out = []
+    for prompt, response in zip(prompts, responses):
+        j = judge(base, prompt, response)
+        out.append({"spans": j.spans(), "scores": {"preference": j.holistic, "completeness": j.completeness}})
+    return out
+
+
 def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demonstrations_per_prompt: int = 12,
               feedback_per_prompt: int = 16, responses_per_comparison: int = 4, false: float = 0.25,
               off_topic: float = 0.2, repeat: float = 0.1, seed: int = 0) -> dict:
     """Write the synthetic task's files to `out`: prompts.jsonl (every entity x question
-    template), demonstrations.jsonl (noisy responses, the SFT data), span_feedback.jsonl and
-    preferences.jsonl (the annotator's feedback on the same fresh noisy responses: groups of
-    `responses_per_comparison`, every pair compared), and task.json (the settings)."""
+    template), demonstrations.jsonl (noisy responses, the SFT data), span_feedback.jsonl,
+    preferences.jsonl and critiques.jsonl (the annotator's feedback on the same fresh noisy
+    responses: groups of `responses_per_comparison`, every pair compared; a critique and a
+    corrected revision of each), and task.json (the settings)."""
     base = load_knowledge_base(kb)
     names = list(base.entities)[: entities or None]
     noise = Noise(false=false, off_topic=off_topic, repeat=repeat)
@@ -332,6 +395,7 @@ def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demon
     write_records(target / "demonstrations.jsonl", demos)
     write_records(target / "span_feedback.jsonl", feedback)
     write_records(target / "preferences.jsonl", preferences)
+    write_records(target / "critiques.jsonl", critiques_of(base, feedback))
     demo_truth = TrueMetrics.of([judge(base, d.prompt, d.response) for d in demos])
     summary = {
         "knowledge_base": kb, "entities": len(names), "prompts": len(prompts), "demonstrations": len(demos),

@@ -17,6 +17,8 @@ from rlhfkit.synthetic import (
     Noise,
     TrueMetrics,
     annotate,
+    audit_judge,
+    critique,
     fine_grained_reward,
     holistic_reward,
     judge,
@@ -24,6 +26,7 @@ from rlhfkit.synthetic import (
     make_task,
     noisy_response,
     report,
+    revision,
 )
 
 # Two entities, two attributes: small enough to judge every sentence by hand.
@@ -61,6 +64,29 @@ def test_annotator_judges_each_sentence(small_kb):
     assert j.completeness == 0.5
     # completeness - (1 factual + 3 relevance errors) / 2 attributes = 0.5 - 2.0
     assert j.holistic == -1.5
+
+
+def test_annotator_critiques_and_revises_a_written_response(small_kb):
+    kb = load_knowledge_base(small_kb)
+    j = judge(kb, kb.prompt("Ann"), RESPONSE)
+    # Sentence 2 gives Ann's pet wrongly, 3 is about Bob, 4 repeats 1, 5 states no fact; her
+    # pet is not stated correctly anywhere, so it is missing.
+    assert critique(kb, j) == ("Sentence 2 is false. Sentence 3 is about someone else. Sentence 4 is repeated. "
+                               "Sentence 5 is not a fact. Missing: pet.")
+    # Kept in order: 1 (city, true), 2 (pet, corrected to cat); 3, 4 and 5 dropped.
+    assert revision(kb, j) == "Ann lives in Oslo. Ann has a cat."
+    assert judge(kb, kb.prompt("Ann"), revision(kb, j)).holistic == 1.0
+    # A wrong fact about another entity is false and off topic; nothing stated: all missing,
+    # and the revision states every fact in the knowledge base's order.
+    bob = judge(kb, kb.prompt("Ann"), "Bob has a cat.")
+    assert critique(kb, bob) == "Sentence 1 is false and about someone else. Missing: city, pet."
+    assert revision(kb, bob) == "Ann lives in Oslo. Ann has a cat."
+    perfect = judge(kb, kb.prompt("Ann"), "Ann has a cat. Ann lives in Oslo.")
+    assert critique(kb, perfect) == "Nothing is wrong or missing."
+    assert revision(kb, perfect) == "Ann has a cat. Ann lives in Oslo."
+    # The audit judge: the same spans, and the holistic score / completeness per sequence aspect.
+    [verdict] = audit_judge([kb.prompt("Ann")], [RESPONSE], kb=small_kb)
+    assert verdict["spans"] == j.spans() and verdict["scores"] == {"preference": -1.5, "completeness": 0.5}
 
 
 def test_unknown_entity_is_a_factual_and_a_relevance_error(small_kb):
@@ -129,12 +155,15 @@ def test_make_task_writes_consistent_deterministic_files(tmp_path, small_kb):
               responses_per_comparison=2, seed=1)
     # 2 entities x 2 questions = 4 prompts; 3 demonstrations and 4 judged responses each.
     assert (summary["prompts"], summary["demonstrations"], summary["span_feedback"]) == (4, 12, 16)
-    for name in ("prompts.jsonl", "demonstrations.jsonl", "span_feedback.jsonl", "preferences.jsonl"):
+    for name in ("prompts.jsonl", "demonstrations.jsonl", "span_feedback.jsonl", "preferences.jsonl", "critiques.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     kb = load_knowledge_base(small_kb)
     for record in load_records(tmp_path / "a" / "span_feedback.jsonl"):
         expected = judge(kb, record.prompt, record.response).spans()
         assert record.spans == expected
+    critiques = load_records(tmp_path / "a" / "critiques.jsonl", "critique")
+    assert [c.response for c in critiques] == [r.response for r in load_records(tmp_path / "a" / "span_feedback.jsonl")]
+    assert all(judge(kb, c.prompt, c.revision).holistic == 1.0 for c in critiques)
     prompts = load_records(tmp_path / "a" / "prompts.jsonl")
     assert [p.meta["entity"] for p in prompts] == ["Ann", "Ann", "Bob", "Bob"]
 
