@@ -190,8 +190,7 @@ def audit_runs(rms: dict[str, RewardModel], judge: Callable, rollouts: dict[str,
         verdicts = {step: judge_verdicts(judge, [r.prompt for r in records], [r.response for r in records])
                     for step, records in by_step.items()}
         for rm_name, rm in rms.items():
-            if rm.kind in SEQUENCE_KINDS:
-                if any(rm.aspect not in v.scores for vs in verdicts.values() for v in vs):
+            if rm.kind in SEQUENCE_KINDS and any(rm.aspect not in v.scores for vs in verdicts.values() for v in vs):
                     raise RlhfkitError(f"--audit-rm {rm_name}: the judge gives no score for the RM's aspect "
                                        f"{rm.aspect!r} (its 'scores' keys must include it)")
             audit.by_rm[rm_name] = [audit_step(rm, verdicts[step], records, batch_size) for step, records in by_step.items()]
@@ -219,10 +218,10 @@ def _cell(value: float | None) -> str:
 
 def render_audit(audits: Sequence[RunAudit], kinds: dict[str, str], judge: str) -> str:
     lines = ["# Reward-model audit on the policy's own samples", "",
-             f"Judge: `{judge}`. Segment RMs: segment accuracy (RM error verdict = judge's), with the true and "
+             (f"Judge: `{judge}`. Segment RMs: segment accuracy (RM error verdict = judge's), with the true and "
              "RM-flagged error rates and the error recall; sequence RMs: pairwise accuracy over same-prompt pairs "
              "of a step the judge does not tie (RM ties count one half), with the mean RM and judge scores. "
-             "Means over step windows; every step is in audit.json.", ""]
+             "Means over step windows; every step is in audit.json."), ""]
     for audit in audits:
         windows = step_windows(len(audit.steps))
         heads = [f"steps {audit.steps[a]}-{audit.steps[b - 1]}" for a, b in windows]

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.audit import SegmentCounts, audit_runs, load_judge, pairwise_agreement, read_rollouts
-from rlhfkit.errors import RlhfkitError
 from rlhfkit.rewards.reward_model import SegmentRewards
 from rlhfkit.schema import Generation, write_records
 from rlhfkit.segment import segment
@@ -116,7 +115,7 @@ def _rm_dir(path: Path, aspect: str, kind: str) -> str:
 
 
 def test_evaluate_audit_writes_json_markdown_and_plot(tmp_path, run_cli, rollouts_file, monkeypatch):
-    import rlhfkit.rewards.reward_model as reward_model
+    from rlhfkit.rewards import reward_model
 
     stand_ins = {"factuality": BigIsFalseRM(), "preference": WordyRM()}
     monkeypatch.setattr(reward_model, "load_reward_model", lambda path, **_: stand_ins[Path(path).name])
