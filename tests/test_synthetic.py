@@ -20,7 +20,9 @@ from rlhfkit.synthetic import (
     audit_judge,
     critique,
     fine_grained_reward,
+    goal_verdicts,
     holistic_reward,
+    judge_revisions,
     judge,
     load_knowledge_base,
     make_task,
@@ -232,3 +234,40 @@ def test_true_metrics_pool_sentences(small_kb):
     assert m.factual_error_rate == pytest.approx(1 / 6)  # 1 false of 6 sentences
     assert m.relevance_error_rate == pytest.approx(3 / 6)
     assert m.completeness == pytest.approx((0.5 + 0.5) / 2)
+
+
+def test_goals_need_the_whole_seed_spread_and_the_baseline():
+    scores = {"dense": [0.5, 0.6, 0.7], "sparse": [0.3, 0.4, 0.45], "overlapping": [0.2, 0.55, 0.3]}
+    met, overlap = goal_verdicts([{"better": "dense", "than": "sparse", "above_baseline": True},
+                                  {"better": "dense", "than": "overlapping"}], scores, 0.2, "SFT")
+    [below] = goal_verdicts([{"better": "dense", "than": "sparse", "above_baseline": True}], scores, 0.42, "SFT")
+    assert met["met"]  # worst dense seed 0.5 > best sparse seed 0.45; means 0.6 and 0.383 >= 0.2
+    assert not overlap["met"]  # worst dense seed 0.5 < best overlapping seed 0.55
+    assert not below["met"] and "sparse below SFT" in below["measured"]  # sparse mean 0.383 < 0.42
+
+
+def test_revisions_are_judged_against_their_originals(tmp_path, small_kb):
+    kb = load_knowledge_base(small_kb)
+    prompt = kb.prompt("Ann")
+    # Original holistic scores: "Ann lives in Rome." -0.5; "Ann lives in Oslo." 0.5.
+    # Input a: round 1 perfect (1.0, win), round 2 flagged (keeps 1.0, win).
+    # Input b: round 1 "Ann has a dog." (-0.5, loss), round 2 unchanged original text (0.5, tie).
+    def round_(k, response, flag=None):
+        return {"round": k, "response": response, "flag": flag}
+    records = [
+        Generation(id="a", prompt=prompt, response="Ann lives in Oslo. Ann has a cat.",
+                   meta={"original_response": "Ann lives in Rome.",
+                         "rounds": [round_(1, "Ann lives in Oslo. Ann has a cat."), round_(2, "Ann lives in Oslo. Ann has a cat.", "repeats_input")]}),
+        Generation(id="b", prompt=prompt, response="Ann lives in Oslo.",
+                   meta={"original_response": "Ann lives in Oslo.",
+                         "rounds": [round_(1, "Ann has a dog."), round_(2, "Ann lives in Oslo.")]}),
+    ]
+    write_records(tmp_path / "revisions.jsonl", records)
+    result = judge_revisions(kb, str(tmp_path / "revisions.jsonl"))
+    first, second = result["rounds"]
+    assert (first["win"], first["tie"], first["loss"]) == (0.5, 0.0, 0.5)
+    assert (second["win"], second["tie"], second["loss"]) == (0.5, 0.5, 0.0)
+    assert first["holistic"] == 0.25 and second["holistic"] == 0.75  # (1.0 - 0.5) / 2, (1.0 + 0.5) / 2
+    assert second["accepted"] == 0.5  # a's round-2 revision was flagged
+    assert result["originals"] == 0.0  # (-0.5 + 0.5) / 2
+    assert not result["goal"]["met"]  # round 1 wins 50%, not above it
