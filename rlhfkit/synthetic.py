@@ -528,16 +528,17 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     for condition in table:
         cells = [_mean_spread([statistics.fmean(m.holistic for m in curve[a:b]) for curve in condition.curves]) for a, b in windows]
         lines.append(f"| {condition.name} | " + " | ".join(cells) + " |")
-    first = next(iter(evaluations))
-    holistic = {c.name: [m.holistic for m in c.final[first]] for c in table}
-    verdicts = goal_verdicts(goals or [], holistic, baselines[first].holistic, baseline)
+    verdicts = []
+    for label in evaluations:
+        holistic = {c.name: [m.holistic for m in c.final[label]] for c in table}
+        verdicts += [{**v, "evaluation": label} for v in goal_verdicts(goals or [], holistic, baselines[label].holistic, baseline)]
     revisions = judge_revisions(base, critique_revise) if critique_revise else None
     if revisions:
-        verdicts.append(revisions["goal"])
+        verdicts.append({**revisions["goal"], "evaluation": "critique-and-revise rounds"})
     if verdicts:
-        lines += ["", f"## Goals (holistic score, evaluation: {first})", "",
-                  "| goal | measured | met |", "|---|---|---|"]
-        lines += [f"| {v['goal']} | {v['measured']} | {'yes' if v['met'] else '**no**'} |" for v in verdicts]
+        lines += ["", "## Goals (the annotator's holistic score)", "",
+                  "| goal | evaluation | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {v['goal']} | {v['evaluation']} | {v['measured']} | {'yes' if v['met'] else '**no**'} |" for v in verdicts]
     if revisions:
         lines += revisions["lines"]
     audited = json.loads(Path(audit).read_text(encoding="utf-8")) if audit else None
