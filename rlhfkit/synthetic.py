@@ -534,7 +534,7 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
         verdicts += [{**v, "evaluation": label} for v in goal_verdicts(goals or [], holistic, baselines[label].holistic, baseline)]
     revisions = judge_revisions(base, critique_revise) if critique_revise else None
     if revisions:
-        verdicts.append({**revisions["goal"], "evaluation": "critique-and-revise rounds"})
+        verdicts += [{**goal, "evaluation": "critique-and-revise rounds"} for goal in revisions["goals"]]
     if verdicts:
         lines += ["", "## Goals (the annotator's holistic score)", "",
                   "| goal | evaluation | measured | met |", "|---|---|---|---|"]
@@ -591,7 +591,7 @@ def goal_verdicts(goals: Sequence[dict], holistic: dict[str, list[float]], basel
 def judge_revisions(kb: KnowledgeBase, path: str) -> dict:
     """Critique-and-revise judged by the annotator: per round, the share of inputs whose
     response beats / ties / trails its original on the holistic score, and the mean scores.
-    Goal: round 1's win rate above 50% and the last round's above round 1's."""
+    Goals: round 1's win rate above 50%, and the last round's above round 1's."""
     records = load_records(path, "generation")
     originals = [judge(kb, r.prompt, r.meta["original_response"]).holistic for r in records]
     count = max(len(r.meta["rounds"]) for r in records)
@@ -617,10 +617,12 @@ def judge_revisions(kb: KnowledgeBase, path: str) -> dict:
     lines += [f"| {r['round']} | {r['win']:.1%} | {r['tie']:.1%} | {r['loss']:.1%} | {r['holistic']:.3f} | {r['accepted']:.1%} |"
               for r in rounds]
     first, last = rounds[0], rounds[-1]
-    goal = {"goal": f"critique-and-revise: win rate over the originals above 50% and rising from round 1 to {last['round']}",
-            "measured": f"round 1 {first['win']:.1%}, round {last['round']} {last['win']:.1%}",
-            "met": first["win"] > 0.5 and last["win"] > first["win"]}
-    return {"rounds": rounds, "lines": lines, "goal": goal, "originals": statistics.fmean(originals)}
+    measured = f"round 1 {first['win']:.1%}, round {last['round']} {last['win']:.1%}"
+    goals = [{"goal": "critique-and-revise: win rate over the originals above 50%", "measured": measured,
+              "met": first["win"] > 0.5},
+             {"goal": f"critique-and-revise: win rate rising from round 1 to {last['round']}", "measured": measured,
+              "met": last["win"] > first["win"]}]
+    return {"rounds": rounds, "lines": lines, "goals": goals, "originals": statistics.fmean(originals)}
 
 
 def audit_summary(audited: dict, conditions: Sequence[str], seeds: Sequence[int]) -> list[str]:
