@@ -93,7 +93,7 @@ class EvaluateConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).")
     seed: int = opt(42, "Seed for sampling.")
-    audit_rm: list[str] = opt([], "Reward model NAME=DIR to audit on --rollouts against --audit-judge, repeatable: segment RMs by segment accuracy, sequence RMs by pairwise accuracy on same-prompt pairs, per PPO step (audit.json/.md/.png).")
+    audit_rm: list[str] = opt([], "Reward model NAME=DIR to audit on --rollouts against --audit-judge, repeatable. Per PPO step: a segment RM's segment accuracy (its error verdict, P(error) > 0.5, equals the judge's), a sequence RM's pairwise accuracy (share of same-prompt pairs of the step, judge ties left out, that it orders as the judge does; an RM tie counts 1/2). Writes audit.json/.md/.png.")
     audit_judge: str | None = opt(None, "py:module:function knowing the truth for --audit-rm: per response {'spans': [Span...], 'scores': {aspect: score}}.")
     rollouts: list[str] = opt([], "A PPO run's rollouts.jsonl to audit, NAME=FILE or FILE (name: the run directory), repeatable.")
 
