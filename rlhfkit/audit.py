@@ -279,6 +279,13 @@ def parse_rollouts(specs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def check_audit_inputs(judge: str, rollouts: Sequence[str]) -> None:
+    """Import the judge and read every rollouts file: bad input fails before anything is written."""
+    load_judge(judge)
+    for path in parse_rollouts(rollouts).values():
+        read_rollouts(path)
+
+
 def run_audit(out: str | Path, rm_paths: dict[str, str], judge: str, rollouts: Sequence[str], *, device,
               dtype: str = "auto", batch_size: int = 8) -> dict:
     """Load the RMs and the judge, audit every run's rollouts and write the audit files to `out`.

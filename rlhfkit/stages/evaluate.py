@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.audit import run_audit
+from rlhfkit.audit import AUDIT_MARKDOWN, check_audit_inputs, run_audit
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
@@ -401,18 +401,11 @@ def render_results(
 # --- the stage ----------------------------------------------------------------------------
 
 
-def audit_only(cfg: EvaluateConfig) -> dict:
-    """`evaluate --audit-rm ...` without systems: the reward-hacking audit alone."""
-    from rlhfkit.audit import AUDIT_MARKDOWN, load_judge, parse_rollouts, read_rollouts
-
-    load_judge(cfg.audit_judge)
-    for path in parse_rollouts(cfg.rollouts).values():
-        read_rollouts(path)
-    run = RunDir(cfg.out, "evaluate", cfg)
-    result = run_audit(run.path, {n: p for n, (p, _) in rm_kinds(cfg.audit_rm).items()}, cfg.audit_judge, cfg.rollouts,
-                       device=resolve_device(cfg.device), dtype=cfg.dtype, batch_size=cfg.batch_size)
-    console.print((run.path / AUDIT_MARKDOWN).read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"evaluate: wrote the audit to {run.path}")
+def audit(cfg: EvaluateConfig, out: Path, device: torch.device) -> dict:
+    """The reward-hacking audit (--audit-rm) into `out` (rlhfkit.audit)."""
+    paths = {name: path for name, (path, _) in rm_kinds(cfg.audit_rm).items()}
+    result = run_audit(out, paths, cfg.audit_judge, cfg.rollouts, device=device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    console.print(f"evaluate: wrote the reward-model audit to {out / AUDIT_MARKDOWN}")
     return result
 
 
@@ -423,8 +416,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     Published numbers (--paper TABLE.json, {"source": ..., "rows": [{"system": ..., "metrics":
     {...}}]}) are added as extra rows.
     """
-    if not (cfg.policy or cfg.generations):
-        return {"audit": audit_only(cfg)}
+    if cfg.audit_rm:
+        check_audit_inputs(cfg.audit_judge, cfg.rollouts)  # before anything is written
+        if not (cfg.policy or cfg.generations):
+            return {"audit": audit(cfg, RunDir(cfg.out, "evaluate", cfg).path, resolve_device(cfg.device))}
     rms = rm_kinds(cfg.rm)
     judge = judge_name(cfg.rm, cfg.judge)
     paper = load_paper_table(cfg.paper) if cfg.paper else None
@@ -471,9 +466,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         del model
         free_device_memory()
 
-    if cfg.audit_rm:
-        result_audit = run_audit(run.path, {n: p for n, (p, _) in rm_kinds(cfg.audit_rm).items()}, cfg.audit_judge, cfg.rollouts,
-                                 device=device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    audited = audit(cfg, run.path, device) if cfg.audit_rm else None
     table = {s.name: system_metrics(s, rms, error_rates[s.name], references, perplexities[s.name]) for s in systems}
     pairwise = pairwise_win_rates(systems, judge, cfg.tie_margin) if judge and len(systems) > 1 else []
     if len(systems) > 1 and not judge:
@@ -499,8 +492,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "pairwise": {"judge": judge, "tie_margin": cfg.tie_margin, "pairs": pairwise} if pairwise else None,
         "paper": paper,
     }
-    if cfg.audit_rm:
-        result["audit"] = result_audit
+    if audited:
+        result["audit"] = audited
     run.write_json(METRICS_FILE, result)
     report = render_results(table, pairwise, judge, cfg.tie_margin, paper, description)
     write_text(run.path / RESULTS_FILE, report)
