@@ -544,6 +544,9 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     audited = json.loads(Path(audit).read_text(encoding="utf-8")) if audit else None
     if audited:
         lines += audit_summary(audited, [c.name for c in table], seeds)
+        plot = Path(audit).with_name("audit.png")
+        if plot.is_file():
+            lines += ["", f"![RM accuracy per PPO step]({_relative_path(str(plot), Path(out).parent)})"]
     if evaluate_metrics and Path(evaluate_metrics).is_file():
         lines += _learned_rm_view(json.loads(Path(evaluate_metrics).read_text(encoding="utf-8")),
                                   [baseline] + [f"{c.name}-seed{s}" for c in table for s in seeds])
