@@ -18,6 +18,7 @@ from rlhfkit.synthetic import (
     TrueMetrics,
     annotate,
     audit_judge,
+    audit_summary,
     critique,
     fine_grained_reward,
     goal_verdicts,
@@ -273,3 +274,18 @@ def test_revisions_are_judged_against_their_originals(tmp_path, small_kb):
     above_half, rising = result["goals"]
     assert not above_half["met"]  # round 1 wins 50%, not above it
     assert not rising["met"]  # round 2 wins 50% too
+
+
+def test_audit_summary_takes_the_first_and_last_quarter_over_seeds():
+    def steps(accuracies, truth, flagged):
+        return [{"accuracy": a, "true_error_rate": t, "rm_error_rate": f} for a, t, f in zip(accuracies, truth, flagged)]
+    # 4 steps -> quarters of one step: "first" is step 1, "last" step 4.
+    audited = {"kinds": {"relevance": "segment"}, "runs": {
+        "fg-seed0": {"rms": {"relevance": steps([0.5, 0.9, 0.9, 0.8], [0.2, 0, 0, 0.1], [0.1, 0, 0, 0.1])}},
+        "fg-seed1": {"rms": {"relevance": steps([0.7, 0.9, 0.9, 1.0], [0.4, 0, 0, 0.3], [0.3, 0, 0, 0.3])}},
+    }}
+    [row] = [line for line in audit_summary(audited, ["fg"], [0, 1]) if line.startswith("| fg |")]
+    # accuracy first: mean(0.5, 0.7) = 0.6, sample std = 0.1414; last: mean(0.8, 1.0) = 0.9, std 0.1414;
+    # truth 0.3 ± 0.1414 -> 0.2 ± 0.1414; flagged 0.2 ± 0.1414 -> 0.2 ± 0.1414.
+    assert row == ("| fg | relevance | 0.600 ± 0.141 | 0.900 ± 0.141 | 0.300 ± 0.141 → 0.200 ± 0.141 | "
+                   "0.200 ± 0.141 → 0.200 ± 0.141 |")
