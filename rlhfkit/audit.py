@@ -36,7 +36,12 @@ from pathlib import Path
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import atomic_write, write_json, write_text
-from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, RewardModel, judged_errors
+from rlhfkit.rewards.reward_model import (
+    SEQUENCE_KINDS,
+    RewardModel,
+    judged_errors,
+    load_reward_model,
+)
 from rlhfkit.schema import Generation, read_records
 from rlhfkit.segment import label_segments
 
@@ -290,8 +295,6 @@ def run_audit(out: str | Path, rm_paths: dict[str, str], judge: str, rollouts: S
               dtype: str = "auto", batch_size: int = 8) -> dict:
     """Load the RMs and the judge, audit every run's rollouts and write the audit files to `out`.
     Inputs are read and checked before any model loads."""
-    from rlhfkit.rewards.reward_model import load_reward_model
-
     judge_fn = load_judge(judge)
     runs = {name: (path, read_rollouts(path)) for name, path in parse_rollouts(rollouts).items()}
     rms = {name: load_reward_model(path, device=device, dtype=dtype) for name, path in rm_paths.items()}

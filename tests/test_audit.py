@@ -115,10 +115,10 @@ def _rm_dir(path: Path, aspect: str, kind: str) -> str:
 
 
 def test_evaluate_audit_writes_json_markdown_and_plot(tmp_path, run_cli, rollouts_file, monkeypatch):
-    from rlhfkit.rewards import reward_model
+    import rlhfkit.audit
 
     stand_ins = {"factuality": BigIsFalseRM(), "preference": WordyRM()}
-    monkeypatch.setattr(reward_model, "load_reward_model", lambda path, **_: stand_ins[Path(path).name])
+    monkeypatch.setattr(rlhfkit.audit, "load_reward_model", lambda path, **_: stand_ins[Path(path).name])
     fact, pref = _rm_dir(tmp_path / "factuality", "factuality", "segment"), _rm_dir(tmp_path / "preference", "preference", "preference")
     out = tmp_path / "audit"
     result = run_cli("evaluate", "--audit-rm", f"fact={fact}", "--audit-rm", f"pref={pref}",
