@@ -45,6 +45,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import atomic_write, shipped_path, write_json, write_text
 from rlhfkit.recipes import recipe_function
 from rlhfkit.schema import (
+    Critique,
     Demonstration,
     Preference,
     PromptRecord,
@@ -304,17 +305,84 @@ def annotate(kb: KnowledgeBase, prompt: str, responses: Sequence[str], key: str)
     return feedback, preferences
 
 
+RELEVANCE_WORDS = {"Irrelevant": "about someone else", "Redundant": "repeated", "Incoherent": "not a fact"}
+
+
+def critique(kb: KnowledgeBase, judgement: Judgement) -> str:
+    """The annotator's natural-language critique of a judged response: which sentence (1-based)
+    is false, off-topic, repeated or not a fact, and which attributes are missing.
+
+    "Sentence 2 is false. Sentence 3 is about someone else. Missing: job, pet." A response
+    with nothing wrong or missing gets "Nothing is wrong or missing."
+    """
+    lines = []
+    for number, sentence in enumerate(judgement.sentences, start=1):
+        faults = (["false"] if sentence.factual_error else []) + (
+            [RELEVANCE_WORDS[sentence.relevance_error]] if sentence.relevance_error else [])
+        if faults:
+            lines.append(f"Sentence {number} is {' and '.join(faults)}.")
+    missing = [a for a in kb.attributes if a not in judgement.covered]
+    if missing:
+        lines.append(f"Missing: {', '.join(missing)}.")
+    return " ".join(lines) or "Nothing is wrong or missing."
+
+
+def revision(kb: KnowledgeBase, judgement: Judgement) -> str:
+    """The annotator's corrected response: sentences about the asked entity kept in order with
+    false values corrected, off-topic, repeated and non-fact sentences dropped, then every
+    missing attribute stated (in the knowledge base's order): each attribute exactly once."""
+    facts = kb.entities[judgement.entity]
+    stated: list[str] = []
+    for sentence in judgement.sentences:
+        parsed = kb.parse(sentence.text)
+        if parsed is None:
+            continue
+        about, attribute, _ = parsed
+        if about == judgement.entity and attribute not in stated:
+            stated.append(attribute)
+    stated += [a for a in kb.attributes if a not in stated]
+    return " ".join(kb.sentence(judgement.entity, a, facts[a]) for a in stated)
+
+
+def critiques_of(kb: KnowledgeBase, feedback: Sequence[SpanFeedback]) -> list[Critique]:
+    """The annotator's critique and corrected revision of every judged response."""
+    out = []
+    for record in feedback:
+        judgement = judge(kb, record.prompt, record.response)
+        out.append(Critique(id=record.id, prompt=record.prompt, response=record.response,
+                            critique=critique(kb, judgement), revision=revision(kb, judgement)))
+    return out
+
+
+def audit_judge(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) -> list[dict]:
+    """The annotator as the judge of `rlhfkit evaluate --audit-rm` (rlhfkit.audit): its error
+    spans, and the true score of each sequence RM's aspect (preference: the holistic score;
+    completeness: the share of attributes stated correctly)."""
+    base = load_knowledge_base(kb)
+    out = []
+    for prompt, response in zip(prompts, responses):
+        j = judge(base, prompt, response)
+        out.append({"spans": j.spans(), "scores": {"preference": j.holistic, "completeness": j.completeness}})
+    return out
+
+
 @recipe_function
 def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demonstrations_per_prompt: int = 12,
               feedback_per_prompt: int = 16, responses_per_comparison: int = 4, false: float = 0.25,
-              off_topic: float = 0.2, repeat: float = 0.1, seed: int = 0) -> dict:
+              off_topic: float = 0.2, repeat: float = 0.1, feedback_repeat: float | None = None, seed: int = 0) -> dict:
     """Write the synthetic task's files to `out`: prompts.jsonl (every entity x question
-    template), demonstrations.jsonl (noisy responses, the SFT data), span_feedback.jsonl and
-    preferences.jsonl (the annotator's feedback on the same fresh noisy responses: groups of
-    `responses_per_comparison`, every pair compared), and task.json (the settings)."""
+    template), demonstrations.jsonl (noisy responses, the SFT data), span_feedback.jsonl,
+    preferences.jsonl and critiques.jsonl (the annotator's feedback on the same fresh noisy
+    responses: groups of `responses_per_comparison`, every pair compared; a critique and a
+    corrected revision of each), and task.json (the settings).
+
+    `feedback_repeat` (default: `repeat`) is the repeat rate of the responses the annotator
+    judges: a policy trained against learned RMs drifts to long, repetitive answers, so RMs
+    that are to judge it need repeats in their training data (see recipes/synthetic)."""
     base = load_knowledge_base(kb)
     names = list(base.entities)[: entities or None]
     noise = Noise(false=false, off_topic=off_topic, repeat=repeat)
+    feedback_noise = Noise(false=false, off_topic=off_topic, repeat=repeat if feedback_repeat is None else feedback_repeat)
     rng = random.Random(seed)
     prompts, demos, feedback, preferences = [], [], [], []
     for name in names:
@@ -325,7 +393,7 @@ def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demon
             demos += [Demonstration(id=f"{key}:d{i}", prompt=prompt, response=noisy_response(base, name, noise, rng))
                       for i in range(demonstrations_per_prompt)]
             for g in range(0, feedback_per_prompt, responses_per_comparison):
-                responses = [noisy_response(base, name, noise, rng) for _ in range(responses_per_comparison)]
+                responses = [noisy_response(base, name, feedback_noise, rng) for _ in range(responses_per_comparison)]
                 f, p = annotate(base, prompt, responses, f"{key}:g{g // responses_per_comparison}")
                 feedback += f
                 preferences += p
@@ -334,11 +402,12 @@ def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demon
     write_records(target / "demonstrations.jsonl", demos)
     write_records(target / "span_feedback.jsonl", feedback)
     write_records(target / "preferences.jsonl", preferences)
+    write_records(target / "critiques.jsonl", critiques_of(base, feedback))
     demo_truth = TrueMetrics.of([judge(base, d.prompt, d.response) for d in demos])
     summary = {
         "knowledge_base": kb, "entities": len(names), "prompts": len(prompts), "demonstrations": len(demos),
         "span_feedback": len(feedback), "preferences": len(preferences), "seed": seed,
-        "noise": {"false": false, "off_topic": off_topic, "repeat": repeat},
+        "noise": {"false": false, "off_topic": off_topic, "repeat": repeat, "feedback_repeat": feedback_noise.repeat},
         "demonstrations_truth": demo_truth.__dict__,
     }
     write_json(target / "task.json", summary)
@@ -412,7 +481,8 @@ def _system(by_system: dict[str, list[Judgement]], name: str, source: str) -> Tr
 @recipe_function
 def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str, conditions: list[str],
            seeds: list[int], baseline: str = "SFT", kb: str = DEFAULT_KB, evaluate_metrics: str | None = None,
-           title: str = "", notes: str = "") -> dict:
+           title: str = "", notes: str = "", goals: list[dict] | None = None, audit: str | None = None,
+           critique_revise: str | None = None) -> dict:
     """Judge every system's evaluation responses with the annotator (truth, not the learned
     RMs); write the tables (`out`, markdown: mean ± sample std over seeds) and the learning
     curves (`curves`, PNG) from each PPO run's sampled rollouts.
@@ -420,6 +490,10 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     `evaluations`: {label: evaluate's generations.jsonl}, each with systems named `baseline`
     and `{condition}-seed{seed}`; `run_pattern`: a PPO run directory, with {condition} and
     {seed}; `evaluate_metrics`: an evaluate metrics.json whose learned-RM view is added.
+    `goals`: comparisons to judge on the first evaluation's holistic score, each
+    {"better": condition, "than": condition, "above_baseline": bool} (see `goal_verdicts`);
+    `audit`: an `evaluate --audit-rm` audit.json with runs named `{condition}-seed{seed}`;
+    `critique_revise`: a `critique-revise run` revisions.jsonl, judged round by round.
     """
     base = load_knowledge_base(kb)
     judged = {label: _judged_systems(base, path) for label, path in evaluations.items()}
@@ -457,6 +531,25 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     for condition in table:
         cells = [_mean_spread([statistics.fmean(m.holistic for m in curve[a:b]) for curve in condition.curves]) for a, b in windows]
         lines.append(f"| {condition.name} | " + " | ".join(cells) + " |")
+    verdicts = []
+    for label in evaluations:
+        holistic = {c.name: [m.holistic for m in c.final[label]] for c in table}
+        verdicts += [{**v, "evaluation": label} for v in goal_verdicts(goals or [], holistic, baselines[label].holistic, baseline)]
+    revisions = judge_revisions(base, critique_revise) if critique_revise else None
+    if revisions:
+        verdicts += [{**goal, "evaluation": "critique-and-revise rounds"} for goal in revisions["goals"]]
+    if verdicts:
+        lines += ["", "## Goals (the annotator's holistic score)", "",
+                  "| goal | evaluation | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {v['goal']} | {v['evaluation']} | {v['measured']} | {'yes' if v['met'] else '**no**'} |" for v in verdicts]
+    if revisions:
+        lines += revisions["lines"]
+    audited = json.loads(Path(audit).read_text(encoding="utf-8")) if audit else None
+    if audited:
+        lines += audit_summary(audited, [c.name for c in table], seeds)
+        plot = Path(audit).with_name("audit.png")
+        if plot.is_file():
+            lines += ["", f"![RM accuracy per PPO step]({_relative_path(str(plot), Path(out).parent)})"]
     if evaluate_metrics and Path(evaluate_metrics).is_file():
         lines += _learned_rm_view(json.loads(Path(evaluate_metrics).read_text(encoding="utf-8")),
                                   [baseline] + [f"{c.name}-seed{s}" for c in table for s in seeds])
@@ -465,6 +558,8 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     write_text(out, text)
     plot_curves(curves, table)
     result = {
+        "goals": verdicts,
+        "critique_revise": revisions["rounds"] if revisions else None,
         "baseline": {label: m.__dict__ for label, m in baselines.items()},
         "conditions": {c.name: {"seeds": c.seeds, "final": {label: [m.__dict__ for m in ms] for label, ms in c.final.items()},
                                 "curves": [[m.__dict__ for m in curve] for curve in c.curves]} for c in table},
@@ -473,6 +568,103 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"synthetic: wrote {out} and {curves}")
     return result
+
+
+def goal_verdicts(goals: Sequence[dict], holistic: dict[str, list[float]], baseline_score: float, baseline: str) -> list[dict]:
+    """Each goal `{"better": A, "than": B, "above_baseline": bool}` judged on per-seed scores:
+    met when A's mean beats B's *beyond the spread over seeds* (A's worst seed above B's best
+    seed) and, with `above_baseline`, neither mean is below the baseline's."""
+    out = []
+    for goal in goals:
+        a, b = goal["better"], goal["than"]
+        if a not in holistic or b not in holistic:
+            raise RlhfkitError(f"goal {a} > {b}: conditions are {', '.join(holistic)}")
+        beyond = min(holistic[a]) > max(holistic[b])
+        text = f"{a} beats {b} beyond the seed spread"
+        measured = (f"{a} {_mean_spread(holistic[a])} (seeds {min(holistic[a]):.3f}..{max(holistic[a]):.3f}) vs "
+                    f"{b} {_mean_spread(holistic[b])} (seeds {min(holistic[b]):.3f}..{max(holistic[b]):.3f})")
+        met = beyond
+        if goal.get("above_baseline"):
+            text += f", neither below {baseline}"
+            above = {name: statistics.fmean(holistic[name]) >= baseline_score for name in (a, b)}
+            measured += f"; {baseline} {baseline_score:.3f}" + "".join(
+                f"; {name} below {baseline}" for name, ok in above.items() if not ok)
+            met = met and all(above.values())
+        out.append({"goal": text, "measured": measured, "met": met})
+    return out
+
+
+def judge_revisions(kb: KnowledgeBase, path: str) -> dict:
+    """Critique-and-revise judged by the annotator: per round, the share of inputs whose
+    response beats / ties / trails its original on the holistic score, and the mean scores.
+    Goals: round 1's win rate above 50%, and the last round's above round 1's."""
+    records = load_records(path, "generation")
+    originals = [judge(kb, r.prompt, r.meta["original_response"]).holistic for r in records]
+    count = max(len(r.meta["rounds"]) for r in records)
+    rounds = []
+    for k in range(count):
+        # An input whose rounds stopped early keeps its last response.
+        scores = [judge(kb, r.prompt, r.meta["rounds"][min(k, len(r.meta["rounds"]) - 1)]["response"]).holistic
+                  if r.meta["rounds"] else original for r, original in zip(records, originals)]
+        n = len(scores)
+        rounds.append({
+            "round": k + 1,
+            "win": sum(s > o for s, o in zip(scores, originals)) / n,
+            "tie": sum(s == o for s, o in zip(scores, originals)) / n,
+            "loss": sum(s < o for s, o in zip(scores, originals)) / n,
+            "holistic": statistics.fmean(scores),
+            "accepted": sum(bool(r.meta["rounds"]) and k < len(r.meta["rounds"]) and r.meta["rounds"][k]["flag"] is None
+                            for r in records) / n,
+        })
+    lines = ["", f"## Critique-and-revise, judged by the annotator ({len(records)} SFT samples)", "",
+             (f"Originals: holistic score {statistics.fmean(originals):.3f}. Win: the round's response scores higher "
+             "than its original; a flagged revision keeps the previous response."), "",
+             "| round | win | tie | loss | holistic score | revisions accepted |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['win']:.1%} | {r['tie']:.1%} | {r['loss']:.1%} | {r['holistic']:.3f} | {r['accepted']:.1%} |"
+              for r in rounds]
+    first, last = rounds[0], rounds[-1]
+    measured = f"round 1 {first['win']:.1%}, round {last['round']} {last['win']:.1%}"
+    goals = [{"goal": "critique-and-revise: win rate over the originals above 50%", "measured": measured,
+              "met": first["win"] > 0.5},
+             {"goal": f"critique-and-revise: win rate rising from round 1 to {last['round']}", "measured": measured,
+              "met": last["win"] > first["win"]}]
+    return {"rounds": rounds, "lines": lines, "goals": goals, "originals": statistics.fmean(originals)}
+
+
+def audit_summary(audited: dict, conditions: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """The RM audit per condition: each learned RM's accuracy on the policy's own rollouts in
+    the first and last quarter of training, and what it and the truth say (mean ± std over seeds)."""
+    from rlhfkit.audit import step_windows, window_mean
+
+    lines = ["", "## Reward-model audit on each arm's own rollouts", "",
+             ("Each learned RM against the annotator on the responses PPO sampled (`rlhfkit evaluate --audit-rm`; "
+             "segment RMs: segment accuracy, sequence RMs: pairwise accuracy on same-prompt pairs). First / last: "
+             "the first and the last quarter of the PPO steps. For segment RMs the truth is the true error rate "
+             "and the RM's view the error rate it flags; for sequence RMs the annotator's mean score and the "
+             "RM's mean normalised score."), "",
+             "| arm | RM | accuracy first | accuracy last | truth first → last | RM's view first → last |",
+             "|---|---|---|---|---|---|"]
+    for condition in conditions:
+        runs = [audited["runs"].get(f"{condition}-seed{seed}") for seed in seeds]
+        if not all(runs):
+            continue
+        for rm, kind in audited["kinds"].items():
+            truth_key, view_key = ("true_error_rate", "rm_error_rate") if kind == "segment" else ("judge_score", "rm_score")
+            cells: dict[str, list[float]] = {}
+            for run in runs:
+                rows = run["rms"][rm]
+                windows = step_windows(len(rows))
+                (a0, b0), (a1, b1) = windows[0], windows[-1]
+                for key in ("accuracy", truth_key, view_key):
+                    for tag, (a, b) in (("first", (a0, b0)), ("last", (a1, b1))):
+                        value = window_mean(rows[a:b], key)
+                        if value is not None:
+                            cells.setdefault(f"{key} {tag}", []).append(value)
+            shown = {key: _mean_spread(values) for key, values in cells.items()}
+            cell = [shown.get(key, "–") for key in ("accuracy first", "accuracy last", f"{truth_key} first", f"{truth_key} last",
+                                                     f"{view_key} first", f"{view_key} last")]
+            lines.append(f"| {condition} | {rm} | {cell[0]} | {cell[1]} | {cell[2]} → {cell[3]} | {cell[4]} → {cell[5]} |")
+    return lines
 
 
 def _relative_path(target: str, base: Path) -> str:

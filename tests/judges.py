@@ -30,3 +30,14 @@ def words_with_e(prompts, responses):
 def words_with_e_holistic(prompts, responses):
     """The same total as `words_with_e`, given once at the end of the response."""
     return [float(sum("e" in word for _, word in _words(r))) for r in responses]
+
+
+def audit_truth(prompts, responses):
+    """An audit judge (`evaluate --audit-judge`): a sentence containing 'bad' is a factual
+    error, and a response's true preference score is minus the number of such sentences."""
+    out = []
+    for response in responses:
+        bad = [s for s in segment(response, "sentence") if "bad" in s.text]
+        out.append({"spans": [{"start": s.start, "end": s.end, "aspect": "factuality"} for s in bad],
+                    "scores": {"preference": -float(len(bad))}})
+    return out

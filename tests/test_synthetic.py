@@ -17,13 +17,19 @@ from rlhfkit.synthetic import (
     Noise,
     TrueMetrics,
     annotate,
+    audit_judge,
+    audit_summary,
+    critique,
     fine_grained_reward,
+    goal_verdicts,
     holistic_reward,
     judge,
+    judge_revisions,
     load_knowledge_base,
     make_task,
     noisy_response,
     report,
+    revision,
 )
 
 # Two entities, two attributes: small enough to judge every sentence by hand.
@@ -61,6 +67,29 @@ def test_annotator_judges_each_sentence(small_kb):
     assert j.completeness == 0.5
     # completeness - (1 factual + 3 relevance errors) / 2 attributes = 0.5 - 2.0
     assert j.holistic == -1.5
+
+
+def test_annotator_critiques_and_revises_a_written_response(small_kb):
+    kb = load_knowledge_base(small_kb)
+    j = judge(kb, kb.prompt("Ann"), RESPONSE)
+    # Sentence 2 gives Ann's pet wrongly, 3 is about Bob, 4 repeats 1, 5 states no fact; her
+    # pet is not stated correctly anywhere, so it is missing.
+    assert critique(kb, j) == ("Sentence 2 is false. Sentence 3 is about someone else. Sentence 4 is repeated. "
+                               "Sentence 5 is not a fact. Missing: pet.")
+    # Kept in order: 1 (city, true), 2 (pet, corrected to cat); 3, 4 and 5 dropped.
+    assert revision(kb, j) == "Ann lives in Oslo. Ann has a cat."
+    assert judge(kb, kb.prompt("Ann"), revision(kb, j)).holistic == 1.0
+    # A wrong fact about another entity is false and off topic; nothing stated: all missing,
+    # and the revision states every fact in the knowledge base's order.
+    bob = judge(kb, kb.prompt("Ann"), "Bob has a cat.")
+    assert critique(kb, bob) == "Sentence 1 is false and about someone else. Missing: city, pet."
+    assert revision(kb, bob) == "Ann lives in Oslo. Ann has a cat."
+    perfect = judge(kb, kb.prompt("Ann"), "Ann has a cat. Ann lives in Oslo.")
+    assert critique(kb, perfect) == "Nothing is wrong or missing."
+    assert revision(kb, perfect) == "Ann has a cat. Ann lives in Oslo."
+    # The audit judge: the same spans, and the holistic score / completeness per sequence aspect.
+    [verdict] = audit_judge([kb.prompt("Ann")], [RESPONSE], kb=small_kb)
+    assert verdict["spans"] == j.spans() and verdict["scores"] == {"preference": -1.5, "completeness": 0.5}
 
 
 def test_unknown_entity_is_a_factual_and_a_relevance_error(small_kb):
@@ -129,12 +158,15 @@ def test_make_task_writes_consistent_deterministic_files(tmp_path, small_kb):
               responses_per_comparison=2, seed=1)
     # 2 entities x 2 questions = 4 prompts; 3 demonstrations and 4 judged responses each.
     assert (summary["prompts"], summary["demonstrations"], summary["span_feedback"]) == (4, 12, 16)
-    for name in ("prompts.jsonl", "demonstrations.jsonl", "span_feedback.jsonl", "preferences.jsonl"):
+    for name in ("prompts.jsonl", "demonstrations.jsonl", "span_feedback.jsonl", "preferences.jsonl", "critiques.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     kb = load_knowledge_base(small_kb)
     for record in load_records(tmp_path / "a" / "span_feedback.jsonl"):
         expected = judge(kb, record.prompt, record.response).spans()
         assert record.spans == expected
+    critiques = load_records(tmp_path / "a" / "critiques.jsonl", "critique")
+    assert [c.response for c in critiques] == [r.response for r in load_records(tmp_path / "a" / "span_feedback.jsonl")]
+    assert all(judge(kb, c.prompt, c.revision).holistic == 1.0 for c in critiques)
     prompts = load_records(tmp_path / "a" / "prompts.jsonl")
     assert [p.meta["entity"] for p in prompts] == ["Ann", "Ann", "Bob", "Bob"]
 
@@ -203,3 +235,57 @@ def test_true_metrics_pool_sentences(small_kb):
     assert m.factual_error_rate == pytest.approx(1 / 6)  # 1 false of 6 sentences
     assert m.relevance_error_rate == pytest.approx(3 / 6)
     assert m.completeness == pytest.approx((0.5 + 0.5) / 2)
+
+
+def test_goals_need_the_whole_seed_spread_and_the_baseline():
+    scores = {"dense": [0.5, 0.6, 0.7], "sparse": [0.3, 0.4, 0.45], "overlapping": [0.2, 0.55, 0.3]}
+    met, overlap = goal_verdicts([{"better": "dense", "than": "sparse", "above_baseline": True},
+                                  {"better": "dense", "than": "overlapping"}], scores, 0.2, "SFT")
+    [below] = goal_verdicts([{"better": "dense", "than": "sparse", "above_baseline": True}], scores, 0.42, "SFT")
+    assert met["met"]  # worst dense seed 0.5 > best sparse seed 0.45; means 0.6 and 0.383 >= 0.2
+    assert not overlap["met"]  # worst dense seed 0.5 < best overlapping seed 0.55
+    assert not below["met"] and "sparse below SFT" in below["measured"]  # sparse mean 0.383 < 0.42
+
+
+def test_revisions_are_judged_against_their_originals(tmp_path, small_kb):
+    kb = load_knowledge_base(small_kb)
+    prompt = kb.prompt("Ann")
+    # Original holistic scores: "Ann lives in Rome." -0.5; "Ann lives in Oslo." 0.5.
+    # Input a: round 1 perfect (1.0, win), round 2 flagged (keeps 1.0, win).
+    # Input b: round 1 "Ann has a dog." (-0.5, loss), round 2 unchanged original text (0.5, tie).
+    def round_(k, response, flag=None):
+        return {"round": k, "response": response, "flag": flag}
+    records = [
+        Generation(id="a", prompt=prompt, response="Ann lives in Oslo. Ann has a cat.",
+                   meta={"original_response": "Ann lives in Rome.",
+                         "rounds": [round_(1, "Ann lives in Oslo. Ann has a cat."), round_(2, "Ann lives in Oslo. Ann has a cat.", "repeats_input")]}),
+        Generation(id="b", prompt=prompt, response="Ann lives in Oslo.",
+                   meta={"original_response": "Ann lives in Oslo.",
+                         "rounds": [round_(1, "Ann has a dog."), round_(2, "Ann lives in Oslo.")]}),
+    ]
+    write_records(tmp_path / "revisions.jsonl", records)
+    result = judge_revisions(kb, str(tmp_path / "revisions.jsonl"))
+    first, second = result["rounds"]
+    assert (first["win"], first["tie"], first["loss"]) == (0.5, 0.0, 0.5)
+    assert (second["win"], second["tie"], second["loss"]) == (0.5, 0.5, 0.0)
+    assert first["holistic"] == 0.25 and second["holistic"] == 0.75  # (1.0 - 0.5) / 2, (1.0 + 0.5) / 2
+    assert second["accepted"] == 0.5  # a's round-2 revision was flagged
+    assert result["originals"] == 0.0  # (-0.5 + 0.5) / 2
+    above_half, rising = result["goals"]
+    assert not above_half["met"]  # round 1 wins 50%, not above it
+    assert not rising["met"]  # round 2 wins 50% too
+
+
+def test_audit_summary_takes_the_first_and_last_quarter_over_seeds():
+    def steps(accuracies, truth, flagged):
+        return [{"accuracy": a, "true_error_rate": t, "rm_error_rate": f} for a, t, f in zip(accuracies, truth, flagged)]
+    # 4 steps -> quarters of one step: "first" is step 1, "last" step 4.
+    audited = {"kinds": {"relevance": "segment"}, "runs": {
+        "fg-seed0": {"rms": {"relevance": steps([0.5, 0.9, 0.9, 0.8], [0.2, 0, 0, 0.1], [0.1, 0, 0, 0.1])}},
+        "fg-seed1": {"rms": {"relevance": steps([0.7, 0.9, 0.9, 1.0], [0.4, 0, 0, 0.3], [0.3, 0, 0, 0.3])}},
+    }}
+    [row] = [line for line in audit_summary(audited, ["fg"], [0, 1]) if line.startswith("| fg |")]
+    # accuracy first: mean(0.5, 0.7) = 0.6, sample std = 0.1414; last: mean(0.8, 1.0) = 0.9, std 0.1414;
+    # truth 0.3 ± 0.1414 -> 0.2 ± 0.1414; flagged 0.2 ± 0.1414 -> 0.2 ± 0.1414.
+    assert row == ("| fg | relevance | 0.600 ± 0.141 | 0.900 ± 0.141 | 0.300 ± 0.141 → 0.200 ± 0.141 | "
+                   "0.200 ± 0.141 → 0.200 ± 0.141 |")

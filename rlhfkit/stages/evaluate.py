@@ -20,6 +20,16 @@ Per system (metrics.json keys):
   preference/regression RM among `--rm`; default: the first one): A wins an item when its
   normalised score beats B's by more than `--tie-margin`.
 
+Reward-hacking audit (rlhfkit.audit): `--audit-rm NAME=DIR` (repeatable) `--audit-judge
+py:module:function` `--rollouts [NAME=]RUN/rollouts.jsonl` (repeatable) replays PPO's logged
+rollouts through each RM and the judge and writes audit.json, audit.md and audit.png: per
+step, a segment RM's segment accuracy (its error verdict vs the judge's error spans of its
+aspect, plus true/flagged error rates and error recall) and a sequence RM's pairwise
+accuracy (over same-prompt pairs of a step that the judge does not tie, the share the RM
+orders as the judge does; an RM tie counts one half). The judge returns, per response,
+{"spans": [Span...], "scores": {aspect: true score}}. With no --policy/--generations,
+evaluate runs the audit only.
+
 Writes to `--out`: `generations.jsonl` (every system's responses as `generation` records,
 with each RM's reward in `meta.rewards`), `metrics.json`, `results.md` (a short table: per
 aspect the error rate and reward, the judge's score, ROUGE-L and length, with a sentence
@@ -42,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.audit import AUDIT_MARKDOWN, check_audit_inputs, run_audit
 from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, check_sampling, opt
 from rlhfkit.console import console
@@ -94,14 +105,20 @@ class EvaluateConfig:
     seed: int = opt(42, "Seed for sampling.")
     chat_template: str | None = opt(None, "Jinja chat template file for conversational prompts (default: each policy tokenizer's own, if any).")
     overwrite: bool = opt(False, OVERWRITE_HELP)
+    audit_rm: list[str] = opt([], "Reward model NAME=DIR to audit on --rollouts against --audit-judge, repeatable. Per PPO step: a segment RM's segment accuracy (its error verdict, P(error) > 0.5, equals the judge's), a sequence RM's pairwise accuracy (share of same-prompt pairs of the step, judge ties left out, that it orders as the judge does; an RM tie counts 1/2). Writes audit.json/.md/.png.")
+    audit_judge: str | None = opt(None, "py:module:function knowing the truth for --audit-rm: per response {'spans': [Span...], 'scores': {aspect: score}}.")
+    rollouts: list[str] = opt([], "A PPO run's rollouts.jsonl to audit, NAME=FILE or FILE (name: the run directory), repeatable.")
 
     def validate(self) -> None:
         load_chat_template(self.chat_template)
-        if not self.policy and not self.generations:
-            raise RlhfkitError("nothing to evaluate: give --policy DIR (with --prompts) and/or --generations FILE")
+        if not self.policy and not self.generations and not self.audit_rm:
+            raise RlhfkitError("nothing to evaluate: give --policy DIR (with --prompts) and/or --generations FILE, or --audit-rm")
+        if (self.audit_rm or self.audit_judge or self.rollouts) and not (self.audit_rm and self.audit_judge and self.rollouts):
+            raise RlhfkitError("the audit needs all of --audit-rm NAME=DIR, --audit-judge py:module:function and --rollouts FILE")
+        rm_kinds(self.audit_rm)
         if self.policy and not self.prompts:
             raise RlhfkitError("--policy needs --prompts (JSONL of `prompt` records) to generate from")
-        for path in [self.prompts, *self.generations, self.paper]:
+        for path in [self.prompts, *self.generations, self.paper, *(r.partition("=")[2] or r for r in self.rollouts)]:
             if path is not None and not Path(path).is_file():
                 raise RlhfkitError(f"{path}: no such file")
         for name in ("max_new_tokens", "max_prompt_length", "batch_size"):
@@ -484,6 +501,14 @@ def render_results(
 # --- the stage ----------------------------------------------------------------------------
 
 
+def audit(cfg: EvaluateConfig, out: Path, device: torch.device) -> dict:
+    """The reward-hacking audit (--audit-rm) into `out` (rlhfkit.audit)."""
+    paths = {name: path for name, (path, _) in rm_kinds(cfg.audit_rm).items()}
+    result = run_audit(out, paths, cfg.audit_judge, cfg.rollouts, device=device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    console.print(f"evaluate: wrote the reward-model audit to {out / AUDIT_MARKDOWN}")
+    return result
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate policies and/or existing generations: rewards, error rates, ROUGE-L, distinct-n,
     length, perplexity and pairwise win rates; writes metrics.json and a results.md table.
@@ -491,6 +516,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     Published numbers (--paper TABLE.json, {"source": ..., "rows": [{"system": ..., "metrics":
     {...}}]}) are added as extra rows.
     """
+    if cfg.audit_rm:
+        check_audit_inputs(cfg.audit_judge, cfg.rollouts)  # before anything is written
+        if not (cfg.policy or cfg.generations):
+            return {"audit": audit(cfg, RunDir(cfg.out, "evaluate", cfg).path, resolve_device(cfg.device))}
     rms = rm_kinds(cfg.rm)
     judge = judge_name(cfg.rm, cfg.judge)
     paper = load_paper_table(cfg.paper) if cfg.paper else None
@@ -537,6 +566,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         del model
         free_device_memory()
 
+    audited = audit(cfg, run.path, device) if cfg.audit_rm else None
     table = {s.name: system_metrics(s, rms, error_rates[s.name], references, perplexities[s.name]) for s in systems}
     pairwise = pairwise_win_rates(systems, judge, cfg.tie_margin) if judge and len(systems) > 1 else []
     if len(systems) > 1 and not judge:
@@ -562,6 +592,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "pairwise": {"judge": judge, "tie_margin": cfg.tie_margin, "pairs": pairwise} if pairwise else None,
         "paper": paper,
     }
+    if audited:
+        result["audit"] = audited
     run.write_json(METRICS_FILE, result)
     report = render_results(table, pairwise, judge, cfg.tie_margin, paper, description)
     write_text(run.path / RESULTS_FILE, report)
