@@ -27,7 +27,6 @@ reads the spans of its aspect, a sequence RM the score of its aspect.
 
 from __future__ import annotations
 
-import io
 import itertools
 import statistics
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_write, write_json, write_text
+from rlhfkit.io import save_png, write_json, write_text
 from rlhfkit.rewards.reward_model import (
     SEQUENCE_KINDS,
     RewardModel,
@@ -265,10 +264,7 @@ def plot_audit(path: str | Path, audits: Sequence[RunAudit]) -> None:
         if index == 1:
             axes.legend(fontsize=7)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    save_png(figure, path)
 
 
 def parse_rollouts(specs: Sequence[str]) -> dict[str, str]:

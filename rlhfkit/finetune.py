@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import math
 from array import array
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from rlhfkit.distributed import (
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
-from rlhfkit.io import atomic_write
+from rlhfkit.io import save_png
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
     DTYPES,
@@ -312,10 +311,7 @@ def plot_loss_curve(path: Path, result: FitResult) -> None:
     axes.set_title("rlhfkit sft")
     axes.grid(alpha=0.3)
     axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    save_png(figure, path)
 
 
 def _fingerprint(examples: list[SFTExample]) -> str:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_write, shipped_path, write_json, write_text
+from rlhfkit.io import save_png, shipped_path, write_json, write_text
 from rlhfkit.recipes import recipe_function
 from rlhfkit.schema import (
     Critique,
@@ -697,7 +697,6 @@ def _learned_rm_view(metrics: dict, systems: list[str]) -> list[str]:
 def plot_curves(path: str, table: list[Condition]) -> None:
     """Four panels (the true metrics of the sampled rollouts) over PPO steps: each
     condition's mean over seeds, with the range over seeds shaded."""
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -719,7 +718,4 @@ def plot_curves(path: str, table: list[Condition]) -> None:
         if panel == 1:
             axes.legend(fontsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    save_png(figure, path)

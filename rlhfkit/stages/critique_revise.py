@@ -56,7 +56,6 @@ a QA prompt comes first, but the response and critique being worked on are what 
 from __future__ import annotations
 
 import gc
-import io
 import json
 import string
 import tempfile
@@ -73,7 +72,7 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
-from rlhfkit.io import atomic_write, write_json, write_text
+from rlhfkit.io import save_png, write_json, write_text
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import win_rate
 from rlhfkit.models import load_policy, resolve_device
@@ -517,10 +516,7 @@ def plot_win_rates(path: Path, win_rates: list[dict]) -> None:
     axes.set_xticks(sorted(set(rounds) | set(PAPER_WIN_RATES)))
     axes.grid(alpha=0.3)
     axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    save_png(figure, path)
 
 
 def read_inputs(path: str, limit: int | None) -> list:
