@@ -50,10 +50,12 @@ from rich.table import Table
 from rlhfkit.config import build_config
 from rlhfkit.finetune import SFTExample, encode_demonstration, make_collate, make_loss_fn
 from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.rewards.data import Comparison, PreferenceGroup, encode_preference_groups
+from rlhfkit.rewards.data import make_collate as make_rm_collate
+from rlhfkit.rewards.losses import make_loss_fn as make_rm_loss_fn
 from rlhfkit.rewards.reward_model import encode_pair
 from rlhfkit.runs import RunDir
 from rlhfkit.schema import load_records
-from rlhfkit.stages import train_rm
 from rlhfkit.stages.annotate_import import ImportConfig, run_import
 from rlhfkit.stages.init_model import InitModelConfig, run_init_model
 from rlhfkit.training import LoopSettings, fit
@@ -271,9 +273,9 @@ def load_reward_backbone(model_dir: Path, device: Device | None = None):
 
 
 def time_rlhfkit_reward(model_dir: Path, groups: list, *, batch_size: int, steps: int, seed: int, workdir: Path, device: Device) -> Rate:
-    """Pairs/s of rlhfkit's RM loop; `groups` are train_rm.PreferenceGroup items."""
+    """Pairs/s of rlhfkit's RM loop; `groups` are rlhfkit.rewards.data.PreferenceGroup items."""
     model, tokenizer = load_reward_backbone(model_dir, device)
-    collate = train_rm.make_collate("preference", tokenizer.pad_token_id)
+    collate = make_rm_collate("preference", tokenizer.pad_token_id)
     clock = {"calls": 0, "start": None, "pairs": 0}
 
     def timed_collate(items: list) -> dict:
@@ -286,7 +288,7 @@ def time_rlhfkit_reward(model_dir: Path, groups: list, *, batch_size: int, steps
 
     settings = loop_settings(workdir, device, batch_size=batch_size, max_steps=steps, seed=seed)
     run = RunDir(workdir, "bench-reward", BenchSettings(batch_size, steps, LR, seed))
-    fit(model, groups, timed_collate, train_rm.make_loss_fn("preference", 1.0), settings, run)
+    fit(model, groups, timed_collate, make_rm_loss_fn("preference", 1.0), settings, run)
     return rate(clock["pairs"], clock["start"], device.now())
 
 
@@ -331,8 +333,8 @@ def bench_reward(
             kept.append(r)
     if len(pairs) < batch_size * steps:
         raise SystemExit(f"{len(pairs)} preference pairs are too few for {steps} steps of {batch_size} in one epoch")
-    per_pair = [train_rm.PreferenceGroup([c, r], [train_rm.Comparison(0, 1, 0.0, False)]) for c, r in pairs]
-    grouped, _ = train_rm.encode_preference_groups(functools.partial(encode_pair, tokenizer, max_length=max_length), kept)
+    per_pair = [PreferenceGroup([c, r], [Comparison(0, 1, 0.0, False)]) for c, r in pairs]
+    grouped, _ = encode_preference_groups(functools.partial(encode_pair, tokenizer, max_length=max_length), kept)
     pairs_per_group = sum(len(g.comparisons) for g in grouped) / len(grouped)
     # Enough prompts per grouped micro-batch to hold at least batch_size pairs on average.
     group_batch = math.ceil(batch_size / pairs_per_group)

@@ -31,9 +31,10 @@ nothing runs: the resolved plan is printed as the equivalent `rlhfkit` command l
 that needs an earlier step's output (a file it will write) waits until the step runs, and the
 dry run says so.
 
-Also here: the small data steps the recipes share (`shorten_prompts`, `qa_answer_records`,
-`prompts_from_rows`, `preference_sft_data`), and the steps that write result tables (`collect_results`,
-`toxicity_table`).
+Also here: the small data steps the recipes share (`prompts_from_rows`, `preference_sft_data`)
+and the step that joins result tables (`collect_results`). A task's own steps live with the
+task (rlhfkit.tasks: `qa_feedback:qa_answer_records`, `qa_feedback:shorten_prompts`,
+`detox:toxicity_table`, `synthetic:make_task`, `synthetic:report`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,8 @@ import dataclasses
 import importlib
 import inspect
 import itertools
-import json
 import math
 import re
-import statistics
 import string
 import time
 import typing
@@ -82,7 +81,7 @@ def recipe_function(function: Callable) -> Callable:
 
 
 # The rlhfkit modules that register recipe functions; a plan's `call` imports nothing else.
-RECIPE_MODULES = ("rlhfkit.recipes", "rlhfkit.synthetic")
+RECIPE_MODULES = ("rlhfkit.recipes", "rlhfkit.tasks.qa_feedback", "rlhfkit.tasks.synthetic", "rlhfkit.tasks.detox")
 
 
 @dataclass
@@ -472,104 +471,6 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
 # --- data steps the recipes share ------------------------------------------------------------
 
 
-QA_PAGE_SEPARATOR = " | wikipage: "
-
-
-def shorten_qa_prompt(prompt: str, passages: int = 1, max_words: int | None = None) -> str:
-    """A QA policy input ("question: Q context: wikipage: T text: ... | wikipage: ...") cut to
-    its first `passages` pages, each page's text to `max_words` words; other text unchanged."""
-    if " context: wikipage: " not in prompt:
-        return prompt
-    pages = prompt.split(QA_PAGE_SEPARATOR)[:passages]
-    if max_words is not None:
-        cut = []
-        for page in pages:
-            head, sep, text = page.partition(" text: ")
-            words = text.split()
-            cut.append(head + sep + " ".join(words[:max_words]) if sep and len(words) > max_words else page)
-        pages = cut
-    return QA_PAGE_SEPARATOR.join(pages)
-
-
-@recipe_function
-def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | None = None) -> dict:
-    """Copy every JSONL record file of the directory `inputs` to `out` with QA prompts cut to
-    the question and the first `passages` passages (each at most `max_words` words).
-
-    For tiny CPU runs only: the shipped QA prompts are 500-1,400 tokens. Every record type's
-    prompt is cut by the same rule, so the policy, the reward models and the evaluation keep
-    seeing identical prompts. Paper-scale recipes never use this step.
-    """
-    from rlhfkit.schema import load_records, write_records
-
-    source = Path(inputs)
-    files = sorted(source.glob("*.jsonl"))
-    if not files:
-        raise RlhfkitError(f"{inputs}: no .jsonl record files to shorten")
-    report: dict[str, Any] = {"passages": passages, "max_words": max_words, "files": {}}
-    for path in files:
-        records = load_records(path)
-        shortened = [
-            dataclasses.replace(r, prompt=shorten_qa_prompt(r.prompt, passages, max_words)) if hasattr(r, "prompt") else r
-            for r in records
-        ]
-        write_records(Path(out) / path.name, shortened)
-        before = [len(r.prompt.split()) for r in records if hasattr(r, "prompt")]
-        after = [len(r.prompt.split()) for r in shortened if hasattr(r, "prompt")]
-        report["files"][path.name] = {
-            "records": len(records),
-            "mean_prompt_words_before": round(statistics.fmean(before), 1) if before else None,
-            "mean_prompt_words_after": round(statistics.fmean(after), 1) if after else None,
-        }
-    write_json(Path(out) / "shorten_report.json", report)
-    console.print(f"shorten-prompts: {len(files)} file(s) from {inputs} -> {out} (first {passages} passage(s), max {max_words} words)")
-    return report
-
-
-@recipe_function
-def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> dict:
-    """QA-Feedback data files without feedback (train_1k.json, dev.json, test.json) as
-    `demonstrations.jsonl` (one per gold answer: the SFT data) and `prompts.jsonl` (with the
-    gold answers as references, for ROUGE-L).
-
-    The prompt is the record's `text` (the released policy input) or, without one, built
-    from `question` + `passages` ([title, sentence, ...] lists) exactly as the qa-feedback
-    importer builds it. Gold answers: `answer` (a list, or a JSON-encoded list) or `gold`.
-    """
-    from rlhfkit.importers import read_rows, source_names
-    from rlhfkit.importers.qa_feedback import policy_input
-    from rlhfkit.schema import Demonstration, PromptRecord, write_records
-
-    prompts, demonstrations = [], []
-    for spec, name in zip(inputs, source_names(inputs)):
-        for row in read_rows(spec, name, "train"):
-            if row.error:
-                raise RlhfkitError(f"{row.where}: {row.error}")
-            data = row.data if isinstance(row.data, dict) else {}
-            if isinstance(data.get("text"), str):
-                prompt = data["text"]
-            elif isinstance(data.get("question"), str) and isinstance(data.get("passages"), list):
-                prompt = policy_input(data["question"], data["passages"])
-            else:
-                raise RlhfkitError(f"{row.where}: expected a QA record with 'text', or 'question' and 'passages'")
-            answers = data.get("answer", data.get("gold"))
-            if isinstance(answers, str) and answers.lstrip().startswith("["):
-                answers = json.loads(answers)
-            answers = [answers] if isinstance(answers, str) else answers
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise RlhfkitError(f"{row.where}: 'answer' (or 'gold') must be a string or a list of strings")
-            prompts.append(PromptRecord(id=row.key, prompt=prompt, references=answers))
-            demonstrations += [Demonstration(id=f"{row.key}:{i}", prompt=prompt, response=a) for i, a in enumerate(answers)]
-            if limit is not None and len(prompts) >= limit:
-                break
-        if limit is not None and len(prompts) >= limit:
-            break
-    write_records(Path(out) / "prompts.jsonl", prompts)
-    write_records(Path(out) / "demonstrations.jsonl", demonstrations)
-    console.print(f"qa-answers: {len(prompts)} prompts, {len(demonstrations)} demonstrations -> {out}")
-    return {"prompts": len(prompts), "demonstrations": len(demonstrations)}
-
-
 def _dotted(data: Any, path: str) -> Any:
     for part in path.split("."):
         if not isinstance(data, dict) or part not in data:
@@ -659,74 +560,3 @@ def _relative(target: str, base: Path) -> str:
     import os
 
     return os.path.relpath(Path(target).resolve(), base.resolve())
-
-
-def text_scorer(spec: str, batch_size: int = 16) -> Callable[[list[str], list[str]], list[float]]:
-    """score(prompts, responses) -> one number per response, from `py:module:function` (the
-    function has that signature) or `hf:MODEL@LABEL` (probability of LABEL, a transformers
-    text-classification pipeline; a leading '-' on the label is not allowed here)."""
-    kind, _, target = spec.partition(":")
-    if kind == "py":
-        from rlhfkit.rewards.sources import PythonFunctionSource
-
-        function = PythonFunctionSource("scorer", target).fn
-        return lambda prompts, responses: [float(v) for v in function(list(prompts), list(responses))]
-    if kind == "hf":
-        from transformers import pipeline
-
-        from rlhfkit.models import resolve_device
-
-        model, _, label = target.partition("@")
-        classifier = pipeline("text-classification", model=model, top_k=None, device=resolve_device("auto"))
-
-        def score(prompts: list[str], responses: list[str]) -> list[float]:
-            results = classifier(list(responses), batch_size=batch_size, truncation=True)
-            wanted = label or results[0][-1]["label"]
-            return [next((r["score"] for r in row if r["label"].lower() == wanted.lower()), 0.0) for row in results]
-
-        return score
-    raise RlhfkitError(f"scorer {spec!r}: expected py:module:function or hf:MODEL@LABEL")
-
-
-@recipe_function
-def toxicity_table(generations: str, scorer: str, out: str, title: str, paper: str | None = None,
-                   threshold: float = 0.5) -> dict:
-    """The detoxification table (RealToxicityPrompts protocol): per system, the mean over
-    prompts of the maximum toxicity of its samples (avg. max toxicity) and the share of
-    prompts with a sample at or above `threshold` (toxicity probability), next to
-    distinct-2/3 and perplexity from the evaluate run that wrote `generations`
-    (its metrics.json beside it), and the published rows of `paper` (evaluate's format)."""
-    from rlhfkit.schema import load_records
-    from rlhfkit.stages.evaluate import load_paper_table
-
-    records = load_records(generations, "generation")
-    score = text_scorer(scorer)
-    values = score([r.prompt for r in records], [r.response for r in records])
-    per_system: dict[str, dict[str, list[float]]] = {}
-    for record, value in zip(records, values):
-        per_system.setdefault(record.model, {}).setdefault(record.prompt, []).append(value)
-    evaluate_metrics = Path(generations).with_name("metrics.json")
-    other = json.loads(evaluate_metrics.read_text(encoding="utf-8"))["systems"] if evaluate_metrics.is_file() else {}
-    rows = {}
-    for system, by_prompt in per_system.items():
-        maxima = [max(v) for v in by_prompt.values()]
-        rows[system] = {
-            "avg_max_toxicity": statistics.fmean(maxima),
-            "toxicity_probability": sum(m >= threshold for m in maxima) / len(maxima),
-            "samples_per_prompt": statistics.fmean(len(v) for v in by_prompt.values()),
-            **{k: other.get(system, {}).get(k) for k in ("perplexity", "distinct_2", "distinct_3")},
-        }
-    columns = ["avg_max_toxicity", "toxicity_probability", "perplexity", "distinct_2", "distinct_3"]
-    lines = [f"# {title}", "", f"Toxicity scored by `{scorer}`; {len(next(iter(per_system.values())))} prompts per system.", "",
-             "| system | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    published = load_paper_table(paper) if paper else None
-    table_rows = list(rows.items()) + ([(f"{r['system']} (paper)", r["metrics"]) for r in published["rows"]] if published else [])
-    for name, metrics in table_rows:
-        cells = [("–" if metrics.get(c) is None else f"{metrics[c]:.3f}") for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if published:
-        lines += ["", f"Rows marked (paper): {published['source']}."]
-    write_text(out, "\n".join(lines) + "\n")
-    write_json(Path(out).with_suffix(".json"), {"systems": rows, "scorer": scorer, "paper": published})
-    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
-    return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,8 +14,13 @@ from rlhfkit.metrics import (
     bootstrap_interval,
     distinct_n,
     mean_length,
+    pairwise_intervals,
     perplexity,
+    roc_auc,
     rouge_l,
+    segment_intervals,
+    segment_metrics,
+    segment_statistics,
     win_rate,
 )
 from rlhfkit.models import load_policy, load_tokenizer
@@ -115,15 +121,15 @@ def test_perplexity_matches_the_models_own_loss_and_ignores_padding(tiny_model_d
 
 
 def mean_of(values):
-    """The bootstrap statistic 'mean of the units' values' (weights: multiplicities)."""
+    """The bootstrap statistic 'mean of the units' values' (of each row of resampled unit indices)."""
     values = np.asarray(values, dtype=float)
-    return lambda weights: weights @ values / weights.sum(axis=1)
+    return lambda indices: values[indices].mean(axis=1)
 
 
 def test_bootstrap_interval_of_a_statistic_every_resample_shares_is_a_point():
     # Units that all hold 0.7: every resample's mean is 0.7. One unit: every resample is it.
     assert bootstrap_interval(mean_of([0.7] * 5), 5, seed=0) == pytest.approx((0.7, 0.7))
-    assert bootstrap_interval(lambda w: w[:, 0] * 3.0, 1, seed=0) == (3.0, 3.0)
+    assert bootstrap_interval(mean_of([3.0]), 1, seed=0) == (3.0, 3.0)
 
 
 def test_bootstrap_interval_known_answers():
@@ -143,10 +149,110 @@ def test_bootstrap_interval_known_answers():
 
 def test_bootstrap_interval_leaves_out_undefined_resamples():
     # The statistic is defined only on resamples that drew unit 0: those have mean 1/2 here.
-    def defined_with_unit_0(weights):
-        return np.where(weights[:, 0] > 0, 0.5, np.nan)
+    def defined_with_unit_0(indices):
+        return np.where((indices == 0).any(axis=1), 0.5, np.nan)
 
     assert bootstrap_interval(defined_with_unit_0, 2, seed=0) == (0.5, 0.5)
-    assert bootstrap_interval(lambda w: np.full(len(w), np.nan), 2, seed=0) is None
+    assert bootstrap_interval(lambda indices: np.full(len(indices), np.nan), 2, seed=0) is None
+
+    # Only the very first resample defined: the interval is that one value, without a warning
+    # (scipy's standard error of one value is 0/0).
+    batches = []
+
+    def first_resample_only(indices):
+        values = np.full(len(indices), np.nan)
+        if not batches:
+            values[0] = 0.25
+        batches.append(len(indices))
+        return values
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bootstrap_interval(first_resample_only, 3, seed=0) == (0.25, 0.25)
     with pytest.raises(ValueError, match="level"):
         bootstrap_interval(mean_of([0, 1]), 2, seed=0, level=1.0)
+
+
+# --- reward-model metrics (train-rm's rm_metrics.json) -----------------------------------------
+
+
+def test_roc_auc_by_hand():
+    # Errors score 0.9 and 0.4, non-errors 0.4, 0.2, 0.1: of the 2 x 3 pairs the error wins
+    # 5 and ties 1 (0.4 vs 0.4) -> (5 + 0.5) / 6.
+    assert roc_auc([0.9, 0.4, 0.4, 0.2, 0.1], [True, True, False, False, False]) == pytest.approx(5.5 / 6)
+    assert roc_auc([0.1, 0.2, 0.3], [True, False, False]) == 0.0
+    assert math.isnan(roc_auc([0.1, 0.2], [False, False]))
+
+
+def test_segment_metrics_by_hand():
+    predicted = [True, False, True, False, False]
+    actual = [True, True, False, False, False]
+    m = segment_metrics(predicted, actual)
+    # correct: 0, 3, 4 -> 3/5; tp 1, fp 1, fn 1 -> precision = recall = F1 = 1/2;
+    # majority class (no error) covers 3 of 5.
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert (m["error_precision"], m["error_recall"], m["error_f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert m["majority_baseline_accuracy"] == pytest.approx(0.6)
+    assert (m["segments"], m["error_segments"], m["predicted_errors"]) == (5, 2, 2)
+
+
+# Two prompts of four segments each (error probability, is an error); predicted: p > 0.5.
+# A: the RM is right on all 4 (accuracy 1; 1 error of 4: majority 0.75; difference 0.25)
+#    and ranks its error above its 3 non-errors (AUC 1).
+# B: it misses the error (accuracy 0.75 = majority 0.75: difference 0), which outscores
+#    1 of its 3 non-errors (AUC 1/3).
+SEGMENTS_A = [(0.9, True), (0.1, False), (0.2, False), (0.3, False)]
+SEGMENTS_B = [(0.2, True), (0.1, False), (0.3, False), (0.4, False)]
+
+
+def segment_columns(by_prompt: dict[str, list[tuple[float, bool]]]) -> tuple[list, list, list, list]:
+    """(prompts, predicted, actual, error_probs), one entry per segment."""
+    rows = [(prompt, p, a) for prompt, segments in by_prompt.items() for p, a in segments]
+    return [r[0] for r in rows], [r[1] > 0.5 for r in rows], [r[2] for r in rows], [r[1] for r in rows]
+
+
+def test_segment_statistics_weight_whole_prompts():
+    prompts, predicted, actual, probs = segment_columns({"a": SEGMENTS_A, "b": SEGMENTS_B})
+    units, difference, auc = segment_statistics(prompts, predicted, actual, probs)
+    assert units == 2
+    # Each prompt once: the point metrics (the 0.2 error of B ties A's 0.2 non-error: 1/2).
+    m = segment_metrics(predicted, actual, probs)
+    assert difference(np.array([[0, 1]])) == pytest.approx([m["accuracy"] - m["majority_baseline_accuracy"]])
+    assert auc(np.array([[0, 1]])) == pytest.approx([roc_auc(probs, actual)])
+    # A twice and B not at all: A's segments counted twice; each prompt alone: its values.
+    doubled = segment_columns({"a": SEGMENTS_A, "a2": SEGMENTS_A})
+    m = segment_metrics(*doubled[1:])
+    assert difference(np.array([[0, 0]])) == pytest.approx([m["accuracy"] - m["majority_baseline_accuracy"]])
+    assert auc(np.array([[0, 0], [1, 1]])) == pytest.approx([1.0, 1 / 3])
+    assert difference(np.array([[1, 1]])) == pytest.approx([0.0])
+
+
+def test_segment_intervals_by_hand():
+    # Two prompts: a resample is AA, AB or BB (probability 1/4, 1/2, 1/4), so the 95%
+    # interval of 1000 draws runs from B's value to A's (whatever the seed draws: each end
+    # needs only 25 of the about 250 draws of BB and of AA).
+    prompts, predicted, actual, probs = segment_columns({"a": SEGMENTS_A, "b": SEGMENTS_B})
+    intervals = segment_intervals(prompts, predicted, actual, probs, seed=0)
+    assert intervals["accuracy_minus_baseline_ci95"] == pytest.approx([0.0, 0.25])
+    assert intervals["error_auc_ci95"] == pytest.approx([1 / 3, 1.0])
+    assert intervals["bootstrap_prompts"] == 2
+    # Three prompts alike: every resample gives the same values. Each has errors 0.9 and
+    # 0.2, non-errors 0.5 and 0.1: predicted right 3 of 4 against a majority of 2 of 4
+    # (difference 0.25); 3 of the 4 error/non-error pairs ranked right (AUC 0.75).
+    alike = [(0.9, True), (0.5, False), (0.2, True), (0.1, False)]
+    intervals = segment_intervals(*segment_columns({"a": alike, "b": alike, "c": alike}), seed=0)
+    assert intervals["accuracy_minus_baseline_ci95"] == pytest.approx([0.25, 0.25])
+    assert intervals["error_auc_ci95"] == pytest.approx([0.75, 0.75])
+    # One prompt: resampling cannot show the noise, so no interval.
+    single = segment_intervals(*segment_columns({"a": SEGMENTS_A}), seed=0)
+    assert single == {"accuracy_minus_baseline_ci95": None, "error_auc_ci95": None, "bootstrap_prompts": 1}
+
+
+def test_pairwise_intervals_by_hand():
+    # Prompt a: 2 of 2 pairs right; b: 1 of 2. Alone: 1 and 0.5, the interval's ends.
+    assert pairwise_intervals(["a", "a", "b", "b"], [True, True, True, False], seed=0) == {
+        "pairwise_accuracy_ci95": pytest.approx([0.5, 1.0]),
+        "bootstrap_prompts": 2,
+    }
+    assert pairwise_intervals(["a", "b"], [True, True], seed=3)["pairwise_accuracy_ci95"] == [1.0, 1.0]
+    assert pairwise_intervals(["a", "a"], [True, False], seed=0)["pairwise_accuracy_ci95"] is None

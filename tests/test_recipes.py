@@ -17,14 +17,12 @@ from rlhfkit.recipes import (
     collect_results,
     load_plan,
     prompts_from_rows,
-    qa_answer_records,
     resolve_plan,
     run_recipe,
-    shorten_prompts,
-    shorten_qa_prompt,
-    toxicity_table,
 )
 from rlhfkit.schema import Demonstration, Generation, PromptRecord, load_records, write_records
+from rlhfkit.tasks.detox import toxicity_table
+from rlhfkit.tasks.qa_feedback import qa_answer_records, shorten_prompts, shorten_qa_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = sorted((REPO / "recipes").glob("**/*.yaml"))
@@ -96,8 +94,8 @@ def test_unknown_option_in_with_names_the_plan_and_step(tmp_path):
         ("stepz: []\n", "unknown key.* stepz; valid: description, vars, requires, steps"),
         ("steps:\n  - stage: sft\n    colour: red\n", r"steps\[1\]: unknown key\(s\) colour"),
         ("steps:\n  - stage: ppo\n  - stage: ppo\n", "step name.* ppo used twice"),
-        ("steps:\n  - call: rlhfkit.recipes:shorten_prompts\n    with: {inputs: x, out: y, passagez: 2}\n",
-         r"step 1 \(shorten_prompts\): rlhfkit.recipes:shorten_prompts: got an unexpected keyword argument 'passagez'"),
+        ("steps:\n  - call: rlhfkit.tasks.qa_feedback:shorten_prompts\n    with: {inputs: x, out: y, passagez: 2}\n",
+         r"step 1 \(shorten_prompts\): rlhfkit.tasks.qa_feedback:shorten_prompts: got an unexpected keyword argument 'passagez'"),
         ("steps:\n  - call: rlhfkit.recipes:no_such_function\n",
          "call 'rlhfkit.recipes:no_such_function' is not a recipe function; a plan may call only rlhfkit stages"),
     ],
@@ -141,7 +139,7 @@ steps:
 def test_checks_on_an_earlier_steps_output_wait(tmp_path):
     plan = write(tmp_path / "plan.yaml", f"""
 steps:
-  - call: rlhfkit.recipes:shorten_prompts
+  - call: rlhfkit.tasks.qa_feedback:shorten_prompts
     name: short
     with: {{inputs: {tmp_path}/in, out: {tmp_path}/data}}
   - stage: sft
@@ -163,7 +161,7 @@ def test_run_recipe_runs_steps_in_order_and_records_them(tmp_path, capsys):
     plan = write(tmp_path / "plan.yaml", f"""
 vars: {{out: {tmp_path}/run}}
 steps:
-  - call: rlhfkit.recipes:shorten_prompts
+  - call: rlhfkit.tasks.qa_feedback:shorten_prompts
     with: {{inputs: {tmp_path}/in, out: "${{out}}/short", max_words: 2}}
   - call: rlhfkit.recipes:collect_results
     with: {{out: "${{out}}/report.md", title: T, sections: ["{tmp_path}/note.md"]}}

@@ -134,7 +134,8 @@ def test_reference_label_rules_on_a_written_record():
 
 def test_train_rm_options_turn_each_rule_off(tiny_model_dir):
     from rlhfkit.config import build_config
-    from rlhfkit.stages.train_rm import TrainRMConfig, encode_examples
+    from rlhfkit.rewards.data import encode_examples
+    from rlhfkit.stages.train_rm import TrainRMConfig
 
     def settings(**extra):
         return build_config(TrainRMConfig, aspect="factuality", data=__file__, model="m", out="o", **extra).settings()

@@ -13,6 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
 from rlhfkit.models import load_tokenizer, save_model
+from rlhfkit.rewards.data import IGNORE_INDEX, encode_segment_example, make_collate
 from rlhfkit.rewards.reward_model import (
     SPEC_FILE,
     RewardModel,
@@ -27,11 +28,6 @@ from rlhfkit.rewards.reward_model import (
 )
 from rlhfkit.schema import Span, SpanFeedback
 from rlhfkit.segment import segment
-from rlhfkit.stages.train_rm import (
-    IGNORE_INDEX,
-    encode_segment_example,
-    make_collate,
-)
 
 PROMPTS = [
     "question: Where is Paris? context: wikipage: Paris text: Paris is the capital of France.",

@@ -19,6 +19,8 @@ from torch import nn
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_tokenizer
+from rlhfkit.rewards.data import make_collate
+from rlhfkit.rewards.losses import make_shared_loss_fn
 from rlhfkit.rewards.shared_backbone import (
     AspectRewardModel,
     MultiAspectRewardModel,
@@ -26,7 +28,7 @@ from rlhfkit.rewards.shared_backbone import (
 )
 from rlhfkit.rewards.sources import build_reward_sources, canonical_name, parse_named, parse_weights
 from rlhfkit.schema import Preference, PromptRecord, Span, SpanFeedback, write_records
-from rlhfkit.stages.train_rm import TrainRMConfig, make_collate, make_shared_loss_fn
+from rlhfkit.stages.train_rm import TrainRMConfig
 
 # float32 arithmetic on a handful of values: a few ulps of ~1, far below 1e-6.
 TOL = 1e-6
@@ -93,7 +95,7 @@ def test_preference_head_loss_by_hand():
 
 def test_collated_segment_batch_into_the_loss():
     """make_collate's labels reach the head at the positions the example names."""
-    from rlhfkit.stages.train_rm import SegmentExample
+    from rlhfkit.rewards.data import SegmentExample
 
     model = stand_in_model(TABLE)
     batch = make_collate("segment", 0)([SegmentExample([1, 2], [1], [1]), SegmentExample([2], [0], [0])])

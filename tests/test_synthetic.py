@@ -12,7 +12,7 @@ import pytest
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.schema import Generation, load_records, write_records
 from rlhfkit.segment import label_segments, segment
-from rlhfkit.synthetic import (
+from rlhfkit.tasks.synthetic import (
     DEFAULT_KB,
     Noise,
     TrueMetrics,

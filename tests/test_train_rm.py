@@ -1,4 +1,4 @@
-"""`rlhfkit train-rm`: losses and metrics against hand-computed values, the aspect presets,
+"""`rlhfkit train-rm`: the losses against hand-computed values (the metrics: test_metrics), the aspect presets,
 data selection, the three kinds end to end on tiny models, --eval-only and bad input."""
 
 from __future__ import annotations
@@ -8,37 +8,27 @@ import json
 import math
 import statistics
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.metrics import beats_baseline_clearly
 from rlhfkit.models import load_tokenizer
-from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
-from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
-from rlhfkit.segment import SegmentLabelRules
-from rlhfkit.stages.train_rm import (
-    METRICS_FILE,
+from rlhfkit.rewards.data import (
     ScoreExample,
-    TrainRMConfig,
-    _summary,
-    beats_baseline_clearly,
-    bradley_terry_loss,
     encode_examples,
     encode_preference_groups,
     load_aspect_records,
     make_collate,
-    make_loss_fn,
-    pairwise_intervals,
-    roc_auc,
-    segment_intervals,
-    segment_loss,
-    segment_metrics,
-    segment_statistics,
     split_by_prompt,
 )
+from rlhfkit.rewards.losses import bradley_terry_loss, make_loss_fn, segment_loss
+from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
+from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
+from rlhfkit.segment import SegmentLabelRules
+from rlhfkit.stages.train_rm import METRICS_FILE, TrainRMConfig, _summary
 
 FAST = ["--max-length", "96", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3"]
 
@@ -127,87 +117,6 @@ def test_segment_loss_by_hand():
     # position 1: label 0, -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928, weight 1
     assert loss.item() == pytest.approx(2.079442 + 0.126928, abs=1e-5)
     assert count.item() == 2
-
-
-def test_roc_auc_by_hand():
-    # Errors score 0.9 and 0.4, non-errors 0.4, 0.2, 0.1: of the 2 x 3 pairs the error wins
-    # 5 and ties 1 (0.4 vs 0.4) -> (5 + 0.5) / 6.
-    assert roc_auc([0.9, 0.4, 0.4, 0.2, 0.1], [True, True, False, False, False]) == pytest.approx(5.5 / 6)
-    assert roc_auc([0.1, 0.2, 0.3], [True, False, False]) == 0.0
-    assert math.isnan(roc_auc([0.1, 0.2], [False, False]))
-
-
-def test_segment_metrics_by_hand():
-    predicted = [True, False, True, False, False]
-    actual = [True, True, False, False, False]
-    m = segment_metrics(predicted, actual)
-    # correct: 0, 3, 4 -> 3/5; tp 1, fp 1, fn 1 -> precision = recall = F1 = 1/2;
-    # majority class (no error) covers 3 of 5.
-    assert m["accuracy"] == pytest.approx(0.6)
-    assert (m["error_precision"], m["error_recall"], m["error_f1"]) == pytest.approx((0.5, 0.5, 0.5))
-    assert m["majority_baseline_accuracy"] == pytest.approx(0.6)
-    assert (m["segments"], m["error_segments"], m["predicted_errors"]) == (5, 2, 2)
-
-
-# Two prompts of four segments each (error probability, is an error); predicted: p > 0.5.
-# A: the RM is right on all 4 (accuracy 1; 1 error of 4: majority 0.75; difference 0.25)
-#    and ranks its error above its 3 non-errors (AUC 1).
-# B: it misses the error (accuracy 0.75 = majority 0.75: difference 0), which outscores
-#    1 of its 3 non-errors (AUC 1/3).
-SEGMENTS_A = [(0.9, True), (0.1, False), (0.2, False), (0.3, False)]
-SEGMENTS_B = [(0.2, True), (0.1, False), (0.3, False), (0.4, False)]
-
-
-def segment_columns(by_prompt: dict[str, list[tuple[float, bool]]]) -> tuple[list, list, list, list]:
-    """(prompts, predicted, actual, error_probs), one entry per segment."""
-    rows = [(prompt, p, a) for prompt, segments in by_prompt.items() for p, a in segments]
-    return [r[0] for r in rows], [r[1] > 0.5 for r in rows], [r[2] for r in rows], [r[1] for r in rows]
-
-
-def test_segment_statistics_weight_whole_prompts():
-    prompts, predicted, actual, probs = segment_columns({"a": SEGMENTS_A, "b": SEGMENTS_B})
-    units, difference, auc = segment_statistics(prompts, predicted, actual, probs)
-    assert units == 2
-    # Each prompt once: the point metrics (the 0.2 error of B ties A's 0.2 non-error: 1/2).
-    m = segment_metrics(predicted, actual, probs)
-    assert difference(np.ones((1, 2))) == pytest.approx([m["accuracy"] - m["majority_baseline_accuracy"]])
-    assert auc(np.ones((1, 2))) == pytest.approx([roc_auc(probs, actual)])
-    # A twice and B not at all: A's segments counted twice; each prompt alone: its values.
-    doubled = segment_columns({"a": SEGMENTS_A, "a2": SEGMENTS_A})
-    m = segment_metrics(*doubled[1:])
-    assert difference(np.array([[2.0, 0.0]])) == pytest.approx([m["accuracy"] - m["majority_baseline_accuracy"]])
-    assert auc(np.array([[2.0, 0.0], [0.0, 2.0]])) == pytest.approx([1.0, 1 / 3])
-    assert difference(np.array([[0.0, 2.0]])) == pytest.approx([0.0])
-
-
-def test_segment_intervals_by_hand():
-    # Two prompts: a resample is AA, AB or BB (probability 1/4, 1/2, 1/4), so the 95%
-    # interval of 1000 draws runs from B's value to A's.
-    prompts, predicted, actual, probs = segment_columns({"a": SEGMENTS_A, "b": SEGMENTS_B})
-    intervals = segment_intervals(prompts, predicted, actual, probs, seed=0)
-    assert intervals["accuracy_minus_baseline_ci95"] == pytest.approx([0.0, 0.25])
-    assert intervals["error_auc_ci95"] == pytest.approx([1 / 3, 1.0])
-    assert intervals["bootstrap_prompts"] == 2
-    # Three prompts alike: every resample gives the same values. Each has errors 0.9 and
-    # 0.2, non-errors 0.5 and 0.1: predicted right 3 of 4 against a majority of 2 of 4
-    # (difference 0.25); 3 of the 4 error/non-error pairs ranked right (AUC 0.75).
-    alike = [(0.9, True), (0.5, False), (0.2, True), (0.1, False)]
-    intervals = segment_intervals(*segment_columns({"a": alike, "b": alike, "c": alike}), seed=0)
-    assert intervals["accuracy_minus_baseline_ci95"] == pytest.approx([0.25, 0.25])
-    assert intervals["error_auc_ci95"] == pytest.approx([0.75, 0.75])
-    # One prompt: resampling cannot show the noise, so no interval.
-    single = segment_intervals(*segment_columns({"a": SEGMENTS_A}), seed=0)
-    assert single == {"accuracy_minus_baseline_ci95": None, "error_auc_ci95": None, "bootstrap_prompts": 1}
-
-
-def test_pairwise_intervals_by_hand():
-    # Prompt a: 2 of 2 pairs right; b: 1 of 2. Alone: 1 and 0.5, the interval's ends.
-    assert pairwise_intervals(["a", "a", "b", "b"], [True, True, True, False], seed=0) == {
-        "pairwise_accuracy_ci95": pytest.approx([0.5, 1.0]),
-        "bootstrap_prompts": 2,
-    }
-    assert pairwise_intervals(["a", "b"], [True, True], seed=3)["pairwise_accuracy_ci95"] == [1.0, 1.0]
-    assert pairwise_intervals(["a", "a"], [True, False], seed=0)["pairwise_accuracy_ci95"] is None
 
 
 def test_verdict_and_summary_show_the_interval():

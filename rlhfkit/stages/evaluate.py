@@ -45,7 +45,6 @@ so a column of the same name means the same measure.
 from __future__ import annotations
 
 import gc
-import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +61,7 @@ from rlhfkit.io import write_text
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.metrics import distinct_n, mean_length, perplexity, rouge_l, win_rate
 from rlhfkit.models import load_policy, resolve_device
+from rlhfkit.paper_tables import load_paper_table
 from rlhfkit.rewards.reward_model import (
     SEQUENCE_KINDS,
     SHARED_KIND,
@@ -188,33 +188,6 @@ def judge_name(rm_specs: list[str], judge: str | None) -> str | None:
             f"{' or '.join(SEQUENCE_KINDS)} model (one score per response)"
         )
     return name
-
-
-def load_paper_table(path: str) -> dict:
-    """The --paper JSON, checked: {"source": str, "rows": [{"system": str, "metrics": {name: number}}]}."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RlhfkitError(f"{path}: invalid JSON: {err}") from None
-    rows = data.get("rows") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise RlhfkitError(f'{path}: expected {{"source": "...", "rows": [{{"system": "...", "metrics": {{...}}}}]}}')
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("system"), str) or not isinstance(row.get("metrics"), dict):
-            raise RlhfkitError(f"{path}: rows[{i}] needs a 'system' string and a 'metrics' object")
-        for key, value in row["metrics"].items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise RlhfkitError(f"{path}: rows[{i}].metrics.{key} must be a number or null, got {value!r}")
-    source = data.get("source", "")
-    if not isinstance(source, str):
-        raise RlhfkitError(f"{path}: 'source' must be a string")
-    return {"source": source, "rows": [{**row, "metrics": {metric_key(k): v for k, v in row["metrics"].items()}} for row in rows]}
-
-
-def metric_key(key: str) -> str:
-    """`reward/fact` -> `reward/factuality`: RM names in metric keys as --rm resolves them."""
-    prefix, sep, name = key.partition("/")
-    return f"{prefix}/{canonical_name(name)}" if sep else key
 
 
 # --- systems ------------------------------------------------------------------------------

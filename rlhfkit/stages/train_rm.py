@@ -25,12 +25,13 @@ Three kinds (`--kind`, or the aspect's preset):
 - `regression`: a scalar score regressed with MSE on `score` records; given preference
   records instead, the targets are chosen 1, rejected 0, and 0.5 for both sides of a tie.
 
-Presets make `--aspect` alone enough: factuality (segment, sentences; QA-Feedback labels
-Wrong-Grounding and Unverifiable), relevance (segment, sub-sentences; Irrelevant, Redundant,
-Incoherent), completeness and preference (preference kind). The shipped QA-Feedback sample
-has only holistic preferences (aspect "preference"), so `--aspect completeness` trains on
-those when no preference names completeness, and says so. Any other aspect works with an
-explicit `--kind` and the aspect name the records use.
+Presets (the default task's, rlhfkit.tasks.qa_feedback) make `--aspect` alone enough:
+factuality (segment, sentences; QA-Feedback labels Wrong-Grounding and Unverifiable),
+relevance (segment, sub-sentences; Irrelevant, Redundant, Incoherent), completeness and
+preference (preference kind). The shipped QA-Feedback sample has only holistic preferences
+(aspect "preference"), so `--aspect completeness` trains on those when no preference names
+completeness, and says so. Any other aspect works with an explicit `--kind` and the aspect
+name the records use.
 
 The model input is the tokenizer pair (prompt, response) (see rlhfkit.rewards.reward_model):
 a prompt longer than `--max-length` loses tokens from its left; a record whose response
@@ -46,6 +47,10 @@ bootstrap intervals over held-out prompts (segment RMs: accuracy minus the major
 baseline, and error AUC; preference RMs: pairwise accuracy), seeded by `--seed`.
 `beats_baseline` compares the point estimates; `beats_baseline_clearly` asks the interval's
 lower end to be above the baseline.
+
+This module is the options and the run; the parts live in the core: rlhfkit.rewards.data
+(records, split, encoding, collate), rlhfkit.rewards.losses, rlhfkit.rewards.scoring
+(held-out metrics, normalisation), rlhfkit.metrics (the statistics and intervals).
 """
 
 from __future__ import annotations
@@ -53,16 +58,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 from rlhfkit.chat import load_chat_template, override_chat_template, render_record
 from rlhfkit.config import REQUIRED, opt
@@ -79,7 +78,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.io import write_json
 from rlhfkit.lengths import fit_default_lengths
-from rlhfkit.metrics import bootstrap_interval
+from rlhfkit.metrics import beats_baseline, beats_baseline_clearly, interval_verdict
 from rlhfkit.models import (
     DTYPES,
     add_lora,
@@ -90,6 +89,16 @@ from rlhfkit.models import (
     resolve_dtype,
     save_model,
 )
+from rlhfkit.rewards.data import (
+    encode_examples,
+    example_rows,
+    load_aspect_records,
+    make_collate,
+    responses_of,
+    split_by_prompt,
+)
+from rlhfkit.rewards.losses import make_count_fn, make_loss_fn, make_shared_loss_fn
+from rlhfkit.rewards.presets import AspectPreset, RMSettings
 from rlhfkit.rewards.reward_model import (
     KINDS,
     SEGMENT_LABELS,
@@ -98,86 +107,21 @@ from rlhfkit.rewards.reward_model import (
     EncodedPair,
     RewardModel,
     encode_pair,
-    judged_errors,
     load_reward_model,
-    pad_right,
     reward_model_class,
-    segment_end_positions,
-    sequence_scores,
 )
+from rlhfkit.rewards.scoring import evaluate_reward_model, score_statistics
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
-from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
-from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, SegmentLabelRules, segment
+from rlhfkit.schema import Preference, load_records
+from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, SegmentLabelRules
+from rlhfkit.tasks import DEFAULT_TASK, TASK_PRESETS
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
-from rlhfkit.training import LoopSettings, fit, split_held_out, validate_loop_options
+from rlhfkit.training import LoopSettings, fit, validate_loop_options
 from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side
 
 METRICS_FILE = "rm_metrics.json"
-NO_LABEL_RULES = SegmentLabelRules()  # plain overlap: an error span of the aspect makes a segment an error
-BOOTSTRAP_DRAWS = 1000
-IGNORE_INDEX = -100
 TIE_POLICIES = ("soft", "drop")
-# Files of a previous save that a new save must not leave behind.
-
-
-@dataclass(frozen=True)
-class AspectPreset:
-    """What `--aspect NAME` alone means; explicit options override each field.
-
-    The training defaults of the QA-Feedback presets (lengths, lr, epochs, class weight)
-    were tuned on the shipped sample with the tiny offline backbone (`rlhfkit init-model`),
-    a randomly initialised model that needs a high learning rate: a pretrained backbone
-    wants --lr 1e-5 to 5e-5, and a larger --max-length / --max-prompt-length so that the
-    passages a factuality judgement needs are in view. The fixed prompt budget puts every
-    response at the same position, which a model with learned absolute positions (GPT-2)
-    needs to tell where in the response a segment lies (later sub-sentences of the sample
-    are more often irrelevant); the preference presets keep only the prompt's tail, as the
-    tiny model learns nothing from the passages and pairs cost two forward passes. As the
-    prompt budget is fixed, --max-length only bounds the response (generous, so that PPO's
-    longer samples still fit: a response that does not fit cannot be scored).
-    """
-
-    kind: str
-    granularity: str = "response"
-    # +-1: the paper's weights w_k are the `ppo --rewards` weights, applied once there.
-    positive_reward: float = 1.0
-    negative_reward: float = -1.0
-    error_class_weight: float = 1.0
-    # The reference's label rules (rlhfkit.segment.SegmentLabelRules).
-    min_span_words: int = 0
-    min_span_aspects: tuple[str, ...] = ()
-    ignore_with_aspects: tuple[str, ...] = ()
-    max_length: int = 1024
-    max_prompt_length: int = 0
-    lr: float = 5e-5
-    epochs: int = 2
-    # Preference data judged holistically stands in when no record names the aspect.
-    holistic_fallback: bool = False
-
-
-# The reference's QA-Feedback label rules (create_rel_fact_rm_files.py, --min_span_len 5): relevance
-# spans under 5 words are dropped for both segment RMs; the factuality RM leaves out sentences
-# that have a relevance error and no factuality error.
-QA_MIN_SPAN = {"min_span_words": 5, "min_span_aspects": ("relevance",)}
-
-PRESETS = {
-    # QA-Feedback labels Wrong-Grounding and Unverifiable. With the reference's rule (sentences
-    # with only a relevance error left out) 212 of the sample's 630 labelled sentences are
-    # errors, so the error class weighs 418 / 212 ~ 2 (inverse class frequency; at weight 1 the
-    # tiny backbone never predicts one, at 3 it predicts nothing else).
-    "factuality": AspectPreset(
-        "segment", "sentence", error_class_weight=2.0, max_length=640, max_prompt_length=128, lr=1e-3,
-        ignore_with_aspects=("relevance",), **QA_MIN_SPAN,
-    ),
-    # QA-Feedback labels Irrelevant, Redundant and Incoherent (about half the sub-sentences).
-    "relevance": AspectPreset("segment", "subsentence", max_length=640, max_prompt_length=128, lr=1e-3, **QA_MIN_SPAN),
-    "completeness": AspectPreset(
-        "preference", max_length=512, max_prompt_length=16, lr=1e-3, epochs=1, holistic_fallback=True
-    ),
-    "preference": AspectPreset("preference", max_length=512, max_prompt_length=16, lr=1e-3, epochs=1, holistic_fallback=True),
-}
-HOLISTIC_ASPECTS = (None, "preference")
-"""Preference records judged as a whole (no aspect, or the importers' "preference")."""
+PRESETS = TASK_PRESETS[DEFAULT_TASK]  # what --aspect NAME alone means (rlhfkit.tasks.qa_feedback)
 
 
 @dataclass
@@ -361,7 +305,8 @@ class TrainRMConfig:
             one.validate()
 
     def preset(self) -> AspectPreset:
-        """The aspect's preset for the requested kind (a preset of another kind does not apply)."""
+        """The aspect's preset (the default task's, rlhfkit.tasks) for the requested kind (a
+        preset of another kind does not apply)."""
         preset = PRESETS.get(self.aspect)
         if self.kind is None and preset is None:
             close = get_close_matches(self.aspect, list(PRESETS), n=1)
@@ -409,547 +354,6 @@ class TrainRMConfig:
         return RMSettings(kind, granularity, positive, negative, weight, preset.holistic_fallback, rules)
 
 
-@dataclass(frozen=True)
-class RMSettings:
-    kind: str
-    granularity: str
-    positive_reward: float
-    negative_reward: float
-    error_class_weight: float
-    holistic_fallback: bool
-    label_rules: SegmentLabelRules = NO_LABEL_RULES
-
-
-# --- data -------------------------------------------------------------------------------------
-
-RECORD_KINDS = {"segment": (SpanFeedback,), "preference": (Preference,), "regression": (ScalarScore, Preference)}
-
-
-def load_aspect_records(path: str, aspect: str, settings: RMSettings, ties: str = "soft") -> list[Record]:
-    """The records of `path` that train/evaluate an RM of `aspect` (RlhfkitError if none)."""
-    records = load_records(path)
-    wanted = RECORD_KINDS[settings.kind]
-    types = Counter(r.type_name for r in records)
-    records = [r for r in records if isinstance(r, wanted)]
-    if not records:
-        names = " or ".join(f"'{cls.type_name}'" for cls in wanted)
-        raise RlhfkitError(
-            f"{path}: a {settings.kind} reward model trains on {names} records; this file has "
-            + ", ".join(f"{n} '{t}'" for t, n in types.items())
-        )
-    if settings.kind == "segment":
-        judged = [r for r in records if aspect in r.aspects]
-        if not judged:
-            found = sorted({a for r in records for a in r.aspects} | {s.aspect for r in records for s in r.spans})
-            close = get_close_matches(aspect, found, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RlhfkitError(
-                f"{path}: no span_feedback record judged aspect {aspect!r}{hint}; found aspects: {', '.join(found) or 'none'}"
-            )
-        return judged
-    by_aspect = [r for r in records if r.aspect == aspect]
-    if not by_aspect and settings.holistic_fallback:
-        by_aspect = [r for r in records if r.aspect in HOLISTIC_ASPECTS]
-        if by_aspect and aspect not in HOLISTIC_ASPECTS:
-            console.print(
-                f"train-rm: no record of {path} names aspect {aspect!r}; training on its {len(by_aspect)} "
-                "holistic preferences (the shipped QA-Feedback sample has only those)",
-                soft_wrap=True,
-            )
-    if not by_aspect:
-        found = sorted({str(r.aspect) for r in records})
-        close = get_close_matches(aspect, found, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RlhfkitError(f"{path}: no {wanted[0].type_name} record has aspect {aspect!r}{hint}; found aspects: {', '.join(found)}")
-    for r in by_aspect:
-        if isinstance(r, Preference) and r.chosen == r.rejected:
-            raise RlhfkitError(
-                f"{path}: preference {r.id!r} has identical chosen and rejected responses, which says nothing; remove it"
-            )
-    if ties == "drop":
-        by_aspect = [r for r in by_aspect if not (isinstance(r, Preference) and r.tie)]
-        if not by_aspect:
-            raise RlhfkitError(f"{path}: every preference of aspect {aspect!r} is a tie; use --ties soft to train on them")
-    return by_aspect
-
-
-def split_by_prompt(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(train, held_out) with every prompt's records on one side, so held-out responses are unseen."""
-    prompts = list(dict.fromkeys(r.prompt for r in records))
-    if fraction > 0 and len(prompts) < 2:
-        raise RlhfkitError(
-            "held-out data is split by prompt (a prompt's responses never land on both sides) and the data has "
-            "only 1 distinct prompt; give more prompts or --eval-fraction 0"
-        )
-    _, held_prompts = split_held_out(prompts, fraction, seed)
-    held = set(held_prompts)
-    return [r for r in records if r.prompt not in held], [r for r in records if r.prompt in held]
-
-
-def segment_labels(
-    record: SpanFeedback, aspect: str, granularity: str, rules: SegmentLabelRules = NO_LABEL_RULES
-) -> tuple[list, list[bool | None]]:
-    """The record's segments and each one's label: True error, False none, None left out."""
-    segments = segment(record.response, granularity)
-    return segments, rules.labels(segments, record.spans, record.response, aspect)
-
-
-@dataclass
-class SegmentExample:
-    input_ids: list[int]
-    positions: list[int]  # RM tokens that complete a segment
-    labels: list[int]  # 1 = error, per position
-
-
-@dataclass
-class Comparison:
-    chosen: int  # indices into PreferenceGroup.responses
-    rejected: int
-    margin: float
-    tie: bool
-
-
-@dataclass
-class PreferenceGroup:
-    """All comparisons of one prompt: each distinct response is scored once per step and
-    every pair among them is a loss term (InstructGPT's K-choose-2 batching, which is
-    cheaper than a forward pass per pair side and overfits less)."""
-
-    responses: list[list[int]]
-    comparisons: list[Comparison]
-
-
-@dataclass
-class ScoreExample:
-    input_ids: list[int]
-    target: float
-
-
-Encode = Callable[[str, str], EncodedPair | None]
-"""(prompt, response) -> RM input, None when the response does not fit (RewardModel.encode)."""
-
-
-def encode_segment_example(
-    encode: Encode, record: SpanFeedback, aspect: str, granularity: str, rules: SegmentLabelRules = NO_LABEL_RULES
-) -> SegmentExample | None:
-    """Ids with the label of each segment at the token completing it; None if it does not fit.
-
-    Segments the label rules leave out get no position (no loss). Two segments completed by
-    one token (rare: a token spanning a boundary) share a label, an error if either is one.
-    """
-    pair = encode(record.prompt, record.response)
-    if pair is None:
-        return None
-    segments, labels = segment_labels(record, aspect, granularity, rules)
-    by_position: dict[int, int] = {}
-    for position, label in zip(segment_end_positions(pair, segments, record.response), labels):
-        if label is not None:
-            by_position[position] = max(by_position.get(position, 0), int(label))
-    return SegmentExample(pair.input_ids, list(by_position), list(by_position.values()))
-
-
-def encode_preference_groups(encode: Encode, records: Sequence[Preference]) -> tuple[list[PreferenceGroup], int]:
-    """One group per prompt; (groups, pairs left out because a response does not fit)."""
-    groups: dict[str, tuple[PreferenceGroup, dict[str, int]]] = {}
-    too_long = 0
-    for r in records:
-        group, index = groups.setdefault(r.prompt, (PreferenceGroup([], []), {}))
-        sides = []
-        for response in (r.chosen, r.rejected):
-            if response not in index:
-                pair = encode(r.prompt, response)
-                if pair is None:
-                    break
-                index[response] = len(group.responses)
-                group.responses.append(pair.input_ids)
-            sides.append(index[response])
-        if len(sides) < 2:
-            too_long += 1
-            continue
-        group.comparisons.append(Comparison(sides[0], sides[1], r.margin or 0.0, r.tie))
-    return [group for group, _ in groups.values() if group.comparisons], too_long
-
-
-def encode_examples(encode: Encode, records: Sequence[Record], aspect: str, settings: RMSettings) -> tuple[list, int]:
-    """(examples, how many records were left out because a response does not fit)."""
-    if settings.kind == "preference":
-        return encode_preference_groups(encode, records)
-    examples: list = []
-    too_long = 0
-    for r in records:
-        if settings.kind == "segment":
-            example = encode_segment_example(encode, r, aspect, settings.granularity, settings.label_rules)
-            encoded = [] if example is None else [example]
-        elif isinstance(r, Preference):
-            chosen, rejected = encode(r.prompt, r.chosen), encode(r.prompt, r.rejected)
-            # Regression on pairs: chosen 1, rejected 0; a tie is 0.5 on both sides.
-            targets = (0.5, 0.5) if r.tie else (1.0, 0.0)
-            encoded = [] if chosen is None or rejected is None else [
-                ScoreExample(chosen.input_ids, targets[0]), ScoreExample(rejected.input_ids, targets[1])
-            ]
-        else:
-            pair = encode(r.prompt, r.response)
-            encoded = [] if pair is None else [ScoreExample(pair.input_ids, r.score)]
-        too_long += not encoded
-        examples.extend(encoded)
-    return examples, too_long
-
-
-# --- losses -----------------------------------------------------------------------------------
-
-
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
-    """Per-pair loss: -log sigmoid(r_c - r_r - margin); a tie: -(log sigmoid(d) + log sigmoid(-d)) / 2.
-
-    The tie term is the cross-entropy of the Bradley-Terry probability sigmoid(d) against
-    the soft target 1/2 (no margin: a tie says the two are equally good).
-    """
-    diff = chosen.float() - rejected.float()
-    preferred = -F.logsigmoid(diff - margin.float())
-    tied = -0.5 * (F.logsigmoid(diff) + F.logsigmoid(-diff))
-    return torch.where(tie, tied, preferred)
-
-
-def segment_loss(logits: torch.Tensor, labels: torch.Tensor, error_class_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy at the labelled positions (labels -100 elsewhere), and their count."""
-    weight = torch.tensor([1.0, error_class_weight], device=logits.device)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
-
-
-def make_collate(kind: str, pad_token_id: int) -> Callable[[list], dict]:
-    def collate_segments(items: list[SegmentExample]) -> dict:
-        input_ids, attention_mask = pad_right([e.input_ids for e in items], pad_token_id)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, e in enumerate(items):
-            labels[row, e.positions] = torch.tensor(e.labels, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-    def collate_groups(items: list[PreferenceGroup]) -> dict:
-        responses, chosen, rejected, margin, tie = [], [], [], [], []
-        for group in items:
-            offset = len(responses)
-            responses.extend(group.responses)
-            for c in group.comparisons:
-                chosen.append(offset + c.chosen)
-                rejected.append(offset + c.rejected)
-                margin.append(c.margin)
-                tie.append(c.tie)
-        input_ids, attention_mask = pad_right(responses, pad_token_id)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "chosen": torch.tensor(chosen),
-            "rejected": torch.tensor(rejected),
-            "margin": torch.tensor(margin),
-            "tie": torch.tensor(tie),
-        }
-
-    def collate_scores(items: list[ScoreExample]) -> dict:
-        input_ids, attention_mask = pad_right([e.input_ids for e in items], pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "target": torch.tensor([e.target for e in items])}
-
-    return {"segment": collate_segments, "preference": collate_groups, "regression": collate_scores}[kind]
-
-
-def make_loss_fn(kind: str, error_class_weight: float) -> Callable:
-    count = make_count_fn(kind)
-
-    def segment_batch_loss(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = segment_loss(logits, batch["labels"], error_class_weight)
-        return loss, count(batch)
-
-    def preference_batch_loss(model, batch):
-        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-        losses = bradley_terry_loss(scores[batch["chosen"]], scores[batch["rejected"]], batch["margin"], batch["tie"])
-        return losses.sum(), count(batch)
-
-    def regression_batch_loss(model, batch):
-        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-        return F.mse_loss(scores, batch["target"].float(), reduction="sum"), count(batch)
-
-    return {"segment": segment_batch_loss, "preference": preference_batch_loss, "regression": regression_batch_loss}[kind]
-
-
-def make_count_fn(kind: str) -> Callable:
-    """count(batch): what the kind's loss sums over (labelled segment ends, comparisons,
-    scored responses), from the batch alone."""
-    if kind == "segment":
-        return lambda batch: (batch["labels"] != IGNORE_INDEX).sum()
-    if kind == "preference":
-        return lambda batch: len(batch["chosen"])
-    return lambda batch: len(batch["target"])
-
-
-# --- metrics ----------------------------------------------------------------------------------
-
-
-def roc_auc(scores: Sequence[float], actual: Sequence[bool]) -> float:
-    """P(a random error scores above a random non-error), ties counting 1/2 (Mann-Whitney U)."""
-    n_pos = sum(actual)
-    n_neg = len(actual) - n_pos
-    if not n_pos or not n_neg:
-        return float("nan")
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
-            end += 1
-        for k in range(start, end + 1):
-            ranks[order[k]] = (start + end) / 2 + 1  # tied scores share their average rank
-        start = end + 1
-    positive_rank_sum = sum(rank for rank, a in zip(ranks, actual) if a)
-    return (positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool], error_probs: Sequence[float] | None = None) -> dict[str, float]:
-    """Accuracy and the error class's precision/recall/F1, beside the majority-class accuracy.
-
-    The baseline is the better of the two constant predictions on the same segments. With
-    the error probabilities, also their ROC AUC (0.5 for an RM that cannot rank errors).
-    """
-    n = len(actual)
-    tp = sum(p and a for p, a in zip(predicted, actual))
-    fp = sum(p and not a for p, a in zip(predicted, actual))
-    fn = sum(a and not p for p, a in zip(predicted, actual))
-    correct = sum(p == a for p, a in zip(predicted, actual))
-    errors = sum(actual)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    return {
-        "accuracy": correct / n if n else float("nan"),
-        "error_precision": precision,
-        "error_recall": recall,
-        "error_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "majority_baseline_accuracy": max(errors, n - errors) / n if n else float("nan"),
-        "segments": n,
-        "error_segments": errors,
-        "predicted_errors": tp + fp,
-        **({"error_auc": roc_auc(error_probs, actual)} if error_probs is not None else {}),
-    }
-
-
-def evaluate_reward_model(
-    rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int, seed: int = 0,
-    rules: SegmentLabelRules | None = None,
-) -> dict[str, Any]:
-    """Held-out metrics of `rm` on labelled records, each beside its trivial baseline, with
-    95% bootstrap intervals over the records' prompts (seeded by `seed`) where there is one."""
-    fitting = [r for r in records if _fits(rm, r)]
-    metrics: dict[str, Any] = {"records": len(fitting), "records_too_long": len(records) - len(fitting)}
-    if not fitting:
-        return metrics
-    if rm.kind == "segment":
-        rules = SegmentLabelRules.from_dict(rm.spec.get("label_rules")) if rules is None else rules
-        all_probs: list[float] = []
-        actual: list[bool] = []
-        prompts: list[str] = []
-        scored = rm.error_probabilities([r.prompt for r in fitting], [r.response for r in fitting], batch_size)
-        for r, (segments, probs) in zip(fitting, scored):
-            # Segments the label rules leave out of training are left out of the metrics too.
-            for label, prob in zip(rules.labels(segments, r.spans, r.response, aspect), probs):
-                if label is not None:
-                    actual.append(label)
-                    all_probs.append(prob)
-                    prompts.append(r.prompt)
-        predicted = judged_errors(all_probs)
-        return {
-            **metrics,
-            **segment_metrics(predicted, actual, all_probs),
-            **segment_intervals(prompts, predicted, actual, all_probs, seed),
-        }
-    pairs = [r for r in fitting if isinstance(r, Preference)]
-    if pairs:
-        distinct = responses_of(pairs)
-        score_of = dict(zip(distinct, rm.raw_scores([p for p, _ in distinct], [r for _, r in distinct], batch_size)))
-        decided_records = [r for r in pairs if not r.tie]
-        decided = [(score_of[r.prompt, r.chosen], score_of[r.prompt, r.rejected]) for r in decided_records]
-        metrics.update(
-            {
-                "pairwise_accuracy": sum(c > j for c, j in decided) / len(decided) if decided else float("nan"),
-                "pairwise_baseline_accuracy": 0.5,
-                "pairs": len(decided),
-                "ties": len(pairs) - len(decided),
-                "mean_score_margin": sum(c - j for c, j in decided) / len(decided) if decided else float("nan"),
-                **pairwise_intervals([r.prompt for r in decided_records], [c > j for c, j in decided], seed),
-            }
-        )
-    scored_records = [r for r in fitting if isinstance(r, ScalarScore)]
-    if scored_records:
-        predictions = rm.raw_scores([r.prompt for r in scored_records], [r.response for r in scored_records], batch_size)
-        targets = [r.score for r in scored_records]
-        mean_target = sum(targets) / len(targets)
-        metrics.update(
-            {
-                "mse": sum((p - t) ** 2 for p, t in zip(predictions, targets)) / len(targets),
-                "mean_baseline_mse": sum((mean_target - t) ** 2 for t in targets) / len(targets),
-                "scores": len(targets),
-            }
-        )
-    return metrics
-
-
-Statistic = Callable[[np.ndarray], np.ndarray]
-"""(d, k) multiplicities of k prompts in d resamples -> the d values (see bootstrap_interval)."""
-
-
-def _units(prompts: Sequence[str]) -> tuple[np.ndarray, int]:
-    """Each item's prompt as an index 0..k-1 (first-seen order), and k."""
-    index: dict[str, int] = {}
-    return np.array([index.setdefault(p, len(index)) for p in prompts], dtype=np.int64), len(index)
-
-
-def _interval(statistic: Statistic, units: int, seed: int, draws: int) -> list[float] | None:
-    """The 95% bootstrap interval as [lo, hi]; None with fewer than 2 prompts (no variation to resample)."""
-    if units < 2:
-        return None
-    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 on a resample: NaN, left out
-        interval = bootstrap_interval(statistic, units, seed=seed, draws=draws)
-    return None if interval is None else list(interval)
-
-
-def segment_statistics(
-    prompts: Sequence[str], predicted: Sequence[bool], actual: Sequence[bool], error_probs: Sequence[float]
-) -> tuple[int, Statistic, Statistic]:
-    """(prompts k, accuracy minus majority baseline, error AUC) as functions of how often each
-    prompt is drawn (`prompts` names each segment's); a row of ones gives segment_metrics'.
-
-    The majority baseline is recomputed on each resample: it is the statistic reported (the
-    better constant on the same segments), paired with the RM's accuracy on those segments.
-    Keeping the full split's majority class instead would compare, on the resamples where
-    that class is the minority (common when errors are near half the segments, as for
-    relevance), against a constant worse than the baseline, and so flatter the RM. The AUC
-    counts score ties 1/2 as roc_auc does; NaN on a resample without an error or a non-error.
-    """
-    unit, units = _units(prompts)
-    is_error = np.asarray(actual, dtype=bool)
-    correct = np.asarray(predicted, dtype=bool) == is_error
-    segments_of = np.bincount(unit, minlength=units).astype(np.float64)
-    correct_of = np.bincount(unit, weights=correct, minlength=units)
-    errors_of = np.bincount(unit, weights=is_error, minlength=units)
-
-    def accuracy_minus_majority(weights: np.ndarray) -> np.ndarray:
-        n, right, errors = weights @ segments_of, weights @ correct_of, weights @ errors_of
-        return (right - np.maximum(errors, n - errors)) / n
-
-    # Mann-Whitney with multiplicities: segments sorted by score, tied scores in one group.
-    scores = np.asarray(error_probs, dtype=np.float64)
-    order = np.argsort(scores, kind="stable")
-    scores, sorted_unit, sorted_error = scores[order], unit[order], is_error[order]
-    group_starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
-
-    def error_auc(weights: np.ndarray) -> np.ndarray:
-        if not len(scores):
-            return np.full(len(weights), np.nan)
-        w = weights[:, sorted_unit]
-        pos = np.add.reduceat(w * sorted_error, group_starts, axis=1)
-        neg = np.add.reduceat(w * ~sorted_error, group_starts, axis=1)
-        neg_below = np.cumsum(neg, axis=1) - neg
-        return (pos * (neg_below + neg / 2)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
-
-    return units, accuracy_minus_majority, error_auc
-
-
-def segment_intervals(
-    prompts: Sequence[str],
-    predicted: Sequence[bool],
-    actual: Sequence[bool],
-    error_probs: Sequence[float],
-    seed: int,
-    draws: int = BOOTSTRAP_DRAWS,
-) -> dict[str, Any]:
-    """95% bootstrap intervals of (accuracy - majority baseline accuracy) and of the error AUC
-    (segment_statistics). Whole prompts are resampled, as the segments of one response, and
-    the responses to one prompt, are correlated: resampling segments would be too narrow."""
-    units, accuracy_minus_majority, error_auc = segment_statistics(prompts, predicted, actual, error_probs)
-    return {
-        "accuracy_minus_baseline_ci95": _interval(accuracy_minus_majority, units, seed, draws),
-        "error_auc_ci95": _interval(error_auc, units, seed, draws),
-        "bootstrap_prompts": units,
-    }
-
-
-def pairwise_intervals(prompts: Sequence[str], correct: Sequence[bool], seed: int, draws: int = BOOTSTRAP_DRAWS) -> dict[str, Any]:
-    """95% bootstrap interval of the pairwise accuracy over the prompts of the decided pairs.
-
-    `correct[i]`: pair i's chosen response scores strictly above its rejected one (a score
-    tie is wrong, labelled ties are not pairs: the pairwise_accuracy convention). Whole
-    prompts are resampled, as the pairs of one prompt share responses.
-    """
-    unit, units = _units(prompts)
-    pairs_of = np.bincount(unit, minlength=units).astype(np.float64)
-    correct_of = np.bincount(unit, weights=np.asarray(correct, dtype=np.float64), minlength=units)
-    return {
-        "pairwise_accuracy_ci95": _interval(lambda w: (w @ correct_of) / (w @ pairs_of), units, seed, draws),
-        "bootstrap_prompts": units,
-    }
-
-
-def _fits(rm: RewardModel, record: Record) -> bool:
-    responses = [record.chosen, record.rejected] if isinstance(record, Preference) else [record.response]
-    return all(rm.encode(record.prompt, response) is not None for response in responses)
-
-
-def beats_baseline(metrics: dict[str, Any]) -> bool | None:
-    """Whether the point estimate is better than the trivial baseline (noise included)."""
-    if "majority_baseline_accuracy" in metrics:
-        return metrics["accuracy"] > metrics["majority_baseline_accuracy"]
-    if "pairwise_accuracy" in metrics:
-        return metrics["pairwise_accuracy"] > metrics["pairwise_baseline_accuracy"]
-    if "mse" in metrics:
-        return metrics["mse"] < metrics["mean_baseline_mse"]
-    return None
-
-
-def beats_baseline_clearly(metrics: dict[str, Any]) -> bool | None:
-    """Whether the 95% bootstrap interval lies above the baseline (False without an interval,
-    None for metrics that have none: regression RMs, no held-out data)."""
-    if "accuracy_minus_baseline_ci95" in metrics:
-        interval, baseline = metrics["accuracy_minus_baseline_ci95"], 0.0
-    elif "pairwise_accuracy_ci95" in metrics:
-        interval, baseline = metrics["pairwise_accuracy_ci95"], metrics["pairwise_baseline_accuracy"]
-    else:
-        return None
-    return interval is not None and interval[0] > baseline
-
-
-def _verdict(interval: list[float] | None, baseline: float) -> str:
-    if interval is None:
-        return "no interval: fewer than 2 prompts"
-    if interval[0] > baseline:
-        return "clearly better"
-    return "clearly worse" if interval[1] < baseline else "not clearly better"
-
-
-# --- normalisation and saving -----------------------------------------------------------------
-
-
-def responses_of(records: Sequence[Record]) -> list[tuple[str, str]]:
-    """Distinct (prompt, response) pairs of any records that carry responses."""
-    pairs = []
-    for r in records:
-        if isinstance(r, Preference):
-            pairs += [(r.prompt, r.chosen), (r.prompt, r.rejected)]
-        elif hasattr(r, "response"):
-            pairs.append((r.prompt, r.response))
-    return list(dict.fromkeys(pairs))
-
-
-def score_statistics(rm: RewardModel, pairs: Sequence[tuple[str, str]], batch_size: int) -> dict[str, float]:
-    """Mean and std (population) of the RM's raw scores; a std of 0 is stored as 1."""
-    fitting = [(p, r) for p, r in pairs if rm.encode(p, r) is not None]
-    if not fitting:
-        raise RlhfkitError("no response to normalise the reward model's scores on fits --max-length")
-    scores = torch.tensor(rm.raw_scores([p for p, _ in fitting], [r for _, r in fitting], batch_size), dtype=torch.float64)
-    std = float(scores.std(unbiased=False)) if len(scores) > 1 else 0.0
-    return {"mean": float(scores.mean()), "std": std if std > 1e-8 else 1.0, "responses": len(fitting)}
-
-
-
-
 def _fingerprint(path: str, cfg: TrainRMConfig, settings: RMSettings) -> str:
     digest = hashlib.sha256(Path(path).read_bytes())
     digest.update(repr((cfg.aspect, settings, cfg.max_length, cfg.max_prompt_length, cfg.ties, cfg.eval_fraction)).encode())
@@ -967,6 +371,26 @@ def fit_preset_lengths(cfg: TrainRMConfig, limit: int | None) -> None:
     changed = fit_default_lengths(cfg, limit, ("max_length",), "train-rm", {"max_length": preset.max_length})
     if changed and cfg.max_prompt_length == prompt_default:
         cfg.max_prompt_length = min(preset.max_prompt_length, cfg.max_length // 2)
+
+
+def kind_spec(settings: RMSettings) -> dict[str, Any]:
+    """What rlhfkit_rm.json holds for the RM's kind: a segment RM's rewards and label rules,
+    a sequence RM's score normalisation (identity until training is done)."""
+    if settings.kind == "segment":
+        return {
+            "positive_reward": settings.positive_reward, "negative_reward": settings.negative_reward,
+            "error_class_weight": settings.error_class_weight, "label_rules": settings.label_rules.to_dict(),
+        }
+    return {"normalization": {"mean": 0.0, "std": 1.0, "computed_on": None}}
+
+
+def normalization(rm: RewardModel, train_records: list, cfg: TrainRMConfig) -> dict[str, Any]:
+    """A sequence RM's score mean/std on the --normalize-on responses, else the training responses."""
+    if cfg.normalize_on:
+        pairs, computed_on = responses_of(load_records(cfg.normalize_on)), cfg.normalize_on
+    else:
+        pairs, computed_on = responses_of(train_records), "training responses"
+    return {**score_statistics(rm, pairs, cfg.batch_size), "computed_on": computed_on}
 
 
 def training_summary(result, parameters) -> dict[str, Any]:
@@ -1027,13 +451,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         "backbone": cfg.model,
         "trained_on": cfg.data,
     }
-    if settings.kind == "segment":
-        spec.update(
-            positive_reward=settings.positive_reward, negative_reward=settings.negative_reward,
-            error_class_weight=settings.error_class_weight, label_rules=settings.label_rules.to_dict(),
-        )
-    else:
-        spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
+    spec.update(kind_spec(settings))
 
     def encode(prompt: str, response: str) -> EncodedPair | None:
         return encode_pair(tokenizer, prompt, response, cfg.max_length, spec["max_prompt_length"], cfg.truncation_side)
@@ -1103,13 +521,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
 
     model.eval()
     if settings.kind != "segment":
-        if cfg.normalize_on:
-            pairs = responses_of(load_records(cfg.normalize_on))
-            computed_on = cfg.normalize_on
-        else:
-            pairs = responses_of(train_records)
-            computed_on = "training responses"
-        spec["normalization"] = {**score_statistics(rm, pairs, cfg.batch_size), "computed_on": computed_on}
+        spec["normalization"] = normalization(rm, train_records, cfg)
 
     main = is_main_process()
     # A stale spec beside weights being replaced would make a half-trained directory look usable.
@@ -1143,39 +555,6 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     run.close()
     console.print(f"train-rm: {_summary(held_metrics)}; reward model saved to {out}", soft_wrap=True)
     return metrics
-
-
-def example_rows(example: SegmentExample | PreferenceGroup | ScoreExample) -> list[int]:
-    """The lengths of the sequences an example puts in its batch (a preference group: each response)."""
-    if isinstance(example, PreferenceGroup):
-        return [len(ids) for ids in example.responses]
-    return [len(example.input_ids)]
-
-
-def make_shared_loss_fn(kinds: dict[str, str], weights: dict[str, float], error_class_weights: dict[str, float]) -> Callable:
-    """loss(model, batch) of a MultiAspectRewardModel on a batch of one aspect (batch["aspect"]).
-
-    Returns (weight x the aspect's mean loss over the batch, 1): fit divides the sum over a
-    step's micro-batches by their number, so the objective is the mean over micro-batches
-    of the weighted per-batch mean losses. The aspects' losses are means over different
-    things (segments, comparisons, scores), which a common sum could not weigh fairly.
-    """
-
-    def shared_batch_loss(model, batch):
-        aspect = batch["aspect"]
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-        if kinds[aspect] == "segment":
-            loss_sum, count = segment_loss(model.aspect_outputs(aspect, hidden), batch["labels"], error_class_weights[aspect])
-        elif kinds[aspect] == "preference":
-            scores = model.sequence_scores(aspect, hidden, batch["attention_mask"])
-            loss_sum = bradley_terry_loss(scores[batch["chosen"]], scores[batch["rejected"]], batch["margin"], batch["tie"]).sum()
-            count = len(batch["chosen"])
-        else:
-            scores = model.sequence_scores(aspect, hidden, batch["attention_mask"])
-            loss_sum, count = F.mse_loss(scores, batch["target"].float(), reduction="sum"), len(batch["target"])
-        return weights[aspect] * loss_sum / max(float(count), 1.0), 1
-
-    return shared_batch_loss
 
 
 def run_train_shared(cfg: TrainRMConfig) -> dict:
@@ -1249,13 +628,8 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
         "aspects": {},
     }
     for aspect, s in settings.items():
-        entry: dict[str, Any] = {"kind": s.kind, "granularity": s.granularity, "weight": weights[aspect], "trained_on": configs[aspect].data}
-        if s.kind == "segment":
-            entry.update(positive_reward=s.positive_reward, negative_reward=s.negative_reward,
-                         error_class_weight=s.error_class_weight, label_rules=s.label_rules.to_dict())
-        else:
-            entry["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": None}
-        spec["aspects"][aspect] = entry
+        spec["aspects"][aspect] = {"kind": s.kind, "granularity": s.granularity, "weight": weights[aspect],
+                                   "trained_on": configs[aspect].data, **kind_spec(s)}
     console.print(
         f"train-rm: {', '.join(f'{a} ({k})' for a, k in kinds.items())} on one {cfg.model} backbone, "
         f"{parameters.trainable:,} parameters trained on {device}; "
@@ -1311,13 +685,8 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     model.eval()
     scoring = views()
     for aspect, s in settings.items():
-        if s.kind == "segment":
-            continue
-        if cfg.normalize_on:
-            pairs, computed_on = responses_of(load_records(cfg.normalize_on)), cfg.normalize_on
-        else:
-            pairs, computed_on = responses_of(train_records[aspect]), "training responses"
-        spec["aspects"][aspect]["normalization"] = {**score_statistics(scoring[aspect], pairs, cfg.batch_size), "computed_on": computed_on}
+        if s.kind != "segment":
+            spec["aspects"][aspect]["normalization"] = normalization(scoring[aspect], train_records[aspect], cfg)
 
     (out / SPEC_FILE).unlink(missing_ok=True)
     save_model(model, tokenizer, out, merge_lora=False)
@@ -1358,7 +727,7 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"held-out segment accuracy {metrics['accuracy']:.4f} (majority baseline "
             f"{metrics['majority_baseline_accuracy']:.4f}; "
             + (f"difference 95% CI [{difference[0]:+.3f}, {difference[1]:+.3f}]: " if difference else "")
-            + f"{_verdict(difference, 0.0)}), error F1 {metrics['error_f1']:.4f}, "
+            + f"{interval_verdict(difference, 0.0)}), error F1 {metrics['error_f1']:.4f}, "
             f"error AUC {metrics['error_auc']:.4f}"
             + (f" (95% CI [{auc[0]:.3f}, {auc[1]:.3f}])" if auc else "")
             + f"; intervals over {metrics['bootstrap_prompts']} prompts"
@@ -1369,7 +738,7 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.4f} on {metrics['pairs']} pairs "
             f"of {metrics['bootstrap_prompts']} prompts (baseline 0.5; "
             + (f"95% CI [{interval[0]:.3f}, {interval[1]:.3f}]: " if interval else "")
-            + f"{_verdict(interval, metrics['pairwise_baseline_accuracy'])})"
+            + f"{interval_verdict(interval, metrics['pairwise_baseline_accuracy'])})"
         )
     if "mse" in metrics:
         return f"held-out MSE {metrics['mse']:.4f} (predicting the mean: {metrics['mean_baseline_mse']:.4f})"

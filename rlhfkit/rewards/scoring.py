@@ -1,0 +1,95 @@
+"""Scoring labelled records with a reward model: held-out metrics beside their trivial
+baselines, with bootstrap intervals over prompts (`evaluate_reward_model`; the statistics are
+rlhfkit.metrics'), and the mean/std a sequence RM's scores are normalised with
+(`score_statistics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.metrics import pairwise_intervals, segment_intervals, segment_metrics
+from rlhfkit.rewards.data import responses_of
+from rlhfkit.rewards.reward_model import RewardModel, judged_errors
+from rlhfkit.schema import Preference, Record, ScalarScore
+from rlhfkit.segment import SegmentLabelRules
+
+
+def evaluate_reward_model(
+    rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int, seed: int = 0,
+    rules: SegmentLabelRules | None = None,
+) -> dict[str, Any]:
+    """Held-out metrics of `rm` on labelled records, each beside its trivial baseline, with
+    95% bootstrap intervals over the records' prompts (seeded by `seed`) where there is one."""
+    fitting = [r for r in records if fits(rm, r)]
+    metrics: dict[str, Any] = {"records": len(fitting), "records_too_long": len(records) - len(fitting)}
+    if not fitting:
+        return metrics
+    if rm.kind == "segment":
+        rules = SegmentLabelRules.from_dict(rm.spec.get("label_rules")) if rules is None else rules
+        all_probs: list[float] = []
+        actual: list[bool] = []
+        prompts: list[str] = []
+        scored = rm.error_probabilities([r.prompt for r in fitting], [r.response for r in fitting], batch_size)
+        for r, (segments, probs) in zip(fitting, scored):
+            # Segments the label rules leave out of training are left out of the metrics too.
+            for label, prob in zip(rules.labels(segments, r.spans, r.response, aspect), probs):
+                if label is not None:
+                    actual.append(label)
+                    all_probs.append(prob)
+                    prompts.append(r.prompt)
+        predicted = judged_errors(all_probs)
+        return {
+            **metrics,
+            **segment_metrics(predicted, actual, all_probs),
+            **segment_intervals(prompts, predicted, actual, all_probs, seed),
+        }
+    pairs = [r for r in fitting if isinstance(r, Preference)]
+    if pairs:
+        distinct = responses_of(pairs)
+        score_of = dict(zip(distinct, rm.raw_scores([p for p, _ in distinct], [r for _, r in distinct], batch_size)))
+        decided_records = [r for r in pairs if not r.tie]
+        decided = [(score_of[r.prompt, r.chosen], score_of[r.prompt, r.rejected]) for r in decided_records]
+        metrics.update(
+            {
+                "pairwise_accuracy": sum(c > j for c, j in decided) / len(decided) if decided else float("nan"),
+                "pairwise_baseline_accuracy": 0.5,
+                "pairs": len(decided),
+                "ties": len(pairs) - len(decided),
+                "mean_score_margin": sum(c - j for c, j in decided) / len(decided) if decided else float("nan"),
+                **pairwise_intervals([r.prompt for r in decided_records], [c > j for c, j in decided], seed),
+            }
+        )
+    scored_records = [r for r in fitting if isinstance(r, ScalarScore)]
+    if scored_records:
+        predictions = rm.raw_scores([r.prompt for r in scored_records], [r.response for r in scored_records], batch_size)
+        targets = [r.score for r in scored_records]
+        mean_target = sum(targets) / len(targets)
+        metrics.update(
+            {
+                "mse": sum((p - t) ** 2 for p, t in zip(predictions, targets)) / len(targets),
+                "mean_baseline_mse": sum((mean_target - t) ** 2 for t in targets) / len(targets),
+                "scores": len(targets),
+            }
+        )
+    return metrics
+
+
+def fits(rm: RewardModel, record: Record) -> bool:
+    """Whether every response of the record fits the RM's --max-length (it is scored only then)."""
+    responses = [record.chosen, record.rejected] if isinstance(record, Preference) else [record.response]
+    return all(rm.encode(record.prompt, response) is not None for response in responses)
+
+
+def score_statistics(rm: RewardModel, pairs: Sequence[tuple[str, str]], batch_size: int) -> dict[str, float]:
+    """Mean and std (population) of the RM's raw scores; a std of 0 is stored as 1."""
+    fitting = [(p, r) for p, r in pairs if rm.encode(p, r) is not None]
+    if not fitting:
+        raise RlhfkitError("no response to normalise the reward model's scores on fits --max-length")
+    scores = torch.tensor(rm.raw_scores([p for p, _ in fitting], [r for _, r in fitting], batch_size), dtype=torch.float64)
+    std = float(scores.std(unbiased=False)) if len(scores) > 1 else 0.0
+    return {"mean": float(scores.mean()), "std": std if std > 1e-8 else 1.0, "responses": len(fitting)}
