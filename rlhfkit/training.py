@@ -52,6 +52,7 @@ from rlhfkit.distributed import (
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    check_zero3_accumulation,
     deepspeed_engine,
     full_parameters,
     is_main_process,
@@ -679,13 +680,7 @@ def _make_learner(model: torch.nn.Module, optimizer, scheduler, settings: LoopSe
         offload_optimizer=settings.offload_optimizer,
         offload_params=settings.offload_params,
     )
-    if config["zero_optimization"]["stage"] == 3 and settings.grad_accum > 1:
-        # Measured with DeepSpeed 0.19.8 on 2 processes: with an explicit accumulation
-        # boundary, ZeRO-3 loses the gradients of a step's earlier micro-batches.
-        raise RlhfkitError(
-            "--deepspeed zero3 with --grad-accum > 1 is not supported yet; use --grad-accum 1 with a larger "
-            "--batch-size, or zero2"
-        )
+    check_zero3_accumulation(config["zero_optimization"]["stage"], settings.grad_accum, "use --grad-accum 1 with a larger --batch-size, or zero2")
     return DeepSpeedLearner(deepspeed_engine(model, optimizer, config), scheduler)
 
 

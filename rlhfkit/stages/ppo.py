@@ -50,8 +50,10 @@ from rlhfkit.distributed import (
     all_reduce_sum,
     backward_together,
     check_deepspeed_options,
+    check_zero3_accumulation,
     deepspeed_engine,
     deepspeed_inference_module,
+    deepspeed_zero_stage,
     full_parameters,
     is_main_process,
     mean_over_processes,
@@ -209,6 +211,9 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        if self.deepspeed is not None:
+            check_zero3_accumulation(deepspeed_zero_stage(self.deepspeed), self.grad_accum,
+                                     "use --grad-accum 1 with a larger --minibatch-size, or zero2")
         if self.normalize_rewards not in NORMALIZE_REWARDS:
             raise RlhfkitError(f"unknown --normalize-rewards {self.normalize_rewards!r}; valid: {', '.join(NORMALIZE_REWARDS)}")
         load_chat_template(self.chat_template)
