@@ -649,11 +649,11 @@ def _train_step(
     count_total = torch.zeros((), dtype=torch.float64, device=device)
     for k, (batch, weight) in enumerate(zip(batches, weights)):
         with autocast(device, compute_dtype):
-            loss_sum, count = loss_fn(model, batch)
+            loss_sum, n = loss_fn(model, batch)
         scaled = loss_sum if global_count is None else loss_sum * learner.loss_scale(weight, global_count)
         learner.backward(scaled, last=k == len(batches) - 1)
         loss_total += loss_sum.detach().double() * weight
-        count_total += count
+        count_total += n
     count = global_count if global_count is not None else max(count_total.item(), 1.0)  # one device sync per step
     loss = all_reduce_sum(loss_total).item() / count
     if not math.isfinite(loss):
