@@ -1,9 +1,12 @@
-"""DeepSpeed configuration and the few collectives the stages use across processes.
+"""The seam between the training stages and data parallelism: DeepSpeed configuration,
+the collectives, and the learners a training loop steps.
 
 `rlhfkit launch` starts a stage once per GPU under the `deepspeed` launcher, which gives
 every process RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment.
 A stage then calls `init_distributed()` and works on `shard(items, rank, world_size)` of its
-data; every helper here is a no-op in a single process, so the same stage code runs
+data; every collective here is a no-op in a single process, and a training loop calls a
+`Learner` (`backward`, `step`, `loss_scale`) that is plain PyTorch in one process and a
+DeepSpeed engine (`DeepSpeedLearner`) under `--deepspeed`, so the same stage code runs
 unchanged with and without the launcher.
 
 The DeepSpeed JSON is generated from the stage's own options (`deepspeed_config`), so the
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -318,11 +322,28 @@ def check_deepspeed_options(deepspeed: str | None, offload_optimizer: bool, offl
                 "would train its own copy; add --deepspeed zero2 (or zero1, zero3)"
             )
         return
+    # The JSON's batch keys are checked when the engine is built.
+    _check_offload(deepspeed_zero_stage(deepspeed), offload_optimizer, offload_params)
+
+
+def deepspeed_zero_stage(deepspeed: str) -> int:
+    """The ZeRO stage of a --deepspeed value (a JSON's own stage where it gives one)."""
     zero_stage, user_config = resolve_deepspeed_option(deepspeed)
     if user_config is not None:
-        # The JSON's ZeRO stage decides; its batch keys are checked when the engine is built.
         zero_stage = _read_user_config(user_config).get("zero_optimization", {}).get("stage", zero_stage)
-    _check_offload(zero_stage, offload_optimizer, offload_params)
+    return zero_stage
+
+
+def check_zero3_accumulation(zero_stage: int, grad_accum: int, instead: str) -> None:
+    """Refuse ZeRO-3 with gradient accumulation, which loses gradients here.
+
+    The ZeRO-3 optimizer counts micro-batches in the engine's forward, and the stages run the
+    engine's module instead, so each micro-batch's gradient replaces the one before it
+    (measured with DeepSpeed 0.19.8 on 2 processes: half the one-process gradient norm for
+    2 accumulated micro-batches). `instead` says what to use.
+    """
+    if zero_stage == 3 and grad_accum > 1:
+        raise RlhfkitError(f"--deepspeed zero3 with --grad-accum > 1 is not supported yet; {instead}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -433,3 +454,161 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+# --- the training seam: the calls a training loop makes, the same with and without DeepSpeed ---
+
+
+class Learner:
+    """One trained model's optimizer, learning-rate schedule and gradient clipping, in one process.
+
+    A training loop backpropagates every micro-batch of a step (`backward`, or
+    `backward_together` for models whose losses share a graph) and then calls `step`: the
+    gradient norm is taken and clipped, the optimizer and the schedule step, the gradients
+    are cleared. `DeepSpeedLearner` answers the same calls with a DeepSpeed engine, so the
+    loop reads the same on one process or many; what differs is said where it differs:
+
+    - `loss_scale(count, global_count)`: what a loss that is a mean over `count` of the
+      step's `global_count` terms (tokens, items; of all processes) is multiplied by before
+      `backward`, so that the step's gradient is the mean over all of them;
+    - `reduces_in_backward`: whether `backward` already reduces the gradients over the
+      processes (DeepSpeed), so that a loss's normaliser must be known before it; in one
+      process the summed gradients can instead be divided at `step(grad_divisor=...)`.
+    """
+
+    reduces_in_backward = False
+
+    def __init__(self, params, optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float):
+        self.params = list(params)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.device = self.params[0].device
+
+    @property
+    def engines(self) -> list:
+        """The DeepSpeed engines whose checkpoints hold this learner's optimizer state (none here)."""
+        return []
+
+    def loss_scale(self, count: float, global_count: float) -> float:
+        return count / max(global_count, 1.0)
+
+    def backward(self, loss: Tensor, *, last: bool = True) -> None:
+        """Accumulate the gradient of `loss`; `last`: the step's last micro-batch (see DeepSpeedLearner)."""
+        loss.backward()
+
+    def step(self, *, grad_divisor: float | None = None, skip_nonfinite: bool = False) -> float:
+        """Apply the accumulated gradient; returns its norm before clipping.
+
+        `grad_divisor` divides the gradient first (the count a summed loss is normalised by,
+        when it is known only after the backward). With `skip_nonfinite` a NaN/inf norm
+        leaves the model and the schedule as they were (the caller then stops).
+        """
+        if grad_divisor is not None:
+            torch._foreach_div_([p.grad for p in self.params if p.grad is not None], grad_divisor)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        if math.isfinite(grad_norm) or not skip_nonfinite:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+class DeepSpeedLearner(Learner):
+    """A Learner whose model and optimizer train in a DeepSpeed engine (data parallel + ZeRO).
+
+    The engine clips (its `gradient_clipping`, from the stage's max grad norm) and steps the
+    stage's optimizer; the stage's learning-rate schedule is stepped here, as in one process.
+    """
+
+    reduces_in_backward = True
+
+    def __init__(self, engine: Any, scheduler: Any):
+        self.engine = engine
+        self.scheduler = scheduler
+        self.device = engine.device
+
+    @property
+    def engines(self) -> list:
+        return [self.engine]
+
+    def loss_scale(self, count: float, global_count: float) -> float:
+        # DeepSpeed averages the processes' gradients (divides their sum by the number of
+        # processes), so each process's share is multiplied by that number to give the sum.
+        return count * world_info()[2] / max(global_count, 1.0)
+
+    def backward(self, loss: Tensor, *, last: bool = True) -> None:
+        # The boundary is set explicitly, not by the engine's micro-step counter: a step can
+        # have fewer micro-batches than gradient_accumulation_steps (an epoch's last).
+        # scale_wrt_gas=False: the caller's loss_scale already normalises the loss.
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, *, grad_divisor: float | None = None, skip_nonfinite: bool = False) -> float:
+        """The engine's step; returns the global gradient norm before clipping (NaN where the
+        engine does not report it). The engine has taken its step before the norm is known, so
+        `skip_nonfinite` cannot hold a bad step back here."""
+        if grad_divisor is not None:
+            raise ValueError("the gradients are reduced during backward: scale the loss with loss_scale instead")
+        if self.engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed clips but does not report the norm; the gradients are
+            # already averaged over the processes here, so this is the global norm.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads))
+            self.engine.step()
+        else:
+            self.engine.step()
+            reported = self.engine.get_global_grad_norm()
+            grad_norm = float("nan") if reported is None else float(reported)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return grad_norm
+
+
+def backward_together(losses: Sequence[tuple[Learner, Tensor]], *, last: bool = True) -> None:
+    """Backpropagate the losses of several learners for one micro-batch.
+
+    In one process they are summed and backpropagated once: they may share a graph (PPO's
+    value head on the policy's trunk). A DeepSpeed engine backpropagates its own loss, since
+    it reduces its own gradients in that backward.
+    """
+    if any(learner.reduces_in_backward for learner, _ in losses):
+        for learner, loss in losses:
+            learner.backward(loss, last=last)
+        return
+    total = losses[0][1]
+    for _, loss in losses[1:]:
+        total = total + loss
+    total.backward()
+
+
+def sum_over_processes(value: Tensor) -> float:
+    """A scalar summed over all processes, in float64."""
+    return all_reduce_sum(value.double().reshape(1)).item()
+
+
+def mean_over_processes(values: Tensor) -> float:
+    """The mean of per-item values (e.g. one per rollout) over the items of all processes.
+
+    The count is made on the values' own device (a CPU count stacked with GPU values fails),
+    and all_reduce_sum moves the pair to the collective's device."""
+    if world_info()[2] == 1:
+        return values.mean().item()
+    values = values.double()
+    total = all_reduce_sum(torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)]))
+    return (total[0] / total[1]).item()
+
+
+def token_means(values: dict[str, Tensor], tokens: Tensor) -> dict[str, float]:
+    """Per-token means over this process's `tokens` valid tokens (0-dim tensors) as the means
+    over the valid tokens of all processes: one all-reduce of the token-weighted sums.
+
+    In one process every value comes back as it was: for a float32 x and a count n < 2^24,
+    x * n needs at most 48 of float64's 53 bits, so x * n / n is x exactly.
+    """
+    local_tokens = tokens.to(torch.float64)
+    names = list(values)
+    sums = all_reduce_sum(torch.stack([values[name].detach().double() * local_tokens for name in names] + [local_tokens]))
+    global_tokens = max(sums[-1].item(), 1.0)
+    return {name: (value / global_tokens).item() for name, value in zip(names, sums[:-1])}

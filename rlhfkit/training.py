@@ -17,7 +17,8 @@ read back with `weights_only=True`. Each is written to a temporary directory and
 into place, so a crash mid-save never leaves a checkpoint that `--resume` would trust.
 
 With `--deepspeed` (LoopSettings.deepspeed) the model and optimizer train inside a
-DeepSpeed engine, data-parallel over the processes `rlhfkit launch` started. The step plan
+DeepSpeed engine (rlhfkit.distributed.DeepSpeedLearner; in one process a Learner takes the
+same calls), data-parallel over the processes `rlhfkit launch` started. The step plan
 stays global: a micro-batch of `batch_size` items per process is a global micro-batch of
 `batch_size x processes` items, of which each process takes its `shard`; so N processes
 with --batch-size B see the same items per step as one process with --batch-size N*B, and
@@ -46,9 +47,12 @@ from transformers import get_scheduler
 
 from rlhfkit.console import console
 from rlhfkit.distributed import (
+    DeepSpeedLearner,
+    Learner,
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    check_zero3_accumulation,
     deepspeed_engine,
     full_parameters,
     is_main_process,
@@ -471,6 +475,19 @@ class _Progress:
     padded_tokens: int = 0
     batch_tokens: int = 0
 
+    def record(self, step: int, loss: float, seconds: float, micro_batches: list[list[int]], item_lengths) -> dict:
+        """Count a finished step; returns its padding fraction for the log (none without item lengths)."""
+        self.step = step
+        self.losses.append(loss)
+        self.samples += sum(len(indices) for indices in micro_batches)
+        self.train_seconds += seconds
+        if item_lengths is None:
+            return {}
+        padded, total = padding_counts(micro_batches, item_lengths)
+        self.padded_tokens += padded
+        self.batch_tokens += total
+        return {"padding_fraction": round(padded / max(total, 1), 6)}
+
 
 def evaluate_loss(
     model: torch.nn.Module,
@@ -533,174 +550,52 @@ def fit(
     """
     if not train_items:
         raise RlhfkitError("no training items")
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    world_size = world_info()[2]
     group_lengths = settings.group_by_length and item_lengths is not None
     plan = StepPlan(
-        len(train_items), settings.batch_size * world_size, settings.grad_accum, settings.epochs, settings.max_steps, settings.seed,
+        len(train_items), settings.batch_size * world_info()[2], settings.grad_accum, settings.epochs, settings.max_steps, settings.seed,
         groups=tuple(item_groups) if item_groups is not None else None,
         lengths=tuple(max(rows, default=0) for rows in item_lengths) if group_lengths else None,
     )
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
     scheduler = make_scheduler(optimizer, settings.lr_scheduler, plan.total_steps, settings.warmup_ratio)
-    engine = None
-    if settings.deepspeed is not None:
-        if count_fn is None:
-            raise ValueError("fit: count_fn is required with settings.deepspeed")
-        config = stage_deepspeed_config(
-            settings.deepspeed,
-            micro_batch_size=settings.batch_size,
-            grad_accum=settings.grad_accum,
-            dtype=settings.compute_dtype,
-            max_grad_norm=settings.max_grad_norm,
-            offload_optimizer=settings.offload_optimizer,
-            offload_params=settings.offload_params,
-        )
-        if config["zero_optimization"]["stage"] == 3 and settings.grad_accum > 1:
-            # Measured with DeepSpeed 0.19.8 on 2 processes: with an explicit accumulation
-            # boundary, ZeRO-3 loses the gradients of a step's earlier micro-batches.
-            raise RlhfkitError(
-                "--deepspeed zero3 with --grad-accum > 1 is not supported yet; use --grad-accum 1 with a larger "
-                "--batch-size, or zero2"
-            )
-        engine = deepspeed_engine(model, optimizer, config)
-    # What must match for a checkpoint's step N to mean the same items and updates.
-    identity = {
-        "items": len(train_items),
-        "batch_size": settings.batch_size,
-        "grad_accum": settings.grad_accum,
-        "seed": settings.seed,
-        "data": data_fingerprint,
-    }
-    if group_lengths:
-        identity["group_by_length"] = True
-    if world_size > 1:
-        identity["processes"] = world_size  # the global batch is batch_size x processes
-    progress = _Progress()
-    resumed_from = None
-
-    if settings.resume:
-        checkpoint = latest_checkpoint(settings.out)
-        if checkpoint is None:
-            console.print(f"{description}: no checkpoint in {Path(settings.out) / CHECKPOINTS}; starting from step 0")
-            run.truncate_metrics(-1)  # lines of an earlier attempt that died before its first checkpoint
-        else:
-            saved = safe_torch_load(checkpoint / STATE_FILE)
-            changed = [f"{k}: {saved['identity'].get(k)!r} then, {v!r} now" for k, v in identity.items() if saved["identity"].get(k) != v]
-            if changed:
-                raise RlhfkitError(
-                    f"{checkpoint} was trained on other data or settings ({'; '.join(changed)}); "
-                    "resume with the same data, --batch-size, --grad-accum and --seed, or use another --out"
-                )
-            if engine is not None:
-                load_deepspeed_states(checkpoint, [engine])
-            elif saved["optimizer"] is None:
-                raise RlhfkitError(f"{checkpoint} was saved under --deepspeed; resume with --deepspeed")
-            else:
-                load_model_weights(model, checkpoint)
-                optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            set_rng_state(saved["rng"])
-            progress = _Progress(**saved["progress"])
-            resumed_from = progress.step
-            run.truncate_metrics(progress.step)
-            console.print(f"{description}: resuming from {checkpoint} (step {progress.step} of {plan.total_steps})")
-
-    def last_good() -> str:
-        checkpoint = latest_checkpoint(settings.out)
-        return f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
-
-    def diverged(what: str, step: int) -> TrainingDiverged:
-        return TrainingDiverged(
-            f"training diverged at step {step}: {what}; {last_good()} "
-            f"(lower --lr, raise --warmup-ratio, or check the data; --resume continues from the checkpoint)"
-        )
+    learner = _make_learner(model, optimizer, scheduler, settings, count_fn)
+    identity = _fit_identity(len(train_items), settings, data_fingerprint, group_lengths)
+    progress = _resume(settings, run, model, learner, identity, plan.total_steps, description)
+    resumed_from = progress.step if progress is not None else None
+    progress = progress or _Progress()
 
     def run_evaluation(step: int) -> None:
         if evaluate is None:
             return
         model.eval()
-        with torch.no_grad(), autocast(device, settings.compute_dtype):
+        with torch.no_grad(), autocast(learner.device, settings.compute_dtype):
             metrics = evaluate()
         model.train()
         progress.evals.append({"step": step, **metrics})
         run.log_metrics(step=step, **{f"eval_{k}": v for k, v in metrics.items()})
         console.print(f"{description}: step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
 
-    def checkpoint_state() -> dict:
-        return {
-            "identity": identity,
-            # Under DeepSpeed the optimizer's (sharded) state is in the engine's checkpoint.
-            "optimizer": optimizer.state_dict() if engine is None else None,
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "progress": vars(progress),
-        }
-
     if progress.step == 0:
         run_evaluation(0)
     model.train()
-    max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
     with progress_bar(description, plan.total_steps) as advance:
         advance(progress.step)
         for step, micro_batches in plan.windows(progress.step):
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            if engine is not None:
-                loss, grad_norm, samples = _deepspeed_step(
-                    engine, train_items, micro_batches, collate, loss_fn, count_fn, settings.compute_dtype,
-                    lambda what, step=step: diverged(what, step),
-                )
-                scheduler.step()
-            else:
-                loss_total = torch.zeros((), dtype=torch.float64, device=device)
-                count_total = torch.zeros((), dtype=torch.float64, device=device)
-                samples = 0
-                for indices in micro_batches:
-                    batch = to_device(collate([train_items[i] for i in indices]), device)
-                    with autocast(device, settings.compute_dtype):
-                        loss_sum, count = loss_fn(model, batch)
-                    loss_sum.backward()
-                    loss_total += loss_sum.detach().double()
-                    count_total += count
-                    samples += len(indices)
-                count_value = max(count_total.item(), 1.0)  # one device sync per step
-                loss = loss_total.item() / count_value
-                if not math.isfinite(loss):
-                    raise diverged(f"the loss is {loss}", step)
-                torch._foreach_div_([p.grad for p in params if p.grad is not None], count_value)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                if not math.isfinite(grad_norm):
-                    raise diverged(f"the gradient norm is {grad_norm}", step)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.train_seconds += time.perf_counter() - started
-            progress.step = step
-            progress.samples += samples
-            progress.losses.append(loss)
-            padding = {}
-            if item_lengths is not None:
-                padded, total = padding_counts(micro_batches, item_lengths)
-                progress.padded_tokens += padded
-                progress.batch_tokens += total
-                padding["padding_fraction"] = round(padded / max(total, 1), 6)
-            run.log_metrics(
-                step=step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=round(step / plan.steps_per_epoch, 4), **padding
+            loss, grad_norm = _train_step(
+                learner, model, train_items, micro_batches, collate, loss_fn, count_fn, settings.compute_dtype,
+                lambda what, step=step: _diverged(settings.out, what, step),
             )
+            padding = progress.record(step, loss, time.perf_counter() - started, micro_batches, item_lengths)
+            run.log_metrics(step=step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=round(step / plan.steps_per_epoch, 4), **padding)
             advance(metrics={"loss": loss, "samples_per_second": progress.samples / max(progress.train_seconds, 1e-9)})
             if settings.eval_every and step % settings.eval_every == 0 and step < plan.total_steps:
                 run_evaluation(step)
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
-                if not _parameters_finite(model):
-                    raise diverged("a parameter became NaN/inf", step)
-                save_checkpoint(
-                    settings.out, step, model, checkpoint_state(), tokenizer=tokenizer, keep=settings.keep_checkpoints,
-                    engines=[engine] if engine is not None else [],
-                )
+                _save(settings, step, model, tokenizer, learner, identity, progress)
     if not _parameters_finite(model):
-        raise diverged("a parameter became NaN/inf", progress.step)
+        raise _diverged(settings.out, "a parameter became NaN/inf", progress.step)
     if not progress.evals or progress.evals[-1]["step"] != progress.step:
         run_evaluation(progress.step)
     return FitResult(
@@ -715,28 +610,30 @@ def fit(
     )
 
 
-def _deepspeed_step(
-    engine: Any,
+def _train_step(
+    learner: Learner,
+    model: torch.nn.Module,
     items: Sequence,
     micro_batches: list[list[int]],
     collate: Callable[[list], Batch],
     loss_fn: LossFn,
-    count_fn: CountFn,
+    count_fn: CountFn | None,
     compute_dtype: torch.dtype,
     diverged: Callable[[str], TrainingDiverged],
-) -> tuple[float, float, int]:
-    """One optimizer step of `fit` in a DeepSpeed engine: (loss, grad norm, samples), all global.
+) -> tuple[float, float]:
+    """One optimizer step of `fit` on the step's global micro-batches: (loss, grad norm), both global.
 
-    `micro_batches` are the step's global micro-batches; this process trains on its shard
-    of each. The loss `fit` wants is sum(loss over the global step) / global count. Each
-    process backpropagates its summed loss x world_size / global count: DeepSpeed averages
-    the processes' gradients (divides their sum by world_size) and, with
-    scale_wrt_gas=False, does not divide by the accumulation steps, so the reduced gradient
-    is exactly the one-process gradient. Clipping (DeepSpeed's `gradient_clipping`, from
-    --max-grad-norm) then sees the global norm.
+    Each process trains on its shard of every micro-batch (all of it in one process). The
+    loss is sum(loss over the global step) / global count, and the step's gradient is that
+    loss's. One process backpropagates the summed losses and divides the gradient by the
+    count after the last backward. A DeepSpeed engine reduces the gradients over the
+    processes during each backward, so there the count is taken from the batches first
+    (count_fn) and each summed loss is multiplied by learner.loss_scale before its backward:
+    the reduced gradient is then exactly the one-process gradient, and clipping (DeepSpeed's
+    `gradient_clipping`, from --max-grad-norm) sees the global norm.
     """
     rank, _, world_size = world_info()
-    device = engine.device
+    device = learner.device
     batches, weights = [], []
     for indices in micro_batches:
         mine = shard(indices, rank, world_size)
@@ -744,29 +641,118 @@ def _deepspeed_step(
         # runs one per global micro-batch: an empty shard runs the batch's first item at weight 0.
         batches.append(to_device(collate([items[i] for i in (mine or indices[:1])]), device))
         weights.append(1.0 if mine else 0.0)
-    local_count = sum(float(count_fn(batch)) * weight for batch, weight in zip(batches, weights))
-    global_count = max(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64, device=device)).item(), 1.0)
-    scale = world_size / global_count
+    global_count = None
+    if learner.reduces_in_backward:
+        local_count = sum(float(count_fn(batch)) * weight for batch, weight in zip(batches, weights))
+        global_count = max(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64, device=device)).item(), 1.0)
     loss_total = torch.zeros(1, dtype=torch.float64, device=device)
+    count_total = torch.zeros((), dtype=torch.float64, device=device)
     for k, (batch, weight) in enumerate(zip(batches, weights)):
-        # The step's micro-batches can be fewer than --grad-accum (an epoch's last step), so
-        # the boundary is set explicitly instead of by DeepSpeed's micro-step counter.
-        engine.set_gradient_accumulation_boundary(k == len(batches) - 1)
         with autocast(device, compute_dtype):
-            loss_sum, _ = loss_fn(engine.module, batch)
-        engine.backward(loss_sum * (scale * weight), scale_wrt_gas=False)
+            loss_sum, n = loss_fn(model, batch)
+        scaled = loss_sum if global_count is None else loss_sum * learner.loss_scale(weight, global_count)
+        learner.backward(scaled, last=k == len(batches) - 1)
         loss_total += loss_sum.detach().double() * weight
-    loss = all_reduce_sum(loss_total).item() / global_count
+        count_total += n
+    count = global_count if global_count is not None else max(count_total.item(), 1.0)  # one device sync per step
+    loss = all_reduce_sum(loss_total).item() / count
     if not math.isfinite(loss):
         raise diverged(f"the loss is {loss}")
-    if engine.zero_optimization_stage() == 0:
-        # Without ZeRO, DeepSpeed clips but does not report the norm; the gradients are
-        # already averaged over the processes here, so this is the global norm.
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
-        engine.step()
-    else:
-        engine.step()
-        grad_norm = float(engine.get_global_grad_norm())
+    grad_norm = learner.step(grad_divisor=None if learner.reduces_in_backward else count, skip_nonfinite=True)
     if not math.isfinite(grad_norm):
         raise diverged(f"the gradient norm is {grad_norm}")
-    return loss, grad_norm, sum(len(indices) for indices in micro_batches)
+    return loss, grad_norm
+
+
+def _make_learner(model: torch.nn.Module, optimizer, scheduler, settings: LoopSettings, count_fn: CountFn | None) -> Learner:
+    """The model's learner: in a DeepSpeed engine with `settings.deepspeed`, else plain PyTorch."""
+    if settings.deepspeed is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Learner(params, optimizer, scheduler, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf"))
+    if count_fn is None:
+        raise ValueError("fit: count_fn is required with settings.deepspeed")
+    config = stage_deepspeed_config(
+        settings.deepspeed,
+        micro_batch_size=settings.batch_size,
+        grad_accum=settings.grad_accum,
+        dtype=settings.compute_dtype,
+        max_grad_norm=settings.max_grad_norm,
+        offload_optimizer=settings.offload_optimizer,
+        offload_params=settings.offload_params,
+    )
+    check_zero3_accumulation(config["zero_optimization"]["stage"], settings.grad_accum, "use --grad-accum 1 with a larger --batch-size, or zero2")
+    return DeepSpeedLearner(deepspeed_engine(model, optimizer, config), scheduler)
+
+
+def _fit_identity(n_items: int, settings: LoopSettings, data_fingerprint: str, group_lengths: bool) -> dict:
+    """What must match for a checkpoint's step N to mean the same items and updates."""
+    identity = {
+        "items": n_items,
+        "batch_size": settings.batch_size,
+        "grad_accum": settings.grad_accum,
+        "seed": settings.seed,
+        "data": data_fingerprint,
+    }
+    if group_lengths:
+        identity["group_by_length"] = True
+    if world_info()[2] > 1:
+        identity["processes"] = world_info()[2]  # the global batch is batch_size x processes
+    return identity
+
+
+def _resume(settings: LoopSettings, run: RunDir, model: torch.nn.Module, learner: Learner, identity: dict,
+            total_steps: int, description: str) -> _Progress | None:
+    """With settings.resume, the progress of the latest checkpoint, with the model, optimizer,
+    schedule and RNG put back as they were there; None for a fresh start."""
+    if not settings.resume:
+        return None
+    checkpoint = latest_checkpoint(settings.out)
+    if checkpoint is None:
+        console.print(f"{description}: no checkpoint in {Path(settings.out) / CHECKPOINTS}; starting from step 0")
+        run.truncate_metrics(-1)  # lines of an earlier attempt that died before its first checkpoint
+        return None
+    saved = safe_torch_load(checkpoint / STATE_FILE)
+    changed = [f"{k}: {saved['identity'].get(k)!r} then, {v!r} now" for k, v in identity.items() if saved["identity"].get(k) != v]
+    if changed:
+        raise RlhfkitError(
+            f"{checkpoint} was trained on other data or settings ({'; '.join(changed)}); "
+            "resume with the same data, --batch-size, --grad-accum and --seed, or use another --out"
+        )
+    if learner.engines:
+        load_deepspeed_states(checkpoint, learner.engines)
+    elif saved["optimizer"] is None:
+        raise RlhfkitError(f"{checkpoint} was saved under --deepspeed; resume with --deepspeed")
+    else:
+        load_model_weights(model, checkpoint)
+        learner.optimizer.load_state_dict(saved["optimizer"])
+    learner.scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    progress = _Progress(**saved["progress"])
+    run.truncate_metrics(progress.step)
+    console.print(f"{description}: resuming from {checkpoint} (step {progress.step} of {total_steps})")
+    return progress
+
+
+def _save(settings: LoopSettings, step: int, model: torch.nn.Module, tokenizer: Any, learner: Learner, identity: dict,
+          progress: _Progress) -> None:
+    """Checkpoint step `step` (never a model with a NaN/inf parameter)."""
+    if not _parameters_finite(model):
+        raise _diverged(settings.out, "a parameter became NaN/inf", step)
+    state = {
+        "identity": identity,
+        # Under DeepSpeed the optimizer's (sharded) state is in the engine's checkpoint.
+        "optimizer": learner.optimizer.state_dict() if not learner.engines else None,
+        "scheduler": learner.scheduler.state_dict(),
+        "rng": rng_state(),
+        "progress": vars(progress),
+    }
+    save_checkpoint(settings.out, step, model, state, tokenizer=tokenizer, keep=settings.keep_checkpoints, engines=learner.engines)
+
+
+def _diverged(out: Path, what: str, step: int) -> TrainingDiverged:
+    checkpoint = latest_checkpoint(out)
+    last_good = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}; {last_good} "
+        f"(lower --lr, raise --warmup-ratio, or check the data; --resume continues from the checkpoint)"
+    )

@@ -1,4 +1,4 @@
-"""rlhfkit.distributed (DeepSpeed config, ZeRO memory, sharding, collectives) and `rlhfkit launch`."""
+"""rlhfkit.distributed (DeepSpeed config, ZeRO memory, sharding, collectives, the learners) and `rlhfkit launch`."""
 
 from __future__ import annotations
 
@@ -12,14 +12,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rlhfkit import distributed
 from rlhfkit.distributed import (
+    DeepSpeedLearner,
+    Learner,
     all_reduce_sum,
+    backward_together,
     barrier,
     deepspeed_config,
     init_distributed,
     is_main_process,
+    mean_over_processes,
     resolve_deepspeed_option,
     shard,
+    sum_over_processes,
+    token_means,
     world_info,
     zero_memory_per_gpu,
 )
@@ -332,6 +339,64 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     assert world_info() == (5, 1, 8) and not is_main_process()
 
 
+# ------------------------------------------------------------- the learners, one process
+
+
+def sgd_learner(w: float, max_grad_norm: float) -> tuple[torch.nn.Parameter, Learner]:
+    param = torch.nn.Parameter(torch.tensor(w))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)  # halves the lr per step
+    return param, Learner([param], optimizer, scheduler, max_grad_norm)
+
+
+def test_learner_step_divides_clips_steps_and_clears():
+    # loss = 6w: gradient 6, divided by 2 -> 3 (the norm returned), clipped to norm 1, so
+    # SGD at lr 0.1 moves w from 1 to 0.9; the schedule then halves the lr; the gradient is cleared.
+    param, learner = sgd_learner(1.0, max_grad_norm=1.0)
+    learner.backward(6 * param)
+    assert learner.step(grad_divisor=2.0) == pytest.approx(3.0)
+    assert param.item() == pytest.approx(0.9) and param.grad is None
+    assert learner.scheduler.get_last_lr() == [0.05]
+
+
+def test_learner_step_can_hold_back_a_non_finite_gradient():
+    # skip_nonfinite: an inf gradient leaves the weight and the schedule as they were.
+    param, learner = sgd_learner(1.0, max_grad_norm=float("inf"))
+    learner.backward(param * float("inf"))
+    assert learner.step(skip_nonfinite=True) == float("inf")
+    assert param.item() == 1.0 and learner.scheduler.get_last_lr() == [0.1] and param.grad is None
+
+
+def test_loss_scale_is_the_share_of_the_global_count(monkeypatch):
+    # 3 of the step's 12 tokens: weight 3/12 in one process; DeepSpeed averages the gradients
+    # of 2 processes, so each backpropagates 2 x 3/12 = 0.5.
+    assert Learner([torch.nn.Parameter(torch.zeros(()))], None, None, 1.0).loss_scale(3, 12) == 0.25
+    monkeypatch.setattr(distributed, "world_info", lambda: (0, 0, 2))
+    engine = type("Engine", (), {"device": torch.device("cpu")})()
+    assert DeepSpeedLearner(engine, None).loss_scale(3, 12) == 0.5
+    with pytest.raises(ValueError, match="scale the loss with loss_scale"):
+        DeepSpeedLearner(engine, None).step(grad_divisor=2.0)
+
+
+def test_backward_together_backpropagates_a_shared_graph_once():
+    # Two losses on one trunk h = 2w (PPO's value head on the policy): 3h + 5h has gradient
+    # 2 * 3 + 2 * 5 = 16 in w. Two separate backwards would fail (the graph is freed after one).
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    trunk = 2 * w
+    policy, value = Learner([w], None, None, 1.0), Learner([w], None, None, 1.0)
+    backward_together([(policy, 3 * trunk), (value, 5 * trunk)])
+    assert w.grad.item() == 16.0
+
+
+def test_process_statistics_in_one_process_are_the_local_ones(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    # x * n / n in float64 is x exactly for a float32 x: the means come back bit for bit.
+    value = torch.tensor(0.1, dtype=torch.float32)
+    assert token_means({"loss": value}, torch.tensor(7.0)) == {"loss": value.item()}
+    assert mean_over_processes(torch.tensor([1.0, 2.0, 6.0])) == 3.0
+    assert sum_over_processes(torch.tensor(5.0)) == 5.0
+
+
 # ------------------------------------------------------------- two real processes
 
 def _free_port() -> int:
@@ -355,8 +420,13 @@ def _two_process_worker(rank: int, world_size: int, port: int, out_dir: str, thr
     # the global mean is 2.5 and the (unbiased) variance 5/3, whatever the split.
     values = torch.tensor([[1.0, 2.0]]) + 2 * rank
     whitened = masked_whiten(values, torch.ones_like(values), all_reduce=all_reduce_sum)
+    # Rank 0: a loss of 1 over 2 tokens, rollouts [1, 2]; rank 1: a loss of 4 over 1 token,
+    # rollouts [3, 4, 5]. Global token mean (1*2 + 4*1) / 3 = 2, rollout mean 15 / 5 = 3.
+    means = token_means({"loss": torch.tensor(1.0 + 3 * rank)}, torch.tensor(2.0 - rank))
+    rollout_mean = mean_over_processes(torch.tensor([[1.0, 2.0], [3.0, 4.0, 5.0]][rank]))
     barrier()
-    result = {"summed": summed.tolist(), "whitened": whitened.tolist(), "main": is_main_process()}
+    result = {"summed": summed.tolist(), "whitened": whitened.tolist(), "main": is_main_process(),
+              "token_mean": means["loss"], "rollout_mean": rollout_mean, "tokens": sum_over_processes(torch.tensor(2.0 - rank))}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
@@ -373,6 +443,7 @@ def run_two_processes(out_dir, through_deepspeed: bool) -> None:
     std = (5 / 3) ** 0.5
     whitened = [x for r in ranks for x in r["whitened"][0]]
     assert whitened == pytest.approx([(v - 2.5) / std for v in (1, 2, 3, 4)], abs=1e-5)
+    assert [(r["token_mean"], r["rollout_mean"], r["tokens"]) for r in ranks] == [(2.0, 3.0, 3.0)] * 2
 
 
 def test_two_gloo_processes_sum_and_whiten_globally(tmp_path):

@@ -258,7 +258,7 @@ def test_all_reduce_moves_tensors_to_the_collective_device(monkeypatch):
 
 
 def test_mean_over_processes_counts_on_the_values_device(monkeypatch):
-    from rlhfkit.stages import ppo
+    from rlhfkit import distributed
 
     devices = []
 
@@ -266,11 +266,11 @@ def test_mean_over_processes_counts_on_the_values_device(monkeypatch):
         devices.append(tensor.device)
         return torch.tensor([6.0, 3.0], dtype=torch.float64)  # the other rank's sum and count added
 
-    monkeypatch.setattr(ppo, "world_info", lambda: (0, 0, 2))
-    monkeypatch.setattr(ppo, "all_reduce_sum", recording_all_reduce)
+    monkeypatch.setattr(distributed, "world_info", lambda: (0, 0, 2))
+    monkeypatch.setattr(distributed, "all_reduce_sum", recording_all_reduce)
     # Values on "meta" (standing in for the model's GPU): the count must be made there too,
     # not on the CPU (torch.stack of a GPU sum and a CPU count fails).
-    assert ppo.mean_over_processes(torch.ones(3, device="meta")) == 2.0
+    assert distributed.mean_over_processes(torch.ones(3, device="meta")) == 2.0
     assert devices == [torch.device("meta")]
 
 

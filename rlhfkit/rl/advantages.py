@@ -29,8 +29,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rlhfkit.errors import RlhfkitError
-
 StatsReducer = Callable[[Tensor], Tensor]
 """Sums a 1-D float tensor over all ranks (a SUM all-reduce) and returns the result."""
 
@@ -137,7 +135,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tens
     if kind == "k3":
         # r = exp(-log_ratio); (r - 1) - log r, written with expm1 for accuracy near r = 1.
         return torch.expm1(-log_ratio) + log_ratio
-    raise RlhfkitError(
+    raise ValueError(
         f"unknown KL penalty kind {kind!r}; choose one of {', '.join(KL_PENALTY_KINDS)}"
     )
 
@@ -180,7 +178,7 @@ class AdaptiveKLController:
 
     def __init__(self, init_beta: float, target: float, horizon: int):
         if target <= 0 or horizon <= 0:
-            raise RlhfkitError(
+            raise ValueError(
                 f"adaptive KL needs target > 0 and horizon > 0 "
                 f"(got target={target}, horizon={horizon})"
             )
@@ -234,16 +232,16 @@ def gae(
 
 def _check_group_shape(n_rows: int, group_size: int, kind: str) -> None:
     if kind not in GROUP_ADVANTAGE_KINDS:
-        raise RlhfkitError(
+        raise ValueError(
             f"unknown group advantage kind {kind!r}; "
             f"choose one of {', '.join(GROUP_ADVANTAGE_KINDS)}"
         )
     if group_size < 2:
-        raise RlhfkitError(
+        raise ValueError(
             f"group advantages need group_size >= 2 samples per prompt (got {group_size})"
         )
     if n_rows % group_size != 0:
-        raise RlhfkitError(
+        raise ValueError(
             f"batch of {n_rows} responses is not a whole number of groups of {group_size}; "
             "make the rollout batch a multiple of the group size"
         )
@@ -313,7 +311,7 @@ def group_token_returns(
     n_rows, n_positions = token_rewards.shape
     _check_group_shape(n_rows, group_size, kind)
     if baseline not in GROUP_BASELINES:
-        raise RlhfkitError(f"unknown group baseline {baseline!r}; choose one of {', '.join(GROUP_BASELINES)}")
+        raise ValueError(f"unknown group baseline {baseline!r}; choose one of {', '.join(GROUP_BASELINES)}")
     valid = mask.bool()
     given = valid if reward_mask is None else (reward_mask.bool() & valid)
     if baseline == "sequence-sum":

@@ -19,8 +19,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhfkit.errors import RlhfkitError
-
 AGGREGATIONS = ("token_mean", "seq_mean")
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32) where no gradient is needed
 
@@ -34,7 +32,7 @@ def _aggregate(per_token: Tensor, valid: Tensor, aggregation: str) -> Tensor:
         has_tokens = tokens_per_row > 0
         row_means = per_token.sum(dim=1) / tokens_per_row.clamp(min=1)
         return row_means[has_tokens].sum() / has_tokens.sum().clamp(min=1)
-    raise RlhfkitError(
+    raise ValueError(
         f"unknown loss aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
     )
 
@@ -123,7 +121,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     actually sampled with. top-k / top-p filtering does not enter the logprob.
     """
     if temperature <= 0:
-        raise RlhfkitError(f"temperature must be > 0 (got {temperature})")
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
     return _by_rows(_token_logprobs, logits, tokens, temperature)
 
 

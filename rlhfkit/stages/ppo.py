@@ -4,9 +4,9 @@ One iteration, read top to bottom in `ppo_iteration`:
 1. roll out: sample `samples_per_prompt` responses per prompt (left padding, KV cache);
 2. score: every reward source puts its rewards on the policy tokens where they are earned
    (segment ends, the last token, or every token when redistributed), weighted as the user
-   says; minus beta * (logp_policy - logp_ref) at every token;
-3. advantages: GAE over a value model (the paper), or group-normalised returns (GRPO/RLOO,
-   critic-free);
+   says; the policy's and the reference's log-probs give the KL at every token;
+3. rewards and advantages: minus beta * (logp_policy - logp_ref) at every token, then GAE
+   over a value model (the paper), or group-normalised returns (GRPO/RLOO, critic-free);
 4. update: several epochs of clipped policy loss + clipped value loss over minibatches
    (--grad-accum of them per optimizer step), stopping an epoch early when the approximate
    KL to the rollout policy passes a threshold.
@@ -15,11 +15,13 @@ The RL math lives in rlhfkit.rl (pure, unit-tested functions); this file wires i
 With `--deepspeed` (several processes via `rlhfkit launch`) each process rolls out its
 shard of the step's prompts, scores and advantages its own rollouts, and trains the policy
 and value model in DeepSpeed engines on minibatches of `--minibatch-size / processes`
-rollouts. Everything that is a statistic of the batch stays global: advantage (and reward)
-whitening, the KL controller's KL, the logged metrics, the KL early stop, and the
-token-mean losses, whose gradients are scaled so that N processes take the update one
-process would take on the same global minibatch. The reference policy is inference-only
-(sharded under ZeRO-3); reward models are plain eval copies in every process.
+rollouts. The update calls the same things either way (rlhfkit.distributed: the learners'
+`backward`/`step`, collectives that are no-ops in one process), and everything that is a
+statistic of the batch stays global: advantage (and reward) whitening, the KL controller's
+KL, the logged metrics, the KL early stop, and the token-mean losses, whose gradients are
+scaled so that N processes take the update one process would take on the same global
+minibatch. The reference policy is inference-only (sharded under ZeRO-3); reward models are
+plain eval copies in every process.
 """
 
 from __future__ import annotations
@@ -43,14 +45,22 @@ from rlhfkit.distributed import (
     DEEPSPEED_HELP,
     OFFLOAD_OPTIMIZER_HELP,
     OFFLOAD_PARAMS_HELP,
+    DeepSpeedLearner,
+    Learner,
     all_reduce_sum,
+    backward_together,
     check_deepspeed_options,
+    check_zero3_accumulation,
     deepspeed_engine,
     deepspeed_inference_module,
+    deepspeed_zero_stage,
     full_parameters,
     is_main_process,
+    mean_over_processes,
     shard,
     stage_deepspeed_config,
+    sum_over_processes,
+    token_means,
     world_info,
 )
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
@@ -201,6 +211,9 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
+        if self.deepspeed is not None:
+            check_zero3_accumulation(deepspeed_zero_stage(self.deepspeed), self.grad_accum,
+                                     "use --grad-accum 1 with a larger --minibatch-size, or zero2")
         if self.normalize_rewards not in NORMALIZE_REWARDS:
             raise RlhfkitError(f"unknown --normalize-rewards {self.normalize_rewards!r}; valid: {', '.join(NORMALIZE_REWARDS)}")
         load_chat_template(self.chat_template)
@@ -334,6 +347,155 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
     return PolicyBundle(policy, tokenizer, is_encdec, ref, value_backbone, value_head, shared)
 
 
+# --- one PPO iteration: the update proper ------------------------------------------------------
+
+
+def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompts: list[str], optimizers, schedulers, kl_ctl, step: int,
+                  backend=None):
+    """One rollout + update; returns (metrics, rollout, per-token rewards) for logging.
+
+    Read as one process: under --deepspeed the collectives (all_reduce_sum, sum_over_processes,
+    token_means, mean_over_processes) make the batch statistics global and the learners'
+    backward/step run the engines; in one process they are plain PyTorch.
+    `backend` samples the rollout (rlhfkit.generation_backends; default: the policy's generate).
+    """
+    backend = backend or HFGeneration()
+    policy, value = make_learners(cfg, bundle, optimizers, schedulers)
+    device = next(bundle.policy.parameters()).device
+    kl_temp = kl_temperature(cfg)
+
+    # --- 1. roll out: --samples-per-prompt responses per prompt ------------------------------
+    started = time.perf_counter()
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=True)
+    rollout = backend.generate(
+        bundle.policy, bundle.tokenizer, [p for p in prompts for _ in range(cfg.samples_per_prompt)], sampling,
+        max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
+    )
+    generation_seconds = time.perf_counter() - started
+    mask = rollout.response_mask.float()
+
+    # --- 2. score: task rewards where earned, the KL to the reference at every token ----------
+    # The ratio uses the sampling temperature (the probabilities the tokens were drawn
+    # with); the KL to the reference and the entropy use --kl-logprobs (untempered, as the
+    # reference, by default).
+    with torch.no_grad():
+        logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
+        old_logprobs = logprobs_from_logits(logits, rollout.response_ids, cfg.temperature)
+        old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, rollout.response_ids, kl_temp)
+        # Without an entropy bonus the entropy is only logged: read it once, here, from the
+        # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
+        rollout_entropy = None
+        if cfg.entropy_coef == 0:
+            rollout_entropy = token_means({"entropy": entropy_from_logits(logits / kl_temp, mask)}, mask.sum())["entropy"]
+        del logits
+        ref_logits, _ = policy_logits(bundle, rollout, reference=True)
+        ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids, kl_temp)
+        del ref_logits
+        old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
+    task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
+    task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
+    score_per_sequence = (task_rewards * mask).sum(dim=1)
+    kl = (old_kl_logprobs - ref_logprobs) * mask
+
+    # --- 3. rewards and advantages -------------------------------------------------------------
+    # GAE (the paper): the KL penalty is part of every token's reward; --whiten-rewards
+    # whitens that penalised reward, as the reference does. Critic-free (GRPO/RLOO): task
+    # rewards are normalised within each prompt's group of samples (--group-baseline) and
+    # the KL term moves into the loss, as in GRPO, since normalising it with the task
+    # rewards would mix two scales. all_reduce_sum: statistics of the global batch.
+    if cfg.advantage == "gae":
+        rewards = task_rewards - kl_ctl.value * kl
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce_sum) * mask
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce_sum) * mask
+    else:
+        rewards = task_rewards
+        advantages = group_token_returns(
+            task_rewards, mask, cfg.samples_per_prompt, kind=cfg.advantage, reward_mask=reward_given, baseline=cfg.group_baseline
+        )
+        returns = None
+
+    # --- 4. update: epochs x optimizer steps x accumulated minibatches of clipped losses -------
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "grad_norm")}
+    n = rollout.response_ids.shape[0]
+    minibatch_size = cfg.minibatch_size // world_info()[2]  # this process's share of a minibatch
+    stopped_early = False
+    bundle.policy.train()
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(n)
+        minibatches = [order[start : start + minibatch_size] for start in range(0, n, minibatch_size)]
+        for first in range(0, len(minibatches), cfg.grad_accum):
+            accumulated = minibatches[first : first + cfg.grad_accum]
+            # Each minibatch's token-mean loss is weighted by its share of the accumulated
+            # tokens (of all processes), so the step is the token mean over all of them.
+            step_tokens = sum_over_processes(torch.stack([mask[idx].sum() for idx in accumulated]).sum())
+            for k, idx in enumerate(accumulated):
+                mb = select(rollout, idx.to(rollout.response_ids.device))
+                mb_mask = mask[idx]
+                logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
+                logprobs = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
+                logged = {"policy_loss": pg_loss, "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"]}
+                objective = pg_loss
+                if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
+                    logged["entropy"] = entropy_from_logits(logits / kl_temp, mb_mask)
+                    objective = objective - cfg.entropy_coef * logged["entropy"]
+                if cfg.advantage != "gae":
+                    kl_logprobs = logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, mb.response_ids, kl_temp)
+                    objective = objective + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
+                del logits
+                losses = [(policy, objective)]
+                if value is not None:
+                    vf_loss, vf_stats = value_loss(value_estimates(bundle, mb, hidden), old_values[idx], returns[idx], mb_mask, cfg.value_clip)
+                    logged.update(value_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
+                    losses.append((value, (cfg.vf_coef if bundle.value_model_shared else 1.0) * vf_loss))
+                means = token_means({**logged, "loss": sum(loss for _, loss in losses)}, mb_mask.sum())
+                if not all(math.isfinite(v) for v in means.values()):  # the same on every process: all stop
+                    raise TrainingDiverged(
+                        f"step {step}: the PPO loss is not finite ({means}); "
+                        "the last good checkpoint is kept; lower --lr or check the reward sources"
+                    )
+                share = policy.loss_scale(mb_mask.sum().item(), step_tokens)
+                backward_together([(learner, loss * share) for learner, loss in losses], last=k == len(accumulated) - 1)
+                for name in logged:
+                    stats[name].append(means[name])
+            # Policy and value are clipped separately: a large value-loss gradient must not
+            # shrink the policy's step through a shared norm.
+            stats["grad_norm"].append(policy.step())
+            if value is not None:
+                value.step()
+        if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-len(minibatches):]) > cfg.kl_stop:
+            stopped_early = True
+            break
+    if rollout_entropy is not None:
+        stats["entropy"].append(rollout_entropy)
+    backend.policy_updated()  # the next rollout's engine must see these weights
+
+    # --- 5. statistics of the global batch ------------------------------------------------------
+    mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device), all_reduce=all_reduce_sum).item()
+    beta = kl_ctl.value  # the coefficient this step's rewards used, logged before it adapts
+    kl_ctl.update(mean_kl, n * world_info()[2])
+    tokens = sum_over_processes(mask.sum())
+    metrics = {
+        "reward/total": mean_over_processes(score_per_sequence),
+        **{f"reward/{name}": mean_over_processes(values) for name, values in per_source.items()},
+        "kl": mean_kl,
+        "kl_coef": kl_ctl.value,
+        "kl_penalty": mean_over_processes((beta * kl).sum(dim=1)),
+        "response_length": mean_over_processes(rollout.response_lengths.float()),
+        "truncated_fraction": mean_over_processes((~rollout.finished).float()),
+        "prompts_cut": rollout.prompts_cut,
+        "epochs_run": epoch + 1,
+        "early_stopped": stopped_early,
+        **{k: float(np.mean(v)) for k, v in stats.items() if v},
+        "lr": schedulers[0].get_last_lr()[0],
+        "tokens_per_second": tokens / (time.perf_counter() - started),
+        "generation_tokens_per_second": tokens / generation_seconds,
+    }
+    return metrics, rollout, rewards
+
+
 def policy_logits(bundle: PolicyBundle, rollout: Rollout, *, reference: bool = False, want_hidden: bool = False):
     """Logits predicting the rollout's tokens (and hidden states) under the policy or the reference."""
     if reference and bundle.ref is None:
@@ -394,225 +556,16 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[t
     return total, given, per_source
 
 
-def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompts: list[str], optimizers, schedulers, kl_ctl, step: int,
-                  backend=None):
-    """One rollout + update; returns (metrics, rollout, per-token rewards) for logging.
-
-    `backend` samples the rollout (rlhfkit.generation_backends; default: the policy's generate).
-    """
-    backend = backend or HFGeneration()
-    device = next(bundle.policy.parameters()).device
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=True)
-    expanded = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    started = time.perf_counter()
-    rollout = backend.generate(
-        bundle.policy, bundle.tokenizer, expanded, sampling, max_prompt_length=cfg.max_prompt_length,
-        is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
-    )
-    mask = rollout.response_mask.float()
-    generation_seconds = time.perf_counter() - started
-    kl_temp = kl_temperature(cfg)
-
-    # --- rewards: task rewards where earned, KL penalty at every token -------------------
-    # The ratio uses the sampling temperature (the probabilities the tokens were drawn
-    # with); the KL to the reference and the entropy use --kl-logprobs (untempered, as the
-    # reference, by default).
-    with torch.no_grad():
-        logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
-        old_logprobs = logprobs_from_logits(logits, rollout.response_ids, cfg.temperature)
-        old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, rollout.response_ids, kl_temp)
-        # Without an entropy bonus the entropy is only logged: read it once, here, from the
-        # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
-        rollout_entropy = global_entropy(logits / kl_temp, mask) if cfg.entropy_coef == 0 else None
-        del logits
-        ref_logits, _ = policy_logits(bundle, rollout, reference=True)
-        ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids, kl_temp)
-        del ref_logits
-        old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
-    task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
-    task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
-    score_per_sequence = (task_rewards * mask).sum(dim=1)
-    kl = (old_kl_logprobs - ref_logprobs) * mask
-
-    # --- advantages ------------------------------------------------------------------------
-    # GAE (the paper): the KL penalty is part of every token's reward; --whiten-rewards
-    # whitens that penalised reward, as the reference does. Critic-free (GRPO/RLOO): task
-    # rewards are normalised within each prompt's group of samples (--group-baseline) and
-    # the KL term moves into the loss, as in GRPO, since normalising it with the task
-    # rewards would mix two scales. all_reduce_sum: statistics of the global batch.
-    if cfg.advantage == "gae":
-        rewards = task_rewards - kl_ctl.value * kl
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce_sum) * mask
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce_sum) * mask
-    else:
-        rewards = task_rewards
-        advantages = group_token_returns(
-            task_rewards, mask, cfg.samples_per_prompt, kind=cfg.advantage, reward_mask=reward_given, baseline=cfg.group_baseline
-        )
-        returns = None
-
-    # --- update: epochs x optimizer steps x accumulated minibatches of clipped losses -------
-    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "grad_norm")}
-    n = rollout.response_ids.shape[0]
-    minibatch_size = cfg.minibatch_size // world_info()[2]  # this process's share of a minibatch
-    value_params = value_parameters(bundle)
-    stopped_early = False
-    bundle.policy.train()
-    for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n)
-        minibatches = [order[start : start + minibatch_size] for start in range(0, n, minibatch_size)]
-        for first in range(0, len(minibatches), cfg.grad_accum):
-            accumulated = minibatches[first : first + cfg.grad_accum]
-            # Each minibatch's token-mean loss is weighted by its share of the accumulated
-            # tokens (of all processes), so the step is the token mean over all of them.
-            step_tokens = all_reduce_sum(torch.stack([mask[idx].sum() for idx in accumulated]).sum().double().reshape(1)).item()
-            if not bundle.engines:
-                for opt_ in optimizers:
-                    if opt_ is not None:
-                        opt_.zero_grad(set_to_none=True)
-            for idx in accumulated:
-                mb = select(rollout, idx.to(rollout.response_ids.device))
-                mb_mask = mask[idx]
-                logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
-                logprobs = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
-                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
-                loss, entropy = pg_loss, None
-                if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
-                    entropy = entropy_from_logits(logits / kl_temp, mb_mask)
-                    loss = pg_loss - cfg.entropy_coef * entropy
-                if cfg.advantage != "gae":
-                    kl_logprobs = logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, mb.response_ids, kl_temp)
-                    loss = loss + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
-                del logits
-                vf_loss, vf_stats = None, {}
-                if cfg.advantage == "gae":
-                    values = value_estimates(bundle, mb, hidden)
-                    vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip)
-                weight = mb_mask.sum().item() / step_tokens
-                if bundle.engines:
-                    deepspeed_update(bundle, loss, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mb_mask, stats, step, step_tokens)
-                    continue
-                if vf_loss is not None:
-                    loss = loss + (cfg.vf_coef if bundle.value_model_shared else 1.0) * vf_loss
-                    stats["value_loss"].append(vf_loss.item())
-                    stats["vf_clipfrac"].append(float(vf_stats["vf_clipfrac"]))
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"step {step}: the PPO loss is {loss.item()} (policy loss {pg_loss.item()}); "
-                        "the last good checkpoint is kept; lower --lr or check the reward sources"
-                    )
-                (loss * weight if len(accumulated) > 1 else loss).backward()
-                stats["policy_loss"].append(pg_loss.item())
-                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
-                stats["approx_kl"].append(float(pg_stats["approx_kl"]))
-                if entropy is not None:
-                    stats["entropy"].append(entropy.item())
-            if not bundle.engines:
-                # Clip policy and value separately: a large value-loss gradient must not
-                # shrink the policy's step through a shared norm.
-                policy_grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters(bundle), cfg.max_grad_norm)
-                if value_params:
-                    torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
-                for opt_ in optimizers:
-                    if opt_ is not None:
-                        opt_.step()
-                stats["grad_norm"].append(float(policy_grad_norm))
-            for sched in schedulers:
-                if sched is not None:
-                    sched.step()
-        if cfg.kl_stop is not None and np.mean(stats["approx_kl"][-len(minibatches):]) > cfg.kl_stop:
-            stopped_early = True
-            break
-    if rollout_entropy is not None:
-        stats["entropy"].append(rollout_entropy)
-    backend.policy_updated()  # the next rollout's engine must see these weights
-
-    world_size = world_info()[2]
-    mean_kl = masked_mean(kl.sum(dim=1), torch.ones(n, device=kl.device), all_reduce=all_reduce_sum).item()
-    beta = kl_ctl.value  # the coefficient this step's rewards used, logged before it adapts
-    kl_ctl.update(mean_kl, n * world_size)
-    tokens = float(all_reduce_sum(mask.sum().reshape(1)).item())  # of all processes
-    metrics = {
-        "reward/total": mean_over_processes(score_per_sequence),
-        **{f"reward/{name}": mean_over_processes(value) for name, value in per_source.items()},
-        "kl": mean_kl,
-        "kl_coef": kl_ctl.value,
-        "kl_penalty": mean_over_processes((beta * kl).sum(dim=1)),
-        "response_length": mean_over_processes(rollout.response_lengths.float()),
-        "truncated_fraction": mean_over_processes((~rollout.finished).float()),
-        "prompts_cut": rollout.prompts_cut,
-        "epochs_run": epoch + 1,
-        "early_stopped": stopped_early,
-        **{k: float(np.mean(v)) for k, v in stats.items() if v},
-        "lr": schedulers[0].get_last_lr()[0],
-        "tokens_per_second": tokens / (time.perf_counter() - started),
-        "generation_tokens_per_second": tokens / generation_seconds,
-    }
-    return metrics, rollout, rewards
-
-
-def global_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """The mean entropy of softmax(logits) over the valid tokens of all processes."""
-    local_tokens = mask.sum().to(torch.float64)
-    local = entropy_from_logits(logits, mask).double() * local_tokens
-    total = all_reduce_sum(torch.stack([local, local_tokens]))
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-def mean_over_processes(values: torch.Tensor) -> float:
-    """The mean of a per-rollout quantity over the rollouts of all processes.
-
-    The count is made on the values' own device (a CPU count stacked with GPU values fails),
-    and all_reduce_sum moves the pair to the collective's device."""
-    if world_info()[2] == 1:
-        return values.mean().item()
-    values = values.double()
-    total = all_reduce_sum(torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)]))
-    return (total[0] / total[1]).item()
-
-
-def deepspeed_update(bundle: PolicyBundle, policy_objective, vf_loss, pg_loss, pg_stats, entropy, vf_stats, mask, stats, step: int, step_tokens: float) -> None:
-    """One minibatch's backward in the DeepSpeed engines (a step at the accumulation
-    boundary), and its globally aggregated stats.
-
-    Every loss here is a mean over this process's valid tokens; the one-process loss is the
-    mean over the global tokens of the accumulated minibatches, sum_r n_r * loss_r / N.
-    DeepSpeed averages the gradients over the W processes, so backpropagating
-    loss_r * n_r * W / N gives exactly the one-process gradient; the engines accumulate
-    --grad-accum of them (gradient_accumulation_steps) and clip the global gradients, policy
-    and value separately as in one process.
-    """
-    world_size = world_info()[2]
-    local_tokens = mask.sum().to(torch.float64)
-    names = ["policy_loss", "clipfrac", "approx_kl"]
-    local = [pg_loss, pg_stats["clipfrac"], pg_stats["approx_kl"]]
-    if entropy is not None:  # None: logged once per iteration from the rollout pass
-        names.append("entropy")
-        local.append(entropy)
-    if vf_loss is not None:
-        names += ["value_loss", "vf_clipfrac"]
-        local += [vf_loss, vf_stats["vf_clipfrac"]]
-    # One all-reduce: the token-weighted sums of the stats, and the minibatch's global token count.
-    sums = all_reduce_sum(torch.stack([t.detach().double() * local_tokens for t in local] + [local_tokens]))
-    global_tokens = max(sums[-1].item(), 1.0)
-    means = {name: (value / global_tokens).item() for name, value in zip(names, sums[:-1])}
-    if not all(math.isfinite(v) for v in means.values()):  # the same on every process: all stop
-        raise TrainingDiverged(
-            f"step {step}: the PPO loss is not finite ({means}); "
-            "the last good checkpoint is kept; lower --lr or check the reward sources"
-        )
-    scale = (local_tokens * world_size / max(step_tokens, 1.0)).item()
-    bundle.policy_engine.backward(policy_objective * scale, scale_wrt_gas=False)
-    bundle.policy_engine.step()
-    if bundle.value_engine is not None and vf_loss is not None:
-        bundle.value_engine.backward(vf_loss * scale, scale_wrt_gas=False)
-        bundle.value_engine.step()
-    for name, value in means.items():
-        stats[name].append(value)
-    grad_norm = bundle.policy_engine.get_global_grad_norm()  # None without ZeRO (DeepSpeed does not report it)
-    stats["grad_norm"].append(float("nan") if grad_norm is None else float(grad_norm))
+def make_learners(cfg: PPOConfig, bundle: PolicyBundle, optimizers, schedulers) -> tuple[Learner, Optional[Learner]]:
+    """The policy's and the value model's learners (None: critic-free): their engines under
+    --deepspeed (start_engines), else their optimizers with --max-grad-norm clipping."""
+    (policy_opt, value_opt), (policy_sched, value_sched) = optimizers, schedulers
+    if bundle.policy_engine is not None:
+        value = DeepSpeedLearner(bundle.value_engine, value_sched) if bundle.value_engine is not None else None
+        return DeepSpeedLearner(bundle.policy_engine, policy_sched), value
+    policy = Learner(policy_parameters(bundle), policy_opt, policy_sched, cfg.max_grad_norm)
+    value = Learner(value_parameters(bundle), value_opt, value_sched, cfg.max_grad_norm) if value_opt is not None else None
+    return policy, value
 
 
 def policy_parameters(bundle: PolicyBundle) -> list[nn.Parameter]:
