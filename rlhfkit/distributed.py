@@ -482,7 +482,8 @@ class Learner:
         self.params = list(params)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.max_grad_norm = max_grad_norm
+        # 0 means no clipping, as DeepSpeed's gradient_clipping reads it (the norm is still taken).
+        self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else math.inf
         self.device = self.params[0].device
 
     @property

@@ -668,7 +668,7 @@ def _make_learner(model: torch.nn.Module, optimizer, scheduler, settings: LoopSe
     """The model's learner: in a DeepSpeed engine with `settings.deepspeed`, else plain PyTorch."""
     if settings.deepspeed is None:
         params = [p for p in model.parameters() if p.requires_grad]
-        return Learner(params, optimizer, scheduler, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf"))
+        return Learner(params, optimizer, scheduler, settings.max_grad_norm)
     if count_fn is None:
         raise ValueError("fit: count_fn is required with settings.deepspeed")
     config = stage_deepspeed_config(

@@ -359,6 +359,15 @@ def test_learner_step_divides_clips_steps_and_clears():
     assert learner.scheduler.get_last_lr() == [0.05]
 
 
+def test_learner_max_grad_norm_zero_means_no_clipping():
+    # --max-grad-norm 0 is "no clipping" (as DeepSpeed reads gradient_clipping 0): gradient 6
+    # moves w by lr 0.1 x 6 = 0.6, from 1 to 0.4; clipping to norm 0 would leave it at 1.
+    param, learner = sgd_learner(1.0, max_grad_norm=0.0)
+    learner.backward(6 * param)
+    assert learner.step() == pytest.approx(6.0)
+    assert param.item() == pytest.approx(0.4)
+
+
 def test_learner_step_can_hold_back_a_non_finite_gradient():
     # skip_nonfinite: an inf gradient leaves the weight and the schedule as they were.
     param, learner = sgd_learner(1.0, max_grad_norm=float("inf"))

@@ -181,7 +181,7 @@ class PPOConfig:
         "raw logits, as the reference, so --kl-coef means what it means there) or 'tempered' (logits / --temperature). "
         "The PPO ratio always uses the sampling temperature.",
     )
-    max_grad_norm: float = opt(0.5, "Gradient clipping max norm (the paper: 0.5).")
+    max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).")
     truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
     normalize_rewards: str = opt("none", "Before weighting: none, or per-source (each source's rewards standardised over the batch; for sources on different scales).")
     chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).")
