@@ -59,8 +59,8 @@ from rlhfkit.generation import model_max_positions
 from rlhfkit.io import save_png
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
-    DTYPES,
     add_lora,
+    check_training_options,
     count_parameters,
     load_policy,
     resolve_device,
@@ -130,14 +130,7 @@ class FinetuneOptions:
             raise RlhfkitError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
             raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.lora_r < 0:
-            raise RlhfkitError(f"--lora-r must be >= 0, got {self.lora_r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise RlhfkitError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.dtype == "float16":
-            raise RlhfkitError("--dtype float16 is not supported for training (no loss scaling); use bfloat16 or float32")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise RlhfkitError(f"unknown --dtype {self.dtype!r}; valid: auto, float32, bfloat16")
+        check_training_options(self.lora_r, self.lora_dropout, self.dtype)
 
 
 @dataclass

@@ -286,6 +286,18 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
 # --- LoRA and parameter counts --------------------------------------------------------------
 
 
+def check_training_options(lora_r: int, lora_dropout: float, dtype: str) -> None:
+    """--lora-r, --lora-dropout and --dtype of a stage that trains a model, before it loads."""
+    if lora_r < 0:
+        raise RlhfkitError(f"--lora-r must be >= 0, got {lora_r}")
+    if not 0 <= lora_dropout < 1:
+        raise RlhfkitError(f"--lora-dropout must be in [0, 1), got {lora_dropout}")
+    if dtype == "float16":
+        raise RlhfkitError("--dtype float16 is not supported for training (no loss scaling); use bfloat16 or float32")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise RlhfkitError(f"unknown --dtype {dtype!r}; valid: auto, float32, bfloat16")
+
+
 class ParameterCount(NamedTuple):
     trainable: int
     total: int

@@ -4,6 +4,7 @@ data selection, the three kinds end to end on tiny models, --eval-only and bad i
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import statistics
@@ -18,6 +19,7 @@ from rlhfkit.metrics import beats_baseline_clearly
 from rlhfkit.models import load_tokenizer
 from rlhfkit.rewards.data import (
     ScoreExample,
+    data_fingerprint,
     encode_examples,
     encode_preference_groups,
     load_aspect_records,
@@ -25,10 +27,12 @@ from rlhfkit.rewards.data import (
     split_by_prompt,
 )
 from rlhfkit.rewards.losses import bradley_terry_loss, make_loss_fn, segment_loss
+from rlhfkit.rewards.presets import AspectPreset, training_defaults
 from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
+from rlhfkit.rewards.scoring import held_out_summary
 from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
 from rlhfkit.segment import SegmentLabelRules
-from rlhfkit.stages.train_rm import METRICS_FILE, TrainRMConfig, _summary
+from rlhfkit.stages.train_rm import METRICS_FILE, TrainRMConfig
 
 FAST = ["--max-length", "96", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3"]
 
@@ -126,17 +130,17 @@ def test_verdict_and_summary_show_the_interval():
     }
     assert beats_baseline_clearly(segment) is False
     assert "held-out segment accuracy 0.8485 (majority baseline 0.8447; difference 95% CI [+0.000, +0.012]: " \
-        "not clearly better), error F1 0.2000, error AUC 0.6100 (95% CI [0.520, 0.700]); intervals over 88 prompts" == _summary(segment)
+        "not clearly better), error F1 0.2000, error AUC 0.6100 (95% CI [0.520, 0.700]); intervals over 88 prompts" == held_out_summary(segment)
     clearly = {**segment, "accuracy_minus_baseline_ci95": [0.004, 0.02]}
-    assert beats_baseline_clearly(clearly) is True and "clearly better)" in _summary(clearly)
+    assert beats_baseline_clearly(clearly) is True and "clearly better)" in held_out_summary(clearly)
     worse = {**segment, "accuracy_minus_baseline_ci95": [-0.03, -0.001]}
-    assert beats_baseline_clearly(worse) is False and "clearly worse)" in _summary(worse)
+    assert beats_baseline_clearly(worse) is False and "clearly worse)" in held_out_summary(worse)
     none = {**segment, "accuracy_minus_baseline_ci95": None, "error_auc_ci95": None, "bootstrap_prompts": 1}
     assert beats_baseline_clearly(none) is False
-    assert "(majority baseline 0.8447; no interval: fewer than 2 prompts)" in _summary(none)
+    assert "(majority baseline 0.8447; no interval: fewer than 2 prompts)" in held_out_summary(none)
     pairwise = {"pairwise_accuracy": 0.5075, "pairwise_baseline_accuracy": 0.5, "pairs": 400, "pairwise_accuracy_ci95": [0.46, 0.56], "bootstrap_prompts": 100}
     assert beats_baseline_clearly(pairwise) is False
-    assert _summary(pairwise) == "held-out pairwise accuracy 0.5075 on 400 pairs of 100 prompts (baseline 0.5; 95% CI [0.460, 0.560]: not clearly better)"
+    assert held_out_summary(pairwise) == "held-out pairwise accuracy 0.5075 on 400 pairs of 100 prompts (baseline 0.5; 95% CI [0.460, 0.560]: not clearly better)"
     assert beats_baseline_clearly({**pairwise, "pairwise_accuracy_ci95": [0.51, 0.6]}) is True
     assert beats_baseline_clearly({"mse": 1.0, "mean_baseline_mse": 2.0}) is None
 
@@ -169,6 +173,32 @@ def test_presets_and_overrides():
         config(aspect="factuality", granularity="response")
     with pytest.raises(RlhfkitError, match="unknown --ties 'keep'; valid: soft, drop"):
         config(aspect="preference", ties="keep")
+
+
+def test_training_defaults_of_presets_trained_together():
+    # Worked by hand: the longest max_length (600); each prompt budget capped at half of it
+    # (min(400, 300) = 300, min(100, 300) = 100), the longest kept; the smallest lr; the most epochs.
+    wide = AspectPreset("segment", max_length=600, max_prompt_length=400, lr=1e-3, epochs=1)
+    narrow = AspectPreset("preference", max_length=300, max_prompt_length=100, lr=5e-5, epochs=3)
+    assert training_defaults([wide, narrow]) == {"max_length": 600, "max_prompt_length": 300, "lr": 5e-5, "epochs": 3}
+    # An explicit --max-length 200 caps both budgets at 100.
+    assert training_defaults([wide, narrow], 200)["max_prompt_length"] == 100
+    # One preset: its own values.
+    assert training_defaults([narrow]) == {"max_length": 300, "max_prompt_length": 100, "lr": 5e-5, "epochs": 3}
+
+
+def test_data_fingerprint_hashes_each_file_once_then_the_options(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_bytes(b"one\n")
+    second.write_bytes(b"two\n")
+    options = ("factuality", 640, 0.2)
+    # sha256 of the file bytes followed by repr(options): what checkpoints written before the
+    # fingerprint moved into rlhfkit.rewards.data hold, so their --resume still matches.
+    assert data_fingerprint([str(first)], options) == hashlib.sha256(b"one\n" + repr(options).encode()).hexdigest()
+    # A file two aspects share is read once; order matters.
+    expected = hashlib.sha256(b"one\ntwo\n" + repr(options).encode()).hexdigest()
+    assert data_fingerprint([str(first), str(second), str(first)], options) == expected
+    assert data_fingerprint([str(second), str(first)], options) != expected
 
 
 def test_records_for_an_aspect(tmp_path, span_file, preference_file):

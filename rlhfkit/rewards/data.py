@@ -1,22 +1,26 @@
 """Reward-model training data: the records that train an RM of one aspect
 (`load_aspect_records`), the held-out split by prompt (`split_by_prompt`), their encoding as
 examples (`encode_examples`: segment labels at the tokens completing segments, preference
-groups, scores) and the collate that pads a batch of them (`make_collate`).
+groups, scores; `encode_training_examples` on an RM's input, reporting what is left out),
+the collate that pads a batch of them (`make_collate`; `make_shared_collate` for a shared
+backbone's aspects) and the fingerprint a resume checks (`data_fingerprint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
+from pathlib import Path
 
 import torch
 
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rewards.presets import NO_LABEL_RULES, RMSettings
-from rlhfkit.rewards.reward_model import EncodedPair, pad_right, segment_end_positions
+from rlhfkit.rewards.reward_model import EncodedPair, encode_pair, pad_right, segment_end_positions
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
 from rlhfkit.segment import SegmentLabelRules, segment
 from rlhfkit.training import split_held_out
@@ -198,6 +202,29 @@ def encode_examples(encode: Encode, records: Sequence[Record], aspect: str, sett
     return examples, too_long
 
 
+def encode_training_examples(
+    tokenizer, records: Sequence[Record], aspect: str, settings: RMSettings, *, max_length: int,
+    max_prompt_length: int | None, truncation_side: str, source: str, label: str,
+) -> tuple[list, int]:
+    """encode_examples on the RM input (rlhfkit.rewards.reward_model.encode_pair) of these
+    lengths, reporting the records left out (their response alone is longer than
+    `max_length`) on a line starting with `label`; RlhfkitError naming `source` if none is left."""
+
+    def encode(prompt: str, response: str) -> EncodedPair | None:
+        return encode_pair(tokenizer, prompt, response, max_length, max_prompt_length, truncation_side)
+
+    examples, too_long = encode_examples(encode, records, aspect, settings)
+    if too_long:
+        console.print(
+            f"{label} {too_long} training record(s) have a response longer than --max-length {max_length} "
+            "tokens and are left out (the response is never cut; raise --max-length to keep them)",
+            soft_wrap=True,
+        )
+    if not examples:
+        raise RlhfkitError(f"{source}: no {aspect} training record fits --max-length {max_length}")
+    return examples, too_long
+
+
 def example_rows(example: SegmentExample | PreferenceGroup | ScoreExample) -> list[int]:
     """The lengths of the sequences an example puts in its batch (a preference group: each response)."""
     if isinstance(example, PreferenceGroup):
@@ -241,6 +268,28 @@ def make_collate(kind: str, pad_token_id: int) -> Callable[[list], dict]:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "target": torch.tensor([e.target for e in items])}
 
     return {"segment": collate_segments, "preference": collate_groups, "regression": collate_scores}[kind]
+
+
+def make_shared_collate(kinds: dict[str, str], pad_token_id: int) -> Callable[[list], dict]:
+    """collate((aspect, example) items of one aspect) -> that aspect's batch (make_collate)
+    with its "aspect", which rlhfkit.rewards.losses.make_shared_loss_fn reads."""
+    collates = {aspect: make_collate(kind, pad_token_id) for aspect, kind in kinds.items()}
+
+    def collate(items: list[tuple[str, object]]) -> dict:
+        aspect = items[0][0]
+        return {**collates[aspect]([example for _, example in items]), "aspect": aspect}
+
+    return collate
+
+
+def data_fingerprint(paths: Sequence[str], options: tuple) -> str:
+    """sha256 of the data files (each once, in order) and the options that shape the examples:
+    what a checkpoint's step N must have been trained on for a resume to continue it."""
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(paths):
+        digest.update(Path(path).read_bytes())
+    digest.update(repr(options).encode())
+    return digest.hexdigest()
 
 
 def responses_of(records: Sequence[Record]) -> list[tuple[str, str]]:

@@ -1,9 +1,11 @@
 """Scoring with a trained rlhfkit reward model: the one place later stages get RM rewards from.
 
-`rlhfkit train-rm` writes a Hugging Face model directory plus `rlhfkit_rm.json` (aspect, kind,
-granularity, reward values, score normalisation, max_length); `load_reward_model(path)` reads
-it back, and PPO, redistribution and evaluation call `RewardModel.score` / `prefix_scores`
-so none of them re-implements segmentation or reward placement.
+`rlhfkit train-rm` trains a `new_reward_model` and writes a Hugging Face model directory
+(`save_reward_model_weights`) plus, last, `rlhfkit_rm.json` (`reward_model_spec`: aspect, kind,
+granularity, reward values, score normalisation, max_length; `write_reward_model_spec`);
+`load_reward_model(path)` reads it back, and PPO, redistribution and evaluation call
+`RewardModel.score` / `prefix_scores` so none of them re-implements segmentation or reward
+placement.
 
 Kinds:
 - `segment` (Fine-Grained RLHF relevance/factuality): a token classifier reads prompt +
@@ -28,15 +30,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from rlhfkit.distributed import full_parameters, is_main_process
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device
+from rlhfkit.io import write_json
+from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
 from rlhfkit.rewards.placement import token_index_for_char_ends
 from rlhfkit.segment import Segment, segment
 from rlhfkit.truncation import kept_indices
+
+if TYPE_CHECKING:
+    from rlhfkit.rewards.presets import RMSettings
 
 SPEC_FILE = "rlhfkit_rm.json"
 SPEC_FORMAT = 1
@@ -409,6 +417,67 @@ def reward_model_class(kind: str):
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     return AutoModelForTokenClassification if kind == "segment" else AutoModelForSequenceClassification
+
+
+def new_reward_model(kind: str, backbone: str, *, pad_token_id: int, **load_options) -> nn.Module:
+    """A `kind` reward model to train: `backbone` (a hub id or directory, loaded with
+    rlhfkit.models.load_pretrained's `load_options`) with a fresh head, a 2-way token
+    classifier (SEGMENT_LABELS) for a segment RM, one score otherwise."""
+    if kind == "segment":
+        labels = {"num_labels": 2, "id2label": SEGMENT_LABELS, "label2id": {v: k for k, v in SEGMENT_LABELS.items()}}
+    else:
+        labels = {"num_labels": 1}
+    model = load_pretrained(reward_model_class(kind), backbone, **load_options, **labels)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def kind_spec(settings: RMSettings) -> dict[str, Any]:
+    """What rlhfkit_rm.json holds for the RM's kind: a segment RM's rewards and label rules,
+    a sequence RM's score normalisation (identity until training is done)."""
+    if settings.kind == "segment":
+        return {
+            "positive_reward": settings.positive_reward, "negative_reward": settings.negative_reward,
+            "error_class_weight": settings.error_class_weight, "label_rules": settings.label_rules.to_dict(),
+        }
+    return {"normalization": {"mean": 0.0, "std": 1.0, "computed_on": None}}
+
+
+def reward_model_spec(
+    aspect: str, settings: RMSettings, *, max_length: int, max_prompt_length: int | None, truncation_side: str,
+    backbone: str, trained_on: str,
+) -> dict[str, Any]:
+    """The rlhfkit_rm.json of a single-aspect RM (`max_prompt_length` None: as many as fit)."""
+    return {
+        "format": SPEC_FORMAT,
+        "aspect": aspect,
+        "kind": settings.kind,
+        "granularity": settings.granularity,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation_side": truncation_side,
+        "backbone": backbone,
+        "trained_on": trained_on,
+        **kind_spec(settings),
+    }
+
+
+def save_reward_model_weights(model: nn.Module, tokenizer, out: Path) -> nn.Module:
+    """The first step of writing a reward-model directory: its rlhfkit_rm.json removed (a stale
+    spec beside weights being replaced would make a half-trained directory look usable), then
+    the model (a LoRA adapter merged in) and tokenizer saved (rlhfkit.models.save_model). Every
+    process enters (ZeRO-3 gathers the shards for it); the main one writes. Returns the model saved."""
+    main = is_main_process()
+    if main:
+        (out / SPEC_FILE).unlink(missing_ok=True)
+    with full_parameters(model):
+        return save_model(model, tokenizer, out, merge_lora=True) if main else model
+
+
+def write_reward_model_spec(out: Path, spec: dict[str, Any]) -> None:
+    """The last step: a directory with rlhfkit_rm.json is a complete reward model."""
+    if is_main_process():
+        write_json(out / SPEC_FILE, spec)
 
 
 def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> RewardModel:

@@ -1,7 +1,9 @@
 """Scoring labelled records with a reward model: held-out metrics beside their trivial
 baselines, with bootstrap intervals over prompts (`evaluate_reward_model`; the statistics are
-rlhfkit.metrics'), and the mean/std a sequence RM's scores are normalised with
-(`score_statistics`).
+rlhfkit.metrics'), the few a training log shows (`headline_metrics`), the verdicts beside
+them (`held_out_entries`) and the one line that reads them (`held_out_summary`), and the
+mean/std a sequence RM's scores are normalised with (`score_statistics`, on the responses
+`score_normalization` picks).
 """
 
 from __future__ import annotations
@@ -12,11 +14,20 @@ from typing import Any
 import torch
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.metrics import pairwise_intervals, segment_intervals, segment_metrics
+from rlhfkit.metrics import (
+    beats_baseline,
+    beats_baseline_clearly,
+    interval_verdict,
+    pairwise_intervals,
+    segment_intervals,
+    segment_metrics,
+)
 from rlhfkit.rewards.data import responses_of
 from rlhfkit.rewards.reward_model import RewardModel, judged_errors
-from rlhfkit.schema import Preference, Record, ScalarScore
+from rlhfkit.schema import Preference, Record, ScalarScore, load_records
 from rlhfkit.segment import SegmentLabelRules
+
+HEADLINE_KEYS = ("accuracy", "error_f1", "error_auc", "pairwise_accuracy", "mse")
 
 
 def evaluate_reward_model(
@@ -79,6 +90,45 @@ def evaluate_reward_model(
     return metrics
 
 
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The held-out figures a training log records at each evaluation (those the kind has)."""
+    return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
+
+
+def held_out_entries(metrics: dict[str, Any]) -> dict[str, Any]:
+    """rm_metrics.json's held-out metrics and whether they beat their baselines (the point
+    estimates; clearly: the 95% interval's lower end)."""
+    return {"held_out": metrics, "beats_baseline": beats_baseline(metrics), "beats_baseline_clearly": beats_baseline_clearly(metrics)}
+
+
+def held_out_summary(metrics: dict[str, Any]) -> str:
+    """One line reading evaluate_reward_model's metrics: each figure beside its baseline and
+    whether the 95% interval says the RM is clearly better."""
+    if "majority_baseline_accuracy" in metrics:
+        difference = metrics["accuracy_minus_baseline_ci95"]
+        auc = metrics["error_auc_ci95"]
+        return (
+            f"held-out segment accuracy {metrics['accuracy']:.4f} (majority baseline "
+            f"{metrics['majority_baseline_accuracy']:.4f}; "
+            + (f"difference 95% CI [{difference[0]:+.3f}, {difference[1]:+.3f}]: " if difference else "")
+            + f"{interval_verdict(difference, 0.0)}), error F1 {metrics['error_f1']:.4f}, "
+            f"error AUC {metrics['error_auc']:.4f}"
+            + (f" (95% CI [{auc[0]:.3f}, {auc[1]:.3f}])" if auc else "")
+            + f"; intervals over {metrics['bootstrap_prompts']} prompts"
+        )
+    if "pairwise_accuracy" in metrics:
+        interval = metrics["pairwise_accuracy_ci95"]
+        return (
+            f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.4f} on {metrics['pairs']} pairs "
+            f"of {metrics['bootstrap_prompts']} prompts (baseline 0.5; "
+            + (f"95% CI [{interval[0]:.3f}, {interval[1]:.3f}]: " if interval else "")
+            + f"{interval_verdict(interval, metrics['pairwise_baseline_accuracy'])})"
+        )
+    if "mse" in metrics:
+        return f"held-out MSE {metrics['mse']:.4f} (predicting the mean: {metrics['mean_baseline_mse']:.4f})"
+    return "no held-out data"
+
+
 def fits(rm: RewardModel, record: Record) -> bool:
     """Whether every response of the record fits the RM's --max-length (it is scored only then)."""
     responses = [record.chosen, record.rejected] if isinstance(record, Preference) else [record.response]
@@ -93,3 +143,13 @@ def score_statistics(rm: RewardModel, pairs: Sequence[tuple[str, str]], batch_si
     scores = torch.tensor(rm.raw_scores([p for p, _ in fitting], [r for _, r in fitting], batch_size), dtype=torch.float64)
     std = float(scores.std(unbiased=False)) if len(scores) > 1 else 0.0
     return {"mean": float(scores.mean()), "std": std if std > 1e-8 else 1.0, "responses": len(fitting)}
+
+
+def score_normalization(rm: RewardModel, train_records: Sequence[Record], normalize_on: str | None, batch_size: int) -> dict[str, Any]:
+    """A sequence RM's score mean/std on the responses of the `normalize_on` JSONL (e.g. SFT
+    samples, as the paper normalises its completeness RM), else on the training responses."""
+    if normalize_on:
+        pairs, computed_on = responses_of(load_records(normalize_on)), normalize_on
+    else:
+        pairs, computed_on = responses_of(train_records), "training responses"
+    return {**score_statistics(rm, pairs, batch_size), "computed_on": computed_on}

@@ -1,8 +1,8 @@
 """One backbone, a head per aspect: a fine-grained reward model that scores every aspect in one pass.
 
 `rlhfkit train-rm --aspect factuality,relevance,completeness --shared-backbone` trains a
-`MultiAspectRewardModel`: a Hugging Face base model (AutoModel, no head) and one linear
-head per aspect on its last hidden states:
+`MultiAspectRewardModel` (`new_multi_aspect_model`; its spec: `shared_spec`): a Hugging Face
+base model (AutoModel, no head) and one linear head per aspect on its last hidden states:
 - a segment aspect: a 2-way token classifier (no error / error), read at the token that
   completes each segment, as a separate segment RM's AutoModelForTokenClassification head;
 - a sequence aspect (preference, regression): one scalar, read at the last real token for a
@@ -29,6 +29,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -36,7 +37,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, SHARED_KIND, EncodedPair, RewardModel
+from rlhfkit.rewards.reward_model import (
+    SEQUENCE_KINDS,
+    SHARED_KIND,
+    SPEC_FORMAT,
+    EncodedPair,
+    RewardModel,
+    kind_spec,
+)
+
+if TYPE_CHECKING:
+    from rlhfkit.rewards.presets import RMSettings
 
 HEADS_FILE = "aspect_heads.safetensors"
 # Head outputs of this many input batches are kept (least recently used dropped first). A PPO
@@ -215,6 +226,46 @@ class AspectRewardModel(RewardModel):
         return self.scorer.outputs(input_ids, attention_mask)[self.aspect]
 
 
+def new_multi_aspect_model(kinds: dict[str, str], backbone: str, *, device: torch.device, trust_remote_code: bool = False) -> MultiAspectRewardModel:
+    """A model to train: `backbone` (a hub id or directory, fp32 weights) with a fresh head per aspect."""
+    from transformers import AutoModel
+
+    from rlhfkit.models import load_pretrained
+
+    base = load_pretrained(AutoModel, backbone, dtype="float32", device=str(device), trust_remote_code=trust_remote_code)
+    return MultiAspectRewardModel(base, kinds).to(device)
+
+
+def aspect_reward_models(model: MultiAspectRewardModel, tokenizer, spec: dict, device: torch.device) -> dict[str, RewardModel]:
+    """One RewardModel per aspect of `spec`, sharing one new scorer of `model` (so nothing
+    cached before is reused: train-rm's weights change between evaluations)."""
+    scorer = SharedBackboneScorer(model)
+    return {aspect: AspectRewardModel(scorer, aspect, tokenizer, spec, device) for aspect in spec["aspects"]}
+
+
+def shared_spec(
+    settings: dict[str, RMSettings], weights: dict[str, float], trained_on: dict[str, str], *, max_length: int,
+    max_prompt_length: int | None, truncation_side: str, backbone: str, causal: bool,
+) -> dict[str, Any]:
+    """The rlhfkit_rm.json of a shared-backbone RM: the shared lengths and backbone, and
+    under `aspects` each aspect's kind, segments, loss weight, data and kind_spec."""
+    return {
+        "format": SPEC_FORMAT,
+        "kind": SHARED_KIND,
+        "aspect": ",".join(settings),
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation_side": truncation_side,
+        "backbone": backbone,
+        "reads": "last_token" if causal else "first_token",
+        "heads_file": HEADS_FILE,
+        "aspects": {
+            aspect: {"kind": s.kind, "granularity": s.granularity, "weight": weights[aspect], "trained_on": trained_on[aspect], **kind_spec(s)}
+            for aspect, s in settings.items()
+        },
+    }
+
+
 SHARED_KEYS = ("max_length", "max_prompt_length", "truncation_side", "backbone", "format")
 
 
@@ -244,5 +295,4 @@ def load_aspect_reward_models(path: str | os.PathLike, spec: dict, *, device: to
     model = MultiAspectRewardModel(backbone, {aspect: entry["kind"] for aspect, entry in spec["aspects"].items()})
     model.load_heads(path)
     model.heads.to(device=device, dtype=next(backbone.parameters()).dtype)
-    scorer = SharedBackboneScorer(model)
-    return {aspect: AspectRewardModel(scorer, aspect, tokenizer, spec, device) for aspect in spec["aspects"]}
+    return aspect_reward_models(model, tokenizer, spec, device)
