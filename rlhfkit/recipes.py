@@ -815,7 +815,7 @@ def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
         length = f"{'max-steps ' + str(s['max_steps']) if s['max_steps'] else str(s['epochs']) + ' epoch(s)'}"
         trained = (f"{s['backbone']}, lr {s['lr']:g}, {length}, max-length {s['max_length']} (prompt {s['max_prompt_length']})"
                    + (f", error weight {s['error_class_weight']:g}" if segment_rm else "")
-                   + f"; {row['train_records']} records, {row['train_seconds'] / 60:.1f} min")
+                   + f"; {row['train_records']} training records, {row['train_seconds'] / 60:.1f} min")
         verdict = "yes" if row["beats_baseline_clearly"] else "no"
         lines.append(f"| {aspect} | {row['metric']} | {row['value']:.3f} | {baseline} | {interval} | {verdict} | {auc} | {data} | {trained} |")
     lines += ["", (f"Intervals: 95% bootstrap over held-out prompts (train-rm --eval-only, {BOOTSTRAP_DRAWS:,} draws). "

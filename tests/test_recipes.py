@@ -321,7 +321,7 @@ def test_rm_held_out_table_reports_each_aspect_beside_its_baseline(tmp_path):
     # 690 s = 11.5 min; the AUC interval's lower end 0.61 is above 0.5.
     assert ("| factuality | segment accuracy | 0.800 | majority 0.700 | acc - baseline [+0.020, +0.180] | yes "
             "| 0.710 [0.610, 0.800]: above chance | 150 segments (45 errors, 30 flagged), 100 prompts "
-            "| minilm, lr 5e-05, 2 epoch(s), max-length 512 (prompt 128), error weight 2; 400 records, 11.5 min |") in table
+            "| minilm, lr 5e-05, 2 epoch(s), max-length 512 (prompt 128), error weight 2; 400 training records, 11.5 min |") in table
     assert ("| completeness | pairwise accuracy | 0.520 | 0.5 (chance) | [0.470, 0.570] | no | – "
             "| 530 decided pairs, 100 prompts |") in table
     saved = json.loads((tmp_path / "results/qa_rm.json").read_text())["aspects"]
