@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo learn-check
-.PHONY: table-synthetic table-qa table-detox table-r3hf table-cnr recipes-dry-run
+.PHONY: table-synthetic table-qa table-detox table-r3hf table-cnr table-qa-rm recipes-dry-run
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ table-r3hf: setup
 
 table-cnr: setup
 	$(RECIPE_ENV) $(BIN)/rlhfkit recipe recipes/critique_revise/$(SCALE).yaml
+
+# The three QA reward models on the pretrained minilm encoder, trained on the shipped sample and
+# scored on the 100 held-out dev_feedback records (recipes/qa_feedback/README.md): results/qa_rm.md.
+table-qa-rm: setup
+	OMP_NUM_THREADS=$(RECIPE_THREADS) $(BIN)/rlhfkit recipe recipes/qa_feedback/rm_heldout.yaml
 
 # Resolve and validate every paper-scale recipe without running anything (CI's test suite
 # does the same in tests/test_recipes.py).

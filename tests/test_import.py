@@ -22,6 +22,7 @@ from rlhfkit.stages.annotate_import import ImportConfig, run_import
 
 REPO = Path(__file__).resolve().parents[1]
 QA_FEEDBACK = REPO / "data" / "qa_feedback" / "feedback.json"
+QA_FEEDBACK_HELD_OUT = REPO / "data" / "qa_feedback" / "feedback_heldout.json"
 QA_DEV = REPO / "data" / "qa_feedback" / "qa_dev.json"
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
 runner = CliRunner()
@@ -262,6 +263,31 @@ def test_qa_feedback_prompt_matches_the_released_policy_input(qa_import):
             near += 1
     # The other 9 differ only where the released sentence splitter cut text with no space.
     assert (exact, near) == (391, 9)
+
+
+def test_qa_feedback_held_out_records_share_no_question_with_the_sample():
+    # SOURCE.md: dev_feedback.json's 500 records split 400 (feedback.json) / 100
+    # (feedback_heldout.json); each of its questions once, so the two files together hold
+    # exactly the 500 questions of dev.json (qa_dev.json) and none twice.
+    sample = [r["question"] for r in json.loads(QA_FEEDBACK.read_text())]
+    held_out = [r["question"] for r in json.loads(QA_FEEDBACK_HELD_OUT.read_text())]
+    assert (len(sample), len(held_out)) == (400, 100)
+    assert len(set(sample)) == 400 and len(set(held_out)) == 100
+    assert set(sample).isdisjoint(held_out)
+    assert set(sample) | set(held_out) == {r["question"] for r in json.loads(QA_DEV.read_text())}
+
+
+def test_qa_feedback_held_out_file_imports_with_its_counts(tmp_path):
+    # Counted in the raw file: 100 records, 3 with an empty corrected-prediction (records 32,
+    # 36, 45), so 97 demonstrations; 6 judgements each (70 of the 600 ties, no identical
+    # pair); relevance spans 173 Irrelevant + 28 Redundant + 3 Incoherent, factuality 39
+    # Wrong-Grounding + 33 Unverifiable.
+    result = invoke("--format", "qa-feedback", QA_FEEDBACK_HELD_OUT, "--out", tmp_path / "import")
+    assert result.exit_code == 0, result.output
+    rep = report(tmp_path / "import")
+    assert rep["counts"] == {"prompt": 100, "demonstration": 97, "span_feedback": 100, "preference": 600, "critique": 100}
+    assert rep["span_feedback"]["spans_per_aspect"] == {"factuality": 72, "relevance": 204}
+    assert rep["preference"] == {"per_aspect": {"preference": 600}, "ties": 70}
 
 
 def test_policy_input_form():

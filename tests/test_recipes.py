@@ -22,7 +22,12 @@ from rlhfkit.recipes import (
 )
 from rlhfkit.schema import Demonstration, Generation, PromptRecord, load_records, write_records
 from rlhfkit.tasks.detox import toxicity_table
-from rlhfkit.tasks.qa_feedback import qa_answer_records, shorten_prompts, shorten_qa_prompt
+from rlhfkit.tasks.qa_feedback import (
+    qa_answer_records,
+    rm_held_out_table,
+    shorten_prompts,
+    shorten_qa_prompt,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = sorted((REPO / "recipes").glob("**/*.yaml"))
@@ -291,3 +296,41 @@ steps:
 """)
     steps = load_plan(plan).steps
     assert [(s.name, s.values) for s in steps] == [("s3", {"prompt": "p3", "passages": 3}), ("s5", {"prompt": "p5", "passages": 5})]
+
+
+def write_held_out_run(root: Path, aspect: str, kind: str, held_out: dict, clearly: bool) -> Path:
+    """A trained RM's files and its `train-rm --eval-only` run, as the stage writes them."""
+    trained, scored = root / f"rm-{aspect}", root / f"held-out-{aspect}"
+    write(trained / "rm_metrics.json", json.dumps({"train_records": 400, "train_seconds": 690.0}))
+    write(trained / "run_config.json", json.dumps({"config": {"lr": 5e-5, "epochs": 2, "max_steps": None, "batch_size": 8}}))
+    write(trained / "rlhfkit_rm.json", json.dumps({"backbone": "minilm", "max_length": 512, "max_prompt_length": 128,
+                                                   **({"error_class_weight": 2.0} if kind == "segment" else {})}))
+    write(scored / "rm_metrics.json", json.dumps({"aspect": aspect, "kind": kind, "reward_model": str(trained), "eval_only": True,
+                                                  "held_out": held_out, "beats_baseline_clearly": clearly}))
+    return scored
+
+
+def test_rm_held_out_table_reports_each_aspect_beside_its_baseline(tmp_path):
+    factuality = write_held_out_run(tmp_path, "factuality", "segment", {
+        "records": 100, "accuracy": 0.8, "majority_baseline_accuracy": 0.7, "accuracy_minus_baseline_ci95": [0.02, 0.18],
+        "segments": 150, "error_segments": 45, "predicted_errors": 30, "error_auc": 0.71, "error_auc_ci95": [0.61, 0.8],
+        "bootstrap_prompts": 100}, clearly=True)
+    completeness = write_held_out_run(tmp_path, "completeness", "preference", {
+        "records": 600, "pairwise_accuracy": 0.52, "pairwise_baseline_accuracy": 0.5, "pairwise_accuracy_ci95": [0.47, 0.57],
+        "pairs": 530, "bootstrap_prompts": 100}, clearly=False)
+    rows = rm_held_out_table(str(tmp_path / "results/qa_rm.md"), "T", [str(factuality), str(completeness)])
+    table = (tmp_path / "results/qa_rm.md").read_text()
+    # 690 s = 11.5 min; the AUC interval's lower end 0.61 is above 0.5.
+    assert ("| factuality | segment accuracy | 0.800 | majority 0.700 | acc - baseline [+0.020, +0.180] | yes "
+            "| 0.710 [0.610, 0.800]: above chance | 150 segments (45 errors, 30 flagged), 100 prompts "
+            "| minilm, lr 5e-05, 2 epoch(s), max-length 512 (prompt 128), error weight 2; 400 training records, 11.5 min |") in table
+    assert ("| completeness | pairwise accuracy | 0.520 | 0.5 (chance) | [0.470, 0.570] | no | – "
+            "| 530 decided pairs, 100 prompts |") in table
+    saved = json.loads((tmp_path / "results/qa_rm.json").read_text())["aspects"]
+    assert saved["factuality"]["interval"] == [0.02, 0.18] and saved["completeness"]["beats_baseline_clearly"] is False
+    assert rows["factuality"]["settings"]["error_class_weight"] == 2.0
+    training_run = tmp_path / "rm-factuality"  # its rm_metrics.json has no eval_only
+    with pytest.raises(RlhfkitError, match="not a `train-rm --eval-only` run"):
+        rm_held_out_table(str(tmp_path / "t.md"), "T", [str(training_run)])
+    with pytest.raises(RlhfkitError, match="nothing/rm_metrics.json: no such file"):
+        rm_held_out_table(str(tmp_path / "t.md"), "T", [str(tmp_path / "nothing")])

@@ -6,7 +6,8 @@ this data set rather than to the method.
 - `PRESETS`: what `train-rm --aspect factuality|relevance|completeness|preference` means (the
   default task's presets, rlhfkit.tasks), with the reference's label rules (`QA_MIN_SPAN`);
 - the recipe data steps on QA files: `qa_answer_records` (policy inputs and gold answers),
-  `shorten_prompts` (QA prompts cut for tiny CPU runs).
+  `shorten_prompts` (QA prompts cut for tiny CPU runs), `rm_held_out_table` (reward models
+  scored on the held-out records, `make table-qa-rm`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import write_json
+from rlhfkit.io import write_json, write_text
+from rlhfkit.metrics import BOOTSTRAP_DRAWS
 from rlhfkit.recipes import recipe_function
 from rlhfkit.rewards.presets import AspectPreset
 
@@ -165,3 +167,97 @@ def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> 
     write_records(Path(out) / "demonstrations.jsonl", demonstrations)
     console.print(f"qa-answers: {len(prompts)} prompts, {len(demonstrations)} demonstrations -> {out}")
     return {"prompts": len(prompts), "demonstrations": len(demonstrations)}
+
+
+# --- the held-out reward-model table (recipes/qa_feedback/rm_heldout.yaml) ---
+
+
+def _run_file(directory: Path, name: str) -> dict:
+    path = directory / name
+    if not path.is_file():
+        raise RlhfkitError(f"rm_held_out_table: {path}: no such file (did the step that writes it run?)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _interval_text(interval: list[float] | None, signed: bool = False) -> str:
+    if interval is None:
+        return "none (fewer than 2 prompts)"
+    lo, hi = interval
+    return f"[{lo:+.3f}, {hi:+.3f}]" if signed else f"[{lo:.3f}, {hi:.3f}]"
+
+
+@recipe_function
+def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
+    """The table of reward models scored on held-out data: `evaluations` are `train-rm
+    --eval-only` output directories. Per aspect: the held-out metric beside its trivial
+    baseline with the 95% bootstrap interval over prompts that train-rm computed, and its
+    verdict `beats_baseline_clearly` (segment RMs: the interval of accuracy minus the
+    majority baseline lies above 0; preference RMs: the pairwise accuracy's lies above 0.5);
+    for segment RMs also the error AUC and its interval (above 0.5: errors ranked above
+    chance), and each RM's training settings and time (its own run_config.json and
+    rm_metrics.json). Writes `out` (markdown) and the same figures as JSON beside it.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for evaluation in map(Path, evaluations):
+        scored = _run_file(evaluation, "rm_metrics.json")
+        if not scored.get("eval_only"):
+            raise RlhfkitError(f"rm_held_out_table: {evaluation}: not a `train-rm --eval-only` run")
+        trained_dir = Path(scored["reward_model"])
+        trained = _run_file(trained_dir, "rm_metrics.json")
+        options = _run_file(trained_dir, "run_config.json")["config"]
+        spec = _run_file(trained_dir, "rlhfkit_rm.json")
+        held = scored["held_out"]
+        settings = {
+            "backbone": spec["backbone"],
+            "lr": options["lr"],
+            "epochs": options["epochs"],
+            "max_steps": options["max_steps"],
+            "batch_size": options["batch_size"],
+            "max_length": spec["max_length"],
+            "max_prompt_length": spec["max_prompt_length"],
+            **({"error_class_weight": spec["error_class_weight"]} if scored["kind"] == "segment" else {}),
+        }
+        row: dict[str, Any] = {"kind": scored["kind"], "evaluation": str(evaluation), "reward_model": str(trained_dir),
+                               "settings": settings, "train_records": trained["train_records"],
+                               "train_seconds": trained["train_seconds"], "held_out_records": held["records"],
+                               "bootstrap_prompts": held.get("bootstrap_prompts"),
+                               "beats_baseline_clearly": scored["beats_baseline_clearly"]}
+        if "majority_baseline_accuracy" in held:
+            row.update(metric="segment accuracy", value=held["accuracy"], baseline=held["majority_baseline_accuracy"],
+                       interval_of="accuracy - majority baseline", interval=held["accuracy_minus_baseline_ci95"],
+                       segments=held["segments"], error_segments=held["error_segments"],
+                       predicted_errors=held["predicted_errors"], error_auc=held["error_auc"],
+                       error_auc_ci95=held["error_auc_ci95"])
+        elif "pairwise_accuracy" in held:
+            row.update(metric="pairwise accuracy", value=held["pairwise_accuracy"], baseline=held["pairwise_baseline_accuracy"],
+                       interval_of="pairwise accuracy", interval=held["pairwise_accuracy_ci95"], pairs=held["pairs"])
+        else:
+            raise RlhfkitError(f"rm_held_out_table: {evaluation}: no segment or pairwise metrics (a regression RM, or no record fitted)")
+        rows[scored["aspect"]] = row
+
+    lines = [f"# {title}", "", "| aspect | held-out metric | RM | baseline | 95% interval | clearly better | error AUC (95% interval) | held-out data | trained |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for aspect, row in rows.items():
+        segment_rm = row["kind"] == "segment"
+        baseline = f"majority {row['baseline']:.3f}" if segment_rm else f"{row['baseline']:.1f} (chance)"
+        interval = (f"acc - baseline {_interval_text(row['interval'], signed=True)}" if segment_rm
+                    else _interval_text(row["interval"]))
+        auc = (f"{row['error_auc']:.3f} {_interval_text(row['error_auc_ci95'])}"
+               + (": above chance" if row["error_auc_ci95"] and row["error_auc_ci95"][0] > 0.5 else "")) if segment_rm else "–"
+        data = (f"{row['segments']} segments ({row['error_segments']} errors, {row['predicted_errors']} flagged)" if segment_rm
+                else f"{row['pairs']} decided pairs") + f", {row['bootstrap_prompts']} prompts"
+        s = row["settings"]
+        length = f"{'max-steps ' + str(s['max_steps']) if s['max_steps'] else str(s['epochs']) + ' epoch(s)'}"
+        trained = (f"{s['backbone']}, lr {s['lr']:g}, {length}, max-length {s['max_length']} (prompt {s['max_prompt_length']})"
+                   + (f", error weight {s['error_class_weight']:g}" if segment_rm else "")
+                   + f"; {row['train_records']} training records, {row['train_seconds'] / 60:.1f} min")
+        verdict = "yes" if row["beats_baseline_clearly"] else "no"
+        lines.append(f"| {aspect} | {row['metric']} | {row['value']:.3f} | {baseline} | {interval} | {verdict} | {auc} | {data} | {trained} |")
+    lines += ["", (f"Intervals: 95% bootstrap over held-out prompts (train-rm --eval-only, {BOOTSTRAP_DRAWS:,} draws). "
+                   "'clearly better': train-rm's beats_baseline_clearly, the interval's lower end above the baseline "
+                   "(0 for accuracy minus baseline).")]
+    report = "\n".join(lines) + "\n"
+    write_text(out, report)
+    write_json(Path(out).with_suffix(".json"), {"title": title, "aspects": rows})
+    console.print(report, markup=False, highlight=False, soft_wrap=True)
+    return rows
