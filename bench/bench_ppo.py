@@ -342,7 +342,7 @@ def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
         clocks.append(clock)
         lengths.append(response_lengths)
     stop_profile(profiler, spec, f"rlhfkit-{advantage}")
-    memory = peak_memory(device, baseline)
+    memory = peak_memory(device, baseline)  # before the profiled iterations
     return {
         "wall": [c.wall for c in clocks],
         "cpu": [c.cpu for c in clocks],
@@ -632,20 +632,20 @@ def print_phases(out, profiles: dict[str, dict], basis: str) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"where an rlhfkit iteration's time goes: {basis} seconds per iteration over {PROFILED_ITERATIONS} more "
-              f"iterations with timers on {', '.join(PHASES.values())} (rlhfkit.stages.ppo); update = the rest",
+        title=f"where an rlhfkit iteration's time goes: {basis} seconds per iteration, {PROFILED_ITERATIONS} more iterations "
+              "with timers on the PHASES functions of rlhfkit.stages.ppo; update = the rest of the iteration",
         title_justify="left",
     )
-    table.add_column("phase")
+    table.add_column("phase (timed function)")
     for name in profiles:
         table.add_column(f"{name} s", justify="right")
         table.add_column("%", justify="right")
+    rows = {name: {**p["phases"], "update": p["iteration"] - sum(p["phases"].values()), "iteration": p["iteration"]} for name, p in profiles.items()}
     for phase in [*PHASES, "update", "iteration"]:
-        cells = [phase]
-        for profile in profiles.values():
-            phases = profile["phases"]
-            seconds = {"update": profile["iteration"] - sum(phases.values()), "iteration": profile["iteration"]}.get(phase, phases.get(phase))
-            cells += [f"{seconds / PROFILED_ITERATIONS:.3f}", f"{100 * seconds / profile['iteration']:.0f}%"]
+        cells = [f"{phase} ({PHASES[phase]})" if phase in PHASES else phase]
+        for name, profile in profiles.items():
+            seconds = rows[name][phase]
+            cells += [f"{seconds / PROFILED_ITERATIONS:.3f}", f"{seconds / profile['iteration']:.0%}"]
         table.add_row(*cells)
     out.print(table)
 
