@@ -500,7 +500,7 @@ def matmul_peak(device: Device, repeats: int = 5) -> float:
     """FLOP/s of a square torch.mm in the compute dtype on this worker's threads: best of `repeats`."""
     n = PEAK_SIZE[device.name]
     a, b = (torch.randn(n, n, device=device.name, dtype=getattr(torch, device.dtype)) for _ in range(2))
-    per_round = 2 if device.name == "cpu" else 20  # a round of ~0.4 s on one CPU thread or a GPU
+    per_round = 2 if device.name == "cpu" else 50  # ~0.4 s on one CPU thread, ~0.1 s on an H100
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
@@ -511,31 +511,37 @@ def matmul_peak(device: Device, repeats: int = 5) -> float:
     return best
 
 
-def sft_utilisation(model_dir: Path, demonstrations_file: Path, *, steps: int, seed: int, workdir: Path, device: Device) -> Utilisation:
+def sft_utilisation(
+    model_dir: Path, demonstrations_file: Path, *, steps: int, seed: int, workdir: Path, device: Device, batch_size: int | None = None,
+) -> Utilisation:
     """`rlhfkit sft`'s loop on the large GPT-2 (its defaults: length-grouped batches), FLOPs counted."""
     model, tokenizer, _ = load_policy(model_dir, dtype="float32", device=device.name)
     examples = encode_demonstrations(model_dir, demonstrations_file, LARGE_SFT["max_length"])
-    settings = loop_settings(workdir, device, batch_size=LARGE_SFT["batch_size"], max_steps=steps, seed=seed, group_by_length=True)
+    batch_size = batch_size or LARGE_SFT["batch_size"]
+    settings = loop_settings(workdir, device, batch_size=batch_size, max_steps=steps, seed=seed, group_by_length=True)
     window = fit_window(
         model, examples, make_collate(tokenizer.pad_token_id, False), make_loss_fn(model, False), settings, device,
         count_flops=True, item_lengths=[[len(e.input_ids)] for e in examples],
     )
-    setting = f"init-model GPT-2 {LARGE_GPT2['n_layer']} x {LARGE_GPT2['n_embd']}, batch {LARGE_SFT['batch_size']}, max length {LARGE_SFT['max_length']}"
+    setting = f"init-model GPT-2 {LARGE_GPT2['n_layer']} x {LARGE_GPT2['n_embd']}, batch {batch_size}, max length {LARGE_SFT['max_length']}"
     return Utilisation("sft", setting, count_parameters(model).total, steps - 1, window, device.seconds(window.start, window.end), matmul_peak(device))
 
 
-def reward_utilisation(backbone: str, preferences_file: Path, *, steps: int, seed: int, workdir: Path, device: Device) -> Utilisation:
+def reward_utilisation(
+    backbone: str, preferences_file: Path, *, steps: int, seed: int, workdir: Path, device: Device, batch_size: int | None = None,
+) -> Utilisation:
     """`rlhfkit train-rm`'s preference loop on `backbone` (grouped by prompt, length-grouped), FLOPs counted."""
+    batch_size = batch_size or LARGE_RM["batch_size"]
     model, tokenizer = load_rlhfkit_reward_backbone(backbone, device)
     encode = functools.partial(encode_pair, tokenizer, max_length=LARGE_RM["max_length"], max_prompt_length=LARGE_RM["max_prompt_length"])
     groups, _ = train_rm.encode_preference_groups(encode, load_records(preferences_file, "preference"))
-    settings = loop_settings(workdir, device, batch_size=LARGE_RM["batch_size"], max_steps=steps, seed=seed, group_by_length=True)
+    settings = loop_settings(workdir, device, batch_size=batch_size, max_steps=steps, seed=seed, group_by_length=True)
     window = fit_window(
         model, groups, train_rm.make_collate("preference", tokenizer.pad_token_id), train_rm.make_loss_fn("preference", 1.0),
         settings, device, count=pairs_of, count_flops=True, item_lengths=[train_rm.example_rows(g) for g in groups],
     )
     setting = (
-        f"{backbone} preference RM, batch {LARGE_RM['batch_size']} prompts (all their pairs), max length {LARGE_RM['max_length']}, "
+        f"{backbone} preference RM, batch {batch_size} prompts (all their pairs), max length {LARGE_RM['max_length']}, "
         f"prompt {LARGE_RM['max_prompt_length']}"
     )
     return Utilisation("train-rm", setting, count_parameters(model).total, steps - 1, window, device.seconds(window.start, window.end), matmul_peak(device))
@@ -617,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per trial (the first is warm-up)")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--large-steps", type=int, default=3, help="optimizer steps of each FLOP/s run (the first is warm-up)")
+    parser.add_argument("--large-batch-size", type=int, default=None,
+                        help=f"batch of the FLOP/s runs (default: the stages' defaults, sft {LARGE_SFT['batch_size']} demonstrations, "
+                             f"train-rm {LARGE_RM['batch_size']} prompts; a GPU needs far more to be busy)")
     parser.add_argument("--large-rm", default="minilm", help="backbone of the FLOP/s section's reward model (default: all-MiniLM-L6-v2)")
     parser.add_argument("--skip-large", action="store_true", help="leave out the FLOP/s section")
     parser.add_argument("--skip-trl", action="store_true", help="leave out the comparison with TRL")
@@ -645,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_sft((ours, theirs), model_dir, imported / "demonstrations.jsonl", max_length=args.max_length, workdir=workdir / "sft", **common))
             rows.extend(bench_reward((ours, theirs), model_dir, imported / "preferences.jsonl", max_length=args.rm_max_length, workdir=workdir / "reward", **common))
         if not args.skip_large:
-            common = {"steps": args.large_steps, "seed": args.seed, "device": device}
+            common = {"steps": args.large_steps, "seed": args.seed, "device": device, "batch_size": args.large_batch_size}
             large_gpt2 = build_model(workdir, **LARGE_GPT2)
             large.append(call(ours, sft_utilisation, large_gpt2, imported / "demonstrations.jsonl", workdir=workdir / "sft-large", **common))
             large.append(call(ours, reward_utilisation, args.large_rm, imported / "preferences.jsonl", workdir=workdir / "rm-large", **common))
