@@ -71,6 +71,19 @@ MODEL_SIZES = {
     "small": {"n_layer": 12, "n_embd": 768, "n_head": 12},
 }
 ITERATION_CONFIGS = ("trl-grpo", "rlhfkit-grpo", "rlhfkit-gae")
+# Where a profiled rlhfkit iteration's time goes: phase -> the attribute of rlhfkit.stages.ppo
+# whose calls it times ("Class.method" for a method; "f(flag)" for the calls of f with flag=True).
+# A call counts for the first phase it matches; a call whose result carries autograd history is
+# a forward pass of the update and is left to "update", which is the rest of the iteration
+# (advantages, the minibatch forward and backward passes, the optimizer steps).
+PHASES = {
+    "generation": "HFGeneration.generate",
+    "reference log-probs": "policy_logits(reference)",
+    "rollout log-probs": "policy_logits",
+    "value": "value_estimates",
+    "rewards": "score_rollout",
+}
+PROFILED_ITERATIONS = 3
 MAX_PROMPT_TOKENS = 64
 # Feedback for the three tiny reward models, as tests/test_ppo.py trains them.
 RM_RESPONSES = [
@@ -114,6 +127,7 @@ class BenchSpec:
     top_k: int = 20
     seed: int = 0
     profile_dir: str | None = None
+    same_malloc: bool = False  # TRL's worker gets rlhfkit's malloc setting too
 
     @property
     def rollouts(self) -> int:
@@ -155,6 +169,54 @@ def synchronize(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def carries_autograd(result) -> bool:
+    values = result if isinstance(result, tuple) else (result,)
+    return any(getattr(value, "requires_grad", False) for value in values)
+
+
+def install_phase_timers(device) -> dict[str, list[Clock]]:
+    """Wrap the PHASES attributes of rlhfkit.stages.ppo in clocks; returns {phase: clocks of its calls}."""
+    import functools
+
+    from rlhfkit.stages import ppo
+
+    calls: dict[str, list[Clock]] = {phase: [] for phase in PHASES}
+    by_attribute: dict[str, list[tuple[str, str | None]]] = {}
+    for phase, target in PHASES.items():
+        attribute, _, flag = target.partition("(")
+        by_attribute.setdefault(attribute, []).append((phase, flag.rstrip(")") or None))
+    for attribute, phases in by_attribute.items():
+        owner_name, _, name = attribute.rpartition(".")
+        owner = getattr(ppo, owner_name) if owner_name else ppo
+        function = getattr(owner, name)
+
+        @functools.wraps(function)
+        def timed(*args, _function=function, _phases=phases, **kwargs):
+            phase = next((p for p, flag in _phases if flag is None or kwargs.get(flag)), None)
+            with Clock(device) as clock:
+                result = _function(*args, **kwargs)
+            if phase is not None and not carries_autograd(result):
+                calls[phase].append(clock)
+            return result
+
+        setattr(owner, name, timed)
+    return calls
+
+
+def profile_phases(ppo: RlhfkitPPO, prompts: list[str]) -> dict:
+    """PROFILED_ITERATIONS iterations with the phase timers in place: seconds per phase, summed
+    over them, and the iterations' own seconds ('update' is the difference)."""
+    calls = install_phase_timers(ppo.device)
+    clocks = [ppo.iteration(prompts)[0] for _ in range(PROFILED_ITERATIONS)]
+    return {
+        basis: {
+            "iteration": sum(getattr(c, basis) for c in clocks),
+            "phases": {phase: sum(getattr(c, basis) for c in cs) for phase, cs in calls.items()},
+        }
+        for basis in ("cpu", "wall")
+    }
 
 
 def memory_baseline(device) -> int:
@@ -280,13 +342,15 @@ def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
         clocks.append(clock)
         lengths.append(response_lengths)
     stop_profile(profiler, spec, f"rlhfkit-{advantage}")
+    memory = peak_memory(device, baseline)  # before the profiled iterations
     return {
         "wall": [c.wall for c in clocks],
         "cpu": [c.cpu for c in clocks],
         "tokens": [int(n.sum()) for n in lengths],
         "shortest_response": min(int(n.min()) for n in lengths),
-        "peak_memory": peak_memory(device, baseline),
+        "peak_memory": memory,
         "threads": torch.get_num_threads(),
+        "phases": profile_phases(ppo, prompts),  # after the timed iterations, which run unwrapped
     }
 
 
@@ -297,9 +361,11 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from bench.ppo_reward import letter_e_share
-    from rlhfkit.models import resolve_device
+    from rlhfkit.models import resolve_device, reuse_freed_cpu_memory
 
     device = resolve_device(spec.device)
+    if spec.same_malloc and device.type == "cpu":
+        reuse_freed_cpu_memory()  # what rlhfkit's model loader does in its workers
     baseline = memory_baseline(device)
     steps_per_generation = spec.rollouts // spec.minibatch
     steps_per_iteration = steps_per_generation * spec.epochs
@@ -561,6 +627,29 @@ def each(values: list[float], digits: int = 2) -> str:
     return f"{median(values):.{digits}f} (" + " ".join(f"{v:.{digits}f}" for v in values) + ")"
 
 
+def print_phases(out, profiles: dict[str, dict], basis: str) -> None:
+    """Seconds per iteration and share of the iteration of each PHASES entry, and of the update."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"where an rlhfkit iteration's time goes: {basis} seconds per iteration, {PROFILED_ITERATIONS} more iterations "
+              "with timers on the PHASES functions of rlhfkit.stages.ppo; update = the rest of the iteration",
+        title_justify="left",
+    )
+    table.add_column("phase (timed function)")
+    for name in profiles:
+        table.add_column(f"{name} s", justify="right")
+        table.add_column("%", justify="right")
+    rows = {name: {**p["phases"], "update": p["iteration"] - sum(p["phases"].values()), "iteration": p["iteration"]} for name, p in profiles.items()}
+    for phase in [*PHASES, "update", "iteration"]:
+        cells = [f"{phase} ({PHASES[phase]})" if phase in PHASES else phase]
+        for name, profile in profiles.items():
+            seconds = rows[name][phase]
+            cells += [f"{seconds / PROFILED_ITERATIONS:.3f}", f"{seconds / profile['iteration']:.0%}"]
+        table.add_row(*cells)
+    out.print(table)
+
+
 def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict | None) -> None:
     import torch
     import transformers
@@ -599,6 +688,7 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
     )
     ratio = rate["rlhfkit-grpo"] / rate["trl-grpo"]
     out.print(f"goal: rlhfkit (grpo) >= 1.5x TRL tokens/s: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")
+    print_phases(out, {name: r["phases"][basis] for name, r in results.items() if "phases" in r}, basis)
     if rm:
         table = Table(
             title=f"reward-model cost: one batch of {spec.rollouts} rollouts, {rm['response_tokens']} response tokens; {basis} "
@@ -632,7 +722,7 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
         out.print(f"goal: redistribution <= 1.05x plain scoring (score only): {spread:.2f}x -> {'met' if spread <= 1.05 else 'NOT met'}")
     out.print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {os.cpu_count()} CPUs; "
-        f"torch.set_num_threads({threads}) in every worker"
+        f"torch.set_num_threads({threads}) in every worker; TRL's with {'rlhfkit' if spec.same_malloc else 'the default'} malloc settings"
     )
 
 
@@ -651,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per configuration, after one warm-up")
     parser.add_argument("--skip-rm-costs", action="store_true", help="only the comparison with TRL")
     parser.add_argument("--profile-dir", help="write a cProfile of each worker's timed part into this directory")
+    parser.add_argument("--same-malloc", action="store_true",
+                        help="give TRL's worker rlhfkit's malloc setting too (on CPU: the comparison without it)")
     parser.add_argument("--worker", nargs=3, metavar=("NAME", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -673,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir=str(root), device=str(device), dtype=dtype, threads=args.threads, prompts=args.prompts,
             samples_per_prompt=args.samples_per_prompt, new_tokens=args.new_tokens, minibatch=args.minibatch,
             epochs=args.epochs, repeats=args.repeats,
-            profile_dir=str(Path(args.profile_dir).resolve()) if args.profile_dir else None,
+            profile_dir=str(Path(args.profile_dir).resolve()) if args.profile_dir else None, same_malloc=args.same_malloc,
         )
         if spec.profile_dir:
             Path(spec.profile_dir).mkdir(parents=True, exist_ok=True)

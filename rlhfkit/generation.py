@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from rlhfkit.distributed import is_zero3_partitioned
 from rlhfkit.errors import RlhfkitError
@@ -114,12 +119,8 @@ def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[i
     split a UTF-8 character, SentencePiece's dropped leading space): a token owns the
     characters its prefix adds to the text.
     """
-    text = tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    prefixes = tokenizer.batch_decode(
-        [token_ids[: i + 1] for i in range(len(token_ids))],
-        skip_special_tokens=True,
-        clean_up_tokenization_spaces=False,
-    )
+    prefixes = _decode_all(tokenizer, [token_ids[: i + 1] for i in range(len(token_ids))])
+    text = prefixes[-1] if prefixes else ""
     spans = []
     previous_end = 0
     for prefix in prefixes:
@@ -131,6 +132,19 @@ def token_char_spans(tokenizer, token_ids: list[int]) -> tuple[str, list[tuple[i
         start, _ = spans[-1]
         spans[-1] = (start, len(text))
     return text, spans
+
+
+def _decode_all(tokenizer, rows: list[list[int]]) -> list[str]:
+    """`tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)`.
+
+    A fast tokenizer that keeps transformers' own decoding runs exactly that as its Rust
+    tokenizer's `decode_batch`, which is called directly: transformers would first check every
+    id of every row in Python, most of the time of `token_char_spans` (which decodes each
+    prefix of a response) in a PPO rollout.
+    """
+    if type(tokenizer)._decode is PreTrainedTokenizerFast._decode and type(tokenizer).decode is PreTrainedTokenizerBase.decode:
+        return tokenizer.backend_tokenizer.decode_batch(rows, skip_special_tokens=True)
+    return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class TopKSampler(LogitsProcessor):

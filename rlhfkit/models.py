@@ -10,9 +10,11 @@ trained on local text, so the pipeline and its tests run without downloading any
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import pickle
+import platform
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -69,6 +71,37 @@ def resolve_device(device: str | None) -> torch.device:
         if resolved.index is None:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return resolved
+
+
+# glibc malloc's options (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_REUSED_BLOCK_LIMIT = 1 << 30  # 1 GiB
+_GLIBC_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_freed_memory_reused = False
+
+
+def reuse_freed_cpu_memory() -> None:
+    """Let glibc's malloc keep freed blocks of up to 1 GiB for reuse (once per process).
+
+    By default glibc hands every freed block above its mmap threshold (32 MiB at most) back
+    to the kernel, so each CPU training step's large activations (a (B, heads, T, T)
+    attention matrix, (B, T, V) logits) come back as fresh pages: a page fault and a kernel
+    memset per 4 KiB. On the benchmarks' tiny GPT-2 that system time was 15-25% of a reward-
+    model training step and 5-10% of a PPO iteration; with the blocks reused it is ~0 (the
+    effect jemalloc or tcmalloc would have). The peak memory is the same; memory freed after
+    the peak stays with the process. Nothing happens outside glibc, or when the process was
+    started with its own malloc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
+    GLIBC_TUNABLES).
+    """
+    global _freed_memory_reused
+    if _freed_memory_reused:
+        return
+    _freed_memory_reused = True
+    if platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in _GLIBC_MALLOC_SETTINGS):
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, _REUSED_BLOCK_LIMIT)
+    libc.mallopt(_M_TRIM_THRESHOLD, _REUSED_BLOCK_LIMIT)
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -238,6 +271,8 @@ def load_pretrained(
         raise _weights_error(name_or_path, err) from None
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from None
+    if target.type == "cpu":
+        reuse_freed_cpu_memory()
     return model.to(target)
 
 

