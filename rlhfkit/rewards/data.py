@@ -59,7 +59,7 @@ def load_aspect_records(path: str, aspect: str, settings: RMSettings, ties: str 
         by_aspect = [r for r in records if r.aspect in HOLISTIC_ASPECTS]
         if by_aspect and aspect not in HOLISTIC_ASPECTS:
             console.print(
-                f"train-rm: no record of {path} names aspect {aspect!r}; training on its {len(by_aspect)} "
+                f"train-rm: no record of {path} names aspect {aspect!r}; using its {len(by_aspect)} "
                 "holistic preferences (the shipped QA-Feedback sample has only those)",
                 soft_wrap=True,
             )
