@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Optional
 
 from rlhfkit.console import console
+from rlhfkit.errors import RlhfkitError
 
 
 def field_defaults(cfg: Any, names: tuple[str, ...]) -> dict[str, Any]:
@@ -62,3 +63,17 @@ def fit_default_lengths(
         highlight=False,
     )
     return True
+
+
+def fit_generation_lengths(cfg: Any, limit: Optional[int], stage: str, model_name: str, is_encoder_decoder: bool) -> None:
+    """A decoder that generates: --max-prompt-length and --max-new-tokens left at their defaults
+    fitted to its `limit` positions (fit_default_lengths), and their sum checked against it.
+    An encoder-decoder reads the prompt and writes the response in separate positions."""
+    if is_encoder_decoder or limit is None:
+        return
+    fit_default_lengths(cfg, limit, ("max_prompt_length", "max_new_tokens"), stage)
+    if cfg.max_prompt_length + cfg.max_new_tokens > limit:
+        raise RlhfkitError(
+            f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} exceeds the "
+            f"{limit} positions {model_name} allows; lower one of them"
+        )

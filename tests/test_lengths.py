@@ -6,7 +6,10 @@ import json
 from dataclasses import dataclass
 
 from rlhfkit.config import opt
-from rlhfkit.lengths import fit_default_lengths
+import pytest
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.lengths import fit_default_lengths, fit_generation_lengths
 from rlhfkit.schema import Demonstration, write_records
 
 
@@ -24,6 +27,18 @@ def test_both_defaults_share_the_positions():
     cfg = Lengths()
     fit_default_lengths(cfg, 64, ("max_prompt_length", "max_new_tokens"), "ppo")
     assert (cfg.max_prompt_length, cfg.max_new_tokens) == (32, 32)  # 200 > 64 // 2 = 32; prompt 64 - 32
+
+
+def test_generation_lengths_are_fitted_then_checked():
+    cfg = Lengths()
+    fit_generation_lengths(cfg, 64, "ppo", "the policy", is_encoder_decoder=False)
+    assert (cfg.max_prompt_length, cfg.max_new_tokens) == (32, 32)  # as fit_default_lengths: 64 // 2, the rest
+    cfg = Lengths(max_prompt_length=60, max_new_tokens=10)  # both given, 70 > 64: refused, not cut
+    with pytest.raises(RlhfkitError, match="--max-prompt-length 60 \\+ --max-new-tokens 10 exceeds the 64 positions the policy allows"):
+        fit_generation_lengths(cfg, 64, "ppo", "the policy", is_encoder_decoder=False)
+    cfg = Lengths(max_prompt_length=60, max_new_tokens=10)  # an encoder-decoder reads and writes apart
+    fit_generation_lengths(cfg, 64, "ppo", "the policy", is_encoder_decoder=True)
+    assert (cfg.max_prompt_length, cfg.max_new_tokens) == (60, 10)
 
 
 def test_a_given_length_is_kept_and_the_default_takes_the_rest():

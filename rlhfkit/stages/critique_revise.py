@@ -73,7 +73,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
 from rlhfkit.io import save_png, write_json, write_text
-from rlhfkit.lengths import fit_default_lengths
+from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.metrics import win_rate
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
@@ -533,14 +533,7 @@ def read_inputs(path: str, limit: int | None) -> list:
 def model_generator(cfg: CritiqueReviseConfig, templates: Templates, device: torch.device) -> ModelGenerator:
     model, tokenizer, is_encoder_decoder = load_policy(cfg.model, dtype=cfg.dtype, device=str(device), trust_remote_code=cfg.trust_remote_code)
     override_chat_template(tokenizer, load_chat_template(cfg.chat_template))
-    limit = model_max_positions(model)
-    if not is_encoder_decoder:
-        fit_default_lengths(cfg, limit, ("max_prompt_length", "max_new_tokens"), "critique-revise")
-    if not is_encoder_decoder and limit is not None and cfg.max_prompt_length + cfg.max_new_tokens > limit:
-        raise RlhfkitError(
-            f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} exceeds the "
-            f"{limit} positions {cfg.model} allows; lower one of them"
-        )
+    fit_generation_lengths(cfg, model_max_positions(model), "critique-revise", cfg.model, is_encoder_decoder)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=cfg.sample)
     return ModelGenerator(model, tokenizer, is_encoder_decoder, templates, sampling,
                           max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size, seed=cfg.seed)

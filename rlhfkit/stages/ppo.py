@@ -77,7 +77,7 @@ from rlhfkit.generation_backends import (
     make_generation_backend,
 )
 from rlhfkit.io import write_json, write_text
-from rlhfkit.lengths import fit_default_lengths
+from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.models import (
     add_lora,
     disable_dropout,
@@ -317,14 +317,7 @@ class PolicyBundle:
 def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
     policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device)
     disable_dropout(policy)  # before LoRA wraps it: the adapters are made without dropout below
-    limit = model_max_positions(policy)
-    if not is_encdec:
-        fit_default_lengths(cfg, limit, ("max_prompt_length", "max_new_tokens"), "ppo")
-    if limit is not None and not is_encdec and cfg.max_prompt_length + cfg.max_new_tokens > limit:
-        raise RlhfkitError(
-            f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} exceeds "
-            f"the {limit} positions the policy allows; lower one of them"
-        )
+    fit_generation_lengths(cfg, model_max_positions(policy), "ppo", "the policy", is_encdec)
     ref = None
     if cfg.lora_r:
         policy = add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0)
