@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from rlhfkit.config import opt
 import pytest
 
+from rlhfkit.config import opt
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.lengths import fit_default_lengths, fit_generation_lengths
 from rlhfkit.schema import Demonstration, write_records
