@@ -160,9 +160,10 @@ def test_linear_warmup_then_decay(tmp_path):
 
 def test_training_lowers_the_loss_and_evaluates_before_and_after(tmp_path):
     # Seeded: the dropout draws come from torch's global generator, which torch 2.13 seeds
-    # afresh in every process. With dropout 0.5 on the inputs the trained loss stays well
-    # above 0: over seeds 0-11 the final/initial eval-loss ratio was 0.19-0.30 (0.24 at seed
-    # 0), so the test asks for at least halving, not for a threshold inside that spread.
+    # afresh in every process, and with dropout 0.5 on the inputs the final/initial eval-loss
+    # ratio depends on them: 0.19-0.30 over seeds 0-11, so unseeded the bound below failed
+    # about one run in five. Seed 0 gives 0.2425, 3% inside the bound, far more than float
+    # rounding moves a 60-step fp32 run of a 4-weight model.
     torch.manual_seed(0)
     run = RunDir(tmp_path, "toy", ToyConfig())
     model = ToyModel()
@@ -172,7 +173,7 @@ def test_training_lowers_the_loss_and_evaluates_before_and_after(tmp_path):
         evaluate=lambda: {"loss": toy_loss(model, toy_collate(items))[0].item() / len(items)},
     )
     assert [e["step"] for e in result.evals] == [0, result.steps] and result.steps == 60
-    assert result.evals[-1]["loss"] < 0.5 * result.evals[0]["loss"]
+    assert result.evals[-1]["loss"] < 0.25 * result.evals[0]["loss"]
     rows = metric_rows(tmp_path)
     assert rows[0] == {"step": 0, "eval_loss": result.evals[0]["loss"]}
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 61))
