@@ -14,16 +14,20 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
 from rlhfkit.models import load_tokenizer, save_model
 from rlhfkit.rewards.data import IGNORE_INDEX, encode_segment_example, make_collate
+from rlhfkit.rewards.losses import make_loss_fn
 from rlhfkit.rewards.reward_model import (
     SPEC_FILE,
+    EncodedPair,
     RewardModel,
     encode_pair,
     load_reward_model,
+    mean_at_segment_ends,
     pad_right,
     per_position_scores,
     reward_model_class,
     segment_end_positions,
     segment_rewards,
+    segment_start_positions,
     sequence_scores,
 )
 from rlhfkit.schema import Span, SpanFeedback
@@ -76,6 +80,8 @@ def test_segment_labels_sit_on_the_tokens_that_end_each_sentence():
     assert example.input_ids == [3, 4, 5, 6, 1, 5, 4, 7, 8, 9, 10, 11, 12, 8]
     assert example.positions == [8, 13]
     assert example.labels == [0, 1]
+    # Sentence 1 is tokens 5-8 ("Paris is big ."), sentence 2 tokens 9-13.
+    assert example.starts == [5, 9]
     # Relevance labels on the same sentences: the span "Paris" [0, 5) marks sentence 1.
     assert encode_segment_example(encoder(64), record, "relevance", "sentence").labels == [1, 0]
 
@@ -83,6 +89,8 @@ def test_segment_labels_sit_on_the_tokens_that_end_each_sentence():
     expected = torch.full((1, 14), IGNORE_INDEX)
     expected[0, 8], expected[0, 13] = 0, 1
     assert torch.equal(batch["labels"], expected)
+    # Mean pooling reads positions 5..8 at 8 and 9..13 at 13; every other position is its own start.
+    assert batch["segment_starts"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 5, 9, 10, 11, 12, 9]]
 
     # --max-length 12: the prompt loses "Where is" from the left, the response is intact.
     cut = encode_segment_example(encoder(12), record, "factuality", "sentence")
@@ -247,3 +255,65 @@ def test_a_response_longer_than_max_length_is_an_error(tiny_model_dir):
     rm = make_rm(tiny_model_dir, "preference", max_length=8)
     with pytest.raises(RlhfkitError, match=r"response 0 has \d+ tokens .* reads at most 8"):
         rm.score(PROMPTS[:1], RESPONSES[:1])
+
+
+def test_segment_starts_follow_the_previous_segment_end():
+    # Response tokens at positions 3..9; segments end at 5, 5 (one token completes two
+    # segments) and 9: the first starts at the response's first token, the second is that
+    # shared token alone, the third starts after it.
+    pair = EncodedPair(input_ids=list(range(10)), response_positions=list(range(3, 10)), response_char_spans=[(0, 1)] * 7, prompt_position=2)
+    assert segment_start_positions(pair, [5, 5, 9]) == [3, 5, 6]
+    assert segment_start_positions(pair, []) == []
+
+
+def test_mean_at_segment_ends_by_hand():
+    # One row of 5 tokens, 2 logits each; segments [1, 2] and [3, 4] (0 is prompt).
+    logits = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, -6.0], [0.5, 0.25], [1.5, 0.75]]])
+    starts = torch.tensor([[0, 1, 1, 3, 3]])
+    pooled = mean_at_segment_ends(logits, starts)
+    # Position 2: ([1, 2] + [3, -6]) / 2 = [2, -2]; position 4: ([0.5, .25] + [1.5, .75]) / 2 = [1, 0.5].
+    # Positions that are their own start keep their logits. Every value is a binary fraction
+    # summed and halved, so float32/float64 represent each exactly: compared with ==.
+    assert pooled[0, 2].tolist() == [2.0, -2.0]
+    assert pooled[0, 4].tolist() == [1.0, 0.5]
+    assert pooled[0, 0].tolist() == [9.0, 9.0] and pooled[0, 1].tolist() == [1.0, 2.0] and pooled[0, 3].tolist() == [0.5, 0.25]
+
+
+def test_mean_pooled_segment_loss_by_hand():
+    # A stand-in model returning fixed logits: the loss must read the segment means at the ends.
+    logits = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, -6.0], [0.5, 0.25], [1.5, 0.75]]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": logits})()
+
+    batch = {
+        "input_ids": torch.zeros(1, 5, dtype=torch.long), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+        "labels": torch.tensor([[-100, -100, 1, -100, 0]]), "segment_starts": torch.tensor([[0, 1, 1, 3, 3]]),
+    }
+    # Mean logits [2, -2] labelled error: CE = log(1 + e^4) = 4.0181499279...; [1, 0.5]
+    # labelled no-error: CE = log(1 + e^-0.5) = 0.4740769841...; sum 4.4922269120.
+    loss, count = make_loss_fn("segment", 1.0, "mean")(Fixed(), batch)
+    assert count == 2
+    assert loss.item() == pytest.approx(4.4922269120, abs=1e-6)  # float32 CE of O(1) values
+    # Read at the end tokens: [3, -6] error -> log(1 + e^9) = 9.0001234, [1.5, .75] no-error -> log(1 + e^-0.75) = 0.3868710.
+    loss, _ = make_loss_fn("segment", 1.0, "end")(Fixed(), batch)
+    assert loss.item() == pytest.approx(9.0001234 + 0.3868710, abs=1e-5)
+
+
+def test_mean_pooled_rm_scores_the_mean_of_each_segments_token_logits(tiny_model_dir):
+    rm = make_rm(tiny_model_dir, "segment", segment_pooling="mean")
+    end_rm = RewardModel(rm.model, rm.tokenizer, {**rm.spec, "segment_pooling": "end"}, rm.device)
+    scored = rm.error_probabilities(PROMPTS, RESPONSES, batch_size=2)
+    for (prompt, response), (segments, probs) in zip(zip(PROMPTS, RESPONSES), scored):
+        pair = encode_pair(rm.tokenizer, prompt, response, rm.max_length)
+        with torch.no_grad():
+            token_logits = rm.model(input_ids=torch.tensor([pair.input_ids])).logits[0]
+        ends = segment_end_positions(pair, segments, response)
+        first, expected = pair.response_positions[0], []
+        for end in ends:  # each sentence's tokens, counted here from the response's first token
+            expected.append(token_logits[first : end + 1].mean(0).softmax(-1)[1].item())
+            first = end + 1
+        assert probs == pytest.approx(expected, abs=1e-5)  # float32 logits, batch padding
+    end_probs = [p for _, probs in end_rm.error_probabilities(PROMPTS, RESPONSES) for p in probs]
+    assert [p for _, probs in scored for p in probs] != pytest.approx(end_probs, abs=1e-3)

@@ -98,10 +98,15 @@ def test_collated_segment_batch_into_the_loss():
     from rlhfkit.rewards.data import SegmentExample
 
     model = stand_in_model(TABLE)
-    batch = make_collate("segment", 0)([SegmentExample([1, 2], [1], [1]), SegmentExample([2], [0], [0])])
+    # Row 1's one segment is tokens 0-1 (ends at 1), row 2's is token 0.
+    batch = make_collate("segment", 0)([SegmentExample([1, 2], [1], [1], [0]), SegmentExample([2], [0], [0], [0])])
     loss, _ = make_shared_loss_fn(model.kinds, {"relevance": 1.0}, {"relevance": 1.0})(model, {**batch, "aspect": "relevance"})
     # Relevance logits (0, -2 h0): token 2 -> (0, 0), label error: log 2; the same token in row 2, label none: log 2.
     assert loss.item() == pytest.approx(math.log(2), abs=TOL)
+    # Mean pooling: row 1 reads ((0, -2) + (0, 0)) / 2 = (0, -1), label error: log(1 + e) = 1.3132617;
+    # row 2 as before, log 2; the shared loss is their mean, (1.3132617 + 0.6931472) / 2.
+    mean = make_shared_loss_fn(model.kinds, {"relevance": 1.0}, {"relevance": 1.0}, {"relevance": "mean"})
+    assert mean(model, {**batch, "aspect": "relevance"})[0].item() == pytest.approx((1.3132617 + 0.6931472) / 2, abs=TOL)
 
 
 @pytest.fixture(scope="module")

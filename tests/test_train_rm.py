@@ -28,7 +28,13 @@ from rlhfkit.rewards.data import (
 )
 from rlhfkit.rewards.losses import bradley_terry_loss, make_loss_fn, segment_loss
 from rlhfkit.rewards.presets import AspectPreset, training_defaults
-from rlhfkit.rewards.reward_model import SPEC_FILE, encode_pair, load_reward_model, sequence_scores
+from rlhfkit.rewards.reward_model import (
+    SPEC_FILE,
+    encode_pair,
+    load_reward_model,
+    segment_end_positions,
+    sequence_scores,
+)
 from rlhfkit.rewards.scoring import held_out_summary
 from rlhfkit.schema import Demonstration, Preference, ScalarScore, Span, SpanFeedback, write_records
 from rlhfkit.segment import SegmentLabelRules
@@ -173,6 +179,12 @@ def test_presets_and_overrides():
         config(aspect="factuality", granularity="response")
     with pytest.raises(RlhfkitError, match="unknown --ties 'keep'; valid: soft, drop"):
         config(aspect="preference", ties="keep")
+    # Segments are read at their completing token unless asked; a mean applies to segment RMs only.
+    assert (fact.segment_pooling, rel.segment_pooling) == ("end", "end")
+    assert config(aspect="relevance", segment_pooling="mean").settings().segment_pooling == "mean"
+    assert config(aspect="completeness", segment_pooling="mean").settings().segment_pooling == "end"
+    with pytest.raises(RlhfkitError, match="--segment-pooling must be one of end, mean, got 'max'"):
+        config(aspect="relevance", segment_pooling="max")
 
 
 def test_training_defaults_of_presets_trained_together():
@@ -377,6 +389,28 @@ def test_relevance_preset_uses_subsentences(run_cli, tiny_model_dir, span_file, 
     response = span_records(1)[0].response
     assert rm.score(["q"], [response])[0].char_ends == [len("The tower is 100 metres tall."), response.index(" People"), len(response)]
     assert read_json(out / METRICS_FILE)["held_out"] == {}
+
+
+def test_mean_pooled_segment_rm_is_saved_and_scored_as_trained(run_cli, tiny_model_dir, span_file, tmp_path):
+    out = tmp_path / "rel-mean"
+    result = run_cli(
+        "train-rm", "--aspect", "relevance", "--segment-pooling", "mean", "--data", span_file, "--model", tiny_model_dir,
+        "--out", out, *FAST, "--eval-fraction", "0",
+    )
+    assert result.exit_code == 0, result.output
+    assert read_json(out / SPEC_FILE)["segment_pooling"] == "mean"
+    rm = load_reward_model(out, device="cpu")
+    response = span_records(1)[0].response
+    (segments, probs), = rm.error_probabilities(["q"], [response])
+    # The saved model's token logits, averaged over each sub-sentence's tokens by hand.
+    pair = rm.encode("q", response)
+    with torch.no_grad():
+        logits = rm.model(input_ids=torch.tensor([pair.input_ids])).logits[0]
+    first, expected = pair.response_positions[0], []
+    for position in segment_end_positions(pair, segments, response):
+        expected.append(logits[first : position + 1].mean(0).softmax(-1)[1].item())
+        first = position + 1
+    assert probs == pytest.approx(expected, abs=1e-6)  # float32 logits, no padding
 
 
 def test_preference_rm_stores_score_normalisation(run_cli, tiny_model_dir, preference_file, tmp_path):

@@ -20,7 +20,14 @@ import torch
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rewards.presets import NO_LABEL_RULES, RMSettings
-from rlhfkit.rewards.reward_model import EncodedPair, encode_pair, pad_right, segment_end_positions
+from rlhfkit.rewards.reward_model import (
+    EncodedPair,
+    encode_pair,
+    pad_right,
+    segment_end_positions,
+    segment_start_positions,
+    segment_starts_tensor,
+)
 from rlhfkit.schema import Preference, Record, ScalarScore, SpanFeedback, load_records
 from rlhfkit.segment import SegmentLabelRules, segment
 from rlhfkit.training import split_held_out
@@ -106,6 +113,7 @@ class SegmentExample:
     input_ids: list[int]
     positions: list[int]  # RM tokens that complete a segment
     labels: list[int]  # 1 = error, per position
+    starts: list[int]  # each segment's first RM token (what --segment-pooling mean averages from)
 
 
 @dataclass
@@ -148,11 +156,14 @@ def encode_segment_example(
     if pair is None:
         return None
     segments, labels = segment_labels(record, aspect, granularity, rules)
+    ends = segment_end_positions(pair, segments, record.response)
     by_position: dict[int, int] = {}
-    for position, label in zip(segment_end_positions(pair, segments, record.response), labels):
+    start_of: dict[int, int] = {}
+    for position, first, label in zip(ends, segment_start_positions(pair, ends), labels):
         if label is not None:
             by_position[position] = max(by_position.get(position, 0), int(label))
-    return SegmentExample(pair.input_ids, list(by_position), list(by_position.values()))
+            start_of[position] = min(start_of.get(position, first), first)
+    return SegmentExample(pair.input_ids, list(by_position), list(by_position.values()), [start_of[p] for p in by_position])
 
 
 def encode_preference_groups(encode: Encode, records: Sequence[Preference]) -> tuple[list[PreferenceGroup], int]:
@@ -234,14 +245,16 @@ def example_rows(example: SegmentExample | PreferenceGroup | ScoreExample) -> li
 
 def make_collate(kind: str, pad_token_id: int) -> Callable[[list], dict]:
     """collate(examples of one kind) -> the right-padded batch the kind's loss reads
-    (rlhfkit.rewards.losses); segment labels are IGNORE_INDEX off the segment ends."""
+    (rlhfkit.rewards.losses); segment labels are IGNORE_INDEX off the segment ends, and
+    "segment_starts" holds each segment's first token at its end (what mean pooling reads)."""
 
     def collate_segments(items: list[SegmentExample]) -> dict:
         input_ids, attention_mask = pad_right([e.input_ids for e in items], pad_token_id)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for row, e in enumerate(items):
             labels[row, e.positions] = torch.tensor(e.labels, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        starts = segment_starts_tensor(tuple(input_ids.shape), [(e.positions, e.starts) for e in items])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "segment_starts": starts}
 
     def collate_groups(items: list[PreferenceGroup]) -> dict:
         responses, chosen, rejected, margin, tie = [], [], [], [], []

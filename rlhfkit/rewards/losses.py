@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.rewards.data import IGNORE_INDEX
-from rlhfkit.rewards.reward_model import sequence_scores
+from rlhfkit.rewards.reward_model import mean_at_segment_ends, sequence_scores
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
@@ -34,12 +34,18 @@ def segment_loss(logits: torch.Tensor, labels: torch.Tensor, error_class_weight:
     return loss, (labels != IGNORE_INDEX).sum()
 
 
-def make_loss_fn(kind: str, error_class_weight: float) -> Callable:
+def pooled_segment_logits(logits: torch.Tensor, batch: dict, pooling: str) -> torch.Tensor:
+    """The logits a segment RM's loss reads at each segment end: the end token's own ("end"),
+    or the mean over the segment's tokens ("mean", rlhfkit.rewards.reward_model.SEGMENT_POOLINGS)."""
+    return mean_at_segment_ends(logits, batch["segment_starts"]) if pooling == "mean" else logits
+
+
+def make_loss_fn(kind: str, error_class_weight: float, segment_pooling: str = "end") -> Callable:
     count = make_count_fn(kind)
 
     def segment_batch_loss(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = segment_loss(logits, batch["labels"], error_class_weight)
+        loss, _ = segment_loss(pooled_segment_logits(logits, batch, segment_pooling), batch["labels"], error_class_weight)
         return loss, count(batch)
 
     def preference_batch_loss(model, batch):
@@ -64,7 +70,10 @@ def make_count_fn(kind: str) -> Callable:
     return lambda batch: len(batch["target"])
 
 
-def make_shared_loss_fn(kinds: dict[str, str], weights: dict[str, float], error_class_weights: dict[str, float]) -> Callable:
+def make_shared_loss_fn(
+    kinds: dict[str, str], weights: dict[str, float], error_class_weights: dict[str, float],
+    segment_poolings: dict[str, str] | None = None,
+) -> Callable:
     """loss(model, batch) of a MultiAspectRewardModel on a batch of one aspect (batch["aspect"]).
 
     Returns (weight x the aspect's mean loss over the batch, 1): fit divides the sum over a
@@ -77,7 +86,9 @@ def make_shared_loss_fn(kinds: dict[str, str], weights: dict[str, float], error_
         aspect = batch["aspect"]
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
         if kinds[aspect] == "segment":
-            loss_sum, count = segment_loss(model.aspect_outputs(aspect, hidden), batch["labels"], error_class_weights[aspect])
+            pooling = (segment_poolings or {}).get(aspect, "end")
+            logits = pooled_segment_logits(model.aspect_outputs(aspect, hidden), batch, pooling)
+            loss_sum, count = segment_loss(logits, batch["labels"], error_class_weights[aspect])
         elif kinds[aspect] == "preference":
             scores = model.sequence_scores(aspect, hidden, batch["attention_mask"])
             loss_sum = bradley_terry_loss(scores[batch["chosen"]], scores[batch["rejected"]], batch["margin"], batch["tie"]).sum()

@@ -14,7 +14,7 @@ from difflib import get_close_matches
 from typing import Any
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.rewards.reward_model import KINDS
+from rlhfkit.rewards.reward_model import KINDS, SEGMENT_POOLINGS
 from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, SegmentLabelRules
 
 NO_LABEL_RULES = SegmentLabelRules()  # plain overlap: an error span of the aspect makes a segment an error
@@ -36,6 +36,7 @@ class AspectPreset:
     positive_reward: float = 1.0
     negative_reward: float = -1.0
     error_class_weight: float = 1.0
+    segment_pooling: str = "end"
     # The reference's label rules (rlhfkit.segment.SegmentLabelRules).
     min_span_words: int = 0
     min_span_aspects: tuple[str, ...] = ()
@@ -59,6 +60,7 @@ class RMSettings:
     error_class_weight: float
     holistic_fallback: bool
     label_rules: SegmentLabelRules = NO_LABEL_RULES
+    segment_pooling: str = "end"
 
 
 def aspect_preset(presets: Mapping[str, AspectPreset], aspect: str, kind: str | None) -> AspectPreset:
@@ -105,6 +107,7 @@ def resolve_settings(
     error_class_weight: float | None = None,
     min_span_words: int | None = None,
     ignore_segments_with: Sequence[str] = ("preset",),
+    segment_pooling: str | None = None,
 ) -> RMSettings:
     """`preset` with the options given (None: the preset's value) applied, validated.
 
@@ -134,5 +137,10 @@ def resolve_settings(
         ignore_with = ()
     else:
         ignore_with = tuple(a.strip() for a in ignore)
+    pooling = segment_pooling or preset.segment_pooling
+    if pooling not in SEGMENT_POOLINGS:
+        raise RlhfkitError(f"--segment-pooling must be one of {', '.join(SEGMENT_POOLINGS)}, got {pooling!r}")
+    # Several aspects take one --segment-pooling: it applies to their segment RMs.
+    pooling = pooling if kind == "segment" else "end"
     rules = SegmentLabelRules(min_words, preset.min_span_aspects if preset.min_span_aspects else (aspect,), ignore_with)
-    return RMSettings(kind, granularity_used, positive, negative, weight, preset.holistic_fallback, rules)
+    return RMSettings(kind, granularity_used, positive, negative, weight, preset.holistic_fallback, rules, pooling)

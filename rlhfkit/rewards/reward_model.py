@@ -10,7 +10,8 @@ placement.
 Kinds:
 - `segment` (Fine-Grained RLHF relevance/factuality): a token classifier reads prompt +
   response and predicts, at the RM token that completes each segment, whether the segment
-  has an error of its aspect; the reward is `negative_reward` for a predicted error and
+  has an error of its aspect (`segment_pooling` "end"; "mean" averages the logits of all
+  the segment's tokens instead); the reward is `negative_reward` for a predicted error and
   `positive_reward` otherwise, one per segment.
 - `preference` (Bradley-Terry) and `regression`: a sequence classifier with one output; the
   score is read at the last real token and normalised with the mean/std stored in the spec.
@@ -53,6 +54,9 @@ SEQUENCE_KINDS = ("preference", "regression")
 SHARED_KIND = "multi_aspect"  # rlhfkit.rewards.shared_backbone: several aspects on one backbone
 # Token-classification labels of a segment RM: index 1 is "this segment has an error".
 SEGMENT_LABELS = {0: "no_error", 1: "error"}
+# Where a segment RM reads a segment's logits: the token completing it (one token per segment,
+# as the reference's marker token), or the mean over all its tokens.
+SEGMENT_POOLINGS = ("end", "mean")
 
 
 @dataclass
@@ -153,6 +157,45 @@ def segment_end_positions(encoded: EncodedPair, segments: Sequence[Segment], res
         return []
     indices = token_index_for_char_ends(encoded.response_char_spans, [s.end for s in segments], response)
     return [encoded.response_positions[k] for k in indices]
+
+
+def segment_start_positions(encoded: EncodedPair, end_positions: Sequence[int]) -> list[int]:
+    """The index in `encoded.input_ids` of each segment's first RM token, given each one's end
+    (`segment_end_positions`): the response's first token, then the token after the previous
+    segment's end. A segment completed by the same token as the one before it (a token
+    spanning their boundary) is that one token."""
+    starts = []
+    first = encoded.response_positions[0] if encoded.response_positions else 0
+    for end in end_positions:
+        starts.append(min(first, end))
+        first = max(first, end + 1)
+    return starts
+
+
+def mean_at_segment_ends(token_logits: Tensor, segment_starts: Tensor) -> Tensor:
+    """(B, T, C) logits -> float32 (B, T, C) whose position t holds the mean of the logits of
+    positions `segment_starts[b, t]` .. t: at a segment's end, the segment's mean logits.
+
+    A position with `segment_starts[b, t] == t` keeps its own logits. The sums are prefix
+    sums in float64, so a mean over n tokens differs from the directly summed one by a few
+    float64 roundings, far below the float32 it is returned in.
+    """
+    batch, width, classes = token_logits.shape
+    sums = torch.nn.functional.pad(token_logits.double().cumsum(dim=1), (0, 0, 1, 0))  # sums[:, t] = first t tokens
+    starts = segment_starts.to(token_logits.device)
+    before = sums.gather(1, starts.unsqueeze(-1).expand(batch, width, classes))
+    counts = torch.arange(1, width + 1, device=token_logits.device) - starts
+    return ((sums[:, 1:] - before) / counts.unsqueeze(-1)).float()
+
+
+def segment_starts_tensor(shape: tuple[int, int], rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Tensor:
+    """(B, T) start positions for `mean_at_segment_ends`: each row's (ends, starts) set at the
+    ends, every other position its own start (its logits unchanged)."""
+    starts = torch.arange(shape[1]).repeat(shape[0], 1)
+    for row, (ends, firsts) in enumerate(rows):
+        if len(ends):
+            starts[row, list(ends)] = torch.tensor(list(firsts), dtype=torch.long)
+    return starts
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -268,6 +311,11 @@ class RewardModel:
         return int(self.spec["max_length"])
 
     @property
+    def segment_pooling(self) -> str:
+        # RMs saved before the option existed read the token completing each segment.
+        return self.spec.get("segment_pooling", "end")
+
+    @property
     def max_prompt_length(self) -> int | None:
         return self.spec.get("max_prompt_length")
 
@@ -314,11 +362,14 @@ class RewardModel:
             encoded = self._encode([prompts[i] for i in rows], [responses[i] for i in rows])
             input_ids, attention_mask = self._inputs(encoded)
             logits = self.token_logits(input_ids, attention_mask).float()
+            segments = [segment(responses[i], granularity) for i in rows]
+            ends = [segment_end_positions(encoded[row], segments[row], responses[i]) for row, i in enumerate(rows)]
+            if self.segment_pooling == "mean":
+                firsts = [segment_start_positions(encoded[row], ends[row]) for row in range(len(rows))]
+                logits = mean_at_segment_ends(logits, segment_starts_tensor(logits.shape[:2], list(zip(ends, firsts))))
             probs = logits.softmax(dim=-1)[..., 1]
-            for row, i in enumerate(rows):
-                segments = segment(responses[i], granularity)
-                positions = segment_end_positions(encoded[row], segments, responses[i])
-                out.append((segments, probs[row, positions].tolist()))
+            for row in range(len(rows)):
+                out.append((segments[row], probs[row, ends[row]].tolist()))
         return out
 
     @torch.no_grad()
@@ -439,6 +490,7 @@ def kind_spec(settings: RMSettings) -> dict[str, Any]:
         return {
             "positive_reward": settings.positive_reward, "negative_reward": settings.negative_reward,
             "error_class_weight": settings.error_class_weight, "label_rules": settings.label_rules.to_dict(),
+            "segment_pooling": settings.segment_pooling,
         }
     return {"normalization": {"mean": 0.0, "std": 1.0, "computed_on": None}}
 
