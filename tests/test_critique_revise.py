@@ -90,6 +90,27 @@ def test_degenerate_revisions_are_flagged_and_the_previous_response_kept():
     ]
 
 
+def test_inputs_that_do_not_fit_flag_the_revision_and_keep_the_response():
+    class TooLong(ScriptedGenerator):
+        """Item 0's critique input does not fit in round 1; item 1's revision input in round 2."""
+
+        def __call__(self, task, fields):
+            out = super().__call__(task, fields)
+            if (task, self.round) == ("critique", 1):
+                out[0] = Completion("", False, input_fits=False)
+            if (task, self.round) == ("revision", 2):
+                out[1] = Completion("", False, input_fits=False)
+            return out
+
+    history = critique_and_revise([("q", "r0"), ("q", "r1")], 2, TooLong(), RevisionGuard())
+    assert [(h.flag, h.response) for h in history[0]] == [("input_too_long", "r0"), (None, "r0+")]
+    assert [(h.flag, h.response) for h in history[1]] == [(None, "r1+"), ("input_too_long", "r1+")]
+    assert round_counts(history) == [
+        {"round": 1, "accepted": 1, "flagged": {"input_too_long": 1}},
+        {"round": 2, "accepted": 1, "flagged": {"input_too_long": 1}},
+    ]
+
+
 def test_guard_thresholds_are_configurable():
     previous = "x" * 20
     default = RevisionGuard()
@@ -195,8 +216,10 @@ def test_long_inputs_lose_the_left_of_their_prompt(tiny_model_dir):
     assert "question:" not in text and generator.prompts_cut == 1
     short = {"prompt": "q?", "response": "a"}
     assert generator.fit("critique", short) == Templates().format("critique", short)
-    with pytest.raises(RlhfkitError, match="even without its prompt"):
-        generator.fit("critique", {"prompt": "q", "response": "long " * 80})
+    # A response that alone overflows the budget cannot be fitted: None, counted, no error
+    # (one such input must not end a run of many rounds; its revision is flagged).
+    assert generator.fit("critique", {"prompt": "q", "response": "long " * 80}) is None
+    assert generator.inputs_too_long == 1
 
 
 def test_inputs_are_one_user_turn_of_the_chat_template(tiny_model_dir):

@@ -18,6 +18,9 @@ in DIR/critique_revise_data.jsonl, and the templates in DIR/critique_revise.json
 records with a prompt and a response (`generation` records, `critique` records...) and, each
 round, critiques the current response and revises it. A revision is *flagged* and the
 previous response kept when it is (checked in this order):
+  input_too_long its critique or revision input does not fit --max-prompt-length even with
+                 the {prompt} field cut away (a long response, or a critique that ran on), so
+                 nothing was generated for it;
   empty          nothing but whitespace;
   truncated      cut off at --max-new-tokens without an end-of-sequence token
                  (--accept-truncated keeps such revisions);
@@ -90,7 +93,7 @@ TEMPLATE_FIELDS = {"critique": {"prompt", "response"}, "revision": {"prompt", "r
 TEMPLATES_FILE = "critique_revise.json"
 DATA_FILE = "critique_revise_data.jsonl"
 REVISIONS_FILE = "revisions.jsonl"
-FLAGS = ("empty", "truncated", "repeats_input", "too_short")
+FLAGS = ("input_too_long", "empty", "truncated", "repeats_input", "too_short")
 PAPER = "Jin et al. 2023 (arXiv 2311.14543)"
 PAPER_WIN_RATES = {1: 0.566, 5: 0.659}
 """The paper's win rate of revised over original responses after 1 and 5 rounds."""
@@ -293,6 +296,7 @@ class Completion:
 
     text: str
     finished: bool
+    input_fits: bool = True  # False: the input did not fit --max-prompt-length, nothing was generated
 
 
 Generator = Callable[[str, list[dict[str, str]]], list[Completion]]
@@ -349,7 +353,8 @@ def critique_and_revise(
         if len(critiques) != len(items) or len(revisions) != len(items):
             raise ValueError(f"the generator returned {len(critiques)} critiques and {len(revisions)} revisions for {len(items)} inputs")
         for i, (critique, revision) in enumerate(zip(critiques, revisions)):
-            flag = guard.flag(current[i], revision)
+            fits = critique.input_fits and revision.input_fits
+            flag = guard.flag(current[i], revision) if fits else "input_too_long"
             if flag is None:
                 current[i] = revision.text.strip()
             history[i].append(
@@ -382,6 +387,7 @@ class ModelGenerator:
         self.seed = seed
         self.calls = 0
         self.prompts_cut = 0
+        self.inputs_too_long = 0
 
     def n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -391,7 +397,9 @@ class ModelGenerator:
         text = self.templates.format(task, fields)
         return render_prompt(self.tokenizer, text, as_user_turn(text))
 
-    def fit(self, task: str, fields: dict[str, str]) -> str:
+    def fit(self, task: str, fields: dict[str, str]) -> str | None:
+        """The task's input in at most `max_prompt_length` tokens, its {prompt} cut from the
+        left as needed; None when even no prompt at all leaves too many (counted)."""
         text = self.format(task, fields)
         excess = self.n_tokens(text) - self.max_prompt_length
         if excess <= 0:
@@ -407,13 +415,12 @@ class ModelGenerator:
                 self.prompts_cut += 1
                 return text
             cut += excess
-        raise RlhfkitError(
-            f"a {task} input is longer than --max-prompt-length {self.max_prompt_length} tokens even without its "
-            "prompt (the response or critique alone is too long); raise --max-prompt-length"
-        )
+        self.inputs_too_long += 1
+        return None
 
     def __call__(self, task: str, fields_list: list[dict[str, str]]) -> list[Completion]:
-        texts = [self.fit(task, fields) for fields in fields_list]
+        fitted = [self.fit(task, fields) for fields in fields_list]
+        texts = [text for text in fitted if text is not None]
         completions: list[Completion] = []
         with progress_bar(task, len(texts)) as advance:
             for begin in range(0, len(texts), self.batch_size):
@@ -430,7 +437,8 @@ class ModelGenerator:
                 self.calls += 1
                 completions.extend(Completion(t, bool(f)) for t, f in zip(rollout.texts, rollout.finished.tolist()))
                 advance(len(batch))
-        return completions
+        generated = iter(completions)
+        return [next(generated) if text is not None else Completion("", False, input_fits=False) for text in fitted]
 
 
 # --- run: judging and reporting -----------------------------------------------------------
@@ -553,6 +561,13 @@ def run_rounds(cfg: CritiqueReviseConfig, generator: Generator | None = None) ->
     history = critique_and_revise(items, cfg.rounds, generator, guard)
     if isinstance(generator, ModelGenerator) and generator.prompts_cut:
         console.print(f"critique-revise: {generator.prompts_cut} input(s) had their prompt cut from the left to fit --max-prompt-length")
+    if isinstance(generator, ModelGenerator) and generator.inputs_too_long:
+        console.print(
+            f"critique-revise: {generator.inputs_too_long} input(s) did not fit --max-prompt-length "
+            f"{cfg.max_prompt_length} even without their prompt (a long response or critique); their revisions are "
+            "flagged input_too_long and the response kept (raise --max-prompt-length to revise them)",
+            soft_wrap=True,
+        )
     # The policy's memory is freed before the judge loads.
     generator = None
     if torch.cuda.is_available():
