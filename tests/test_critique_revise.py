@@ -102,7 +102,10 @@ def test_inputs_that_do_not_fit_flag_the_revision_and_keep_the_response():
                 out[1] = Completion("", False, input_fits=False)
             return out
 
-    history = critique_and_revise([("q", "r0"), ("q", "r1")], 2, TooLong(), RevisionGuard())
+    generator = TooLong()
+    history = critique_and_revise([("q", "r0"), ("q", "r1")], 2, generator, RevisionGuard())
+    # Round 1 revises only item 1: item 0 has no critique to revise from.
+    assert generator.calls[1] == ("revision", [{"prompt": "q", "response": "r1", "critique": "crit[r1]"}])
     assert [(h.flag, h.response) for h in history[0]] == [("input_too_long", "r0"), (None, "r0+")]
     assert [(h.flag, h.response) for h in history[1]] == [(None, "r1+"), ("input_too_long", "r1+")]
     assert round_counts(history) == [

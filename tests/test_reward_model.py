@@ -24,6 +24,7 @@ from rlhfkit.rewards.reward_model import (
     mean_at_segment_ends,
     pad_right,
     per_position_scores,
+    read_spec,
     reward_model_class,
     segment_end_positions,
     segment_rewards,
@@ -249,6 +250,15 @@ def test_not_a_reward_model_directory(tiny_model_dir, tmp_path):
     (tmp_path / SPEC_FILE).write_text('{"aspect": "x", "kind": "ranking", "max_length": 8}')
     with pytest.raises(RlhfkitError, match="unknown kind 'ranking'; valid: segment, preference, regression"):
         load_reward_model(tmp_path)
+    # An edited spec's pooling must not fall back to the end token silently.
+    (tmp_path / SPEC_FILE).write_text('{"aspect": "x", "kind": "segment", "max_length": 8, "segment_pooling": "max"}')
+    with pytest.raises(RlhfkitError, match="has segment_pooling 'max'; valid: end, mean"):
+        load_reward_model(tmp_path)
+    shared = {"aspect": "a,b", "kind": "multi_aspect", "max_length": 8,
+              "aspects": {"a": {"kind": "segment", "segment_pooling": "first"}, "b": {"kind": "preference"}}}
+    write_json(tmp_path / SPEC_FILE, shared)
+    with pytest.raises(RlhfkitError, match="aspect 'a' has segment_pooling 'first'; valid: end, mean"):
+        read_spec(tmp_path)
 
 
 def test_a_response_longer_than_max_length_is_an_error(tiny_model_dir):

@@ -454,7 +454,18 @@ def read_spec(path: str | os.PathLike) -> dict:
         check_shared_spec(spec, spec_path)
     elif spec["kind"] not in KINDS:
         raise RlhfkitError(f"{spec_path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
+    else:
+        check_segment_pooling(spec, spec_path)
     return spec
+
+
+def check_segment_pooling(entry: dict, spec_path: Path, aspect: str | None = None) -> None:
+    """RlhfkitError for a spec (or a shared model's aspect entry) whose segment_pooling is not
+    one of SEGMENT_POOLINGS (an edited file): scoring would otherwise fall back silently."""
+    pooling = entry.get("segment_pooling", "end")
+    if pooling not in SEGMENT_POOLINGS:
+        where = f"aspect {aspect!r} has" if aspect else "has"
+        raise RlhfkitError(f"{spec_path}: {where} segment_pooling {pooling!r}; valid: {', '.join(SEGMENT_POOLINGS)}")
 
 
 def spec_aspects(spec: dict) -> dict[str, str]:

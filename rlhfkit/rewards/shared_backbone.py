@@ -43,6 +43,7 @@ from rlhfkit.rewards.reward_model import (
     SPEC_FORMAT,
     EncodedPair,
     RewardModel,
+    check_segment_pooling,
     kind_spec,
 )
 
@@ -282,6 +283,7 @@ def check_shared_spec(spec: dict, spec_path: Path) -> None:
         kind = entry.get("kind") if isinstance(entry, dict) else None
         if kind not in ("segment", *SEQUENCE_KINDS):
             raise RlhfkitError(f"{spec_path}: aspect {aspect!r} has kind {kind!r}; valid: segment, {', '.join(SEQUENCE_KINDS)}")
+        check_segment_pooling(entry, spec_path, aspect)
 
 
 def load_aspect_reward_models(path: str | os.PathLike, spec: dict, *, device: torch.device, dtype: str = "auto") -> dict[str, RewardModel]:

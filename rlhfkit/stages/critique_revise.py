@@ -346,12 +346,19 @@ def critique_and_revise(
     history: list[list[RoundOutcome]] = [[] for _ in items]
     for round_number in range(1, rounds + 1):
         critiques = generator("critique", [{"prompt": p, "response": r} for (p, _), r in zip(items, current)])
-        revisions = generator(
+        if len(critiques) != len(items):
+            raise ValueError(f"the generator returned {len(critiques)} critiques for {len(items)} inputs")
+        # An item whose critique could not be generated is not revised from an empty critique.
+        revised = [i for i, c in enumerate(critiques) if c.input_fits]
+        generated = generator(
             "revision",
-            [{"prompt": p, "response": r, "critique": c.text.strip()} for (p, _), r, c in zip(items, current, critiques)],
+            [{"prompt": items[i][0], "response": current[i], "critique": critiques[i].text.strip()} for i in revised],
         )
-        if len(critiques) != len(items) or len(revisions) != len(items):
-            raise ValueError(f"the generator returned {len(critiques)} critiques and {len(revisions)} revisions for {len(items)} inputs")
+        if len(generated) != len(revised):
+            raise ValueError(f"the generator returned {len(generated)} revisions for {len(revised)} inputs")
+        revisions = [Completion("", False, input_fits=False)] * len(items)
+        for i, revision in zip(revised, generated):
+            revisions[i] = revision
         for i, (critique, revision) in enumerate(zip(critiques, revisions)):
             fits = critique.input_fits and revision.input_fits
             flag = guard.flag(current[i], revision) if fits else "input_too_long"
