@@ -127,3 +127,38 @@ def test_item1_py_names_in_a_plan_need_allow_python(plan_dirs, run_cli):
     plan = write_plan(plan_dir, plans["a call's option"].replace("py:evil_judge:score", "py:rlhfkit.tasks.detox:word_list_toxicity"))
     assert run_cli("recipe", plan, "--dry-run").exit_code == 0
     assert not (work / "pwned").exists()
+
+
+# --- 2. redistribute --html is checked like --out ---------------------------------------------
+
+
+def test_item2_redistribute_html_never_overwrites_its_inputs_or_out(tmp_path, run_cli):
+    from rlhfkit.schema import Generation, write_records
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "rlhfkit_rm.json").write_text('{"kind": "preference"}\n')
+    data = tmp_path / "gen.jsonl"
+    write_records(data, [Generation(id="g", prompt="p", response="r", model="m")])
+    out = tmp_path / "tokens.jsonl"
+    out.write_text("earlier output\n")
+    before = {p: p.read_bytes() for p in (rm / "rlhfkit_rm.json", data, out)}
+    cases = {
+        str(data): "--html must be a .html file, got",
+        str(out): "--html must be a .html file, got",
+        str(rm / "rlhfkit_rm.json"): "--html must be a .html file, got",
+        str(rm / "heat.html"): f"--html {rm / 'heat.html'} lies in an input of this run ({rm}); choose another --html",
+        str(tmp_path): "--html must be a .html file",
+    }
+    for html, message in cases.items():
+        result = run_cli("redistribute", "--rm", rm, "--input", data, "--out", out, "--html", html)
+        assert result.exit_code == 2, (html, result.output)
+        assert message in one_line_error(result), html
+    # An --input named .html is still an input; --out may not go into the RM either.
+    page = tmp_path / "page.html"
+    page.write_text(data.read_text())
+    result = run_cli("redistribute", "--rm", rm, "--input", page, "--out", out, "--html", page)
+    assert f"--html {page} is an input of this run ({page}); choose another --html" in one_line_error(result)
+    result = run_cli("redistribute", "--rm", rm, "--input", data, "--out", rm / "tokens.jsonl")
+    assert f"--out {rm / 'tokens.jsonl'} lies in an input of this run ({rm})" in one_line_error(result)
+    assert {p: p.read_bytes() for p in before} == before and sorted(p.name for p in rm.iterdir()) == ["rlhfkit_rm.json"]
