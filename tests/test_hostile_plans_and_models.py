@@ -162,3 +162,133 @@ def test_item2_redistribute_html_never_overwrites_its_inputs_or_out(tmp_path, ru
     result = run_cli("redistribute", "--rm", rm, "--input", data, "--out", rm / "tokens.jsonl")
     assert f"--out {rm / 'tokens.jsonl'} lies in an input of this run ({rm})" in one_line_error(result)
     assert {p: p.read_bytes() for p in before} == before and sorted(p.name for p in rm.iterdir()) == ["rlhfkit_rm.json"]
+
+
+# --- 3. a damaged rlhfkit_rm.json is one line naming the file and the field -------------------
+
+
+def save_rm(model_dir: Path, out: Path, kind: str) -> Path:
+    """A reward-model directory as train-rm leaves it (untrained head)."""
+    from rlhfkit.io import write_json
+    from rlhfkit.models import load_tokenizer, save_model
+    from rlhfkit.rewards.reward_model import SPEC_FILE, reward_model_class
+
+    tokenizer = load_tokenizer(model_dir)
+    model = reward_model_class(kind).from_pretrained(model_dir, num_labels=2 if kind == "segment" else 1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    save_model(model, tokenizer, out)
+    spec = {"format": 1, "aspect": "a", "kind": kind, "max_length": 64, "max_prompt_length": None,
+            "truncation_side": "left", "granularity": "sentence" if kind == "segment" else "response"}
+    if kind == "segment":
+        spec.update(positive_reward=0.5, negative_reward=-0.5, segment_pooling="end")
+    else:
+        spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": "train"}
+    write_json(out / SPEC_FILE, spec)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rm_dirs(make_tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rms")
+    model = make_tiny_model("gpt2")
+    return {kind: save_rm(model, root / kind, kind) for kind in ("preference", "segment")}
+
+
+def damaged(rm: Path, tmp_path: Path, edit) -> Path:
+    """A copy of `rm` whose rlhfkit_rm.json `edit` changed (a dict -> a dict, or bytes)."""
+    import json
+    import shutil
+
+    copy = tmp_path / f"damaged-{rm.name}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(rm, copy)
+    spec_path = copy / "rlhfkit_rm.json"
+    if isinstance(edit, bytes):
+        spec_path.write_bytes(edit)
+    else:
+        spec = json.loads(spec_path.read_text())
+        edit(spec)
+        spec_path.write_text(json.dumps(spec))
+    return copy
+
+
+PREFERENCE_DAMAGE = {
+    "no normalization": (lambda s: s.pop("normalization"), "normalization must be an object with mean and std, got None"),
+    "max_length abc": (lambda s: s.update(max_length="abc"), "max_length must be a whole number >= 1, got 'abc'"),
+    "max_length -5": (lambda s: s.update(max_length=-5), "max_length must be a whole number >= 1, got -5"),
+    "std 0": (lambda s: s["normalization"].update(std=0), "normalization.std must be a finite number > 0, got 0"),
+    "mean text": (lambda s: s["normalization"].update(mean="0"), "normalization.mean must be a finite number, got '0'"),
+    "not UTF-8": (b'{"aspect": "\xff"}', "not UTF-8 text (byte 0xff at offset 12)"),
+    "a number": (b"5", "the file holds int 5, not a JSON object"),
+    "kind swapped": (
+        lambda s: s.update(kind="segment", granularity="sentence", positive_reward=1, negative_reward=-1),
+        "kind 'segment' needs a head of 2 output(s), but ",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PREFERENCE_DAMAGE)
+def test_item3_a_damaged_sequence_rm_spec_is_one_line(rm_dirs, tmp_path, run_cli, case):
+    from rlhfkit.schema import Generation, write_records
+
+    edit, message = PREFERENCE_DAMAGE[case]
+    rm = damaged(rm_dirs["preference"], tmp_path, edit)
+    data = tmp_path / "gen.jsonl"
+    write_records(data, [Generation(id="g", prompt="a question", response="An answer.", model="m")])
+    result = run_cli("redistribute", "--rm", rm, "--input", data, "--out", tmp_path / "tokens.jsonl")
+    assert result.exit_code == 2, result.output
+    error = one_line_error(result)
+    assert f"{rm}/rlhfkit_rm.json: " in error and message in error, error
+    assert error.endswith("re-save the model with `rlhfkit train-rm`)" if case == "kind swapped" else
+                          "re-save the model with `rlhfkit train-rm`"), error
+
+
+@pytest.mark.parametrize("field, message", [
+    ("granularity", "granularity is None; a segment RM's is one of sentence, subsentence, step"),
+    ("positive_reward", "positive_reward must be a finite number, got None"),
+])
+def test_item3_a_segment_rm_spec_missing_a_field_is_one_line(rm_dirs, tmp_path, field, message):
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.rewards.reward_model import load_reward_model
+
+    rm = damaged(rm_dirs["segment"], tmp_path, lambda s: s.pop(field))
+    with pytest.raises(RlhfkitError, match=f"^{rm}/rlhfkit_rm.json: {message}; re-save"):
+        load_reward_model(rm)
+
+
+def test_item3_std_0_in_ppo_and_evaluate_is_one_line_not_a_loss_or_json_failure(rm_dirs, tiny_model_dir, tmp_path, run_cli):
+    rm = damaged(rm_dirs["preference"], tmp_path, lambda s: s["normalization"].update(std=0))
+    from rlhfkit.schema import PromptRecord, write_records
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_records(prompts, [PromptRecord(id=f"p{i}", prompt=f"question {i}?") for i in range(2)])
+    message = f"{rm}/rlhfkit_rm.json: normalization.std must be a finite number > 0, got 0"
+    result = run_cli("ppo", "--policy", tiny_model_dir, "--prompts", prompts, "--rm", f"pref={rm}", "--rewards", "pref=1",
+                     "--out", tmp_path / "ppo", "--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "1",
+                     "--minibatch-size", "1", "--max-new-tokens", "4")
+    assert result.exit_code == 2 and message in one_line_error(result)
+    result = run_cli("evaluate", "--policy", f"m={tiny_model_dir}", "--prompts", prompts, "--rm", f"pref={rm}",
+                     "--out", tmp_path / "eval", "--max-new-tokens", "4")
+    assert result.exit_code == 2 and message in one_line_error(result)
+
+
+def test_item3_shared_backbone_spec_and_heads(tiny_model_dir, tmp_path):
+    from transformers import AutoModel
+
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.io import write_json
+    from rlhfkit.rewards.reward_model import read_spec
+    from rlhfkit.rewards.shared_backbone import MultiAspectRewardModel
+
+    spec = {"aspect": "a,b", "kind": "multi_aspect", "max_length": 64,
+            "aspects": {"a": {"kind": "segment", "granularity": "sentence", "positive_reward": 1, "negative_reward": -1},
+                        "b": {"kind": "preference", "normalization": {"mean": 0, "std": 0}}}}
+    write_json(tmp_path / "rlhfkit_rm.json", spec)
+    with pytest.raises(RlhfkitError, match=r"rlhfkit_rm.json: aspects.b.normalization.std must be a finite number > 0, got 0; re-save"):
+        read_spec(tmp_path)
+    # An aspect's kind edited from segment to preference: its saved head (hidden size 64) no longer fits.
+    backbone = AutoModel.from_pretrained(tiny_model_dir)
+    MultiAspectRewardModel(backbone, {"a": "segment"}).save_pretrained(tmp_path / "shared")
+    with pytest.raises(RlhfkitError, match=r"aspect_heads.safetensors: a.weight has shape \(2, 64\), but aspect 'a' is a "
+                                           r"preference head of shape \(1, 64\); the file does not match rlhfkit_rm.json"):
+        MultiAspectRewardModel(backbone, {"a": "preference"}).load_heads(tmp_path / "shared")
