@@ -292,3 +292,34 @@ def test_item3_shared_backbone_spec_and_heads(tiny_model_dir, tmp_path):
     with pytest.raises(RlhfkitError, match=r"aspect_heads.safetensors: a.weight has shape \(2, 64\), but aspect 'a' is a "
                                            r"preference head of shape \(1, 64\); the file does not match rlhfkit_rm.json"):
         MultiAspectRewardModel(backbone, {"a": "preference"}).load_heads(tmp_path / "shared")
+
+
+# --- 4. UltraFeedback --pairs all: no quadratic growth -----------------------------------------
+
+
+def ultrafeedback_row(completions: int) -> dict:
+    rated = {"Rating": "3", "Rationale": "ok"}
+    return {"instruction": "Say hi.", "completions": [
+        {"response": f"hi {c}", "annotations": {a: rated for a in ("instruction_following", "honesty", "truthfulness", "helpfulness")}}
+        for c in range(completions)
+    ]}
+
+
+def test_item4_ultrafeedback_all_pairs_of_a_huge_row_is_refused_in_one_line(tmp_path, run_cli):
+    import json
+
+    data = tmp_path / "uf.jsonl"
+    data.write_text(json.dumps(ultrafeedback_row(4)) + "\n" + json.dumps(ultrafeedback_row(100)) + "\n")
+    result = run_cli("annotate-import", "--format", "ultrafeedback", data, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    # 100 completions: 100 x 99 / 2 = 4,950 pairs per aspect (1,000 made the 2.0M reported).
+    assert (f"{data}:2: 100 completions: --pairs all would make 4,950 preferences per aspect; it takes at most 16 "
+            "completions per row (use --pairs best-vs-worst)") in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+    # --skip-invalid drops that row; the 4-completion row gives 4 aspects x 6 pairs, all ties.
+    result = run_cli("annotate-import", "--format", "ultrafeedback", data, "--out", tmp_path / "out", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "out/preferences.jsonl").read_text().splitlines()) == 24
+    # best-vs-worst stays linear: one pair per aspect, none here (all rated 3).
+    result = run_cli("annotate-import", "--format", "ultrafeedback", data, "--out", tmp_path / "bvw", "--pairs", "best-vs-worst")
+    assert result.exit_code == 0, result.output

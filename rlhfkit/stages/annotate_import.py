@@ -92,7 +92,8 @@ class ImportConfig:
         "train", "Split of a Hugging Face dataset (hf:NAME[:CONFIG] or a save_to_disk DatasetDict)."
     )
     pairs: Optional[str] = opt(
-        None, "Which preference pairs of several rated responses (ultrafeedback): all (default) or best-vs-worst."
+        None, "Which preference pairs of several rated responses (ultrafeedback): all (default; at most 16 completions "
+        "per row) or best-vs-worst."
     )
     skip_invalid: bool = opt(
         False, "Skip invalid records (listed in import_report.json) instead of stopping."
