@@ -323,3 +323,71 @@ def test_item4_ultrafeedback_all_pairs_of_a_huge_row_is_refused_in_one_line(tmp_
     # best-vs-worst stays linear: one pair per aspect, none here (all rated 3).
     result = run_cli("annotate-import", "--format", "ultrafeedback", data, "--out", tmp_path / "bvw", "--pairs", "best-vs-worst")
     assert result.exit_code == 0, result.output
+
+
+# --- 5. --resume from a damaged checkpoint: the one before it, or one line ---------------------
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # what a full disk or a cut copy leaves
+
+
+def stage_args(stage: str, model: Path, tmp_path: Path) -> list:
+    """Checkpoints step-1 and step-2 (sft and train-rm save the last step as the model, not a checkpoint)."""
+    from rlhfkit.schema import Demonstration, Preference, PromptRecord, write_records
+
+    if stage == "ppo":
+        data = tmp_path / "prompts.jsonl"
+        write_records(data, [PromptRecord(id=f"p{i}", prompt=f"question: what is {i}? answer:") for i in range(4)])
+        return ["ppo", "--policy", model, "--prompts", data, "--prompts-per-step", "2", "--samples-per-prompt", "2",
+                "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", "--max-prompt-length", "32",
+                "--rewards", "judge=1", "--rm", "judge=py:tests.judges:count_letters_e", "--steps", "2",
+                "--save-every", "1", "--keep-checkpoints", "2"]
+    data = tmp_path / "data.jsonl"
+    if stage == "sft":
+        write_records(data, [Demonstration(id=f"d{i}", prompt=f"q{i}?", response=f" answer {i}.") for i in range(4)])
+        extra = []
+    else:
+        write_records(data, [Preference(id=f"p{i}", prompt=f"q{i}?", chosen=f" good {i}.", rejected=" bad.") for i in range(4)])
+        extra = ["--aspect", "preference"]
+    return [stage, "--model", model, "--data", data, *extra, "--batch-size", "2", "--max-steps", "3",
+            "--eval-fraction", "0", "--save-every", "1", "--keep-checkpoints", "2"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "train-rm", "ppo"])
+def test_item5_resume_passes_over_a_damaged_checkpoint_to_the_one_before(stage, tiny_model_dir, tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # py:tests.judges
+    out = tmp_path / "run"
+    args = [*stage_args(stage, tiny_model_dir, tmp_path), "--out", out]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    step1, step2 = out / "checkpoints/step-1", out / "checkpoints/step-2"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    truncate(step2 / "model.safetensors")
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert (f"{step2}/model.safetensors is damaged (Error while deserializing header: incomplete metadata, file not "
+            "fully covered); trying the checkpoint before it") in text
+    assert f"resuming from {step1}" in text and "Traceback" not in text
+    # Step 2 was trained again from step 1 and saved whole over the damaged copy.
+    assert result.exit_code == 0 and checkpoint_reads(step2)
+    # Both damaged: one line naming each bad file, exit 2.
+    truncate(step2 / "training_state.pt")
+    (step1 / "training_state.pt").write_bytes(b"not a checkpoint")
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 2, result.output
+    notices, _, error = result.output.strip().rpartition("\nerror: ")
+    assert "Traceback" not in result.output and notices.count("trying the checkpoint before it") == 2
+    damage = "is damaged (truncated, or not a PyTorch file of tensors)"
+    assert " ".join(error.split()) == (
+        f"--resume: {step2}/training_state.pt {damage}; {step1}/training_state.pt {damage}; no complete checkpoint is "
+        f"left in {out}/checkpoints (start again with --overwrite, or use another --out)"
+    )
+
+
+def checkpoint_reads(checkpoint: Path) -> bool:
+    from rlhfkit.training import checkpoint_damage
+
+    return checkpoint_damage(checkpoint, ())[0] is None
