@@ -5,10 +5,31 @@ checkpoint on --resume, and lone surrogates in JSONL."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
+from transformers import AutoModel
+
+from rlhfkit.config import build_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import write_json
+from rlhfkit.models import load_tokenizer, save_model
+from rlhfkit.rewards.reward_model import SPEC_FILE, load_reward_model, read_spec, reward_model_class
+from rlhfkit.rewards.shared_backbone import MultiAspectRewardModel
+from rlhfkit.runs import abandon_unstarted_runs
+from rlhfkit.schema import (
+    Demonstration,
+    Generation,
+    Preference,
+    PromptRecord,
+    load_records,
+    write_records,
+)
+from rlhfkit.stages import annotate_import
+from rlhfkit.training import checkpoint_damage
 
 
 def one_line_error(result) -> str:
@@ -133,8 +154,6 @@ def test_item1_py_names_in_a_plan_need_allow_python(plan_dirs, run_cli):
 
 
 def test_item2_redistribute_html_never_overwrites_its_inputs_or_out(tmp_path, run_cli):
-    from rlhfkit.schema import Generation, write_records
-
     rm = tmp_path / "rm"
     rm.mkdir()
     (rm / "rlhfkit_rm.json").write_text('{"kind": "preference"}\n')
@@ -169,10 +188,6 @@ def test_item2_redistribute_html_never_overwrites_its_inputs_or_out(tmp_path, ru
 
 def save_rm(model_dir: Path, out: Path, kind: str) -> Path:
     """A reward-model directory as train-rm leaves it (untrained head)."""
-    from rlhfkit.io import write_json
-    from rlhfkit.models import load_tokenizer, save_model
-    from rlhfkit.rewards.reward_model import SPEC_FILE, reward_model_class
-
     tokenizer = load_tokenizer(model_dir)
     model = reward_model_class(kind).from_pretrained(model_dir, num_labels=2 if kind == "segment" else 1)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -196,9 +211,6 @@ def rm_dirs(make_tiny_model, tmp_path_factory) -> dict[str, Path]:
 
 def damaged(rm: Path, tmp_path: Path, edit) -> Path:
     """A copy of `rm` whose rlhfkit_rm.json `edit` changed (a dict -> a dict, or bytes)."""
-    import json
-    import shutil
-
     copy = tmp_path / f"damaged-{rm.name}"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(rm, copy)
@@ -229,8 +241,6 @@ PREFERENCE_DAMAGE = {
 
 @pytest.mark.parametrize("case", PREFERENCE_DAMAGE)
 def test_item3_a_damaged_sequence_rm_spec_is_one_line(rm_dirs, tmp_path, run_cli, case):
-    from rlhfkit.schema import Generation, write_records
-
     edit, message = PREFERENCE_DAMAGE[case]
     rm = damaged(rm_dirs["preference"], tmp_path, edit)
     data = tmp_path / "gen.jsonl"
@@ -248,9 +258,6 @@ def test_item3_a_damaged_sequence_rm_spec_is_one_line(rm_dirs, tmp_path, run_cli
     ("positive_reward", "positive_reward must be a finite number, got None"),
 ])
 def test_item3_a_segment_rm_spec_missing_a_field_is_one_line(rm_dirs, tmp_path, field, message):
-    from rlhfkit.errors import RlhfkitError
-    from rlhfkit.rewards.reward_model import load_reward_model
-
     rm = damaged(rm_dirs["segment"], tmp_path, lambda s: s.pop(field))
     with pytest.raises(RlhfkitError, match=f"^{rm}/rlhfkit_rm.json: {message}; re-save"):
         load_reward_model(rm)
@@ -258,8 +265,6 @@ def test_item3_a_segment_rm_spec_missing_a_field_is_one_line(rm_dirs, tmp_path, 
 
 def test_item3_std_0_in_ppo_and_evaluate_is_one_line_not_a_loss_or_json_failure(rm_dirs, tiny_model_dir, tmp_path, run_cli):
     rm = damaged(rm_dirs["preference"], tmp_path, lambda s: s["normalization"].update(std=0))
-    from rlhfkit.schema import PromptRecord, write_records
-
     prompts = tmp_path / "prompts.jsonl"
     write_records(prompts, [PromptRecord(id=f"p{i}", prompt=f"question {i}?") for i in range(2)])
     message = f"{rm}/rlhfkit_rm.json: normalization.std must be a finite number > 0, got 0"
@@ -273,13 +278,6 @@ def test_item3_std_0_in_ppo_and_evaluate_is_one_line_not_a_loss_or_json_failure(
 
 
 def test_item3_shared_backbone_spec_and_heads(tiny_model_dir, tmp_path):
-    from transformers import AutoModel
-
-    from rlhfkit.errors import RlhfkitError
-    from rlhfkit.io import write_json
-    from rlhfkit.rewards.reward_model import read_spec
-    from rlhfkit.rewards.shared_backbone import MultiAspectRewardModel
-
     spec = {"aspect": "a,b", "kind": "multi_aspect", "max_length": 64,
             "aspects": {"a": {"kind": "segment", "granularity": "sentence", "positive_reward": 1, "negative_reward": -1},
                         "b": {"kind": "preference", "normalization": {"mean": 0, "std": 0}}}}
@@ -306,8 +304,6 @@ def ultrafeedback_row(completions: int) -> dict:
 
 
 def test_item4_ultrafeedback_all_pairs_of_a_huge_row_is_refused_in_one_line(tmp_path, run_cli):
-    import json
-
     data = tmp_path / "uf.jsonl"
     data.write_text(json.dumps(ultrafeedback_row(4)) + "\n" + json.dumps(ultrafeedback_row(100)) + "\n")
     result = run_cli("annotate-import", "--format", "ultrafeedback", data, "--out", tmp_path / "out")
@@ -335,8 +331,6 @@ def truncate(path: Path) -> None:
 
 def stage_args(stage: str, model: Path, tmp_path: Path) -> list:
     """Checkpoints step-1 and step-2 (sft and train-rm save the last step as the model, not a checkpoint)."""
-    from rlhfkit.schema import Demonstration, Preference, PromptRecord, write_records
-
     if stage == "ppo":
         data = tmp_path / "prompts.jsonl"
         write_records(data, [PromptRecord(id=f"p{i}", prompt=f"question: what is {i}? answer:") for i in range(4)])
@@ -388,6 +382,66 @@ def test_item5_resume_passes_over_a_damaged_checkpoint_to_the_one_before(stage, 
 
 
 def checkpoint_reads(checkpoint: Path) -> bool:
-    from rlhfkit.training import checkpoint_damage
-
     return checkpoint_damage(checkpoint, ())[0] is None
+
+
+# --- 6. lone surrogates: refused where they are read; annotate-import writes all or nothing ----
+
+# Written with ensure_ascii, as the escape a tool leaves for half of a UTF-16 pair.
+LONE = '"a\\ud800b"'
+PAIR = '"a\\ud83d\\ude00b"'  # a surrogate pair: one character (U+1F600), fine
+
+
+def test_item6_a_lone_surrogate_is_refused_with_file_and_line(tmp_path, run_cli, tiny_model_dir):
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"type": "demonstration", "id": "1", "prompt": "q", "response": ' + PAIR + "}\n"
+                    '{"type": "demonstration", "id": "2", "prompt": ' + LONE + ', "response": "r"}\n')
+    result = run_cli("sft", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "sft")
+    assert result.exit_code == 2, result.output
+    assert f"{data}:2: invalid JSON: a lone surrogate \\ud800 (half of a UTF-16 pair) is not text" in one_line_error(result)
+    assert not (tmp_path / "sft").exists()
+    data.write_text(data.read_text().splitlines()[0] + "\n")
+    assert load_records(data)[0].response == "a\U0001F600b"
+
+
+def test_item6_annotate_import_of_a_lone_surrogate_leaves_no_out(tmp_path, run_cli):
+    source = tmp_path / "feedback.jsonl"
+    source.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": ' + LONE + ', "chosen": "a", "rejected": "b"}\n')
+    out = tmp_path / "import"
+    result = run_cli("annotate-import", "--format", "pairwise", source, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert one_line_error(result) == f"error: {source}:2: invalid JSON: a lone surrogate \\ud800 (half of a UTF-16 pair) is not text"
+    assert not out.exists()
+    result = run_cli("annotate-import", "--format", "pairwise", source, "--out", out, "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["import_report.json", "preferences.jsonl", "run_config.json"]
+
+
+def test_item6_annotate_import_that_fails_writing_leaves_out_as_it_was(tmp_path, monkeypatch):
+    source = tmp_path / "uf.jsonl"  # four record files: prompts, scalar scores, preferences, critiques
+    source.write_text(json.dumps(ultrafeedback_row(2)) + "\n")
+    written = []
+
+    def fail_second(path, records):
+        if written:
+            raise OSError(28, "No space left on device")  # the second file: the disk filled
+        written.append(path)
+        return real(path, records)
+
+    real = annotate_import.write_records
+    monkeypatch.setattr(annotate_import, "write_records", fail_second)
+    out = tmp_path / "import"
+    cfg = build_config(annotate_import.ImportConfig, format="ultrafeedback", inputs=[str(source)], out=str(out))
+    with pytest.raises(OSError):
+        annotate_import.run_import(cfg)
+    abandon_unstarted_runs()  # what the CLI does when a stage ends
+    assert written and not out.exists()
+    existing = tmp_path / "given"
+    existing.mkdir()
+    written.clear()
+    with pytest.raises(OSError):
+        annotate_import.run_import(build_config(annotate_import.ImportConfig, format="ultrafeedback", inputs=[str(source)], out=str(existing)))
+    abandon_unstarted_runs()
+    assert list(existing.iterdir()) == []  # an --out that existed stays, empty: the re-run is not blocked
+    monkeypatch.setattr(annotate_import, "write_records", real)
+    assert annotate_import.run_import(build_config(annotate_import.ImportConfig, format="ultrafeedback", inputs=[str(source)], out=str(existing)))
