@@ -125,12 +125,15 @@ DATA_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".html", ".csv", ".txt")
 # Python runs the .pth files of these directories at every start.
 _SITE_DIRECTORIES = ("site-packages", "dist-packages")
 _PYTHON_NAME = re.compile(r"(?:^|=)py:(\S+)")
+# What a stage step writes (its --out; redistribute's --html): in the plan's roots too.
+STAGE_OUTPUT_OPTIONS = ("out", "html")
 
 
 @dataclass(frozen=True)
 class PlanRoots:
-    """The directories a plan's function steps may read and write in (resolved): the plan's
-    folder, the working directory, and an output tree given on the command line (--set out=)."""
+    """The directories a plan's function steps may read and write in, and its stage steps
+    write in (resolved): the plan's folder, the working directory, and an output tree given
+    on the command line (--set out=)."""
 
     plan: Path
     roots: tuple[Path, ...]
@@ -476,6 +479,9 @@ def resolve_step(step: Step, outputs: dict[str, Step], allow_python: bool = Fals
     cfg_cls = getattr(importlib.import_module(module), config_name)
     values = stage_values(step, cfg_cls)
     check_python_names(values, step.where, allow_python)
+    for option in STAGE_OUTPUT_OPTIONS:
+        if isinstance(values.get(option), str):
+            step.roots.check(values[option], "make", f"{step.where}: {option}")
     warn_remote_code_from(values, step.where)
     try:
         cfg = build_config(cfg_cls, **values)

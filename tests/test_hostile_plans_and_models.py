@@ -102,6 +102,14 @@ def test_item1_a_plan_writes_no_code(plan_dirs, run_cli, tmp_path):
         assert result.exit_code == 2, (out, result.output)
         assert refusal in one_line_error(result), out
     assert sorted(p.name for p in work.rglob("*") if p.is_file()) == []
+    # A stage step's --out falls under the same rule.
+    plan = write_plan(plan_dir, f"""\
+        - stage: annotate-import
+          with: {{format: pairwise, inputs: [x.jsonl], out: "{site}/evil"}}
+        """)
+    result = run_cli("recipe", plan, "--dry-run")
+    assert result.exit_code == 2 and "step 1 (annotate-import): out: " in one_line_error(result)
+    assert "lies in a Python site directory" in one_line_error(result)
     # --set out names a tree outside the working directory: the plan may write there.
     plan = write_plan(plan_dir, """\
         - call: rlhfkit.recipes:collect_results
