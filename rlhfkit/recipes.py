@@ -148,30 +148,48 @@ class PlanRoots:
     def check(self, value: str, role: str, where: str) -> None:
         """Refuse a path outside the roots (after symlinks and `..` are resolved), below a
         hidden directory of one (.git, .venv, .ssh), inside a Python site directory, or, to
-        be written, a file that is not data."""
-        target = Path(os.path.realpath(value))
-        inside = [root for root in self.roots if target == root or root in target.parents]
-        refusal = None
-        if not inside:
-            refusal = "lies outside the plan's folder, the working directory and --set out"
-        elif all(any(part.startswith(".") for part in target.relative_to(root).parts) for root in inside):
-            refusal = "lies in a hidden directory"
-        elif role != "read" and any(part in _SITE_DIRECTORIES for part in target.parts):
-            refusal = "lies in a Python site directory"
-        elif role == "write" and target.suffix not in DATA_SUFFIXES:
-            refusal = f"is not a data file ({', '.join(DATA_SUFFIXES)})"
-        elif role == "read" and target.is_dir():
-            for folder, dirs, files in os.walk(target):
-                for name in dirs + files:
-                    entry = Path(folder) / name
-                    if entry.is_symlink():
-                        self.check(str(entry), role, where)
+        be written, a file that is not data; a directory to be read, when a symlink in it
+        (at any depth) leads to such a place."""
+        offender, refusal = value, self._refusal(Path(os.path.realpath(value)), role)
+        if refusal is None and role == "read" and os.path.isdir(value):
+            offender, refusal = self._symlink_escape(value)
         if refusal:
-            shown = value if str(target) == value else f"{value} (= {target})"
+            target = os.path.realpath(offender)
+            shown = offender if target == offender else f"{offender} (= {target})"
             raise RlhfkitError(
                 f"{where}: {shown} {refusal}; a plan's steps read and write only in the plan's folder, "
                 "the working directory and --set out (see docs/security.md)"
             )
+
+    def _refusal(self, target: Path, role: str) -> str | None:
+        inside = [root for root in self.roots if target == root or root in target.parents]
+        if not inside:
+            return "lies outside the plan's folder, the working directory and --set out"
+        if all(any(part.startswith(".") for part in target.relative_to(root).parts) for root in inside):
+            return "lies in a hidden directory"
+        if role != "read" and any(part in _SITE_DIRECTORIES for part in target.parts):
+            return "lies in a Python site directory"
+        if role == "write" and target.suffix not in DATA_SUFFIXES:
+            return f"is not a data file ({', '.join(DATA_SUFFIXES)})"
+        return None
+
+    def _symlink_escape(self, directory: str) -> tuple[str, str | None]:
+        """The first symlink under `directory` that leads out of the roots, and why."""
+        seen: set[str] = set()
+        for folder, dirs, files in os.walk(directory, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a symlink loop, or a directory reached twice
+                dirs.clear()
+                continue
+            seen.add(real)
+            dirs[:] = [name for name in dirs if not name.startswith(".")]  # never read: not walked
+            for name in dirs + files:
+                entry = os.path.join(folder, name)
+                if os.path.islink(entry):
+                    refusal = self._refusal(Path(os.path.realpath(entry)), "read")
+                    if refusal:
+                        return entry, refusal
+        return directory, None
 
 
 def confine_paths(step: Step) -> None:

@@ -79,6 +79,23 @@ def test_item1_a_plan_reads_nothing_outside_its_folder_and_working_directory(pla
     assert not (work / "report.md").exists()
 
 
+def test_item1_a_directory_a_plan_reads_holds_no_symlink_out(plan_dirs, run_cli):
+    plan_dir, work, outside = plan_dirs
+    (work / "data/inner").mkdir(parents=True)
+    (work / "data/inner/loop").symlink_to(work / "data")  # a loop inside the roots is walked once
+    plan = write_plan(plan_dir, """\
+        - call: rlhfkit.tasks.qa_feedback:shorten_prompts
+          with: {inputs: data, out: short}
+        """)
+    result = run_cli("recipe", plan, "--dry-run")
+    assert result.exit_code == 0, result.output
+    (work / "data/inner/secret.jsonl").symlink_to(outside / "secret.md")
+    result = run_cli("recipe", plan, "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert (f"step 1 (shorten_prompts): inputs: data/inner/secret.jsonl (= {outside}/secret.md) lies outside the "
+            "plan's folder") in one_line_error(result)
+
+
 def test_item1_a_plan_writes_no_code(plan_dirs, run_cli, tmp_path):
     """The reported chain: collect_results writes evil_judge.py into the working directory
     (then `py:evil_judge:score`), or a .pth file into a site-packages directory."""
