@@ -44,6 +44,7 @@ import importlib
 import inspect
 import itertools
 import math
+import os
 import re
 import string
 import time
@@ -72,16 +73,158 @@ MAX_PLAN_STEPS = 1000
 # with @recipe_function, never an arbitrary module:function (os:system, shutil:rmtree).
 
 RECIPE_FUNCTIONS: dict[str, Callable] = {}
+# What each registered function reads and writes: {function key: {argument: role}}.
+RECIPE_PATH_ARGUMENTS: dict[str, dict[str, str]] = {}
+# rlhfkit's own `py:` functions (rewards, scorers, judges of the shipped tasks): a plan may
+# name these without --allow-python, as it names rlhfkit stages.
+RECIPE_PYTHON_FUNCTIONS: dict[str, Callable] = {}
 
 
-def recipe_function(function: Callable) -> Callable:
-    """Register `function` as callable from a plan's `call: module:function` step."""
-    RECIPE_FUNCTIONS[f"{function.__module__}:{function.__qualname__}"] = function
+def _key(function: Callable) -> str:
+    return f"{function.__module__}:{function.__qualname__}"
+
+
+def recipe_function(
+    *, reads: Sequence[str] = (), writes: Sequence[str] = (), makes: Sequence[str] = ()
+) -> Callable[[Callable], Callable]:
+    """Register a function as callable from a plan's `call: module:function` step, naming
+    its arguments that are paths (a string, or a list or mapping of them): files or
+    directories it `reads`, files it `writes` (a data file: .md, .json, ...) and directories
+    it `makes` (filled with files of fixed names). A plan's values for them are checked by
+    `confine_paths` before the function runs."""
+
+    def register(function: Callable) -> Callable:
+        RECIPE_FUNCTIONS[_key(function)] = function
+        RECIPE_PATH_ARGUMENTS[_key(function)] = {
+            **{name: "read" for name in reads}, **{name: "write" for name in writes}, **{name: "make" for name in makes},
+        }
+        return function
+
+    return register
+
+
+def recipe_python_function(function: Callable) -> Callable:
+    """Register one of rlhfkit's own `py:` functions: a plan may name it without --allow-python."""
+    RECIPE_PYTHON_FUNCTIONS[_key(function)] = function
     return function
 
 
 # The rlhfkit modules that register recipe functions; a plan's `call` imports nothing else.
 RECIPE_MODULES = ("rlhfkit.recipes", "rlhfkit.tasks.qa_feedback", "rlhfkit.tasks.synthetic", "rlhfkit.tasks.detox")
+
+
+def _register_recipe_modules() -> None:
+    for module_name in RECIPE_MODULES:
+        importlib.import_module(module_name)  # rlhfkit's own modules: they register their functions
+
+
+# --- what a plan may touch -------------------------------------------------------------------
+# The files a plan's function steps write are data: a report, a table, records. A name with
+# another suffix (evil.py, x.pth, Makefile) could be run later by Python, make or a shell.
+DATA_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".html", ".csv", ".txt")
+# Python runs the .pth files of these directories at every start.
+_SITE_DIRECTORIES = ("site-packages", "dist-packages")
+_PYTHON_NAME = re.compile(r"(?:^|=)py:(\S+)")
+# What a stage step writes (its --out; redistribute's --html): in the plan's roots too.
+STAGE_OUTPUT_OPTIONS = ("out", "html")
+
+
+@dataclass(frozen=True)
+class PlanRoots:
+    """The directories a plan's function steps may read and write in, and its stage steps
+    write in (resolved): the plan's folder, the working directory, and an output tree given
+    on the command line (--set out=)."""
+
+    plan: Path
+    roots: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, plan_path: Path, overrides: dict[str, Any]) -> PlanRoots:
+        roots = [plan_path.parent.resolve(), Path.cwd().resolve()]
+        if isinstance(overrides.get("out"), str) and overrides["out"]:
+            roots.append(Path(overrides["out"]).resolve())
+        return cls(plan_path, tuple(dict.fromkeys(roots)))
+
+    def check(self, value: str, role: str, where: str) -> None:
+        """Refuse a path outside the roots (after symlinks and `..` are resolved), below a
+        hidden directory of one (.git, .venv, .ssh), inside a Python site directory, or, to
+        be written, a file that is not data; a directory to be read, when a symlink in it
+        (at any depth) leads to such a place."""
+        offender, refusal = value, self._refusal(Path(os.path.realpath(value)), role)
+        if refusal is None and role == "read" and os.path.isdir(value):
+            offender, refusal = self._symlink_escape(value)
+        if refusal:
+            target = os.path.realpath(offender)
+            shown = offender if target == offender else f"{offender} (= {target})"
+            raise RlhfkitError(
+                f"{where}: {shown} {refusal}; a plan's steps read and write only in the plan's folder, "
+                "the working directory and --set out (see docs/security.md)"
+            )
+
+    def _refusal(self, target: Path, role: str) -> str | None:
+        inside = [root for root in self.roots if target == root or root in target.parents]
+        if not inside:
+            return "lies outside the plan's folder, the working directory and --set out"
+        if all(any(part.startswith(".") for part in target.relative_to(root).parts) for root in inside):
+            return "lies in a hidden directory"
+        if role != "read" and any(part in _SITE_DIRECTORIES for part in target.parts):
+            return "lies in a Python site directory"
+        if role == "write" and target.suffix not in DATA_SUFFIXES:
+            return f"is not a data file ({', '.join(DATA_SUFFIXES)})"
+        return None
+
+    def _symlink_escape(self, directory: str) -> tuple[str, str | None]:
+        """The first symlink under `directory` that leads out of the roots, and why."""
+        seen: set[str] = set()
+        for folder, dirs, files in os.walk(directory, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a symlink loop, or a directory reached twice
+                dirs.clear()
+                continue
+            seen.add(real)
+            dirs[:] = [name for name in dirs if not name.startswith(".")]  # never read: not walked
+            for name in dirs + files:
+                entry = os.path.join(folder, name)
+                if os.path.islink(entry):
+                    refusal = self._refusal(Path(os.path.realpath(entry)), "read")
+                    if refusal:
+                        return entry, refusal
+        return directory, None
+
+
+def confine_paths(step: Step) -> None:
+    """Check every path a call step's function reads or writes (RECIPE_PATH_ARGUMENTS)."""
+    for argument, role in RECIPE_PATH_ARGUMENTS[step.call].items():
+        value = step.values.get(argument)
+        paths = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for path in paths:
+            if not isinstance(path, str):
+                continue
+            if path.startswith("hf:"):  # a hub data set, or a local directory of data files
+                path = path[3:]
+                if not Path(path).exists():
+                    continue
+            step.roots.check(path, role, f"{step.where}: {argument}")
+
+
+def check_python_names(value: Any, where: str, allow_python: bool) -> None:
+    """Refuse a `py:module:function` anywhere in `value` (a plan's variables or a step's
+    options) unless it is one of rlhfkit's own or the user passed --allow-python."""
+    if allow_python:
+        return
+    if isinstance(value, dict):
+        for item in value.values():
+            check_python_names(item, where, allow_python)
+    elif isinstance(value, list):
+        for item in value:
+            check_python_names(item, where, allow_python)
+    elif isinstance(value, str):
+        for target in _PYTHON_NAME.findall(value):
+            if target not in RECIPE_PYTHON_FUNCTIONS:
+                raise RlhfkitError(
+                    f"{where}: py:{target} is Python code, which would run with your permissions; "
+                    "run the plan with --allow-python if you trust it (see docs/security.md)"
+                )
 
 
 @dataclass
@@ -91,6 +234,10 @@ class RecipeConfig:
     overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set")
     from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.")
     overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.")
+    allow_python: bool = opt(
+        False, "Let the plan name py:module:function code other than rlhfkit's own (rewards, scorers, judges): "
+        "that code runs with your permissions. Without it such a plan is refused.", panel="Options",
+    )
 
     def validate(self) -> None:
         if not Path(self.plan).is_file():
@@ -112,6 +259,7 @@ class Step:
     config_file: Path | None
     values: dict[str, Any]
     where: str
+    roots: PlanRoots | None = None  # where its function may read and write (call steps)
 
     @property
     def kind(self) -> str:
@@ -130,6 +278,7 @@ class Plan:
     variables: dict[str, Any]
     steps: list[Step]
     requires: dict[str, str] = field(default_factory=dict)  # input made elsewhere -> by what
+    roots: PlanRoots | None = None
 
 
 @dataclass
@@ -188,6 +337,7 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     unknown = sorted(set(data) - set(PLAN_KEYS))
     if unknown:
         raise RlhfkitError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(PLAN_KEYS)}")
+    roots = PlanRoots.of(path, overrides or {})
     variables = {"plan_dir": str(path.parent), **(data.get("vars") or {})}
     for name, value in (overrides or {}).items():
         if name not in variables:
@@ -221,7 +371,7 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
             )
         for combination in itertools.product(*foreach.values()):
             scope = {**variables, **dict(zip(foreach, combination))}
-            steps.append(_expand_step(raw, scope, path, where, len(steps) + 1))
+            steps.append(_expand_step(raw, scope, path, where, len(steps) + 1, roots))
     names = [s.name for s in steps]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -231,10 +381,10 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     if not isinstance(requires, dict):
         raise RlhfkitError(f"{path}: 'requires' maps inputs made elsewhere to what makes them")
     requires = {str(substitute(k, variables, f"{path}: requires")): str(v) for k, v in requires.items()}
-    return Plan(path, description, variables, steps, requires)
+    return Plan(path, description, variables, steps, requires, roots)
 
 
-def _expand_step(raw: dict, scope: dict[str, Any], path: Path, where: str, number: int) -> Step:
+def _expand_step(raw: dict, scope: dict[str, Any], path: Path, where: str, number: int, roots: PlanRoots) -> Step:
     stage = raw.get("stage")
     call = raw.get("call")
     if stage is not None:
@@ -253,7 +403,7 @@ def _expand_step(raw: dict, scope: dict[str, Any], path: Path, where: str, numbe
     if not isinstance(overrides, dict):
         raise RlhfkitError(f"{where}: 'with' must be a mapping of option names to values")
     values = {str(k).replace("-", "_"): substitute(v, scope, where) for k, v in overrides.items()}
-    return Step(number, name, stage, call, config_file, values, where)
+    return Step(number, name, stage, call, config_file, values, where, roots)
 
 
 def stage_spec(stage: str, where: str) -> tuple[str, str, str]:
@@ -330,20 +480,26 @@ def _waits_for(message: str, outputs: dict[str, Step]) -> Step | None:
     return outputs[max(named, key=len)] if named else None
 
 
-def resolve_step(step: Step, outputs: dict[str, Step]) -> ResolvedStep:
-    """Build and validate the step's config (or check a call's arguments); a failure that
-    names an earlier step's output is deferred, any other raises RlhfkitError."""
+def resolve_step(step: Step, outputs: dict[str, Step], allow_python: bool = False) -> ResolvedStep:
+    """Build and validate the step's config (or check a call's arguments and paths); a
+    failure that names an earlier step's output is deferred, any other raises RlhfkitError."""
     if step.call is not None:
         function = call_target(step)
         try:
             inspect.signature(function).bind(**step.values)
         except TypeError as err:
             raise RlhfkitError(f"{step.where}: {step.call}: {err}") from None
+        check_python_names(step.values, step.where, allow_python)
+        confine_paths(step)
         args = ", ".join(f"{k}={v!r}" for k, v in step.values.items())
         return ResolvedStep(step, command=f"python: {step.call}({args})")
     module, config_name, _ = stage_spec(step.stage, step.where)
     cfg_cls = getattr(importlib.import_module(module), config_name)
     values = stage_values(step, cfg_cls)
+    check_python_names(values, step.where, allow_python)
+    for option in STAGE_OUTPUT_OPTIONS:
+        if isinstance(values.get(option), str):
+            step.roots.check(values[option], "make", f"{step.where}: {option}")
     warn_remote_code_from(values, step.where)
     try:
         cfg = build_config(cfg_cls, **values)
@@ -365,8 +521,7 @@ def _producer(step: Step) -> str:
 
 def call_target(step: Step) -> Callable:
     """The registered recipe function a call step names; nothing outside rlhfkit is imported."""
-    for module_name in RECIPE_MODULES:
-        importlib.import_module(module_name)  # rlhfkit's own modules: they register their functions
+    _register_recipe_modules()
     function = RECIPE_FUNCTIONS.get(step.call)
     if function is None:
         raise RlhfkitError(
@@ -376,14 +531,17 @@ def call_target(step: Step) -> Callable:
     return function
 
 
-def resolve_plan(plan: Plan) -> list[ResolvedStep]:
-    """Every step resolved in order; checks on earlier steps' outputs are deferred."""
+def resolve_plan(plan: Plan, allow_python: bool = False) -> list[ResolvedStep]:
+    """Every step resolved in order; checks on earlier steps' outputs are deferred. A `py:`
+    name other than rlhfkit's own is refused without `allow_python`."""
+    _register_recipe_modules()
+    check_python_names(plan.variables, f"{plan.path}: vars", allow_python)
     outputs: dict[str, Step] = {
         made: Step(0, f"made by {maker}", None, None, None, {}, str(plan.path)) for made, maker in plan.requires.items()
     }
     resolved = []
     for step in plan.steps:
-        resolved.append(resolve_step(step, outputs))
+        resolved.append(resolve_step(step, outputs, allow_python))
         if step.output():
             outputs[step.output()] = step
     return resolved
@@ -405,12 +563,13 @@ def render_plan(plan: Plan, resolved: list[ResolvedStep]) -> str:
 # --- running -------------------------------------------------------------------------------
 
 
-def run_step(item: ResolvedStep) -> Any:
+def run_step(item: ResolvedStep, allow_python: bool = False) -> Any:
     step = item.step
     if step.call is not None:
+        confine_paths(step)  # again: earlier steps have written since the plan was resolved
         return call_target(step)(**step.values)
     # Resolved again now: the inputs of a deferred step exist by now.
-    resolved = resolve_step(step, {}) if item.deferred else item
+    resolved = resolve_step(step, {}, allow_python) if item.deferred else item
     module, _, entry_name = stage_spec(step.stage, step.where)
     return getattr(importlib.import_module(module), entry_name)(resolved.config)
 
@@ -430,7 +589,7 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
                 names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), config_name))}
                 if "overwrite" in names:
                     step.values.setdefault("overwrite", True)
-    resolved = resolve_plan(plan)
+    resolved = resolve_plan(plan, cfg.allow_python)
     if cfg.dry_run:
         print(render_plan(plan, resolved), end="")
         return [{"step": r.step.name, "stage": r.step.kind, "deferred": r.deferred} for r in resolved]
@@ -453,7 +612,7 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
         console.rule(f"[bold]recipe step {step.number}/{len(plan.steps)}: {step.name}[/] ({step.kind})")
         step_started = time.perf_counter()
         try:
-            run_step(item)
+            run_step(item, cfg.allow_python)
         except RlhfkitError as err:
             raise type(err)(f"recipe step {step.number} ({step.name}): {err}") from None
         seconds = time.perf_counter() - step_started
@@ -479,7 +638,7 @@ def _dotted(data: Any, path: str) -> Any:
     return data
 
 
-@recipe_function
+@recipe_function(reads=["inputs"], writes=["out"])
 def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split: str = "train",
                       limit: int | None = None, repeat: int = 1, skip: int = 0) -> int:
     """Prompt records from any rows annotate-import reads (files, parquet, hf:NAME): the text
@@ -512,7 +671,7 @@ def prompts_from_rows(inputs: list[str], out: str, field: str = "prompt", split:
     return len(records)
 
 
-@recipe_function
+@recipe_function(reads=["preferences"], makes=["out"])
 def preference_sft_data(preferences: str, out: str, limit: int | None = None) -> dict:
     """From pairwise preferences (annotate-import's preferences.jsonl): `demonstrations.jsonl`
     (each chosen response, the SFT data of a preference-only data set such as HH-RLHF) and
@@ -535,7 +694,7 @@ def _demote_headings(markdown: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
 
 
-@recipe_function
+@recipe_function(reads=["sections"], writes=["out"])
 def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = ()) -> str:
     """Join result files (markdown written by evaluate, critique-revise, ...) into one report
     at `out`, print it, and return it. `images` are linked (paths relative to the report)."""

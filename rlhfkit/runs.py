@@ -27,7 +27,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -91,12 +91,12 @@ def abandon_unstarted_runs() -> None:
         _OPENED.pop().abandon()
 
 
-def _input_paths(cfg: Any) -> list[Path]:
+def _input_paths(cfg: Any, outputs: Sequence[str] = ("out",)) -> list[Path]:
     """Existing files and directories a config reads: every option value that names one
-    (`NAME=PATH`, `hf:PATH@LABEL` and lists of them included), --out excepted."""
+    (`NAME=PATH`, `hf:PATH@LABEL` and lists of them included), its `outputs` excepted."""
     found = []
     for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
-        if f.name == "out":
+        if f.name in outputs:
             continue
         value = getattr(cfg, f.name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
@@ -124,6 +124,26 @@ def check_out_path(out: Path, cfg: Any, option: str = "--out") -> None:
         if path == resolved or resolved in path.parents:
             what = "is" if path == resolved else "holds"
             raise RlhfkitError(f"{option} {out} {what} an input of this run ({path}); choose another {option}")
+
+
+def check_out_file(path: str, cfg: Any, option: str, suffix: str, outputs: Sequence[str]) -> None:
+    """A file a stage writes (redistribute's --out and --html): named `*suffix`, not a
+    directory, and neither one of the run's inputs nor inside an input directory (a reward
+    model's rlhfkit_rm.json); `outputs` are the config's output options."""
+    if not path.endswith(suffix):
+        raise RlhfkitError(f"{option} must be a {suffix} file, got '{path}'")
+    if Path(path).is_dir():
+        raise RlhfkitError(f"{option} {path}: is a directory; give the {suffix} file to write")
+    resolved = Path(path).resolve()
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RlhfkitError(f"{option} {path}: {parent} is not a directory")
+            break
+    for source in _input_paths(cfg, outputs):
+        if source == resolved or source in resolved.parents:
+            what = "is" if source == resolved else "lies in"
+            raise RlhfkitError(f"{option} {path} {what} an input of this run ({source}); choose another {option}")
 
 
 def _contents(path: Path) -> list[str]:

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Iterator
@@ -248,10 +249,37 @@ def _reject_non_finite(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# `\ud800`-`\udfff` escapes: JSON allows one alone, but half of a UTF-16 pair is no character,
+# so the text could never be encoded (tokenisers and the UTF-8 writer fail on it).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _reject_lone_surrogates(data: Any) -> None:
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(
+                    f"a lone surrogate \\u{ord(item[err.start]):04x} (half of a UTF-16 pair) is not text"
+                ) from None
+
+
 def parse_json(text: str) -> Any:
-    """`json.loads`, refusing NaN and Infinity: Python accepts them, but they are not JSON and
-    the writer refuses them (raises json.JSONDecodeError, or ValueError for those constants)."""
-    return json.loads(text, parse_constant=_reject_non_finite)
+    """`json.loads`, refusing NaN and Infinity (Python accepts them, but they are not JSON and
+    the writer refuses them) and lone surrogates (`"\\ud800"`: valid JSON, but no text).
+    Raises json.JSONDecodeError, or ValueError for those."""
+    data = json.loads(text, parse_constant=_reject_non_finite)
+    if _SURROGATE_ESCAPE.search(text):  # a paired escape (an emoji) passes the check
+        _reject_lone_surrogates(data)
+    return data
 
 
 # A record line longer than this is refused before it is parsed or tokenised: tokenising a

@@ -30,8 +30,10 @@ from_pretrained model, and only rank 0 writes everything else.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -320,6 +322,59 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     checkpoints = list_checkpoints(out)
     return checkpoints[-1] if checkpoints else None
+
+
+# What training_state.pt holds: `fit`'s and ppo's (rlhfkit.stages.ppo.save_ppo_checkpoint).
+FIT_STATE_KEYS = ("identity", "optimizer", "scheduler", "rng", "progress")
+
+
+def checkpoint_damage(checkpoint: Path, state_keys: Sequence[str]) -> tuple[str | None, dict | None]:
+    """(None, its training state) for a checkpoint whose files read whole, else (what is
+    wrong, naming the file, None): a disk that filled or a copy cut short after the atomic
+    save. The weights' safetensors headers must cover their files; JSON files must parse."""
+    state_path = checkpoint / STATE_FILE
+    try:
+        state = safe_torch_load(state_path)
+    except OSError as err:
+        return f"{state_path} cannot be read ({err.strerror or err})", None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):  # never retried without weights_only
+        return f"{state_path} is damaged (truncated, or not a PyTorch file of tensors)", None
+    missing = [key for key in state_keys if key not in state] if isinstance(state, dict) else list(state_keys)
+    if missing:
+        return f"{state_path} is damaged (no {', '.join(missing)})", None
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as err:
+            return f"{path} is damaged ({err})", None
+    for path in sorted(checkpoint.glob("*.json")):
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, OSError) as err:
+            return f"{path} is damaged ({type(err).__name__})", None
+    return None, state
+
+
+def resumable_checkpoint(out: str | os.PathLike, state_keys: Sequence[str], description: str) -> tuple[Path, dict] | None:
+    """The newest checkpoint in `out` whose files read whole, and its training state, for
+    --resume (fit, ppo). A damaged newer one is passed over with a one-line notice naming
+    its bad file; when none is left, RlhfkitError names them. None: no checkpoint at all."""
+    damaged = []
+    for checkpoint in reversed(list_checkpoints(out)):
+        problem, state = checkpoint_damage(checkpoint, state_keys)
+        if problem is None:
+            return checkpoint, state
+        damaged.append(problem)
+        console.print(f"{description}: {problem}; trying the checkpoint before it", soft_wrap=True)
+    if damaged:
+        raise RlhfkitError(
+            f"--resume: {'; '.join(damaged)}; no complete checkpoint is left in {Path(out) / CHECKPOINTS} "
+            "(start again with --overwrite, or use another --out)"
+        )
+    return None
 
 
 def _is_peft_model(model: torch.nn.Module) -> bool:
@@ -706,12 +761,12 @@ def _resume(settings: LoopSettings, run: RunDir, model: torch.nn.Module, learner
     schedule and RNG put back as they were there; None for a fresh start."""
     if not settings.resume:
         return None
-    checkpoint = latest_checkpoint(settings.out)
-    if checkpoint is None:
+    found = resumable_checkpoint(settings.out, FIT_STATE_KEYS, description)
+    if found is None:
         console.print(f"{description}: no checkpoint in {Path(settings.out) / CHECKPOINTS}; starting from step 0")
         run.truncate_metrics(-1)  # lines of an earlier attempt that died before its first checkpoint
         return None
-    saved = safe_torch_load(checkpoint / STATE_FILE)
+    checkpoint, saved = found
     changed = [f"{k}: {saved['identity'].get(k)!r} then, {v!r} now" for k, v in identity.items() if saved["identity"].get(k) != v]
     if changed:
         raise RlhfkitError(

@@ -110,7 +110,10 @@ def test_audit_on_a_hand_built_rollout_file(rollouts_file):
 
 def _rm_dir(path: Path, aspect: str, kind: str) -> str:
     path.mkdir()
-    (path / "rlhfkit_rm.json").write_text(json.dumps({"aspect": aspect, "kind": kind, "max_length": 64}))
+    # A whole spec: evaluate checks every field before the stand-in RM replaces the model.
+    fields = ({"granularity": "sentence", "positive_reward": 1.0, "negative_reward": -1.0} if kind == "segment"
+              else {"normalization": {"mean": 0.0, "std": 1.0}})
+    (path / "rlhfkit_rm.json").write_text(json.dumps({"aspect": aspect, "kind": kind, "max_length": 64, **fields}))
     return str(path)
 
 

@@ -247,7 +247,8 @@ def test_option_errors(tmp_path, run_cli):
     assert result.exit_code == 2 and "--rounds must be >= 1, got 0" in result.output
     segment_rm = tmp_path / "rm"
     segment_rm.mkdir()
-    (segment_rm / "rlhfkit_rm.json").write_text(json.dumps({"aspect": "factuality", "kind": "segment", "max_length": 64}))
+    (segment_rm / "rlhfkit_rm.json").write_text(json.dumps({"aspect": "factuality", "kind": "segment", "max_length": 64, "granularity": "sentence",
+                                                              "positive_reward": 1.0, "negative_reward": -1.0}))
     result = run_cli(*base, "--judge", segment_rm)
     assert result.exit_code == 2 and "is a segment reward model; a judge must be a preference or regression model" in result.output
     result = run_cli(*base, "--data", inputs)

@@ -9,9 +9,10 @@ object) with `Rating` ("1".."5", or "N/A" when the aspect does not apply) and `R
 - a PromptRecord of the instruction;
 - per completion and aspect rated 1..5, a ScalarScore (aspect = the annotation's name);
 - per aspect, Preferences between completions with different responses (margin = the rating
-  difference): `--pairs all` makes every pair (equal ratings give ties), `--pairs
-  best-vs-worst` one pair, the first highest-rated against the first lowest-rated (none
-  when they are rated the same);
+  difference): `--pairs all` makes every pair (equal ratings give ties; a row may then have
+  at most MAX_ALL_PAIRS_COMPLETIONS completions, since n completions make n(n-1)/2 pairs per
+  aspect), `--pairs best-vs-worst` one pair, the first highest-rated against the first
+  lowest-rated (none when they are rated the same);
 - per completion that is not the best rated (highest mean over its rated aspects; the first
   on equal means), a Critique made of its rationales ("Helpfulness (2/5): ...") whose
   revision is the best-rated completion.
@@ -37,6 +38,10 @@ ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 NOT_APPLICABLE = "N/A"
 RATINGS = ("1", "2", "3", "4", "5")
 PAIRS = ("all", "best-vs-worst")
+# UltraFeedback rows have 4 completions (6 pairs per aspect). Every pair of 1,000 completions
+# was 2.0M preferences (1.5 GB of memory, 539 MB written) from one 240 KB row; 16 make at most
+# 4 x 120 = 480 preferences per row.
+MAX_ALL_PAIRS_COMPLETIONS = 16
 
 
 def _annotation(annotations: dict, aspect: str) -> dict:
@@ -83,6 +88,12 @@ def convert(row: Row, options: ImportOptions) -> Converted:
     data = row.data
     prompt = get_field(data, "instruction", str)
     completions = get_field(data, "completions", list)
+    if options.pairs == "all" and len(completions) > MAX_ALL_PAIRS_COMPLETIONS:
+        n = len(completions)
+        raise RecordError(
+            f"{n:,} completions: --pairs all would make {n * (n - 1) // 2:,} preferences per aspect; it takes at most "
+            f"{MAX_ALL_PAIRS_COMPLETIONS} completions per row (use --pairs best-vs-worst)"
+        )
     responses, scores, rationales = [], [], []
     for c, completion in enumerate(completions):
         try:

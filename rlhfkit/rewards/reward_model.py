@@ -27,8 +27,9 @@ is left out (counted) in training.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +42,8 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
 from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
 from rlhfkit.rewards.placement import token_index_for_char_ends
-from rlhfkit.segment import Segment, segment
-from rlhfkit.truncation import kept_indices
+from rlhfkit.segment import GRANULARITIES, SEGMENT_RM_GRANULARITIES, Segment, segment
+from rlhfkit.truncation import TRUNCATION_SIDES, kept_indices
 
 if TYPE_CHECKING:
     from rlhfkit.rewards.presets import RMSettings
@@ -437,35 +438,113 @@ class RewardModel:
 
 
 def read_spec(path: str | os.PathLike) -> dict:
-    """The `rlhfkit_rm.json` of a reward-model directory (RlhfkitError if there is none)."""
+    """The `rlhfkit_rm.json` of a reward-model directory, every field checked (`check_spec`);
+    RlhfkitError naming the file and the field if there is none, or it is damaged."""
     spec_path = Path(path) / SPEC_FILE
     if not spec_path.is_file():
         raise RlhfkitError(f"{path} is not an rlhfkit reward model (no {SPEC_FILE}); train one with `rlhfkit train-rm`")
     try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        spec = json.loads(spec_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RlhfkitError(f"{spec_path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); re-save the model with `rlhfkit train-rm`") from None
     except json.JSONDecodeError as err:
         raise RlhfkitError(f"{spec_path}: invalid JSON: {err.msg}") from None
-    missing = [key for key in ("aspect", "kind", "max_length") if key not in spec]
-    if missing:
-        raise RlhfkitError(f"{spec_path}: missing {', '.join(missing)}; re-save the model with `rlhfkit train-rm`")
-    if spec["kind"] == SHARED_KIND:
-        from rlhfkit.rewards.shared_backbone import check_shared_spec
-
-        check_shared_spec(spec, spec_path)
-    elif spec["kind"] not in KINDS:
-        raise RlhfkitError(f"{spec_path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
-    else:
-        check_segment_pooling(spec, spec_path)
+    except OSError as err:
+        raise RlhfkitError(f"{spec_path}: cannot read: {err.strerror}") from None
+    check_spec(spec, spec_path)
     return spec
 
 
-def check_segment_pooling(entry: dict, spec_path: Path, aspect: str | None = None) -> None:
-    """RlhfkitError for a spec (or a shared model's aspect entry) whose segment_pooling is not
-    one of SEGMENT_POOLINGS (an edited file): scoring would otherwise fall back silently."""
-    pooling = entry.get("segment_pooling", "end")
-    if pooling not in SEGMENT_POOLINGS:
-        where = f"aspect {aspect!r} has" if aspect else "has"
-        raise RlhfkitError(f"{spec_path}: {where} segment_pooling {pooling!r}; valid: {', '.join(SEGMENT_POOLINGS)}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_spec(spec: Any, spec_path: Path) -> None:
+    """Every field of an rlhfkit_rm.json (single-aspect or shared-backbone) that scoring reads,
+    checked for presence, type and range; RlhfkitError names the file and the field. A
+    hand-edited or damaged file would otherwise fail deep inside scoring (a KeyError, a size
+    mismatch, NaN rewards from std 0). The fields keep their meaning (reward_model_spec,
+    shared_spec); fields this check does not know are left alone."""
+
+    def bad(field: str, problem: str) -> RlhfkitError:
+        return RlhfkitError(f"{spec_path}: {field} {problem}; re-save the model with `rlhfkit train-rm`")
+
+    if not isinstance(spec, dict):
+        raise bad("the file", f"holds {type(spec).__name__} {json.dumps(spec)[:40]}, not a JSON object")
+    missing = [key for key in ("aspect", "kind", "max_length") if key not in spec]
+    if missing:
+        raise bad("the file", f"lacks {', '.join(missing)}")
+    if not isinstance(spec["aspect"], str) or not spec["aspect"]:
+        raise bad("aspect", f"must be a non-empty string, got {spec['aspect']!r}")
+    if not _is_count(spec["max_length"], 1):
+        raise bad("max_length", f"must be a whole number >= 1, got {spec['max_length']!r}")
+    if spec.get("max_prompt_length") is not None and not _is_count(spec["max_prompt_length"], 0):
+        raise bad("max_prompt_length", f"must be null or a whole number >= 0, got {spec['max_prompt_length']!r}")
+    if spec.get("truncation_side", "left") not in TRUNCATION_SIDES:
+        raise bad("truncation_side", f"is {spec['truncation_side']!r}; valid: {', '.join(TRUNCATION_SIDES)}")
+    if spec["kind"] == SHARED_KIND:
+        aspects = spec.get("aspects")
+        if not isinstance(aspects, dict) or not aspects:
+            raise RlhfkitError(f"{spec_path}: a {SHARED_KIND} reward model lists its aspects under 'aspects'; re-save it with `rlhfkit train-rm`")
+        for aspect, entry in aspects.items():
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            if kind not in KINDS:
+                raise RlhfkitError(f"{spec_path}: aspect {aspect!r} has kind {kind!r}; valid: {', '.join(KINDS)}")
+            _check_kind_fields(entry, spec_path, lambda field, problem, a=aspect: bad(f"aspects.{a}.{field}", problem), aspect)
+    elif spec["kind"] not in KINDS:
+        raise RlhfkitError(f"{spec_path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
+    else:
+        _check_kind_fields(spec, spec_path, bad)
+
+
+def _check_kind_fields(entry: dict, spec_path: Path, bad: Callable[[str, str], RlhfkitError], aspect: str | None = None) -> None:
+    """The fields of one RM's kind (kind_spec): a segment RM's pooling, segments and rewards,
+    a sequence RM's score normalisation."""
+    if entry["kind"] == "segment":
+        pooling = entry.get("segment_pooling", "end")
+        if pooling not in SEGMENT_POOLINGS:
+            where = f"aspect {aspect!r} has" if aspect else "has"
+            raise RlhfkitError(f"{spec_path}: {where} segment_pooling {pooling!r}; valid: {', '.join(SEGMENT_POOLINGS)}")
+        if entry.get("granularity") not in SEGMENT_RM_GRANULARITIES:
+            raise bad("granularity", f"is {entry.get('granularity')!r}; a segment RM's is one of {', '.join(SEGMENT_RM_GRANULARITIES)}")
+        for field in ("positive_reward", "negative_reward"):
+            if not _is_number(entry.get(field)):
+                raise bad(field, f"must be a finite number, got {entry.get(field)!r}")
+        if not isinstance(entry.get("label_rules", {}), dict):
+            raise bad("label_rules", f"must be an object, got {entry['label_rules']!r}")
+        return
+    if entry.get("granularity", "response") not in GRANULARITIES:
+        raise bad("granularity", f"is {entry['granularity']!r}; valid: {', '.join(GRANULARITIES)}")
+    norm = entry.get("normalization")
+    if not isinstance(norm, dict):
+        raise bad("normalization", f"must be an object with mean and std, got {norm!r}")
+    if not _is_number(norm.get("mean")):
+        raise bad("normalization.mean", f"must be a finite number, got {norm.get('mean')!r}")
+    if not _is_number(norm.get("std")) or norm["std"] <= 0:
+        raise bad("normalization.std", f"must be a finite number > 0, got {norm.get('std')!r}")
+
+
+def check_head_matches_kind(path: str | os.PathLike, kind: str) -> None:
+    """RlhfkitError when the directory's weights are not a `kind` RM (an edited kind): a
+    segment RM has a 2-label token head, a sequence RM a 1-score head (new_reward_model)."""
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # load_pretrained reports a missing or damaged config.json
+    if not isinstance(config, dict):
+        return
+    labels = len(config.get("id2label") or {}) or config.get("num_labels")
+    expected = 2 if kind == "segment" else 1
+    if labels is not None and labels != expected:
+        raise RlhfkitError(
+            f"{Path(path) / SPEC_FILE}: kind {kind!r} needs a head of {expected} output(s), but {config_path} has "
+            f"{labels} labels; the kind does not match the weights (re-save the model with `rlhfkit train-rm`)"
+        )
 
 
 def spec_aspects(spec: dict) -> dict[str, str]:
@@ -551,6 +630,7 @@ def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | N
             f"{path} is a shared-backbone reward model of several aspects ({', '.join(spec['aspects'])}); "
             "give it as --rm NAME=DIR and use its aspects as NAME.ASPECT (e.g. --rewards NAME.factuality=0.5)"
         )
+    check_head_matches_kind(path, spec["kind"])
     target = resolve_device(None if device is None else str(device))
     tokenizer = load_tokenizer(str(path), padding_side="right")
     model = load_pretrained(reward_model_class(spec["kind"]), str(path), dtype=dtype, device=str(target))

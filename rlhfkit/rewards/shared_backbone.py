@@ -38,12 +38,10 @@ from torch import Tensor, nn
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rewards.reward_model import (
-    SEQUENCE_KINDS,
     SHARED_KIND,
     SPEC_FORMAT,
     EncodedPair,
     RewardModel,
-    check_segment_pooling,
     kind_spec,
 )
 
@@ -147,6 +145,13 @@ class MultiAspectRewardModel(nn.Module):
         missing = sorted(set(self.heads.state_dict()) - set(state))
         if missing:
             raise RlhfkitError(f"{path}: no weights for {', '.join(missing)}; the file does not match rlhfkit_rm.json")
+        for name, tensor in self.heads.state_dict().items():
+            if state[name].shape != tensor.shape:  # an aspect's kind edited in rlhfkit_rm.json
+                aspect = name.partition(".")[0]
+                raise RlhfkitError(
+                    f"{path}: {name} has shape {tuple(state[name].shape)}, but aspect {aspect!r} is a "
+                    f"{self.kinds[aspect]} head of shape {tuple(tensor.shape)}; the file does not match rlhfkit_rm.json"
+                )
         self.heads.load_state_dict({k: v for k, v in state.items() if k in self.heads.state_dict()})
 
 
@@ -273,17 +278,6 @@ SHARED_KEYS = ("max_length", "max_prompt_length", "truncation_side", "backbone",
 def aspect_spec(spec: dict, aspect: str) -> dict:
     """What a single-aspect rlhfkit_rm.json would hold for one aspect of a shared model."""
     return {**{k: spec.get(k) for k in SHARED_KEYS}, **spec["aspects"][aspect], "aspect": aspect, "shared_backbone": True}
-
-
-def check_shared_spec(spec: dict, spec_path: Path) -> None:
-    aspects = spec.get("aspects")
-    if not isinstance(aspects, dict) or not aspects:
-        raise RlhfkitError(f"{spec_path}: a {SHARED_KIND} reward model lists its aspects under 'aspects'; re-save it with `rlhfkit train-rm`")
-    for aspect, entry in aspects.items():
-        kind = entry.get("kind") if isinstance(entry, dict) else None
-        if kind not in ("segment", *SEQUENCE_KINDS):
-            raise RlhfkitError(f"{spec_path}: aspect {aspect!r} has kind {kind!r}; valid: segment, {', '.join(SEQUENCE_KINDS)}")
-        check_segment_pooling(entry, spec_path, aspect)
 
 
 def load_aspect_reward_models(path: str | os.PathLike, spec: dict, *, device: torch.device, dtype: str = "auto") -> dict[str, RewardModel]:

@@ -9,7 +9,11 @@ records keep the input order, and neither the JSONL files nor the report hold ti
 from __future__ import annotations
 
 import collections
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from rlhfkit.config import REQUIRED, opt
@@ -35,6 +39,7 @@ from rlhfkit.importers import (
     source_names,
     ultrafeedback,
 )
+from rlhfkit.io import write_json
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar
 from rlhfkit.schema import (
     Preference,
@@ -92,7 +97,8 @@ class ImportConfig:
         "train", "Split of a Hugging Face dataset (hf:NAME[:CONFIG] or a save_to_disk DatasetDict)."
     )
     pairs: Optional[str] = opt(
-        None, "Which preference pairs of several rated responses (ultrafeedback): all (default) or best-vs-worst."
+        None, "Which preference pairs of several rated responses (ultrafeedback): all (default; at most 16 completions "
+        "per row) or best-vs-worst."
     )
     skip_invalid: bool = opt(
         False, "Skip invalid records (listed in import_report.json) instead of stopping."
@@ -174,13 +180,24 @@ def run_import(cfg: ImportConfig) -> dict:
     by_type = collections.defaultdict(list)
     for record in records:
         by_type[record.type_name].append(record)
-    for type_name, file_name in OUTPUT_FILES.items():
-        path = run.path / file_name
-        if type_name in by_type:
-            write_records(path, by_type[type_name])
-        elif path.exists():
-            path.unlink()  # left by an earlier import into the same directory
-    run.write_json(REPORT, report)
+    # Every file is written into a staging directory first and moved in (with run_config.json
+    # written just before) only when all are whole: a write that fails (a full disk) never
+    # leaves --out holding some of the files, which would block the re-run.
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=run.path))
+    try:
+        for type_name, records_of_type in by_type.items():
+            write_records(staging / OUTPUT_FILES[type_name], records_of_type)
+        write_json(staging / REPORT, report)
+        run.begin()
+        for type_name, file_name in OUTPUT_FILES.items():
+            path = run.path / file_name
+            if type_name in by_type:
+                os.replace(staging / file_name, path)
+            elif path.exists():
+                path.unlink()  # left by an earlier import into the same directory
+        os.replace(staging / REPORT, run.path / REPORT)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     console.print(
         f"imported {', '.join(f'{n} {t}' for t, n in report['counts'].items())} into {cfg.out} "
         f"({len(skipped)} skipped, {len(invalid)} invalid; see {REPORT})"

@@ -83,7 +83,6 @@ from rlhfkit.models import (
     disable_dropout,
     load_policy,
     resolve_device,
-    safe_torch_load,
     save_model,
 )
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
@@ -109,11 +108,10 @@ from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, record_to_dict
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
-    STATE_FILE,
-    latest_checkpoint,
     load_deepspeed_states,
     load_model_weights,
     make_optimizer,
+    resumable_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -625,9 +623,13 @@ def ppo_identity(cfg: PPOConfig, weights: dict[str, float], rm_specs: dict[str, 
     return identity
 
 
-def check_resume_identity(checkpoint: Path, identity: dict) -> None:
+# What a PPO checkpoint's training_state.pt holds (save_ppo_checkpoint).
+PPO_STATE_KEYS = ("identity", "step", "kl_coef", "optimizers", "schedulers", "value_head", "value_backbone", "rng")
+
+
+def check_resume_identity(checkpoint: Path, state: dict, identity: dict) -> None:
     """Refuse to continue a checkpoint another run (other prompts, rewards, batches) wrote."""
-    saved = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu", mmap=True).get("identity")
+    saved = state["identity"]
     if saved is None:
         raise RlhfkitError(f"{checkpoint} records no run identity (written by an older rlhfkit); it cannot be resumed safely; use another --out")
     changed = [f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in identity.items() if saved.get(k) != v]
@@ -655,8 +657,9 @@ def save_ppo_checkpoint(out: Path, bundle: PolicyBundle, optimizers, schedulers,
     return save_checkpoint(out, step, bundle.policy, state, engines=bundle.engines, keep=keep)
 
 
-def restore_ppo_checkpoint(path: Path, bundle: PolicyBundle, optimizers, schedulers, kl_ctl) -> int:
-    state = safe_torch_load(path / STATE_FILE)
+def restore_ppo_checkpoint(path: Path, state: dict, bundle: PolicyBundle, optimizers, schedulers, kl_ctl) -> int:
+    """Put back the policy, value model, optimizers, schedules, KL coefficient and RNG of the
+    checkpoint at `path`, whose training state (resumable_checkpoint) is `state`; its step."""
     if bundle.engines:
         load_deepspeed_states(path, bundle.engines)
     else:
@@ -697,11 +700,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
         prompt_texts(cfg.eval_prompts, option="--eval-prompts")
     out = Path(cfg.out)
     identity = ppo_identity(cfg, weights, rm_paths)
-    resume_from = latest_checkpoint(out) if cfg.resume and out.is_dir() else None
-    if cfg.resume and resume_from is None:
+    found = resumable_checkpoint(out, PPO_STATE_KEYS, "ppo") if cfg.resume and out.is_dir() else None
+    if cfg.resume and found is None:
         raise RlhfkitError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    resume_from, resume_state = found if found is not None else (None, None)
     if resume_from is not None:
-        check_resume_identity(resume_from, identity)
+        check_resume_identity(resume_from, resume_state, identity)
     run = RunDir(out, "ppo", cfg, resume=resume_from is not None)
 
     set_seed(cfg.seed)
@@ -718,7 +722,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
     start_step = 0
     if resume_from is not None:
-        start_step = restore_ppo_checkpoint(resume_from, bundle, optimizers, schedulers, kl_ctl)
+        start_step = restore_ppo_checkpoint(resume_from, resume_state, bundle, optimizers, schedulers, kl_ctl)
         run.truncate_metrics(start_step)
         console.print(f"resuming from {resume_from} (step {start_step})")
     for name, source in sources.items():

@@ -25,7 +25,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
 from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.rewards.sources import GRANULARITIES, RewardModelSource
-from rlhfkit.runs import package_versions, progress_bar, set_seed
+from rlhfkit.runs import check_out_file, package_versions, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, write_records
 
 
@@ -34,7 +34,7 @@ class RedistributeConfig:
     rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory.")
     input: str = opt(REQUIRED, "JSONL of records with prompt and response (e.g. `generation` records).")
     out: str = opt(REQUIRED, "Output JSONL of generation records with per-token rewards.")
-    html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards here.")
+    html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards to this .html file.")
     granularity: str = opt("token", "Read the prefix score at every token, or only at sentence ends: token | sentence.")
     batch_size: int = opt(8, "Scoring batch size.")
     limit: int = opt(0, "Only the first N records (0 = all).")
@@ -45,13 +45,11 @@ class RedistributeConfig:
     def validate(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise RlhfkitError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
-        if not self.out.endswith(".jsonl"):
-            raise RlhfkitError(f"--out must be a .jsonl file, got '{self.out}'")
         check_numbers(self, at_least_one=("batch_size",), non_negative=("limit",))
-        if Path(self.out).is_dir():
-            raise RlhfkitError(f"--out {self.out}: is a directory; give the .jsonl file to write")
-        if Path(self.input).exists() and Path(self.out).resolve() == Path(self.input).resolve():
-            raise RlhfkitError(f"--out {self.out} is the --input file; choose another --out")
+        outputs = ("out", "html")
+        check_out_file(self.out, self, "--out", ".jsonl", outputs)
+        if self.html is not None:
+            check_out_file(self.html, self, "--html", ".html", outputs)
 
 
 def run_redistribute(cfg: RedistributeConfig) -> dict:

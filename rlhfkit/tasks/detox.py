@@ -33,7 +33,7 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
 from rlhfkit.paper_tables import load_paper_table
-from rlhfkit.recipes import recipe_function
+from rlhfkit.recipes import recipe_function, recipe_python_function
 from rlhfkit.segment import split_sentences
 
 
@@ -64,7 +64,7 @@ def text_scorer(spec: str, batch_size: int = 16) -> Callable[[list[str], list[st
     raise RlhfkitError(f"scorer {spec!r}: expected py:module:function or hf:MODEL@LABEL")
 
 
-@recipe_function
+@recipe_function(reads=["generations", "paper"], writes=["out"])
 def toxicity_table(generations: str, scorer: str, out: str, title: str, paper: str | None = None,
                    threshold: float = 0.5) -> dict:
     """The detoxification table (RealToxicityPrompts protocol): per system, the mean over
@@ -117,6 +117,7 @@ def _classifier():
     return text_scorer(f"hf:{classifier}@{label}")
 
 
+@recipe_python_function
 def classifier_holistic_reward(prompts, responses):
     return [-p for p in _classifier()(list(prompts), list(responses))]
 
@@ -132,14 +133,17 @@ def p_toxic(text: str) -> float:
     return 1.0 - 0.3**hits
 
 
+@recipe_python_function
 def word_list_toxicity(prompts, responses):
     return [p_toxic(r) for r in responses]
 
 
+@recipe_python_function
 def word_list_holistic_reward(prompts, responses):
     return [-p_toxic(r) for r in responses]
 
 
+@recipe_python_function
 def word_list_sentence_reward(prompts, responses):
     out = []
     for response in responses:

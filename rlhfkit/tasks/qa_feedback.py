@@ -90,7 +90,7 @@ def shorten_qa_prompt(prompt: str, passages: int = 1, max_words: int | None = No
     return QA_PAGE_SEPARATOR.join(pages)
 
 
-@recipe_function
+@recipe_function(reads=["inputs"], makes=["out"])
 def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | None = None) -> dict:
     """Copy every JSONL record file of the directory `inputs` to `out` with QA prompts cut to
     the question and the first `passages` passages (each at most `max_words` words).
@@ -125,7 +125,7 @@ def shorten_prompts(inputs: str, out: str, passages: int = 1, max_words: int | N
     return report
 
 
-@recipe_function
+@recipe_function(reads=["inputs"], makes=["out"])
 def qa_answer_records(inputs: list[str], out: str, limit: int | None = None) -> dict:
     """QA-Feedback data files without feedback (train_1k.json, dev.json, test.json) as
     `demonstrations.jsonl` (one per gold answer: the SFT data) and `prompts.jsonl` (with the
@@ -186,7 +186,7 @@ def _interval_text(interval: list[float] | None, signed: bool = False) -> str:
     return f"[{lo:+.3f}, {hi:+.3f}]" if signed else f"[{lo:.3f}, {hi:.3f}]"
 
 
-@recipe_function
+@recipe_function(reads=["evaluations"], writes=["out"])
 def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
     """The table of reward models scored on held-out data: `evaluations` are `train-rm
     --eval-only` output directories. Per aspect: the held-out metric beside its trivial

@@ -43,7 +43,7 @@ from pathlib import Path
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import save_png, shipped_path, write_json, write_text
-from rlhfkit.recipes import recipe_function
+from rlhfkit.recipes import recipe_function, recipe_python_function
 from rlhfkit.schema import (
     Critique,
     Demonstration,
@@ -354,6 +354,7 @@ def critiques_of(kb: KnowledgeBase, feedback: Sequence[SpanFeedback]) -> list[Cr
     return out
 
 
+@recipe_python_function
 def audit_judge(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) -> list[dict]:
     """The annotator as the judge of `rlhfkit evaluate --audit-rm` (rlhfkit.audit): its error
     spans, and the true score of each sequence RM's aspect (preference: the holistic score;
@@ -366,7 +367,7 @@ def audit_judge(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) 
     return out
 
 
-@recipe_function
+@recipe_function(reads=["kb"], makes=["out"])
 def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demonstrations_per_prompt: int = 12,
               feedback_per_prompt: int = 16, responses_per_comparison: int = 4, false: float = 0.25,
               off_topic: float = 0.2, repeat: float = 0.1, feedback_repeat: float | None = None, seed: int = 0) -> dict:
@@ -419,6 +420,7 @@ def make_task(out: str, kb: str = DEFAULT_KB, entities: int | None = None, demon
 # --- the annotator as a reward (oracle control) ------------------------------------------------
 
 
+@recipe_python_function
 def fine_grained_reward(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) -> list[list[tuple[int, float]]]:
     """Dense truth: at each sentence end, +1/A for a newly covered fact, -1/A per error
     (A = attributes); the rewards of a response sum to its holistic score."""
@@ -432,6 +434,7 @@ def fine_grained_reward(prompts: list[str], responses: list[str], kb: str = DEFA
     return out
 
 
+@recipe_python_function
 def holistic_reward(prompts: list[str], responses: list[str], kb: str = DEFAULT_KB) -> list[float]:
     """The same total as `fine_grained_reward`, given once at the end of the response."""
     base = load_knowledge_base(kb)
@@ -478,7 +481,8 @@ def _system(by_system: dict[str, list[Judgement]], name: str, source: str) -> Tr
     return TrueMetrics.of(by_system[name])
 
 
-@recipe_function
+@recipe_function(reads=["evaluations", "run_pattern", "kb", "evaluate_metrics", "audit", "critique_revise"],
+                 writes=["out", "curves"])
 def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str, conditions: list[str],
            seeds: list[int], baseline: str = "SFT", kb: str = DEFAULT_KB, evaluate_metrics: str | None = None,
            title: str = "", notes: str = "", goals: list[dict] | None = None, audit: str | None = None,
