@@ -16,8 +16,11 @@ Aggregation over tokens (`aggregation`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 AGGREGATIONS = ("token_mean", "seq_mean")
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32) where no gradient is needed
@@ -158,3 +161,55 @@ def _by_rows(per_token, logits: Tensor, *args) -> Tensor:
         chunk_args = [a[i : i + rows] if isinstance(a, Tensor) else a for a in args]
         chunks.append(per_token(logits[i : i + rows], *chunk_args))
     return torch.cat(chunks)
+
+
+class ResponseLogits:
+    """The logits of a batch's response positions, made from their last hidden states by the LM
+    head a chunk of positions at a time, so a [batch, length, vocabulary] tensor never exists.
+
+    With a 49k vocabulary, B x T x V float32 logits (and log_softmax's copy of them, and the
+    copy autograd keeps for the backward) are most of a small model's memory in PPO. Here
+    each chunk of ~CHUNK_ELEMENTS logits is made, reduced to what PPO needs (the sampled
+    tokens' log-probs, the entropy) and freed; with a gradient, each chunk is checkpointed, so
+    the backward makes its logits again instead of keeping them (what fused linear + cross-
+    entropy kernels do). `head=None`: `hidden` are the logits themselves (a model whose head
+    is not a plain linear map, e.g. T5's scaled tied head), reduced a few rows at a time
+    when no gradient is needed.
+    """
+
+    def __init__(self, hidden: Tensor, head: Callable[[Tensor], Tensor] | None = None):
+        self.hidden, self.head = hidden, head
+
+    def logprobs(self, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+        """log softmax(logits / temperature) at `tokens` (B, T); see logprobs_from_logits."""
+        if self.head is None:
+            return logprobs_from_logits(self.hidden, tokens, temperature)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {temperature})")
+        return self._by_positions(lambda logits, t: _token_logprobs(logits, t, temperature), tokens)
+
+    def entropy(self, mask: Tensor, temperature: float = 1.0) -> Tensor:
+        """Mean over valid tokens of the entropy of softmax(logits / temperature); see entropy_from_logits."""
+        if self.head is None:
+            return entropy_from_logits(self.hidden / temperature, mask)
+        entropy = self._by_positions(lambda logits: _token_entropy(logits / temperature))
+        valid = mask.bool()
+        return torch.where(valid, entropy, 0.0).sum() / valid.sum().clamp(min=1)
+
+    def _by_positions(self, per_token, *args: Tensor) -> Tensor:
+        batch, length, width = self.hidden.shape
+        flat = self.hidden.reshape(batch * length, width)
+        flat_args = [a.reshape(batch * length) for a in args]
+        vocab = getattr(self.head, "out_features", None) or self.head(flat[:1]).shape[-1]
+        positions = max(1, CHUNK_ELEMENTS // vocab)
+        head = self.head
+
+        def chunk(hidden: Tensor, *chunk_args: Tensor) -> Tensor:
+            return per_token(head(hidden), *chunk_args)
+
+        grad = torch.is_grad_enabled() and flat.requires_grad
+        pieces = []
+        for i in range(0, flat.shape[0], positions):
+            part = [flat[i : i + positions], *(a[i : i + positions] for a in flat_args)]
+            pieces.append(checkpoint(chunk, *part, use_reentrant=False) if grad else chunk(*part))
+        return torch.cat(pieces).reshape(batch, length)

@@ -104,7 +104,7 @@ from rlhfkit.rl.advantages import (
     masked_mean,
     masked_whiten,
 )
-from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhfkit.rl.losses import policy_loss, value_loss
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, record_to_dict
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
@@ -373,16 +373,16 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     # reference, by default).
     with torch.no_grad():
         logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
-        old_logprobs = logprobs_from_logits(logits, rollout.response_ids, cfg.temperature)
-        old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, rollout.response_ids, kl_temp)
+        old_logprobs = logits.logprobs(rollout.response_ids, cfg.temperature)
+        old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logits.logprobs(rollout.response_ids, kl_temp)
         # Without an entropy bonus the entropy is only logged: read it once, here, from the
         # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
         rollout_entropy = None
         if cfg.entropy_coef == 0:
-            rollout_entropy = token_means({"entropy": entropy_from_logits(logits / kl_temp, mask)}, mask.sum())["entropy"]
+            rollout_entropy = token_means({"entropy": logits.entropy(mask, kl_temp)}, mask.sum())["entropy"]
         del logits
         ref_logits, _ = policy_logits(bundle, rollout, reference=True)
-        ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids, kl_temp)
+        ref_logprobs = ref_logits.logprobs(rollout.response_ids, kl_temp)
         del ref_logits
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
     task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
@@ -427,15 +427,15 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
                 mb = select(rollout, idx.to(rollout.response_ids.device))
                 mb_mask = mask[idx]
                 logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
-                logprobs = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+                logprobs = logits.logprobs(mb.response_ids, cfg.temperature)
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 logged = {"policy_loss": pg_loss, "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"]}
                 objective = pg_loss
                 if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
-                    logged["entropy"] = entropy_from_logits(logits / kl_temp, mb_mask)
+                    logged["entropy"] = logits.entropy(mb_mask, kl_temp)
                     objective = objective - cfg.entropy_coef * logged["entropy"]
                 if cfg.advantage != "gae":
-                    kl_logprobs = logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, mb.response_ids, kl_temp)
+                    kl_logprobs = logprobs if kl_temp == cfg.temperature else logits.logprobs(mb.response_ids, kl_temp)
                     objective = objective + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
                 del logits
                 losses = [(policy, objective)]
@@ -490,7 +490,8 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
 
 
 def policy_logits(bundle: PolicyBundle, rollout: Rollout, *, reference: bool = False, want_hidden: bool = False):
-    """Logits predicting the rollout's tokens (and hidden states) under the policy or the reference."""
+    """Logits predicting the rollout's tokens (ResponseLogits: made a chunk at a time) and
+    hidden states, under the policy or the reference."""
     if reference and bundle.ref is None:
         with bundle.policy.disable_adapter():
             return forward_response(bundle.policy, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
