@@ -70,6 +70,11 @@ MODEL_SIZES = {
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4},
     "small": {"n_layer": 12, "n_embd": 768, "n_head": 12},
 }
+# --model-size smollm2: the real pretrained SmolLM2-135M-Instruct (`--model smollm2`, 49,152
+# tokens) with LoRA adapters on both sides (peft's defaults for Llama, q_proj and v_proj; TRL's
+# reference is then the policy with its adapters disabled, as rlhfkit's is).
+PRETRAINED_SIZES = {"smollm2": "smollm2"}
+LORA_R, LORA_ALPHA = 16, 32
 ITERATION_CONFIGS = ("trl-grpo", "rlhfkit-grpo", "rlhfkit-gae")
 # Where a profiled rlhfkit iteration's time goes: phase -> the attribute of rlhfkit.stages.ppo
 # whose calls it times ("Class.method" for a method; "f(flag)" for the calls of f with flag=True).
@@ -128,6 +133,7 @@ class BenchSpec:
     seed: int = 0
     profile_dir: str | None = None
     same_malloc: bool = False  # TRL's worker gets rlhfkit's malloc setting too
+    lora_r: int = 0  # LoRA adapters of this rank on both sides (0: full fine-tuning)
 
     @property
     def rollouts(self) -> int:
@@ -272,6 +278,8 @@ def rlhfkit_config(spec: BenchSpec, advantage: str, weights: dict[str, float], r
         dtype=spec.dtype,
         device=spec.device,
         seed=spec.seed,
+        lora_r=spec.lora_r,
+        lora_alpha=LORA_ALPHA,
     )
 
 
@@ -427,7 +435,13 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
         seed=spec.seed,
     )
     clock = IterationClock()
+    peft_config = None
+    if spec.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec.lora_r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
+        peft_config=peft_config,
         model=spec.model_dir,
         reward_funcs=letter_e_share,
         args=args,
@@ -614,7 +628,11 @@ def run_worker(name: str, spec: BenchSpec, root: Path) -> dict:
 
 def build_model(root: Path, size: str) -> Path:
     from rlhfkit.config import build_config
+    from rlhfkit.models import resolve_model_path
     from rlhfkit.stages.init_model import InitModelConfig, run_init_model
+
+    if size in PRETRAINED_SIZES:
+        return Path(resolve_model_path(PRETRAINED_SIZES[size]))
 
     return run_init_model(build_config(InitModelConfig, out=str(root / f"policy-{size}"), arch="gpt2", **MODEL_SIZES[size]))
 
@@ -664,7 +682,8 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
     table = Table(
         title=(
             f"one PPO iteration = generate + score + {spec.updates_per_iteration} optimizer steps: {spec.prompts} prompts x "
-            f"{spec.samples_per_prompt} samples x {spec.new_tokens} new tokens; {size} GPT-2, {spec.device} {spec.dtype}, "
+            f"{spec.samples_per_prompt} samples x {spec.new_tokens} new tokens; "
+            f"{'SmolLM2-135M-Instruct, LoRA r=' + str(spec.lora_r) if spec.lora_r else size + ' GPT-2'}, {spec.device} {spec.dtype}, "
             f"{threads} torch thread(s); median of {spec.repeats} timed iterations after 1 warm-up"
         ),
         title_justify="left",
@@ -688,6 +707,8 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
     )
     ratio = rate["rlhfkit-grpo"] / rate["trl-grpo"]
     out.print(f"goal: rlhfkit (grpo) >= 1.5x TRL tokens/s: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")
+    memory = results["rlhfkit-grpo"]["peak_memory"] / results["trl-grpo"]["peak_memory"]
+    out.print(f"goal: rlhfkit (grpo) peak memory <= TRL's: {memory:.2f}x -> {'met' if memory <= 1 else 'NOT met'}")
     print_phases(out, {name: r["phases"][basis] for name, r in results.items() if "phases" in r}, basis)
     if rm:
         table = Table(
@@ -730,8 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPUs that support it), float32, bfloat16")
-    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny",
-                        help="tiny: 4 layers x 128 wide (CPU); small: 12 layers x 768 wide (GPU)")
+    parser.add_argument("--model-size", choices=sorted([*MODEL_SIZES, *PRETRAINED_SIZES]), default="tiny",
+                        help="tiny: 4 layers x 128 wide (CPU); small: 12 layers x 768 wide (GPU); smollm2: the pretrained "
+                             f"SmolLM2-135M-Instruct with LoRA r={LORA_R} on both sides, rlhfkit grpo against TRL only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: stable numbers on a shared machine)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
@@ -759,18 +781,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-ppo-") as tmp:
         root = Path(tmp)
         policy = build_model(root, args.model_size)
+        pretrained = args.model_size in PRETRAINED_SIZES
         spec = BenchSpec(
             model_dir=str(policy),
-            rm_backbone=str(policy if args.model_size == "tiny" else build_model(root, "tiny")),
+            rm_backbone=str(policy if args.model_size == "tiny" or pretrained else build_model(root, "tiny")),
             workdir=str(root), device=str(device), dtype=dtype, threads=args.threads, prompts=args.prompts,
             samples_per_prompt=args.samples_per_prompt, new_tokens=args.new_tokens, minibatch=args.minibatch,
             epochs=args.epochs, repeats=args.repeats,
             profile_dir=str(Path(args.profile_dir).resolve()) if args.profile_dir else None, same_malloc=args.same_malloc,
+            lora_r=LORA_R if pretrained else 0,
         )
         if spec.profile_dir:
             Path(spec.profile_dir).mkdir(parents=True, exist_ok=True)
-        results = {name: run_worker(name, spec, root) for name in ITERATION_CONFIGS}
-        rm = None if args.skip_rm_costs else run_worker("rm-costs", spec, root)
+        # The pretrained model: the like-for-like comparison only (its RM costs are the tiny section's).
+        configs = ITERATION_CONFIGS[:2] if pretrained else ITERATION_CONFIGS
+        results = {name: run_worker(name, spec, root) for name in configs}
+        rm = None if args.skip_rm_costs or pretrained else run_worker("rm-costs", spec, root)
     print_report(spec, args.model_size, results, rm)
     print(f"bench time {time.perf_counter() - started:.0f}s")
     return 0

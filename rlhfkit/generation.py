@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -69,13 +70,20 @@ class Rollout:
 
 
 def encode_prompts(
-    tokenizer, prompts: list[str], max_prompt_length: int, device: torch.device, truncation_side: str = "right"
+    tokenizer, prompts: list[str], max_prompt_length: int, device: torch.device, truncation_side: str = "right",
+    templated: Collection[str] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Left-padded prompt ids, each prompt cut to `max_prompt_length` tokens on `truncation_side`
-    (rlhfkit.truncation: special tokens are kept), and how many prompts were cut."""
+    (rlhfkit.truncation: special tokens are kept), and how many prompts were cut.
+
+    Prompts in `templated` were rendered by a chat template, which writes every special token
+    it wants (Llama-3's writes its BOS): they get none from the tokenizer, as sft encodes them,
+    so a template's BOS is never doubled, and are cut on the left, as sft cuts conversations: the
+    last turn and the generation prompt stay. Plain prompts get the tokenizer's special tokens."""
     rows, n_cut = [], 0
     for prompt in prompts:
-        ids, cut = encode_prompt(tokenizer, prompt, max_prompt_length, truncation_side)
+        chat = prompt in templated
+        ids, cut = encode_prompt(tokenizer, prompt, max_prompt_length, "left" if chat else truncation_side, not chat)
         rows.append(ids)
         n_cut += cut > 0
     width = max(len(ids) for ids in rows)
@@ -205,10 +213,12 @@ def generate(
     is_encoder_decoder: bool = False,
     generator_seed: Optional[int] = None,
     truncation_side: str = "right",
+    templated: Collection[str] = (),
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts in `prompts` for several samples)."""
+    """Sample one response per prompt (repeat prompts in `prompts` for several samples);
+    `templated`: the prompts a chat template rendered (see encode_prompts)."""
     device = next(model.parameters()).device
-    query_ids, query_mask, prompts_cut = encode_prompts(tokenizer, prompts, max_prompt_length, device, truncation_side)
+    query_ids, query_mask, prompts_cut = encode_prompts(tokenizer, prompts, max_prompt_length, device, truncation_side, templated)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = model.training

@@ -30,7 +30,7 @@ import hashlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
+from rlhfkit.chat import (
+    APPLY_CHAT_TEMPLATE_HELP,
+    load_chat_template,
+    override_chat_template,
+    render_prompt,
+)
 from rlhfkit.config import REQUIRED, check_numbers, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -185,6 +190,7 @@ class PPOConfig:
     truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
     normalize_rewards: str = opt("none", "Before weighting: none, or per-source (each source's rewards standardised over the batch; for sources on different scales).")
     chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).")
+    apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP, panel="Data")
     max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
     max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
     truncation_side: str = opt("right", TRUNCATION_HELP)
@@ -308,6 +314,13 @@ class PolicyBundle:
     value_model_shared: bool = False
     policy_engine: object = None  # DeepSpeed engines (--deepspeed), training the models above
     value_engine: object = None
+    # Each prompt as the policy's template rendered it -> (the record's prompt, its meta), so a
+    # reward model renders it with its own template (RewardModel.render_prompt), as in train-rm.
+    prompt_sources: dict = field(default_factory=dict)
+
+    @property
+    def templated_prompts(self) -> set[str]:
+        return {text for text, (prompt, _) in self.prompt_sources.items() if text != prompt}
 
     @property
     def engines(self) -> list:
@@ -363,6 +376,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     rollout = backend.generate(
         bundle.policy, bundle.tokenizer, [p for p in prompts for _ in range(cfg.samples_per_prompt)], sampling,
         max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
+        templated=bundle.templated_prompts,
     )
     generation_seconds = time.perf_counter() - started
     mask = rollout.response_mask.float()
@@ -385,7 +399,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         ref_logprobs = ref_logits.logprobs(rollout.response_ids, kl_temp)
         del ref_logits
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
-    task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
+    task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
     task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
     score_per_sequence = (task_rewards * mask).sum(dim=1)
     kl = (old_kl_logprobs - ref_logprobs) * mask
@@ -528,14 +542,23 @@ def select(rollout: Rollout, index: torch.Tensor) -> Rollout:
     )
 
 
-def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, prompt_sources: Optional[dict] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted per-token task rewards (B, T), where any reward is given (B, T), and each
-    source's weighted per-sequence sum for logging."""
+    source's weighted per-sequence sum for logging.
+
+    An rlhfkit reward model reads each prompt rendered by its own tokenizer's template
+    (`prompt_sources`: rendered text -> the record's prompt and meta), as train-rm trained it,
+    not by the policy's; other sources read the policy's text."""
     length = rollout.response_ids.shape[1]
     components, given = {}, torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     given_by_source = {}
     for name, source in sources.items():
-        values, source_given = source.token_rewards(rollout.prompts, rollout.texts, rollout.token_char_spans).padded(length)
+        prompts = rollout.prompts
+        rm = getattr(source, "rm", None)
+        if rm is not None and prompt_sources:
+            prompts = [rm.render_prompt(*prompt_sources[p]) if p in prompt_sources else p for p in prompts]
+        values, source_given = source.token_rewards(prompts, rollout.texts, rollout.token_char_spans).padded(length)
         components[name] = values
         given_by_source[name] = source_given
         given |= source_given
@@ -588,14 +611,20 @@ def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
 
 
-def prompt_texts(path: str, tokenizer=None, option: str = "--prompts") -> list[str]:
-    """The prompts of `path`; with a tokenizer, conversational ones rendered by its chat template."""
+def prompt_texts(path: str, tokenizer=None, option: str = "--prompts", plain_as_user_turn: bool = False,
+                 sources: Optional[dict] = None) -> list[str]:
+    """The prompts of `path`; with a tokenizer, conversational ones (and with
+    `plain_as_user_turn` plain ones) rendered by its chat template. `sources` collects what
+    each text was rendered from."""
     records = load_records(path, option=option)
     texts = []
     for record in records:
         if not hasattr(record, "prompt"):
             raise RlhfkitError(f"{option} {path}: '{record.type_name}' records carry no prompt")
-        texts.append(record.prompt if tokenizer is None else render_prompt(tokenizer, record.prompt, record.meta))
+        text = record.prompt if tokenizer is None else render_prompt(tokenizer, record.prompt, record.meta, plain_as_user_turn)
+        texts.append(text)
+        if sources is not None:
+            sources[text] = (record.prompt, record.meta)
     return texts
 
 
@@ -710,8 +739,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     sources = build_reward_sources(weights, rm_paths, redistribute, device=device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size)
     bundle = load_models(cfg, device)
     override_chat_template(bundle.tokenizer, load_chat_template(cfg.chat_template))
-    prompts = prompt_texts(cfg.prompts, bundle.tokenizer, option="--prompts")
-    eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer, option="--eval-prompts") if cfg.eval_prompts else []
+    prompts = prompt_texts(cfg.prompts, bundle.tokenizer, "--prompts", cfg.apply_chat_template, bundle.prompt_sources)
+    eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer, "--eval-prompts", cfg.apply_chat_template,
+                                bundle.prompt_sources) if cfg.eval_prompts else []
     optimizers, schedulers = make_optimizers(cfg, bundle)
     if cfg.deepspeed is not None:
         start_engines(cfg, bundle, optimizers)
@@ -834,8 +864,8 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
     for i in range(0, len(prompts), cfg.prompts_per_step):
         rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
                            max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
-                           truncation_side=cfg.truncation_side)
-        rewards, _, per_source = score_rollout(sources, weights, rollout, cfg)
+                           truncation_side=cfg.truncation_side, templated=bundle.templated_prompts)
+        rewards, _, per_source = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
         totals.setdefault("eval/reward_total", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
         for name, values in per_source.items():
             totals.setdefault(f"eval/reward_{name}", []).extend(values.tolist())
