@@ -351,7 +351,9 @@ def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
         lengths.append(response_lengths)
     stop_profile(profiler, spec, f"rlhfkit-{advantage}")
     memory = peak_memory(device, baseline)  # before the profiled iterations
+    utilisation = phase_flops(spec, ppo, prompts) if spec.lora_r else None
     return {
+        "phase_flops": utilisation,
         "wall": [c.wall for c in clocks],
         "cpu": [c.cpu for c in clocks],
         "tokens": [int(n.sum()) for n in lengths],
@@ -359,6 +361,40 @@ def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
         "peak_memory": memory,
         "threads": torch.get_num_threads(),
         "phases": profile_phases(ppo, prompts),  # after the timed iterations, which run unwrapped
+    }
+
+
+def phase_flops(spec: BenchSpec, ppo: RlhfkitPPO, prompts: list[str]) -> dict:
+    """Matmul FLOPs of each phase of one iteration, counted from the shapes, and this worker's
+    matmul peak (bench_train.matmul_peak: a square torch.mm on the same threads).
+
+    Linear layers: 2 FLOPs per weight per token. Generation runs every prompt and new token
+    through the decoder layers once (KV cache) and the LM head once per new token; a log-prob
+    pass runs prompt + response through the layers and the head over the response only. The
+    update: per epoch a forward pass and a backward pass; with LoRA the frozen weights get no
+    weight gradient, so the backward is ~1 forward, plus the head's checkpointed recompute.
+    Attention scores (QK^T, AV) are left out: ~3% at these lengths (96 positions x 576 wide vs
+    ~3.5M weights a layer).
+    """
+    from bench.bench_train import Device, matmul_peak
+
+    base = ppo.bundle.policy.get_base_model()
+    head = base.get_output_embeddings().weight
+    layers = sum(p.numel() for name, p in base.named_parameters() if p.dim() == 2 and "embed" not in name and p is not head
+                 and "lora_" not in name)
+    rows = spec.rollouts
+    prompt_tokens = sum(len(ppo.bundle.tokenizer(p)["input_ids"]) for p in prompts) * spec.samples_per_prompt
+    response_tokens = rows * spec.new_tokens
+    head_flops = 2 * head.numel() * response_tokens
+    forward = 2 * layers * (prompt_tokens + response_tokens) + head_flops
+    return {
+        "flops": {
+            "generation": 2 * layers * (prompt_tokens + response_tokens) + head_flops,
+            "reference log-probs": forward,
+            "rollout log-probs": forward,
+            "update": spec.epochs * (2 * forward + head_flops),
+        },
+        "matmul_peak": matmul_peak(Device(spec.device, spec.dtype)),
     }
 
 
@@ -645,7 +681,7 @@ def each(values: list[float], digits: int = 2) -> str:
     return f"{median(values):.{digits}f} (" + " ".join(f"{v:.{digits}f}" for v in values) + ")"
 
 
-def print_phases(out, profiles: dict[str, dict], basis: str) -> None:
+def print_phases(out, profiles: dict[str, dict], basis: str, utilisation: dict | None = None) -> None:
     """Seconds per iteration and share of the iteration of each PHASES entry, and of the update."""
     from rich.table import Table
 
@@ -658,14 +694,24 @@ def print_phases(out, profiles: dict[str, dict], basis: str) -> None:
     for name in profiles:
         table.add_column(f"{name} s", justify="right")
         table.add_column("%", justify="right")
+    if utilisation:
+        table.add_column("GFLOP / iteration", justify="right")
+        table.add_column("% of matmul peak", justify="right")
     rows = {name: {**p["phases"], "update": p["iteration"] - sum(p["phases"].values()), "iteration": p["iteration"]} for name, p in profiles.items()}
     for phase in [*PHASES, "update", "iteration"]:
         cells = [f"{phase} ({PHASES[phase]})" if phase in PHASES else phase]
         for name, profile in profiles.items():
             seconds = rows[name][phase]
             cells += [f"{seconds / PROFILED_ITERATIONS:.3f}", f"{seconds / profile['iteration']:.0%}"]
+        if utilisation:
+            flops = utilisation["flops"].get(phase, sum(utilisation["flops"].values()) if phase == "iteration" else 0)
+            seconds = next(iter(rows.values()))[phase] / PROFILED_ITERATIONS
+            cells += [f"{flops / 1e9:.1f}", f"{flops / seconds / utilisation['matmul_peak']:.0%}" if flops and seconds else "-"]
         table.add_row(*cells)
     out.print(table)
+    if utilisation:
+        out.print(f"matmul peak of a worker: {utilisation['matmul_peak'] / 1e9:.1f} GFLOP/s (bench_train.matmul_peak); FLOPs counted "
+                  "from the shapes (phase_flops): the share of the peak each phase reaches")
 
 
 def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict | None) -> None:
@@ -709,7 +755,8 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
     out.print(f"goal: rlhfkit (grpo) >= 1.5x TRL tokens/s: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")
     memory = results["rlhfkit-grpo"]["peak_memory"] / results["trl-grpo"]["peak_memory"]
     out.print(f"goal: rlhfkit (grpo) peak memory <= TRL's: {memory:.2f}x -> {'met' if memory <= 1 else 'NOT met'}")
-    print_phases(out, {name: r["phases"][basis] for name, r in results.items() if "phases" in r}, basis)
+    print_phases(out, {name: r["phases"][basis] for name, r in results.items() if "phases" in r}, basis,
+                 results["rlhfkit-grpo"].get("phase_flops"))
     if rm:
         table = Table(
             title=f"reward-model cost: one batch of {spec.rollouts} rollouts, {rm['response_tokens']} response tokens; {basis} "

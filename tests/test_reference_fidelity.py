@@ -327,13 +327,13 @@ def test_kl_uses_untempered_logprobs_by_default(monkeypatch, tiny_model_dir, run
     from rlhfkit.rl.losses import ResponseLogits
 
     temperatures = []
-    real = ResponseLogits.logprobs
+    real = ResponseLogits.token_stats
 
-    def recording(self, tokens, temperature=1.0):
-        temperatures.append(temperature)
-        return real(self, tokens, temperature)
+    def recording(self, tokens, temperature_list, entropy_temperature=None):
+        temperatures.extend(dict.fromkeys(temperature_list))
+        return real(self, tokens, temperature_list, entropy_temperature)
 
-    monkeypatch.setattr(ResponseLogits, "logprobs", recording)
+    monkeypatch.setattr(ResponseLogits, "token_stats", recording)
     ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "a", "--temperature", "0.5", "--steps", "1", "--ppo-epochs", "1")
     # Rollout pass: the ratio's log-probs at 0.5, the KL's at 1 (the reference's raw
     # softmax); the reference at 1; then 2 minibatches at 0.5 (GAE: KL is not in the loss).

@@ -402,7 +402,8 @@ def test_logprobs_and_entropy_without_gradient_go_in_chunks_with_the_same_values
 
 
 def test_response_logits_never_make_more_than_one_chunk_and_match_the_whole_logits(monkeypatch):
-    """The LM head applied a chunk of positions at a time (no [B, T, V] tensor): the same
+    """The LM head applied a chunk of positions at a time (no [B, T, V] tensor), once for all
+    reductions: the same
     log-probs, entropy and gradients as from the whole logits, to float32 rounding (each
     value is one log_softmax / softmax over the same 11 numbers, summed in the same order
     within a row: 1e-6 absolute covers a few ulps of values of size ~3)."""
@@ -421,20 +422,23 @@ def test_response_logits_never_make_more_than_one_chunk_and_match_the_whole_logi
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * 11)  # 5 positions of 11 logits a chunk
     wanted = hidden.clone().requires_grad_(True)
-    chunked = losses.ResponseLogits(wanted, recording_head)
-    value = chunked.logprobs(tokens, 0.7).sum() + chunked.entropy(mask, 0.7)
+    by_temperature, entropy = losses.ResponseLogits(wanted, recording_head).token_stats(tokens, (0.7, 1.0), 0.7)
+    valid = mask.bool()
+    value = by_temperature[0.7].sum() + by_temperature[1.0].sum() + torch.where(valid, entropy, 0.0).sum() / valid.sum()
     value.backward()
-    # Two reductions (log-probs, entropy), each: one row to learn the vocabulary size (a plain
+    # One pass of the head for all three: one row to learn the vocabulary size (a plain
     # function has no out_features), 12 positions in chunks of 5, 5, 2, and the same chunks
     # again in the backward's recompute.
-    assert sorted(seen_rows) == [1] * 2 + [2] * 4 + [5] * 8, seen_rows
+    assert sorted(seen_rows) == [1, 2, 2, 5, 5, 5, 5], seen_rows
 
     reference = hidden.clone().requires_grad_(True)
     logits = head(reference)
-    expected = logprobs_from_logits(logits, tokens, 0.7).sum() + entropy_from_logits(logits / 0.7, mask)
-    expected.backward()
-    torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
+    expected_07, expected_10 = logprobs_from_logits(logits, tokens, 0.7), logprobs_from_logits(logits, tokens)
+    (expected_07.sum() + expected_10.sum() + entropy_from_logits(logits / 0.7, mask)).backward()
+    torch.testing.assert_close(by_temperature[0.7], expected_07, atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_temperature[1.0], expected_10, atol=1e-6, rtol=0)
+    # The gradient sums 3 terms per element, each a difference of softmax values below 1.
     torch.testing.assert_close(wanted.grad, reference.grad, atol=1e-6, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(losses.ResponseLogits(hidden, head).logprobs(tokens),
+        torch.testing.assert_close(losses.ResponseLogits(hidden, head).token_stats(tokens, (1.0,))[0][1.0],
                                    logits.detach().log_softmax(-1).gather(-1, tokens[..., None])[..., 0])

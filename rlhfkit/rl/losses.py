@@ -180,21 +180,31 @@ class ResponseLogits:
     def __init__(self, hidden: Tensor, head: Callable[[Tensor], Tensor] | None = None):
         self.hidden, self.head = hidden, head
 
-    def logprobs(self, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-        """log softmax(logits / temperature) at `tokens` (B, T); see logprobs_from_logits."""
+    def token_stats(
+        self, tokens: Tensor | None, temperatures, entropy_temperature: float | None = None
+    ) -> tuple[dict[float, Tensor], Tensor | None]:
+        """({temperature: log-probs at `tokens` (B, T)}, per-token entropy at
+        `entropy_temperature` (B, T) or None), all from one pass of the LM head: PPO's rollout
+        pass wants the sampling and the KL temperature's log-probs and the entropy."""
+        temperatures = list(dict.fromkeys(temperatures))
+        if any(t <= 0 for t in temperatures):
+            raise ValueError(f"temperature must be > 0 (got {temperatures})")
         if self.head is None:
-            return logprobs_from_logits(self.hidden, tokens, temperature)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {temperature})")
-        return self._by_positions(lambda logits, t: _token_logprobs(logits, t, temperature), tokens)
+            logprobs = {t: logprobs_from_logits(self.hidden, tokens, t) for t in temperatures}
+            entropy = None
+            if entropy_temperature is not None:
+                entropy = _by_rows(_token_entropy, self.hidden / entropy_temperature)
+            return logprobs, entropy
 
-    def entropy(self, mask: Tensor, temperature: float = 1.0) -> Tensor:
-        """Mean over valid tokens of the entropy of softmax(logits / temperature); see entropy_from_logits."""
-        if self.head is None:
-            return entropy_from_logits(self.hidden / temperature, mask)
-        entropy = self._by_positions(lambda logits: _token_entropy(logits / temperature))
-        valid = mask.bool()
-        return torch.where(valid, entropy, 0.0).sum() / valid.sum().clamp(min=1)
+        def per_token(logits: Tensor, *chunk_tokens: Tensor) -> Tensor:
+            columns = [_token_logprobs(logits, chunk_tokens[0], t) for t in temperatures]
+            if entropy_temperature is not None:
+                columns.append(_token_entropy(logits / entropy_temperature))
+            return torch.stack(columns, dim=-1)
+
+        stats = self._by_positions(per_token, *([tokens] if temperatures else []))
+        logprobs = {t: stats[..., i] for i, t in enumerate(temperatures)}
+        return logprobs, (stats[..., -1] if entropy_temperature is not None else None)
 
     def _by_positions(self, per_token, *args: Tensor) -> Tensor:
         batch, length, width = self.hidden.shape
@@ -212,4 +222,4 @@ class ResponseLogits:
         for i in range(0, flat.shape[0], positions):
             part = [flat[i : i + positions], *(a[i : i + positions] for a in flat_args)]
             pieces.append(checkpoint(chunk, *part, use_reentrant=False) if grad else chunk(*part))
-        return torch.cat(pieces).reshape(batch, length)
+        return torch.cat(pieces).reshape(batch, length, *pieces[0].shape[1:])

@@ -387,16 +387,19 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     # reference, by default).
     with torch.no_grad():
         logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
-        old_logprobs = logits.logprobs(rollout.response_ids, cfg.temperature)
-        old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logits.logprobs(rollout.response_ids, kl_temp)
         # Without an entropy bonus the entropy is only logged: read it once, here, from the
         # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
+        # One pass of the LM head gives all three (ResponseLogits.token_stats).
+        by_temperature, entropy = logits.token_stats(
+            rollout.response_ids, (cfg.temperature, kl_temp), entropy_temperature=kl_temp if cfg.entropy_coef == 0 else None
+        )
+        old_logprobs, old_kl_logprobs = by_temperature[cfg.temperature], by_temperature[kl_temp]
         rollout_entropy = None
-        if cfg.entropy_coef == 0:
-            rollout_entropy = token_means({"entropy": logits.entropy(mask, kl_temp)}, mask.sum())["entropy"]
+        if entropy is not None:
+            rollout_entropy = token_means({"entropy": masked_mean(entropy, mask)}, mask.sum())["entropy"]
         del logits
         ref_logits, _ = policy_logits(bundle, rollout, reference=True)
-        ref_logprobs = ref_logits.logprobs(rollout.response_ids, kl_temp)
+        ref_logprobs = ref_logits.token_stats(rollout.response_ids, (kl_temp,))[0][kl_temp]
         del ref_logits
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
     task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
@@ -441,15 +444,20 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
                 mb = select(rollout, idx.to(rollout.response_ids.device))
                 mb_mask = mask[idx]
                 logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
-                logprobs = logits.logprobs(mb.response_ids, cfg.temperature)
+                kl_in_loss = cfg.advantage != "gae"
+                by_temperature, entropy = logits.token_stats(
+                    mb.response_ids, (cfg.temperature, *([kl_temp] if kl_in_loss else [])),
+                    entropy_temperature=kl_temp if cfg.entropy_coef != 0 else None,
+                )
+                logprobs = by_temperature[cfg.temperature]
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 logged = {"policy_loss": pg_loss, "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"]}
                 objective = pg_loss
                 if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
-                    logged["entropy"] = logits.entropy(mb_mask, kl_temp)
+                    logged["entropy"] = masked_mean(entropy, mb_mask)
                     objective = objective - cfg.entropy_coef * logged["entropy"]
-                if cfg.advantage != "gae":
-                    kl_logprobs = logprobs if kl_temp == cfg.temperature else logits.logprobs(mb.response_ids, kl_temp)
+                if kl_in_loss:
+                    kl_logprobs = by_temperature[kl_temp]
                     objective = objective + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
                 del logits
                 losses = [(policy, objective)]
