@@ -83,8 +83,8 @@ ITERATION_CONFIGS = ("trl-grpo", "rlhfkit-grpo", "rlhfkit-gae")
 # (advantages, the minibatch forward and backward passes, the optimizer steps).
 PHASES = {
     "generation": "HFGeneration.generate",
-    "reference log-probs": "policy_logits(reference)",
-    "rollout log-probs": "policy_logits",
+    "reference log-probs": "response_logprobs(reference)",
+    "rollout log-probs": "response_logprobs",
     "value": "value_estimates",
     "rewards": "score_rollout",
 }
@@ -179,6 +179,7 @@ def synchronize(device) -> None:
 
 def carries_autograd(result) -> bool:
     values = result if isinstance(result, tuple) else (result,)
+    values = [v for value in values for v in (value.values() if isinstance(value, dict) else [value])]
     return any(getattr(value, "requires_grad", False) for value in values)
 
 

@@ -386,21 +386,17 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     # with); the KL to the reference and the entropy use --kl-logprobs (untempered, as the
     # reference, by default).
     with torch.no_grad():
-        logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
         # Without an entropy bonus the entropy is only logged: read it once, here, from the
         # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
-        # One pass of the LM head gives all three (ResponseLogits.token_stats).
-        by_temperature, entropy = logits.token_stats(
-            rollout.response_ids, (cfg.temperature, kl_temp), entropy_temperature=kl_temp if cfg.entropy_coef == 0 else None
+        by_temperature, entropy, hidden = response_logprobs(
+            bundle, rollout, (cfg.temperature, kl_temp), entropy_temperature=kl_temp if cfg.entropy_coef == 0 else None,
+            want_hidden=bundle.value_model_shared,
         )
         old_logprobs, old_kl_logprobs = by_temperature[cfg.temperature], by_temperature[kl_temp]
         rollout_entropy = None
         if entropy is not None:
             rollout_entropy = token_means({"entropy": masked_mean(entropy, mask)}, mask.sum())["entropy"]
-        del logits
-        ref_logits, _ = policy_logits(bundle, rollout, reference=True)
-        ref_logprobs = ref_logits.token_stats(rollout.response_ids, (kl_temp,))[0][kl_temp]
-        del ref_logits
+        ref_logprobs = response_logprobs(bundle, rollout, (kl_temp,), reference=True)[0][kl_temp]
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
     task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
     task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
@@ -443,11 +439,10 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             for k, idx in enumerate(accumulated):
                 mb = select(rollout, idx.to(rollout.response_ids.device))
                 mb_mask = mask[idx]
-                logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
                 kl_in_loss = cfg.advantage != "gae"
-                by_temperature, entropy = logits.token_stats(
-                    mb.response_ids, (cfg.temperature, *([kl_temp] if kl_in_loss else [])),
-                    entropy_temperature=kl_temp if cfg.entropy_coef != 0 else None,
+                by_temperature, entropy, hidden = response_logprobs(
+                    bundle, mb, (cfg.temperature, *([kl_temp] if kl_in_loss else [])),
+                    entropy_temperature=kl_temp if cfg.entropy_coef != 0 else None, want_hidden=bundle.value_model_shared,
                 )
                 logprobs = by_temperature[cfg.temperature]
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
@@ -459,7 +454,6 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
                 if kl_in_loss:
                     kl_logprobs = by_temperature[kl_temp]
                     objective = objective + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
-                del logits
                 losses = [(policy, objective)]
                 if value is not None:
                     vf_loss, vf_stats = value_loss(value_estimates(bundle, mb, hidden), old_values[idx], returns[idx], mb_mask, cfg.value_clip)
@@ -519,6 +513,15 @@ def policy_logits(bundle: PolicyBundle, rollout: Rollout, *, reference: bool = F
             return forward_response(bundle.policy, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
     model = bundle.ref if reference else bundle.policy
     return forward_response(model, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
+
+
+def response_logprobs(bundle: PolicyBundle, rollout: Rollout, temperatures, *, entropy_temperature: Optional[float] = None,
+                      reference: bool = False, want_hidden: bool = False):
+    """({temperature: log-probs of the rollout's tokens}, per-token entropy or None, hidden
+    states) under the policy or the reference, from one pass of the LM head."""
+    logits, hidden = policy_logits(bundle, rollout, reference=reference, want_hidden=want_hidden)
+    by_temperature, entropy = logits.token_stats(rollout.response_ids, temperatures, entropy_temperature)
+    return by_temperature, entropy, hidden
 
 
 def kl_temperature(cfg: PPOConfig) -> float:
