@@ -324,16 +324,16 @@ def test_lr_zero_gives_zero_kl_and_no_clipping_for_every_architecture(arch, make
 
 
 def test_kl_uses_untempered_logprobs_by_default(monkeypatch, tiny_model_dir, run_cli, prompts_file, tmp_path):
-    from rlhfkit.stages import ppo as ppo_stage
+    from rlhfkit.rl.losses import ResponseLogits
 
     temperatures = []
-    real = ppo_stage.logprobs_from_logits
+    real = ResponseLogits.token_stats
 
-    def recording(logits, tokens, temperature=1.0):
-        temperatures.append(temperature)
-        return real(logits, tokens, temperature)
+    def recording(self, tokens, temperature_list, entropy_temperature=None):
+        temperatures.extend(dict.fromkeys(temperature_list))
+        return real(self, tokens, temperature_list, entropy_temperature)
 
-    monkeypatch.setattr(ppo_stage, "logprobs_from_logits", recording)
+    monkeypatch.setattr(ResponseLogits, "token_stats", recording)
     ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "a", "--temperature", "0.5", "--steps", "1", "--ppo-epochs", "1")
     # Rollout pass: the ratio's log-probs at 0.5, the KL's at 1 (the reference's raw
     # softmax); the reference at 1; then 2 minibatches at 0.5 (GAE: KL is not in the loss).
