@@ -44,8 +44,8 @@ def whitespace_tokens(text: str) -> list[str]:
     return text.split()
 
 
-def rouge_l(predictions: Sequence[str], references_list: Sequence[Sequence[str]], *, use_stemmer: bool = True) -> float:
-    """Mean over predictions of the best ROUGE-L F-measure against that prediction's references."""
+def rouge_l_scores(predictions: Sequence[str], references_list: Sequence[Sequence[str]], *, use_stemmer: bool = True) -> list[float]:
+    """Per prediction, the best ROUGE-L F-measure against that prediction's references."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references_list):
@@ -53,12 +53,18 @@ def rouge_l(predictions: Sequence[str], references_list: Sequence[Sequence[str]]
     if not predictions:
         raise ValueError("rouge_l needs at least one prediction")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
-    total = 0.0
+    scores = []
     for i, (prediction, references) in enumerate(zip(predictions, references_list)):
         if not references:
             raise ValueError(f"prediction {i} has no reference")
-        total += scorer.score_multi(list(references), prediction)["rougeL"].fmeasure
-    return total / len(predictions)
+        scores.append(scorer.score_multi(list(references), prediction)["rougeL"].fmeasure)
+    return scores
+
+
+def rouge_l(predictions: Sequence[str], references_list: Sequence[Sequence[str]], *, use_stemmer: bool = True) -> float:
+    """Mean over predictions of the best ROUGE-L F-measure against that prediction's references."""
+    scores = rouge_l_scores(predictions, references_list, use_stemmer=use_stemmer)
+    return sum(scores) / len(scores)
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -248,13 +254,28 @@ def unit_counts(indices: np.ndarray, units: int) -> np.ndarray:
     return np.bincount(flat, minlength=rows * units).reshape(rows, units).astype(np.float64)
 
 
-def _interval(statistic: Statistic, units: int, seed: int, draws: int) -> list[float] | None:
+def prompt_interval(statistic: Statistic, units: int, seed: int, draws: int = BOOTSTRAP_DRAWS) -> list[float] | None:
     """The 95% bootstrap interval as [lo, hi]; None with fewer than 2 prompts (no variation to resample)."""
     if units < 2:
         return None
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 on a resample: NaN, left out
         interval = bootstrap_interval(statistic, units, seed=seed, draws=draws)
     return None if interval is None else list(interval)
+
+
+def ratio_statistic(prompts: Sequence[str], numerators: Sequence[float], denominators: Sequence[float]) -> tuple[int, Statistic]:
+    """(prompts k, sum of numerators / sum of denominators over the items of resampled prompts):
+    a mean over responses (denominators 1), a rate pooled over segments (errors / segments),
+    a win rate (1, 1/2 or 0 per pair); np.arange(k) gives the value on all items."""
+    unit, units = _units(prompts)
+    numerator_of = np.bincount(unit, weights=np.asarray(numerators, dtype=np.float64), minlength=units)
+    denominator_of = np.bincount(unit, weights=np.asarray(denominators, dtype=np.float64), minlength=units)
+
+    def ratio(indices: np.ndarray) -> np.ndarray:
+        counts = unit_counts(indices, units)
+        return (counts @ numerator_of) / (counts @ denominator_of)
+
+    return units, ratio
 
 
 def segment_statistics(
@@ -315,8 +336,8 @@ def segment_intervals(
     the responses to one prompt, are correlated: resampling segments would be too narrow."""
     units, accuracy_minus_majority, error_auc = segment_statistics(prompts, predicted, actual, error_probs)
     return {
-        "accuracy_minus_baseline_ci95": _interval(accuracy_minus_majority, units, seed, draws),
-        "error_auc_ci95": _interval(error_auc, units, seed, draws),
+        "accuracy_minus_baseline_ci95": prompt_interval(accuracy_minus_majority, units, seed, draws),
+        "error_auc_ci95": prompt_interval(error_auc, units, seed, draws),
         "bootstrap_prompts": units,
     }
 
@@ -335,7 +356,7 @@ def pairwise_intervals(prompts: Sequence[str], correct: Sequence[bool], seed: in
     def pairwise_accuracy(indices: np.ndarray) -> np.ndarray:
         return correct_of[indices].sum(axis=-1) / pairs_of[indices].sum(axis=-1)
 
-    return {"pairwise_accuracy_ci95": _interval(pairwise_accuracy, units, seed, draws), "bootstrap_prompts": units}
+    return {"pairwise_accuracy_ci95": prompt_interval(pairwise_accuracy, units, seed, draws), "bootstrap_prompts": units}
 
 
 def beats_baseline(metrics: dict[str, Any]) -> bool | None:

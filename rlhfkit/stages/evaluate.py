@@ -31,7 +31,8 @@ orders as the judge does; an RM tie counts one half). The judge returns, per res
 evaluate runs the audit only.
 
 Writes to `--out`: `generations.jsonl` (every system's responses as `generation` records,
-with each RM's reward in `meta.rewards`), `metrics.json`, `results.md` (a short table: per
+with each RM's reward in `meta.rewards` and each segment RM's [flagged, all] segments in
+`meta.error_flags`), `metrics.json`, `results.md` (a short table: per
 aspect the error rate and reward, the judge's score, ROUGE-L and length, with a sentence
 naming the best system per column; the other metrics below it) and run_config.json.
 
@@ -206,6 +207,8 @@ class System:
     records: list[Generation]
     generated: bool = False
     scores: dict[str, list[float]] = field(default_factory=dict)  # RM name -> reward per response
+    # segment RM name -> per response, (segments flagged as errors, segments)
+    flagged: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 def prompt_keys(prompts: list[str]) -> list[tuple[str, int]]:
@@ -332,6 +335,7 @@ def score_systems(systems: list[System], rms: dict[str, tuple[str, str]], cfg: E
             scored = [by_pair[(r.prompt, r.response)] for r in system.records]
             system.scores[name] = [sum(s.values) for s in scored]
             if kind == "segment":
+                system.flagged[name] = [(sum(1 for p in s.error_probs or [] if p > 0.5), len(s.error_probs or [])) for s in scored]
                 probs = [p for s in scored for p in (s.error_probs or [])]
                 errors = sum(1 for p in probs if p > 0.5)
                 error_rates[system.name][f"error_rate/{name}"] = errors / len(probs) if probs else 0.0
@@ -562,7 +566,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     write_records(
         run.path / GENERATIONS_FILE,
         (
-            replace(record, meta={**record.meta, "rewards": {name: system.scores[name][i] for name in rms}})
+            replace(record, meta={**record.meta, "rewards": {name: system.scores[name][i] for name in rms},
+                                  **({"error_flags": {name: list(flags[i]) for name, flags in system.flagged.items()}}
+                                     if system.flagged else {})})
             for system in systems
             for i, record in enumerate(system.records)
         ),
