@@ -466,3 +466,41 @@ def test_smol_goals_by_hand():
     # R3HF clearly better on completeness but clearly worse on factuality errors: (c) not met.
     figures["R"] = {**r3hf, "judge/factuality_errors": (0.6, [0.5, 0.7])}
     assert not smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf="R")["c"]["met"]
+
+
+def test_smol_table_from_evaluate_outputs(tmp_path):
+    from rlhfkit.tasks.qa_feedback import smol_table
+
+    prompts = [PromptRecord(id=f"p{i}", prompt=f"question: Who is {i}? context: wikipage: T text: x", references=[f"gold {i}"])
+               for i in range(2)]
+    write_records(tmp_path / "prompts.jsonl", prompts)
+    names = list(SMOL_REWARD.values()) + list(SMOL_JUDGE.values())
+
+    def answers(system: str, flagged: int, comp: float) -> list[Generation]:
+        return [Generation(id=f"{system}:{p.id}", prompt=p.prompt, response=f"gold {i}" if system == "SFT" else "other words",
+                           model=system, meta={"prompt_id": p.id, "rewards": {n: comp for n in names},
+                                               "error_flags": {n: [flagged, 2] for n in names if "rel" in n or "fact" in n}})
+                for i, p in enumerate(prompts)]
+
+    for decoding in ("greedy", "sampled"):
+        records = answers("SFT", 1, 0.0) + answers("FG", 0, 0.0) + answers("H", 1, 0.0) + answers("R", 1, 1.0)
+        write_records(tmp_path / decoding / "generations.jsonl", records)
+    for arm in ("FG", "H", "R"):
+        write(tmp_path / arm / "metrics.jsonl", '{"step": 1, "reward/total": -0.5, "kl": 0.0}\n{"step": 2, "reward/total": 0.25, "kl": 0.01}\n')
+    write(tmp_path / "rm_quality.md", "# RM quality\n\nsome table\n")
+    write(tmp_path / "recipe_run.json", json.dumps({"steps": [{"step": "sft", "seconds": 90.0}], "seconds": 90.0}))
+    result = smol_table(str(tmp_path / "qa_smol.md"), "T", {d: str(tmp_path / d) for d in ("greedy", "sampled")},
+                        str(tmp_path / "prompts.jsonl"), {"sft": "SFT", "fine_grained": "FG", "holistic": "H", "r3hf": "R"},
+                        SMOL_REWARD, SMOL_JUDGE, {arm: str(tmp_path / arm) for arm in ("FG", "H", "R")},
+                        sections=[str(tmp_path / "rm_quality.md")], timings=str(tmp_path / "recipe_run.json"))
+    report = (tmp_path / "qa_smol.md").read_text()
+    # Every response of FG has 0 of 2 segments flagged, SFT's 1 of 2: rates 0 and 0.5 on both prompts,
+    # so each interval is a point and they do not overlap; ROUGE-L: SFT 1 (the gold), FG 0: (a) not met.
+    fg = result["decodings"]["greedy"]["figures"]["FG"]
+    assert fg["judge/relevance_errors"] == (0.0, [0.0, 0.0]) and fg["rouge_l"] == (0.0, [0.0, 0.0])
+    assert not result["decodings"]["greedy"]["goals"]["a"]["met"] and result["decodings"]["greedy"]["goals"]["b"]["met"]
+    assert "| (a) | **not met** | not met |" in report and "| (b) | **met** | met |" in report
+    # The audit row: PPO's reward/total from step 1 to step 2, and FG's changes against SFT (0 - 0.5 errors).
+    assert "| FG | 2 steps, reward/total -0.500 (step 1) -> +0.250 (step 2), KL 0.0100 | -0.500 / -0.500 / +0.000 |" in report
+    assert "**Q: Who is 0?**" in report and "- gold: gold 0" in report and "- FG: other words" in report
+    assert "## RM quality" in report and "| sft | 90 |" in report
