@@ -336,6 +336,23 @@ def test_rm_held_out_table_reports_each_aspect_beside_its_baseline(tmp_path):
         rm_held_out_table(str(tmp_path / "t.md"), "T", [str(tmp_path / "nothing")])
 
 
+def test_rm_held_out_table_labels_two_rms_of_one_aspect(tmp_path):
+    """The pretrained-policy plan scores the judge's and the reward RMs of each aspect: one row
+    each (keyed by aspect alone, the second would replace the first)."""
+    held_out = {"records": 600, "pairwise_accuracy": 0.52, "pairwise_baseline_accuracy": 0.5,
+                "pairwise_accuracy_ci95": [0.47, 0.57], "pairs": 530, "bootstrap_prompts": 100}
+    judge = write_held_out_run(tmp_path / "judge", "completeness", "preference", held_out, clearly=False)
+    reward = write_held_out_run(tmp_path / "reward", "completeness", "preference", {**held_out, "pairwise_accuracy": 0.6}, clearly=False)
+    with pytest.raises(RlhfkitError, match="two evaluations of completeness; name the rows with labels"):
+        rm_held_out_table(str(tmp_path / "t.md"), "T", [str(judge), str(reward)])
+    rows = rm_held_out_table(str(tmp_path / "t.md"), "T", [str(judge), str(reward)], labels=["judge comp", "reward comp"])
+    assert {label: row["value"] for label, row in rows.items()} == {"judge comp": 0.52, "reward comp": 0.6}
+    table = (tmp_path / "t.md").read_text()
+    assert "| judge comp | pairwise accuracy | 0.520 |" in table and "| reward comp | pairwise accuracy | 0.600 |" in table
+    with pytest.raises(RlhfkitError, match="labels must name each of the 2 evaluations once"):
+        rm_held_out_table(str(tmp_path / "t.md"), "T", [str(judge), str(reward)], labels=["x"])
+
+
 # --- the pretrained-policy QA table (recipes/qa_feedback/smol_tiny.yaml, smol_paper.yaml) ---
 
 SMOL_PLANS = [REPO / "recipes" / "qa_feedback" / f"smol_{scale}.yaml" for scale in ("tiny", "paper")]

@@ -189,9 +189,10 @@ def _interval_text(interval: list[float] | None, signed: bool = False) -> str:
 
 
 @recipe_function(reads=["evaluations"], writes=["out"])
-def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
+def rm_held_out_table(out: str, title: str, evaluations: list[str], labels: list[str] | None = None) -> dict:
     """The table of reward models scored on held-out data: `evaluations` are `train-rm
-    --eval-only` output directories. Per aspect: the held-out metric beside its trivial
+    --eval-only` output directories, one row each, named by `labels` (default: each RM's
+    aspect; give labels when two RMs share an aspect). Per row: the held-out metric beside its trivial
     baseline with the 95% bootstrap interval over prompts that train-rm computed, and its
     verdict `beats_baseline_clearly` (segment RMs: the interval of accuracy minus the
     majority baseline lies above 0; preference RMs: the pairwise accuracy's lies above 0.5);
@@ -199,8 +200,10 @@ def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
     chance), and each RM's training settings and time (its own run_config.json and
     rm_metrics.json). Writes `out` (markdown) and the same figures as JSON beside it.
     """
+    if labels is not None and (len(labels) != len(evaluations) or len(set(labels)) != len(labels)):
+        raise RlhfkitError(f"rm_held_out_table: labels must name each of the {len(evaluations)} evaluations once, got {labels}")
     rows: dict[str, dict[str, Any]] = {}
-    for evaluation in map(Path, evaluations):
+    for number, evaluation in enumerate(map(Path, evaluations)):
         scored = _run_file(evaluation, "rm_metrics.json")
         if not scored.get("eval_only"):
             raise RlhfkitError(f"rm_held_out_table: {evaluation}: not a `train-rm --eval-only` run")
@@ -235,9 +238,12 @@ def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
                        interval_of="pairwise accuracy", interval=held["pairwise_accuracy_ci95"], pairs=held["pairs"])
         else:
             raise RlhfkitError(f"rm_held_out_table: {evaluation}: no segment or pairwise metrics (a regression RM, or no record fitted)")
-        rows[scored["aspect"]] = row
+        label = labels[number] if labels is not None else scored["aspect"]
+        if label in rows:
+            raise RlhfkitError(f"rm_held_out_table: two evaluations of {label}; name the rows with labels")
+        rows[label] = row
 
-    lines = [f"# {title}", "", "| aspect | held-out metric | RM | baseline | 95% interval | clearly better | error AUC (95% interval) | held-out data | trained |",
+    lines = [f"# {title}", "", f"| {'reward model' if labels else 'aspect'} | held-out metric | RM | baseline | 95% interval | clearly better | error AUC (95% interval) | held-out data | trained |",
              "|---|---|---|---|---|---|---|---|---|"]
     for aspect, row in rows.items():
         segment_rm = row["kind"] == "segment"
