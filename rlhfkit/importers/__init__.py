@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.schema import PromptRecord, Record, RecordError, Span, SpanFeedback, parse_json
+from rlhfkit.yamlfile import read_yaml_file
 
 HF_PREFIX = "hf:"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -206,10 +205,7 @@ def parse_label_map(value: Optional[str]) -> Optional[dict[str, str]]:
         return None
     path = Path(value)
     if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise RlhfkitError(f"{path}: invalid label map: {err}") from None
+        data = read_yaml_file(path, "label map")
         if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()
         ):
