@@ -46,6 +46,7 @@ from rlhfkit.config import config_to_dict
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError, output_error
 from rlhfkit.io import write_json, write_text
+from rlhfkit.schema import read_json_file, read_json_lines
 from rlhfkit.tracking import open_trackers
 
 RUN_CONFIG = "run_config.json"
@@ -132,9 +133,10 @@ def _contents(path: Path) -> list[str]:
 
 def _run_stage_of(path: Path) -> Optional[str]:
     try:
-        return json.loads((path / RUN_CONFIG).read_text(encoding="utf-8")).get("stage")
-    except (OSError, ValueError, AttributeError):
+        found = read_json_file(path / RUN_CONFIG)
+    except RlhfkitError:
         return None
+    return found.get("stage") if isinstance(found, dict) else None
 
 
 class RunDir:
@@ -296,10 +298,10 @@ class RunDir:
         if not self.metrics_path.exists():
             return
         kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("step") is None or row["step"] <= after_step:
-                kept.append(line)
+        for _, row in read_json_lines(self.metrics_path):
+            step = row.get("step") if isinstance(row, dict) else None
+            if not isinstance(step, (int, float)) or step <= after_step:
+                kept.append(json.dumps(row, ensure_ascii=False))
         write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def write_json(self, name: str, obj: Any) -> Path:

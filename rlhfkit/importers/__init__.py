@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.schema import PromptRecord, Record, RecordError, Span, SpanFeedback, parse_json
+from rlhfkit.schema import (
+    PromptRecord,
+    Record,
+    RecordError,
+    Span,
+    SpanFeedback,
+    capped_lines,
+    parse_json,
+)
 from rlhfkit.yamlfile import read_yaml_file
 
 HF_PREFIX = "hf:"
@@ -148,7 +156,7 @@ def _json_list_rows(spec: str, name: str) -> Iterator[Row]:
 
 def _jsonl_rows(spec: str, name: str) -> Iterator[Row]:
     with open(spec, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
+        for lineno, raw in capped_lines(handle, spec):
             data, error = None, ""
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")

@@ -26,7 +26,6 @@ is left out (counted) in training.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
 from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
 from rlhfkit.rewards.placement import token_index_for_char_ends
+from rlhfkit.schema import read_json_file
 from rlhfkit.segment import Segment, segment
 from rlhfkit.truncation import kept_indices
 
@@ -441,10 +441,7 @@ def read_spec(path: str | os.PathLike) -> dict:
     spec_path = Path(path) / SPEC_FILE
     if not spec_path.is_file():
         raise RlhfkitError(f"{path} is not an rlhfkit reward model (no {SPEC_FILE}); train one with `rlhfkit train-rm`")
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise RlhfkitError(f"{spec_path}: invalid JSON: {err.msg}") from None
+    spec = read_json_file(spec_path)
     missing = [key for key in ("aspect", "kind", "max_length") if key not in spec]
     if missing:
         raise RlhfkitError(f"{spec_path}: missing {', '.join(missing)}; re-save the model with `rlhfkit train-rm`")

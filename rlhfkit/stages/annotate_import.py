@@ -41,6 +41,7 @@ from rlhfkit.schema import (
     Record,
     RecordError,
     SpanFeedback,
+    check_record_size,
     validate_record,
     write_records,
 )
@@ -148,6 +149,7 @@ def run_import(cfg: ImportConfig) -> dict:
                     for item in converted:
                         if not isinstance(item, Skipped):
                             validate_record(item)
+                            check_record_size(item)
                 except RecordError as err:
                     if not cfg.skip_invalid:
                         raise RlhfkitError(f"{row.where}: {err}") from None
