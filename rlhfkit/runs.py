@@ -250,10 +250,14 @@ class RunDir:
         """The run's first write: its resolved config (and, for a fresh run, no old metrics)."""
         if self.begun or not self.writes:
             return
+        config = config_to_dict(self.cfg)
+        # --report-to: the trackers get every row written below (rank 0 only, like the file).
+        # Started first, so a tracker that fails to start leaves the directory as it was
+        # (a resumed run's run_config.json still describes that run).
+        self.trackers = open_trackers(getattr(self.cfg, "report_to", None), self.path, self.stage, config)
         self.begun = True
         if not self.resume and self.metrics_path.exists():
             self.metrics_path.unlink()
-        config = config_to_dict(self.cfg)
         write_json(
             self.path / RUN_CONFIG,
             {
@@ -264,8 +268,6 @@ class RunDir:
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )
-        # --report-to: the trackers get every row written below (rank 0 only, like the file).
-        self.trackers = open_trackers(getattr(self.cfg, "report_to", None), self.path, self.stage, config)
 
     def log_metrics(self, step: Optional[int] = None, **metrics: Any) -> dict:
         """Append one line to metrics.jsonl (non-finite numbers are written as strings)."""

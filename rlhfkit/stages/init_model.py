@@ -31,8 +31,14 @@ from rlhfkit.chat import SIMPLE_CHAT_TEMPLATE
 from rlhfkit.config import config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import match_umask, shipped_path, write_json
-from rlhfkit.models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer, count_parameters
+from rlhfkit.io import shipped_path, write_json
+from rlhfkit.models import (
+    TINY_ARCHS,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    count_parameters,
+    save_weights,
+)
 from rlhfkit.runs import package_versions
 
 MODEL_RECORD = "rlhfkit_model.json"
@@ -213,9 +219,7 @@ def run_init_model(cfg: InitModelConfig) -> Path:
     built = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _chmod_as_mkdir(built)
-        model.save_pretrained(built)
-        tokenizer.save_pretrained(built)
-        match_umask(built)
+        save_weights(model, tokenizer, built, out)
         write_json(
             built / MODEL_RECORD,
             {
