@@ -349,6 +349,16 @@ def read_json_lines(path: str | os.PathLike, given: Optional[str] = None) -> Ite
                 raise RlhfkitError(f"{given}:{lineno}: invalid JSON: {err}") from None
 
 
+def check_data_file(path: str | os.PathLike, option: Optional[str] = None) -> None:
+    """RlhfkitError, naming the command-line `option` that gave it, unless `path` is a file
+    (`option` may end in `=`, as `--data-for ASPECT=` does)."""
+    given = f"{option}{'' if option.endswith('=') else ' '}{path}" if option else str(path)
+    if Path(path).is_dir():
+        raise RlhfkitError(f"{given}: is a directory; give a JSONL file")
+    if not Path(path).is_file():
+        raise RlhfkitError(f"{given}: no such file")
+
+
 def read_records(
     path: str | os.PathLike, expected_type: Optional[str] = None, *, option: Optional[str] = None
 ) -> Iterator[Record]:
@@ -359,10 +369,7 @@ def read_records(
     """
     path = Path(path)
     given = f"{option} {path}" if option else str(path)
-    if path.is_dir():
-        raise RlhfkitError(f"{given}: is a directory; give a JSONL file")
-    if not path.is_file():
-        raise RlhfkitError(f"{given}: no such file")
+    check_data_file(path, option)
     for lineno, data in read_json_lines(path, given):
         try:
             yield record_from_dict(data, expected_type)
