@@ -50,7 +50,10 @@ from rlhfkit.schema import read_json_file, read_json_lines
 from rlhfkit.tracking import open_trackers
 
 RUN_CONFIG = "run_config.json"
-OVERWRITE_HELP = "Replace a non-empty --out: everything in it is deleted first (without it such an --out is refused)."
+OVERWRITE_HELP = (
+    "Replace an earlier run in --out: everything in it is deleted first (without it such an --out is refused; "
+    "a non-empty --out that holds no rlhfkit run is refused even with it)."
+)
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -165,15 +168,20 @@ class RunDir:
         overwrite = bool(getattr(cfg, "overwrite", False))
         check_out_path(self.path, cfg)
         contents = _contents(self.path)
-        if contents and not overwrite:
-            found = _run_stage_of(self.path)
-            if not (resume and found == stage):
-                shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
-                held = f"an earlier {found} run" if found else shown
-                hint = "--overwrite to replace it, or another --out"
-                if found == stage and hasattr(cfg, "resume"):
-                    hint = "--resume to continue that run, " + hint
-                raise RlhfkitError(f"--out {self.path} is not empty (it holds {held}); give {hint}")
+        found = _run_stage_of(self.path) if contents else None
+        shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+        if contents and overwrite and found is None:
+            # --overwrite deletes everything in --out: only ever an earlier run's outputs.
+            raise RlhfkitError(
+                f"--out {self.path} holds files that are not an rlhfkit run ({shown}; no {RUN_CONFIG}), and "
+                "--overwrite empties only a run's directory; choose another --out or remove them yourself"
+            )
+        if contents and not overwrite and not (resume and found == stage):
+            held = f"an earlier {found} run" if found else shown
+            hint = "--overwrite to replace it, or another --out" if found else "another --out"
+            if found == stage and hasattr(cfg, "resume"):
+                hint = "--resume to continue that run, " + hint
+            raise RlhfkitError(f"--out {self.path} is not empty (it holds {held}); give {hint}")
         self.trackers = None
         if not self.writes:
             return
