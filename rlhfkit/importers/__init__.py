@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError
 from rlhfkit.schema import (
     PromptRecord,
     Record,
@@ -172,14 +172,30 @@ def _jsonl_rows(spec: str, name: str) -> Iterator[Row]:
             yield Row(where=f"{spec}:{lineno}", key=f"{name}:{lineno}", data=data, error=error)
 
 
+def _first_line(err: BaseException) -> str:
+    """Why `datasets` could not load: its message's first line (they run to pages), or, for
+    data files whose columns differ, which columns."""
+    from datasets.exceptions import DatasetGenerationError
+    from datasets.table import CastError
+
+    if isinstance(err, DatasetGenerationError) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, CastError):
+        return f"its data files have different columns: {err.details()}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _dataset_rows(spec: str, name: str, split: str) -> Iterator[Row]:
     """Rows of a Hugging Face dataset: `hf:NAME`, a save_to_disk directory, or a .parquet file."""
     import datasets
 
+    repo, _, config = spec[len(HF_PREFIX) :].partition(":")
+    if spec.startswith(HF_PREFIX) and not repo.strip():
+        raise RlhfkitError(f"{spec}: no dataset after hf:; give hf:NAME or hf:NAME:CONFIG (e.g. hf:nvidia/HelpSteer3:edit)")
     try:
         if spec.startswith(HF_PREFIX):
             # `hf:NAME:CONFIG` picks a configuration (e.g. hf:nvidia/HelpSteer3:edit).
-            repo, _, config = spec[len(HF_PREFIX) :].partition(":")
             dataset = datasets.load_dataset(repo, config or None, split=split)
         elif Path(spec).is_dir():
             dataset = datasets.load_from_disk(spec)
@@ -187,8 +203,10 @@ def _dataset_rows(spec: str, name: str, split: str) -> Iterator[Row]:
             dataset = datasets.Dataset.from_parquet(spec)
         else:
             raise RlhfkitError(f"{spec}: no such file or directory")
-    except (OSError, ValueError) as err:
-        raise RlhfkitError(f"{spec}: cannot load the dataset: {err}") from None
+    except (ConnectionError, TimeoutError) as err:  # no network, or offline mode: the environment
+        raise EnvironmentFailure(f"{spec}: cannot load the dataset: {_first_line(err)}") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        raise RlhfkitError(f"{spec}: cannot load the dataset: {_first_line(err)}") from None
     label = spec
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
