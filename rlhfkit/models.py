@@ -272,6 +272,11 @@ def load_pretrained(
         raise _weights_error(name_or_path, err) from None
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from None
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a config.json that describes no buildable model (a negative size)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RlhfkitError(f"{name_or_path}: cannot build the model its config.json describes: {reason}") from None
     if target.type == "cpu":
         reuse_freed_cpu_memory()
     return model.to(target)

@@ -76,7 +76,7 @@ from rlhfkit.generation_backends import (
     check_generation_backend,
     make_generation_backend,
 )
-from rlhfkit.io import write_json, write_text
+from rlhfkit.io import write_json
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.models import (
     add_lora,
@@ -106,7 +106,14 @@ from rlhfkit.rl.advantages import (
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
-from rlhfkit.schema import Generation, load_records, record_to_dict
+from rlhfkit.schema import (
+    Generation,
+    load_records,
+    read_json_lines,
+    read_records,
+    record_to_dict,
+    record_writer,
+)
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     STATE_FILE,
@@ -844,10 +851,14 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
 
 def keep_rollouts_up_to(path: Path, step: int) -> None:
     """Drop logged rollouts of steps after `step` (all of them for a fresh run)."""
-    import json
+    kept = [record_to_dict(r) for r in read_records(path, "generation") if _rollout_step(r) <= step]
+    with record_writer(path) as writer:
+        writer.write_all(kept)
 
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["meta"]["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
+
+def _rollout_step(record: Generation) -> float:
+    step = record.meta.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 ROLLOUT_TABLE_COLUMNS = ["step", "prompt", "response", "reward", "tokens", "finished"]
@@ -887,15 +898,13 @@ def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
 
 
 def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
-    import json
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if "reward/total" in r]
+    rows = [row for _, row in read_json_lines(metrics_path) if isinstance(row, dict) and "reward/total" in row]
     if not rows:
         return
     keys = [k for k in rows[0] if k.startswith("reward/")] + ["kl"]
