@@ -6,6 +6,7 @@ on a folder that is not a run, hf: specs, compare, --chat-template and misleadin
 from __future__ import annotations
 
 import json
+import textwrap
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,9 @@ def test_item08_a_yaml_alias_bomb_in_a_plan_is_refused(tmp_path, run_cli, where)
     bomb = alias_bomb(6)
     if where == "vars":
         plan.write_text("vars:\n" + bomb + "steps:\n  - stage: annotate-import\n    with: {format: pairwise, inputs: [x.jsonl], out: o}\n")
-    else:
-        plan.write_text("bombs:\n" + bomb + "steps: []\n")
+    else:  # the bomb is a step's option value
+        indented = textwrap.indent(bomb, "    ")
+        plan.write_text("steps:\n  - stage: annotate-import\n    with:\n      format: pairwise\n      out: o\n      inputs:\n" + indented)
     result = run_cli("recipe", plan, "--dry-run")
     assert result.exit_code == 2
     assert f"{plan}: YAML aliases expand to more than 100,000 values; write the values out" in one_line_error(result)
