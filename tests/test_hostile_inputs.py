@@ -403,7 +403,7 @@ def test_a_full_disk_is_one_line_exit_1(run_cli, tmp_path, monkeypatch):
     monkeypatch.setattr(io.os, "fsync", full_disk)
     result = run_cli("annotate-import", "--format", "pairwise", source, "--out", tmp_path / "out")
     assert result.exit_code == 1
-    assert "No space left on device (--debug shows the traceback)" in one_line_error(result)
+    assert f"cannot write {tmp_path / 'out' / 'preferences.jsonl'}: No space left on device" in one_line_error(result)
 
 
 def test_a_read_only_out_is_one_line_exit_1(run_cli, tmp_path, monkeypatch):
