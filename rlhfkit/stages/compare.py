@@ -27,7 +27,7 @@ DEFAULT_METRICS = ("reward/total", "loss", "eval_loss")
 @dataclass
 class CompareConfig:
     runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True)
-    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values).")
+    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values); an existing file is replaced only if compare wrote it.")
     metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).")
     labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).")
 
