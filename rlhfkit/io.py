@@ -63,6 +63,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         handle.write("\n")
 
 
+def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append `lines` (each with its newline added) to a log such as metrics.jsonl; a failed
+    write (a full disk) is one line naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+    except OSError as err:
+        raise output_error(err, path) from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as handle:
         handle.write(text)

@@ -45,7 +45,7 @@ from rich.progress import (
 from rlhfkit.config import config_to_dict
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError, output_error
-from rlhfkit.io import write_json, write_text
+from rlhfkit.io import append_lines, write_json, write_text
 from rlhfkit.schema import read_json_file, read_json_lines
 from rlhfkit.tracking import open_trackers
 
@@ -289,8 +289,7 @@ class RunDir:
         if not self.writes:
             return row
         self.begin()
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        append_lines(self.metrics_path, [json.dumps(row, ensure_ascii=False)])
         if self.trackers is not None:
             self.trackers.log(row)
         return row

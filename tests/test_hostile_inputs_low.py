@@ -226,6 +226,26 @@ def test_item11_a_full_disk_during_a_weights_save_names_the_directory(tiny_model
     assert list(out.iterdir()) == []  # the temporary directory is gone
 
 
+def test_item11_a_full_disk_while_logging_metrics_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from rlhfkit import io
+    from rlhfkit.runs import RunDir
+
+    out = tmp_path / "run"
+    run = RunDir(out, "sft", _TrackedConfig(out=str(out), report_to=[]))
+    run.log_metrics(1, loss=1.0)
+
+    def full_disk(*args, **kwargs):  # a write refused with ENOSPC names no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io, "open", full_disk, raising=False)
+    with pytest.raises(EnvironmentFailure, match=rf"^cannot write {out / 'metrics.jsonl'}: No space left on device$"):
+        run.log_metrics(2, loss=0.5)
+    run.close()
+
+
 # A full disk in an atomic write (every other artifact): test_hostile_inputs.py's
 # test_a_full_disk_is_one_line_exit_1 now asserts the file is named.
 

@@ -76,7 +76,7 @@ from rlhfkit.generation_backends import (
     check_generation_backend,
     make_generation_backend,
 )
-from rlhfkit.io import write_json
+from rlhfkit.io import append_lines, write_json
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.models import (
     add_lora,
@@ -875,21 +875,20 @@ def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: i
     import json
 
     written = []
-    with open(path, "a", encoding="utf-8") as handle:
-        for i in range(min(count, len(rollout.texts))):
-            n = int(rollout.response_lengths[i])
-            ids = rollout.response_ids[i, :n].tolist()
-            record = Generation(
-                id=f"step{step}-{i}",
-                prompt=rollout.prompts[i],
-                response=rollout.texts[i],
-                model=f"ppo step {step}",
-                tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
-                token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
-                meta={"step": step, "finished": bool(rollout.finished[i])},
-            )
-            handle.write(json.dumps(record_to_dict(record), ensure_ascii=False) + "\n")
-            written.append(record)
+    for i in range(min(count, len(rollout.texts))):
+        n = int(rollout.response_lengths[i])
+        ids = rollout.response_ids[i, :n].tolist()
+        record = Generation(
+            id=f"step{step}-{i}",
+            prompt=rollout.prompts[i],
+            response=rollout.texts[i],
+            model=f"ppo step {step}",
+            tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
+            token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
+            meta={"step": step, "finished": bool(rollout.finished[i])},
+        )
+        written.append(record)
+    append_lines(path, [json.dumps(record_to_dict(record), ensure_ascii=False) for record in written])
     return written
 
 
