@@ -20,11 +20,11 @@ from typing import Any, Optional, Union
 
 import click
 import typer
-import yaml
 from rich.text import Text
 
 from rlhfkit.console import console
 from rlhfkit.errors import EnvironmentFailure, RlhfkitError, os_error_message
+from rlhfkit.yamlfile import read_yaml_file
 
 
 def opt(
@@ -84,10 +84,7 @@ def load_config_file(path: str | Path, cfg_cls: type) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RlhfkitError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise RlhfkitError(f"{path}: invalid YAML: {err}") from None
+    data = read_yaml_file(path, "config file") or {}
     if not isinstance(data, dict):
         raise RlhfkitError(f"{path}: a config file must be a mapping of option names to values")
     valid = {f.name for f in dataclasses.fields(cfg_cls)}

@@ -68,7 +68,7 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
-from rlhfkit.schema import Demonstration, load_records
+from rlhfkit.schema import Demonstration, check_data_file, load_records
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     FitResult,
@@ -145,8 +145,7 @@ class SFTConfig(FinetuneOptions):
     def validate(self) -> None:
         self.validate_finetune()
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
-        if not Path(self.data).is_file():
-            raise RlhfkitError(f"--data {self.data}: no such file")
+        check_data_file(self.data, "--data")
 
 
 # --- tokenization -------------------------------------------------------------------------

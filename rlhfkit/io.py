@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from rlhfkit.errors import output_error
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
@@ -30,9 +32,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(err, OSError) and err.filename is None:
+            # A failed write or fsync (a full disk) names no file: name the one being written.
+            raise output_error(err, path) from None
         raise
 
 
@@ -56,6 +61,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path) as handle:
         json.dump(obj, handle, indent=2, ensure_ascii=False, sort_keys=False)
         handle.write("\n")
+
+
+def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append `lines` (each with its newline added) to a log such as metrics.jsonl; a failed
+    write (a full disk) is one line naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+    except OSError as err:
+        raise output_error(err, path) from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -15,10 +15,11 @@ import importlib
 import os
 import pickle
 import platform
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -37,7 +38,7 @@ from transformers import (
 )
 
 from rlhfkit.config import warn_remote_code
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError, output_error
 from rlhfkit.io import match_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -271,6 +272,11 @@ def load_pretrained(
         raise _weights_error(name_or_path, err) from None
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from None
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a config.json that describes no buildable model (a negative size)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RlhfkitError(f"{name_or_path}: cannot build the model its config.json describes: {reason}") from None
     if target.type == "cpu":
         reuse_freed_cpu_memory()
     return model.to(target)
@@ -503,6 +509,27 @@ def build_tiny_model(
 MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*")
 
 
+def save_weights(model: torch.nn.Module, tokenizer: Any, directory: Path, shown: Optional[Path] = None) -> None:
+    """save_pretrained `model` (and `tokenizer`, unless None) into `directory`, files given
+    the umask's mode. A full disk or another refused write is one line naming `shown` (the
+    directory the user knows; default `directory`), exit 1: safetensors reports it as a
+    SafetensorError wrapping the IoError, the tokenizer as an OSError naming no file."""
+    try:
+        model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+    except OSError as err:
+        raise output_error(err, shown or directory) from None
+    except SafetensorError as err:
+        if "IoError" not in str(err):
+            raise
+        reason = re.search(r'message: "([^"]*)"', str(err))
+        raise EnvironmentFailure(
+            f"cannot write {shown or directory}: {reason.group(1) if reason else ' '.join(str(err).split())}"
+        ) from None
+    match_umask(directory)
+
+
 def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora: bool = True) -> torch.nn.Module:
     """save_pretrained model + tokenizer at the top of `out`; returns the model saved.
 
@@ -515,9 +542,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora:
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        match_umask(tmp)
+        save_weights(model, tokenizer, tmp, out)
         new_names = {p.name for p in tmp.iterdir()}
         for pattern in MODEL_FILE_PATTERNS:
             for stale in out.glob(pattern):

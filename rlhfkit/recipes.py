@@ -54,12 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rlhfkit.config import REQUIRED, build_config, check_option_type, opt, warn_remote_code_from
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
+from rlhfkit.yamlfile import parse_yaml, read_yaml_file
 
 PLAN_KEYS = ("description", "vars", "requires", "steps")
 STEP_KEYS = ("stage", "call", "name", "config", "with", "foreach")
@@ -296,7 +295,7 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise RlhfkitError(f"--set {item!r} is not NAME=VALUE")
-        out[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[name.strip()] = parse_yaml(value, f"--set {item}", lines=False) if value.strip() else ""
     return out
 
 
@@ -326,12 +325,7 @@ def substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
 def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan:
     """Read a plan file and expand it: variables set, `foreach` steps multiplied out."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RlhfkitError(f"{path}: invalid YAML: {err}") from None
-    except OSError as err:
-        raise RlhfkitError(f"{path}: cannot read the recipe plan: {err.strerror}") from None
+    data = read_yaml_file(path, "recipe plan")
     if not isinstance(data, dict):
         raise RlhfkitError(f"{path}: a recipe plan is a mapping with keys {', '.join(PLAN_KEYS)}")
     unknown = sorted(set(data) - set(PLAN_KEYS))

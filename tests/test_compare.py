@@ -98,5 +98,5 @@ def test_bad_inputs(run_cli, two_runs, tmp_path):
     with open(broken / "metrics.jsonl", "a") as handle:
         handle.write("{not json\n")
     result = run_cli("compare", broken, "--out", tmp_path / "x.md")
-    assert result.exit_code == 2 and f"{broken / 'metrics.jsonl'}:2: not JSON" in result.output
+    assert result.exit_code == 2 and f"{broken / 'metrics.jsonl'}:2: invalid JSON" in result.output
     assert not (tmp_path / "x.md").exists()

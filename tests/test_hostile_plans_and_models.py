@@ -254,7 +254,7 @@ PREFERENCE_DAMAGE = {
     "max_length -5": (lambda s: s.update(max_length=-5), "max_length must be a whole number >= 1, got -5"),
     "std 0": (lambda s: s["normalization"].update(std=0), "normalization.std must be a finite number > 0, got 0"),
     "mean text": (lambda s: s["normalization"].update(mean="0"), "normalization.mean must be a finite number, got '0'"),
-    "not UTF-8": (b'{"aspect": "\xff"}', "not UTF-8 text (byte 0xff at offset 12)"),
+    "not UTF-8": (b'{"aspect": "\xff"}', "not UTF-8 text (byte 12)"),
     "a number": (b"5", "the file holds int 5, not a JSON object"),
     "kind swapped": (
         lambda s: s.update(kind="segment", granularity="sentence", positive_reward=1, negative_reward=-1),

@@ -182,7 +182,8 @@ def test_presets_and_overrides():
     # Segments are read at their completing token unless asked; a mean applies to segment RMs only.
     assert (fact.segment_pooling, rel.segment_pooling) == ("end", "end")
     assert config(aspect="relevance", segment_pooling="mean").settings().segment_pooling == "mean"
-    assert config(aspect="completeness", segment_pooling="mean").settings().segment_pooling == "end"
+    with pytest.raises(RlhfkitError, match=r"--segment-pooling applies to segment RMs only \(completeness is a preference RM\)"):
+        config(aspect="completeness", segment_pooling="mean")  # issue 26 item 20: no longer silently ignored
     with pytest.raises(RlhfkitError, match="--segment-pooling must be one of end, mean, got 'max'"):
         config(aspect="relevance", segment_pooling="max")
 

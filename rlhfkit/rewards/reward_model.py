@@ -42,6 +42,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
 from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
 from rlhfkit.rewards.placement import token_index_for_char_ends
+from rlhfkit.schema import read_json_file
 from rlhfkit.segment import GRANULARITIES, SEGMENT_RM_GRANULARITIES, Segment, segment
 from rlhfkit.truncation import TRUNCATION_SIDES, kept_indices
 
@@ -444,13 +445,9 @@ def read_spec(path: str | os.PathLike) -> dict:
     if not spec_path.is_file():
         raise RlhfkitError(f"{path} is not an rlhfkit reward model (no {SPEC_FILE}); train one with `rlhfkit train-rm`")
     try:
-        spec = json.loads(spec_path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RlhfkitError(f"{spec_path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); re-save the model with `rlhfkit train-rm`") from None
-    except json.JSONDecodeError as err:
-        raise RlhfkitError(f"{spec_path}: invalid JSON: {err.msg}") from None
-    except OSError as err:
-        raise RlhfkitError(f"{spec_path}: cannot read: {err.strerror}") from None
+        spec = read_json_file(spec_path)
+    except RlhfkitError as err:
+        raise RlhfkitError(f"{err}; re-save the model with `rlhfkit train-rm`") from None
     check_spec(spec, spec_path)
     return spec
 

@@ -46,6 +46,7 @@ from rlhfkit.schema import (
     Record,
     RecordError,
     SpanFeedback,
+    check_record_size,
     validate_record,
     write_records,
 )
@@ -154,6 +155,7 @@ def run_import(cfg: ImportConfig) -> dict:
                     for item in converted:
                         if not isinstance(item, Skipped):
                             validate_record(item)
+                            check_record_size(item)
                 except RecordError as err:
                     if not cfg.skip_invalid:
                         raise RlhfkitError(f"{row.where}: {err}") from None

@@ -8,7 +8,6 @@ Rows without a step, and values written as strings (non-finite numbers), are lef
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -18,6 +17,7 @@ from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import atomic_write, write_text
+from rlhfkit.schema import read_json_file, read_json_lines
 
 OUT_KINDS = (".png", ".md")
 # What a run is compared on when --metric is not given: the first every run has.
@@ -27,7 +27,7 @@ DEFAULT_METRICS = ("reward/total", "loss", "eval_loss")
 @dataclass
 class CompareConfig:
     runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True)
-    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values).")
+    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values); an existing file is replaced only if compare wrote it.")
     metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).")
     labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).")
 
@@ -51,28 +51,17 @@ class RunCurves:
 
 def read_run(path: Path, label: str) -> RunCurves:
     """A run's numeric metrics by step; a line that is not JSON is an error with file:line."""
-    metrics_file = path / "metrics.jsonl"
     series: dict[str, list[tuple[int, float]]] = {}
-    for lineno, line in enumerate(metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RlhfkitError(f"{metrics_file}:{lineno}: not JSON ({err.msg})") from None
+    for _, row in read_json_lines(path / "metrics.jsonl"):
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             continue
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 series.setdefault(key, []).append((row["step"], float(value)))
-    stage = ""
     config_file = path / "run_config.json"
-    if config_file.is_file():
-        try:
-            stage = str(json.loads(config_file.read_text(encoding="utf-8")).get("stage", ""))
-        except json.JSONDecodeError:
-            stage = ""
-    return RunCurves(label, stage, series)
+    config = read_json_file(config_file) if config_file.is_file() else {}
+    stage = config.get("stage", "") if isinstance(config, dict) else ""
+    return RunCurves(label, str(stage), series)
 
 
 def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
@@ -98,7 +87,7 @@ def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
 
 def render_table(runs: list[RunCurves], metrics: list[str]) -> str:
     """One markdown table per metric: first and last logged value, their change, the last step."""
-    lines = [f"# Run comparison: {', '.join(metrics)}", ""]
+    lines = [f"{TABLE_TITLE}{', '.join(metrics)}", ""]
     for metric in metrics:
         lines += [
             f"## {metric}",
@@ -112,6 +101,25 @@ def render_table(runs: list[RunCurves], metrics: list[str]) -> str:
             lines.append(f"| {run.label} | {run.stage or '-'} | {last_step} | {first:.4f} | {last:.4f} | {last - first:+.4f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+# What compare writes first in each kind of --out: an existing file that does not start so
+# was not written by compare, and is not overwritten (an evaluate run's results.md, say).
+TABLE_TITLE = "# Run comparison: "
+PNG_MARKER = "rlhfkit compare"
+
+
+def check_replaceable(out: Path) -> None:
+    """--out may be new, or an earlier compare output; anything else is refused."""
+    if not out.exists():
+        return
+    if not out.is_file():
+        raise RlhfkitError(f"--out {out}: exists and is not a file")
+    with open(out, "rb") as handle:
+        head = handle.read(4096)
+    ours = head.startswith(TABLE_TITLE.encode()) if out.suffix.lower() == ".md" else PNG_MARKER.encode() in head
+    if not ours:
+        raise RlhfkitError(f"--out {out}: exists and was not written by rlhfkit compare; remove it or choose another --out")
 
 
 def plot_curves(path: Path, runs: list[RunCurves], metrics: list[str]) -> None:
@@ -130,7 +138,7 @@ def plot_curves(path: Path, runs: list[RunCurves], metrics: list[str]) -> None:
         ax.legend()
     fig.tight_layout()
     with atomic_write(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=100)
+        fig.savefig(handle, format="png", dpi=100, metadata={"Software": PNG_MARKER})
     plt.close(fig)
 
 
@@ -145,6 +153,7 @@ def run_compare(cfg: CompareConfig) -> Path:
     runs = [read_run(Path(run), label) for run, label in zip(cfg.runs, labels)]
     metrics = choose_metrics(runs, cfg.metric)
     out = Path(cfg.out)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".md":
         text = render_table(runs, metrics)

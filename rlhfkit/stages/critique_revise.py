@@ -81,7 +81,14 @@ from rlhfkit.metrics import win_rate
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
 from rlhfkit.runs import RunDir, progress_bar, set_seed
-from rlhfkit.schema import Critique, Demonstration, Generation, load_records, write_records
+from rlhfkit.schema import (
+    Critique,
+    Demonstration,
+    Generation,
+    check_data_file,
+    load_records,
+    write_records,
+)
 
 ACTIONS = ("train", "run")
 DEFAULT_CRITIQUE_TEMPLATE = "{prompt}\n\nResponse: {response}\n\nWhat is wrong or missing in this response?\nCritique:"
@@ -143,15 +150,13 @@ class CritiqueReviseConfig(FinetuneOptions):
     def _validate_train(self) -> None:
         if self.data is None:
             raise RlhfkitError("`critique-revise train` needs --data (JSONL of `critique` records)")
-        if not Path(self.data).is_file():
-            raise RlhfkitError(f"--data {self.data}: no such file")
+        check_data_file(self.data, "--data")
         self.validate_finetune()
 
     def _validate_run(self) -> None:
         if self.input is None:
             raise RlhfkitError("`critique-revise run` needs --input (JSONL of records with prompt and response)")
-        if not Path(self.input).is_file():
-            raise RlhfkitError(f"--input {self.input}: no such file")
+        check_data_file(self.input, "--input")
         if self.rounds < 1:
             raise RlhfkitError(f"--rounds must be >= 1, got {self.rounds}")
         for name in ("max_new_tokens", "max_prompt_length"):

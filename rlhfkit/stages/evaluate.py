@@ -72,7 +72,7 @@ from rlhfkit.rewards.reward_model import (
 )
 from rlhfkit.rewards.sources import canonical_name, parse_named
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
-from rlhfkit.schema import Generation, PromptRecord, load_records, write_records
+from rlhfkit.schema import Generation, PromptRecord, check_data_file, load_records, write_records
 
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.md"
@@ -118,9 +118,13 @@ class EvaluateConfig:
         rm_kinds(self.audit_rm)
         if self.policy and not self.prompts:
             raise RlhfkitError("--policy needs --prompts (JSONL of `prompt` records) to generate from")
-        for path in [self.prompts, *self.generations, self.paper, *(r.partition("=")[2] or r for r in self.rollouts)]:
-            if path is not None and not Path(path).is_file():
-                raise RlhfkitError(f"{path}: no such file")
+        given = [("--prompts", self.prompts)] + [("--generations", path) for path in self.generations]
+        given += [("--rollouts", r.partition("=")[2] or r) for r in self.rollouts]
+        for option, path in given:
+            if path is not None:
+                check_data_file(path, option)
+        if self.paper is not None and not Path(self.paper).is_file():
+            raise RlhfkitError(f"--paper {self.paper}: no such file")
         for name in ("max_new_tokens", "max_prompt_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise RlhfkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -76,7 +76,7 @@ from rlhfkit.generation_backends import (
     check_generation_backend,
     make_generation_backend,
 )
-from rlhfkit.io import write_json, write_text
+from rlhfkit.io import append_lines, write_json
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.models import (
     add_lora,
@@ -105,7 +105,14 @@ from rlhfkit.rl.advantages import (
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
-from rlhfkit.schema import Generation, load_records, record_to_dict
+from rlhfkit.schema import (
+    Generation,
+    load_records,
+    read_json_lines,
+    read_records,
+    record_to_dict,
+    record_writer,
+)
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     load_deepspeed_states,
@@ -848,10 +855,14 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
 
 def keep_rollouts_up_to(path: Path, step: int) -> None:
     """Drop logged rollouts of steps after `step` (all of them for a fresh run)."""
-    import json
+    kept = [record_to_dict(r) for r in read_records(path, "generation") if _rollout_step(r) <= step]
+    with record_writer(path) as writer:
+        writer.write_all(kept)
 
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["meta"]["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
+
+def _rollout_step(record: Generation) -> float:
+    step = record.meta.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 ROLLOUT_TABLE_COLUMNS = ["step", "prompt", "response", "reward", "tokens", "finished"]
@@ -868,21 +879,20 @@ def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: i
     import json
 
     written = []
-    with open(path, "a", encoding="utf-8") as handle:
-        for i in range(min(count, len(rollout.texts))):
-            n = int(rollout.response_lengths[i])
-            ids = rollout.response_ids[i, :n].tolist()
-            record = Generation(
-                id=f"step{step}-{i}",
-                prompt=rollout.prompts[i],
-                response=rollout.texts[i],
-                model=f"ppo step {step}",
-                tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
-                token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
-                meta={"step": step, "finished": bool(rollout.finished[i])},
-            )
-            handle.write(json.dumps(record_to_dict(record), ensure_ascii=False) + "\n")
-            written.append(record)
+    for i in range(min(count, len(rollout.texts))):
+        n = int(rollout.response_lengths[i])
+        ids = rollout.response_ids[i, :n].tolist()
+        record = Generation(
+            id=f"step{step}-{i}",
+            prompt=rollout.prompts[i],
+            response=rollout.texts[i],
+            model=f"ppo step {step}",
+            tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
+            token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
+            meta={"step": step, "finished": bool(rollout.finished[i])},
+        )
+        written.append(record)
+    append_lines(path, [json.dumps(record_to_dict(record), ensure_ascii=False) for record in written])
     return written
 
 
@@ -891,15 +901,13 @@ def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
 
 
 def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
-    import json
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if "reward/total" in r]
+    rows = [row for _, row in read_json_lines(metrics_path) if isinstance(row, dict) and "reward/total" in row]
     if not rows:
         return
     keys = [k for k in rows[0] if k.startswith("reward/")] + ["kl"]

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ from rlhfkit.rewards.shared_backbone import (
     shared_spec,
 )
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
-from rlhfkit.schema import Preference
+from rlhfkit.schema import Preference, check_data_file
 from rlhfkit.tasks import DEFAULT_TASK, TASK_PRESETS
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import LoopSettings, fit, validate_loop_options
@@ -118,6 +119,9 @@ from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side
 
 METRICS_FILE = "rm_metrics.json"
 TIE_POLICIES = ("soft", "drop")
+# Several aspects without --shared-backbone: each RM is written to OUT/<aspect>/, so the name
+# must stay one path component inside OUT (no '/', no '..', not absolute, not hidden).
+SAFE_DIRECTORY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 PRESETS = TASK_PRESETS[DEFAULT_TASK]  # what --aspect NAME alone means (rlhfkit.tasks.qa_feedback)
 
 
@@ -211,10 +215,28 @@ class TrainRMConfig:
     def per_aspect(self) -> list[TrainRMConfig]:
         """`--aspect a,b,c`: one config per aspect (its --data-for file), each writing into OUT/<aspect>/."""
         files = self.data_files()
-        return [
+        configs = [
             dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None)
             for name in self.aspects()
         ]
+        for one in configs:  # one --segment-pooling for several aspects applies to their segment RMs
+            if one.segment_pooling is not None and not one.eval_only and one.preset().kind != "segment":
+                one.segment_pooling = None
+        return configs
+
+    def check_segment_pooling_applies(self) -> None:
+        """--segment-pooling given where no aspect trains a segment RM is an error, not ignored."""
+        if self.segment_pooling is None or self.eval_only:
+            return
+        kinds = {name: dataclasses.replace(self, aspect=name, shared_backbone=False).preset().kind for name in self.aspects()}
+        if "segment" not in kinds.values():
+            shown = ", ".join(f"{name} is a {kind} RM" for name, kind in kinds.items())
+            raise RlhfkitError(f"--segment-pooling applies to segment RMs only ({shown}); drop it")
+
+    def check_data_for_files(self) -> None:
+        for aspect, path in self.data_files().items():
+            if path != self.data:
+                check_data_file(path, f"--data-for {aspect}=")
 
     def validate(self) -> None:
         if self.shared_backbone:
@@ -228,6 +250,14 @@ class TrainRMConfig:
                 raise RlhfkitError(f"--aspect {self.aspect!r} names an aspect twice")
             if self.eval_only or self.resume:
                 raise RlhfkitError("--eval-only and --resume take one --aspect")
+            unsafe = [name for name in names if not SAFE_DIRECTORY_NAME.fullmatch(name)]
+            if unsafe:
+                raise RlhfkitError(
+                    f"--aspect {unsafe[0]!r}: each aspect's RM goes to OUT/<aspect>/, so an aspect name must be letters, "
+                    "digits, '_', '-' and '.' (not first); or give --shared-backbone (one model)"
+                )
+            self.check_segment_pooling_applies()
+            self.check_data_for_files()
             for one in self.per_aspect():
                 one.validate()
             return
@@ -254,10 +284,10 @@ class TrainRMConfig:
         if self.ties not in TIE_POLICIES:
             raise RlhfkitError(f"unknown --ties {self.ties!r}; valid: {', '.join(TIE_POLICIES)}")
         check_training_options(self.lora_r, self.lora_dropout, self.dtype)
-        if not Path(self.data).is_file():
-            raise RlhfkitError(f"--data {self.data}: no such file")
-        if self.normalize_on is not None and not Path(self.normalize_on).is_file():
-            raise RlhfkitError(f"--normalize-on {self.normalize_on}: no such file")
+        self.check_segment_pooling_applies()
+        check_data_file(self.data, "--data")
+        if self.normalize_on is not None:
+            check_data_file(self.normalize_on, "--normalize-on")
 
     def validate_shared(self) -> None:
         """--shared-backbone: every aspect valid on its own, one set of lengths and training options.
@@ -271,6 +301,8 @@ class TrainRMConfig:
             raise RlhfkitError(f"--aspect {self.aspect!r} names an aspect twice")
         if len(names) < 2:
             raise RlhfkitError("--shared-backbone trains one head per aspect; give several, e.g. --aspect factuality,relevance,completeness")
+        self.check_segment_pooling_applies()
+        self.check_data_for_files()
         bad = [n for n in names if not n.isidentifier()]
         if bad:
             raise RlhfkitError(f"--shared-backbone: aspect name(s) {', '.join(bad)} must be letters, digits and _ (they name heads and NAME.ASPECT rewards)")
