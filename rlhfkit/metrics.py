@@ -12,7 +12,8 @@ All are corpus-level numbers over lists of texts (or scores). Conventions:
   LM, each text read on its own (no prompt), starting after the tokenizer's bos token (eos
   when it has none, as GPT-2 does) so that the first word is scored too.
 - `win_rate`: the share of paired items where A's score beats B's by more than `tie_margin`
-  (win), falls behind by more (loss), or neither (tie).
+  (win), falls behind by more (loss), or neither (tie), and the published win rate
+  (win + tie / 2).
 
 Reward-model metrics (train-rm's rm_metrics.json), below the corpus metrics:
 - `roc_auc` (scikit-learn's), `segment_metrics` (accuracy beside the majority baseline, the
@@ -84,7 +85,9 @@ def mean_length(texts: Sequence[str], tokenize: Tokenize = whitespace_tokens) ->
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: float = 0.0) -> dict[str, float]:
-    """{win, tie, loss}: shares of items where a - b > margin, |a - b| <= margin, a - b < -margin."""
+    """{win, tie, loss}: shares of items where a - b > margin, |a - b| <= margin, a - b < -margin;
+    and `win_rate` = win + tie / 2, the win rate Jin et al. (2023) and pairwise evaluations
+    publish (a tie counts half to each side, so two equal systems score 50%)."""
     if len(scores_a) != len(scores_b):
         raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B")
     if not scores_a:
@@ -94,7 +97,8 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: f
     wins = sum(1 for a, b in zip(scores_a, scores_b) if a - b > tie_margin)
     losses = sum(1 for a, b in zip(scores_a, scores_b) if b - a > tie_margin)
     n = len(scores_a)
-    return {"win": wins / n, "tie": (n - wins - losses) / n, "loss": losses / n}
+    ties = n - wins - losses
+    return {"win": wins / n, "tie": ties / n, "loss": losses / n, "win_rate": (wins + ties / 2) / n}
 
 
 @torch.no_grad()
