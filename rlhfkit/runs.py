@@ -42,10 +42,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from rlhfkit.config import config_to_dict
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError, output_error
-from rlhfkit.io import write_json, write_text
+from rlhfkit.io import config_to_dict, write_json, write_text
 from rlhfkit.tracking import open_trackers
 
 RUN_CONFIG = "run_config.json"

@@ -226,7 +226,7 @@ def test_sources_of_one_model_share_a_forward_pass(fg_model):
     out = {name: s.token_rewards(prompts, responses, spans) for name, s in sources.items()}
     assert scorer.forward_passes - before == 1  # batch_size 8 >= 3 responses: one batch, three aspects
     # The loaded model gives what a fresh forward pass of the saved weights gives.
-    from rlhfkit.rewards.reward_model import load_reward_models
+    from rlhfkit.rewards.shared_backbone import load_reward_models
 
     again = load_reward_models(fg_model, device="cpu")["completeness"].raw_scores(prompts, responses)
     assert again == pytest.approx(sources["fg.completeness"].rm.raw_scores(prompts, responses), abs=1e-5)

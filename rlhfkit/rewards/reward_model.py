@@ -31,7 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,22 +41,16 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
 from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
 from rlhfkit.rewards.placement import token_index_for_char_ends
+from rlhfkit.rewards.presets import KINDS, SEGMENT_POOLINGS, RMSettings
 from rlhfkit.segment import Segment, segment
 from rlhfkit.truncation import kept_indices
 
-if TYPE_CHECKING:
-    from rlhfkit.rewards.presets import RMSettings
-
 SPEC_FILE = "rlhfkit_rm.json"
 SPEC_FORMAT = 1
-KINDS = ("segment", "preference", "regression")
 SEQUENCE_KINDS = ("preference", "regression")
 SHARED_KIND = "multi_aspect"  # rlhfkit.rewards.shared_backbone: several aspects on one backbone
 # Token-classification labels of a segment RM: index 1 is "this segment has an error".
 SEGMENT_LABELS = {0: "no_error", 1: "error"}
-# Where a segment RM reads a segment's logits: the token completing it (one token per segment,
-# as the reference's marker token), or the mean over all its tokens.
-SEGMENT_POOLINGS = ("end", "mean")
 
 
 @dataclass
@@ -449,14 +443,23 @@ def read_spec(path: str | os.PathLike) -> dict:
     if missing:
         raise RlhfkitError(f"{spec_path}: missing {', '.join(missing)}; re-save the model with `rlhfkit train-rm`")
     if spec["kind"] == SHARED_KIND:
-        from rlhfkit.rewards.shared_backbone import check_shared_spec
-
         check_shared_spec(spec, spec_path)
     elif spec["kind"] not in KINDS:
         raise RlhfkitError(f"{spec_path}: unknown kind {spec['kind']!r}; valid: {', '.join(KINDS)}")
     else:
         check_segment_pooling(spec, spec_path)
     return spec
+
+
+def check_shared_spec(spec: dict, spec_path: Path) -> None:
+    aspects = spec.get("aspects")
+    if not isinstance(aspects, dict) or not aspects:
+        raise RlhfkitError(f"{spec_path}: a {SHARED_KIND} reward model lists its aspects under 'aspects'; re-save it with `rlhfkit train-rm`")
+    for aspect, entry in aspects.items():
+        kind = entry.get("kind") if isinstance(entry, dict) else None
+        if kind not in ("segment", *SEQUENCE_KINDS):
+            raise RlhfkitError(f"{spec_path}: aspect {aspect!r} has kind {kind!r}; valid: segment, {', '.join(SEQUENCE_KINDS)}")
+        check_segment_pooling(entry, spec_path, aspect)
 
 
 def check_segment_pooling(entry: dict, spec_path: Path, aspect: str | None = None) -> None:
@@ -556,15 +559,3 @@ def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | N
     model = load_pretrained(reward_model_class(spec["kind"]), str(path), dtype=dtype, device=str(target))
     model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model, tokenizer, spec, target)
-
-
-def load_reward_models(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
-    """{aspect: RewardModel} of a directory: its one aspect, or every aspect of a shared-backbone
-    model (scored together: one forward pass per batch for all of them)."""
-    spec = read_spec(path)
-    if spec["kind"] != SHARED_KIND:
-        rm = load_reward_model(path, device=device, dtype=dtype)
-        return {rm.aspect: rm}
-    from rlhfkit.rewards.shared_backbone import load_aspect_reward_models
-
-    return load_aspect_reward_models(path, spec, device=resolve_device(None if device is None else str(device)), dtype=dtype)

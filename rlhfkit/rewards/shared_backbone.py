@@ -37,14 +37,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device
 from rlhfkit.rewards.reward_model import (
-    SEQUENCE_KINDS,
     SHARED_KIND,
     SPEC_FORMAT,
     EncodedPair,
     RewardModel,
-    check_segment_pooling,
     kind_spec,
+    load_reward_model,
+    read_spec,
 )
 
 if TYPE_CHECKING:
@@ -231,8 +232,6 @@ def new_multi_aspect_model(kinds: dict[str, str], backbone: str, *, device: torc
     """A model to train: `backbone` (a hub id or directory, fp32 weights) with a fresh head per aspect."""
     from transformers import AutoModel
 
-    from rlhfkit.models import load_pretrained
-
     base = load_pretrained(AutoModel, backbone, dtype="float32", device=str(device), trust_remote_code=trust_remote_code)
     return MultiAspectRewardModel(base, kinds).to(device)
 
@@ -275,22 +274,9 @@ def aspect_spec(spec: dict, aspect: str) -> dict:
     return {**{k: spec.get(k) for k in SHARED_KEYS}, **spec["aspects"][aspect], "aspect": aspect, "shared_backbone": True}
 
 
-def check_shared_spec(spec: dict, spec_path: Path) -> None:
-    aspects = spec.get("aspects")
-    if not isinstance(aspects, dict) or not aspects:
-        raise RlhfkitError(f"{spec_path}: a {SHARED_KIND} reward model lists its aspects under 'aspects'; re-save it with `rlhfkit train-rm`")
-    for aspect, entry in aspects.items():
-        kind = entry.get("kind") if isinstance(entry, dict) else None
-        if kind not in ("segment", *SEQUENCE_KINDS):
-            raise RlhfkitError(f"{spec_path}: aspect {aspect!r} has kind {kind!r}; valid: segment, {', '.join(SEQUENCE_KINDS)}")
-        check_segment_pooling(entry, spec_path, aspect)
-
-
 def load_aspect_reward_models(path: str | os.PathLike, spec: dict, *, device: torch.device, dtype: str = "auto") -> dict[str, RewardModel]:
     """Every aspect of a shared-backbone reward model directory, sharing one scorer."""
     from transformers import AutoModel
-
-    from rlhfkit.models import load_pretrained, load_tokenizer
 
     tokenizer = load_tokenizer(str(path), padding_side="right")
     backbone = load_pretrained(AutoModel, str(path), dtype=dtype, device=str(device))
@@ -298,3 +284,13 @@ def load_aspect_reward_models(path: str | os.PathLike, spec: dict, *, device: to
     model.load_heads(path)
     model.heads.to(device=device, dtype=next(backbone.parameters()).dtype)
     return aspect_reward_models(model, tokenizer, spec, device)
+
+
+def load_reward_models(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
+    """{aspect: RewardModel} of a directory: its one aspect, or every aspect of a shared-backbone
+    model (scored together: one forward pass per batch for all of them)."""
+    spec = read_spec(path)
+    if spec["kind"] != SHARED_KIND:
+        rm = load_reward_model(path, device=device, dtype=dtype)
+        return {rm.aspect: rm}
+    return load_aspect_reward_models(path, spec, device=resolve_device(None if device is None else str(device)), dtype=dtype)

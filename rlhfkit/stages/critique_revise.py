@@ -71,12 +71,12 @@ from pathlib import Path
 import torch
 
 from rlhfkit.chat import MESSAGES_KEY, load_chat_template, override_chat_template, render_prompt
-from rlhfkit.config import REQUIRED, build_config, check_sampling, config_to_dict, opt
+from rlhfkit.config import REQUIRED, build_config, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
-from rlhfkit.io import save_png, write_json, write_text
+from rlhfkit.io import config_to_dict, save_png, write_json, write_text
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.metrics import win_rate
 from rlhfkit.models import load_policy, resolve_device

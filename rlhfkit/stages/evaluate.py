@@ -66,10 +66,10 @@ from rlhfkit.rewards.reward_model import (
     SEQUENCE_KINDS,
     SHARED_KIND,
     load_reward_model,
-    load_reward_models,
     read_spec,
     spec_aspects,
 )
+from rlhfkit.rewards.shared_backbone import load_reward_models
 from rlhfkit.rewards.sources import canonical_name, parse_named
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
 from rlhfkit.schema import Generation, PromptRecord, load_records, write_records

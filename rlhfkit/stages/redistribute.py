@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhfkit.config import REQUIRED, check_numbers, config_to_dict, opt
+from rlhfkit.config import REQUIRED, check_numbers, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import write_json, write_text
+from rlhfkit.io import config_to_dict, write_json, write_text
 from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.rewards.sources import GRANULARITIES, RewardModelSource
 from rlhfkit.runs import package_versions, progress_bar, set_seed

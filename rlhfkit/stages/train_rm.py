@@ -81,6 +81,7 @@ from rlhfkit.rewards.data import (
 )
 from rlhfkit.rewards.losses import make_count_fn, make_loss_fn, make_shared_loss_fn
 from rlhfkit.rewards.presets import (
+    KINDS,
     AspectPreset,
     RMSettings,
     aspect_preset,
@@ -88,7 +89,6 @@ from rlhfkit.rewards.presets import (
     training_defaults,
 )
 from rlhfkit.rewards.reward_model import (
-    KINDS,
     SHARED_KIND,
     RewardModel,
     load_reward_model,
