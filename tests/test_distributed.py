@@ -418,6 +418,7 @@ def _two_process_worker(rank: int, world_size: int, port: int, out_dir: str, thr
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
+    from rlhfkit.rewards.placement import normalize_per_source
     from rlhfkit.rl.advantages import masked_whiten
 
     if not through_deepspeed:
@@ -433,8 +434,15 @@ def _two_process_worker(rank: int, world_size: int, port: int, out_dir: str, thr
     # rollouts [3, 4, 5]. Global token mean (1*2 + 4*1) / 3 = 2, rollout mean 15 / 5 = 3.
     means = token_means({"loss": torch.tensor(1.0 + 3 * rank)}, torch.tensor(2.0 - rank))
     rollout_mean = mean_over_processes(torch.tensor([[1.0, 2.0], [3.0, 4.0, 5.0]][rank]))
+    # --normalize-rewards per-source over the global batch: rank 0 holds the dense row with
+    # sum 0.8 over 4 tokens, rank 1 the row with sum 1.6 over 12 (test_reward_normalization).
+    from tests.test_reward_normalization import dense_rows
+
+    rewards, given = dense_rows()
+    normalized = normalize_per_source({"dense": rewards[rank : rank + 1]}, {"dense": given[rank : rank + 1]}, all_reduce=all_reduce_sum)
     barrier()
     result = {"summed": summed.tolist(), "whitened": whitened.tolist(), "main": is_main_process(),
+              "normalized": normalized["dense"][0].tolist(),
               "token_mean": means["loss"], "rollout_mean": rollout_mean, "tokens": sum_over_processes(torch.tensor(2.0 - rank))}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -453,6 +461,10 @@ def run_two_processes(out_dir, through_deepspeed: bool) -> None:
     whitened = [x for r in ranks for x in r["whitened"][0]]
     assert whitened == pytest.approx([(v - 2.5) / std for v in (1, 2, 3, 4)], abs=1e-5)
     assert [(r["token_mean"], r["rollout_mean"], r["tokens"]) for r in ranks] == [(2.0, 3.0, 3.0)] * 2
+    # Each rank alone has one row (std 0: all zeros); together, the global batch's values.
+    from tests.test_reward_normalization import DENSE_ROW_0, DENSE_ROW_1, TOL
+
+    assert [r["normalized"] for r in ranks] == [pytest.approx(DENSE_ROW_0, abs=TOL), pytest.approx(DENSE_ROW_1, abs=TOL)]
 
 
 def test_two_gloo_processes_sum_and_whiten_globally(tmp_path):
