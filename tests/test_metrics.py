@@ -265,3 +265,16 @@ def test_pairwise_intervals_by_hand():
     }
     assert pairwise_intervals(["a", "b"], [True, True], seed=3)["pairwise_accuracy_ci95"] == [1.0, 1.0]
     assert pairwise_intervals(["a", "a"], [True, False], seed=0)["pairwise_accuracy_ci95"] is None
+
+
+def test_ratio_and_distinct_statistics_of_resampled_prompts():
+    from rlhfkit.metrics import distinct_n_statistic, ratio_statistic
+
+    # Items of prompts p, p, q with values 1, 0, 1 (denominators 1): all items 2/3; p drawn
+    # twice (1 + 0) x 2 / 4 = 1/2; q drawn twice 1.
+    units, ratio = ratio_statistic(["p", "p", "q"], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0])
+    assert units == 2
+    assert ratio(np.array([[0, 1], [0, 0], [1, 1]])).tolist() == pytest.approx([2 / 3, 1 / 2, 1.0])
+    # distinct-1 of "a b" (prompt x) and "a c" (prompt y): all 3 distinct of 4; x twice: 2 of 4.
+    units, distinct = distinct_n_statistic(["x", "y"], ["a b", "a c"], 1)
+    assert distinct(np.array([[0, 1], [0, 0], [1, 1]])).tolist() == pytest.approx([0.75, 0.5, 0.5])

@@ -682,7 +682,7 @@ def _windows(steps: int, count: int = 4) -> list[tuple[int, int]]:
 def _learned_rm_view(metrics: dict, systems: list[str]) -> list[str]:
     """What the learned reward models said about the same responses (from evaluate)."""
     rows = metrics.get("systems", {})
-    keys = [k for k in ("error_rate/factuality", "error_rate/relevance", "reward/completeness", "reward/preference")
+    keys = [k for k in ("error_rate/factuality", "error_rate/relevance", "reward/raw/completeness", "reward/raw/preference")
             if any(k in rows.get(s, {}) for s in systems)]
     if not keys:
         return []
