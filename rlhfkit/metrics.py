@@ -20,7 +20,9 @@ Reward-model metrics (train-rm's rm_metrics.json), below the corpus metrics:
   error class's precision/recall/F1);
 - `bootstrap_interval`: a seeded percentile-bootstrap interval (scipy.stats.bootstrap) of any
   statistic of resampled independent units (e.g. a prompt with all its records), and the
-  RMs' intervals built on it (`segment_intervals`, `pairwise_intervals`);
+  RMs' intervals built on it (`segment_intervals`, `pairwise_intervals`,
+  `regression_intervals`), and evaluate's `ratio_statistic` / `distinct_n_statistic` of
+  resampled prompts (`prompt_interval` turns any of them into a 95% interval);
 - the verdicts: `beats_baseline` (point estimates), `beats_baseline_clearly` (the interval).
 """
 
@@ -393,6 +395,17 @@ def pairwise_intervals(prompts: Sequence[str], correct: Sequence[bool], seed: in
     return {"pairwise_accuracy_ci95": prompt_interval(pairwise_accuracy, units, seed, draws), "bootstrap_prompts": units}
 
 
+def regression_intervals(
+    prompts: Sequence[str], predictions: Sequence[float], targets: Sequence[float], baseline: float, seed: int,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> dict[str, Any]:
+    """95% bootstrap interval over prompts of (MSE of predicting `baseline` for every item -
+    the RM's MSE): above 0 where the RM is clearly better than predicting the mean."""
+    gains = [(baseline - t) ** 2 - (p - t) ** 2 for p, t in zip(predictions, targets)]
+    units, gain = ratio_statistic(prompts, gains, [1.0] * len(gains))
+    return {"baseline_mse_minus_mse_ci95": prompt_interval(gain, units, seed, draws), "bootstrap_prompts": units}
+
+
 def beats_baseline(metrics: dict[str, Any]) -> bool | None:
     """Whether the point estimate is better than the trivial baseline (noise included)."""
     if "majority_baseline_accuracy" in metrics:
@@ -406,9 +419,11 @@ def beats_baseline(metrics: dict[str, Any]) -> bool | None:
 
 def beats_baseline_clearly(metrics: dict[str, Any]) -> bool | None:
     """Whether the 95% bootstrap interval lies above the baseline (False without an interval,
-    None for metrics that have none: regression RMs, no held-out data)."""
+    None for metrics that have none: no held-out data)."""
     if "accuracy_minus_baseline_ci95" in metrics:
         interval, baseline = metrics["accuracy_minus_baseline_ci95"], 0.0
+    elif "baseline_mse_minus_mse_ci95" in metrics:
+        interval, baseline = metrics["baseline_mse_minus_mse_ci95"], 0.0
     elif "pairwise_accuracy_ci95" in metrics:
         interval, baseline = metrics["pairwise_accuracy_ci95"], metrics["pairwise_baseline_accuracy"]
     else:
