@@ -425,3 +425,17 @@ def test_value_lr_zero_freezes_the_value_model(tiny_model_dir, run_cli, prompts_
     monkeypatch.setattr(ppo_stage, "make_optimizer", lambda model, lr, **kw: lrs.append(lr) or real(model, lr, **kw))
     ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "v", "--lr", "1e-3", "--value-lr", "0", "--steps", "1")
     assert lrs == [1e-3, 0.0]  # policy, then the value model: 0 is not "unset"
+
+
+def test_whiten_rewards_help_says_where_it_differs_from_the_reference():
+    # The reference divides by sqrt(std); rlhfkit by the std (test_rl_math's
+    # test_masked_whiten_without_shift_keeps_the_mean: std sqrt(2.5)). The help must not claim
+    # to do what the reference does.
+    import dataclasses
+
+    from rlhfkit.stages.ppo import PPOConfig
+
+    [field] = [f for f in dataclasses.fields(PPOConfig) if f.name == "whiten_rewards"]
+    text = field.metadata["help"]
+    assert "as the reference's whiten_rewards does" not in text
+    assert "square root of their std" in text and "divides by the std" in text

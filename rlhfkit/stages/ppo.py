@@ -182,9 +182,10 @@ class PPOConfig:
     entropy_coef: float = opt(0.0, "Entropy bonus weight.")
     whiten_rewards: bool = opt(
         False,
-        "gae: scale the KL-penalised per-token rewards to unit std over the batch's tokens (mean kept) before GAE, as "
-        "the reference's whiten_rewards does. Off by default: for sparse rewards it scales by ~sqrt(length), which "
-        "the 0.2 value clip then cannot follow.",
+        "gae: scale the KL-penalised per-token rewards to unit std over the global batch's tokens (mean kept) before "
+        "GAE. The reference's whiten_rewards whitens the same rewards but divides by the square root of their std (a "
+        "bug: the result keeps a std of sqrt(std), not 1); rlhfkit divides by the std, what whitening means. Off by "
+        "default: for sparse rewards it scales by ~sqrt(length), which the 0.2 value clip then cannot follow.",
     )
     kl_logprobs: str = opt(
         "untempered",
