@@ -28,7 +28,15 @@ from rlhfkit.rewards.shared_backbone import (
     load_reward_models,
 )
 from rlhfkit.rewards.sources import build_reward_sources, canonical_name, parse_named, parse_weights
-from rlhfkit.schema import Preference, PromptRecord, Span, SpanFeedback, load_records, write_records
+from rlhfkit.schema import (
+    Generation,
+    Preference,
+    PromptRecord,
+    Span,
+    SpanFeedback,
+    load_records,
+    write_records,
+)
 from rlhfkit.stages.train_rm import TrainRMConfig
 
 # float32 arithmetic on a handful of values: a few ulps of ~1, far below 1e-6.
@@ -311,3 +319,47 @@ def test_a_sequence_aspect_can_be_redistributed(fg_model):
     [whole] = load_reward_models(fg_model, device="cpu")["completeness"].score(["question 1?"], [response])
     assert rewards.sum().item() == pytest.approx(whole.values[0] - prompt_scores[0].item(), abs=1e-5)
     assert whole.values[0] != pytest.approx(prompt_scores[0].item(), abs=1e-3)  # a non-trivial sum
+
+
+def test_audit_and_redistribute_load_real_reward_model_directories(run_cli, fg_model, fg_data, tiny_model_dir, tmp_path):
+    """`evaluate --audit-rm` and `redistribute` on saved RMs (a shared-backbone one, whose
+    aspects are fg.ASPECT, and a single factuality RM), no stand-ins: the expected figures are
+    recomputed from each RM's own scores of the rollouts and the judge's rule ('bad' marks a
+    false sentence; tests.judges.audit_truth)."""
+    from tests.test_audit import ROLLOUTS
+
+    rollouts = tmp_path / "run" / "rollouts.jsonl"
+    rollouts.parent.mkdir()
+    write_records(rollouts, [Generation(id=f"r{i}", prompt=p, response=r, meta={"step": s}) for i, (s, p, r) in enumerate(ROLLOUTS)])
+    single = tmp_path / "fact-rm"
+    result = run_cli("train-rm", "--aspect", "factuality", "--data", fg_data / "spans.jsonl", "--model", tiny_model_dir,
+                     "--out", single, "--max-steps", "2", "--batch-size", "4", "--max-length", "96", "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "audit"
+    result = run_cli("evaluate", "--audit-rm", f"fg={fg_model}", "--audit-rm", f"solo={single}",
+                     "--audit-judge", "py:tests.judges:audit_truth", "--rollouts", f"arm={rollouts}", "--out", out)
+    assert result.exit_code == 0, result.output
+    audited = json.loads((out / "audit.json").read_text())["runs"]["arm"]["rms"]
+    assert set(audited) == {"fg.factuality", "fg.relevance", "fg.completeness", "solo"}
+    rms = {"fg.factuality": load_reward_models(fg_model, device="cpu")["factuality"],
+           "solo": load_reward_models(single, device="cpu")["factuality"]}
+    for name, rm in rms.items():
+        for step, row in zip((0, 1), audited[name]):
+            rows = [(p, r) for s, p, r in ROLLOUTS if s == step]
+            scored = rm.error_probabilities([p for p, _ in rows], [r for _, r in rows])
+            agree = [(prob > 0.5) == ("bad" in seg.text) for segments, probs in scored for seg, prob in zip(segments, probs)]
+            assert row["segments"] == len(agree) and row["accuracy"] == pytest.approx(sum(agree) / len(agree), abs=1e-12)
+
+    # redistribute: the shared model's one sequence aspect (completeness); each record's
+    # sequence score is the prompt score plus the token rewards, which telescope to the score
+    # the head gives the whole response (6-decimal rounding of <= 30 values: 1e-4).
+    out = tmp_path / "r3hf.jsonl"
+    result = run_cli("redistribute", "--rm", fg_model, "--input", rollouts, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    completeness = load_reward_models(fg_model, device="cpu")["completeness"]
+    records = load_records(out, "generation")
+    whole = completeness.score([r.prompt for r in records], [r.response for r in records])
+    for record, scored in zip(records, whole):
+        assert record.meta["sequence_score"] == pytest.approx(scored.values[0], abs=1e-4)
+    result = run_cli("redistribute", "--rm", fg_model, "--aspect", "factuality", "--input", rollouts, "--out", out)
+    assert result.exit_code == 2 and "--aspect factuality: not a sequence aspect of" in result.output and "valid: completeness" in result.output

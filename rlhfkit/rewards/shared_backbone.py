@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device
 from rlhfkit.rewards.reward_model import (
+    SEQUENCE_KINDS,
     SHARED_KIND,
     SPEC_FORMAT,
     EncodedPair,
@@ -294,3 +295,37 @@ def load_reward_models(path: str | os.PathLike, *, device: str | torch.device | 
         rm = load_reward_model(path, device=device, dtype=dtype)
         return {rm.aspect: rm}
     return load_aspect_reward_models(path, spec, device=resolve_device(None if device is None else str(device)), dtype=dtype)
+
+
+def load_named_reward_models(paths: dict[str, str], *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
+    """{name: RewardModel} of named RM directories, where a shared-backbone model's aspects are
+    named NAME.ASPECT (as `--rm NAME=DIR` expands them): each directory is loaded once."""
+    loaded: dict[str, dict[str, RewardModel]] = {}
+    out = {}
+    for name, path in paths.items():
+        if path not in loaded:
+            loaded[path] = load_reward_models(path, device=device, dtype=dtype)
+        aspects = loaded[path]
+        out[name] = aspects[name.rpartition(".")[2]] if read_spec(path)["kind"] == SHARED_KIND else next(iter(aspects.values()))
+    return out
+
+
+def load_sequence_aspect(path: str, aspect: str | None, option: str, *, device: str | torch.device | None = None,
+                         dtype: str = "auto") -> RewardModel:
+    """The sequence-level RM of a directory: its one RM, or the `aspect` of a shared-backbone
+    model (which may be left out when the model has one sequence aspect)."""
+    spec = read_spec(path)
+    if spec["kind"] != SHARED_KIND:
+        if aspect is not None and aspect != spec["aspect"]:
+            raise RlhfkitError(f"{option} {path}: a single-aspect {spec['aspect']} reward model has no aspect {aspect!r}")
+        return load_reward_model(path, device=device, dtype=dtype)
+    sequence = [name for name, entry in spec["aspects"].items() if entry["kind"] in SEQUENCE_KINDS]
+    if aspect is None and len(sequence) != 1:
+        raise RlhfkitError(
+            f"{option} {path} is a shared-backbone reward model with sequence aspects {', '.join(sequence) or 'none'}; "
+            "name the one to use with --aspect"
+        )
+    chosen = aspect or sequence[0]
+    if chosen not in sequence:
+        raise RlhfkitError(f"--aspect {chosen}: not a sequence aspect of {path}; valid: {', '.join(sequence) or 'none'}")
+    return load_reward_models(path, device=device, dtype=dtype)[chosen]
