@@ -368,15 +368,44 @@ def test_rewards_are_whitened_after_the_kl_penalty(monkeypatch, make_tiny_model,
     assert (x[not_last] != 0).all()
 
 
+def often_stopping(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny GPT-2 that ends its responses early and at varied lengths: with the
+    final LayerNorm's bias 2u and the (tied) EOS embedding 2u for a unit vector u, the EOS
+    logit is 2 x.u + 4 (x.u ~ N(0, 1) for a normalised hidden x), against ~0 for the other
+    1,023 tokens: P(EOS) ~ e^4 / (e^4 + 1023) ~ 5% per token at x.u = 0, far more or less as
+    x moves (seed 9: lengths 1, 4, 1, 6)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    copy = tmp_path / "often-stopping"
+    shutil.copytree(model_dir, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    eos = AutoTokenizer.from_pretrained(copy).eos_token_id
+    [bias_key] = [k for k in weights if k.endswith("ln_f.bias")]
+    [embedding_key] = [k for k in weights if k.endswith("wte.weight")]
+    u = torch.zeros_like(weights[bias_key])
+    u[0] = 1.0
+    weights[bias_key] = 2 * u
+    weights[embedding_key][eos] = 2 * u
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
 def test_gradient_accumulation_takes_the_step_of_one_big_minibatch(tiny_model_dir, run_cli, prompts_file, tmp_path):
     # 4 rollouts per step: one minibatch of 4 vs two minibatches of 2 accumulated. Each
     # minibatch loss is a token mean weighted by its share of the tokens, so the accumulated
     # gradient is the token mean over all 4: the same pre-clip gradient norm (float32
-    # summation order only: relative 1e-5) and the same weights after the step.
-    common = ("--steps", "1", "--ppo-epochs", "1", "--lr", "1e-3", "--seed", "9")
-    one = ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "one", *common, "--minibatch-size", "4")
-    two = ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "two", *common, "--minibatch-size", "2", "--grad-accum", "2")
+    # summation order only: relative 1e-5) and the same weights after the step. The rollouts
+    # have different lengths (checked), so the two minibatches hold different token counts
+    # and a plain mean of the minibatch means would give another gradient (checked: grad norm
+    # 255.6 against 109.5).
+    policy = often_stopping(tiny_model_dir, tmp_path)
+    common = ("--steps", "1", "--ppo-epochs", "1", "--lr", "1e-3", "--seed", "9", "--log-rollouts", "4")
+    one = ppo(run_cli, policy, prompts_file, tmp_path / "one", *common, "--minibatch-size", "4")
+    two = ppo(run_cli, policy, prompts_file, tmp_path / "two", *common, "--minibatch-size", "2", "--grad-accum", "2")
     assert one[0]["reward/total"] == two[0]["reward/total"]  # the same rollouts
+    lengths = [len(json.loads(line)["tokens"]) for line in (tmp_path / "one" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(set(lengths)) > 1, lengths
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
     from safetensors.torch import load_file
 
