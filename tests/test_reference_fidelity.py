@@ -323,25 +323,43 @@ def test_lr_zero_gives_zero_kl_and_no_clipping_for_every_architecture(arch, make
         assert abs(row["approx_kl"]) <= 1e-6 and row["clipfrac"] == 0.0 and abs(row["kl"]) <= 1e-6, row
 
 
-def test_kl_uses_untempered_logprobs_by_default(monkeypatch, tiny_model_dir, run_cli, prompts_file, tmp_path):
+def test_kl_uses_untempered_logprobs_by_default(monkeypatch, make_tiny_model, run_cli, prompts_file, tmp_path):
     from rlhfkit.stages import ppo as ppo_stage
 
-    temperatures = []
+    temperatures, inputs = [], []
     real = ppo_stage.logprobs_from_logits
 
     def recording(logits, tokens, temperature=1.0):
         temperatures.append(temperature)
+        inputs.append((logits.detach().clone(), tokens.clone()))
         return real(logits, tokens, temperature)
 
+    def expected_kl(policy_call: int, reference_call: int, temperature: float) -> float:
+        # By hand from the recorded logits: per rollout, the sum over its tokens of
+        # log_softmax(policy / T) - log_softmax(reference / T) at the sampled token; the mean
+        # over rollouts (every response is 10 tokens here: no EOS from the tiny model).
+        (policy_logits, tokens), (reference_logits, _) = inputs[policy_call], inputs[reference_call]
+        def logp(logits):
+            return torch.log_softmax(logits.double() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return (logp(policy_logits) - logp(reference_logits)).sum(dim=1).mean().item()
+
     monkeypatch.setattr(ppo_stage, "logprobs_from_logits", recording)
-    ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "a", "--temperature", "0.5", "--steps", "1", "--ppo-epochs", "1")
+    policy, reference = make_tiny_model("gpt2"), make_tiny_model("gpt2", seed=1)  # a reference apart: KL not 0
+    [row] = ppo(run_cli, policy, prompts_file, tmp_path / "a", "--temperature", "0.5", "--steps", "1", "--ppo-epochs", "1",
+                "--ref", reference)
     # Rollout pass: the ratio's log-probs at 0.5, the KL's at 1 (the reference's raw
     # softmax); the reference at 1; then 2 minibatches at 0.5 (GAE: KL is not in the loss).
     assert temperatures == [0.5, 1.0, 1.0, 0.5, 0.5]
+    # The logged KL is the untempered one (float32 log-probs summed over 10 tokens: 1e-4),
+    # and measurably not the tempered one.
+    untempered, tempered = expected_kl(1, 2, 1.0), expected_kl(1, 2, 0.5)
+    assert row["kl"] == pytest.approx(untempered, abs=1e-4) and abs(untempered - tempered) > 1e-2
     temperatures.clear()
-    ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "b", "--temperature", "0.5", "--steps", "1",
-        "--ppo-epochs", "1", "--kl-logprobs", "tempered")
+    inputs.clear()
+    [row] = ppo(run_cli, policy, prompts_file, tmp_path / "b", "--temperature", "0.5", "--steps", "1",
+                "--ppo-epochs", "1", "--kl-logprobs", "tempered", "--ref", reference)
     assert temperatures == [0.5, 0.5, 0.5, 0.5]
+    assert row["kl"] == pytest.approx(expected_kl(0, 1, 0.5), abs=1e-4)
 
 
 def test_rewards_are_whitened_after_the_kl_penalty(monkeypatch, make_tiny_model, run_cli, prompts_file, tmp_path):
