@@ -28,6 +28,8 @@ resampled together; rlhfkit.metrics.bootstrap_interval, seeded by --seed) of eve
 is "A clearly better" / "B clearly better" only when the interval excludes 50%. The best
 system of each column is "clearly" best when the interval of its difference to the runner-up
 (the same resamples for both) excludes 0. With fewer than 2 prompts there is no interval.
+distinct-n's interval sits at or below its value: a prompt drawn twice repeats its n-grams,
+which only lowers the distinct share, so read it as the range below the value.
 
 Reward-hacking audit (rlhfkit.audit): `--audit-rm NAME=DIR` (repeatable) `--audit-judge
 py:module:function` `--rollouts [NAME=]RUN/rollouts.jsonl` (repeatable) replays PPO's logged
