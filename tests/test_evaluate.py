@@ -335,3 +335,15 @@ def test_weights_give_weighted_values_and_a_total(tmp_path, run_cli, reward_mode
     assert alpha["reward/weighted/factuality"] == pytest.approx(-0.5 * alpha["reward/raw/factuality"], abs=1e-12)
     assert alpha["reward/total"] == pytest.approx(alpha["reward/raw/preference"] - 0.5 * alpha["reward/raw/factuality"], abs=1e-12)
     assert "factuality reward (penalised)" in (out / "results.md").read_text()
+
+
+def test_published_reward_columns_use_todays_names(tmp_path):
+    from rlhfkit.paper_tables import load_paper_table
+
+    # a paper's reward/NAME is a score in its RM's units: evaluate's reward/raw/NAME, aliases resolved
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps({"rows": [{"system": "FG", "metrics": {
+        "reward/fact": 0.5, "reward/weighted/comp": 1.0, "reward/total": 2.0, "error_rate/rel": 0.1}}]}))
+    [row] = load_paper_table(paper)["rows"]
+    assert row["metrics"] == {"reward/raw/factuality": 0.5, "reward/weighted/completeness": 1.0, "reward/total": 2.0,
+                              "error_rate/relevance": 0.1}
