@@ -159,20 +159,24 @@ def test_imports_are_found_inside_functions_and_in_every_spelling(tmp_path, monk
     assert expected <= imported_modules(path)
 
 
+def made_up_package(tmp_path, monkeypatch, files: dict[str, str]) -> None:
+    """The rules read `files` ({path in the package: source}) as the package."""
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "rlhfkit")
+    for name, text in files.items():
+        (tmp_path / "rlhfkit" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "rlhfkit" / name).write_text(text)
+
+
 def test_each_rule_names_a_breach(tmp_path, monkeypatch):
     """A made-up package that breaks each rule once: every rule fails, naming the file and the import."""
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "rlhfkit")
-    files = {
+    made_up_package(tmp_path, monkeypatch, {
         "recipes.py": "def table():\n    from rlhfkit.stages.evaluate import load_paper_table\n",
         "cli.py": "import rlhfkit.stages.ppo\n",  # registers the stages: allowed
         "stages/ppo.py": "from rlhfkit.stages import evaluate\n",
         "stages/evaluate.py": "from rlhfkit.metrics import rouge_l\n",
         "rl/advantages.py": "import numpy\nimport torch\n",
         "rl/losses.py": "from rlhfkit.rl.advantages import whiten\n",
-    }
-    for name, text in files.items():
-        (tmp_path / "rlhfkit" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "rlhfkit" / name).write_text(text)
+    })
     for rule, breach in [
         (test_the_core_imports_no_stage, "rlhfkit/recipes.py imports rlhfkit.stages.evaluate"),
         (test_no_stage_imports_another_stage, "rlhfkit/stages/ppo.py imports rlhfkit.stages.evaluate"),
@@ -184,15 +188,11 @@ def test_each_rule_names_a_breach(tmp_path, monkeypatch):
 
 
 def test_a_cycle_through_a_function_level_import_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "rlhfkit")
-    files = {
+    made_up_package(tmp_path, monkeypatch, {
         "__init__.py": "",
         "config.py": "from rlhfkit.runs import RunDir\n",
         "runs.py": "def load():\n    from rlhfkit import config\n",
         "io.py": "import json\n",
-    }
-    for name, text in files.items():
-        (tmp_path / "rlhfkit" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "rlhfkit" / name).write_text(text)
+    })
     with pytest.raises(AssertionError, match="rlhfkit.config -> rlhfkit.runs -> rlhfkit.config"):
         test_no_import_cycles()
