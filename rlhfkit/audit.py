@@ -39,8 +39,8 @@ from rlhfkit.rewards.reward_model import (
     SEQUENCE_KINDS,
     RewardModel,
     judged_errors,
-    load_reward_model,
 )
+from rlhfkit.rewards.shared_backbone import load_named_reward_models
 from rlhfkit.schema import Generation, read_records
 from rlhfkit.segment import label_segments
 
@@ -293,7 +293,7 @@ def run_audit(out: str | Path, rm_paths: dict[str, str], judge: str, rollouts: S
     Inputs are read and checked before any model loads."""
     judge_fn = load_judge(judge)
     runs = {name: (path, read_rollouts(path)) for name, path in parse_rollouts(rollouts).items()}
-    rms = {name: load_reward_model(path, device=device, dtype=dtype) for name, path in rm_paths.items()}
+    rms = load_named_reward_models(rm_paths, device=device, dtype=dtype)
     audits = audit_runs(rms, judge_fn, runs, batch_size)
     return write_audit(out, audits, {name: rm.kind for name, rm in rms.items()}, judge)
 

@@ -97,7 +97,7 @@ EXAMPLES = {
     ],
     "launch": [
         "rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml --deepspeed zero2",
-        "rlhfkit launch --dry-run --gpus 8 -- sft --model gpt2 --data demos.jsonl --out runs/sft",
+        "rlhfkit launch --dry-run --gpus 8 -- sft --model gpt2 --data demos.jsonl --out runs/sft --deepspeed zero2",
     ],
 }
 

@@ -64,21 +64,6 @@ PANEL_OF = {name: panel for panel, names in _PANEL_FIELDS.items() for name in na
 """The panel of an option by its name, unless its `opt(panel=...)` says otherwise."""
 
 
-def config_to_dict(cfg: Any) -> dict:
-    """The resolved config as plain JSON-able data (paths become strings)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
 def load_config_file(path: str | Path, cfg_cls: type) -> dict:
     """Read a YAML/JSON config whose keys are option names (dashes or underscores)."""
     path = Path(path)

@@ -7,6 +7,7 @@ renamed into place only once it is complete (rename is atomic on POSIX filesyste
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -101,3 +102,19 @@ def save_png(figure, path: str | os.PathLike) -> None:
     figure.savefig(buffer, format="png")
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A resolved stage config (a dataclass) as plain JSON-able data (paths become strings), as
+    run_config.json and the artifacts' "config" keep it."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

@@ -42,10 +42,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from rlhfkit.config import config_to_dict
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError, output_error
-from rlhfkit.io import append_lines, write_json, write_text
+from rlhfkit.io import append_lines, config_to_dict, write_json, write_text
 from rlhfkit.schema import read_json_file, read_json_lines
 from rlhfkit.tracking import open_trackers
 
@@ -341,10 +340,35 @@ class RunDir:
         return target
 
 
-# Metrics a progress bar or line shows when a stage passes them, in this order: name, format.
+# How every log names a reward (metrics.jsonl, trackers, the progress line, evaluate, compare):
+# reward/raw/SOURCE is the reward model's own score (its units; per response, summed over the
+# positions it rewards), reward/normalized/SOURCE the value after --normalize-rewards (only
+# with it), reward/weighted/SOURCE the weight x that value which enters the total, and
+# reward/total the sum of the weighted values (plus ppo's --truncation-penalty where it applies).
+RAW_REWARD_PREFIX = "reward/raw/"
+NORMALIZED_REWARD_PREFIX = "reward/normalized/"
+WEIGHTED_REWARD_PREFIX = "reward/weighted/"
+TOTAL_REWARD_KEY = "reward/total"
+
+
+def raw_reward_key(source: str) -> str:
+    return RAW_REWARD_PREFIX + source
+
+
+def normalized_reward_key(source: str) -> str:
+    return NORMALIZED_REWARD_PREFIX + source
+
+
+def weighted_reward_key(source: str) -> str:
+    return WEIGHTED_REWARD_PREFIX + source
+
+
+# Metrics a progress bar or line shows when a stage passes them, in this order: name, format
+# (after reward/total, each source's raw score: its normalised and weighted values are not
+# in the reward model's units).
 PROGRESS_FIELDS = (
     ("loss", "loss {:.4f}"),
-    ("reward/total", "reward {:+.4f}"),
+    (TOTAL_REWARD_KEY, "reward {:+.4f}"),
     ("kl", "KL {:.4f}"),
     ("tokens_per_second", "{:,.0f} tokens/s"),
     ("samples_per_second", "{:,.1f} samples/s"),
@@ -360,6 +384,9 @@ def progress_status(metrics: Optional[dict]) -> str:
         value = (metrics or {}).get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             parts.append(template.format(value))
+        if key == TOTAL_REWARD_KEY:
+            parts += [f"{name.removeprefix(RAW_REWARD_PREFIX)} {value:+.4f} (raw)" for name, value in (metrics or {}).items()
+                      if name.startswith(RAW_REWARD_PREFIX) and isinstance(value, (int, float)) and math.isfinite(value)]
     return " · ".join(parts)
 
 

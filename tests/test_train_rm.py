@@ -476,17 +476,42 @@ def test_regression_rm_on_scores(run_cli, tiny_model_dir, tmp_path):
                      "--no-group-by-length")
     assert result.exit_code == 0, result.output
     assert read_json(out / SPEC_FILE)["kind"] == "regression"
-    held = read_json(out / METRICS_FILE)["held_out"]
-    # The seeded split holds out c8, c10, c12: targets 3, 0, 2, mean 5/3; predicting the mean
-    # errs by 4/3, 5/3, 1/3: MSE (16 + 25 + 1) / 9 / 3 = 14/9.
-    assert held["scores"] == 3
-    assert held["mean_baseline_mse"] == pytest.approx(14 / 9)
+    metrics = read_json(out / METRICS_FILE)
+    held = metrics["held_out"]
+    # The seeded split holds out c8, c10, c12: targets 3, 0, 2. The baseline predicts the
+    # training labels' mean: all 15 labels sum to 3 x (0 + 1 + 2 + 3 + 4) = 30, less 5 held
+    # out: 25 / 12. Its errors 11/12, -25/12, -1/12: MSE (121 + 625 + 1) / 144 / 3 = 747/432.
+    assert held["scores"] == 3 and held["mean_baseline_of"] == "training labels"
+    assert held["mean_baseline"] == pytest.approx(25 / 12)
+    assert held["mean_baseline_mse"] == pytest.approx(747 / 432)
     # The held-out MSE is the mean squared error of the saved RM's own predictions.
     rm = load_reward_model(out, device="cpu")
     predictions = rm.raw_scores(["question 8?", "question 10?", "question 12?"], ["word " * 4, "word ", "word " * 3])
     assert held["mse"] == pytest.approx(((predictions[0] - 3) ** 2 + predictions[1] ** 2 + (predictions[2] - 2) ** 2) / 3, rel=1e-5)
     # After 30 steps it has learned the length (measured: MSE 0.37).
     assert held["mse"] < held["mean_baseline_mse"] / 2
+    # The interval of (baseline MSE - RM MSE) over the 3 prompts: a resample of one prompt
+    # three times has probability 1/27 = 3.7% > 2.5%, so the ends are the worst and the best
+    # prompt's own gain (float32 predictions: 1e-5).
+    gains = [(25 / 12 - t) ** 2 - (p - t) ** 2 for p, t in zip(predictions, [3.0, 0.0, 2.0])]
+    assert held["baseline_mse_minus_mse_ci95"] == pytest.approx([min(gains), max(gains)], abs=1e-5)
+    assert metrics["beats_baseline_clearly"] == (min(gains) > 0)
+    # Scores in the labels' units: score() is the head's own output, no standardisation.
+    assert read_json(out / SPEC_FILE)["normalization"] == {"mean": 0.0, "std": 1.0, "computed_on": None, "units": "labels"}
+    scored = rm.score(["question 8?", "question 10?", "question 12?"], ["word " * 4, "word ", "word " * 3])
+    assert [s.values[0] for s in scored] == pytest.approx(predictions, abs=1e-6)
+
+    # --regression-scores standardized: (raw - mean) / std of the RM's scores on the training responses.
+    out = tmp_path / "standardized"
+    result = run_cli("train-rm", "--aspect", "length", "--kind", "regression", "--data", data, "--model", tiny_model_dir, "--out", out,
+                     "--max-length", "96", "--batch-size", "4", "--max-steps", "2", "--regression-scores", "standardized")
+    assert result.exit_code == 0, result.output
+    norm = read_json(out / SPEC_FILE)["normalization"]
+    assert norm["computed_on"] == "training responses" and norm["responses"] == 12
+    rm = load_reward_model(out, device="cpu")
+    [raw] = rm.raw_scores(["question 8?"], ["word " * 4])
+    [scored] = rm.score(["question 8?"], ["word " * 4])
+    assert scored.values[0] == pytest.approx((raw - norm["mean"]) / norm["std"], rel=1e-5)
 
 
 def test_responses_that_do_not_fit_are_counted(run_cli, tiny_model_dir, span_file, tmp_path):

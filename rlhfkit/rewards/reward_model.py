@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,23 +42,17 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
 from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
 from rlhfkit.rewards.placement import token_index_for_char_ends
+from rlhfkit.rewards.presets import KINDS, SEGMENT_POOLINGS, RMSettings
 from rlhfkit.schema import read_json_file
 from rlhfkit.segment import GRANULARITIES, SEGMENT_RM_GRANULARITIES, Segment, segment
 from rlhfkit.truncation import TRUNCATION_SIDES, kept_indices
 
-if TYPE_CHECKING:
-    from rlhfkit.rewards.presets import RMSettings
-
 SPEC_FILE = "rlhfkit_rm.json"
 SPEC_FORMAT = 1
-KINDS = ("segment", "preference", "regression")
 SEQUENCE_KINDS = ("preference", "regression")
 SHARED_KIND = "multi_aspect"  # rlhfkit.rewards.shared_backbone: several aspects on one backbone
 # Token-classification labels of a segment RM: index 1 is "this segment has an error".
 SEGMENT_LABELS = {0: "no_error", 1: "error"}
-# Where a segment RM reads a segment's logits: the token completing it (one token per segment,
-# as the reference's marker token), or the mean over all its tokens.
-SEGMENT_POOLINGS = ("end", "mean")
 
 
 @dataclass
@@ -633,15 +627,3 @@ def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | N
     model = load_pretrained(reward_model_class(spec["kind"]), str(path), dtype=dtype, device=str(target))
     model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model, tokenizer, spec, target)
-
-
-def load_reward_models(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
-    """{aspect: RewardModel} of a directory: its one aspect, or every aspect of a shared-backbone
-    model (scored together: one forward pass per batch for all of them)."""
-    spec = read_spec(path)
-    if spec["kind"] != SHARED_KIND:
-        rm = load_reward_model(path, device=device, dtype=dtype)
-        return {rm.aspect: rm}
-    from rlhfkit.rewards.shared_backbone import load_aspect_reward_models
-
-    return load_aspect_reward_models(path, spec, device=resolve_device(None if device is None else str(device)), dtype=dtype)

@@ -408,7 +408,8 @@ def _is_shared(spec: str) -> bool:
 
 def _shared_aspects(model_name: str, spec: str, device: torch.device, dtype: str) -> dict:
     """{aspect: RewardModel} of a shared-backbone --rm (an error for anything else)."""
-    from rlhfkit.rewards.reward_model import SHARED_KIND, load_reward_models, read_spec
+    from rlhfkit.rewards.reward_model import SHARED_KIND, read_spec
+    from rlhfkit.rewards.shared_backbone import load_reward_models
 
     if spec.startswith(("py:", "hf:")) or not Path(spec).exists():
         raise RlhfkitError(f"--rm {model_name}={spec}: NAME.ASPECT rewards need a shared-backbone reward-model directory here")

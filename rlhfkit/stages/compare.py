@@ -4,6 +4,12 @@ Reads each run directory's `metrics.jsonl` (and `run_config.json` for the stage'
 writes either a PNG of the metric's curves over the steps, one line per run, or a markdown
 table of the figures people quote: the first and last logged value and the change between.
 Rows without a step, and values written as strings (non-finite numbers), are left out.
+
+Rewards go by rlhfkit.runs' names (reward/raw/NAME, reward/normalized/NAME,
+reward/weighted/NAME, reward/total). A PPO run from before those names logged only the
+weighted value, as reward/NAME (eval/reward_NAME, eval/reward_total): it is read as
+reward/weighted/NAME (eval/reward/weighted/NAME, eval/reward/total), and compare says so; such
+a run has no raw score.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import atomic_write, write_text
+from rlhfkit.runs import RAW_REWARD_PREFIX, TOTAL_REWARD_KEY, weighted_reward_key
 from rlhfkit.schema import read_json_file, read_json_lines
 
 OUT_KINDS = (".png", ".md")
 # What a run is compared on when --metric is not given: the first every run has.
-DEFAULT_METRICS = ("reward/total", "loss", "eval_loss")
+DEFAULT_METRICS = (TOTAL_REWARD_KEY, "loss", "eval_loss")
+REWARD_NAME_KINDS = ("raw", "normalized", "weighted")
 
 
 @dataclass
@@ -47,6 +55,21 @@ class RunCurves:
     stage: str
     # metric -> [(step, value)] in the order logged
     series: dict[str, list[tuple[int, float]]]
+    # the run logged the rewards under their names before reward/raw|normalized|weighted
+    old_reward_names: bool = False
+
+
+def current_reward_key(key: str) -> str:
+    """An old PPO log's reward key by today's name: reward/NAME and eval/reward_NAME held the
+    weighted value; reward/total and eval/reward_total the total. Other keys as they are."""
+    if key == "eval/reward_total":
+        return f"eval/{TOTAL_REWARD_KEY}"
+    if key.startswith("eval/reward_"):
+        return "eval/" + weighted_reward_key(key.removeprefix("eval/reward_"))
+    prefix, _, name = key.partition("/")
+    if prefix == "reward" and key != TOTAL_REWARD_KEY and name.partition("/")[0] not in REWARD_NAME_KINDS:
+        return weighted_reward_key(name)
+    return key
 
 
 def read_run(path: Path, label: str) -> RunCurves:
@@ -58,10 +81,13 @@ def read_run(path: Path, label: str) -> RunCurves:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 series.setdefault(key, []).append((row["step"], float(value)))
+    old_names = not any(key.startswith(RAW_REWARD_PREFIX) for key in series) and any(current_reward_key(key) != key for key in series)
+    if old_names:
+        series = {current_reward_key(key): values for key, values in series.items()}
     config_file = path / "run_config.json"
     config = read_json_file(config_file) if config_file.is_file() else {}
     stage = config.get("stage", "") if isinstance(config, dict) else ""
-    return RunCurves(label, str(stage), series)
+    return RunCurves(label, str(stage), series, old_names)
 
 
 def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
@@ -151,6 +177,12 @@ def run_compare(cfg: CompareConfig) -> Path:
     if len(set(labels)) < len(labels):
         labels = [str(run) for run in cfg.runs]  # same directory names under different parents
     runs = [read_run(Path(run), label) for run, label in zip(cfg.runs, labels)]
+    for run in runs:
+        if run.old_reward_names:
+            console.print(
+                f"compare: {run.label} logged rewards under the old names: reward/NAME (the weighted value) is read as "
+                "reward/weighted/NAME; the run has no raw score (reward/raw/NAME)"
+            )
     metrics = choose_metrics(runs, cfg.metric)
     out = Path(cfg.out)
     check_replaceable(out)

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.chat import SIMPLE_CHAT_TEMPLATE
-from rlhfkit.config import config_to_dict, opt
+from rlhfkit.config import opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import shipped_path, write_json
+from rlhfkit.io import config_to_dict, shipped_path, write_json
 from rlhfkit.models import (
     TINY_ARCHS,
     build_tiny_model,

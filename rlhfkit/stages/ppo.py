@@ -104,7 +104,18 @@ from rlhfkit.rl.advantages import (
     masked_whiten,
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
+from rlhfkit.runs import (
+    NORMALIZED_REWARD_PREFIX,
+    OVERWRITE_HELP,
+    RAW_REWARD_PREFIX,
+    TOTAL_REWARD_KEY,
+    RunDir,
+    normalized_reward_key,
+    progress_bar,
+    raw_reward_key,
+    set_seed,
+    weighted_reward_key,
+)
 from rlhfkit.schema import (
     Generation,
     load_records,
@@ -176,9 +187,10 @@ class PPOConfig:
     entropy_coef: float = opt(0.0, "Entropy bonus weight.")
     whiten_rewards: bool = opt(
         False,
-        "gae: scale the KL-penalised per-token rewards to unit std over the batch's tokens (mean kept) before GAE, as "
-        "the reference's whiten_rewards does. Off by default: for sparse rewards it scales by ~sqrt(length), which "
-        "the 0.2 value clip then cannot follow.",
+        "gae: scale the KL-penalised per-token rewards to unit std over the global batch's tokens (mean kept) before "
+        "GAE. The reference's whiten_rewards whitens the same rewards but divides by the square root of their std (a "
+        "bug: the result keeps a std of sqrt(std), not 1); rlhfkit divides by the std, what whitening means. Off by "
+        "default: for sparse rewards it scales by ~sqrt(length), which the 0.2 value clip then cannot follow.",
     )
     kl_logprobs: str = opt(
         "untempered",
@@ -188,7 +200,14 @@ class PPOConfig:
     )
     max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).")
     truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
-    normalize_rewards: str = opt("none", "Before weighting: none, or per-source (each source's rewards standardised over the batch; for sources on different scales).")
+    normalize_rewards: str = opt(
+        "none",
+        "Before weighting: none, or per-source (for sources on different scales): each source's per-response reward (the "
+        "sum over the positions it rewards) is standardised over the global batch (all processes): its positions are "
+        "divided by the std of those sums and the mean is subtracted at the response's last rewarded position, so a "
+        "dense, segment or R3HF (--redistribute) reward keeps its shape and telescoping sum. Logged as "
+        "reward/normalized/NAME beside the raw score reward/raw/NAME.",
+    )
     chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).")
     max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
     max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
@@ -390,7 +409,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids, kl_temp)
         del ref_logits
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
-    task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg)
+    task_rewards, reward_given, reward_logs = score_rollout(sources, weights, rollout, cfg, all_reduce=all_reduce_sum)
     task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
     score_per_sequence = (task_rewards * mask).sum(dim=1)
     kl = (old_kl_logprobs - ref_logprobs) * mask
@@ -476,8 +495,8 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     kl_ctl.update(mean_kl, n * world_info()[2])
     tokens = sum_over_processes(mask.sum())
     metrics = {
-        "reward/total": mean_over_processes(score_per_sequence),
-        **{f"reward/{name}": mean_over_processes(values) for name, values in per_source.items()},
+        TOTAL_REWARD_KEY: mean_over_processes(score_per_sequence),
+        **{key: mean_over_processes(values) for key, values in reward_logs.items()},
         "kl": mean_kl,
         "kl_coef": kl_ctl.value,
         "kl_penalty": mean_over_processes((beta * kl).sum(dim=1)),
@@ -532,9 +551,11 @@ def select(rollout: Rollout, index: torch.Tensor) -> Rollout:
     )
 
 
-def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted per-token task rewards (B, T), where any reward is given (B, T), and each
-    source's weighted per-sequence sum for logging."""
+def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted per-token task rewards (B, T), where any reward is given (B, T), and the
+    per-sequence values to log by their names (rlhfkit.runs: reward/raw/, reward/normalized/, reward/weighted/):
+    each source's raw score, its normalised value (--normalize-rewards), its weighted value.
+    `all_reduce`: the statistics of --normalize-rewards over the global batch."""
     length = rollout.response_ids.shape[1]
     components, given = {}, torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     given_by_source = {}
@@ -543,15 +564,18 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[t
         components[name] = values
         given_by_source[name] = source_given
         given |= source_given
+    logged = {raw_reward_key(name): values.sum(dim=1) for name, values in components.items()}
     if cfg.normalize_rewards == "per-source":
-        components = normalize_per_source(components, given_by_source)
-    total, per_source = compose_token_rewards(components, weights)
+        components = normalize_per_source(components, given_by_source, all_reduce=all_reduce)
+        logged |= {normalized_reward_key(name): values.sum(dim=1) for name, values in components.items()}
+    total, weighted = compose_token_rewards(components, weights)
+    logged |= {weighted_reward_key(name): values for name, values in weighted.items()}
     if cfg.truncation_penalty is not None:
         last = (rollout.response_lengths - 1).clamp(min=0).cpu()
         unfinished = (~rollout.finished).cpu()
         total[unfinished, last[unfinished]] += cfg.truncation_penalty
         given[unfinished, last[unfinished]] = True
-    return total, given, per_source
+    return total, given, logged
 
 
 def make_learners(cfg: PPOConfig, bundle: PolicyBundle, optimizers, schedulers) -> tuple[Learner, Optional[Learner]]:
@@ -778,13 +802,16 @@ def ppo_summary_line(history: list[dict], final_metrics: dict, out: Path) -> str
     if not history:
         return f"ppo: nothing to do (already at the last step); policy in {out}"
     first, last = history[0], history[-1]
+    raw = [key for key in last if key.startswith(RAW_REWARD_PREFIX)]
     text = (
-        f"ppo: {len(history)} step(s) to step {last['step']}: reward/total {first['reward/total']:+.4f} -> "
-        f"{last['reward/total']:+.4f}, KL {first['kl']:.4f} -> {last['kl']:.4f}, "
+        f"ppo: {len(history)} step(s) to step {last['step']}: {TOTAL_REWARD_KEY} {first[TOTAL_REWARD_KEY]:+.4f} -> "
+        f"{last[TOTAL_REWARD_KEY]:+.4f} ("
+        + ", ".join(f"{key} {first[key]:+.4f} -> {last[key]:+.4f}" for key in raw)
+        + f"), KL {first['kl']:.4f} -> {last['kl']:.4f}, "
         f"{sum(r['tokens_per_second'] for r in history) / len(history):,.0f} tokens/s"
     )
-    if "eval/reward_total" in final_metrics:
-        text += f"; eval reward/total {final_metrics['eval/reward_total']:+.4f}"
+    if f"eval/{TOTAL_REWARD_KEY}" in final_metrics:
+        text += f"; eval reward/total {final_metrics[f'eval/{TOTAL_REWARD_KEY}']:+.4f}"
     return text + f"; policy saved to {out}"
 
 
@@ -845,10 +872,11 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
         rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
                            max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
                            truncation_side=cfg.truncation_side)
-        rewards, _, per_source = score_rollout(sources, weights, rollout, cfg)
-        totals.setdefault("eval/reward_total", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
-        for name, values in per_source.items():
-            totals.setdefault(f"eval/reward_{name}", []).extend(values.tolist())
+        # Every process scores the same eval prompts, so each one's batch is the global one.
+        rewards, _, reward_logs = score_rollout(sources, weights, rollout, cfg)
+        totals.setdefault(f"eval/{TOTAL_REWARD_KEY}", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
+        for key, values in reward_logs.items():
+            totals.setdefault(f"eval/{key}", []).extend(values.tolist())
         totals.setdefault("eval/response_length", []).extend(rollout.response_lengths.float().tolist())
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
@@ -907,15 +935,18 @@ def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for _, row in read_json_lines(metrics_path) if isinstance(row, dict) and "reward/total" in row]
+    rows = [row for _, row in read_json_lines(metrics_path) if isinstance(row, dict) and TOTAL_REWARD_KEY in row]
     if not rows:
         return
-    keys = [k for k in rows[0] if k.startswith("reward/")] + ["kl"]
+    # The reward models' own scores: a normalised value (and a total of them) is about 0 by
+    # construction at every step, so its curve would show batch noise as a trend.
+    keys = [k for k in rows[0] if k.startswith(RAW_REWARD_PREFIX)]
+    normalized = any(k.startswith(NORMALIZED_REWARD_PREFIX) for k in rows[0])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     steps = [r["step"] for r in rows]
-    for key in keys[:-1]:
-        axes[0].plot(steps, [r[key] for r in rows], label=key.split("/", 1)[1])
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("reward per response"), axes[0].legend()
+    for key in keys if normalized else [TOTAL_REWARD_KEY, *keys]:
+        axes[0].plot(steps, [r[key] for r in rows], label=key)
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("raw reward-model score per response"), axes[0].legend()
     axes[1].plot(steps, [r["kl"] for r in rows], color="black")
     axes[1].set_xlabel("step"), axes[1].set_ylabel("KL(policy || ref) per response")
     fig.tight_layout()

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhfkit.config import REQUIRED, check_numbers, config_to_dict, opt
+from rlhfkit.config import REQUIRED, check_numbers, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import write_json, write_text
-from rlhfkit.rewards.reward_model import load_reward_model
+from rlhfkit.io import config_to_dict, write_json, write_text
+from rlhfkit.rewards.shared_backbone import load_sequence_aspect
 from rlhfkit.rewards.sources import GRANULARITIES, RewardModelSource
 from rlhfkit.runs import check_out_file, package_versions, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, write_records
@@ -31,7 +31,8 @@ from rlhfkit.schema import Generation, load_records, write_records
 
 @dataclass
 class RedistributeConfig:
-    rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory.")
+    rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory, or a shared-backbone one (see --aspect).")
+    aspect: Optional[str] = opt(None, "With a shared-backbone --rm: its sequence aspect to redistribute (default: its only one).", panel="Rewards")
     input: str = opt(REQUIRED, "JSONL of records with prompt and response (e.g. `generation` records).")
     out: str = opt(REQUIRED, "Output JSONL of generation records with per-token rewards.")
     html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards to this .html file.")
@@ -60,7 +61,7 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
     if cfg.limit:
         records = records[: cfg.limit]
     set_seed(cfg.seed)
-    rm = load_reward_model(cfg.rm, device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype)
+    rm = load_sequence_aspect(cfg.rm, cfg.aspect, "--rm", device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype)
     source = RewardModelSource(Path(cfg.rm).name, rm, redistribute=cfg.granularity, batch_size=cfg.batch_size)
 
     outputs = []

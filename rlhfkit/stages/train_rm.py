@@ -82,6 +82,7 @@ from rlhfkit.rewards.data import (
 )
 from rlhfkit.rewards.losses import make_count_fn, make_loss_fn, make_shared_loss_fn
 from rlhfkit.rewards.presets import (
+    KINDS,
     AspectPreset,
     RMSettings,
     aspect_preset,
@@ -89,7 +90,6 @@ from rlhfkit.rewards.presets import (
     training_defaults,
 )
 from rlhfkit.rewards.reward_model import (
-    KINDS,
     SHARED_KIND,
     RewardModel,
     load_reward_model,
@@ -111,7 +111,7 @@ from rlhfkit.rewards.shared_backbone import (
     shared_spec,
 )
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
-from rlhfkit.schema import Preference, check_data_file
+from rlhfkit.schema import Preference, ScalarScore, check_data_file
 from rlhfkit.tasks import DEFAULT_TASK, TASK_PRESETS
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import LoopSettings, fit, validate_loop_options
@@ -123,6 +123,7 @@ TIE_POLICIES = ("soft", "drop")
 # must stay one path component inside OUT (no '/', no '..', not absolute, not hidden).
 SAFE_DIRECTORY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 PRESETS = TASK_PRESETS[DEFAULT_TASK]  # what --aspect NAME alone means (rlhfkit.tasks.qa_feedback)
+REGRESSION_SCORES = ("labels", "standardized")
 
 
 @dataclass
@@ -144,7 +145,15 @@ class TrainRMConfig:
     ignore_segments_with: list[str] = opt(["preset"], "Segment RMs: leave out of training segments with an error of these other aspects and none of --aspect (the reference's rule for factuality: 'relevance'); 'none' labels them no-error; default: the preset's.")
     truncation_side: str = opt("right", TRUNCATION_HELP)
     ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.")
-    normalize_on: str | None = opt(None, "Sequence RMs: JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
+    normalize_on: str | None = opt(None, "Preference RMs (and --regression-scores standardized): JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
+    regression_scores: str = opt(
+        "labels",
+        "Regression RMs: the units of the scores ppo and evaluate get. labels (default): the labels' own (a 0-4 "
+        "HelpSteer2 attribute stays on 0-4); standardized: (score - mean) / std of the RM's scores on --normalize-on "
+        "(else the training responses), as for preference RMs; a small spread (std 0.07 on one HelpSteer2 run) then "
+        "multiplies every reward (there ~14x).",
+        panel="Rewards",
+    )
     eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.")
     max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut (--truncation-side), a response that does not fit is skipped (default: the preset's, else 1024).")
     max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut on --truncation-side (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
@@ -288,6 +297,8 @@ class TrainRMConfig:
         check_data_file(self.data, "--data")
         if self.normalize_on is not None:
             check_data_file(self.normalize_on, "--normalize-on")
+        if self.regression_scores not in REGRESSION_SCORES:
+            raise RlhfkitError(f"unknown --regression-scores {self.regression_scores!r}; valid: {', '.join(REGRESSION_SCORES)}")
 
     def validate_shared(self) -> None:
         """--shared-backbone: every aspect valid on its own, one set of lengths and training options.
@@ -436,7 +447,8 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     def evaluate() -> dict[str, float]:
         # fit evaluates after the last step too, so held_metrics ends as the final model's.
         held_metrics.clear()
-        held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size, cfg.seed))
+        held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size, cfg.seed,
+                                                  training_mean=label_mean(train_records)))
         return headline_metrics(held_metrics)
 
     fingerprint = data_fingerprint([cfg.data], (cfg.aspect, settings, cfg.max_length, cfg.max_prompt_length, cfg.ties, cfg.eval_fraction))
@@ -450,7 +462,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
 
     model.eval()
     if settings.kind != "segment":
-        spec["normalization"] = score_normalization(rm, train_records, cfg.normalize_on, cfg.batch_size)
+        spec["normalization"] = sequence_normalization(settings.kind, rm, train_records, cfg)
     saved = save_reward_model_weights(model, tokenizer, run.path)
     metrics = {
         "aspect": cfg.aspect, "kind": settings.kind, **held_out_entries(held_metrics), "steps": result.steps,
@@ -467,6 +479,21 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     run.close()
     console.print(f"train-rm: {held_out_summary(held_metrics)}; reward model saved to {run.path}", soft_wrap=True)
     return metrics
+
+
+def label_mean(records: list) -> float | None:
+    """The mean of the training records' score labels (a regression RM's baseline), if any."""
+    scores = [r.score for r in records if isinstance(r, ScalarScore)]
+    return sum(scores) / len(scores) if scores else None
+
+
+def sequence_normalization(kind: str, rm: RewardModel, train_records: list, cfg: TrainRMConfig) -> dict[str, Any]:
+    """What a sequence RM's saved scores are: a regression RM's in its labels' units unless
+    --regression-scores standardized; a preference RM's standardised (its logits' scale is
+    arbitrary; the paper normalises its completeness RM on SFT samples)."""
+    if kind == "regression" and cfg.regression_scores == "labels":
+        return {"mean": 0.0, "std": 1.0, "computed_on": None, "units": "labels"}
+    return score_normalization(rm, train_records, cfg.normalize_on, cfg.batch_size)
 
 
 def run_train_shared(cfg: TrainRMConfig) -> dict:
@@ -522,7 +549,8 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
         summary = {}
         for aspect, rm in aspect_reward_models(model, tokenizer, spec, device).items():
             if held_records[aspect]:
-                held_metrics[aspect] = evaluate_reward_model(rm, held_records[aspect], aspect, cfg.batch_size, cfg.seed)
+                held_metrics[aspect] = evaluate_reward_model(rm, held_records[aspect], aspect, cfg.batch_size, cfg.seed,
+                                                             training_mean=label_mean(train_records[aspect]))
                 summary.update({f"{aspect}_{k}": v for k, v in headline_metrics(held_metrics[aspect]).items()})
         model.train()
         return summary
@@ -544,7 +572,7 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     model.eval()
     for aspect, rm in aspect_reward_models(model, tokenizer, spec, device).items():
         if kinds[aspect] != "segment":
-            spec["aspects"][aspect]["normalization"] = score_normalization(rm, train_records[aspect], cfg.normalize_on, cfg.batch_size)
+            spec["aspects"][aspect]["normalization"] = sequence_normalization(kinds[aspect], rm, train_records[aspect], cfg)
     save_reward_model_weights(model, tokenizer, run.path)
     per_aspect = {
         aspect: {

@@ -1,8 +1,6 @@
 """The QA-Feedback task (Fine-Grained RLHF long-form QA, Wu et al. 2023): what belongs to
 this data set rather than to the method.
 
-- `ERROR_ASPECTS`: the annotators' error types by the reward-model aspect they train (the
-  qa-feedback importer labels spans with them);
 - `PRESETS`: what `train-rm --aspect factuality|relevance|completeness|preference` means (the
   default task's presets, rlhfkit.tasks), with the reference's label rules (`QA_MIN_SPAN`);
 - the recipe data steps on QA files: `qa_answer_records` (policy inputs and gold answers),
@@ -24,16 +22,6 @@ from rlhfkit.io import write_json, write_text
 from rlhfkit.metrics import BOOTSTRAP_DRAWS
 from rlhfkit.recipes import recipe_function
 from rlhfkit.rewards.presets import AspectPreset
-
-# The paper's reward models (section 4.1): C1 relevance covers irrelevant, repetitive and
-# incoherent text; C2 factuality covers inconsistent ("Wrong-Grounding") and unverifiable facts.
-ERROR_ASPECTS = {
-    "Irrelevant": "relevance",
-    "Redundant": "relevance",
-    "Incoherent": "relevance",
-    "Wrong-Grounding": "factuality",
-    "Unverifiable": "factuality",
-}
 
 # The training defaults of the presets (lengths, lr, epochs, class weight) were tuned on the
 # shipped sample with the tiny offline backbone (`rlhfkit init-model`), a randomly initialised
