@@ -79,7 +79,10 @@ from rlhfkit.generation_backends import (
 from rlhfkit.io import write_json, write_text
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.models import (
+    ATTN_IMPLEMENTATION_HELP,
+    GRADIENT_CHECKPOINTING_HELP,
     add_lora,
+    check_attn_implementation,
     disable_dropout,
     load_policy,
     resolve_device,
@@ -204,6 +207,8 @@ class PPOConfig:
     dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     seed: int = opt(0, "Random seed.")
+    gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
+    attn_implementation: Optional[str] = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
     deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).")
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
@@ -245,6 +250,7 @@ class PPOConfig:
         if self.kl_logprobs not in KL_LOGPROBS:
             raise RlhfkitError(f"--kl-logprobs must be one of {', '.join(KL_LOGPROBS)}, got '{self.kl_logprobs}'")
         check_truncation_side(self.truncation_side)
+        check_attn_implementation(self.attn_implementation, self.device)
         if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise RlhfkitError(f"--advantage {self.advantage} needs --samples-per-prompt >= 2 (it compares samples of one prompt)")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "max_new_tokens"):
@@ -315,7 +321,9 @@ class PolicyBundle:
 
 
 def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
-    policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device)
+    # The trained models may recompute activations; the frozen reference keeps no activations anyway.
+    trained = {"gradient_checkpointing": cfg.gradient_checkpointing, "attn_implementation": cfg.attn_implementation}
+    policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device, **trained)
     disable_dropout(policy)  # before LoRA wraps it: the adapters are made without dropout below
     fit_generation_lengths(cfg, model_max_positions(policy), "ppo", "the policy", is_encdec)
     ref = None
@@ -323,12 +331,12 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
         policy = add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0)
     if not cfg.lora_r or cfg.ref:
         # With LoRA and no --ref, the policy with its adapters disabled is the reference.
-        ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=cfg.dtype, device=device)
+        ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=cfg.dtype, device=device, attn_implementation=cfg.attn_implementation)
         ref.eval().requires_grad_(False)
     value_backbone = value_head = None
     if cfg.advantage == "gae":
         if cfg.value_model == "separate":
-            value_backbone, _, _ = load_policy(cfg.value_init or cfg.policy, dtype=cfg.dtype, device=device)
+            value_backbone, _, _ = load_policy(cfg.value_init or cfg.policy, dtype=cfg.dtype, device=device, **trained)
             value_head = ValueHead(hidden_size_of(value_backbone)).to(device)
         else:
             value_head = ValueHead(hidden_size_of(policy)).to(device)
