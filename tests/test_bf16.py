@@ -62,7 +62,7 @@ def first_step(policy, ref, prompts_file, out, dtype, rollout=None):
     backend = FixedRollout(rollout) if rollout is not None else None
     metrics, rollout, _ = ppo_iteration(cfg, bundle, sources, weights, PROMPTS, optimizers, schedulers,
                                         FixedKLController(cfg.kl_coef), 1, backend=backend)
-    return rollout, metrics, cfg
+    return rollout, metrics
 
 
 def rollout_logprobs(policy, ref, prompts_file, out, dtype, rollout):
@@ -80,10 +80,10 @@ def rollout_logprobs(policy, ref, prompts_file, out, dtype, rollout):
 def test_bf16_first_ppo_step_matches_fp32_within_bf16_rounding(make_tiny_model, prompts_file, tmp_path):
     policy = make_tiny_model("gpt2")
     ref = make_tiny_model("gpt2", seed=1)  # another reference, so the KL is not 0
-    rollout, fp32_metrics, _ = first_step(policy, ref, prompts_file, tmp_path / "fp32", "float32")
-    _, bf16_metrics, _ = first_step(policy, ref, prompts_file, tmp_path / "bf16", "bfloat16", rollout)
+    rollout, fp32_metrics = first_step(policy, ref, prompts_file, tmp_path / "fp32", "float32")
+    _, bf16_metrics = first_step(policy, ref, prompts_file, tmp_path / "bf16", "bfloat16", rollout)
     logp32, ref32, logits32 = rollout_logprobs(policy, ref, prompts_file, tmp_path / "a", "float32", rollout)
-    logp16, ref16, logits16 = rollout_logprobs(policy, ref, prompts_file, tmp_path / "b", "bfloat16", rollout)
+    logp16, ref16, _ = rollout_logprobs(policy, ref, prompts_file, tmp_path / "b", "bfloat16", rollout)
 
     # Propagation. Under autocast every matmul rounds both operands to bf16, each product term
     # is then off by at most 2u relative, and the bf16 result by u more: 3u relative to the

@@ -83,10 +83,10 @@ from rlhfkit.models import (
     GRADIENT_CHECKPOINTING_HELP,
     add_lora,
     check_attn_implementation,
-    resolve_dtype,
     disable_dropout,
     load_policy,
     resolve_device,
+    resolve_dtype,
     safe_torch_load,
     save_model,
 )
