@@ -22,6 +22,7 @@ BF16_UNIT_ROUNDOFF = 2.0**-8
 
 PROMPTS = ["question: why is the sky blue? answer:", "question: what do bees make? answer:"]
 JUDGE = {"rewards": "judge=1", "rm": ["judge=py:tests.judges:count_letters_e"]}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture
@@ -110,14 +111,15 @@ def test_bf16_first_ppo_step_matches_fp32_within_bf16_rounding(make_tiny_model, 
     assert bf16_metrics["policy_loss"] == pytest.approx(fp32_metrics["policy_loss"], abs=1e-6)
 
 
-def test_bf16_ppo_keeps_fp32_weights_so_small_steps_land(make_tiny_model, prompts_file, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_ppo_keeps_fp32_weights_so_small_steps_land(make_tiny_model, prompts_file, tmp_path, device):
     # An AdamW step moves a weight by ~lr = 1e-6. bf16 weights near 0.02 are spaced
     # 2^-6 * 2^-7 = 1.2e-4 apart, so in bf16 weights the step rounds away; in the fp32 master
     # weights (spacing 1.9e-9 there) it lands. So after one step most weights have changed.
     policy = make_tiny_model("gpt2")
     out = tmp_path / "run"
     cfg = build_config(
-        PPOConfig, policy=str(policy), prompts=str(prompts_file), out=str(out), dtype="bfloat16", device="cpu",
+        PPOConfig, policy=str(policy), prompts=str(prompts_file), out=str(out), dtype="bfloat16", device=device,
         advantage="grpo", prompts_per_step=2, samples_per_prompt=2, minibatch_size=4, ppo_epochs=1, max_new_tokens=12,
         max_prompt_length=64, lr=1e-6, steps=1, seed=3, **JUDGE,
     )
@@ -131,10 +133,11 @@ def test_bf16_ppo_keeps_fp32_weights_so_small_steps_land(make_tiny_model, prompt
     assert changed > 0.9, changed
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stage", ["sft", "train-rm", "ppo"])
-def test_stages_run_end_to_end_in_bf16_on_cpu(run_cli, tiny_model_dir, prompts_file, tmp_path, stage):
+def test_stages_run_end_to_end_in_bf16(run_cli, tiny_model_dir, prompts_file, tmp_path, stage, device):
     out = tmp_path / stage
-    common = ["--out", out, "--dtype", "bfloat16", "--device", "cpu"]
+    common = ["--out", out, "--dtype", "bfloat16", "--device", device]
     if stage == "sft":
         data = tmp_path / "demos.jsonl"
         write_records(data, [Demonstration(id=f"d{i}", prompt=p, response=" blue light scatters.") for i, p in enumerate(PROMPTS * 2)])
