@@ -77,6 +77,7 @@ SHAPES = {
                  "num_key_value_heads": 8, "expected_parameters": 1_073_809_408},
 }
 VOCAB_SIZE = 49152
+DEVICE = "cuda"  # what the checks run on (a CPU walk-through of the workers may set "cpu")
 PPO_RUNS = [(shape, advantage, lora_r) for shape in SHAPES for advantage in ("grpo", "gae") for lora_r in (0, 16)]
 
 
@@ -346,7 +347,7 @@ def write_data(workdir: Path) -> dict[str, Path]:
 def bench_spec(model_dir: str, workdir: Path):
     from bench.bench_ppo import BenchSpec
 
-    return BenchSpec(model_dir=model_dir, rm_backbone=model_dir, workdir=str(workdir), device="cuda", dtype="bfloat16",
+    return BenchSpec(model_dir=model_dir, rm_backbone=model_dir, workdir=str(workdir), device=DEVICE, dtype="bfloat16",
                      threads=1, **PPO_SETTINGS)
 
 
@@ -365,7 +366,7 @@ def stage_configs(check: Check, model_dir: str, data: dict[str, Path], workdir: 
         return [config]
     if check.name.startswith("deepspeed"):
         return [SFTConfig(model=model_dir, data=str(data["demonstrations"]), out=str(workdir / check.name.replace(" ", "-")),
-                          deepspeed=options["stage"], dtype="bfloat16", device="cuda", max_steps=4, batch_size=8,
+                          deepspeed=options["stage"], dtype="bfloat16", device=DEVICE, max_steps=4, batch_size=8,
                           max_length=512, eval_fraction=0.0, save_every=0, overwrite=True)]
     return []
 
@@ -380,6 +381,12 @@ class Row:
     seconds: float
     figures: dict
     note: str = ""
+
+
+def torch_device():
+    import torch
+
+    return torch.device(DEVICE)
 
 
 def run_models(check: Check, workdir: Path) -> dict:
@@ -400,7 +407,7 @@ def run_models(check: Check, workdir: Path) -> dict:
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
         torch.manual_seed(0)
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         out = workdir / shape
         model.save_pretrained(out)
@@ -421,14 +428,12 @@ def run_gpu_tests(check: Check, workdir: Path) -> dict:
 
 def run_ppo(check: Check, workdir: Path) -> dict:
     """PPO iterations (one warm-up) in bf16: every loss finite, the reward moved, speed and memory."""
-    import torch
-
-    from bench.bench_ppo import RlhfkitPPO
+    from bench.bench_ppo import RlhfkitPPO, memory_baseline, peak_memory
 
     model_dir = str(workdir / check.options["shape"])
     config = stage_configs(check, model_dir, {}, workdir / "run" / check.name.replace(" ", "-"))[0]
     config.validate()
-    torch.cuda.reset_peak_memory_stats()
+    baseline = memory_baseline(torch_device())
     ppo = RlhfkitPPO(config)
     prompts = bench_spec(model_dir, workdir).prompt_texts()
     rows, seconds, tokens = [], 0.0, 0
@@ -445,7 +450,7 @@ def run_ppo(check: Check, workdir: Path) -> dict:
     if len(set(rewards)) == 1:
         raise RuntimeError(f"the reward did not move: {rewards}")
     return {"reward first -> last": f"{rewards[0]:.4f} -> {rewards[-1]:.4f}", "tokens/s": round(tokens / seconds),
-            "peak GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            "peak GiB": round(peak_memory(torch_device(), baseline) / 2**30, 2)}
 
 
 def run_mfu(check: Check, workdir: Path) -> dict:
@@ -453,7 +458,7 @@ def run_mfu(check: Check, workdir: Path) -> dict:
     from bench.bench_train import Device, reward_utilisation, sft_utilisation
 
     data = write_data(workdir)
-    device = Device("cuda", "bfloat16")
+    device = Device(DEVICE, "bfloat16")
     model_dir = workdir / check.options["shape"]
     common = {"steps": 4, "seed": 0, "device": device, "batch_size": MFU_BATCH, "workdir": workdir / check.name.replace(" ", "-")}
     if check.name == "mfu sft":
