@@ -381,6 +381,9 @@ def _join_process_group() -> None:
     init_distributed()
     if dist.is_initialized():
         return
+    # DeepSpeed's engine refuses to start without LOCAL_RANK, which a launcher sets: this
+    # process is rank 0 of 1 (`sft --deepspeed zero2` on one GPU, no launcher).
+    os.environ.setdefault("LOCAL_RANK", "0")
     with socket.socket() as sock:  # a free local port for the one-process rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

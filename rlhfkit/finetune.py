@@ -59,7 +59,10 @@ from rlhfkit.generation import model_max_positions
 from rlhfkit.io import save_png
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
+    ATTN_IMPLEMENTATION_HELP,
+    GRADIENT_CHECKPOINTING_HELP,
     add_lora,
+    check_attn_implementation,
     check_training_options,
     count_parameters,
     load_policy,
@@ -120,6 +123,8 @@ class FinetuneOptions:
     chat_template: str | None = opt(None, "Jinja chat template file for conversational demonstrations (default: the tokenizer's own, if any); saved with the model.")
     report_to: list[str] = opt([], REPORT_TO_HELP)
     truncation_side: str = opt("right", TRUNCATION_HELP)
+    gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
+    attn_implementation: str | None = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
 
     def validate_finetune(self) -> None:
         validate_loop_options(self)
@@ -131,6 +136,7 @@ class FinetuneOptions:
         if not 0 <= self.eval_fraction < 1:
             raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         check_training_options(self.lora_r, self.lora_dropout, self.dtype)
+        check_attn_implementation(self.attn_implementation, self.device)
 
 
 @dataclass
@@ -337,7 +343,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     # base is frozen, so it is loaded in the compute dtype and the adapters stay fp32.
     weights_dtype = cfg.dtype if cfg.lora_r else "float32"
     model, tokenizer, is_encoder_decoder = load_policy(
-        cfg.model, dtype=weights_dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
+        cfg.model, dtype=weights_dtype, device=str(device), trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation,
     )
     if tokenizer.eos_token_id is None:
         raise RlhfkitError(f"{cfg.model}: the tokenizer has no eos token, so responses cannot be taught to end")

@@ -11,7 +11,7 @@ trained on local text, so the pipeline and its tests run without downloading any
 from __future__ import annotations
 
 import ctypes
-import importlib
+import importlib.util
 import os
 import pickle
 import platform
@@ -42,6 +42,15 @@ from rlhfkit.errors import EnvironmentFailure, RlhfkitError, output_error
 from rlhfkit.io import match_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+GRADIENT_CHECKPOINTING_HELP = (
+    "Recompute each layer's activations in the backward pass instead of keeping them (less memory, "
+    "~30% more compute; the same gradients)."
+)
+ATTN_IMPLEMENTATION_HELP = (
+    "Attention kernel: sdpa, eager or flash_attention_2 (CUDA and the flash-attn package) "
+    "(default: transformers' choice for the model, sdpa where it supports it)."
+)
 PADDING_SIDES = ("left", "right")
 
 EOS_TOKEN = "<|endoftext|>"
@@ -242,6 +251,37 @@ def load_tokenizer(
     return tokenizer
 
 
+def check_attn_implementation(name: str | None, device: str | None) -> None:
+    """--attn-implementation before any model loads: a known kernel, and flash-attention only
+    where it can run (a CUDA device, the flash-attn package)."""
+    if name is None:
+        return
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise RlhfkitError(f"unknown --attn-implementation {name!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        if resolve_device(device).type != "cuda":
+            raise RlhfkitError("--attn-implementation flash_attention_2 needs a CUDA device; use sdpa or eager")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RlhfkitError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); or use sdpa")
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward (transformers' checkpointing of the
+    model's layers). Non-reentrant `torch.utils.checkpoint`: it needs no input that requires
+    grad, so a frozen LoRA base and frozen embeddings work, and it nests under autocast."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RlhfkitError(f"{type(model).__name__} does not support --gradient-checkpointing")
+    # transformers renamed it (gradient_ -> activation_checkpointing_enable, the old name deprecated);
+    # the GPU check's transformers may predate the new name.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The key/value cache is of no use to a training forward and is refused with checkpointing.
+    model.config.use_cache = False
+
+
 def load_pretrained(
     auto_class: Any,
     name_or_path: str,
@@ -249,17 +289,24 @@ def load_pretrained(
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """`auto_class.from_pretrained(name_or_path)` on `device` in `dtype`, with clear errors.
 
     For policies use `load_policy`; reward and value models call this with
     AutoModelForSequenceClassification / AutoModelForTokenClassification and `num_labels=`.
+    `attn_implementation=None` leaves the attention kernel to transformers; a model to be
+    trained may ask for `gradient_checkpointing`.
     """
     name_or_path = resolve_model_path(name_or_path)
     target = resolve_device(device)
+    check_attn_implementation(attn_implementation, str(target))
     if trust_remote_code:
         warn_remote_code(name_or_path)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = auto_class.from_pretrained(
             name_or_path,
@@ -277,6 +324,8 @@ def load_pretrained(
     except RuntimeError as err:  # a config.json that describes no buildable model (a negative size)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RlhfkitError(f"{name_or_path}: cannot build the model its config.json describes: {reason}") from None
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if target.type == "cpu":
         reuse_freed_cpu_memory()
     return model.to(target)
@@ -289,6 +338,8 @@ def load_policy(
     device: str | None = None,
     trust_remote_code: bool = False,
     padding_side: str = "right",
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
     """(model, tokenizer, is_encoder_decoder): a causal or seq2seq LM chosen by its config."""
     name_or_path = resolve_model_path(name_or_path)
@@ -311,6 +362,8 @@ def load_policy(
         device=device,
         trust_remote_code=trust_remote_code,
         config=config,
+        gradient_checkpointing=gradient_checkpointing,
+        attn_implementation=attn_implementation,
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -236,11 +236,13 @@ class AspectRewardModel(RewardModel):
         return self.scorer.outputs(input_ids, attention_mask)[self.aspect]
 
 
-def new_multi_aspect_model(kinds: dict[str, str], backbone: str, *, device: torch.device, trust_remote_code: bool = False) -> MultiAspectRewardModel:
-    """A model to train: `backbone` (a hub id or directory, fp32 weights) with a fresh head per aspect."""
+def new_multi_aspect_model(kinds: dict[str, str], backbone: str, *, device: torch.device, trust_remote_code: bool = False,
+                           **memory_options) -> MultiAspectRewardModel:
+    """A model to train: `backbone` (a hub id or directory, fp32 weights) with a fresh head per aspect;
+    `memory_options`: load_pretrained's gradient_checkpointing and attn_implementation."""
     from transformers import AutoModel
 
-    base = load_pretrained(AutoModel, backbone, dtype="float32", device=str(device), trust_remote_code=trust_remote_code)
+    base = load_pretrained(AutoModel, backbone, dtype="float32", device=str(device), trust_remote_code=trust_remote_code, **memory_options)
     return MultiAspectRewardModel(base, kinds).to(device)
 
 

@@ -79,10 +79,14 @@ from rlhfkit.generation_backends import (
 from rlhfkit.io import append_lines, write_json
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.models import (
+    ATTN_IMPLEMENTATION_HELP,
+    GRADIENT_CHECKPOINTING_HELP,
     add_lora,
+    check_attn_implementation,
     disable_dropout,
     load_policy,
     resolve_device,
+    resolve_dtype,
     save_model,
 )
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
@@ -126,6 +130,7 @@ from rlhfkit.schema import (
 )
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
+    autocast,
     load_deepspeed_states,
     load_model_weights,
     make_optimizer,
@@ -225,9 +230,11 @@ class PPOConfig:
     resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).")
     overwrite: bool = opt(False, OVERWRITE_HELP)
     log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights (and the reference, so the first KL is 0) stay fp32 unless --lora-r; ratios, KL, advantages and values are fp32.")
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     seed: int = opt(0, "Random seed.")
+    gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
+    attn_implementation: Optional[str] = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
     deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).")
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
@@ -269,6 +276,7 @@ class PPOConfig:
         if self.kl_logprobs not in KL_LOGPROBS:
             raise RlhfkitError(f"--kl-logprobs must be one of {', '.join(KL_LOGPROBS)}, got '{self.kl_logprobs}'")
         check_truncation_side(self.truncation_side)
+        check_attn_implementation(self.attn_implementation, self.device)
         if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise RlhfkitError(f"--advantage {self.advantage} needs --samples-per-prompt >= 2 (it compares samples of one prompt)")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "max_new_tokens"):
@@ -332,14 +340,28 @@ class PolicyBundle:
     value_model_shared: bool = False
     policy_engine: object = None  # DeepSpeed engines (--deepspeed), training the models above
     value_engine: object = None
+    compute_dtype: torch.dtype = torch.float32  # of the forward passes (autocast; see `precision`)
 
     @property
     def engines(self) -> list:
         return [e for e in (self.policy_engine, self.value_engine) if e is not None]
 
+    def precision(self):
+        """Autocast of the forward passes to the compute dtype. Enter it per forward, never
+        around an optimizer step: autocast keeps the cast weights until it exits."""
+        return autocast(next(self.policy.parameters()).device, self.compute_dtype)
+
 
 def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
-    policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device)
+    """The policy, its reference and value model. In bf16, full fine-tuning keeps fp32 weights
+    and autocasts the forwards (as sft does: AdamW steps of ~1e-6 relative size vanish in bf16
+    weights, whose spacing is 2^-8 relative); the reference is loaded like the policy, so both
+    compute alike and the first step's KL is 0. A frozen LoRA base is loaded in the compute dtype."""
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    weights_dtype = cfg.dtype if cfg.lora_r else "float32"
+    # The trained models may recompute activations; the frozen reference keeps no activations anyway.
+    trained = {"gradient_checkpointing": cfg.gradient_checkpointing, "attn_implementation": cfg.attn_implementation}
+    policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=weights_dtype, device=device, **trained)
     disable_dropout(policy)  # before LoRA wraps it: the adapters are made without dropout below
     fit_generation_lengths(cfg, model_max_positions(policy), "ppo", "the policy", is_encdec)
     ref = None
@@ -347,12 +369,12 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
         policy = add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0)
     if not cfg.lora_r or cfg.ref:
         # With LoRA and no --ref, the policy with its adapters disabled is the reference.
-        ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=cfg.dtype, device=device)
+        ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=weights_dtype, device=device, attn_implementation=cfg.attn_implementation)
         ref.eval().requires_grad_(False)
     value_backbone = value_head = None
     if cfg.advantage == "gae":
         if cfg.value_model == "separate":
-            value_backbone, _, _ = load_policy(cfg.value_init or cfg.policy, dtype=cfg.dtype, device=device)
+            value_backbone, _, _ = load_policy(cfg.value_init or cfg.policy, dtype="float32", device=device, **trained)
             value_head = ValueHead(hidden_size_of(value_backbone)).to(device)
         else:
             value_head = ValueHead(hidden_size_of(policy)).to(device)
@@ -361,7 +383,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
         if module is not None:
             disable_dropout(module)
     shared = cfg.advantage == "gae" and cfg.value_model == "shared"
-    return PolicyBundle(policy, tokenizer, is_encdec, ref, value_backbone, value_head, shared)
+    return PolicyBundle(policy, tokenizer, is_encdec, ref, value_backbone, value_head, shared, compute_dtype=compute_dtype)
 
 
 # --- one PPO iteration: the update proper ------------------------------------------------------
@@ -384,18 +406,19 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     # --- 1. roll out: --samples-per-prompt responses per prompt ------------------------------
     started = time.perf_counter()
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=True)
-    rollout = backend.generate(
-        bundle.policy, bundle.tokenizer, [p for p in prompts for _ in range(cfg.samples_per_prompt)], sampling,
-        max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
-    )
+    with bundle.precision():
+        rollout = backend.generate(
+            bundle.policy, bundle.tokenizer, [p for p in prompts for _ in range(cfg.samples_per_prompt)], sampling,
+            max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
+        )
     generation_seconds = time.perf_counter() - started
     mask = rollout.response_mask.float()
 
     # --- 2. score: task rewards where earned, the KL to the reference at every token ----------
     # The ratio uses the sampling temperature (the probabilities the tokens were drawn
     # with); the KL to the reference and the entropy use --kl-logprobs (untempered, as the
-    # reference, by default).
-    with torch.no_grad():
+    # reference, by default). Log-probs are taken in fp32 from the (bf16) logits.
+    with torch.no_grad(), bundle.precision():
         logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
         old_logprobs = logprobs_from_logits(logits, rollout.response_ids, cfg.temperature)
         old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, rollout.response_ids, kl_temp)
@@ -410,7 +433,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         del ref_logits
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
     task_rewards, reward_given, reward_logs = score_rollout(sources, weights, rollout, cfg, all_reduce=all_reduce_sum)
-    task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
+    task_rewards, reward_given = task_rewards.to(device, torch.float32), reward_given.to(device)
     score_per_sequence = (task_rewards * mask).sum(dim=1)
     kl = (old_kl_logprobs - ref_logprobs) * mask
 
@@ -450,7 +473,8 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             for k, idx in enumerate(accumulated):
                 mb = select(rollout, idx.to(rollout.response_ids.device))
                 mb_mask = mask[idx]
-                logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
+                with bundle.precision():
+                    logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
                 logprobs = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 logged = {"policy_loss": pg_loss, "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"]}
@@ -464,7 +488,9 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
                 del logits
                 losses = [(policy, objective)]
                 if value is not None:
-                    vf_loss, vf_stats = value_loss(value_estimates(bundle, mb, hidden), old_values[idx], returns[idx], mb_mask, cfg.value_clip)
+                    with bundle.precision():
+                        values = value_estimates(bundle, mb, hidden)
+                    vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip)
                     logged.update(value_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
                     losses.append((value, (cfg.vf_coef if bundle.value_model_shared else 1.0) * vf_loss))
                 means = token_means({**logged, "loss": sum(loss for _, loss in losses)}, mb_mask.sum())
@@ -828,7 +854,7 @@ def start_engines(cfg: PPOConfig, bundle: PolicyBundle, optimizers) -> None:
             cfg.deepspeed,
             micro_batch_size=cfg.minibatch_size // world_info()[2],
             grad_accum=cfg.grad_accum,
-            dtype=next(bundle.policy.parameters()).dtype,
+            dtype=bundle.compute_dtype,  # DeepSpeed's bf16 keeps its own fp32 master weights
             max_grad_norm=cfg.max_grad_norm,
             offload_optimizer=cfg.offload_optimizer,
             offload_params=cfg.offload_params,
@@ -869,9 +895,10 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
     sampling = SamplingConfig(cfg.max_new_tokens, do_sample=False)
     totals: dict[str, list[float]] = {}
     for i in range(0, len(prompts), cfg.prompts_per_step):
-        rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
-                           max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
-                           truncation_side=cfg.truncation_side)
+        with bundle.precision():
+            rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
+                               max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
+                               truncation_side=cfg.truncation_side)
         # Every process scores the same eval prompts, so each one's batch is the global one.
         rewards, _, reward_logs = score_rollout(sources, weights, rollout, cfg)
         totals.setdefault(f"eval/{TOTAL_REWARD_KEY}", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())

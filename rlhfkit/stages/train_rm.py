@@ -64,7 +64,10 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
+    ATTN_IMPLEMENTATION_HELP,
+    GRADIENT_CHECKPOINTING_HELP,
     add_lora,
+    check_attn_implementation,
     check_training_options,
     count_parameters,
     load_tokenizer,
@@ -181,6 +184,8 @@ class TrainRMConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
     seed: int = opt(42, "Seed for the held-out split, data order, head initialisation and dropout.")
+    gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
+    attn_implementation: str | None = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
     deepspeed: str | None = opt(None, DEEPSPEED_HELP)
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
@@ -293,6 +298,7 @@ class TrainRMConfig:
         if self.ties not in TIE_POLICIES:
             raise RlhfkitError(f"unknown --ties {self.ties!r}; valid: {', '.join(TIE_POLICIES)}")
         check_training_options(self.lora_r, self.lora_dropout, self.dtype)
+        check_attn_implementation(self.attn_implementation, self.device)
         self.check_segment_pooling_applies()
         check_data_file(self.data, "--data")
         if self.normalize_on is not None:
@@ -428,6 +434,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     model = new_reward_model(
         settings.kind, cfg.model, pad_token_id=tokenizer.pad_token_id, dtype=cfg.dtype if cfg.lora_r else "float32",
         device=str(device), trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation,
     )
     check_positions(cfg, model_max_positions(model))
     if cfg.lora_r:
@@ -529,7 +536,10 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
         items += [(aspect, e) for e in examples]
         counts[aspect] = {"train_examples": len(examples), "train_records": len(rs), "train_records_too_long": too_long, "held_out_records": len(held_records[aspect])}
 
-    model = new_multi_aspect_model(kinds, cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
+    model = new_multi_aspect_model(
+        kinds, cfg.model, device=device, trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation,
+    )
     parameters = count_parameters(model)
     spec = shared_spec(
         settings, weights, data, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None,
