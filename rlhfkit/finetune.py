@@ -56,7 +56,6 @@ from rlhfkit.distributed import (
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
-from rlhfkit.io import save_png
 from rlhfkit.lengths import fit_default_lengths
 from rlhfkit.models import (
     add_lora,
@@ -67,6 +66,7 @@ from rlhfkit.models import (
     resolve_dtype,
     save_model,
 )
+from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
 from rlhfkit.schema import Demonstration, load_records
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
@@ -287,24 +287,15 @@ def supervised_tokens(batch: dict) -> torch.Tensor:
 
 
 
-def plot_loss_curve(path: Path, result: FitResult) -> None:
-    """Training loss per step and held-out loss at each evaluation, as a PNG (Agg, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(range(1, len(result.losses) + 1), result.losses, label="train loss", linewidth=1)
+def plot_loss_curve(path: Path, result: FitResult, title: str) -> None:
+    """Training loss per step, and the held-out loss at each evaluation as points (two
+    evaluations joined by a straight line would look like a measured trend)."""
     evals = [e for e in result.evals if "loss" in e]
+    series = [Series("train loss", range(1, len(result.losses) + 1), result.losses)]
     if evals:
-        axes.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval loss")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy per response token")
-    axes.set_title("rlhfkit sft")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    save_png(figure, path)
+        series.append(Series("held-out loss", [e["step"] for e in evals], [e["loss"] for e in evals], markers_only=True))
+    panel = Panel("loss", "optimizer step", "cross-entropy per response token", series)
+    save_png(draw(title, [panel], width=7, height=4), path)
 
 
 def _fingerprint(examples: list[SFTExample]) -> str:
@@ -318,8 +309,10 @@ def _fingerprint(examples: list[SFTExample]) -> str:
 # --- the stage ----------------------------------------------------------------------------
 
 
-def run_sft(cfg: SFTConfig) -> Path:
+def run_sft(cfg: SFTConfig, stage: str = "sft") -> Path:
     """Supervised fine-tuning on demonstrations: loss on response tokens only.
+
+    `stage` names the stage in the loss plot's title (critique-revise train runs this too).
 
     Holds out --eval-fraction of the data (eval loss and perplexity before and after),
     trains with gradient accumulation, LR warm-up/decay, optional LoRA, checkpoints and
@@ -439,7 +432,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     }
     run.write_json(METRICS_FILE, metrics)
     if main:
-        plot_loss_curve(out / LOSS_CURVE_FILE, result)
+        plot_loss_curve(out / LOSS_CURVE_FILE, result, f"{stage}: {out.name}")
     summary = f"sft: {result.steps} steps, train loss {metrics['train_loss']:.4f}"
     if after:
         summary += f", eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {after['perplexity']:.2f})"

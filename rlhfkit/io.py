@@ -76,13 +76,3 @@ def shipped_path(path: str | os.PathLike) -> Path:
         return given
     in_repo = REPO_ROOT / given
     return in_repo if in_repo.exists() else given
-
-
-def save_png(figure, path: str | os.PathLike) -> None:
-    """A matplotlib figure written to `path` as PNG, atomically (rendered in memory first)."""
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())

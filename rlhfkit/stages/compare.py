@@ -8,8 +8,6 @@ Rows without a step, and values written as strings (non-finite numbers), are lef
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -17,7 +15,9 @@ from pathlib import Path
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_write, write_text
+from rlhfkit.io import write_text
+from rlhfkit.plots import Panel, Series, draw, save_png
+from rlhfkit.runs import read_metric_series, run_stage_name
 
 OUT_KINDS = (".png", ".md")
 # What a run is compared on when --metric is not given: the first every run has.
@@ -50,29 +50,7 @@ class RunCurves:
 
 
 def read_run(path: Path, label: str) -> RunCurves:
-    """A run's numeric metrics by step; a line that is not JSON is an error with file:line."""
-    metrics_file = path / "metrics.jsonl"
-    series: dict[str, list[tuple[int, float]]] = {}
-    for lineno, line in enumerate(metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RlhfkitError(f"{metrics_file}:{lineno}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                series.setdefault(key, []).append((row["step"], float(value)))
-    stage = ""
-    config_file = path / "run_config.json"
-    if config_file.is_file():
-        try:
-            stage = str(json.loads(config_file.read_text(encoding="utf-8")).get("stage", ""))
-        except json.JSONDecodeError:
-            stage = ""
-    return RunCurves(label, stage, series)
+    return RunCurves(label, run_stage_name(path), read_metric_series(path))
 
 
 def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
@@ -115,23 +93,10 @@ def render_table(runs: list[RunCurves], metrics: list[str]) -> str:
 
 
 def plot_curves(path: Path, runs: list[RunCurves], metrics: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for run in runs:
-            steps, values = zip(*run.series[metric])
-            ax.plot(steps, values, label=run.label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_write(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
+    """One panel per metric, one line per run."""
+    panels = [Panel(metric, "step", metric, [Series(run.label, *zip(*run.series[metric])) for run in runs])
+              for metric in metrics]
+    save_png(draw(f"compare: {', '.join(run.label for run in runs)}", panels), path)
 
 
 def run_compare(cfg: CompareConfig) -> Path:

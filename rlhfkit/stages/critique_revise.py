@@ -75,10 +75,11 @@ from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
-from rlhfkit.io import save_png, write_json, write_text
+from rlhfkit.io import write_json, write_text
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.metrics import win_rate
 from rlhfkit.models import load_policy, resolve_device
+from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
 from rlhfkit.runs import RunDir, progress_bar, set_seed
 from rlhfkit.schema import Critique, Demonstration, Generation, load_records, write_records
@@ -271,7 +272,7 @@ def run_train(cfg: CritiqueReviseConfig) -> Path:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-critique-revise-") as staging:
         data = Path(staging) / DATA_FILE
         write_records(data, demos)
-        run_sft(build_config(SFTConfig, model=cfg.model, data=str(data), out=str(out), **sft_options))
+        run_sft(build_config(SFTConfig, model=cfg.model, data=str(data), out=str(out), **sft_options), stage="critique-revise train")
     write_records(out / DATA_FILE, demos)
     write_json(
         out / TEMPLATES_FILE,
@@ -513,25 +514,22 @@ def render_results(counts: list[dict], win_rates: list[dict] | None, n_inputs: i
     return "\n".join(lines) + "\n"
 
 
-def plot_win_rates(path: Path, win_rates: list[dict]) -> None:
-    """Win rate over rounds (ours, and the paper's two published points), as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def plot_win_rates(path: Path, win_rates: list[dict], title: str) -> None:
+    save_png(draw(title, [win_rate_panel(win_rates)], width=6, height=4), path)
 
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+
+def win_rate_panel(win_rates: list[dict]) -> Panel:
+    """Win, tie and loss rates per round (ours) and the paper's published wins: one tick per
+    round run, the paper's points only at rounds we ran."""
     rounds = [row["round"] for row in win_rates]
-    axes.plot(rounds, [100 * row["win"] for row in win_rates], "o-", label="win (rlhfkit)")
-    axes.plot(rounds, [100 * row["tie"] for row in win_rates], "s--", alpha=0.6, label="tie (rlhfkit)")
-    axes.plot(list(PAPER_WIN_RATES), [100 * v for v in PAPER_WIN_RATES.values()], "k*", markersize=10, label="win (paper: Jin et al. 2023)")
-    axes.set_xlabel("critique-and-revise round")
-    axes.set_ylabel("% of inputs vs. the original response")
-    axes.set_ylim(0, 100)
-    axes.set_xticks(sorted(set(rounds) | set(PAPER_WIN_RATES)))
-    axes.grid(alpha=0.3)
-    axes.legend()
-    save_png(figure, path)
+    series = [Series(f"{outcome} (rlhfkit)", rounds, [100 * row[outcome] for row in win_rates])
+              for outcome in ("win", "tie", "loss")]
+    paper = {r: v for r, v in PAPER_WIN_RATES.items() if r in rounds}
+    if paper:
+        series.append(Series("win (paper: Jin et al. 2023)", list(paper), [100 * v for v in paper.values()], markers_only=True))
+    # Limits a little beyond 0 and 100, so a 0% or 100% line is not drawn on the frame.
+    return Panel("revised vs original response", "critique-and-revise round", "% of inputs",
+                 series, ylim=(-4, 104), integer_x=rounds)
 
 
 def read_inputs(path: str, limit: int | None) -> list:
@@ -617,7 +615,7 @@ def run_rounds(cfg: CritiqueReviseConfig, generator: Generator | None = None) ->
                 "paper": {"source": PAPER, "win_rate_by_round": {str(k): v for k, v in PAPER_WIN_RATES.items()}},
             },
         )
-        plot_win_rates(run.path / "winrates.png", win_rates)
+        plot_win_rates(run.path / "winrates.png", win_rates, f"critique-revise run: {run.path.name}")
     summary = {"inputs": len(items), "rounds": counts, "win_rates": win_rates}
     run.write_json("summary.json", summary)
     report = render_results(counts, win_rates, len(items), cfg.judge, cfg.tie_margin)

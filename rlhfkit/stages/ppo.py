@@ -86,6 +86,7 @@ from rlhfkit.models import (
     safe_torch_load,
     save_model,
 )
+from rlhfkit.plots import draw, ppo_panels, save_png
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
 from rlhfkit.rewards.sources import (
     build_reward_sources,
@@ -105,7 +106,7 @@ from rlhfkit.rl.advantages import (
     masked_whiten,
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
+from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, read_metric_series, set_seed
 from rlhfkit.schema import Generation, load_records, record_to_dict
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
@@ -529,7 +530,8 @@ def select(rollout: Rollout, index: torch.Tensor) -> Rollout:
 
 def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted per-token task rewards (B, T), where any reward is given (B, T), and each
-    source's weighted per-sequence sum for logging."""
+    source's weighted per-sequence sum for logging; each source's unweighted token rewards
+    are kept in `rollout.source_rewards`."""
     length = rollout.response_ids.shape[1]
     components, given = {}, torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     given_by_source = {}
@@ -541,6 +543,7 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig) -> tuple[t
     if cfg.normalize_rewards == "per-source":
         components = normalize_per_source(components, given_by_source)
     total, per_source = compose_token_rewards(components, weights)
+    rollout.source_rewards = components
     if cfg.truncation_penalty is not None:
         last = (rollout.response_lengths - 1).clamp(min=0).cpu()
         unfinished = (~rollout.finished).cpu()
@@ -756,7 +759,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     summary = {"steps": cfg.steps, "last": history[-1] if history else {}, "eval": final_metrics}
     if main:
         write_json(out / "ppo_summary.json", summary)
-        plot_reward_curves(run.metrics_path, out / "reward_curves.png")
+        plot_reward_curves(run.metrics_path, out / "reward_curves.png", f"ppo: {out.name}")
     run.close()
     console.print(ppo_summary_line(history, final_metrics, out), markup=False, highlight=False, soft_wrap=True)
     return summary
@@ -860,7 +863,10 @@ def rollout_table_row(record: Generation) -> list:
 
 
 def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: int, count: int) -> list[Generation]:
-    """Append the first `count` rollouts of a step to rollouts.jsonl; returns them."""
+    """Append the first `count` rollouts of a step to rollouts.jsonl; returns them.
+
+    `token_rewards` are the rewards PPO learns from (weighted sources and the KL penalty);
+    `meta.source_token_rewards` each source's own token rewards, before its weight."""
     import json
 
     written = []
@@ -875,7 +881,9 @@ def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: i
                 model=f"ppo step {step}",
                 tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
                 token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
-                meta={"step": step, "finished": bool(rollout.finished[i])},
+                meta={"step": step, "finished": bool(rollout.finished[i]),
+                      "source_token_rewards": {name: [round(float(r), 6) for r in values[i, :n].tolist()]
+                                               for name, values in rollout.source_rewards.items()}},
             )
             handle.write(json.dumps(record_to_dict(record), ensure_ascii=False) + "\n")
             written.append(record)
@@ -886,28 +894,8 @@ def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
     save_model(bundle.policy, bundle.tokenizer, out, merge_lora=True)
 
 
-def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if "reward/total" in r]
-    if not rows:
-        return
-    keys = [k for k in rows[0] if k.startswith("reward/")] + ["kl"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [r["step"] for r in rows]
-    for key in keys[:-1]:
-        axes[0].plot(steps, [r[key] for r in rows], label=key.split("/", 1)[1])
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("reward per response"), axes[0].legend()
-    axes[1].plot(steps, [r["kl"] for r in rows], color="black")
-    axes[1].set_xlabel("step"), axes[1].set_ylabel("KL(policy || ref) per response")
-    fig.tight_layout()
-    tmp = png_path.with_name("." + png_path.name)
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
+def plot_reward_curves(metrics_path: Path, png_path: Path, title: str) -> None:
+    """The rewards (total and each source's) and the KL per PPO step, as a PNG."""
+    panels = ppo_panels(read_metric_series(metrics_path.parent))
+    if panels:
+        save_png(draw(title, panels, columns=min(3, len(panels))), png_path)
