@@ -42,6 +42,8 @@ STAGES = {
                         "Critique-and-revise with natural-language feedback: train | run (Jin et al. 2023)."),
     "compare": ("rlhfkit.stages.compare", "CompareConfig", "run_compare",
                 "Compare runs side by side: metric curves (PNG) or first/last figures (markdown)."),
+    "report": ("rlhfkit.stages.report", "ReportConfig", "run_report",
+               "One self-contained HTML report of runs: config, curves, rollout heat maps, tables."),
     "recipe": ("rlhfkit.recipes", "RecipeConfig", "run_recipe",
                "Run a paper-table recipe (an ordered plan of stage runs), or --dry-run to validate it."),
     "launch": ("rlhfkit.stages.launch", "LaunchConfig", "run_launch",
@@ -90,6 +92,10 @@ EXAMPLES = {
     "compare": [
         "rlhfkit compare runs/ppo-fine-grained runs/ppo-holistic --out compare.png",
         "rlhfkit compare runs/ppo-fine-grained runs/ppo-holistic --metric reward/total --metric kl --out compare.md",
+    ],
+    "report": [
+        "rlhfkit report runs/demo --out runs/demo/report.html",
+        "rlhfkit report runs/ppo-fine-grained runs/ppo-holistic --out ppo.html",
     ],
     "recipe": [
         "rlhfkit recipe recipes/demo.yaml --set out=runs/demo",

@@ -188,3 +188,18 @@ def ppo_panels(series: dict[str, list[tuple[int, float]]]) -> list[Panel]:
         ("losses", "loss", ["policy_loss", "value_loss"]),
     ]
     return [Panel(title, "PPO step", ylabel, lines(keys)) for title, ylabel, keys in specs if lines(keys)]
+
+
+def colour_scale(values: Sequence[float]) -> float:
+    """The |reward| drawn at full colour in a heat map: the 95th percentile of |values|, so one
+    outlier does not wash out the rest (1.0 when there are none)."""
+    magnitudes = sorted(abs(v) for v in values)
+    return magnitudes[int(0.95 * (len(magnitudes) - 1))] if magnitudes and magnitudes[-1] > 0 else 1.0
+
+
+def reward_colour(value: float, scale: float) -> str:
+    """A token's heat-map colour: green for a positive reward, red for a negative one, more
+    opaque up to |value| = scale."""
+    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
+    rgb = "0,160,60" if value >= 0 else "220,40,40"
+    return f"rgba({rgb},{0.08 + 0.8 * strength:.3f})"

@@ -15,7 +15,7 @@ HTML page that colours every token by its reward: what people look at to debug a
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +23,7 @@ from rlhfkit.config import REQUIRED, check_numbers, config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
+from rlhfkit.plots import colour_scale, reward_colour
 from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.rewards.sources import GRANULARITIES, RewardModelSource
 from rlhfkit.runs import package_versions, progress_bar, set_seed
@@ -89,6 +90,7 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
                             "granularity": cfg.granularity,
                             "prompt_score": round(float(prompt_score), 6),
                             "sequence_score": round(float(prompt_score) + float(row_rewards.sum()), 6),
+                            **({"annotator_spans": [asdict(span) for span in record.spans]} if getattr(record, "spans", None) else {}),
                         },
                     )
                 )
@@ -120,20 +122,13 @@ def _spans_from_ends(ends: list[int]) -> list[tuple[int, int]]:
     return [(s, max(s, e)) for s, e in zip(starts, ends)]
 
 
-def _colour(value: float, scale: float) -> str:
-    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
-    rgb = "0,160,60" if value >= 0 else "220,40,40"
-    return f"rgba({rgb},{0.08 + 0.8 * strength:.3f})"
-
-
 def heatmap_html(generations: list[Generation], title: str) -> str:
     """One block per response; each token's background is green (positive) or red (negative)."""
-    all_values = [abs(v) for g in generations for v in (g.token_rewards or [])]
-    scale = sorted(all_values)[int(0.95 * (len(all_values) - 1))] if all_values else 1.0
+    scale = colour_scale([v for g in generations for v in (g.token_rewards or [])])
     blocks = []
     for g in generations:
         tokens = "".join(
-            f'<span class="t" style="background:{_colour(v, scale)}" title="{v:+.4f}">{html.escape(tok)}</span>'
+            f'<span class="t" style="background:{reward_colour(v, scale)}" title="{v:+.4f}">{html.escape(tok)}</span>'
             for tok, v in zip(g.tokens or [], g.token_rewards or [])
         )
         meta = g.meta
