@@ -142,7 +142,7 @@ def svg_text(figure) -> str:
     """`figure` as an inline `<svg>` element (for the HTML report; no XML prolog)."""
     buffer = io.StringIO()
     with _styled():
-        figure.savefig(buffer, format="svg")
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]
 
