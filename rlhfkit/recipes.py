@@ -536,10 +536,16 @@ def _demote_headings(markdown: str) -> str:
 
 
 @recipe_function
-def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = ()) -> str:
+def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = (),
+                    links: Sequence[str] = ()) -> str:
     """Join result files (markdown written by evaluate, critique-revise, ...) into one report
-    at `out`, print it, and return it. `images` are linked (paths relative to the report)."""
+    at `out`, print it, and return it. `images` are shown and `links` (e.g. the HTML report)
+    linked under the title, by paths relative to `out`."""
     parts = [f"# {title}", ""]
+    for link in links:
+        if not Path(link).is_file():
+            raise RlhfkitError(f"collect_results: {link}: no such file (did the step that writes it run?)")
+        parts += [f"Everything in one page: [{Path(link).name}]({_relative(link, Path(out).parent)})", ""]
     if notes:
         parts += [notes.strip(), ""]
     for section in sections:

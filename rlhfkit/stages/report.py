@@ -40,9 +40,6 @@ class ReportConfig:
             raise RlhfkitError(f"--out must be an .html file, got '{self.out}'")
         if self.max_rollouts < 0:
             raise RlhfkitError(f"--max-rollouts must be >= 0, got {self.max_rollouts}")
-        for run in self.runs:
-            if not Path(run).is_dir():
-                raise RlhfkitError(f"{run}: no such run directory")
 
 
 @dataclass
@@ -86,6 +83,8 @@ def find_runs(paths: list[str]) -> list[Path]:
     else the runs directly inside it, ordered by when they started."""
     found: list[Path] = []
     for given in map(Path, paths):
+        if not given.is_dir():
+            raise RlhfkitError(f"{given}: no such run directory")
         if _is_run(given):
             found.append(given)
             continue
