@@ -86,11 +86,11 @@ RECIPE_MODULES = ("rlhfkit.recipes", "rlhfkit.tasks.qa_feedback", "rlhfkit.tasks
 
 @dataclass
 class RecipeConfig:
-    plan: str = opt(REQUIRED, "Recipe plan YAML, e.g. recipes/qa_feedback/tiny.yaml.", argument=True)
-    dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.")
-    overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set")
-    from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.")
-    overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.")
+    plan: str = opt(REQUIRED, "Recipe plan YAML, e.g. recipes/qa_feedback/tiny.yaml.", argument=True, panel="Data")
+    dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.", panel="Output")
+    overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set", panel="Output")
+    from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.", panel="Output")
+    overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.", panel="Output")
 
     def validate(self) -> None:
         if not Path(self.plan).is_file():

@@ -26,10 +26,10 @@ DEFAULT_METRICS = ("reward/total", "loss", "eval_loss")
 
 @dataclass
 class CompareConfig:
-    runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True)
-    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values).")
-    metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).")
-    labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).")
+    runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True, panel="Data")
+    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values).", panel="Output")
+    metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).", panel="Output")
+    labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).", panel="Output")
 
     def validate(self) -> None:
         if Path(self.out).suffix.lower() not in OUT_KINDS:

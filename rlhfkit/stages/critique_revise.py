@@ -102,26 +102,26 @@ PAPER_WIN_RATES = {1: 0.566, 5: 0.659}
 
 @dataclass
 class CritiqueReviseConfig(FinetuneOptions):
-    action: str = opt(REQUIRED, "train (fine-tune a critique-and-revise model) or run (critique and revise responses).", argument=True)
-    model: str = opt(REQUIRED, "train: the base model (hub id or directory); run: the critique-and-revise model (or any policy: self-critique).")
-    out: str = opt(REQUIRED, "Output directory. train: the model + critique_revise.json; run: revisions.jsonl, results.md (+ winrates with --judge).")
-    data: str | None = opt(None, "[train] JSONL of `critique` records (annotate-import writes critiques.jsonl).")
-    input: str | None = opt(None, "[run] JSONL of records with prompt and response (e.g. `generation` records).")
-    rounds: int = opt(1, "[run] Critique-and-revise rounds (the paper: up to 5).")
-    judge: str | None = opt(None, "[run] Preference/regression reward-model directory that judges each round against the originals.")
-    max_inputs: int | None = opt(None, "[run] Only the first N records of --input.")
-    critique_template: str | None = opt(None, "Critique prompt, a format string with {prompt} {response} (default: the model's critique_revise.json, else the built-in one).")
-    revision_template: str | None = opt(None, "Revision prompt, a format string with {prompt} {response} {critique} (default: as --critique-template).")
-    min_length_ratio: float = opt(0.5, "[run] Flag a revision shorter than this times the response it revises, in characters (0 = off).")
-    accept_truncated: bool = opt(False, "[run] Keep revisions cut off at --max-new-tokens (by default they are flagged).")
-    tie_margin: float = opt(0.0, "[run] Judge score difference (normalised units) at or below which a round's response ties its original.")
-    max_new_tokens: int = opt(256, "[run] Max tokens of each critique and revision.")
-    max_prompt_length: int = opt(1024, "[run] Max tokens of a formatted critique/revision input; longer ones lose tokens from the left of their {prompt}.")
-    sample: bool = opt(False, "[run] Sample instead of greedy decoding.")
-    temperature: float = opt(0.7, "[run] Sampling temperature (with --sample).")
-    top_k: int = opt(0, "[run] Top-k sampling (with --sample; 0 = off).")
-    top_p: float = opt(1.0, "[run] Top-p sampling (with --sample).")
-    batch_size: int = opt(4, "train: demonstrations per micro-batch; run: inputs per generation / judge batch.")
+    action: str = opt(REQUIRED, "train (fine-tune a critique-and-revise model) or run (critique and revise responses).", argument=True, panel="Data")
+    model: str = opt(REQUIRED, "train: the base model (hub id or directory); run: the critique-and-revise model (or any policy: self-critique).", panel="Model")
+    out: str = opt(REQUIRED, "Output directory. train: the model + critique_revise.json; run: revisions.jsonl, results.md (+ winrates with --judge).", panel="Output")
+    data: str | None = opt(None, "[train] JSONL of `critique` records (annotate-import writes critiques.jsonl).", panel="Data")
+    input: str | None = opt(None, "[run] JSONL of records with prompt and response (e.g. `generation` records).", panel="Data")
+    rounds: int = opt(1, "[run] Critique-and-revise rounds (the paper: up to 5).", panel="Generation")
+    judge: str | None = opt(None, "[run] Preference/regression reward-model directory that judges each round against the originals.", panel="Rewards")
+    max_inputs: int | None = opt(None, "[run] Only the first N records of --input.", panel="Data")
+    critique_template: str | None = opt(None, "Critique prompt, a format string with {prompt} {response} (default: the model's critique_revise.json, else the built-in one).", panel="Data")
+    revision_template: str | None = opt(None, "Revision prompt, a format string with {prompt} {response} {critique} (default: as --critique-template).", panel="Data")
+    min_length_ratio: float = opt(0.5, "[run] Flag a revision shorter than this times the response it revises, in characters (0 = off).", panel="Generation")
+    accept_truncated: bool = opt(False, "[run] Keep revisions cut off at --max-new-tokens (by default they are flagged).", panel="Generation")
+    tie_margin: float = opt(0.0, "[run] Judge score difference (normalised units) at or below which a round's response ties its original.", panel="Generation")
+    max_new_tokens: int = opt(256, "[run] Max tokens of each critique and revision.", panel="Generation")
+    max_prompt_length: int = opt(1024, "[run] Max tokens of a formatted critique/revision input; longer ones lose tokens from the left of their {prompt}.", panel="Generation")
+    sample: bool = opt(False, "[run] Sample instead of greedy decoding.", panel="Generation")
+    temperature: float = opt(0.7, "[run] Sampling temperature (with --sample).", panel="Generation")
+    top_k: int = opt(0, "[run] Top-k sampling (with --sample; 0 = off).", panel="Generation")
+    top_p: float = opt(1.0, "[run] Top-p sampling (with --sample).", panel="Generation")
+    batch_size: int = opt(4, "train: demonstrations per micro-batch; run: inputs per generation / judge batch.", panel="Training")
 
     def validate(self) -> None:
         if self.action not in ACTIONS:
@@ -623,6 +623,28 @@ def run_rounds(cfg: CritiqueReviseConfig, generator: Generator | None = None) ->
     console.print(report, markup=False, highlight=False, soft_wrap=True)
     console.print(f"critique-revise: wrote {run.path / REVISIONS_FILE} and results.md")
     return summary
+
+
+# What `critique-revise ACTION --help` shows: its own description, without the other action's options.
+_SHARED = {"model", "out", "batch_size", "dtype", "device", "seed", "trust_remote_code", "chat_template",
+           "overwrite", "report_to", "critique_template", "revision_template"}
+_RUN_ONLY = {f.name for f in fields(CritiqueReviseConfig) if f.metadata.get("help", "").startswith("[run]")} | {"input", "judge", "max_inputs"}
+_TRAIN_ONLY = ({f.name for f in fields(FinetuneOptions)} | {"data"}) - _SHARED
+ACTION_HELP = {
+    "train": (
+        ("Fine-tune a critique-and-revise model (Jin et al. 2023): each `critique` record of --data becomes a "
+         "critique demonstration (prompt, response -> critique) and a revision demonstration (prompt, response, "
+         "critique -> revised response), trained with sft's loop; the templates are saved with the model."),
+        _RUN_ONLY,
+    ),
+    "run": (
+        ("Critique and revise each response of --input --rounds times with a critique-and-revise model (or any "
+         "policy: self-critique); flags degenerate revisions (empty, cut off, unchanged, much shorter) and, with "
+         "--judge, reports each round's win, tie and loss rates over the originals beside the paper's."),
+        _TRAIN_ONLY,
+    ),
+}
+"""action -> (its --help description, the options it does not take)."""
 
 
 def run_critique_revise(cfg: CritiqueReviseConfig):

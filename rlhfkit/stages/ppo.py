@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
-from rlhfkit.config import REQUIRED, check_numbers, check_sampling, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_numbers, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
     DEEPSPEED_HELP,
@@ -128,87 +128,91 @@ KL_LOGPROBS = ("untempered", "tempered")
 
 @dataclass
 class PPOConfig:
-    policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.")
-    prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).")
-    out: str = opt(REQUIRED, "Output directory: final policy, checkpoints, metrics, rollouts.")
-    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).")
-    rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.")
-    redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.")
-    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy; with --lora-r, the policy with its adapters disabled).")
-    eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.")
-    advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).")
+    policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.", panel="Model")
+    prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).", panel="Data")
+    out: str = opt(REQUIRED, "Output directory: final policy, checkpoints, metrics, rollouts.", panel="Output")
+    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).", panel="Rewards")
+    rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.", panel="Rewards")
+    redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.", panel="Rewards")
+    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy; with --lora-r, the policy with its adapters disabled).", panel="Model")
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.", panel="Data")
+    advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).", panel="PPO")
     group_baseline: str = opt(
         "per-reward",
         "grpo/rloo with dense rewards: 'per-reward' normalises each given reward against the group's rewards and gives "
         "each token the reward-to-go (rewards keep their positions, but a sample's number of rewards does not count: "
         "+0.3 on 2 or on 4 sub-sentences both get 0); 'sequence-sum' compares each sample's summed reward with the "
         "group's (more good segments win) and gives every token that one advantage (positions are lost).",
+        panel="PPO",
     )
-    value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.")
-    value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).")
-    steps: int = opt(100, "PPO iterations (rollout + update).")
-    prompts_per_step: int = opt(8, "Prompts per rollout batch.")
-    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).")
-    minibatch_size: int = opt(8, "Rollouts per forward/backward pass (a micro-batch).")
+    value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.", panel="Model")
+    value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).", panel="Model")
+    steps: int = opt(100, "PPO iterations (rollout + update).", panel="PPO")
+    prompts_per_step: int = opt(8, "Prompts per rollout batch.", panel="PPO")
+    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).", panel="PPO")
+    minibatch_size: int = opt(8, "Rollouts per forward/backward pass (a micro-batch).", panel="PPO")
     grad_accum: int = opt(
         1,
         "Minibatches whose gradients are accumulated into one optimizer step (token-weighted, so the step is the "
         "one a single pass over them would take). The reference accumulates a whole rollout batch: one step per "
         "PPO epoch, i.e. rollouts / --minibatch-size.",
+        panel="Training",
     )
-    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
-    lr: float = opt(1e-5, "Policy learning rate.")
-    value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).")
-    warmup_steps: int = opt(0, "Linear LR warm-up, in optimizer steps.")
-    kl_coef: float = opt(0.3, "Initial beta of the per-token KL penalty (the paper: 0.3).")
-    target_kl: Optional[float] = opt(None, "Adaptive KL controller target (Ziegler et al.); fixed beta when unset.")
-    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.")
-    kl_stop: Optional[float] = opt(None, "Stop an update epoch when approx. KL to the rollout policy exceeds this.")
-    gamma: float = opt(1.0, "Discount.")
-    lam: float = opt(0.95, "GAE lambda (the paper: 0.95 fine-grained, 0.99 holistic).")
-    clip: float = opt(0.2, "Policy ratio clip.")
-    value_clip: float = opt(0.2, "Value clip around the rollout values.")
-    vf_coef: float = opt(0.5, "Value loss weight (shared value head).")
-    entropy_coef: float = opt(0.0, "Entropy bonus weight.")
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.", panel="PPO")
+    lr: float = opt(1e-5, "Policy learning rate.", panel="Training")
+    value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).", panel="PPO")
+    warmup_steps: int = opt(0, "Linear LR warm-up, in optimizer steps.", panel="Training")
+    kl_coef: float = opt(0.3, "Initial beta of the per-token KL penalty (the paper: 0.3).", panel="PPO")
+    target_kl: Optional[float] = opt(None, "Adaptive KL controller target (Ziegler et al.); fixed beta when unset.", panel="PPO")
+    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.", panel="PPO")
+    kl_stop: Optional[float] = opt(None, "Stop an update epoch when approx. KL to the rollout policy exceeds this.", panel="PPO")
+    gamma: float = opt(1.0, "Discount.", panel="PPO")
+    lam: float = opt(0.95, "GAE lambda (the paper: 0.95 fine-grained, 0.99 holistic).", panel="PPO")
+    clip: float = opt(0.2, "Policy ratio clip.", panel="PPO")
+    value_clip: float = opt(0.2, "Value clip around the rollout values.", panel="PPO")
+    vf_coef: float = opt(0.5, "Value loss weight (shared value head).", panel="PPO")
+    entropy_coef: float = opt(0.0, "Entropy bonus weight.", panel="PPO")
     whiten_rewards: bool = opt(
         False,
         "gae: scale the KL-penalised per-token rewards to unit std over the batch's tokens (mean kept) before GAE, as "
         "the reference's whiten_rewards does. Off by default: for sparse rewards it scales by ~sqrt(length), which "
         "the 0.2 value clip then cannot follow.",
+        panel="Rewards",
     )
     kl_logprobs: str = opt(
         "untempered",
         "Log-probs the KL to the reference (and the logged entropy / entropy bonus) use: 'untempered' (softmax of the "
         "raw logits, as the reference, so --kl-coef means what it means there) or 'tempered' (logits / --temperature). "
         "The PPO ratio always uses the sampling temperature.",
+        panel="PPO",
     )
-    max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).")
-    truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
-    normalize_rewards: str = opt("none", "Before weighting: none, or per-source (each source's rewards standardised over the batch; for sources on different scales).")
-    chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).")
-    max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
-    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
-    truncation_side: str = opt("right", TRUNCATION_HELP)
-    generation_backend: str = opt("hf", "Rollout sampling: hf (the policy's generate) or vllm (a colocated vLLM engine, weights pushed after each update; the optional 'vllm' extra, CUDA).")
-    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.")
-    top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).")
-    top_p: float = opt(1.0, "Top-p sampling.")
-    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning). With LoRA the reference is the policy with adapters disabled.")
-    lora_alpha: int = opt(16, "LoRA alpha.")
-    rm_batch_size: int = opt(8, "Reward-model scoring batch size.")
-    eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).")
-    save_every: int = opt(10, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
-    resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
-    log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    seed: int = opt(0, "Random seed.")
-    deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).")
-    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
-    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
-    report_to: list[str] = opt([], REPORT_TO_HELP)
+    max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).", panel="Training")
+    truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).", panel="Rewards")
+    normalize_rewards: str = opt("none", "Before weighting: none, or per-source (each source's rewards standardised over the batch; for sources on different scales).", panel="Rewards")
+    chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).", panel="Model")
+    max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).", panel="Generation")
+    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.", panel="Generation")
+    truncation_side: str = opt("right", TRUNCATION_HELP, panel="Data")
+    generation_backend: str = opt("hf", "Rollout sampling: hf (the policy's generate) or vllm (a colocated vLLM engine, weights pushed after each update; the optional 'vllm' extra, CUDA).", panel="Generation")
+    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.", panel="Generation")
+    top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).", panel="Generation")
+    top_p: float = opt(1.0, "Top-p sampling.", panel="Generation")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning). With LoRA the reference is the policy with adapters disabled.", panel="Model")
+    lora_alpha: int = opt(16, "LoRA alpha.", panel="Model")
+    rm_batch_size: int = opt(8, "Reward-model scoring batch size.", panel="Rewards")
+    eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).", panel="Training")
+    save_every: int = opt(10, "Checkpoint every N steps (0 = only at the end).", panel="Output")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).", panel="Output")
+    resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).", panel="Training")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
+    log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.", panel="Output")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.", panel="Distributed")
+    seed: int = opt(DEFAULT_SEED, "Random seed.", panel="Training")
+    deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).", panel="Distributed")
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
+    report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhfkit.config import REQUIRED, check_numbers, config_to_dict, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_numbers, config_to_dict, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
@@ -32,16 +32,16 @@ from rlhfkit.schema import Generation, load_records, write_records
 
 @dataclass
 class RedistributeConfig:
-    rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory.")
-    input: str = opt(REQUIRED, "JSONL of records with prompt and response (e.g. `generation` records).")
-    out: str = opt(REQUIRED, "Output JSONL of generation records with per-token rewards.")
-    html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards here.")
-    granularity: str = opt("token", "Read the prefix score at every token, or only at sentence ends: token | sentence.")
-    batch_size: int = opt(8, "Scoring batch size.")
-    limit: int = opt(0, "Only the first N records (0 = all).")
-    dtype: str = opt("auto", "RM dtype: auto, float32, bfloat16.")
-    device: str = opt("auto", "Device: auto, cpu, cuda.")
-    seed: int = opt(0, "Random seed (recorded; scoring is deterministic).")
+    rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory.", panel="Rewards")
+    input: str = opt(REQUIRED, "JSONL of records with prompt and response (e.g. `generation` records).", panel="Data")
+    out: str = opt(REQUIRED, "Output JSONL of generation records with per-token rewards.", panel="Output")
+    html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards here.", panel="Output")
+    granularity: str = opt("token", "Read the prefix score at every token, or only at sentence ends: token | sentence.", panel="Rewards")
+    batch_size: int = opt(8, "Scoring batch size.", panel="Training")
+    limit: int = opt(0, "Only the first N records (0 = all).", panel="Data")
+    dtype: str = opt("auto", "RM dtype: auto, float32, bfloat16.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda.", panel="Distributed")
+    seed: int = opt(DEFAULT_SEED, "Random seed (recorded; scoring is deterministic).", panel="Training")
 
     def validate(self) -> None:
         if self.granularity not in GRANULARITIES:
