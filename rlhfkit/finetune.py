@@ -57,6 +57,7 @@ from rlhfkit.distributed import (
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.lengths import fit_default_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
     add_lora,
     check_training_options,
@@ -120,6 +121,7 @@ class FinetuneOptions:
     chat_template: str | None = opt(None, "Jinja chat template file for conversational demonstrations (default: the tokenizer's own, if any); saved with the model.", panel="Model")
     report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
     truncation_side: str = opt("right", TRUNCATION_HELP, panel="Data")
+    push_to_hub: str | None = opt(None, PUSH_TO_HUB_HELP, panel="Output")
 
     def validate_finetune(self) -> None:
         validate_loop_options(self)
@@ -309,10 +311,11 @@ def _fingerprint(examples: list[SFTExample]) -> str:
 # --- the stage ----------------------------------------------------------------------------
 
 
-def run_sft(cfg: SFTConfig, stage: str = "sft") -> Path:
+def run_sft(cfg: SFTConfig, stage: str = "sft", card_data: str | None = None) -> Path:
     """Supervised fine-tuning on demonstrations: loss on response tokens only.
 
-    `stage` names the stage in the loss plot's title (critique-revise train runs this too).
+    `stage` names the stage in the loss plot's title and the model card, `card_data` the
+    data in the card (critique-revise train runs this on demonstrations it made from --data).
 
     Holds out --eval-fraction of the data (eval loss and perplexity before and after),
     trains with gradient accumulation, LR warm-up/decay, optional LoRA, checkpoints and
@@ -433,6 +436,8 @@ def run_sft(cfg: SFTConfig, stage: str = "sft") -> Path:
     run.write_json(METRICS_FILE, metrics)
     if main:
         plot_loss_curve(out / LOSS_CURVE_FILE, result, f"{stage}: {out.name}")
+        finish_model(out, cfg.push_to_hub, title=out.name, stage=stage, base_model=cfg.model, data=[card_data or cfg.data],
+                     metrics=scalar_metrics(metrics, ["steps", "train_loss", "eval_loss_after", "eval_perplexity_after"]))
     summary = f"sft: {result.steps} steps, train loss {metrics['train_loss']:.4f}"
     if after:
         summary += f", eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {after['perplexity']:.2f})"

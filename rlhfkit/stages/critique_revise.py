@@ -72,12 +72,14 @@ import torch
 from rlhfkit.chat import MESSAGES_KEY, load_chat_template, override_chat_template, render_prompt
 from rlhfkit.config import REQUIRED, build_config, check_sampling, config_to_dict, opt
 from rlhfkit.console import console
+from rlhfkit.distributed import is_main_process
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import FinetuneOptions, SFTConfig, run_sft
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
 from rlhfkit.io import write_json, write_text
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.metrics import win_rate
+from rlhfkit.model_card import push_to_hub
 from rlhfkit.models import load_policy, resolve_device
 from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
@@ -126,7 +128,7 @@ class CritiqueReviseConfig(FinetuneOptions):
     def validate(self) -> None:
         if self.action not in ACTIONS:
             raise RlhfkitError(f"unknown action '{self.action}'; valid: {', '.join(ACTIONS)}")
-        own = {"train": ("data",), "run": ("input", "judge", "max_inputs")}
+        own = {"train": ("data", "push_to_hub"), "run": ("input", "judge", "max_inputs")}
         for action, names in own.items():
             for name in names:
                 if action != self.action and getattr(self, name) is not None:
@@ -272,7 +274,10 @@ def run_train(cfg: CritiqueReviseConfig) -> Path:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-critique-revise-") as staging:
         data = Path(staging) / DATA_FILE
         write_records(data, demos)
-        run_sft(build_config(SFTConfig, model=cfg.model, data=str(data), out=str(out), **sft_options), stage="critique-revise train")
+        # Uploaded below, once the templates that `run` needs are in the model directory.
+        sft_options["push_to_hub"] = None
+        run_sft(build_config(SFTConfig, model=cfg.model, data=str(data), out=str(out), **sft_options),
+                stage="critique-revise train", card_data=cfg.data)
     write_records(out / DATA_FILE, demos)
     write_json(
         out / TEMPLATES_FILE,
@@ -285,6 +290,8 @@ def run_train(cfg: CritiqueReviseConfig) -> Path:
         },
     )
     console.print(f"critique-revise: templates saved to {out / TEMPLATES_FILE}")
+    if cfg.push_to_hub and is_main_process():
+        push_to_hub(out, cfg.push_to_hub)
     return out
 
 

@@ -78,6 +78,7 @@ from rlhfkit.generation_backends import (
 )
 from rlhfkit.io import write_json, write_text
 from rlhfkit.lengths import fit_generation_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
     add_lora,
     disable_dropout,
@@ -213,6 +214,7 @@ class PPOConfig:
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
     report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
+    push_to_hub: Optional[str] = opt(None, PUSH_TO_HUB_HELP, panel="Output")
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
@@ -764,6 +766,11 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if main:
         write_json(out / "ppo_summary.json", summary)
         plot_reward_curves(run.metrics_path, out / "reward_curves.png", f"ppo: {out.name}")
+        finish_model(out, cfg.push_to_hub, title=out.name, stage="ppo", base_model=cfg.policy, data=[cfg.prompts],
+                     rewards={name: (str(weight), rm_paths.get(reward_model_name(name, rm_paths) or name, "python/hf source"))
+                              for name, weight in weights.items()},
+                     metrics={"steps": cfg.steps, **scalar_metrics(summary["last"], ["reward/total", "kl", "response_length"], "last step "),
+                              **scalar_metrics(final_metrics, list(final_metrics))})
     run.close()
     console.print(ppo_summary_line(history, final_metrics, out), markup=False, highlight=False, soft_wrap=True)
     return summary

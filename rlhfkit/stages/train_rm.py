@@ -58,10 +58,12 @@ from rlhfkit.distributed import (
     OFFLOAD_OPTIMIZER_HELP,
     OFFLOAD_PARAMS_HELP,
     check_deepspeed_options,
+    is_main_process,
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.lengths import fit_default_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
     add_lora,
     check_training_options,
@@ -173,6 +175,7 @@ class TrainRMConfig:
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
     chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.", panel="Model")
     report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
+    push_to_hub: str | None = opt(None, PUSH_TO_HUB_HELP + " Several aspects without --shared-backbone: to REPO-<aspect> each.", panel="Output")
 
     def aspects(self) -> list[str]:
         return [name.strip() for name in self.aspect.split(",") if name.strip()]
@@ -212,7 +215,8 @@ class TrainRMConfig:
         """`--aspect a,b,c`: one config per aspect (its --data-for file), each writing into OUT/<aspect>/."""
         files = self.data_files()
         return [
-            dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None)
+            dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None,
+                                push_to_hub=f"{self.push_to_hub}-{name}" if self.push_to_hub else None)
             for name in self.aspects()
         ]
 
@@ -432,6 +436,10 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         metrics.update(normalization=spec["normalization"], ties=cfg.ties, train_ties=ties)
     run.write_json(METRICS_FILE, metrics)
     write_reward_model_spec(run.path, spec)
+    if is_main_process():
+        finish_model(run.path, cfg.push_to_hub, title=run.path.name, stage="train-rm", base_model=cfg.model, data=[cfg.data],
+                     rewards={cfg.aspect: (f"{settings.kind} reward model", "this model")},
+                     metrics={**scalar_metrics(metrics, ["steps", "train_loss"]), **scalar_metrics(held_metrics, list(held_metrics), "held-out ")})
     run.close()
     console.print(f"train-rm: {held_out_summary(held_metrics)}; reward model saved to {run.path}", soft_wrap=True)
     return metrics
@@ -527,6 +535,13 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     }
     run.write_json(METRICS_FILE, metrics)
     write_reward_model_spec(run.path, spec)
+    if is_main_process():
+        finish_model(run.path, cfg.push_to_hub, title=run.path.name, stage="train-rm", base_model=cfg.model,
+                     data=[cfg.data, *(path for _, path in (item.partition("=")[::2] for item in cfg.data_for))],
+                     rewards={aspect: (f"{weights[aspect]} ({kinds[aspect]})", "shared backbone, own head") for aspect in kinds},
+                     metrics={**scalar_metrics(metrics, ["steps", "train_loss"]),
+                              **{f"{aspect} held-out {key}": value for aspect in kinds
+                                 for key, value in scalar_metrics(held_metrics.get(aspect, {}), list(held_metrics.get(aspect, {}))).items()}})
     run.close()
     for aspect in kinds:
         console.print(f"train-rm: {aspect}: {held_out_summary(held_metrics.get(aspect, {}))}", soft_wrap=True)
