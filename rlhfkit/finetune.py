@@ -84,8 +84,6 @@ from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side, cut_to_le
 IGNORE_INDEX = -100
 METRICS_FILE = "sft_metrics.json"
 LOSS_CURVE_FILE = "loss_curve.png"
-# Files of a previous save at the top of --out that a new save must not leave behind
-# (a stale adapter_config.json would make from_pretrained load an adapter over the model).
 
 
 @dataclass
@@ -139,7 +137,7 @@ class FinetuneOptions:
 class SFTConfig(FinetuneOptions):
     model: str = opt(REQUIRED, "Base model: a Hugging Face hub id or a local save_pretrained directory (causal LM or T5-style seq2seq).", panel="Model")
     data: str = opt(REQUIRED, "Demonstrations: JSONL of `demonstration` records (annotate-import writes demonstrations.jsonl).", panel="Data")
-    out: str = opt(REQUIRED, "Output directory: the fine-tuned model + tokenizer (loadable with from_pretrained), checkpoints/, metrics.", panel="Output")
+    out: str = opt(REQUIRED, "Output directory: model/ (the fine-tuned model + tokenizer + model card, loadable with from_pretrained), checkpoints/, metrics.", panel="Output")
     deepspeed: str | None = opt(None, DEEPSPEED_HELP, panel="Distributed")
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
@@ -319,7 +317,7 @@ def run_sft(cfg: SFTConfig, stage: str = "sft", card_data: str | None = None) ->
 
     Holds out --eval-fraction of the data (eval loss and perplexity before and after),
     trains with gradient accumulation, LR warm-up/decay, optional LoRA, checkpoints and
-    --resume, and saves a from_pretrained-loadable model at the top of --out, with
+    --resume, and saves a from_pretrained-loadable model in --out/model/ (with its model card), and
     sft_metrics.json and loss_curve.png.
     """
     records: list[Demonstration] = load_records(cfg.data, "demonstration")

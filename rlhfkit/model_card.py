@@ -19,6 +19,7 @@ import yaml
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_text
+from rlhfkit.models import model_dir, model_output_dir
 
 CARD_FILE = "README.md"
 # The files of a saved model: what save_pretrained writes for a model, a LoRA adapter and a
@@ -105,16 +106,17 @@ def _number(value: Any) -> str:
 
 
 def write_model_card(out: str | os.PathLike, **card: Any) -> Path:
-    """Write README.md (card_text) into the model directory `out`."""
+    """Write README.md (card_text) into the model folder of the run directory `out`."""
     from rlhfkit import __version__
 
-    path = Path(out) / CARD_FILE
+    path = model_output_dir(out) / CARD_FILE
     write_text(path, card_text(version=__version__, **card))
     return path
 
 
 def push_to_hub(out: str | os.PathLike, repo_id: str) -> None:
-    """Upload the model's files of `out` (model_files) to the hub repository `repo_id`."""
+    """Upload the model folder of `out` (its model_files) to the hub repository `repo_id`."""
+    out = model_dir(out)
     files = model_files(out)
     if not any(fnmatch.fnmatch(name, "*.safetensors") for name in files):
         raise RlhfkitError(f"--push-to-hub: {out} holds no model weights to upload")

@@ -13,6 +13,7 @@ from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.finetune import SFTConfig, run_sft
 from rlhfkit.model_card import card_text, model_files, push_to_hub
+from rlhfkit.models import MODEL_SUBDIR
 from rlhfkit.schema import Demonstration, write_records
 
 
@@ -34,7 +35,7 @@ def sft_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_sft_writes_a_model_card(sft_run: Path, tiny_model_dir: Path) -> None:
-    text = (sft_run / "README.md").read_text(encoding="utf-8")
+    text = (sft_run / MODEL_SUBDIR / "README.md").read_text(encoding="utf-8")
     metadata = front_matter(text)
     # A local base model is no hub id: the card names it in its text, not as base_model.
     assert metadata == {"library_name": "transformers", "tags": ["rlhfkit", "sft"]}
@@ -49,9 +50,10 @@ def test_upload_takes_the_model_files_only(sft_run: Path, monkeypatch: pytest.Mo
     import huggingface_hub
 
     assert any((sft_run / "checkpoints").iterdir()) and (sft_run / "metrics.jsonl").is_file()
-    files = model_files(sft_run)
-    # What from_pretrained reads (model and tokenizer) and the card; not run_config.json,
-    # metrics.jsonl, sft_metrics.json, loss_curve.png or checkpoints/.
+    # The run directory keeps checkpoints, metrics and plots; its model folder what from_pretrained reads and the card.
+    assert sorted(p.name for p in sft_run.iterdir()) == ["checkpoints", "loss_curve.png", "metrics.jsonl", MODEL_SUBDIR, "run_config.json", "sft_metrics.json"]
+    files = model_files(sft_run / MODEL_SUBDIR)
+    assert files == sorted(p.name for p in (sft_run / MODEL_SUBDIR).iterdir())
     assert files == ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
                      "tokenizer.json", "tokenizer_config.json"]
 
@@ -67,7 +69,7 @@ def test_upload_takes_the_model_files_only(sft_run: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
     push_to_hub(sft_run, "me/tiny-sft")
     assert calls[0] == ("create_repo", "me/tiny-sft", {"exist_ok": True})
-    assert calls[1][1]["folder_path"] == str(sft_run) and calls[1][1]["allow_patterns"] == files
+    assert calls[1][1]["folder_path"] == str(sft_run / MODEL_SUBDIR) and calls[1][1]["allow_patterns"] == files
 
 
 def test_push_without_weights_is_refused(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import model_dir
 from rlhfkit.rewards.reward_model import (
     SEQUENCE_KINDS,
     SHARED_KIND,
@@ -137,7 +138,7 @@ class MultiAspectRewardModel(nn.Module):
         save_file(heads, str(Path(directory) / HEADS_FILE))
 
     def load_heads(self, directory: str | os.PathLike) -> None:
-        path = Path(directory) / HEADS_FILE
+        path = model_dir(directory) / HEADS_FILE
         if not path.is_file():
             raise RlhfkitError(f"{directory}: no {HEADS_FILE}; the shared-backbone reward model is incomplete, train it again")
         try:

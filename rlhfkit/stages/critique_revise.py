@@ -80,7 +80,7 @@ from rlhfkit.io import write_json, write_text
 from rlhfkit.lengths import fit_generation_lengths
 from rlhfkit.metrics import win_rate
 from rlhfkit.model_card import push_to_hub
-from rlhfkit.models import load_policy, resolve_device
+from rlhfkit.models import load_policy, model_dir, model_output_dir, resolve_device
 from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.rewards.reward_model import SEQUENCE_KINDS, load_reward_model, read_spec
 from rlhfkit.runs import RunDir, progress_bar, set_seed
@@ -207,7 +207,7 @@ class Templates:
 
 def resolve_templates(cfg: CritiqueReviseConfig) -> Templates:
     """Command line > the model's critique_revise.json (run only) > the defaults (saying so)."""
-    saved_path = Path(cfg.model) / TEMPLATES_FILE
+    saved_path = model_dir(cfg.model) / TEMPLATES_FILE
     saved = {}
     if cfg.action == "run" and saved_path.is_file():
         try:
@@ -280,7 +280,7 @@ def run_train(cfg: CritiqueReviseConfig) -> Path:
                 stage="critique-revise train", card_data=cfg.data)
     write_records(out / DATA_FILE, demos)
     write_json(
-        out / TEMPLATES_FILE,
+        model_output_dir(out) / TEMPLATES_FILE,
         {
             "critique_template": templates.critique,
             "revision_template": templates.revision,
@@ -289,7 +289,7 @@ def run_train(cfg: CritiqueReviseConfig) -> Path:
             "config": config_to_dict(cfg),
         },
     )
-    console.print(f"critique-revise: templates saved to {out / TEMPLATES_FILE}")
+    console.print(f"critique-revise: templates saved to {model_output_dir(out) / TEMPLATES_FILE}")
     if cfg.push_to_hub and is_main_process():
         push_to_hub(out, cfg.push_to_hub)
     return out

@@ -131,7 +131,7 @@ KL_LOGPROBS = ("untempered", "tempered")
 class PPOConfig:
     policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.", panel="Model")
     prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).", panel="Data")
-    out: str = opt(REQUIRED, "Output directory: final policy, checkpoints, metrics, rollouts.", panel="Output")
+    out: str = opt(REQUIRED, "Output directory: model/ (the final policy and its model card), checkpoints, metrics, rollouts.", panel="Output")
     rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).", panel="Rewards")
     rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.", panel="Rewards")
     redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.", panel="Rewards")

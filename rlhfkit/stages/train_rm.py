@@ -131,7 +131,7 @@ class TrainRMConfig:
     shared_backbone: bool = opt(False, "Several aspects: train ONE model, a backbone with a head per aspect (segment or sequence), each aspect's loss on its own data; scores all aspects in one forward pass (ppo --rm fg=OUT --rewards fg.factuality=...).", panel="Model")
     aspect_weights: str | None = opt(None, "With --shared-backbone: loss weight of each aspect, comma-separated in --aspect order (default: 1 each).", panel="Rewards")
     model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.", panel="Model")
-    out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.", panel="Output")
+    out: str = opt(REQUIRED, "Output directory: model/ (the reward model, rlhfkit_rm.json, model card), rm_metrics.json, checkpoints/.", panel="Output")
     kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).", panel="Rewards")
     granularity: str | None = opt(None, "Segment RMs: sentence, subsentence or step (one line each, for process reward models; default: the preset's, factuality sentence, relevance subsentence).", panel="Rewards")
     positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default 1; the paper's +0.3/+0.5 are the weights of `ppo --rewards rel=0.3,fact=0.5`).", panel="Rewards")
