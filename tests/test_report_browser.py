@@ -56,15 +56,16 @@ def test_report_in_chromium(repo_root: Path, tmp_path: Path) -> None:
             errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
             assert errors == [], errors
 
-            curves = browser.find_elements(By.CSS_SELECTOR, ".curves svg")
+            # A PPO run's own curves (rewards per source, KL, length, entropy, losses), else any.
+            curves = browser.find_elements(By.CSS_SELECTOR, '.run[data-stage="ppo"] .curves svg') or browser.find_elements(By.CSS_SELECTOR, ".curves svg")
             assert curves and curves[0].size["height"] > 100, "no curves drawn"
             browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", curves[0])
             curves[0].screenshot(str(shots / "report-curves.png"))
 
-            # A PPO run's rollouts (a heat-map row per reward source), else any run's.
+            # The PPO run with the most reward sources (a heat-map row each), else any run's rollouts.
             boxes = browser.find_elements(By.CSS_SELECTOR, '.run[data-stage="ppo"] .rollouts') or browser.find_elements(By.CSS_SELECTOR, ".rollouts")
             assert boxes, "no rollout heat maps"
-            box = boxes[0]
+            box = max(boxes, key=lambda b: len(b.find_element(By.CSS_SELECTOR, ".rollout").find_elements(By.CSS_SELECTOR, ".heat")))
             run_number = box.get_attribute("data-run")
             items = box.find_elements(By.CSS_SELECTOR, ".rollout")
             steps = sorted({int(e.get_attribute("data-step")) for e in items})
