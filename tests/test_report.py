@@ -129,11 +129,15 @@ def test_report_of_an_experiment_directory(ppo_run: Path, tmp_path: Path) -> Non
     write_jsonl(cr / "revisions.jsonl", [{"type": "generation", "schema_version": 1, "id": "x", "prompt": "p", "response": "a c",
         "meta": {"original_response": "a b", "rounds": [{"round": 1, "critique": "no b", "response": "a c"}]}}])
     (cr / "results.md").write_text("| round | win |\n|---|---|\n| 1 | 50.0% |\n")
+    audit = exp / "audit"
+    audit.mkdir()
+    (audit / "run_config.json").write_text(json.dumps({"stage": "evaluate", "config": {}}))
+    (audit / "audit.md").write_text("| rm | steps 1-2 |\n|---|---|\n| fact | 0.750 |\n")
     out = tmp_path / "exp.html"
     run_report(build_config(ReportConfig, runs=[str(exp)], out=str(out)))
     page = parse(out)
 
-    assert sorted(s["attrs"]["data-stage"] for s in page.having("section", "run")) == ["critique-revise", "ppo", "redistribute", "train-rm"]
+    assert sorted(s["attrs"]["data-stage"] for s in page.having("section", "run")) == ["critique-revise", "evaluate", "ppo", "redistribute", "train-rm"]
     spanned = [t["text"] for t in page.having("span", "span")]
     assert spanned == ["is ", "fine"]
     assert [row["attrs"]["data-source"] for row in page.having("div", "heat")][-1] == "rm-pref"
@@ -142,7 +146,7 @@ def test_report_of_an_experiment_directory(ppo_run: Path, tmp_path: Path) -> Non
     # "a b" -> "a c": b removed, c added.
     assert [e["text"] for e in page.having("del")] == ["removed", "b"]
     assert [e["text"] for e in page.having("ins")] == ["added", "c"]
-    assert [e["text"] for e in page.having("td") if e["text"] == "50.0%"] == ["50.0%"]
+    assert sorted(e["text"] for e in page.having("td") if e["text"] in ("50.0%", "0.750")) == ["0.750", "50.0%"]
 
 
 def test_report_bad_input(tmp_path: Path) -> None:

@@ -26,6 +26,9 @@ from rlhfkit.schema import load_records
 
 RUN_CONFIG = "run_config.json"
 REDISTRIBUTE_CONFIG = "*.run_config.json"  # redistribute writes FILE.run_config.json beside FILE.jsonl
+# The markdown tables stages write: evaluate's and critique-revise's results (with their
+# intervals), evaluate --audit-rm's step windows.
+RESULT_FILES = ("results.md", "audit.md")
 
 
 @dataclass
@@ -133,9 +136,8 @@ def run_view(path: Path, max_rollouts: int) -> RunView:
     if rollouts.is_file():
         view.rollouts, view.scales = read_rollouts(rollouts, max_rollouts)
         view.steps = sorted({r.step for r in view.rollouts})
-    results = path / "results.md"
-    if results.is_file():
-        view.tables = markdown_html(results.read_text(encoding="utf-8"))
+    view.tables = "".join(markdown_html((path / name).read_text(encoding="utf-8"))
+                          for name in RESULT_FILES if (path / name).is_file())
     rm_metrics = path / "rm_metrics.json"
     if rm_metrics.is_file():
         view.held_out = json.loads(rm_metrics.read_text(encoding="utf-8")).get("held_out") or {}
