@@ -349,7 +349,7 @@ def test_redistribute_stage_sums_to_sequence_minus_prompt_score(run_cli, data_di
         total = sum(row["token_rewards"])
         assert total == pytest.approx(scored.values[0] - row["meta"]["prompt_score"], abs=1e-4)
     page = html.read_text()
-    assert page.count("<section>") == len(RESPONSES) and 'class="t"' in page
+    assert page.count('<div class="rollout"') == len(RESPONSES) and 'class="t"' in page
 
 
 def test_reward_placement_on_policy_tokens(tiny_model_dir):

@@ -14,7 +14,6 @@ HTML page that colours every token by its reward: what people look at to debug a
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,7 @@ from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_numbers, config_to_dict
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
-from rlhfkit.plots import colour_scale, reward_colour
+from rlhfkit.reporting import rollouts_html
 from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.rewards.sources import GRANULARITIES, RewardModelSource
 from rlhfkit.runs import package_versions, progress_bar, set_seed
@@ -108,7 +107,7 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
         {"stage": "redistribute", "config": config_to_dict(cfg), "versions": package_versions(), "summary": summary},
     )
     if cfg.html:
-        write_text(cfg.html, heatmap_html(outputs, title=f"Token rewards of {cfg.rm}"))
+        write_text(cfg.html, rollouts_html(out_path, f"Token rewards of {cfg.rm}", config_to_dict(cfg)))
     console.print(
         f"redistribute: {summary['records']} record(s), mean sequence score {summary['mean_sequence_score']:+.4f}, "
         f"{summary['mean_tokens']:.1f} tokens each -> {cfg.out}" + (f" (heat map: {cfg.html})" if cfg.html else ""),
@@ -120,35 +119,3 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
 def _spans_from_ends(ends: list[int]) -> list[tuple[int, int]]:
     starts = [0] + ends[:-1]
     return [(s, max(s, e)) for s, e in zip(starts, ends)]
-
-
-def heatmap_html(generations: list[Generation], title: str) -> str:
-    """One block per response; each token's background is green (positive) or red (negative)."""
-    scale = colour_scale([v for g in generations for v in (g.token_rewards or [])])
-    blocks = []
-    for g in generations:
-        tokens = "".join(
-            f'<span class="t" style="background:{reward_colour(v, scale)}" title="{v:+.4f}">{html.escape(tok)}</span>'
-            for tok, v in zip(g.tokens or [], g.token_rewards or [])
-        )
-        meta = g.meta
-        blocks.append(
-            f'<section><h2>{html.escape(g.id)}</h2>'
-            f'<details><summary>prompt</summary><pre>{html.escape(g.prompt)}</pre></details>'
-            f'<p class="scores">R(x) = {meta.get("prompt_score", 0):+.4f} &nbsp; R(x, y) = {meta.get("sequence_score", 0):+.4f}'
-            f' &nbsp; sum of token rewards = {sum(g.token_rewards or []):+.4f}</p>'
-            f'<div class="response">{tokens}</div></section>'
-        )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>"
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        ".response{font-family:monospace;white-space:pre-wrap;line-height:1.8}"
-        ".t{border-radius:2px}.scores{color:#555}section{border-bottom:1px solid #ddd;padding:1em 0}"
-        "</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>"
-        f"<p>Green: the token raised the reward model's score; red: it lowered it. Hover a token for its reward. "
-        f"Full colour = {scale:.4f} (95th percentile of |reward|).</p>"
-        + "".join(blocks)
-        + "</body></html>\n"
-    )
