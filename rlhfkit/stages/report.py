@@ -23,7 +23,7 @@ class ReportConfig:
     runs: list[str] = opt(REQUIRED, "Run directories (each with a run_config.json), or a directory of runs (e.g. runs/demo): every run in it, in the order they started.", argument=True, panel="Data")
     out: str = opt(REQUIRED, "The HTML file to write (self-contained: styles, script and plots inline).", panel="Output")
     title: Optional[str] = opt(None, "Title of the report (default: the run directories' names).", panel="Output")
-    max_rollouts: int = opt(400, "Most rollouts shown per run (the newest steps' first); 0 = all.", panel="Output")
+    max_rollouts: int = opt(400, "Most rollouts shown per run (the last N logged); 0 = all.", panel="Output")
 
     def validate(self) -> None:
         if not self.out.endswith((".html", ".htm")):
