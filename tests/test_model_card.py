@@ -86,3 +86,21 @@ def test_card_metadata_for_hub_models_and_rewards() -> None:
                                   "library_name": "transformers", "tags": ["rlhfkit", "ppo", "rlhf", "fine-grained-rlhf"]}
     assert "| fact | 0.5 | `runs/rm-fact` |" in text and "| rel | 0.3 | `runs/rm-rel` |" in text
     assert "rlhfkit 0.1.0" in text and "| kl | 0.5 |" in text
+
+
+def test_a_run_directory_resolves_to_its_model_folder(sft_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from rlhfkit.models import load_policy, resolve_model_path
+
+    assert resolve_model_path(sft_run) == str(sft_run / MODEL_SUBDIR)
+    assert resolve_model_path(sft_run / MODEL_SUBDIR) == str(sft_run / MODEL_SUBDIR)
+    # init-model's output, and a run saved before models had their own folder: the model at the top.
+    assert resolve_model_path(tiny_model_dir) == str(tiny_model_dir)
+    old_run = tmp_path / "old-sft"
+    shutil.copytree(tiny_model_dir, old_run)
+    (old_run / "checkpoints").mkdir()
+    assert resolve_model_path(old_run) == str(old_run)
+    assert resolve_model_path("gpt2") == "gpt2"  # a hub id
+    model, _, _ = load_policy(str(sft_run))
+    assert type(model).__name__ == "GPT2LMHeadModel"
