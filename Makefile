@@ -11,7 +11,7 @@ RUN := runs
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo learn-check gpu-check
+.PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo learn-check gpu-check report-check
 .PHONY: table-synthetic table-qa table-detox table-r3hf table-cnr table-qa-rm recipes-dry-run
 
 setup: $(STAMP)
@@ -67,6 +67,13 @@ recipes-dry-run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The demo's HTML report opened in headless Chromium (after `make demo`): no script errors, the
+# heat map, curves and rollout filter work; writes runs/demo/report-heatmap.png and
+# report-curves.png. Needs `apt-get install chromium chromium-driver` (the test says so if not).
+report-check: setup
+	$(BIN)/python -m pip install --quiet -e ".[browser]"
+	REPORT_RUN=$(RUN)/demo $(BIN)/python -m pytest -q -m slow tests/test_report_browser.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

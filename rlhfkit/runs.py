@@ -443,3 +443,25 @@ def progress_bar(description: str, total: Optional[int]) -> Iterator[Any]:
             console.print(" · ".join(f for f in fields if f), markup=False, highlight=False, soft_wrap=True)
 
         yield advance
+
+
+def read_metric_series(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """A run's numeric metrics by step, {metric: [(step, value), ...]} in the order logged;
+    a line of metrics.jsonl that is not JSON is an error with file:line."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for _, row in read_json_lines(Path(run_dir) / "metrics.jsonl"):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                series.setdefault(key, []).append((row["step"], float(value)))
+    return series
+
+
+def run_stage_name(run_dir: str | os.PathLike) -> str:
+    """The stage that wrote `run_dir` (its run_config.json), or "" when unknown."""
+    config_file = Path(run_dir) / "run_config.json"
+    try:
+        return str(json.loads(config_file.read_text(encoding="utf-8")).get("stage", ""))
+    except (OSError, ValueError, AttributeError, RecursionError):  # ValueError: not UTF-8, not JSON
+        return ""

@@ -10,7 +10,7 @@ import pytest
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import MODEL_SUBDIR, load_tokenizer
 from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.schema import Critique, Generation, load_records, write_records
 from rlhfkit.stages.critique_revise import (
@@ -308,12 +308,12 @@ def test_train_then_run_three_rounds_with_a_judge(tmp_path, run_cli, tiny_model_
                      "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "6 critique and 4 revision demonstrations (2 without a revision)" in result.output
-    saved = json.loads((model_dir / "critique_revise.json").read_text())
+    saved = json.loads((model_dir / MODEL_SUBDIR / "critique_revise.json").read_text())
     assert (saved["critique_template"], saved["revision_template"]) == (DEFAULT_CRITIQUE_TEMPLATE, DEFAULT_REVISION_TEMPLATE)
     assert saved["demonstrations"] == {"critique": 6, "revision": 4}
     assert len(load_records(model_dir / "critique_revise_data.jsonl", "demonstration")) == 10
     assert json.loads((model_dir / "sft_metrics.json").read_text())["steps"] == 2
-    assert (model_dir / "config.json").is_file()
+    assert (model_dir / MODEL_SUBDIR / "config.json").is_file()
 
     # the responses to improve: the critiqued responses themselves (any prompt+response record)
     out = tmp_path / "run"

@@ -25,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from rlhfkit.models import model_dir
 from rlhfkit.schema import Demonstration, PromptRecord, write_records
 
 # Tolerances: 1 and 2 processes add the same float32 terms in another order (the shards'
@@ -173,8 +174,8 @@ def assert_same_training(one: Path, two: Path, keys: tuple[str, ...], initial: P
 def update_distance(one: Path, two: Path, initial: Path) -> float:
     """||update_2 - update_1|| / ||update_1||, the updates from `initial` over all weights
     (a tensor the initial model lacks, such as a new score head, counts from 0)."""
-    start = load_file(initial / "model.safetensors")
-    weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    start = load_file(model_dir(initial) / "model.safetensors")
+    weights_one, weights_two = load_file(model_dir(one) / "model.safetensors"), load_file(model_dir(two) / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     difference = norm = 0.0
     for name, final_one in weights_one.items():
@@ -300,7 +301,7 @@ def test_train_rm_on_two_processes_matches_one(model_without_dropout, tmp_path, 
     assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_accuracy", "eval_error_auc"), model_without_dropout)
     a, b = (json.loads((out / "rm_metrics.json").read_text()) for out in (one, two))
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=REL)
-    assert (two / "rlhfkit_rm.json").read_text() == (one / "rlhfkit_rm.json").read_text().replace(str(one), str(two))
+    assert (model_dir(two) / "rlhfkit_rm.json").read_text() == (model_dir(one) / "rlhfkit_rm.json").read_text().replace(str(one), str(two))
 
 
 # --- ppo ---------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def test_ppo_resume_under_deepspeed_gives_the_uninterrupted_run(tiny_model_dir, 
     results = run_processes(tmp_path, *ppo_args(tiny_model_dir, data_dir, resumed, *three_steps, "--resume"))
     assert "resuming from" in results[0]["output"]
     assert [r["step"] for r in metric_rows(resumed)] == [1, 2, 3]
-    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    a, b = load_file(model_dir(straight) / "model.safetensors"), load_file(model_dir(resumed) / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
     state = torch.load(resumed / "checkpoints" / "step-3" / "training_state.pt", weights_only=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhfkit.models import model_dir
 from rlhfkit.schema import load_records
 
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
@@ -47,7 +48,7 @@ def test_helpsteer2_three_attribute_rms_then_weighted_ppo(run_cli, tiny_model_di
     result = run_cli(*rm_args(data / "scores.jsonl", tiny_model_dir, rms, "--aspect", ",".join(ATTRIBUTES), "--kind", "regression"))
     assert result.exit_code == 0, result.output
     for aspect in ATTRIBUTES:
-        spec = json.loads((rms / aspect / "rlhfkit_rm.json").read_text())
+        spec = json.loads((model_dir(rms / aspect) / "rlhfkit_rm.json").read_text())
         assert (spec["aspect"], spec["kind"]) == (aspect, "regression")
         # Each RM trained on its own attribute's 4 score records.
         assert json.loads((rms / aspect / "run_config.json").read_text())["config"]["aspect"] == aspect
@@ -108,7 +109,7 @@ def test_prm800k_step_rm_is_a_dense_ppo_source(run_cli, tiny_model_dir, tmp_path
     result = run_cli(*rm_args(data / "span_feedback.jsonl", tiny_model_dir, rm,
                               "--aspect", "correctness", "--kind", "segment", "--granularity", "step"))
     assert result.exit_code == 0, result.output
-    assert json.loads((rm / "rlhfkit_rm.json").read_text())["granularity"] == "step"
+    assert json.loads((model_dir(rm) / "rlhfkit_rm.json").read_text())["granularity"] == "step"
 
     # A reward at the end of each step: a three-line response gets three rewards, on the
     # tokens that end "a", "bb" and "c" (one token per character here: "a\nbb\nc").

@@ -17,6 +17,7 @@ import pytest
 
 from rlhfkit.config import REQUIRED, build_config, opt
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import MODEL_SUBDIR
 from rlhfkit.schema import PromptRecord, write_records
 
 
@@ -176,7 +177,7 @@ def test_ppo_save_every_0_saves_only_at_the_end(run_cli, tiny_model_dir, prompts
     result = run_cli(*ppo_args(tiny_model_dir, prompts, out, "--steps", "2", "--save-every", "0"))
     assert result.exit_code == 0, result.output  # was: ZeroDivisionError after step 1
     assert checkpoints(out) == ["step-2"]
-    assert (out / "model.safetensors").is_file()
+    assert (out / MODEL_SUBDIR / "model.safetensors").is_file()
 
 
 def test_out_equal_to_an_input_is_refused(run_cli, tiny_model_dir, prompts, tmp_path):
@@ -462,8 +463,8 @@ def test_saved_weights_follow_the_umask(tiny_model_dir, tmp_path):
     finally:
         os.umask(old)
     # 0o666 & ~0o022 = 0o644, as config.json gets.
-    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
-    assert (out / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (out / MODEL_SUBDIR / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (out / MODEL_SUBDIR / "config.json").stat().st_mode & 0o777 == 0o644
     assert (tiny_model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o644  # init-model's too
 
 

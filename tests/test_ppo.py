@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhfkit.models import MODEL_SUBDIR, model_dir
 from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.schema import Generation, Preference, PromptRecord, Span, SpanFeedback, write_records
 
@@ -162,13 +163,13 @@ def test_fine_grained_ppo_with_three_reward_models(run_cli, tiny_model_dir, data
     assert (out / "reward_curves.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(model_dir(out))
     saved = json.loads((out / "run_config.json").read_text())
     assert saved["config"]["rewards"] == "rel=0.3,fact=0.5,comp=0.3"
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    return load_file(str(model_dir(path) / "model.safetensors"))
 
 
 def test_resume_gives_the_same_policy_as_an_uninterrupted_run(run_cli, tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -189,7 +190,7 @@ def test_resume_gives_the_same_policy_as_an_uninterrupted_run(run_cli, tiny_mode
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(ppo, "ppo_iteration", crash_at_step_3)
     assert run_cli(*ppo_args(tiny_model_dir, data_dir, interrupted, *judge, "--steps", "3")).exit_code == 130
-    assert not (interrupted / "model.safetensors").exists()
+    assert not (interrupted / MODEL_SUBDIR).exists()
     monkeypatch.setattr(ppo, "ppo_iteration", real_iteration)
     result = run_cli(*ppo_args(tiny_model_dir, data_dir, interrupted, *judge, "--steps", "3", "--resume"))
     assert result.exit_code == 0, result.output
@@ -308,7 +309,7 @@ def test_encoder_decoder_policy(run_cli, tiny_t5_dir, data_dir, tmp_path):
     assert_same_weights(tiny_t5_dir, out)
     from transformers import AutoModelForSeq2SeqLM
 
-    AutoModelForSeq2SeqLM.from_pretrained(out)
+    AutoModelForSeq2SeqLM.from_pretrained(model_dir(out))
 
 
 def test_redistributed_preference_reward(run_cli, tiny_model_dir, data_dir, reward_models, tmp_path):
@@ -361,7 +362,7 @@ def test_redistribute_stage_sums_to_sequence_minus_prompt_score(run_cli, data_di
         total = sum(row["token_rewards"])
         assert total == pytest.approx(scored.values[0] - row["meta"]["prompt_score"], abs=1e-4)
     page = html.read_text()
-    assert page.count("<section>") == len(RESPONSES) and 'class="t"' in page
+    assert page.count('<div class="rollout"') == len(RESPONSES) and 'class="t"' in page
 
 
 def test_reward_placement_on_policy_tokens(tiny_model_dir):

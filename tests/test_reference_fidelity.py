@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhfkit.models import model_dir
 from rlhfkit.rewards.reward_model import SegmentRewards
 from rlhfkit.rewards.sources import (
     PythonFunctionSource,
@@ -427,7 +428,7 @@ def test_gradient_accumulation_takes_the_step_of_one_big_minibatch(tiny_model_di
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = load_file(str(model_dir(tmp_path / "one") / "model.safetensors")), load_file(str(model_dir(tmp_path / "two") / "model.safetensors"))
     for name in a:
         # AdamW's first step moves each weight by lr * g / (|g| + eps); a 1e-5 relative change
         # of g moves it by at most lr * 1e-5 = 1e-8 where |g| >> eps, and less near 0.

@@ -18,7 +18,7 @@ from torch import nn
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import MODEL_SUBDIR, load_tokenizer
 from rlhfkit.rewards.data import make_collate
 from rlhfkit.rewards.losses import make_shared_loss_fn
 from rlhfkit.rewards.shared_backbone import (
@@ -209,13 +209,13 @@ def fg_model(fg_data, tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_saved_model_lists_its_aspects(fg_model):
-    spec = json.loads((fg_model / "rlhfkit_rm.json").read_text())
+    spec = json.loads((fg_model / MODEL_SUBDIR / "rlhfkit_rm.json").read_text())
     assert spec["kind"] == "multi_aspect" and spec["reads"] == "last_token"
     assert {a: e["kind"] for a, e in spec["aspects"].items()} == {"factuality": "segment", "relevance": "segment", "completeness": "preference"}
     assert [spec["aspects"][a]["weight"] for a in ("factuality", "relevance", "completeness")] == [1.0, 0.5, 2.0]
     assert spec["aspects"]["factuality"]["label_rules"]["ignore_with_aspects"] == ["relevance"]
     assert spec["aspects"]["completeness"]["normalization"]["computed_on"] == "training responses"
-    assert (fg_model / "aspect_heads.safetensors").is_file() and (fg_model / "model.safetensors").is_file()
+    assert (fg_model / MODEL_SUBDIR / "aspect_heads.safetensors").is_file() and (fg_model / MODEL_SUBDIR / "model.safetensors").is_file()
     metrics = json.loads((fg_model / "rm_metrics.json").read_text())
     # The padding fraction's arithmetic is tested by hand in test_training; here: it is reported.
     assert isinstance(metrics["padding_fraction"], float)

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.metrics import beats_baseline_clearly
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import MODEL_SUBDIR, load_tokenizer, model_dir
 from rlhfkit.rewards.data import (
     ScoreExample,
     data_fingerprint,
@@ -317,7 +317,7 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, tmp_path):
     out = tmp_path / "fact"
     result = run_cli("train-rm", "--aspect", "factuality", "--data", data, "--model", tiny_model_dir, "--out", out, *LEARN, "--max-steps", "30")
     assert result.exit_code == 0, result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert {k: spec[k] for k in ("aspect", "kind", "granularity", "positive_reward", "negative_reward", "max_length", "backbone")} == {
         "aspect": "factuality",
         "kind": "segment",
@@ -376,14 +376,14 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, tmp_path):
     again = tmp_path / "eval-again"
     assert run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", data, "--model", out, "--out", again).exit_code == 0
     assert read_json(again / METRICS_FILE)["held_out"] == evaluated_held
-    assert not (evaluated / SPEC_FILE).exists() and not list(evaluated.glob("*.safetensors"))
+    assert not (evaluated / MODEL_SUBDIR).exists() and not (evaluated / SPEC_FILE).exists() and not list(evaluated.glob("*.safetensors"))
 
 
 def test_relevance_preset_uses_subsentences(run_cli, tiny_model_dir, span_file, tmp_path):
     out = tmp_path / "rel"
     result = run_cli("train-rm", "--aspect", "relevance", "--data", span_file, "--model", tiny_model_dir, "--out", out, *FAST, "--eval-fraction", "0")
     assert result.exit_code == 0, result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert (spec["granularity"], spec["positive_reward"], spec["negative_reward"]) == ("subsentence", 1.0, -1.0)
     rm = load_reward_model(out, device="cpu")
     # "People like it, and it is made of iron." has fewer than 5 words after the comma: one piece.
@@ -399,7 +399,7 @@ def test_mean_pooled_segment_rm_is_saved_and_scored_as_trained(run_cli, tiny_mod
         "--out", out, *FAST, "--eval-fraction", "0",
     )
     assert result.exit_code == 0, result.output
-    assert read_json(out / SPEC_FILE)["segment_pooling"] == "mean"
+    assert read_json(model_dir(out) / SPEC_FILE)["segment_pooling"] == "mean"
     rm = load_reward_model(out, device="cpu")
     response = span_records(1)[0].response
     (segments, probs), = rm.error_probabilities(["q"], [response])
@@ -419,7 +419,7 @@ def test_preference_rm_stores_score_normalisation(run_cli, tiny_model_dir, prefe
     result = run_cli("train-rm", "--aspect", "completeness", "--data", preference_file, "--model", tiny_model_dir, "--out", out, *LEARN, "--max-steps", "20")
     assert result.exit_code == 0, result.output
     assert "holistic preferences" in result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert spec["kind"] == "preference" and spec["normalization"]["computed_on"] == "training responses"
     metrics = read_json(out / METRICS_FILE)
     held = metrics["held_out"]
@@ -453,7 +453,7 @@ def test_preference_rm_options(run_cli, tiny_model_dir, preference_file, tmp_pat
         *FAST, "--ties", "drop", "--normalize-on", samples, "--lora-r", "2",
     )
     assert result.exit_code == 0, result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert spec["normalization"]["computed_on"] == str(samples) and spec["normalization"]["responses"] == 5
     metrics = read_json(out / METRICS_FILE)
     assert metrics["train_ties"] == 0 and metrics["held_out"]["ties"] == 0
@@ -475,7 +475,7 @@ def test_regression_rm_on_scores(run_cli, tiny_model_dir, tmp_path):
                      # one target, and 30 steps would not show the RM the whole range.
                      "--no-group-by-length")
     assert result.exit_code == 0, result.output
-    assert read_json(out / SPEC_FILE)["kind"] == "regression"
+    assert read_json(model_dir(out) / SPEC_FILE)["kind"] == "regression"
     metrics = read_json(out / METRICS_FILE)
     held = metrics["held_out"]
     # The seeded split holds out c8, c10, c12: targets 3, 0, 2. The baseline predicts the

@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from rlhfkit.distributed import full_parameters, is_main_process
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
-from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
+from rlhfkit.models import (
+    load_pretrained,
+    load_tokenizer,
+    model_dir,
+    model_output_dir,
+    resolve_device,
+    save_model,
+)
 from rlhfkit.rewards.placement import token_index_for_char_ends
 from rlhfkit.rewards.presets import KINDS, SEGMENT_POOLINGS, RMSettings
 from rlhfkit.schema import read_json_file
@@ -435,7 +442,7 @@ class RewardModel:
 def read_spec(path: str | os.PathLike) -> dict:
     """The `rlhfkit_rm.json` of a reward-model directory, every field checked (`check_spec`);
     RlhfkitError naming the file and the field if there is none, or it is damaged."""
-    spec_path = Path(path) / SPEC_FILE
+    spec_path = model_dir(path) / SPEC_FILE
     if not spec_path.is_file():
         raise RlhfkitError(f"{path} is not an rlhfkit reward model (no {SPEC_FILE}); train one with `rlhfkit train-rm`")
     try:
@@ -602,7 +609,7 @@ def save_reward_model_weights(model: nn.Module, tokenizer, out: Path) -> nn.Modu
     process enters (ZeRO-3 gathers the shards for it); the main one writes. Returns the model saved."""
     main = is_main_process()
     if main:
-        (out / SPEC_FILE).unlink(missing_ok=True)
+        (model_output_dir(out) / SPEC_FILE).unlink(missing_ok=True)
     with full_parameters(model):
         return save_model(model, tokenizer, out, merge_lora=True) if main else model
 
@@ -610,7 +617,7 @@ def save_reward_model_weights(model: nn.Module, tokenizer, out: Path) -> nn.Modu
 def write_reward_model_spec(out: Path, spec: dict[str, Any]) -> None:
     """The last step: a directory with rlhfkit_rm.json is a complete reward model."""
     if is_main_process():
-        write_json(out / SPEC_FILE, spec)
+        write_json(model_output_dir(out) / SPEC_FILE, spec)
 
 
 def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> RewardModel:

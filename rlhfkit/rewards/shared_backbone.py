@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device
+from rlhfkit.models import load_pretrained, load_tokenizer, model_dir, resolve_device
 from rlhfkit.rewards.reward_model import (
     SEQUENCE_KINDS,
     SHARED_KIND,
@@ -139,7 +139,7 @@ class MultiAspectRewardModel(nn.Module):
         save_file(heads, str(Path(directory) / HEADS_FILE))
 
     def load_heads(self, directory: str | os.PathLike) -> None:
-        path = Path(directory) / HEADS_FILE
+        path = model_dir(directory) / HEADS_FILE
         if not path.is_file():
             raise RlhfkitError(f"{directory}: no {HEADS_FILE}; the shared-backbone reward model is incomplete, train it again")
         try:

@@ -401,9 +401,10 @@ def build_reward_sources(
 
 
 def _is_shared(spec: str) -> bool:
+    from rlhfkit.models import model_dir
     from rlhfkit.rewards.reward_model import SHARED_KIND, SPEC_FILE, read_spec
 
-    return (Path(spec) / SPEC_FILE).is_file() and read_spec(spec)["kind"] == SHARED_KIND
+    return (model_dir(spec) / SPEC_FILE).is_file() and read_spec(spec)["kind"] == SHARED_KIND
 
 
 def _shared_aspects(model_name: str, spec: str, device: torch.device, dtype: str) -> dict:

@@ -14,7 +14,6 @@ a run has no raw score.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -22,9 +21,15 @@ from pathlib import Path
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_write, write_text
-from rlhfkit.runs import RAW_REWARD_PREFIX, TOTAL_REWARD_KEY, weighted_reward_key
-from rlhfkit.schema import read_json_file, read_json_lines
+from rlhfkit.io import write_text
+from rlhfkit.plots import Panel, Series, draw, save_png
+from rlhfkit.runs import (
+    RAW_REWARD_PREFIX,
+    TOTAL_REWARD_KEY,
+    read_metric_series,
+    run_stage_name,
+    weighted_reward_key,
+)
 
 OUT_KINDS = (".png", ".md")
 # What a run is compared on when --metric is not given: the first every run has.
@@ -34,10 +39,10 @@ REWARD_NAME_KINDS = ("raw", "normalized", "weighted")
 
 @dataclass
 class CompareConfig:
-    runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True)
-    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values); an existing file is replaced only if compare wrote it.")
-    metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).")
-    labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).")
+    runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True, panel="Data")
+    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values); an existing file is replaced only if compare wrote it.", panel="Output")
+    metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).", panel="Output")
+    labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).", panel="Output")
 
     def validate(self) -> None:
         if Path(self.out).suffix.lower() not in OUT_KINDS:
@@ -74,20 +79,11 @@ def current_reward_key(key: str) -> str:
 
 def read_run(path: Path, label: str) -> RunCurves:
     """A run's numeric metrics by step; a line that is not JSON is an error with file:line."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for _, row in read_json_lines(path / "metrics.jsonl"):
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                series.setdefault(key, []).append((row["step"], float(value)))
+    series = read_metric_series(path)
     old_names = not any(key.startswith(RAW_REWARD_PREFIX) for key in series) and any(current_reward_key(key) != key for key in series)
     if old_names:
         series = {current_reward_key(key): values for key, values in series.items()}
-    config_file = path / "run_config.json"
-    config = read_json_file(config_file) if config_file.is_file() else {}
-    stage = config.get("stage", "") if isinstance(config, dict) else ""
-    return RunCurves(label, str(stage), series, old_names)
+    return RunCurves(label, run_stage_name(path), series, old_names)
 
 
 def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
@@ -149,23 +145,10 @@ def check_replaceable(out: Path) -> None:
 
 
 def plot_curves(path: Path, runs: list[RunCurves], metrics: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for run in runs:
-            steps, values = zip(*run.series[metric])
-            ax.plot(steps, values, label=run.label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_write(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=100, metadata={"Software": PNG_MARKER})
-    plt.close(fig)
+    """One panel per metric, one line per run."""
+    panels = [Panel(metric, "step", metric, [Series(run.label, *zip(*run.series[metric])) for run in runs])
+              for metric in metrics]
+    save_png(draw(f"compare: {', '.join(run.label for run in runs)}", panels), path, metadata={"Software": PNG_MARKER})
 
 
 def run_compare(cfg: CompareConfig) -> Path:

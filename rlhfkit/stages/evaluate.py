@@ -66,7 +66,7 @@ import torch
 
 from rlhfkit.audit import AUDIT_MARKDOWN, check_audit_inputs, run_audit
 from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
-from rlhfkit.config import REQUIRED, check_sampling, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import SamplingConfig, generate, model_max_positions
@@ -114,38 +114,38 @@ DISTINCT_NS = (1, 2, 3)
 
 @dataclass
 class EvaluateConfig:
-    out: str = opt(REQUIRED, "Output directory: generations.jsonl, metrics.json, results.md.")
-    policy: list[str] = opt([], "A policy to generate with: NAME=DIR or DIR (name: the directory's name), repeatable.")
-    prompts: str | None = opt(None, "JSONL of `prompt` records (needed with --policy; their `references` give ROUGE-L).")
-    generations: list[str] = opt([], "JSONL of `generation` records to score as they are, repeatable (system: the `model` field, else the file stem).")
-    rm: list[str] = opt([], "Reward model NAME=DIR (an `rlhfkit train-rm` output), repeatable.")
-    judge: str | None = opt(None, "The --rm NAME (preference or regression) that judges pairwise win rates (default: the first such RM).")
+    out: str = opt(REQUIRED, "Output directory: generations.jsonl, metrics.json, results.md.", panel="Output")
+    policy: list[str] = opt([], "A policy to generate with: NAME=DIR or DIR (name: the directory's name), repeatable.", panel="Model")
+    prompts: str | None = opt(None, "JSONL of `prompt` records (needed with --policy; their `references` give ROUGE-L).", panel="Data")
+    generations: list[str] = opt([], "JSONL of `generation` records to score as they are, repeatable (system: the `model` field, else the file stem).", panel="Data")
+    rm: list[str] = opt([], "Reward model NAME=DIR (an `rlhfkit train-rm` output), repeatable.", panel="Rewards")
+    judge: str | None = opt(None, "The --rm NAME (preference or regression) that judges pairwise win rates (default: the first such RM).", panel="Rewards")
     rewards: str | None = opt(
         None,
         "The --rm weights as ppo's --rewards, NAME=WEIGHT,... (e.g. helpfulness=1,verbosity=-0.2): adds reward/weighted/NAME "
         "and reward/total, and a source with a negative weight is best where its score is lowest.",
         panel="Rewards",
     )
-    reference_lm: str | None = opt(None, "Causal LM (hub id or directory) for the perplexity of the responses.")
-    paper: str | None = opt(None, 'Published numbers to add as rows: JSON {"source": "...", "rows": [{"system": "...", "metrics": {"rouge_l": 0.49}}]}.')
-    max_prompts: int | None = opt(None, "Only the first N prompts of --prompts.")
-    sample: bool = opt(False, "Sample instead of greedy decoding.")
-    temperature: float = opt(0.7, "Sampling temperature (with --sample).")
-    top_k: int = opt(0, "Top-k sampling (with --sample; 0 = off).")
-    top_p: float = opt(1.0, "Top-p sampling (with --sample).")
-    max_new_tokens: int = opt(200, "Max response tokens (Fine-Grained RLHF QA: 200).")
-    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are an error.")
-    batch_size: int = opt(8, "Batch size for generation, reward models and perplexity.")
-    tie_margin: float = opt(0.0, "Judge score difference (normalised units) at or below which a pair is a tie.")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).")
-    seed: int = opt(42, "Seed for sampling.")
-    chat_template: str | None = opt(None, "Jinja chat template file for conversational prompts (default: each policy tokenizer's own, if any).")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
-    audit_rm: list[str] = opt([], "Reward model NAME=DIR to audit on --rollouts against --audit-judge, repeatable. Per PPO step: a segment RM's segment accuracy (its error verdict, P(error) > 0.5, equals the judge's), a sequence RM's pairwise accuracy (share of same-prompt pairs of the step, judge ties left out, that it orders as the judge does; an RM tie counts 1/2). Writes audit.json/.md/.png.")
-    audit_judge: str | None = opt(None, "py:module:function knowing the truth for --audit-rm: per response {'spans': [Span...], 'scores': {aspect: score}}.")
-    rollouts: list[str] = opt([], "A PPO run's rollouts.jsonl to audit, NAME=FILE or FILE (name: the run directory), repeatable.")
+    reference_lm: str | None = opt(None, "Causal LM (hub id or directory) for the perplexity of the responses.", panel="Model")
+    paper: str | None = opt(None, 'Published numbers to add as rows: JSON {"source": "...", "rows": [{"system": "...", "metrics": {"rouge_l": 0.49}}]}.', panel="Output")
+    max_prompts: int | None = opt(None, "Only the first N prompts of --prompts.", panel="Data")
+    sample: bool = opt(False, "Sample instead of greedy decoding.", panel="Generation")
+    temperature: float = opt(0.7, "Sampling temperature (with --sample).", panel="Generation")
+    top_k: int = opt(0, "Top-k sampling (with --sample; 0 = off).", panel="Generation")
+    top_p: float = opt(1.0, "Top-p sampling (with --sample).", panel="Generation")
+    max_new_tokens: int = opt(200, "Max response tokens (Fine-Grained RLHF QA: 200).", panel="Generation")
+    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are an error.", panel="Generation")
+    batch_size: int = opt(8, "Batch size for generation, reward models and perplexity.", panel="Training")
+    tie_margin: float = opt(0.0, "Judge score difference (normalised units) at or below which a pair is a tie.", panel="Generation")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.", panel="Distributed")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository (policies, reference LM).", panel="Model")
+    seed: int = opt(DEFAULT_SEED, "Seed for sampling.", panel="Training")
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational prompts (default: each policy tokenizer's own, if any).", panel="Model")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
+    audit_rm: list[str] = opt([], "Reward model NAME=DIR to audit on --rollouts against --audit-judge, repeatable. Per PPO step: a segment RM's segment accuracy (its error verdict, P(error) > 0.5, equals the judge's), a sequence RM's pairwise accuracy (share of same-prompt pairs of the step, judge ties left out, that it orders as the judge does; an RM tie counts 1/2). Writes audit.json/.md/.png.", panel="Rewards")
+    audit_judge: str | None = opt(None, "py:module:function knowing the truth for --audit-rm: per response {'spans': [Span...], 'scores': {aspect: score}}.", panel="Rewards")
+    rollouts: list[str] = opt([], "A PPO run's rollouts.jsonl to audit, NAME=FILE or FILE (name: the run directory), repeatable.", panel="Data")
 
     def validate(self) -> None:
         load_chat_template(self.chat_template)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.chat import SIMPLE_CHAT_TEMPLATE
-from rlhfkit.config import opt
+from rlhfkit.config import DEFAULT_SEED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import config_to_dict, shipped_path, write_json
@@ -49,25 +49,29 @@ MIN_VOCAB_SIZE = 258
 
 @dataclass
 class InitModelConfig:
-    out: str = opt("models/tiny", "Directory to write the model and tokenizer to.")
+    out: str = opt("models/tiny", "Directory to write the model and tokenizer to.", panel="Output")
     arch: str = opt(
         "gpt2",
         f"Architecture: {', '.join(TINY_ARCHS)} (t5 is encoder-decoder, as the paper's QA policy).",
+        panel="Model",
     )
     vocab_size: int = opt(
-        4096, "Tokenizer vocabulary size (byte-level BPE, incl. 2 special tokens)."
+        4096, "Tokenizer vocabulary size (byte-level BPE, incl. 2 special tokens).",
+        panel="Model",
     )
-    n_layer: int = opt(4, "Transformer layers (T5: in the encoder and in the decoder each).")
-    n_embd: int = opt(128, "Hidden size.")
-    n_head: int = opt(4, "Attention heads (must divide --n-embd).")
+    n_layer: int = opt(4, "Transformer layers (T5: in the encoder and in the decoder each).", panel="Model")
+    n_embd: int = opt(128, "Hidden size.", panel="Model")
+    n_head: int = opt(4, "Attention heads (must divide --n-embd).", panel="Model")
     max_positions: int = opt(
-        2048, "Longest sequence in tokens, prompt + response (T5: the tokenizer's limit only)."
+        2048, "Longest sequence in tokens, prompt + response (T5: the tokenizer's limit only).",
+        panel="Model",
     )
     corpus: list[str] = opt(
         SHIPPED_CORPUS,
         "Text to train the tokenizer on: .json/.jsonl (every string in it) or plain text; repeatable.",
+        panel="Data",
     )
-    seed: int = opt(0, "Seed for the weights' random initialisation.")
+    seed: int = opt(DEFAULT_SEED, "Seed for the weights' random initialisation.", panel="Training")
 
     def validate(self) -> None:
         if self.arch not in TINY_ARCHS:

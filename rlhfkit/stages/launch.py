@@ -42,16 +42,17 @@ LAUNCHABLE_STAGES = [name for name in STAGES if name != "launch"]
 @dataclass
 class LaunchConfig:
     stage_args: list[str] = opt(
-        [], "After `--`: the stage and its options, e.g. `-- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml`.", argument=True
+        [], "After `--`: the stage and its options, e.g. `-- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml`.", argument=True,
+        panel="Distributed",
     )
-    gpus: int = opt(0, "GPUs (processes) per node; 0 = all the node has.")
-    num_nodes: int = opt(0, "Use the first N hosts of --hostfile; 0 = all of them (1 node without a hostfile).")
-    hostfile: str | None = opt(None, "Hostfile for several nodes: one `HOSTNAME slots=GPUS` line per node.")
-    master_addr: str = opt("", "Address of node 0 for the rendezvous (default: DeepSpeed's choice).")
-    master_port: int = opt(0, "Port of the rendezvous on node 0 (0 = DeepSpeed's default, 29500).")
-    include: str = opt("", "Only these hosts/GPUs, DeepSpeed syntax: 'worker-0@worker-1:0,2' or 'localhost:0,1'.")
-    exclude: str = opt("", "All hosts/GPUs but these (same syntax as --include).")
-    dry_run: bool = opt(False, "Print the deepspeed command (one shell-quoted line) and exit.")
+    gpus: int = opt(0, "GPUs (processes) per node; 0 = all the node has.", panel="Distributed")
+    num_nodes: int = opt(0, "Use the first N hosts of --hostfile; 0 = all of them (1 node without a hostfile).", panel="Distributed")
+    hostfile: str | None = opt(None, "Hostfile for several nodes: one `HOSTNAME slots=GPUS` line per node.", panel="Distributed")
+    master_addr: str = opt("", "Address of node 0 for the rendezvous (default: DeepSpeed's choice).", panel="Distributed")
+    master_port: int = opt(0, "Port of the rendezvous on node 0 (0 = DeepSpeed's default, 29500).", panel="Distributed")
+    include: str = opt("", "Only these hosts/GPUs, DeepSpeed syntax: 'worker-0@worker-1:0,2' or 'localhost:0,1'.", panel="Data")
+    exclude: str = opt("", "All hosts/GPUs but these (same syntax as --include).", panel="Data")
+    dry_run: bool = opt(False, "Print the deepspeed command (one shell-quoted line) and exit.", panel="Output")
 
     def validate(self) -> None:
         if not self.stage_args:

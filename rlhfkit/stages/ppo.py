@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
-from rlhfkit.config import REQUIRED, check_numbers, check_sampling, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_numbers, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
     DEEPSPEED_HELP,
@@ -78,6 +78,7 @@ from rlhfkit.generation_backends import (
 )
 from rlhfkit.io import append_lines, write_json
 from rlhfkit.lengths import fit_generation_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
     ATTN_IMPLEMENTATION_HELP,
     GRADIENT_CHECKPOINTING_HELP,
@@ -89,6 +90,7 @@ from rlhfkit.models import (
     resolve_dtype,
     save_model,
 )
+from rlhfkit.plots import draw, ppo_panels, save_png
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
 from rlhfkit.rewards.sources import (
     build_reward_sources,
@@ -109,7 +111,6 @@ from rlhfkit.rl.advantages import (
 )
 from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhfkit.runs import (
-    NORMALIZED_REWARD_PREFIX,
     OVERWRITE_HELP,
     RAW_REWARD_PREFIX,
     TOTAL_REWARD_KEY,
@@ -117,13 +118,13 @@ from rlhfkit.runs import (
     normalized_reward_key,
     progress_bar,
     raw_reward_key,
+    read_metric_series,
     set_seed,
     weighted_reward_key,
 )
 from rlhfkit.schema import (
     Generation,
     load_records,
-    read_json_lines,
     read_records,
     record_to_dict,
     record_writer,
@@ -148,63 +149,67 @@ KL_LOGPROBS = ("untempered", "tempered")
 
 @dataclass
 class PPOConfig:
-    policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.")
-    prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).")
-    out: str = opt(REQUIRED, "Output directory: final policy, checkpoints, metrics, rollouts.")
-    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).")
-    rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.")
-    redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.")
-    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy; with --lora-r, the policy with its adapters disabled).")
-    eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.")
-    advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).")
+    policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.", panel="Model")
+    prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).", panel="Data")
+    out: str = opt(REQUIRED, "Output directory: model/ (the final policy and its model card), checkpoints, metrics, rollouts.", panel="Output")
+    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).", panel="Rewards")
+    rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.", panel="Rewards")
+    redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.", panel="Rewards")
+    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy; with --lora-r, the policy with its adapters disabled).", panel="Model")
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.", panel="Data")
+    advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).", panel="PPO")
     group_baseline: str = opt(
         "per-reward",
         "grpo/rloo with dense rewards: 'per-reward' normalises each given reward against the group's rewards and gives "
         "each token the reward-to-go (rewards keep their positions, but a sample's number of rewards does not count: "
         "+0.3 on 2 or on 4 sub-sentences both get 0); 'sequence-sum' compares each sample's summed reward with the "
         "group's (more good segments win) and gives every token that one advantage (positions are lost).",
+        panel="PPO",
     )
-    value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.")
-    value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).")
-    steps: int = opt(100, "PPO iterations (rollout + update).")
-    prompts_per_step: int = opt(8, "Prompts per rollout batch.")
-    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).")
-    minibatch_size: int = opt(8, "Rollouts per forward/backward pass (a micro-batch).")
+    value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.", panel="Model")
+    value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).", panel="Model")
+    steps: int = opt(100, "PPO iterations (rollout + update).", panel="PPO")
+    prompts_per_step: int = opt(8, "Prompts per rollout batch.", panel="PPO")
+    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).", panel="PPO")
+    minibatch_size: int = opt(8, "Rollouts per forward/backward pass (a micro-batch).", panel="PPO")
     grad_accum: int = opt(
         1,
         "Minibatches whose gradients are accumulated into one optimizer step (token-weighted, so the step is the "
         "one a single pass over them would take). The reference accumulates a whole rollout batch: one step per "
         "PPO epoch, i.e. rollouts / --minibatch-size.",
+        panel="Training",
     )
-    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
-    lr: float = opt(1e-5, "Policy learning rate.")
-    value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).")
-    warmup_steps: int = opt(0, "Linear LR warm-up, in optimizer steps.")
-    kl_coef: float = opt(0.3, "Initial beta of the per-token KL penalty (the paper: 0.3).")
-    target_kl: Optional[float] = opt(None, "Adaptive KL controller target (Ziegler et al.); fixed beta when unset.")
-    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.")
-    kl_stop: Optional[float] = opt(None, "Stop an update epoch when approx. KL to the rollout policy exceeds this.")
-    gamma: float = opt(1.0, "Discount.")
-    lam: float = opt(0.95, "GAE lambda (the paper: 0.95 fine-grained, 0.99 holistic).")
-    clip: float = opt(0.2, "Policy ratio clip.")
-    value_clip: float = opt(0.2, "Value clip around the rollout values.")
-    vf_coef: float = opt(0.5, "Value loss weight (shared value head).")
-    entropy_coef: float = opt(0.0, "Entropy bonus weight.")
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.", panel="PPO")
+    lr: float = opt(1e-5, "Policy learning rate.", panel="Training")
+    value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).", panel="PPO")
+    warmup_steps: int = opt(0, "Linear LR warm-up, in optimizer steps.", panel="Training")
+    kl_coef: float = opt(0.3, "Initial beta of the per-token KL penalty (the paper: 0.3).", panel="PPO")
+    target_kl: Optional[float] = opt(None, "Adaptive KL controller target (Ziegler et al.); fixed beta when unset.", panel="PPO")
+    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.", panel="PPO")
+    kl_stop: Optional[float] = opt(None, "Stop an update epoch when approx. KL to the rollout policy exceeds this.", panel="PPO")
+    gamma: float = opt(1.0, "Discount.", panel="PPO")
+    lam: float = opt(0.95, "GAE lambda (the paper: 0.95 fine-grained, 0.99 holistic).", panel="PPO")
+    clip: float = opt(0.2, "Policy ratio clip.", panel="PPO")
+    value_clip: float = opt(0.2, "Value clip around the rollout values.", panel="PPO")
+    vf_coef: float = opt(0.5, "Value loss weight (shared value head).", panel="PPO")
+    entropy_coef: float = opt(0.0, "Entropy bonus weight.", panel="PPO")
     whiten_rewards: bool = opt(
         False,
         "gae: scale the KL-penalised per-token rewards to unit std over the global batch's tokens (mean kept) before "
         "GAE. The reference's whiten_rewards whitens the same rewards but divides by the square root of their std (a "
         "bug: the result keeps a std of sqrt(std), not 1); rlhfkit divides by the std, what whitening means. Off by "
         "default: for sparse rewards it scales by ~sqrt(length), which the 0.2 value clip then cannot follow.",
+        panel="Rewards",
     )
     kl_logprobs: str = opt(
         "untempered",
         "Log-probs the KL to the reference (and the logged entropy / entropy bonus) use: 'untempered' (softmax of the "
         "raw logits, as the reference, so --kl-coef means what it means there) or 'tempered' (logits / --temperature). "
         "The PPO ratio always uses the sampling temperature.",
+        panel="PPO",
     )
-    max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).")
-    truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
+    max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).", panel="Training")
+    truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).", panel="Rewards")
     normalize_rewards: str = opt(
         "none",
         "Before weighting: none, or per-source (for sources on different scales): each source's per-response reward (the "
@@ -212,33 +217,35 @@ class PPOConfig:
         "divided by the std of those sums and the mean is subtracted at the response's last rewarded position, so a "
         "dense, segment or R3HF (--redistribute) reward keeps its shape and telescoping sum. Logged as "
         "reward/normalized/NAME beside the raw score reward/raw/NAME.",
+        panel="Rewards",
     )
-    chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).")
-    max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
-    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
-    truncation_side: str = opt("right", TRUNCATION_HELP)
-    generation_backend: str = opt("hf", "Rollout sampling: hf (the policy's generate) or vllm (a colocated vLLM engine, weights pushed after each update; the optional 'vllm' extra, CUDA).")
-    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.")
-    top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).")
-    top_p: float = opt(1.0, "Top-p sampling.")
-    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning). With LoRA the reference is the policy with adapters disabled.")
-    lora_alpha: int = opt(16, "LoRA alpha.")
-    rm_batch_size: int = opt(8, "Reward-model scoring batch size.")
-    eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).")
-    save_every: int = opt(10, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
-    resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
-    log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.")
-    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights (and the reference, so the first KL is 0) stay fp32 unless --lora-r; ratios, KL, advantages and values are fp32.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    seed: int = opt(0, "Random seed.")
+    chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).", panel="Model")
+    max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).", panel="Generation")
+    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.", panel="Generation")
+    truncation_side: str = opt("right", TRUNCATION_HELP, panel="Data")
+    generation_backend: str = opt("hf", "Rollout sampling: hf (the policy's generate) or vllm (a colocated vLLM engine, weights pushed after each update; the optional 'vllm' extra, CUDA).", panel="Generation")
+    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.", panel="Generation")
+    top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).", panel="Generation")
+    top_p: float = opt(1.0, "Top-p sampling.", panel="Generation")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning). With LoRA the reference is the policy with adapters disabled.", panel="Model")
+    lora_alpha: int = opt(16, "LoRA alpha.", panel="Model")
+    rm_batch_size: int = opt(8, "Reward-model scoring batch size.", panel="Rewards")
+    eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).", panel="Training")
+    save_every: int = opt(10, "Checkpoint every N steps (0 = only at the end).", panel="Output")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).", panel="Output")
+    resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).", panel="Training")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
+    log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.", panel="Output")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights (and the reference, so the first KL is 0) stay fp32 unless --lora-r; ratios, KL, advantages and values are fp32.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.", panel="Distributed")
+    seed: int = opt(DEFAULT_SEED, "Random seed.", panel="Training")
     gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
     attn_implementation: Optional[str] = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
-    deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).")
-    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
-    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
-    report_to: list[str] = opt([], REPORT_TO_HELP)
+    deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).", panel="Distributed")
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
+    report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
+    push_to_hub: Optional[str] = opt(None, PUSH_TO_HUB_HELP, panel="Output")
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
@@ -581,7 +588,8 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, all_reduce
     """Weighted per-token task rewards (B, T), where any reward is given (B, T), and the
     per-sequence values to log by their names (rlhfkit.runs: reward/raw/, reward/normalized/, reward/weighted/):
     each source's raw score, its normalised value (--normalize-rewards), its weighted value.
-    `all_reduce`: the statistics of --normalize-rewards over the global batch."""
+    `all_reduce`: the statistics of --normalize-rewards over the global batch. Each source's
+    unweighted token rewards are kept in `rollout.source_rewards` (the rollout log's heat maps)."""
     length = rollout.response_ids.shape[1]
     components, given = {}, torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     given_by_source = {}
@@ -596,6 +604,7 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, all_reduce
         logged |= {normalized_reward_key(name): values.sum(dim=1) for name, values in components.items()}
     total, weighted = compose_token_rewards(components, weights)
     logged |= {weighted_reward_key(name): values for name, values in weighted.items()}
+    rollout.source_rewards = components
     if cfg.truncation_penalty is not None:
         last = (rollout.response_lengths - 1).clamp(min=0).cpu()
         unfinished = (~rollout.finished).cpu()
@@ -817,7 +826,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
     summary = {"steps": cfg.steps, "last": history[-1] if history else {}, "eval": final_metrics}
     if main:
         write_json(out / "ppo_summary.json", summary)
-        plot_reward_curves(run.metrics_path, out / "reward_curves.png")
+        plot_reward_curves(run.metrics_path, out / "reward_curves.png", f"ppo: {out.name}")
+        finish_model(out, cfg.push_to_hub, title=out.name, stage="ppo", base_model=cfg.policy, data=[cfg.prompts],
+                     rewards={name: (str(weight), rm_paths.get(reward_model_name(name, rm_paths) or name, "python/hf source"))
+                              for name, weight in weights.items()},
+                     metrics={"steps": cfg.steps, **scalar_metrics(summary["last"], ["reward/total", "kl", "response_length"], "last step "),
+                              **scalar_metrics(final_metrics, list(final_metrics))})
     run.close()
     console.print(ppo_summary_line(history, final_metrics, out), markup=False, highlight=False, soft_wrap=True)
     return summary
@@ -930,7 +944,10 @@ def rollout_table_row(record: Generation) -> list:
 
 
 def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: int, count: int) -> list[Generation]:
-    """Append the first `count` rollouts of a step to rollouts.jsonl; returns them."""
+    """Append the first `count` rollouts of a step to rollouts.jsonl; returns them.
+
+    `token_rewards` are the rewards PPO learns from (weighted sources and the KL penalty);
+    `meta.source_token_rewards` each source's own token rewards, before its weight."""
     import json
 
     written = []
@@ -944,7 +961,9 @@ def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: i
             model=f"ppo step {step}",
             tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
             token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
-            meta={"step": step, "finished": bool(rollout.finished[i])},
+            meta={"step": step, "finished": bool(rollout.finished[i]),
+                  "source_token_rewards": {name: [round(float(r), 6) for r in values[i, :n].tolist()]
+                                           for name, values in rollout.source_rewards.items()}},
         )
         written.append(record)
     append_lines(path, [json.dumps(record_to_dict(record), ensure_ascii=False) for record in written])
@@ -955,29 +974,8 @@ def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
     save_model(bundle.policy, bundle.tokenizer, out, merge_lora=True)
 
 
-def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [row for _, row in read_json_lines(metrics_path) if isinstance(row, dict) and TOTAL_REWARD_KEY in row]
-    if not rows:
-        return
-    # The reward models' own scores: a normalised value (and a total of them) is about 0 by
-    # construction at every step, so its curve would show batch noise as a trend.
-    keys = [k for k in rows[0] if k.startswith(RAW_REWARD_PREFIX)]
-    normalized = any(k.startswith(NORMALIZED_REWARD_PREFIX) for k in rows[0])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [r["step"] for r in rows]
-    for key in keys if normalized else [TOTAL_REWARD_KEY, *keys]:
-        axes[0].plot(steps, [r[key] for r in rows], label=key)
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("raw reward-model score per response"), axes[0].legend()
-    axes[1].plot(steps, [r["kl"] for r in rows], color="black")
-    axes[1].set_xlabel("step"), axes[1].set_ylabel("KL(policy || ref) per response")
-    fig.tight_layout()
-    tmp = png_path.with_name("." + png_path.name)
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
+def plot_reward_curves(metrics_path: Path, png_path: Path, title: str) -> None:
+    """The rewards (total and each source's) and the KL per PPO step, as a PNG."""
+    panels = ppo_panels(read_metric_series(metrics_path.parent))
+    if panels:
+        save_png(draw(title, panels, columns=min(3, len(panels))), png_path)

@@ -52,17 +52,19 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.chat import load_chat_template, override_chat_template, render_record
-from rlhfkit.config import REQUIRED, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
     DEEPSPEED_HELP,
     OFFLOAD_OPTIMIZER_HELP,
     OFFLOAD_PARAMS_HELP,
     check_deepspeed_options,
+    is_main_process,
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.lengths import fit_default_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
     ATTN_IMPLEMENTATION_HELP,
     GRADIENT_CHECKPOINTING_HELP,
@@ -131,24 +133,24 @@ REGRESSION_SCORES = ("labels", "standardized")
 
 @dataclass
 class TrainRMConfig:
-    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/, or one model with a head per aspect with --shared-backbone.")
-    data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL (with several aspects: the file of every aspect --data-for does not name).")
-    data_for: list[str] = opt([], "Several aspects: ASPECT=FILE, the data of one aspect (repeatable), e.g. --data-for completeness=runs/import/preferences.jsonl.")
-    shared_backbone: bool = opt(False, "Several aspects: train ONE model, a backbone with a head per aspect (segment or sequence), each aspect's loss on its own data; scores all aspects in one forward pass (ppo --rm fg=OUT --rewards fg.factuality=...).")
-    aspect_weights: str | None = opt(None, "With --shared-backbone: loss weight of each aspect, comma-separated in --aspect order (default: 1 each).")
-    model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
-    out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
-    kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
-    granularity: str | None = opt(None, "Segment RMs: sentence, subsentence or step (one line each, for process reward models; default: the preset's, factuality sentence, relevance subsentence).")
-    positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default 1; the paper's +0.3/+0.5 are the weights of `ppo --rewards rel=0.3,fact=0.5`).")
-    negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default -1).")
-    error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
-    segment_pooling: str | None = opt(None, "Segment RMs: where a segment is judged. end: the logits of the token completing it (the default, one token per segment as the reference's marker token); mean: the logits averaged over all its tokens, which suits encoders pretrained for mean-pooled sentence embeddings (all-MiniLM-L6-v2 on QA-Feedback held-out records: relevance error AUC 0.655 vs 0.611 at the end token, factuality 0.764 vs 0.735; recipes/qa_feedback/README.md). Applies to the segment aspects; saved with the RM, which ppo and evaluate read.")
-    min_span_words: int | None = opt(None, "Segment RMs: drop relevance spans (QA-Feedback presets; else spans of --aspect) shorter than this many words, as the reference does (default: the preset's, 5 for factuality/relevance; 0 keeps all).")
-    ignore_segments_with: list[str] = opt(["preset"], "Segment RMs: leave out of training segments with an error of these other aspects and none of --aspect (the reference's rule for factuality: 'relevance'); 'none' labels them no-error; default: the preset's.")
-    truncation_side: str = opt("right", TRUNCATION_HELP)
-    ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.")
-    normalize_on: str | None = opt(None, "Preference RMs (and --regression-scores standardized): JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
+    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/, or one model with a head per aspect with --shared-backbone.", panel="Rewards")
+    data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL (with several aspects: the file of every aspect --data-for does not name).", panel="Data")
+    data_for: list[str] = opt([], "Several aspects: ASPECT=FILE, the data of one aspect (repeatable), e.g. --data-for completeness=runs/import/preferences.jsonl.", panel="Data")
+    shared_backbone: bool = opt(False, "Several aspects: train ONE model, a backbone with a head per aspect (segment or sequence), each aspect's loss on its own data; scores all aspects in one forward pass (ppo --rm fg=OUT --rewards fg.factuality=...).", panel="Model")
+    aspect_weights: str | None = opt(None, "With --shared-backbone: loss weight of each aspect, comma-separated in --aspect order (default: 1 each).", panel="Rewards")
+    model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.", panel="Model")
+    out: str = opt(REQUIRED, "Output directory: model/ (the reward model, rlhfkit_rm.json, model card), rm_metrics.json, checkpoints/.", panel="Output")
+    kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).", panel="Rewards")
+    granularity: str | None = opt(None, "Segment RMs: sentence, subsentence or step (one line each, for process reward models; default: the preset's, factuality sentence, relevance subsentence).", panel="Rewards")
+    positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default 1; the paper's +0.3/+0.5 are the weights of `ppo --rewards rel=0.3,fact=0.5`).", panel="Rewards")
+    negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default -1).", panel="Rewards")
+    error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).", panel="Rewards")
+    segment_pooling: str | None = opt(None, "Segment RMs: where a segment is judged. end: the logits of the token completing it (the default, one token per segment as the reference's marker token); mean: the logits averaged over all its tokens, which suits encoders pretrained for mean-pooled sentence embeddings (all-MiniLM-L6-v2 on QA-Feedback held-out records: relevance error AUC 0.655 vs 0.611 at the end token, factuality 0.764 vs 0.735; recipes/qa_feedback/README.md). Applies to the segment aspects; saved with the RM, which ppo and evaluate read.", panel="Rewards")
+    min_span_words: int | None = opt(None, "Segment RMs: drop relevance spans (QA-Feedback presets; else spans of --aspect) shorter than this many words, as the reference does (default: the preset's, 5 for factuality/relevance; 0 keeps all).", panel="Data")
+    ignore_segments_with: list[str] = opt(["preset"], "Segment RMs: leave out of training segments with an error of these other aspects and none of --aspect (the reference's rule for factuality: 'relevance'); 'none' labels them no-error; default: the preset's.", panel="Data")
+    truncation_side: str = opt("right", TRUNCATION_HELP, panel="Data")
+    ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.", panel="Rewards")
+    normalize_on: str | None = opt(None, "Preference RMs (and --regression-scores standardized): JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).", panel="Data")
     regression_scores: str = opt(
         "labels",
         "Regression RMs: the units of the scores ppo and evaluate get. labels (default): the labels' own (a 0-4 "
@@ -157,40 +159,41 @@ class TrainRMConfig:
         "multiplies every reward (there ~14x).",
         panel="Rewards",
     )
-    eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.")
-    max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut (--truncation-side), a response that does not fit is skipped (default: the preset's, else 1024).")
-    max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut on --truncation-side (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
-    epochs: int | None = opt(None, "Passes over the training split (default: the preset's, else 2).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    batch_size: int = opt(8, "Records (segment, regression) or prompts with all their comparisons (preference) per micro-batch.")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    lr: float | None = opt(None, "Peak learning rate, AdamW (default: the preset's, else 5e-5; the presets' suit the tiny offline backbone, use 1e-5 to 5e-5 for a pretrained one).")
-    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
-    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
-    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
-    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
-    group_by_length: bool = opt(True, "Batch examples of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and rm_metrics.json.")
-    eval_fraction: float = opt(0.2, "Fraction of the prompts held out for metrics (0 = none); a prompt's records stay on one side.")
-    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
-    save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
-    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
-    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
-    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning); the saved RM has the adapter merged in.")
-    lora_alpha: int = opt(16, "LoRA alpha.")
-    lora_dropout: float = opt(0.05, "LoRA dropout.")
-    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).")
-    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
-    seed: int = opt(42, "Seed for the held-out split, data order, head initialisation and dropout.")
+    eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.", panel="Training")
+    max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut (--truncation-side), a response that does not fit is skipped (default: the preset's, else 1024).", panel="Training")
+    max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut on --truncation-side (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).", panel="Generation")
+    epochs: int | None = opt(None, "Passes over the training split (default: the preset's, else 2).", panel="Training")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", panel="Training")
+    batch_size: int = opt(8, "Records (segment, regression) or prompts with all their comparisons (preference) per micro-batch.", panel="Training")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", panel="Training")
+    lr: float | None = opt(None, "Peak learning rate, AdamW (default: the preset's, else 5e-5; the presets' suit the tiny offline backbone, use 1e-5 to 5e-5 for a pretrained one).", panel="Training")
+    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.", panel="Training")
+    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.", panel="Training")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).", panel="Training")
+    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).", panel="Training")
+    group_by_length: bool = opt(True, "Batch examples of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and rm_metrics.json.", panel="Training")
+    eval_fraction: float = opt(0.2, "Fraction of the prompts held out for metrics (0 = none); a prompt's records stay on one side.", panel="Data")
+    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).", panel="Training")
+    save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).", panel="Output")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).", panel="Output")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).", panel="Training")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning); the saved RM has the adapter merged in.", panel="Model")
+    lora_alpha: int = opt(16, "LoRA alpha.", panel="Model")
+    lora_dropout: float = opt(0.05, "LoRA dropout.", panel="Model")
+    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).", panel="Model")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.", panel="Distributed")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.", panel="Model")
+    seed: int = opt(DEFAULT_SEED, "Seed for the held-out split, data order, head initialisation and dropout.", panel="Training")
     gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
     attn_implementation: str | None = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
-    deepspeed: str | None = opt(None, DEEPSPEED_HELP)
-    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
-    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
-    chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.")
-    report_to: list[str] = opt([], REPORT_TO_HELP)
+    deepspeed: str | None = opt(None, DEEPSPEED_HELP, panel="Distributed")
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.", panel="Model")
+    report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
+    push_to_hub: str | None = opt(None, PUSH_TO_HUB_HELP + " Several aspects without --shared-backbone: to REPO-<aspect> each.", panel="Output")
 
     def aspects(self) -> list[str]:
         return [name.strip() for name in self.aspect.split(",") if name.strip()]
@@ -230,7 +233,8 @@ class TrainRMConfig:
         """`--aspect a,b,c`: one config per aspect (its --data-for file), each writing into OUT/<aspect>/."""
         files = self.data_files()
         configs = [
-            dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None)
+            dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None,
+                                push_to_hub=f"{self.push_to_hub}-{name}" if self.push_to_hub else None)
             for name in self.aspects()
         ]
         for one in configs:  # one --segment-pooling for several aspects applies to their segment RMs
@@ -483,6 +487,10 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         metrics.update(normalization=spec["normalization"], ties=cfg.ties, train_ties=ties)
     run.write_json(METRICS_FILE, metrics)
     write_reward_model_spec(run.path, spec)
+    if is_main_process():
+        finish_model(run.path, cfg.push_to_hub, title=run.path.name, stage="train-rm", base_model=cfg.model, data=[cfg.data],
+                     rewards={cfg.aspect: (f"{settings.kind} reward model", "this model")},
+                     metrics={**scalar_metrics(metrics, ["steps", "train_loss"]), **scalar_metrics(held_metrics, list(held_metrics), "held-out ")})
     run.close()
     console.print(f"train-rm: {held_out_summary(held_metrics)}; reward model saved to {run.path}", soft_wrap=True)
     return metrics
@@ -597,6 +605,13 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     }
     run.write_json(METRICS_FILE, metrics)
     write_reward_model_spec(run.path, spec)
+    if is_main_process():
+        finish_model(run.path, cfg.push_to_hub, title=run.path.name, stage="train-rm", base_model=cfg.model,
+                     data=[cfg.data, *(path for _, path in (item.partition("=")[::2] for item in cfg.data_for))],
+                     rewards={aspect: (f"{weights[aspect]} ({kinds[aspect]})", "shared backbone, own head") for aspect in kinds},
+                     metrics={**scalar_metrics(metrics, ["steps", "train_loss"]),
+                              **{f"{aspect} held-out {key}": value for aspect in kinds
+                                 for key, value in scalar_metrics(held_metrics.get(aspect, {}), list(held_metrics.get(aspect, {}))).items()}})
     run.close()
     for aspect in kinds:
         console.print(f"train-rm: {aspect}: {held_out_summary(held_metrics.get(aspect, {}))}", soft_wrap=True)

@@ -185,6 +185,8 @@ def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
     chance), and each RM's training settings and time (its own run_config.json and
     rm_metrics.json). Writes `out` (markdown) and the same figures as JSON beside it.
     """
+    from rlhfkit.models import model_dir  # torch: imported when the table is made
+
     rows: dict[str, dict[str, Any]] = {}
     for evaluation in map(Path, evaluations):
         scored = _run_file(evaluation, "rm_metrics.json")
@@ -193,7 +195,7 @@ def rm_held_out_table(out: str, title: str, evaluations: list[str]) -> dict:
         trained_dir = Path(scored["reward_model"])
         trained = _run_file(trained_dir, "rm_metrics.json")
         options = _run_file(trained_dir, "run_config.json")["config"]
-        spec = _run_file(trained_dir, "rlhfkit_rm.json")
+        spec = _run_file(model_dir(trained_dir), "rlhfkit_rm.json")
         held = scored["held_out"]
         settings = {
             "backbone": spec["backbone"],

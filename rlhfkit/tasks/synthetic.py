@@ -42,8 +42,9 @@ from pathlib import Path
 
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import save_png, shipped_path, write_json, write_text
+from rlhfkit.io import shipped_path, write_json, write_text
 from rlhfkit.metrics import win_rate
+from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.recipes import recipe_function, recipe_python_function
 from rlhfkit.schema import (
     Critique,
@@ -561,7 +562,7 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     lines += ["", f"![learning curves]({_relative_path(curves, Path(out).parent)})"]
     text = "\n".join(lines) + "\n"
     write_text(out, text)
-    plot_curves(curves, table)
+    plot_curves(curves, table, f"synthetic task: {Path(curves).parent.name}")
     result = {
         "goals": verdicts,
         "critique_revise": revisions["rounds"] if revisions else None,
@@ -698,28 +699,16 @@ def _learned_rm_view(metrics: dict, systems: list[str]) -> list[str]:
     return lines
 
 
-def plot_curves(path: str, table: list[Condition]) -> None:
+def plot_curves(path: str, table: list[Condition], title: str) -> None:
     """Four panels (the true metrics of the sampled rollouts) over PPO steps: each
     condition's mean over seeds, with the range over seeds shaded."""
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 7), dpi=100)
-    FigureCanvasAgg(figure)
-    colours = ["tab:green", "tab:blue", "tab:orange", "tab:red"]
-    for panel, (key, label) in enumerate(METRIC_NAMES.items(), start=1):
-        axes = figure.add_subplot(2, 2, panel)
-        for condition, colour in zip(table, colours):
+    panels = []
+    for key, label in METRIC_NAMES.items():
+        series = []
+        for condition in table:
             steps = min(len(c) for c in condition.curves)
-            series = [[getattr(c[t], key) for c in condition.curves] for t in range(steps)]
-            x = list(range(1, steps + 1))
-            axes.plot(x, [statistics.fmean(v) for v in series], color=colour, label=f"{condition.name} (mean of {len(condition.curves)} seeds)")
-            axes.fill_between(x, [min(v) for v in series], [max(v) for v in series], color=colour, alpha=0.15)
-        axes.set_title(label)
-        axes.set_xlabel("PPO step (sampled rollouts)")
-        axes.grid(alpha=0.3)
-        if panel == 1:
-            axes.legend(fontsize=8)
-    figure.tight_layout()
-    save_png(figure, path)
+            values = [[getattr(c[t], key) for c in condition.curves] for t in range(steps)]
+            series.append(Series(f"{condition.name} (mean of {len(condition.curves)} seeds)", list(range(1, steps + 1)),
+                                 [statistics.fmean(v) for v in values], band=([min(v) for v in values], [max(v) for v in values])))
+        panels.append(Panel(label, "PPO step (sampled rollouts)", label, series))
+    save_png(draw(title, panels, columns=2, width=5.5, height=3.5), path)
