@@ -621,12 +621,13 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora:
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
     out = model_output_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / ".model.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         save_weights(model, tokenizer, tmp, out)
+        out.mkdir(exist_ok=True)  # only once the weights are written: a failed save leaves no folder
         new_names = {p.name for p in tmp.iterdir()}
         for pattern in MODEL_FILE_PATTERNS:
             for stale in out.glob(pattern):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
+from rlhfkit.models import model_dir
 from rlhfkit.rewards.sources import build_reward_sources, parse_named, parse_weights
 from rlhfkit.rl.advantages import FixedKLController
 from rlhfkit.rl.losses import logprobs_from_logits
@@ -126,7 +127,7 @@ def test_bf16_ppo_keeps_fp32_weights_so_small_steps_land(make_tiny_model, prompt
     from rlhfkit.stages.ppo import run_ppo
 
     run_ppo(cfg)
-    before, after = load_file(str(policy / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before, after = load_file(str(policy / "model.safetensors")), load_file(str(model_dir(out) / "model.safetensors"))
     weight = "transformer.h.0.mlp.c_fc.weight"
     assert after[weight].dtype == torch.float32
     changed = (after[weight] != before[weight]).float().mean().item()

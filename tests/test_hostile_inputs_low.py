@@ -221,7 +221,8 @@ def test_item11_a_full_disk_during_a_weights_save_names_the_directory(tiny_model
     monkeypatch.setattr(model, "save_pretrained", full_disk)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(EnvironmentFailure, match=rf"^cannot write {out}: No space left on device$"):
+    # save_model writes into the run's model folder, out/model (models.model_output_dir).
+    with pytest.raises(EnvironmentFailure, match=rf"^cannot write {out / 'model'}: No space left on device$"):
         save_model(model, tokenizer, out)
     assert list(out.iterdir()) == []  # the temporary directory is gone
 

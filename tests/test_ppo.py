@@ -436,26 +436,26 @@ def test_rm_directory_of_the_wrong_kind(run_cli, tiny_model_dir, data_dir, rewar
     assert result.exit_code == 2 and "is a segment reward model, which is already dense" in result.output.replace("\n", " ")
 
 
-def test_reward_curves_plot_the_raw_scores(tmp_path, monkeypatch):
+def test_reward_curves_plot_the_raw_scores(tmp_path):
     # With --normalize-rewards the normalised and weighted values (and their total) are ~0 at
-    # every step by construction: the curves are the reward models' raw scores only.
-    import matplotlib.axes
-
+    # every step by construction: the reward curves are the reward models' raw scores only.
+    from rlhfkit.plots import ppo_panels
+    from rlhfkit.runs import read_metric_series
     from rlhfkit.stages.ppo import plot_reward_curves
 
-    plotted = []
-    real = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *args, **kw: plotted.append((kw.get("label"), list(args[1]))) or real(self, *args, **kw))
     rows = [{"step": s, "reward/total": 1e-7 * s, "reward/raw/helpfulness": 2.0 + s, "reward/normalized/helpfulness": -1e-7 * s,
              "reward/weighted/helpfulness": -1e-7 * s, "kl": 0.1 * s} for s in (1, 2)]
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plot_reward_curves(metrics, tmp_path / "curves.png")
-    assert plotted == [("reward/raw/helpfulness", [3.0, 4.0]), (None, [0.1, 0.2])]  # the raw score, then the KL panel
-    # without normalisation the total is in raw units too, and is drawn beside the sources
-    plotted.clear()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    panels = ppo_panels(read_metric_series(tmp_path))
+    drawn = [(panel.title, [(line.label, list(line.y)) for line in panel.series]) for panel in panels]
+    assert drawn == [("reward, raw (each source's own units)", [("helpfulness", [3.0, 4.0])]),
+                     ("KL(policy || reference)", [("kl", [0.1, 0.2])])]
+    plot_reward_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", "ppo: run")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without normalisation the total is in raw units too, and is drawn with the weighted sources
     for row in rows:
         del row["reward/normalized/helpfulness"]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plot_reward_curves(metrics, tmp_path / "curves.png")
-    assert [label for label, _ in plotted] == ["reward/total", "reward/raw/helpfulness", None]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    titles = [(panel.title, [line.label for line in panel.series]) for panel in ppo_panels(read_metric_series(tmp_path))]
+    assert titles == [("reward, weighted (enters the total)", ["total", "helpfulness"]),
+                      ("reward, raw (each source's own units)", ["helpfulness"]), ("KL(policy || reference)", ["kl"])]

@@ -171,12 +171,15 @@ def test_coinciding_lines_drawn_once() -> None:
 def test_win_rate_plot_ticks_losses_and_limits() -> None:
     from rlhfkit.stages.critique_revise import win_rate_panel
 
-    rows = [{"round": r, "win": 0.25, "tie": 0.75, "loss": 0.0} for r in (1, 2, 3)]
+    # win rate = win + tie/2 = 0.25 + 0.75/2 = 0.625
+    rows = [{"round": r, "win": 0.25, "tie": 0.75, "loss": 0.0, "win_rate": 0.625} for r in (1, 2, 3)]
     panel = win_rate_panel(rows)
+    assert panel.series[0].label == "win rate, win + tie/2 (rlhfkit)" and list(panel.series[0].y) == [62.5] * 3
     axes = draw("critique-revise run: x", [panel]).axes[0]
     assert list(axes.get_xticks()) == [1, 2, 3]  # the rounds run, not the paper's 5
     labels = [text.get_text() for text in axes.get_legend().get_texts()]
-    assert labels == ["win (rlhfkit)", "tie (rlhfkit)", "loss (rlhfkit)", "win (paper: Jin et al. 2023)"]
+    assert labels == ["win rate, win + tie/2 (rlhfkit)", "win (rlhfkit)", "tie (rlhfkit)", "loss (rlhfkit)",
+                      "win rate (paper: Jin et al. 2023)"]
     assert axes.get_ylim()[0] < 0  # a 0% line is not drawn on the frame
     assert axes.get_title() == "revised vs original response" and axes.figure.get_suptitle() == "critique-revise run: x"
 

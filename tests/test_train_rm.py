@@ -497,7 +497,7 @@ def test_regression_rm_on_scores(run_cli, tiny_model_dir, tmp_path):
     assert held["baseline_mse_minus_mse_ci95"] == pytest.approx([min(gains), max(gains)], abs=1e-5)
     assert metrics["beats_baseline_clearly"] == (min(gains) > 0)
     # Scores in the labels' units: score() is the head's own output, no standardisation.
-    assert read_json(out / SPEC_FILE)["normalization"] == {"mean": 0.0, "std": 1.0, "computed_on": None, "units": "labels"}
+    assert read_json(model_dir(out) / SPEC_FILE)["normalization"] == {"mean": 0.0, "std": 1.0, "computed_on": None, "units": "labels"}
     scored = rm.score(["question 8?", "question 10?", "question 12?"], ["word " * 4, "word ", "word " * 3])
     assert [s.values[0] for s in scored] == pytest.approx(predictions, abs=1e-6)
 
@@ -506,7 +506,7 @@ def test_regression_rm_on_scores(run_cli, tiny_model_dir, tmp_path):
     result = run_cli("train-rm", "--aspect", "length", "--kind", "regression", "--data", data, "--model", tiny_model_dir, "--out", out,
                      "--max-length", "96", "--batch-size", "4", "--max-steps", "2", "--regression-scores", "standardized")
     assert result.exit_code == 0, result.output
-    norm = read_json(out / SPEC_FILE)["normalization"]
+    norm = read_json(model_dir(out) / SPEC_FILE)["normalization"]
     assert norm["computed_on"] == "training responses" and norm["responses"] == 12
     rm = load_reward_model(out, device="cpu")
     [raw] = rm.raw_scores(["question 8?"], ["word " * 4])

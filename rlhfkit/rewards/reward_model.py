@@ -529,7 +529,7 @@ def _check_kind_fields(entry: dict, spec_path: Path, bad: Callable[[str, str], R
 def check_head_matches_kind(path: str | os.PathLike, kind: str) -> None:
     """RlhfkitError when the directory's weights are not a `kind` RM (an edited kind): a
     segment RM has a 2-label token head, a sequence RM a 1-score head (new_reward_model)."""
-    config_path = Path(path) / "config.json"
+    config_path = model_dir(path) / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -540,7 +540,7 @@ def check_head_matches_kind(path: str | os.PathLike, kind: str) -> None:
     expected = 2 if kind == "segment" else 1
     if labels is not None and labels != expected:
         raise RlhfkitError(
-            f"{Path(path) / SPEC_FILE}: kind {kind!r} needs a head of {expected} output(s), but {config_path} has "
+            f"{model_dir(path) / SPEC_FILE}: kind {kind!r} needs a head of {expected} output(s), but {config_path} has "
             f"{labels} labels; the kind does not match the weights (re-save the model with `rlhfkit train-rm`)"
         )
 
