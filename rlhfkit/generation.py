@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,6 +27,7 @@ from transformers import (
 
 from rlhfkit.distributed import is_zero3_partitioned
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.rl.losses import ResponseLogits
 from rlhfkit.truncation import encode_prompt
 
 
@@ -71,13 +73,20 @@ class Rollout:
 
 
 def encode_prompts(
-    tokenizer, prompts: list[str], max_prompt_length: int, device: torch.device, truncation_side: str = "right"
+    tokenizer, prompts: list[str], max_prompt_length: int, device: torch.device, truncation_side: str = "right",
+    templated: Collection[str] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Left-padded prompt ids, each prompt cut to `max_prompt_length` tokens on `truncation_side`
-    (rlhfkit.truncation: special tokens are kept), and how many prompts were cut."""
+    (rlhfkit.truncation: special tokens are kept), and how many prompts were cut.
+
+    Prompts in `templated` were rendered by a chat template, which writes every special token
+    it wants (Llama-3's writes its BOS): they get none from the tokenizer, as sft encodes them,
+    so a template's BOS is never doubled, and are cut on the left, as sft cuts conversations: the
+    last turn and the generation prompt stay. Plain prompts get the tokenizer's special tokens."""
     rows, n_cut = [], 0
     for prompt in prompts:
-        ids, cut = encode_prompt(tokenizer, prompt, max_prompt_length, truncation_side)
+        chat = prompt in templated
+        ids, cut = encode_prompt(tokenizer, prompt, max_prompt_length, "left" if chat else truncation_side, not chat)
         rows.append(ids)
         n_cut += cut > 0
     width = max(len(ids) for ids in rows)
@@ -207,10 +216,12 @@ def generate(
     is_encoder_decoder: bool = False,
     generator_seed: Optional[int] = None,
     truncation_side: str = "right",
+    templated: Collection[str] = (),
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts in `prompts` for several samples)."""
+    """Sample one response per prompt (repeat prompts in `prompts` for several samples);
+    `templated`: the prompts a chat template rendered (see encode_prompts)."""
     device = next(model.parameters()).device
-    query_ids, query_mask, prompts_cut = encode_prompts(tokenizer, prompts, max_prompt_length, device, truncation_side)
+    query_ids, query_mask, prompts_cut = encode_prompts(tokenizer, prompts, max_prompt_length, device, truncation_side, templated)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = model.training
@@ -281,15 +292,23 @@ def build_rollout(
     )
 
 
+# Decoder-only architectures whose logits are exactly `get_output_embeddings()(last hidden
+# state)` (no logit scaling or soft-capping), so their response logits can be made a chunk
+# at a time (rlhfkit.rl.losses.ResponseLogits); others go through the model's own forward.
+PLAIN_LM_HEAD_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "olmo", "olmo2", "phi3"})
+
+
 def forward_response(
     model, rollout: Rollout, *, is_encoder_decoder: bool, want_hidden: bool = False, want_logits: bool = True
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Logits predicting each response token (B, T, V) and/or the last hidden states there (B, T, H).
+) -> tuple[Optional[ResponseLogits], Optional[torch.Tensor]]:
+    """Logits predicting each response token (B, T, V, as ResponseLogits) and/or the last
+    hidden states there (B, T, H).
 
     Decoder-only: the output at position p predicts token p+1, so the response's logits are
     read from the last prompt token to the second-to-last response token. Position ids are
-    passed explicitly because prompts are left-padded. With only hidden states wanted, the
-    LM head is skipped (a value model does not need vocabulary-sized logits).
+    passed explicitly because prompts are left-padded. The LM head is applied only to those
+    positions, a chunk at a time (ResponseLogits), and not at all when only hidden states are
+    wanted (a value model does not need vocabulary-sized logits).
     """
     if is_encoder_decoder:
         start = torch.full_like(rollout.response_ids[:, :1], model.config.decoder_start_token_id)
@@ -302,24 +321,25 @@ def forward_response(
             decoder_attention_mask=decoder_mask,
             output_hidden_states=want_hidden,
         )
-        return (out.logits if want_logits else None), (out.decoder_hidden_states[-1] if want_hidden else None)
+        return (ResponseLogits(out.logits) if want_logits else None), (out.decoder_hidden_states[-1] if want_hidden else None)
     input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)
     attention_mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     prompt_len = rollout.query_ids.shape[1]
-    if not want_logits:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not want_logits or base.config.model_type in PLAIN_LM_HEAD_TYPES:
         trunk = getattr(base, base.base_model_prefix, base)
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return None, hidden[:, prompt_len - 1 : -1]
+        hidden = hidden[:, prompt_len - 1 : -1]
+        logits = ResponseLogits(hidden, base.get_output_embeddings()) if want_logits else None
+        return logits, (hidden if want_hidden else None)
     # Only the positions that predict response tokens go through the LM head (the prompt's
     # would be projected to the vocabulary and thrown away): the last T + 1, minus the final one.
     keep = rollout.response_ids.shape[1] + 1
     extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=want_hidden, **extra)
-    logits = out.logits[:, -keep:-1]
     hidden = out.hidden_states[-1][:, prompt_len - 1 : -1] if want_hidden else None
-    return logits, hidden
+    return ResponseLogits(out.logits[:, -keep:-1]), hidden
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ depends only on its two methods, so the bookkeeping is tested with a stand-in en
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -133,12 +133,13 @@ class VLLMGeneration:
     def generate(
         self, policy, tokenizer, prompts: list[str], sampling: SamplingConfig, *, max_prompt_length: int,
         is_encoder_decoder: bool = False, truncation_side: str = "right", generator_seed: int | None = None,
+        templated: Collection[str] = (),
     ) -> Rollout:
         if is_encoder_decoder:
             raise RlhfkitError("--generation-backend vllm serves decoder-only policies; an encoder-decoder policy uses hf")
         self.sync.ensure_synced(policy)
         device = next(policy.parameters()).device
-        query_ids, query_mask, prompts_cut = encode_prompts(tokenizer, prompts, max_prompt_length, device, truncation_side)
+        query_ids, query_mask, prompts_cut = encode_prompts(tokenizer, prompts, max_prompt_length, device, truncation_side, templated)
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(query_ids, query_mask)]
         responses = self.engine.generate(rows, sampling)
         if len(responses) != len(prompts):

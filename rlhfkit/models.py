@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from rlhfkit.config import warn_remote_code
+from rlhfkit.converted_models import GGUF_MODELS, converted_model_dir
 from rlhfkit.errors import EnvironmentFailure, RlhfkitError, output_error
 from rlhfkit.io import match_umask
 
@@ -161,16 +162,19 @@ def model_output_dir(out: str | os.PathLike) -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """`minilm` -> the all-MiniLM-L6-v2 directory inside its package; a run directory -> the
-    folder its model is in (model_dir); anything else (a hub id) unchanged.
+    """`minilm` -> the all-MiniLM-L6-v2 directory inside its package; `smollm2` ->
+    SmolLM2-135M-Instruct converted once from its package's GGUF file (rlhfkit.converted_models);
+    a run directory -> the folder its model is in (model_dir); anything else (a hub id) unchanged.
 
     A local directory of the same name wins, so an alias never hides the user's own files.
     """
     name = str(name_or_path)
     if Path(name).is_dir():
         return str(model_dir(name))
-    if name not in PACKAGED_MODELS or Path(name).exists():
+    if Path(name).exists() or (name not in PACKAGED_MODELS and name not in GGUF_MODELS):
         return name
+    if name in GGUF_MODELS:
+        return str(converted_model_dir(name))
     module_name, package, extra = PACKAGED_MODELS[name]
     try:
         module = importlib.import_module(module_name)

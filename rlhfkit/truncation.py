@@ -19,7 +19,9 @@ from rlhfkit.errors import RlhfkitError
 TRUNCATION_SIDES = ("right", "left", "middle")
 TRUNCATION_HELP = (
     "Which part of a too-long prompt is dropped: right (keep the head, where a QA prompt's question is; the "
-    "reference's tokenizer default), left (keep the tail, for dialogue), or middle (keep both ends)."
+    "reference's tokenizer default), left (keep the tail, for dialogue), or middle (keep both ends). Prompts "
+    "rendered by a chat template are always cut on the left when generating, as sft cuts them, so the last turn "
+    "and the generation prompt stay."
 )
 
 
@@ -55,9 +57,13 @@ def cut_to_length(ids: Sequence[int], special_mask: Sequence[int], max_length: i
     return [token for i, token in enumerate(ids) if special_mask[i] or i in kept_content]
 
 
-def encode_prompt(tokenizer, prompt: str, max_length: int | None, side: str) -> tuple[list[int], int]:
-    """Token ids of `prompt` (special tokens included) cut to `max_length`, and how many were cut."""
-    encoded = tokenizer(prompt, add_special_tokens=True, return_special_tokens_mask=True)
+def encode_prompt(
+    tokenizer, prompt: str, max_length: int | None, side: str, add_special_tokens: bool = True
+) -> tuple[list[int], int]:
+    """Token ids of `prompt` (with the tokenizer's special tokens, unless the prompt is chat-
+    templated text, which writes its own: `add_special_tokens=False`) cut to `max_length`, and
+    how many were cut."""
+    encoded = tokenizer(prompt, add_special_tokens=add_special_tokens, return_special_tokens_mask=True)
     ids = list(encoded["input_ids"])
     if max_length is None or len(ids) <= max_length:
         return ids, 0

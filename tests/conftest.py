@@ -107,3 +107,45 @@ def run_cli() -> Callable[..., Any]:
         return runner.invoke(app, [str(arg) for arg in args], catch_exceptions=False)
 
     return invoke
+
+
+# --- SmolLM2's real tokenizer (tests/fixtures/smollm2_tokenizer, Apache-2.0: see its NOTICE) ---
+
+SMOLLM2_TOKENIZER_DIR = REPO_ROOT / "tests/fixtures/smollm2_tokenizer"
+# Llama-3's template shape: the template writes its own BOS, and the tokenizer adds one too.
+LLAMA3_STYLE_TEMPLATE = REPO_ROOT / "tests/fixtures/llama3_style_chat_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer: 49,152 tokens, ChatML template, eos `<|im_end|>`,
+    bos `<|im_start|>` (not added by the tokenizer)."""
+    from rlhfkit.models import load_tokenizer
+
+    return load_tokenizer(str(SMOLLM2_TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def make_tiny_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`make_tiny_smollm2(style="chatml")` -> a tiny random Llama directory with SmolLM2's tokenizer
+    and template (built once per style, ~1 s). style="llama3": the tokenizer adds a BOS and the
+    template writes its own (LLAMA3_STYLE_TEMPLATE), as Llama-3's do."""
+    from transformers import AutoTokenizer
+
+    from rlhfkit.models import build_tiny_model, save_model
+
+    built: dict[str, Path] = {}
+
+    def make(style: str = "chatml") -> Path:
+        if style not in built:
+            tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER_DIR, add_bos_token=style == "llama3")
+            if style == "llama3":
+                tokenizer.chat_template = LLAMA3_STYLE_TEMPLATE.read_text(encoding="utf-8")
+            model = build_tiny_model("llama", tokenizer, n_layer=2, n_embd=32, n_head=2, max_positions=1024)
+            out = tmp_path_factory.mktemp(f"tiny-smollm2-{style}") / "model"
+            out.mkdir()
+            save_model(model, tokenizer, out)
+            built[style] = out
+        return built[style]
+
+    return make

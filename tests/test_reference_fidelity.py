@@ -325,15 +325,18 @@ def test_lr_zero_gives_zero_kl_and_no_clipping_for_every_architecture(arch, make
 
 
 def test_kl_uses_untempered_logprobs_by_default(monkeypatch, make_tiny_model, run_cli, prompts_file, tmp_path):
-    from rlhfkit.stages import ppo as ppo_stage
+    from rlhfkit.rl.losses import ResponseLogits
 
     temperatures, inputs = [], []
-    real = ppo_stage.logprobs_from_logits
+    real = ResponseLogits.token_stats
 
-    def recording(logits, tokens, temperature=1.0):
-        temperatures.append(temperature)
+    def recording(self, tokens, temperature_list, entropy_temperature=None):
+        # One call per pass of the LM head (policy or reference): its logits, made whole here.
+        temperatures.extend(dict.fromkeys(temperature_list))
+        with torch.no_grad():
+            logits = self.hidden if self.head is None else self.head(self.hidden)
         inputs.append((logits.detach().clone(), tokens.clone()))
-        return real(logits, tokens, temperature)
+        return real(self, tokens, temperature_list, entropy_temperature)
 
     def expected_kl(policy_call: int, reference_call: int, temperature: float) -> float:
         # By hand from the recorded logits: per rollout, the sum over its tokens of
@@ -344,16 +347,16 @@ def test_kl_uses_untempered_logprobs_by_default(monkeypatch, make_tiny_model, ru
             return torch.log_softmax(logits.double() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return (logp(policy_logits) - logp(reference_logits)).sum(dim=1).mean().item()
 
-    monkeypatch.setattr(ppo_stage, "logprobs_from_logits", recording)
+    monkeypatch.setattr(ResponseLogits, "token_stats", recording)
     policy, reference = make_tiny_model("gpt2"), make_tiny_model("gpt2", seed=1)  # a reference apart: KL not 0
     [row] = ppo(run_cli, policy, prompts_file, tmp_path / "a", "--temperature", "0.5", "--steps", "1", "--ppo-epochs", "1",
                 "--ref", reference)
-    # Rollout pass: the ratio's log-probs at 0.5, the KL's at 1 (the reference's raw
-    # softmax); the reference at 1; then 2 minibatches at 0.5 (GAE: KL is not in the loss).
+    # Rollout pass (one LM-head pass): the ratio's log-probs at 0.5 and the KL's at 1; the
+    # reference at 1 (its raw softmax); then 2 minibatches at 0.5 (GAE: KL is not in the loss).
     assert temperatures == [0.5, 1.0, 1.0, 0.5, 0.5]
     # The logged KL is the untempered one (float32 log-probs summed over 10 tokens: 1e-4),
     # and measurably not the tempered one.
-    untempered, tempered = expected_kl(1, 2, 1.0), expected_kl(1, 2, 0.5)
+    untempered, tempered = expected_kl(0, 1, 1.0), expected_kl(0, 1, 0.5)
     assert row["kl"] == pytest.approx(untempered, abs=1e-4) and abs(untempered - tempered) > 1e-2
     temperatures.clear()
     inputs.clear()

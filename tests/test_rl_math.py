@@ -399,3 +399,46 @@ def test_logprobs_and_entropy_without_gradient_go_in_chunks_with_the_same_values
     logits.requires_grad_(True)
     logprobs_from_logits(logits, tokens, 0.7).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_response_logits_never_make_more_than_one_chunk_and_match_the_whole_logits(monkeypatch):
+    """The LM head applied a chunk of positions at a time (no [B, T, V] tensor), once for all
+    reductions: the same
+    log-probs, entropy and gradients as from the whole logits, to float32 rounding (each
+    value is one log_softmax / softmax over the same 11 numbers, summed in the same order
+    within a row: 1e-6 absolute covers a few ulps of values of size ~3)."""
+    from rlhfkit.rl import losses
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 4, 5, generator=generator)
+    head = torch.nn.Linear(5, 11, bias=False)
+    tokens = torch.randint(0, 11, (3, 4), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    seen_rows = []
+
+    def recording_head(x):
+        seen_rows.append(x.shape[0])
+        return head(x)
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 5 * 11)  # 5 positions of 11 logits a chunk
+    wanted = hidden.clone().requires_grad_(True)
+    by_temperature, entropy = losses.ResponseLogits(wanted, recording_head).token_stats(tokens, (0.7, 1.0), 0.7)
+    valid = mask.bool()
+    value = by_temperature[0.7].sum() + by_temperature[1.0].sum() + torch.where(valid, entropy, 0.0).sum() / valid.sum()
+    value.backward()
+    # One pass of the head for all three: one row to learn the vocabulary size (a plain
+    # function has no out_features), 12 positions in chunks of 5, 5, 2, and the same chunks
+    # again in the backward's recompute.
+    assert sorted(seen_rows) == [1, 2, 2, 5, 5, 5, 5], seen_rows
+
+    reference = hidden.clone().requires_grad_(True)
+    logits = head(reference)
+    expected_07, expected_10 = logprobs_from_logits(logits, tokens, 0.7), logprobs_from_logits(logits, tokens)
+    (expected_07.sum() + expected_10.sum() + entropy_from_logits(logits / 0.7, mask)).backward()
+    torch.testing.assert_close(by_temperature[0.7], expected_07, atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_temperature[1.0], expected_10, atol=1e-6, rtol=0)
+    # The gradient sums 3 terms per element, each a difference of softmax values below 1.
+    torch.testing.assert_close(wanted.grad, reference.grad, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(losses.ResponseLogits(hidden, head).token_stats(tokens, (1.0,))[0][1.0],
+                                   logits.detach().log_softmax(-1).gather(-1, tokens[..., None])[..., 0])

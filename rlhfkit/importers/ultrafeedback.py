@@ -6,7 +6,8 @@ Each row has `instruction` and `completions`, each completion a `response` with
 object) with `Rating` ("1".."5", or "N/A" when the aspect does not apply) and `Rationale`
 (truthfulness and helpfulness add `Rationale For Rating` and `Type`). A row becomes:
 
-- a PromptRecord of the instruction;
+- a PromptRecord of the instruction (every record's `meta.messages` is the instruction as one
+  user turn, as helpsteer2's single-turn prompts are);
 - per completion and aspect rated 1..5, a ScalarScore (aspect = the annotation's name);
 - per aspect, Preferences between completions with different responses (margin = the rating
   difference): `--pairs all` makes every pair (equal ratings give ties; a row may then have
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 
+from rlhfkit.chat import MESSAGES_KEY
 from rlhfkit.importers import (
     Converted,
     Importer,
@@ -112,11 +114,15 @@ def convert(row: Row, options: ImportOptions) -> Converted:
             raise RecordError(f"completions[{c}]: {err}") from None
 
     base = f"{NAME}:{row.key}"
-    yield PromptRecord(id=base, prompt=prompt)
+    # The instruction is one user turn, as helpsteer2 gives a single-turn prompt: with a chat
+    # template, every stage renders the same question the same way whichever set it came from.
+    conversation = {MESSAGES_KEY: [{"role": "user", "content": prompt}]}
+    yield PromptRecord(id=base, prompt=prompt, meta=conversation)
     for c, (response, rated) in enumerate(zip(responses, scores)):
         for aspect, rating in rated.items():
             yield ScalarScore(
-                id=f"{base}:c{c}:{aspect}", prompt=prompt, response=response, score=float(rating), aspect=aspect
+                id=f"{base}:c{c}:{aspect}", prompt=prompt, response=response, score=float(rating), aspect=aspect,
+                meta=conversation,
             )
     for aspect in ASPECTS:
         ratings = [(c, rated[aspect]) for c, rated in enumerate(scores) if aspect in rated]
@@ -133,7 +139,7 @@ def convert(row: Row, options: ImportOptions) -> Converted:
                 aspect=aspect,
                 margin=float(margin),
                 tie=margin == 0,
-                meta={"chosen_completion": i, "rejected_completion": j},
+                meta={"chosen_completion": i, "rejected_completion": j, **conversation},
             )
     means = [sum(rated.values()) / len(rated) if rated else None for rated in scores]
     rated_ones = [c for c, mean in enumerate(means) if mean is not None]
@@ -153,7 +159,7 @@ def convert(row: Row, options: ImportOptions) -> Converted:
             response=responses[c],
             critique=critique,
             revision=responses[best],
-            meta={"revision_completion": best},
+            meta={"revision_completion": best, **conversation},
         )
 
 

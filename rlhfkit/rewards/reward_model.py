@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rlhfkit.chat import render_prompt
 from rlhfkit.distributed import full_parameters, is_main_process
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
@@ -284,6 +285,12 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = device
+
+    def render_prompt(self, prompt: str, meta: dict) -> str:
+        """A record's prompt as this RM was trained on it: through its own tokenizer's chat
+        template (conversational records, and plain ones if trained with --apply-chat-template),
+        whatever the policy's template is."""
+        return render_prompt(self.tokenizer, prompt, meta, bool(self.spec.get("apply_chat_template")))
 
     @property
     def aspect(self) -> str:
@@ -585,7 +592,7 @@ def kind_spec(settings: RMSettings) -> dict[str, Any]:
 
 def reward_model_spec(
     aspect: str, settings: RMSettings, *, max_length: int, max_prompt_length: int | None, truncation_side: str,
-    backbone: str, trained_on: str,
+    backbone: str, trained_on: str, apply_chat_template: bool = False,
 ) -> dict[str, Any]:
     """The rlhfkit_rm.json of a single-aspect RM (`max_prompt_length` None: as many as fit)."""
     return {
@@ -598,6 +605,7 @@ def reward_model_spec(
         "truncation_side": truncation_side,
         "backbone": backbone,
         "trained_on": trained_on,
+        "apply_chat_template": apply_chat_template,
         **kind_spec(settings),
     }
 

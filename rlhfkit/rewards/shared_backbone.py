@@ -255,7 +255,7 @@ def aspect_reward_models(model: MultiAspectRewardModel, tokenizer, spec: dict, d
 
 def shared_spec(
     settings: dict[str, RMSettings], weights: dict[str, float], trained_on: dict[str, str], *, max_length: int,
-    max_prompt_length: int | None, truncation_side: str, backbone: str, causal: bool,
+    max_prompt_length: int | None, truncation_side: str, backbone: str, causal: bool, apply_chat_template: bool = False,
 ) -> dict[str, Any]:
     """The rlhfkit_rm.json of a shared-backbone RM: the shared lengths and backbone, and
     under `aspects` each aspect's kind, segments, loss weight, data and kind_spec."""
@@ -267,6 +267,7 @@ def shared_spec(
         "max_prompt_length": max_prompt_length,
         "truncation_side": truncation_side,
         "backbone": backbone,
+        "apply_chat_template": apply_chat_template,
         "reads": "last_token" if causal else "first_token",
         "heads_file": HEADS_FILE,
         "aspects": {
@@ -276,7 +277,7 @@ def shared_spec(
     }
 
 
-SHARED_KEYS = ("max_length", "max_prompt_length", "truncation_side", "backbone", "format")
+SHARED_KEYS = ("max_length", "max_prompt_length", "truncation_side", "backbone", "format", "apply_chat_template")
 
 
 def aspect_spec(spec: dict, aspect: str) -> dict:

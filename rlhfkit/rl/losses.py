@@ -16,8 +16,11 @@ Aggregation over tokens (`aggregation`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 AGGREGATIONS = ("token_mean", "seq_mean")
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32) where no gradient is needed
@@ -158,3 +161,65 @@ def _by_rows(per_token, logits: Tensor, *args) -> Tensor:
         chunk_args = [a[i : i + rows] if isinstance(a, Tensor) else a for a in args]
         chunks.append(per_token(logits[i : i + rows], *chunk_args))
     return torch.cat(chunks)
+
+
+class ResponseLogits:
+    """The logits of a batch's response positions, made from their last hidden states by the LM
+    head a chunk of positions at a time, so a [batch, length, vocabulary] tensor never exists.
+
+    With a 49k vocabulary, B x T x V float32 logits (and log_softmax's copy of them, and the
+    copy autograd keeps for the backward) are most of a small model's memory in PPO. Here
+    each chunk of ~CHUNK_ELEMENTS logits is made, reduced to what PPO needs (the sampled
+    tokens' log-probs, the entropy) and freed; with a gradient, each chunk is checkpointed, so
+    the backward makes its logits again instead of keeping them (what fused linear + cross-
+    entropy kernels do). `head=None`: `hidden` are the logits themselves (a model whose head
+    is not a plain linear map, e.g. T5's scaled tied head), reduced a few rows at a time
+    when no gradient is needed.
+    """
+
+    def __init__(self, hidden: Tensor, head: Callable[[Tensor], Tensor] | None = None):
+        self.hidden, self.head = hidden, head
+
+    def token_stats(
+        self, tokens: Tensor | None, temperatures, entropy_temperature: float | None = None
+    ) -> tuple[dict[float, Tensor], Tensor | None]:
+        """({temperature: log-probs at `tokens` (B, T)}, per-token entropy at
+        `entropy_temperature` (B, T) or None), all from one pass of the LM head: PPO's rollout
+        pass wants the sampling and the KL temperature's log-probs and the entropy."""
+        temperatures = list(dict.fromkeys(temperatures))
+        if any(t <= 0 for t in temperatures):
+            raise ValueError(f"temperature must be > 0 (got {temperatures})")
+        if self.head is None:
+            logprobs = {t: logprobs_from_logits(self.hidden, tokens, t) for t in temperatures}
+            entropy = None
+            if entropy_temperature is not None:
+                entropy = _by_rows(_token_entropy, self.hidden / entropy_temperature)
+            return logprobs, entropy
+
+        def per_token(logits: Tensor, *chunk_tokens: Tensor) -> Tensor:
+            columns = [_token_logprobs(logits, chunk_tokens[0], t) for t in temperatures]
+            if entropy_temperature is not None:
+                columns.append(_token_entropy(logits / entropy_temperature))
+            return torch.stack(columns, dim=-1)
+
+        stats = self._by_positions(per_token, *([tokens] if temperatures else []))
+        logprobs = {t: stats[..., i] for i, t in enumerate(temperatures)}
+        return logprobs, (stats[..., -1] if entropy_temperature is not None else None)
+
+    def _by_positions(self, per_token, *args: Tensor) -> Tensor:
+        batch, length, width = self.hidden.shape
+        flat = self.hidden.reshape(batch * length, width)
+        flat_args = [a.reshape(batch * length) for a in args]
+        vocab = getattr(self.head, "out_features", None) or self.head(flat[:1]).shape[-1]
+        positions = max(1, CHUNK_ELEMENTS // vocab)
+        head = self.head
+
+        def chunk(hidden: Tensor, *chunk_args: Tensor) -> Tensor:
+            return per_token(head(hidden), *chunk_args)
+
+        grad = torch.is_grad_enabled() and flat.requires_grad
+        pieces = []
+        for i in range(0, flat.shape[0], positions):
+            part = [flat[i : i + positions], *(a[i : i + positions] for a in flat_args)]
+            pieces.append(checkpoint(chunk, *part, use_reentrant=False) if grad else chunk(*part))
+        return torch.cat(pieces).reshape(batch, length, *pieces[0].shape[1:])

@@ -70,7 +70,13 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.chat import MESSAGES_KEY, load_chat_template, override_chat_template, render_prompt
+from rlhfkit.chat import (
+    MESSAGES_KEY,
+    has_chat_template,
+    load_chat_template,
+    override_chat_template,
+    render_prompt,
+)
 from rlhfkit.config import REQUIRED, build_config, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import is_main_process
@@ -412,7 +418,8 @@ class ModelGenerator:
         self.inputs_too_long = 0
 
     def n_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        # A templated input carries its own special tokens: generate adds none to it.
+        return len(self.tokenizer(text, add_special_tokens=not has_chat_template(self.tokenizer))["input_ids"])
 
     def format(self, task: str, fields: dict[str, str]) -> str:
         """The task's input, rendered as a user turn by the chat template when there is one."""
@@ -455,6 +462,7 @@ class ModelGenerator:
                     max_prompt_length=self.max_prompt_length,
                     is_encoder_decoder=self.is_encoder_decoder,
                     generator_seed=self.seed + self.calls if self.sampling.do_sample else None,
+                    templated=set(batch) if has_chat_template(self.tokenizer) else (),
                 )
                 self.calls += 1
                 completions.extend(Completion(t, bool(f)) for t, f in zip(rollout.texts, rollout.finished.tolist()))

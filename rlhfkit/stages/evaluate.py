@@ -65,7 +65,12 @@ import numpy as np
 import torch
 
 from rlhfkit.audit import AUDIT_MARKDOWN, check_audit_inputs, run_audit
-from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
+from rlhfkit.chat import (
+    APPLY_CHAT_TEMPLATE_HELP,
+    load_chat_template,
+    override_chat_template,
+    render_prompt,
+)
 from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
@@ -146,6 +151,7 @@ class EvaluateConfig:
     audit_rm: list[str] = opt([], "Reward model NAME=DIR to audit on --rollouts against --audit-judge, repeatable. Per PPO step: a segment RM's segment accuracy (its error verdict, P(error) > 0.5, equals the judge's), a sequence RM's pairwise accuracy (share of same-prompt pairs of the step, judge ties left out, that it orders as the judge does; an RM tie counts 1/2). Writes audit.json/.md/.png.", panel="Rewards")
     audit_judge: str | None = opt(None, "py:module:function knowing the truth for --audit-rm: per response {'spans': [Span...], 'scores': {aspect: score}}.", panel="Rewards")
     rollouts: list[str] = opt([], "A PPO run's rollouts.jsonl to audit, NAME=FILE or FILE (name: the run directory), repeatable.", panel="Data")
+    apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP + " Reward models render prompts as they were trained (saved with each RM).", panel="Data")
 
     def validate(self) -> None:
         load_chat_template(self.chat_template)
@@ -319,14 +325,16 @@ def generate_system(name: str, path: str, prompts: list[PromptRecord], cfg: Eval
     with progress_bar(f"generate {name}", len(prompts)) as advance:
         for index, begin in enumerate(range(0, len(prompts), cfg.batch_size)):
             batch = prompts[begin : begin + cfg.batch_size]
+            texts = [render_prompt(tokenizer, p.prompt, p.meta, cfg.apply_chat_template) for p in batch]
             rollout = generate(
                 model,
                 tokenizer,
-                [render_prompt(tokenizer, p.prompt, p.meta) for p in batch],
+                texts,
                 sampling,
                 max_prompt_length=cfg.max_prompt_length,
                 is_encoder_decoder=is_encoder_decoder,
                 generator_seed=cfg.seed + index if cfg.sample else None,
+                templated={text for text, p in zip(texts, batch) if text != p.prompt},
             )
             for prompt, text, finished in zip(batch, rollout.texts, rollout.finished.tolist()):
                 records.append(
@@ -372,9 +380,9 @@ def score_systems(systems: list[System], rms: dict[str, tuple[str, str]], cfg: E
         for system in systems:
             for r in system.records:
                 metas.setdefault((r.prompt, r.response), r.meta)
-        # A conversational prompt reaches the RM as it was trained on it: through the RM
-        # tokenizer's chat template (the plain prompt when it has none).
-        prompts = [render_prompt(rm.tokenizer, p, metas[(p, r)]) for p, r in pairs]
+        # A prompt reaches the RM as it was trained on it: through the RM tokenizer's chat
+        # template for conversational records (and plain ones under its --apply-chat-template).
+        prompts = [rm.render_prompt(p, metas[(p, r)]) for p, r in pairs]
         rewards = rm.score(prompts, [r for _, r in pairs], batch_size=cfg.batch_size)
         by_pair = dict(zip(pairs, rewards))
         for system in systems:

@@ -30,7 +30,7 @@ import hashlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhfkit.chat import load_chat_template, override_chat_template, render_prompt
+from rlhfkit.chat import (
+    APPLY_CHAT_TEMPLATE_HELP,
+    load_chat_template,
+    override_chat_template,
+    render_prompt,
+)
 from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_numbers, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -109,7 +114,7 @@ from rlhfkit.rl.advantages import (
     masked_mean,
     masked_whiten,
 )
-from rlhfkit.rl.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhfkit.rl.losses import policy_loss, value_loss
 from rlhfkit.runs import (
     OVERWRITE_HELP,
     RAW_REWARD_PREFIX,
@@ -246,6 +251,7 @@ class PPOConfig:
     offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
     report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
     push_to_hub: Optional[str] = opt(None, PUSH_TO_HUB_HELP, panel="Output")
+    apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP, panel="Data")
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
@@ -348,6 +354,13 @@ class PolicyBundle:
     policy_engine: object = None  # DeepSpeed engines (--deepspeed), training the models above
     value_engine: object = None
     compute_dtype: torch.dtype = torch.float32  # of the forward passes (autocast; see `precision`)
+    # Each prompt as the policy's template rendered it -> (the record's prompt, its meta), so a
+    # reward model renders it with its own template (RewardModel.render_prompt), as in train-rm.
+    prompt_sources: dict = field(default_factory=dict)
+
+    @property
+    def templated_prompts(self) -> set[str]:
+        return {text for text, (prompt, _) in self.prompt_sources.items() if text != prompt}
 
     @property
     def engines(self) -> list:
@@ -417,6 +430,7 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
         rollout = backend.generate(
             bundle.policy, bundle.tokenizer, [p for p in prompts for _ in range(cfg.samples_per_prompt)], sampling,
             max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
+            templated=bundle.templated_prompts,
         )
     generation_seconds = time.perf_counter() - started
     mask = rollout.response_mask.float()
@@ -426,20 +440,19 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     # with); the KL to the reference and the entropy use --kl-logprobs (untempered, as the
     # reference, by default). Log-probs are taken in fp32 from the (bf16) logits.
     with torch.no_grad(), bundle.precision():
-        logits, hidden = policy_logits(bundle, rollout, want_hidden=bundle.value_model_shared)
-        old_logprobs = logprobs_from_logits(logits, rollout.response_ids, cfg.temperature)
-        old_kl_logprobs = old_logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, rollout.response_ids, kl_temp)
         # Without an entropy bonus the entropy is only logged: read it once, here, from the
         # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
+        by_temperature, entropy, hidden = response_logprobs(
+            bundle, rollout, (cfg.temperature, kl_temp), entropy_temperature=kl_temp if cfg.entropy_coef == 0 else None,
+            want_hidden=bundle.value_model_shared,
+        )
+        old_logprobs, old_kl_logprobs = by_temperature[cfg.temperature], by_temperature[kl_temp]
         rollout_entropy = None
-        if cfg.entropy_coef == 0:
-            rollout_entropy = token_means({"entropy": entropy_from_logits(logits / kl_temp, mask)}, mask.sum())["entropy"]
-        del logits
-        ref_logits, _ = policy_logits(bundle, rollout, reference=True)
-        ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids, kl_temp)
-        del ref_logits
+        if entropy is not None:
+            rollout_entropy = token_means({"entropy": masked_mean(entropy, mask)}, mask.sum())["entropy"]
+        ref_logprobs = response_logprobs(bundle, rollout, (kl_temp,), reference=True)[0][kl_temp]
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
-    task_rewards, reward_given, reward_logs = score_rollout(sources, weights, rollout, cfg, all_reduce=all_reduce_sum)
+    task_rewards, reward_given, reward_logs = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources, all_reduce=all_reduce_sum)
     task_rewards, reward_given = task_rewards.to(device, torch.float32), reward_given.to(device)
     score_per_sequence = (task_rewards * mask).sum(dim=1)
     kl = (old_kl_logprobs - ref_logprobs) * mask
@@ -480,19 +493,22 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             for k, idx in enumerate(accumulated):
                 mb = select(rollout, idx.to(rollout.response_ids.device))
                 mb_mask = mask[idx]
+                kl_in_loss = cfg.advantage != "gae"
                 with bundle.precision():
-                    logits, hidden = policy_logits(bundle, mb, want_hidden=bundle.value_model_shared)
-                logprobs = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+                    by_temperature, entropy, hidden = response_logprobs(
+                        bundle, mb, (cfg.temperature, *([kl_temp] if kl_in_loss else [])),
+                        entropy_temperature=kl_temp if cfg.entropy_coef != 0 else None, want_hidden=bundle.value_model_shared,
+                    )
+                logprobs = by_temperature[cfg.temperature]
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 logged = {"policy_loss": pg_loss, "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"]}
                 objective = pg_loss
                 if cfg.entropy_coef != 0:  # else it was logged once from the rollout pass
-                    logged["entropy"] = entropy_from_logits(logits / kl_temp, mb_mask)
+                    logged["entropy"] = masked_mean(entropy, mb_mask)
                     objective = objective - cfg.entropy_coef * logged["entropy"]
-                if cfg.advantage != "gae":
-                    kl_logprobs = logprobs if kl_temp == cfg.temperature else logprobs_from_logits(logits, mb.response_ids, kl_temp)
+                if kl_in_loss:
+                    kl_logprobs = by_temperature[kl_temp]
                     objective = objective + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
-                del logits
                 losses = [(policy, objective)]
                 if value is not None:
                     with bundle.precision():
@@ -547,12 +563,22 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
 
 
 def policy_logits(bundle: PolicyBundle, rollout: Rollout, *, reference: bool = False, want_hidden: bool = False):
-    """Logits predicting the rollout's tokens (and hidden states) under the policy or the reference."""
+    """Logits predicting the rollout's tokens (ResponseLogits: made a chunk at a time) and
+    hidden states, under the policy or the reference."""
     if reference and bundle.ref is None:
         with bundle.policy.disable_adapter():
             return forward_response(bundle.policy, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
     model = bundle.ref if reference else bundle.policy
     return forward_response(model, rollout, is_encoder_decoder=bundle.is_encoder_decoder, want_hidden=want_hidden)
+
+
+def response_logprobs(bundle: PolicyBundle, rollout: Rollout, temperatures, *, entropy_temperature: Optional[float] = None,
+                      reference: bool = False, want_hidden: bool = False):
+    """({temperature: log-probs of the rollout's tokens}, per-token entropy or None, hidden
+    states) under the policy or the reference, from one pass of the LM head."""
+    logits, hidden = policy_logits(bundle, rollout, reference=reference, want_hidden=want_hidden)
+    by_temperature, entropy = logits.token_stats(rollout.response_ids, temperatures, entropy_temperature)
+    return by_temperature, entropy, hidden
 
 
 def kl_temperature(cfg: PPOConfig) -> float:
@@ -584,17 +610,26 @@ def select(rollout: Rollout, index: torch.Tensor) -> Rollout:
     )
 
 
-def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, prompt_sources: Optional[dict] = None, all_reduce=None
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted per-token task rewards (B, T), where any reward is given (B, T), and the
     per-sequence values to log by their names (rlhfkit.runs: reward/raw/, reward/normalized/, reward/weighted/):
     each source's raw score, its normalised value (--normalize-rewards), its weighted value.
     `all_reduce`: the statistics of --normalize-rewards over the global batch. Each source's
-    unweighted token rewards are kept in `rollout.source_rewards` (the rollout log's heat maps)."""
+    unweighted token rewards are kept in `rollout.source_rewards` (the rollout log's heat maps).
+
+    An rlhfkit reward model reads each prompt rendered by its own tokenizer's template
+    (`prompt_sources`: rendered text -> the record's prompt and meta), as train-rm trained it,
+    not by the policy's; other sources read the policy's text."""
     length = rollout.response_ids.shape[1]
     components, given = {}, torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     given_by_source = {}
     for name, source in sources.items():
-        values, source_given = source.token_rewards(rollout.prompts, rollout.texts, rollout.token_char_spans).padded(length)
+        prompts = rollout.prompts
+        rm = getattr(source, "rm", None)
+        if rm is not None and prompt_sources:
+            prompts = [rm.render_prompt(*prompt_sources[p]) if p in prompt_sources else p for p in prompts]
+        values, source_given = source.token_rewards(prompts, rollout.texts, rollout.token_char_spans).padded(length)
         components[name] = values
         given_by_source[name] = source_given
         given |= source_given
@@ -651,14 +686,20 @@ def make_optimizers(cfg: PPOConfig, bundle: PolicyBundle):
     return (policy_opt, value_opt), schedulers + ([] if value_opt else [None])
 
 
-def prompt_texts(path: str, tokenizer=None, option: str = "--prompts") -> list[str]:
-    """The prompts of `path`; with a tokenizer, conversational ones rendered by its chat template."""
+def prompt_texts(path: str, tokenizer=None, option: str = "--prompts", plain_as_user_turn: bool = False,
+                 sources: Optional[dict] = None) -> list[str]:
+    """The prompts of `path`; with a tokenizer, conversational ones (and with
+    `plain_as_user_turn` plain ones) rendered by its chat template. `sources` collects what
+    each text was rendered from."""
     records = load_records(path, option=option)
     texts = []
     for record in records:
         if not hasattr(record, "prompt"):
             raise RlhfkitError(f"{option} {path}: '{record.type_name}' records carry no prompt")
-        texts.append(record.prompt if tokenizer is None else render_prompt(tokenizer, record.prompt, record.meta))
+        text = record.prompt if tokenizer is None else render_prompt(tokenizer, record.prompt, record.meta, plain_as_user_turn)
+        texts.append(text)
+        if sources is not None:
+            sources[text] = (record.prompt, record.meta)
     return texts
 
 
@@ -779,8 +820,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     sources = build_reward_sources(weights, rm_paths, redistribute, device=device, dtype=cfg.dtype, batch_size=cfg.rm_batch_size)
     bundle = load_models(cfg, device)
     override_chat_template(bundle.tokenizer, load_chat_template(cfg.chat_template))
-    prompts = prompt_texts(cfg.prompts, bundle.tokenizer, option="--prompts")
-    eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer, option="--eval-prompts") if cfg.eval_prompts else []
+    prompts = prompt_texts(cfg.prompts, bundle.tokenizer, "--prompts", cfg.apply_chat_template, bundle.prompt_sources)
+    eval_prompts = prompt_texts(cfg.eval_prompts, bundle.tokenizer, "--eval-prompts", cfg.apply_chat_template,
+                                bundle.prompt_sources) if cfg.eval_prompts else []
     optimizers, schedulers = make_optimizers(cfg, bundle)
     if cfg.deepspeed is not None:
         start_engines(cfg, bundle, optimizers)
@@ -912,9 +954,9 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
         with bundle.precision():
             rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
                                max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
-                               truncation_side=cfg.truncation_side)
+                               truncation_side=cfg.truncation_side, templated=bundle.templated_prompts)
         # Every process scores the same eval prompts, so each one's batch is the global one.
-        rewards, _, reward_logs = score_rollout(sources, weights, rollout, cfg)
+        rewards, _, reward_logs = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
         totals.setdefault(f"eval/{TOTAL_REWARD_KEY}", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
         for key, values in reward_logs.items():
             totals.setdefault(f"eval/{key}", []).extend(values.tolist())

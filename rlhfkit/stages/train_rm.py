@@ -51,7 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.chat import load_chat_template, override_chat_template, render_record
+from rlhfkit.chat import (
+    APPLY_CHAT_TEMPLATE_HELP,
+    load_chat_template,
+    override_chat_template,
+    render_record,
+)
 from rlhfkit.config import DEFAULT_SEED, REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
@@ -194,6 +199,7 @@ class TrainRMConfig:
     chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.", panel="Model")
     report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
     push_to_hub: str | None = opt(None, PUSH_TO_HUB_HELP + " Several aspects without --shared-backbone: to REPO-<aspect> each.", panel="Output")
+    apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP + " Saved with the RM, so ppo and evaluate render prompts for it the same way.", panel="Data")
 
     def aspects(self) -> list[str]:
         return [name.strip() for name in self.aspect.split(",") if name.strip()]
@@ -420,12 +426,13 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     train_records, held_records = split_by_prompt(records, cfg.eval_fraction, cfg.seed)
     run = RunDir(Path(cfg.out), "train-rm", cfg, resume=cfg.resume)
     device, compute_dtype, tokenizer = start(cfg)
-    train_records = [render_record(tokenizer, r) for r in train_records]
-    held_records = [render_record(tokenizer, r) for r in held_records]
+    train_records = [render_record(tokenizer, r, cfg.apply_chat_template) for r in train_records]
+    held_records = [render_record(tokenizer, r, cfg.apply_chat_template) for r in held_records]
     fit_preset_lengths(cfg, model_max_positions(tokenizer))
     spec = reward_model_spec(
         cfg.aspect, settings, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None,
         truncation_side=cfg.truncation_side, backbone=cfg.model, trained_on=cfg.data,
+        apply_chat_template=cfg.apply_chat_template,
     )
     train_examples, too_long = encode_training_examples(
         tokenizer, train_records, cfg.aspect, settings, max_length=cfg.max_length, max_prompt_length=spec["max_prompt_length"],
@@ -530,8 +537,8 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     splits = {aspect: split_by_prompt(rs, cfg.eval_fraction, cfg.seed) for aspect, rs in records.items()}
     run = RunDir(Path(cfg.out), "train-rm", cfg)
     device, compute_dtype, tokenizer = start(cfg)
-    train_records = {a: [render_record(tokenizer, r) for r in split[0]] for a, split in splits.items()}
-    held_records = {a: [render_record(tokenizer, r) for r in split[1]] for a, split in splits.items()}
+    train_records = {a: [render_record(tokenizer, r, cfg.apply_chat_template) for r in split[0]] for a, split in splits.items()}
+    held_records = {a: [render_record(tokenizer, r, cfg.apply_chat_template) for r in split[1]] for a, split in splits.items()}
     check_positions(cfg, model_max_positions(tokenizer))
 
     items: list[tuple[str, Any]] = []
@@ -552,6 +559,7 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     spec = shared_spec(
         settings, weights, data, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None,
         truncation_side=cfg.truncation_side, backbone=cfg.model, causal=model.causal,
+        apply_chat_template=cfg.apply_chat_template,
     )
     console.print(
         f"train-rm: {', '.join(f'{a} ({k})' for a, k in kinds.items())} on one {cfg.model} backbone, "
