@@ -14,7 +14,6 @@ from rlhfkit.config import build_config
 from rlhfkit.models import model_dir
 from rlhfkit.rewards.sources import build_reward_sources, parse_named, parse_weights
 from rlhfkit.rl.advantages import FixedKLController
-from rlhfkit.rl.losses import logprobs_from_logits
 from rlhfkit.schema import Demonstration, Preference, PromptRecord, write_records
 from rlhfkit.stages.ppo import PPOConfig, load_models, make_optimizers, policy_logits, ppo_iteration
 
@@ -72,11 +71,13 @@ def rollout_logprobs(policy, ref, prompts_file, out, dtype, rollout):
                        device="cpu", **JUDGE)
     bundle = load_models(cfg, torch.device("cpu"))
     with torch.no_grad(), bundle.precision():
-        logits, _ = policy_logits(bundle, rollout)
+        logits, _ = policy_logits(bundle, rollout)  # ResponseLogits: the LM head runs a chunk at a time
         ref_logits, _ = policy_logits(bundle, rollout, reference=True)
+        policy_logp = logits.token_stats(rollout.response_ids, (cfg.temperature,))[0][cfg.temperature]
+        ref_logp = ref_logits.token_stats(rollout.response_ids, (1.0,))[0][1.0]
+        whole = logits.hidden if logits.head is None else logits.head(logits.hidden)
     mask = rollout.response_mask.bool()
-    return (logprobs_from_logits(logits, rollout.response_ids, cfg.temperature)[mask],
-            logprobs_from_logits(ref_logits, rollout.response_ids)[mask], logits.float())
+    return policy_logp[mask], ref_logp[mask], whole.float()
 
 
 def test_bf16_first_ppo_step_matches_fp32_within_bf16_rounding(make_tiny_model, prompts_file, tmp_path):
