@@ -11,7 +11,7 @@ RUN := runs
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo learn-check
+.PHONY: setup demo test test-slow lint tiny-models clean bench-train bench-ppo learn-check gpu-check report-check
 .PHONY: table-synthetic table-qa table-detox table-r3hf table-cnr table-qa-rm table-qa-smol recipes-dry-run
 
 setup: $(STAMP)
@@ -81,6 +81,13 @@ recipes-dry-run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The demo's HTML report opened in headless Chromium (after `make demo`): no script errors, the
+# heat map, curves and rollout filter work; writes runs/demo/report-heatmap.png and
+# report-curves.png. Needs `apt-get install chromium chromium-driver` (the test says so if not).
+report-check: setup
+	$(BIN)/python -m pip install --quiet -e ".[browser]"
+	REPORT_RUN=$(RUN)/demo $(BIN)/python -m pytest -q -m slow tests/test_report_browser.py
+
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
@@ -102,6 +109,20 @@ SMOLLM2_BENCH ?= --prompts 2 --samples-per-prompt 4 --new-tokens 32 --minibatch 
 bench-ppo: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]" && $(BIN)/python bench/bench_ppo.py
 	$(BIN)/python bench/bench_ppo.py --model-size smollm2 $(SMOLLM2_BENCH)
+
+# One prepared check for a CUDA box (bench/gpu_check.py): here it fetches the wheels that travel
+# with the tree into $(GPU_WHEELS)/; on the box (nvidia-smi present) it installs them and rlhfkit
+# from the tree without dependencies and runs the checks (<= 8 min on one H100), printing one
+# table and writing it as JSON. DRY_RUN=1 checks on CPU that the script and its wheels are
+# complete (the test suite runs the same dry run).
+GPU_WHEELS ?= .whl
+gpu-check:
+ifeq ($(DRY_RUN),1)
+	$(MAKE) setup && $(BIN)/python bench/gpu_check.py --dry-run
+else
+	if command -v nvidia-smi >/dev/null; then python3 bench/gpu_check.py --wheels $(GPU_WHEELS); \
+	else $(MAKE) setup && $(BIN)/python bench/gpu_check.py --wheels $(GPU_WHEELS); fi
+endif
 
 # PPO on a programmatic reward (fine-grained vs holistic, two seeds): the reward must rise.
 learn-check: setup

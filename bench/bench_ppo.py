@@ -320,6 +320,7 @@ class RlhfkitPPO:
         self.optimizers, self.schedulers = make_optimizers(cfg, self.bundle)
         self.kl_ctl = FixedKLController(cfg.kl_coef)
         self.step = 0
+        self.last_metrics: dict = {}
 
     def iteration(self, prompts: list[str], sources=None, weights=None) -> tuple[Clock, torch.Tensor]:
         """One `ppo_iteration` (with these reward sources, default the config's): its clock and response lengths."""
@@ -327,7 +328,7 @@ class RlhfkitPPO:
 
         self.step += 1
         with Clock(self.device) as clock:
-            _, rollout, _ = ppo_iteration(
+            self.last_metrics, rollout, _ = ppo_iteration(
                 self.cfg, self.bundle, sources or self.sources, weights or self.weights, prompts,
                 self.optimizers, self.schedulers, self.kl_ctl, self.step,
             )
@@ -406,9 +407,11 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from bench.ppo_reward import letter_e_share
-    from rlhfkit.models import resolve_device, reuse_freed_cpu_memory
+    from rlhfkit.models import resolve_device, resolve_dtype, reuse_freed_cpu_memory
 
     device = resolve_device(spec.device)
+    # bf16 as rlhfkit trains in it: fp32 weights, the forward autocast (TRL's bf16=True).
+    mixed = resolve_dtype(spec.dtype, device) == torch.bfloat16
     if spec.same_malloc and device.type == "cpu":
         reuse_freed_cpu_memory()  # what rlhfkit's model loader does in its workers
     baseline = memory_baseline(device)
@@ -456,9 +459,9 @@ def run_trl_iterations(spec: BenchSpec) -> dict:
         weight_decay=0.0,
         max_grad_norm=0.5,
         max_steps=(1 + spec.repeats) * steps_per_iteration,
-        model_init_kwargs={"dtype": spec.dtype},
+        model_init_kwargs={"dtype": "float32" if mixed else spec.dtype},
         activation_checkpointing=False,  # TRL's default is on; rlhfkit does not checkpoint
-        bf16=False,
+        bf16=mixed,
         fp16=False,
         use_cpu=device.type == "cpu",
         disable_dropout=True,

@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import save_png, write_json, write_text
+from rlhfkit.io import write_json, write_text
+from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.rewards.reward_model import (
     SEQUENCE_KINDS,
     RewardModel,
     judged_errors,
-    load_reward_model,
 )
+from rlhfkit.rewards.shared_backbone import load_named_reward_models
 from rlhfkit.schema import Generation, read_records
 from rlhfkit.segment import label_segments
 
@@ -243,28 +244,15 @@ def render_audit(audits: Sequence[RunAudit], kinds: dict[str, str], judge: str) 
 
 def plot_audit(path: str | Path, audits: Sequence[RunAudit]) -> None:
     """One panel per run: each RM's accuracy against the judge per PPO step."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    columns = min(3, len(audits))
-    rows = -(-len(audits) // columns)
-    figure = Figure(figsize=(4.5 * columns, 3.2 * rows), dpi=90)
-    FigureCanvasAgg(figure)
-    for index, audit in enumerate(audits, start=1):
-        axes = figure.add_subplot(rows, columns, index)
+    panels = []
+    for audit in audits:
+        series = []
         for rm_name, metrics in audit.by_rm.items():
             points = [(step, m["accuracy"]) for step, m in zip(audit.steps, metrics) if m["accuracy"] is not None]
-            axes.plot([p[0] for p in points], [p[1] for p in points], label=rm_name)
-        axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-        axes.set_ylim(0, 1)
-        axes.set_title(audit.name, fontsize=9)
-        axes.set_xlabel("PPO step")
-        axes.set_ylabel("accuracy vs judge")
-        axes.grid(alpha=0.3)
-        if index == 1:
-            axes.legend(fontsize=7)
-    figure.tight_layout()
-    save_png(figure, path)
+            if points:
+                series.append(Series(rm_name, *zip(*points)))
+        panels.append(Panel(audit.name, "PPO step", "accuracy vs judge", series, ylim=(-0.02, 1.02), reference_y=0.5))
+    save_png(draw("reward-hacking audit: each RM against the judge", panels, columns=min(3, len(panels)), width=4.5, height=3.2), path)
 
 
 def parse_rollouts(specs: Sequence[str]) -> dict[str, str]:
@@ -293,7 +281,7 @@ def run_audit(out: str | Path, rm_paths: dict[str, str], judge: str, rollouts: S
     Inputs are read and checked before any model loads."""
     judge_fn = load_judge(judge)
     runs = {name: (path, read_rollouts(path)) for name, path in parse_rollouts(rollouts).items()}
-    rms = {name: load_reward_model(path, device=device, dtype=dtype) for name, path in rm_paths.items()}
+    rms = load_named_reward_models(rm_paths, device=device, dtype=dtype)
     audits = audit_runs(rms, judge_fn, runs, batch_size)
     return write_audit(out, audits, {name: rm.kind for name, rm in rms.items()}, judge)
 

@@ -20,14 +20,19 @@ tuned on. Tokenizers without a template keep the plain text, and refuse `--apply
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 from jinja2 import TemplateError
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.schema import RecordError
+from rlhfkit.schema import RecordError, max_record_bytes
 
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 ASSISTANT_CUE = "\n\nAssistant:"
@@ -86,22 +91,36 @@ def checked_messages(value: Any, field_name: str) -> list[dict]:
 
 
 def load_chat_template(path: Optional[str]) -> Optional[str]:
-    """The text of `--chat-template FILE` (None when not given)."""
+    """The text of `--chat-template FILE` (None when not given; an empty file is an error)."""
     if path is None:
         return None
     file = Path(path)
     if not file.is_file():
         raise RlhfkitError(f"--chat-template: {path}: no such file")
     try:
-        return file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise RlhfkitError(f"--chat-template: {path}: not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise RlhfkitError(f"--chat-template: {path}: the file is empty")
+    return text
+
+
+PROBE_CONVERSATION = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
 
 
 def override_chat_template(tokenizer: Any, override: Optional[str] = None) -> None:
-    """Install `--chat-template` text on `tokenizer` (it then wins over the model's own)."""
-    if override is not None:
-        tokenizer.chat_template = override
+    """Install `--chat-template` text on `tokenizer` (it then wins over the model's own),
+    once it renders a two-turn conversation: a template that cannot is refused before a
+    stage saves it with a model (where it would break a later stage)."""
+    if override is None:
+        return
+    tokenizer.chat_template = override
+    try:
+        _template(tokenizer, PROBE_CONVERSATION[:1], generation_prompt=True)
+        _template(tokenizer, PROBE_CONVERSATION, generation_prompt=False)
+    except RlhfkitError as err:
+        raise RlhfkitError(f"--chat-template: {err}") from None
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -112,6 +131,45 @@ def messages_of(meta: dict) -> Optional[list[dict]]:
     """A record's prompt conversation (`meta["messages"]`), or None for a plain record."""
     messages = meta.get(MESSAGES_KEY) if isinstance(meta, dict) else None
     return messages or None
+
+
+# Bounds on rendering one conversation. transformers renders in jinja's sandbox, which keeps
+# a template from reaching Python, but not from looping for ever (nested loops over
+# range(100000)) or building a huge string. Real templates render a conversation in well
+# under a millisecond, and add markup around the messages, which are at most a record.
+RENDER_SECONDS = 10.0
+RENDER_SIZE_FACTOR = 4
+"""A rendering may be at most this many times the record cap (characters)."""
+
+
+class _RenderTimeout(BaseException):
+    """Raised in the rendering thread by the alarm (a BaseException, so no `except
+    Exception` inside jinja or transformers swallows it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """SIGALRM after `seconds`; only the main thread can take signals, and every stage (one
+    per process under DeepSpeed) renders there; elsewhere this adds no bound. An alarm set
+    by the caller is put back with the time it had left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    started = time.monotonic()
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay:
+            left = max(outer_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
 def prompt_messages(tokenizer: Any, prompt: str, meta: dict, plain_as_user_turn: bool = False) -> Optional[list[dict]]:
@@ -131,12 +189,28 @@ def prompt_messages(tokenizer: Any, prompt: str, meta: dict, plain_as_user_turn:
 
 
 def _template(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+    """One rendering by the tokenizer's template; any failure is one line (RlhfkitError)."""
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        with _time_limit(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except _RenderTimeout:
+        raise RlhfkitError(
+            f"the chat template took more than {RENDER_SECONDS:g} s to render one conversation (a loop without end?)"
+        ) from None
     except (TemplateError, ValueError) as err:  # the template rejects this conversation
         raise RlhfkitError(f"the chat template cannot render this conversation: {err}") from None
+    except Exception as err:  # noqa: BLE001 (a template is data: whatever it raises is one line)
+        # include without a loader (TypeError), range above jinja's bound (OverflowError), a
+        # recursive macro (RecursionError), a huge string (MemoryError)
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise RlhfkitError(f"the chat template cannot render this conversation: {reason}") from None
+    limit = RENDER_SIZE_FACTOR * max_record_bytes()
+    if len(text) > limit:
+        raise RlhfkitError(
+            f"the chat template rendered {len(text):,} characters, more than {RENDER_SIZE_FACTOR}x the "
+            f"{max_record_bytes():,}-byte record limit"
+        )
+    return text
 
 
 def render_prompt(tokenizer: Any, prompt: str, meta: dict, plain_as_user_turn: bool = False) -> str:

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import importlib
 import sys
+import typing
 from difflib import get_close_matches
 
 import click
 import typer
 from rich.markup import escape
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from rlhfkit import __version__
-from rlhfkit.config import command_from_config, run_stage
+from rlhfkit.config import OTHER_PANEL, command_from_config, run_stage, type_name
 from rlhfkit.console import console, quiet_libraries
 
 # command -> (module, config class, entry function, one-line help); in pipeline order.
@@ -42,6 +43,8 @@ STAGES = {
                         "Critique-and-revise with natural-language feedback: train | run (Jin et al. 2023)."),
     "compare": ("rlhfkit.stages.compare", "CompareConfig", "run_compare",
                 "Compare runs side by side: metric curves (PNG) or first/last figures (markdown)."),
+    "report": ("rlhfkit.stages.report", "ReportConfig", "run_report",
+               "One self-contained HTML report of runs: config, curves, rollout heat maps, tables."),
     "recipe": ("rlhfkit.recipes", "RecipeConfig", "run_recipe",
                "Run a paper-table recipe (an ordered plan of stage runs), or --dry-run to validate it."),
     "launch": ("rlhfkit.stages.launch", "LaunchConfig", "run_launch",
@@ -91,18 +94,54 @@ EXAMPLES = {
         "rlhfkit compare runs/ppo-fine-grained runs/ppo-holistic --out compare.png",
         "rlhfkit compare runs/ppo-fine-grained runs/ppo-holistic --metric reward/total --metric kl --out compare.md",
     ],
+    "report": [
+        "rlhfkit report runs/demo --out runs/demo/report.html",
+        "rlhfkit report runs/ppo-fine-grained runs/ppo-holistic --out ppo.html",
+    ],
     "recipe": [
         "rlhfkit recipe recipes/demo.yaml --set out=runs/demo",
         "rlhfkit recipe recipes/qa_feedback/tiny.yaml --dry-run",
     ],
     "launch": [
         "rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml --deepspeed zero2",
-        "rlhfkit launch --dry-run --gpus 8 -- sft --model gpt2 --data demos.jsonl --out runs/sft",
+        "rlhfkit launch --dry-run --gpus 8 -- sft --model gpt2 --data demos.jsonl --out runs/sft --deepspeed zero2",
     ],
 }
 
 # Stages whose issues have not landed yet: listed so `rlhfkit --help` shows the whole pipeline.
 PLANNED = {}
+
+
+class StageCommand(TyperCommand):
+    """A stage's command: --help is listed last, with --config and --debug, so the panels
+    open with the required options. A stage with actions (its module's ACTION_HELP:
+    `critique-revise train|run`) shows `STAGE ACTION --help` for that action alone."""
+
+    action_help: typing.ClassVar[dict[str, tuple[str, set[str]]]] = {}
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.rich_help_panel = OTHER_PANEL
+            option.metavar = ""
+        return option
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        action = next((arg for arg in args if not arg.startswith("-")), None)
+        if action in self.action_help and any(arg in ("--help", "-h") for arg in args):
+            description, not_taken = self.action_help[action]
+            self.help = escape(description)
+            if self.epilog:  # the action's own examples
+                heading, *examples = self.epilog.split("\n\n")
+                self.epilog = "\n\n".join([heading, *(e for e in examples if f" {ctx.info_name} {action} " in e)])
+            ctx.info_name = f"{ctx.info_name} {action}"
+            for param in self.params:  # the action is given: its argument is not listed either
+                param.hidden = param.hidden or param.name in not_taken or param.param_type_name == "argument"
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [piece for param in self.get_params(ctx) if not param.hidden for piece in param.get_usage_pieces(ctx)]
 
 
 def stage_command(name: str) -> click.Command:
@@ -115,8 +154,15 @@ def stage_command(name: str) -> click.Command:
     long_help = escape((entry.__doc__ or help_text).strip())
     examples = "\n\n".join(escape(example) for example in EXAMPLES.get(name, []))
     epilog = f"[bold]Examples[/bold]\n\n{examples}" if examples else None
-    single.command(name=name, help=long_help, epilog=epilog)(command_from_config(cfg_cls, entry, run_stage))
-    return typer.main.get_command(single)
+    single.command(name=name, help=long_help, epilog=epilog, cls=StageCommand)(command_from_config(cfg_cls, entry, run_stage))
+    command = typer.main.get_command(single)
+    command.action_help = getattr(module, "ACTION_HELP", {})  # an instance's own, set once
+    hints = typing.get_type_hints(cfg_cls)
+    for param in command.params:
+        if param.param_type_name == "argument" and param.name in hints:  # its type by name, as options show theirs
+            shown = type_name(hints[param.name])
+            param.display_type_rich = lambda ctx, shown=shown: shown
+    return command
 
 
 def planned_command(name: str) -> click.Command:

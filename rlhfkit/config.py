@@ -20,11 +20,11 @@ from typing import Any, Optional, Union
 
 import click
 import typer
-import yaml
 from rich.text import Text
 
 from rlhfkit.console import console
 from rlhfkit.errors import EnvironmentFailure, RlhfkitError, os_error_message
+from rlhfkit.yamlfile import read_yaml_file
 
 
 def opt(
@@ -32,7 +32,9 @@ def opt(
 ) -> Any:
     """A config field that is also a CLI option (`argument=True`: a positional argument).
 
-    `panel` is the `--help` group it is listed in (default: by its name, see PANEL_OF)."""
+    `panel` is the `--help` panel it is listed in, one of PANELS: every option names one
+    (tests/test_cli_conventions.py fails on one that does not); arguments are listed first,
+    in their own panel."""
     metadata = {"help": help, "argument": argument, "flag_name": flag_name, "panel": panel}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -42,41 +44,26 @@ def opt(
 REQUIRED = ...
 """Default for a field the user must give (on the command line or in `--config`)."""
 
-# `--help` groups options in these panels, in this order (required options first in each).
-PANELS = ("Data", "Model", "Rewards", "Training", "PPO", "Generation", "Distributed", "Output", "Options")
-_PANEL_FIELDS = {
-    "Data": "data prompts eval_prompts input inputs corpus generations format label_map include exclude field split "
-    "skip_invalid max_inputs max_prompts normalize_on limit eval_fraction runs plan critique_template revision_template",
-    "Model": "model policy ref value_init value_model arch vocab_size n_layer n_embd n_head max_positions lora_r "
-    "lora_alpha lora_dropout lora_target_modules merge_lora trust_remote_code dtype reference_lm",
-    "Rewards": "rewards rm redistribute truncation_penalty judge aspect kind granularity positive_reward "
-    "negative_reward error_class_weight ties rm_batch_size whiten_rewards",
-    "Training": "epochs max_steps batch_size grad_accum lr lr_scheduler warmup_ratio warmup_steps weight_decay "
-    "max_grad_norm max_length eval_every resume seed eval_only",
-    "PPO": "advantage steps prompts_per_step samples_per_prompt minibatch_size ppo_epochs value_lr kl_coef target_kl "
-    "kl_horizon kl_stop gamma lam clip value_clip vf_coef entropy_coef",
-    "Generation": "max_new_tokens max_prompt_length temperature top_k top_p sample rounds min_length_ratio "
-    "accept_truncated tie_margin",
-    "Distributed": "deepspeed offload_optimizer offload_params device gpus num_nodes hostfile master_addr master_port",
-    "Output": "out save_every keep_checkpoints log_rollouts report_to html paper labels metric dry_run from_step overrides",
-}
-PANEL_OF = {name: panel for panel, names in _PANEL_FIELDS.items() for name in names.split()}
-"""The panel of an option by its name, unless its `opt(panel=...)` says otherwise."""
+DEFAULT_SEED = 42
+"""Every stage's default --seed: one value, so a pipeline run on defaults is seeded alike throughout."""
+
+# `--help` lists the arguments, then the required options in their own panel, then the others
+# in these panels, in this order. Every option names its panel: opt(panel=...).
+PANELS = ("Data", "Model", "Rewards", "Training", "PPO", "Generation", "Distributed", "Output", "Other")
+REQUIRED_PANEL = "Required"
+OTHER_PANEL = "Other"  # --config, --debug and --help
+
+# How --help names a value's type (instead of Python's <str>, <list[str]>).
+TYPE_NAMES = {str: "TEXT", int: "INTEGER", float: "NUMBER", Path: "PATH", bool: ""}
 
 
-def config_to_dict(cfg: Any) -> dict:
-    """The resolved config as plain JSON-able data (paths become strings)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+def type_name(hint: Any) -> str:
+    """The human name of an option's type: TEXT, INTEGER, NUMBER, PATH; a list is TEXT... (repeatable)."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is list:
+        return type_name(typing.get_args(hint)[0]) + "..."
+    return TYPE_NAMES.get(hint, "TEXT")
 
 
 def load_config_file(path: str | Path, cfg_cls: type) -> dict:
@@ -84,10 +71,7 @@ def load_config_file(path: str | Path, cfg_cls: type) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RlhfkitError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise RlhfkitError(f"{path}: invalid YAML: {err}") from None
+    data = read_yaml_file(path, "config file") or {}
     if not isinstance(data, dict):
         raise RlhfkitError(f"{path}: a config file must be a mapping of option names to values")
     valid = {f.name for f in dataclasses.fields(cfg_cls)}
@@ -279,10 +263,11 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         annotation = hints[f.name]
         required = default is REQUIRED
-        panel = meta.get("panel") or PANEL_OF.get(f.name, "Options")
+        panel = meta.get("panel") or OTHER_PANEL
         if meta.get("argument"):
-            info = typer.Argument(None if required else default, help=escape(meta.get("help", "")), show_default=not required)
-            order[f.name] = (-1, 0)
+            info = typer.Argument(None if required else default, help=escape(meta.get("help", "")), show_default=not required,
+                                  metavar=f.name.upper())
+            order[f.name] = -2
         else:
             flag = meta.get("flag_name") or "--" + f.name.replace("_", "-")
             decls = [flag]
@@ -293,16 +278,16 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
                 *decls,
                 help=escape(meta.get("help", "") + (" [required]" if required else "")),
                 show_default=not required,
-                rich_help_panel=panel,
+                rich_help_panel=REQUIRED_PANEL if required else panel,
+                metavar=type_name(annotation),
             )
-            order[f.name] = (PANELS.index(panel) if panel in PANELS else len(PANELS), 0 if required else 1)
+            order[f.name] = -1 if required else PANELS.index(panel) if panel in PANELS else len(PANELS)
         if required:
             annotation = Optional[annotation]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
-    # Panels with a required option come first, and required options first in each panel;
-    # the sort is stable, so the dataclass's order holds within that.
-    panels_with_required = {key[0] for key in order.values() if key[1] == 0}
-    params.sort(key=lambda p: (order[p.name][0] not in panels_with_required, *order[p.name]))
+    # Arguments, then the required options, then the panels in PANELS's order; the sort is
+    # stable, so the dataclass's order holds within each.
+    params.sort(key=lambda p: order[p.name])
     params.append(
         inspect.Parameter(
             "config",
@@ -313,7 +298,8 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
                 "--config",
                 help="YAML file whose keys are this command's option names; command-line options override it.",
                 is_eager=True,
-                rich_help_panel="Options",
+                rich_help_panel=OTHER_PANEL,
+                metavar="PATH",
                 callback=_config_file_callback(cfg_cls),
             ),
         )
@@ -325,7 +311,7 @@ def command_from_config(cfg_cls: type, entry: Callable[[Any], Any], runner: Call
             annotation=bool,
             default=typer.Option(
                 False, "--debug", help="Show full tracebacks on errors, and the libraries' own logging and warnings.",
-                rich_help_panel="Options",
+                rich_help_panel=OTHER_PANEL, metavar="",
             ),
         )
     )

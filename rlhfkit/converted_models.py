@@ -44,7 +44,7 @@ _README = """# {title} ({name}), converted by rlhfkit
   (`{install}`), of HuggingFaceTB/{title} (https://huggingface.co/HuggingFaceTB/{title}).
 - License: Apache-2.0 (the model's and the package's).
 - The weights are the Q4_1 quantized GGUF weights dequantized to float32 by transformers'
-  GGUF reader: close to, but not bit-identical with, the hub's bfloat16 weights.
+  GGUF reader: close to, but not bit-identical with, the hub's weights.
 - Converted once by `rlhfkit` (rlhfkit/converted_models.py); delete this directory to convert again.
 """
 

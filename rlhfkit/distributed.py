@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import socket
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.schema import read_json_file
 
 ZERO_PRESETS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -137,12 +137,9 @@ def _check_offload(zero_stage: int, offload_optimizer: bool, offload_params: boo
 
 
 def _read_user_config(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RlhfkitError(f"{path}: DeepSpeed config not found") from None
-    except json.JSONDecodeError as err:
-        raise RlhfkitError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not Path(path).is_file():
+        raise RlhfkitError(f"{path}: DeepSpeed config not found")
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise RlhfkitError(f"{path}: a DeepSpeed config must be a JSON object")
     return data
@@ -384,6 +381,9 @@ def _join_process_group() -> None:
     init_distributed()
     if dist.is_initialized():
         return
+    # DeepSpeed's engine refuses to start without LOCAL_RANK, which a launcher sets: this
+    # process is rank 0 of 1 (`sft --deepspeed zero2` on one GPU, no launcher).
+    os.environ.setdefault("LOCAL_RANK", "0")
     with socket.socket() as sock:  # a free local port for the one-process rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -45,7 +45,7 @@ from rlhfkit.chat import (
     override_chat_template,
     prompt_messages,
 )
-from rlhfkit.config import REQUIRED, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
     DEEPSPEED_HELP,
@@ -57,10 +57,13 @@ from rlhfkit.distributed import (
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
-from rlhfkit.io import save_png
 from rlhfkit.lengths import fit_default_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
+    ATTN_IMPLEMENTATION_HELP,
+    GRADIENT_CHECKPOINTING_HELP,
     add_lora,
+    check_attn_implementation,
     check_training_options,
     count_parameters,
     load_policy,
@@ -68,8 +71,9 @@ from rlhfkit.models import (
     resolve_dtype,
     save_model,
 )
+from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
-from rlhfkit.schema import Demonstration, load_records
+from rlhfkit.schema import Demonstration, check_data_file, load_records
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
     FitResult,
@@ -84,43 +88,44 @@ from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side, cut_to_le
 IGNORE_INDEX = -100
 METRICS_FILE = "sft_metrics.json"
 LOSS_CURVE_FILE = "loss_curve.png"
-# Files of a previous save at the top of --out that a new save must not leave behind
-# (a stale adapter_config.json would make from_pretrained load an adapter over the model).
 
 
 @dataclass
 class FinetuneOptions:
     """The fine-tuning options `sft` and `critique-revise train` share (declared once here)."""
 
-    epochs: int = opt(10, "Passes over the training split (the paper: 10).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    batch_size: int = opt(4, "Demonstrations per micro-batch (the paper: 4 = 2 GPUs x 2).")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    lr: float = opt(5e-5, "Peak learning rate (AdamW; the paper: 5e-5).")
-    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
-    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
-    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
-    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
-    group_by_length: bool = opt(True, "Batch demonstrations of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and sft_metrics.json.")
-    max_length: int = opt(1024, "Longest prompt + response in tokens (encoder-decoder: prompt and response each); prompts are cut first (--truncation-side).")
-    eval_fraction: float = opt(0.1, "Fraction of the demonstrations held out for eval loss / perplexity (0 = none).")
-    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
-    save_every: int = opt(500, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
-    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
-    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
-    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning).")
-    lora_alpha: int = opt(16, "LoRA alpha.")
-    lora_dropout: float = opt(0.05, "LoRA dropout.")
-    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).")
-    merge_lora: bool = opt(True, "Save the model with the LoRA adapter merged in (else the adapter alone).")
-    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
-    seed: int = opt(42, "Seed for the held-out split, data order, LoRA init and dropout.")
-    chat_template: str | None = opt(None, "Jinja chat template file for conversational demonstrations (default: the tokenizer's own, if any); saved with the model.")
-    report_to: list[str] = opt([], REPORT_TO_HELP)
-    truncation_side: str = opt("right", TRUNCATION_HELP)
+    epochs: int = opt(10, "Passes over the training split (the paper: 10).", panel="Training")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", panel="Training")
+    batch_size: int = opt(4, "Demonstrations per micro-batch (the paper: 4 = 2 GPUs x 2).", panel="Training")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", panel="Training")
+    lr: float = opt(5e-5, "Peak learning rate (AdamW; the paper: 5e-5).", panel="Training")
+    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.", panel="Training")
+    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.", panel="Training")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).", panel="Training")
+    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).", panel="Training")
+    group_by_length: bool = opt(True, "Batch demonstrations of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and sft_metrics.json.", panel="Training")
+    max_length: int = opt(1024, "Longest prompt + response in tokens (encoder-decoder: prompt and response each); prompts are cut first (--truncation-side).", panel="Training")
+    eval_fraction: float = opt(0.1, "Fraction of the demonstrations held out for eval loss / perplexity (0 = none).", panel="Data")
+    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).", panel="Training")
+    save_every: int = opt(500, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).", panel="Output")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).", panel="Output")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).", panel="Training")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning).", panel="Model")
+    lora_alpha: int = opt(16, "LoRA alpha.", panel="Model")
+    lora_dropout: float = opt(0.05, "LoRA dropout.", panel="Model")
+    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).", panel="Model")
+    merge_lora: bool = opt(True, "Save the model with the LoRA adapter merged in (else the adapter alone).", panel="Model")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.", panel="Distributed")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.", panel="Model")
+    seed: int = opt(DEFAULT_SEED, "Seed for the held-out split, data order, LoRA init and dropout.", panel="Training")
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational demonstrations (default: the tokenizer's own, if any); saved with the model.", panel="Model")
+    report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
+    truncation_side: str = opt("right", TRUNCATION_HELP, panel="Data")
+    gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
+    attn_implementation: str | None = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
+    push_to_hub: str | None = opt(None, PUSH_TO_HUB_HELP, panel="Output")
 
     def validate_finetune(self) -> None:
         validate_loop_options(self)
@@ -132,24 +137,24 @@ class FinetuneOptions:
         if not 0 <= self.eval_fraction < 1:
             raise RlhfkitError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         check_training_options(self.lora_r, self.lora_dropout, self.dtype)
+        check_attn_implementation(self.attn_implementation, self.device)
 
 
 @dataclass
 class SFTConfig(FinetuneOptions):
-    model: str = opt(REQUIRED, "Base model: a Hugging Face hub id or a local save_pretrained directory (causal LM or T5-style seq2seq).")
-    data: str = opt(REQUIRED, "Demonstrations: JSONL of `demonstration` records (annotate-import writes demonstrations.jsonl).")
-    out: str = opt(REQUIRED, "Output directory: the fine-tuned model + tokenizer (loadable with from_pretrained), checkpoints/, metrics.")
-    deepspeed: str | None = opt(None, DEEPSPEED_HELP)
-    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
-    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
+    model: str = opt(REQUIRED, "Base model: a Hugging Face hub id or a local save_pretrained directory (causal LM or T5-style seq2seq).", panel="Model")
+    data: str = opt(REQUIRED, "Demonstrations: JSONL of `demonstration` records (annotate-import writes demonstrations.jsonl).", panel="Data")
+    out: str = opt(REQUIRED, "Output directory: model/ (the fine-tuned model + tokenizer + model card, loadable with from_pretrained), checkpoints/, metrics.", panel="Output")
+    deepspeed: str | None = opt(None, DEEPSPEED_HELP, panel="Distributed")
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
     # Not in FinetuneOptions: critique-revise sends its formatted tasks as user turns always.
     apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP, panel="Data")
 
     def validate(self) -> None:
         self.validate_finetune()
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
-        if not Path(self.data).is_file():
-            raise RlhfkitError(f"--data {self.data}: no such file")
+        check_data_file(self.data, "--data")
 
 
 # --- tokenization -------------------------------------------------------------------------
@@ -295,24 +300,15 @@ def supervised_tokens(batch: dict) -> torch.Tensor:
 
 
 
-def plot_loss_curve(path: Path, result: FitResult) -> None:
-    """Training loss per step and held-out loss at each evaluation, as a PNG (Agg, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(range(1, len(result.losses) + 1), result.losses, label="train loss", linewidth=1)
+def plot_loss_curve(path: Path, result: FitResult, title: str) -> None:
+    """Training loss per step, and the held-out loss at each evaluation as points (two
+    evaluations joined by a straight line would look like a measured trend)."""
     evals = [e for e in result.evals if "loss" in e]
+    series = [Series("train loss", range(1, len(result.losses) + 1), result.losses)]
     if evals:
-        axes.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval loss")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy per response token")
-    axes.set_title("rlhfkit sft")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    save_png(figure, path)
+        series.append(Series("held-out loss", [e["step"] for e in evals], [e["loss"] for e in evals], markers_only=True))
+    panel = Panel("loss", "optimizer step", "cross-entropy per response token", series)
+    save_png(draw(title, [panel], width=7, height=4), path)
 
 
 def _fingerprint(examples: list[SFTExample]) -> str:
@@ -326,12 +322,15 @@ def _fingerprint(examples: list[SFTExample]) -> str:
 # --- the stage ----------------------------------------------------------------------------
 
 
-def run_sft(cfg: SFTConfig) -> Path:
+def run_sft(cfg: SFTConfig, stage: str = "sft", card_data: str | None = None) -> Path:
     """Supervised fine-tuning on demonstrations: loss on response tokens only.
+
+    `stage` names the stage in the loss plot's title and the model card, `card_data` the
+    data in the card (critique-revise train runs this on demonstrations it made from --data).
 
     Holds out --eval-fraction of the data (eval loss and perplexity before and after),
     trains with gradient accumulation, LR warm-up/decay, optional LoRA, checkpoints and
-    --resume, and saves a from_pretrained-loadable model at the top of --out, with
+    --resume, and saves a from_pretrained-loadable model in --out/model/ (with its model card), and
     sft_metrics.json and loss_curve.png.
     """
     records: list[Demonstration] = load_records(cfg.data, "demonstration")
@@ -346,7 +345,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     # base is frozen, so it is loaded in the compute dtype and the adapters stay fp32.
     weights_dtype = cfg.dtype if cfg.lora_r else "float32"
     model, tokenizer, is_encoder_decoder = load_policy(
-        cfg.model, dtype=weights_dtype, device=str(device), trust_remote_code=cfg.trust_remote_code
+        cfg.model, dtype=weights_dtype, device=str(device), trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation,
     )
     if tokenizer.eos_token_id is None:
         raise RlhfkitError(f"{cfg.model}: the tokenizer has no eos token, so responses cannot be taught to end")
@@ -447,7 +447,9 @@ def run_sft(cfg: SFTConfig) -> Path:
     }
     run.write_json(METRICS_FILE, metrics)
     if main:
-        plot_loss_curve(out / LOSS_CURVE_FILE, result)
+        plot_loss_curve(out / LOSS_CURVE_FILE, result, f"{stage}: {out.name}")
+        finish_model(out, cfg.push_to_hub, title=out.name, stage=stage, base_model=cfg.model, data=[card_data or cfg.data],
+                     metrics=scalar_metrics(metrics, ["steps", "train_loss", "eval_loss_after", "eval_perplexity_after"]))
     summary = f"sft: {result.steps} steps, train loss {metrics['train_loss']:.4f}"
     if after:
         summary += f", eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {after['perplexity']:.2f})"

@@ -58,6 +58,9 @@ class Rollout:
     finished: torch.Tensor
     token_char_spans: list[list[tuple[int, int]]] = field(default_factory=list)
     prompts_cut: int = 0  # prompts cut to max_prompt_length (rlhfkit.truncation)
+    # Each reward source's (B, T) token rewards before the weights, once the rollout is scored
+    # (logged per source in rollouts.jsonl: the report's heat maps).
+    source_rewards: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def response_lengths(self) -> torch.Tensor:

@@ -7,12 +7,15 @@ renamed into place only once it is complete (rename is atomic on POSIX filesyste
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from rlhfkit.errors import output_error
 
 
 @contextlib.contextmanager
@@ -30,9 +33,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(err, OSError) and err.filename is None:
+            # A failed write or fsync (a full disk) names no file: name the one being written.
+            raise output_error(err, path) from None
         raise
 
 
@@ -58,6 +64,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         handle.write("\n")
 
 
+def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append `lines` (each with its newline added) to a log such as metrics.jsonl; a failed
+    write (a full disk) is one line naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+    except OSError as err:
+        raise output_error(err, path) from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as handle:
         handle.write(text)
@@ -78,11 +94,17 @@ def shipped_path(path: str | os.PathLike) -> Path:
     return in_repo if in_repo.exists() else given
 
 
-def save_png(figure, path: str | os.PathLike) -> None:
-    """A matplotlib figure written to `path` as PNG, atomically (rendered in memory first)."""
-    import io
+def config_to_dict(cfg: Any) -> dict:
+    """A resolved stage config (a dataclass) as plain JSON-able data (paths become strings), as
+    run_config.json and the artifacts' "config" keep it."""
 
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

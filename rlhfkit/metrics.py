@@ -12,14 +12,17 @@ All are corpus-level numbers over lists of texts (or scores). Conventions:
   LM, each text read on its own (no prompt), starting after the tokenizer's bos token (eos
   when it has none, as GPT-2 does) so that the first word is scored too.
 - `win_rate`: the share of paired items where A's score beats B's by more than `tie_margin`
-  (win), falls behind by more (loss), or neither (tie).
+  (win), falls behind by more (loss), or neither (tie), and the published win rate
+  (win + tie / 2).
 
 Reward-model metrics (train-rm's rm_metrics.json), below the corpus metrics:
 - `roc_auc` (scikit-learn's), `segment_metrics` (accuracy beside the majority baseline, the
   error class's precision/recall/F1);
 - `bootstrap_interval`: a seeded percentile-bootstrap interval (scipy.stats.bootstrap) of any
   statistic of resampled independent units (e.g. a prompt with all its records), and the
-  RMs' intervals built on it (`segment_intervals`, `pairwise_intervals`);
+  RMs' intervals built on it (`segment_intervals`, `pairwise_intervals`,
+  `regression_intervals`), and evaluate's `ratio_statistic` / `distinct_n_statistic` of
+  resampled prompts (`prompt_interval` turns any of them into a 95% interval);
 - the verdicts: `beats_baseline` (point estimates), `beats_baseline_clearly` (the interval).
 """
 
@@ -90,7 +93,9 @@ def mean_length(texts: Sequence[str], tokenize: Tokenize = whitespace_tokens) ->
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: float = 0.0) -> dict[str, float]:
-    """{win, tie, loss}: shares of items where a - b > margin, |a - b| <= margin, a - b < -margin."""
+    """{win, tie, loss}: shares of items where a - b > margin, |a - b| <= margin, a - b < -margin;
+    and `win_rate` = win + tie / 2, the win rate Jin et al. (2023) and pairwise evaluations
+    publish (a tie counts half to each side, so two equal systems score 50%)."""
     if len(scores_a) != len(scores_b):
         raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B")
     if not scores_a:
@@ -100,16 +105,25 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: f
     wins = sum(1 for a, b in zip(scores_a, scores_b) if a - b > tie_margin)
     losses = sum(1 for a, b in zip(scores_a, scores_b) if b - a > tie_margin)
     n = len(scores_a)
-    return {"win": wins / n, "tie": (n - wins - losses) / n, "loss": losses / n}
+    ties = n - wins - losses
+    return {"win": wins / n, "tie": ties / n, "loss": losses / n, "win_rate": (wins + ties / 2) / n}
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int | None = None) -> float:
     """Corpus perplexity of `texts` under a causal LM (see the module docstring).
 
     Texts longer than `max_length` tokens (default: the model's positions) are cut on the
     right; NaN when no text has a token to score.
     """
+    terms = perplexity_terms(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    total_tokens = sum(tokens for _, tokens in terms)
+    return math.exp(sum(nll for nll, _ in terms) / total_tokens) if total_tokens else float("nan")
+
+
+@torch.no_grad()
+def perplexity_terms(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int | None = None) -> list[tuple[float, int]]:
+    """Per text, (negative log-likelihood of its scored tokens, their count): perplexity's
+    terms, exp(sum of the first / sum of the second) over any subset of texts."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("perplexity needs a causal (decoder-only) language model")
     limit = max_length or getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -124,22 +138,22 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, m
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
+    terms = [(0.0, 0)] * len(rows)
     for begin in range(0, len(rows), batch_size):
-        batch = [row for row in rows[begin : begin + batch_size] if len(row) >= 2]
+        batch = [i for i in range(begin, min(begin + batch_size, len(rows))) if len(rows[i]) >= 2]
         if not batch:
             continue
-        width = max(len(row) for row in batch)
-        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in batch], device=device)
-        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch], device=device)
+        width = max(len(rows[i]) for i in batch)
+        input_ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in batch], device=device)
+        attention_mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         logprobs = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
         scored = attention_mask[:, 1:].bool()
-        total_nll -= torch.where(scored, logprobs, 0.0).sum().item()
-        total_tokens += int(scored.sum())
+        nll = (-torch.where(scored, logprobs, 0.0).sum(dim=1)).tolist()
+        for i, row_nll, tokens in zip(batch, nll, scored.sum(dim=1).tolist()):
+            terms[i] = (row_nll, int(tokens))
     model.train(was_training)
-    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+    return terms
 
 
 # --- reward-model metrics ---------------------------------------------------------------------
@@ -278,6 +292,28 @@ def ratio_statistic(prompts: Sequence[str], numerators: Sequence[float], denomin
     return units, ratio
 
 
+def distinct_n_statistic(prompts: Sequence[str], texts: Sequence[str], n: int, tokenize: Tokenize = whitespace_tokens) -> tuple[int, Statistic]:
+    """(prompts k, distinct_n of the texts of resampled prompts): a prompt drawn twice adds its
+    n-grams to the total twice and to the distinct ones once, as two equal texts would."""
+    unit, units = _units(prompts)
+    per_unit: list[Counter] = [Counter() for _ in range(units)]
+    for u, text in zip(unit, texts):
+        per_unit[u].update(ngrams(tokenize(text), n))
+    vocabulary = {gram: j for j, gram in enumerate(dict.fromkeys(g for counts in per_unit for g in counts))}
+    has_gram = np.zeros((units, len(vocabulary)), dtype=np.float64)
+    for u, counts in enumerate(per_unit):
+        has_gram[u, [vocabulary[g] for g in counts]] = 1.0
+    total_of = np.array([sum(counts.values()) for counts in per_unit], dtype=np.float64)
+
+    def distinct(indices: np.ndarray) -> np.ndarray:
+        counts = unit_counts(indices, units)
+        total = counts @ total_of
+        found = ((counts @ has_gram) > 0).sum(axis=1)
+        return np.where(total > 0, found / np.maximum(total, 1), 0.0)
+
+    return units, distinct
+
+
 def segment_statistics(
     prompts: Sequence[str], predicted: Sequence[bool], actual: Sequence[bool], error_probs: Sequence[float]
 ) -> tuple[int, Statistic, Statistic]:
@@ -359,6 +395,17 @@ def pairwise_intervals(prompts: Sequence[str], correct: Sequence[bool], seed: in
     return {"pairwise_accuracy_ci95": prompt_interval(pairwise_accuracy, units, seed, draws), "bootstrap_prompts": units}
 
 
+def regression_intervals(
+    prompts: Sequence[str], predictions: Sequence[float], targets: Sequence[float], baseline: float, seed: int,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> dict[str, Any]:
+    """95% bootstrap interval over prompts of (MSE of predicting `baseline` for every item -
+    the RM's MSE): above 0 where the RM is clearly better than predicting the mean."""
+    gains = [(baseline - t) ** 2 - (p - t) ** 2 for p, t in zip(predictions, targets)]
+    units, gain = ratio_statistic(prompts, gains, [1.0] * len(gains))
+    return {"baseline_mse_minus_mse_ci95": prompt_interval(gain, units, seed, draws), "bootstrap_prompts": units}
+
+
 def beats_baseline(metrics: dict[str, Any]) -> bool | None:
     """Whether the point estimate is better than the trivial baseline (noise included)."""
     if "majority_baseline_accuracy" in metrics:
@@ -372,9 +419,11 @@ def beats_baseline(metrics: dict[str, Any]) -> bool | None:
 
 def beats_baseline_clearly(metrics: dict[str, Any]) -> bool | None:
     """Whether the 95% bootstrap interval lies above the baseline (False without an interval,
-    None for metrics that have none: regression RMs, no held-out data)."""
+    None for metrics that have none: no held-out data)."""
     if "accuracy_minus_baseline_ci95" in metrics:
         interval, baseline = metrics["accuracy_minus_baseline_ci95"], 0.0
+    elif "baseline_mse_minus_mse_ci95" in metrics:
+        interval, baseline = metrics["baseline_mse_minus_mse_ci95"], 0.0
     elif "pairwise_accuracy_ci95" in metrics:
         interval, baseline = metrics["pairwise_accuracy_ci95"], metrics["pairwise_baseline_accuracy"]
     else:

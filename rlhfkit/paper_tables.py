@@ -39,6 +39,12 @@ def load_paper_table(path: str) -> dict:
 
 
 def metric_key(key: str) -> str:
-    """`reward/fact` -> `reward/factuality`: RM names in metric keys as --rm resolves them."""
+    """`reward/fact` -> `reward/raw/factuality`: RM names in metric keys as --rm resolves them,
+    and a reward named without its kind is a score in the RM's units (evaluate's reward/raw/)."""
     prefix, sep, name = key.partition("/")
-    return f"{prefix}/{canonical_name(name)}" if sep else key
+    if not sep:
+        return key
+    kind, sep_kind, source = name.partition("/")
+    if prefix == "reward" and name != "total":
+        return f"reward/{kind}/{canonical_name(source)}" if sep_kind else f"reward/raw/{canonical_name(name)}"
+    return f"{prefix}/{canonical_name(name)}"

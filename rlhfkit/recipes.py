@@ -54,12 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rlhfkit.config import REQUIRED, build_config, check_option_type, opt, warn_remote_code_from
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json, write_text
+from rlhfkit.yamlfile import parse_yaml, read_yaml_file
 
 PLAN_KEYS = ("description", "vars", "requires", "steps")
 STEP_KEYS = ("stage", "call", "name", "config", "with", "foreach")
@@ -229,14 +228,14 @@ def check_python_names(value: Any, where: str, allow_python: bool) -> None:
 
 @dataclass
 class RecipeConfig:
-    plan: str = opt(REQUIRED, "Recipe plan YAML, e.g. recipes/qa_feedback/tiny.yaml.", argument=True)
-    dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.")
-    overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set")
-    from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.")
-    overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.")
+    plan: str = opt(REQUIRED, "Recipe plan YAML, e.g. recipes/qa_feedback/tiny.yaml.", argument=True, panel="Data")
+    dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.", panel="Output")
+    overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set", panel="Output")
+    from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.", panel="Output")
+    overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.", panel="Output")
     allow_python: bool = opt(
         False, "Let the plan name py:module:function code other than rlhfkit's own (rewards, scorers, judges): "
-        "that code runs with your permissions. Without it such a plan is refused.", panel="Options",
+        "that code runs with your permissions. Without it such a plan is refused.", panel="Output",
     )
 
     def validate(self) -> None:
@@ -296,7 +295,7 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise RlhfkitError(f"--set {item!r} is not NAME=VALUE")
-        out[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[name.strip()] = parse_yaml(value, f"--set {item}", lines=False) if value.strip() else ""
     return out
 
 
@@ -326,12 +325,7 @@ def substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
 def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan:
     """Read a plan file and expand it: variables set, `foreach` steps multiplied out."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RlhfkitError(f"{path}: invalid YAML: {err}") from None
-    except OSError as err:
-        raise RlhfkitError(f"{path}: cannot read the recipe plan: {err.strerror}") from None
+    data = read_yaml_file(path, "recipe plan")
     if not isinstance(data, dict):
         raise RlhfkitError(f"{path}: a recipe plan is a mapping with keys {', '.join(PLAN_KEYS)}")
     unknown = sorted(set(data) - set(PLAN_KEYS))
@@ -695,10 +689,16 @@ def _demote_headings(markdown: str) -> str:
 
 
 @recipe_function(reads=["sections"], writes=["out"])
-def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = ()) -> str:
+def collect_results(out: str, title: str, sections: list[str], notes: str = "", images: Sequence[str] = (),
+                    links: Sequence[str] = ()) -> str:
     """Join result files (markdown written by evaluate, critique-revise, ...) into one report
-    at `out`, print it, and return it. `images` are linked (paths relative to the report)."""
+    at `out`, print it, and return it. `images` are shown and `links` (e.g. the HTML report)
+    linked under the title, by paths relative to `out`."""
     parts = [f"# {title}", ""]
+    for link in links:
+        if not Path(link).is_file():
+            raise RlhfkitError(f"collect_results: {link}: no such file (did the step that writes it run?)")
+        parts += [f"Everything in one page: [{Path(link).name}]({_relative(link, Path(out).parent)})", ""]
     if notes:
         parts += [notes.strip(), ""]
     for section in sections:

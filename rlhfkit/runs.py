@@ -42,14 +42,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from rlhfkit.config import config_to_dict
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError, output_error
-from rlhfkit.io import write_json, write_text
+from rlhfkit.io import append_lines, config_to_dict, write_json, write_text
+from rlhfkit.schema import read_json_file, read_json_lines
 from rlhfkit.tracking import open_trackers
 
 RUN_CONFIG = "run_config.json"
-OVERWRITE_HELP = "Replace a non-empty --out: everything in it is deleted first (without it such an --out is refused)."
+OVERWRITE_HELP = (
+    "Replace an earlier run in --out: everything in it is deleted first (without it such an --out is refused; "
+    "a non-empty --out that holds no rlhfkit run is refused even with it)."
+)
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -152,9 +155,10 @@ def _contents(path: Path) -> list[str]:
 
 def _run_stage_of(path: Path) -> Optional[str]:
     try:
-        return json.loads((path / RUN_CONFIG).read_text(encoding="utf-8")).get("stage")
-    except (OSError, ValueError, AttributeError):
+        found = read_json_file(path / RUN_CONFIG)
+    except RlhfkitError:
         return None
+    return found.get("stage") if isinstance(found, dict) else None
 
 
 class RunDir:
@@ -183,15 +187,20 @@ class RunDir:
         overwrite = bool(getattr(cfg, "overwrite", False))
         check_out_path(self.path, cfg)
         contents = _contents(self.path)
-        if contents and not overwrite:
-            found = _run_stage_of(self.path)
-            if not (resume and found == stage):
-                shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
-                held = f"an earlier {found} run" if found else shown
-                hint = "--overwrite to replace it, or another --out"
-                if found == stage and hasattr(cfg, "resume"):
-                    hint = "--resume to continue that run, " + hint
-                raise RlhfkitError(f"--out {self.path} is not empty (it holds {held}); give {hint}")
+        found = _run_stage_of(self.path) if contents else None
+        shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+        if contents and overwrite and found is None:
+            # --overwrite deletes everything in --out: only ever an earlier run's outputs.
+            raise RlhfkitError(
+                f"--out {self.path} holds files that are not an rlhfkit run ({shown}; no {RUN_CONFIG}), and "
+                "--overwrite empties only a run's directory; choose another --out or remove them yourself"
+            )
+        if contents and not overwrite and not (resume and found == stage):
+            held = f"an earlier {found} run" if found else shown
+            hint = "--overwrite to replace it, or another --out" if found else "another --out"
+            if found == stage and hasattr(cfg, "resume"):
+                hint = "--resume to continue that run, " + hint
+            raise RlhfkitError(f"--out {self.path} is not empty (it holds {held}); give {hint}")
         self.trackers = None
         if not self.writes:
             return
@@ -268,10 +277,14 @@ class RunDir:
         """The run's first write: its resolved config (and, for a fresh run, no old metrics)."""
         if self.begun or not self.writes:
             return
+        config = config_to_dict(self.cfg)
+        # --report-to: the trackers get every row written below (rank 0 only, like the file).
+        # Started first, so a tracker that fails to start leaves the directory as it was
+        # (a resumed run's run_config.json still describes that run).
+        self.trackers = open_trackers(getattr(self.cfg, "report_to", None), self.path, self.stage, config)
         self.begun = True
         if not self.resume and self.metrics_path.exists():
             self.metrics_path.unlink()
-        config = config_to_dict(self.cfg)
         write_json(
             self.path / RUN_CONFIG,
             {
@@ -282,8 +295,6 @@ class RunDir:
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )
-        # --report-to: the trackers get every row written below (rank 0 only, like the file).
-        self.trackers = open_trackers(getattr(self.cfg, "report_to", None), self.path, self.stage, config)
 
     def log_metrics(self, step: Optional[int] = None, **metrics: Any) -> dict:
         """Append one line to metrics.jsonl (non-finite numbers are written as strings)."""
@@ -297,8 +308,7 @@ class RunDir:
         if not self.writes:
             return row
         self.begin()
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        append_lines(self.metrics_path, [json.dumps(row, ensure_ascii=False)])
         if self.trackers is not None:
             self.trackers.log(row)
         return row
@@ -316,10 +326,10 @@ class RunDir:
         if not self.metrics_path.exists():
             return
         kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("step") is None or row["step"] <= after_step:
-                kept.append(line)
+        for _, row in read_json_lines(self.metrics_path):
+            step = row.get("step") if isinstance(row, dict) else None
+            if not isinstance(step, (int, float)) or step <= after_step:
+                kept.append(json.dumps(row, ensure_ascii=False))
         write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -330,10 +340,35 @@ class RunDir:
         return target
 
 
-# Metrics a progress bar or line shows when a stage passes them, in this order: name, format.
+# How every log names a reward (metrics.jsonl, trackers, the progress line, evaluate, compare):
+# reward/raw/SOURCE is the reward model's own score (its units; per response, summed over the
+# positions it rewards), reward/normalized/SOURCE the value after --normalize-rewards (only
+# with it), reward/weighted/SOURCE the weight x that value which enters the total, and
+# reward/total the sum of the weighted values (plus ppo's --truncation-penalty where it applies).
+RAW_REWARD_PREFIX = "reward/raw/"
+NORMALIZED_REWARD_PREFIX = "reward/normalized/"
+WEIGHTED_REWARD_PREFIX = "reward/weighted/"
+TOTAL_REWARD_KEY = "reward/total"
+
+
+def raw_reward_key(source: str) -> str:
+    return RAW_REWARD_PREFIX + source
+
+
+def normalized_reward_key(source: str) -> str:
+    return NORMALIZED_REWARD_PREFIX + source
+
+
+def weighted_reward_key(source: str) -> str:
+    return WEIGHTED_REWARD_PREFIX + source
+
+
+# Metrics a progress bar or line shows when a stage passes them, in this order: name, format
+# (after reward/total, each source's raw score: its normalised and weighted values are not
+# in the reward model's units).
 PROGRESS_FIELDS = (
     ("loss", "loss {:.4f}"),
-    ("reward/total", "reward {:+.4f}"),
+    (TOTAL_REWARD_KEY, "reward {:+.4f}"),
     ("kl", "KL {:.4f}"),
     ("tokens_per_second", "{:,.0f} tokens/s"),
     ("samples_per_second", "{:,.1f} samples/s"),
@@ -349,6 +384,9 @@ def progress_status(metrics: Optional[dict]) -> str:
         value = (metrics or {}).get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             parts.append(template.format(value))
+        if key == TOTAL_REWARD_KEY:
+            parts += [f"{name.removeprefix(RAW_REWARD_PREFIX)} {value:+.4f} (raw)" for name, value in (metrics or {}).items()
+                      if name.startswith(RAW_REWARD_PREFIX) and isinstance(value, (int, float)) and math.isfinite(value)]
     return " · ".join(parts)
 
 
@@ -405,3 +443,25 @@ def progress_bar(description: str, total: Optional[int]) -> Iterator[Any]:
             console.print(" · ".join(f for f in fields if f), markup=False, highlight=False, soft_wrap=True)
 
         yield advance
+
+
+def read_metric_series(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """A run's numeric metrics by step, {metric: [(step, value), ...]} in the order logged;
+    a line of metrics.jsonl that is not JSON is an error with file:line."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for _, row in read_json_lines(Path(run_dir) / "metrics.jsonl"):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                series.setdefault(key, []).append((row["step"], float(value)))
+    return series
+
+
+def run_stage_name(run_dir: str | os.PathLike) -> str:
+    """The stage that wrote `run_dir` (its run_config.json), or "" when unknown."""
+    config_file = Path(run_dir) / "run_config.json"
+    try:
+        return str(json.loads(config_file.read_text(encoding="utf-8")).get("stage", ""))
+    except (OSError, ValueError, AttributeError, RecursionError):  # ValueError: not UTF-8, not JSON
+        return ""

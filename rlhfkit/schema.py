@@ -19,7 +19,7 @@ import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import IO, Any, ClassVar, Optional, Union
 
 import jsonlines
 
@@ -274,9 +274,12 @@ def _reject_lone_surrogates(data: Any) -> None:
 
 def parse_json(text: str) -> Any:
     """`json.loads`, refusing NaN and Infinity (Python accepts them, but they are not JSON and
-    the writer refuses them) and lone surrogates (`"\\ud800"`: valid JSON, but no text).
-    Raises json.JSONDecodeError, or ValueError for those."""
-    data = json.loads(text, parse_constant=_reject_non_finite)
+    the writer refuses them), lone surrogates (`"\\ud800"`: valid JSON, but no text) and nesting
+    deeper than Python's recursion limit. Raises json.JSONDecodeError, or ValueError for those."""
+    try:
+        data = json.loads(text, parse_constant=_reject_non_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if _SURROGATE_ESCAPE.search(text):  # a paired escape (an emoji) passes the check
         _reject_lone_surrogates(data)
     return data
@@ -303,6 +306,86 @@ def max_record_bytes() -> int:
     return limit
 
 
+def capped_lines(handle: IO[bytes], given: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a binary file. At most cap + 1 bytes of a line are read, so a
+    line above the record cap (a 2 GB file without a newline) is refused naming `given:line`
+    before it is held in memory."""
+    limit = max_record_bytes()
+    lineno = 0
+    while raw := handle.readline(limit + 1):
+        lineno += 1
+        if len(raw) > limit:
+            raise RlhfkitError(
+                f"{given}:{lineno}: record longer than the {limit:,}-byte limit (set {MAX_RECORD_ENV} to raise it)"
+            )
+        yield lineno, raw
+
+
+def check_record_size(record: Record) -> None:
+    """RecordError if `record`'s JSONL line would be above the cap every reader applies."""
+    size = len(_dumps(record_to_dict(record)).encode("utf-8")) + 1
+    limit = max_record_bytes()
+    if size > limit:
+        raise RecordError(
+            f"its {record.type_name} record would be {size:,} bytes, above the {limit:,}-byte limit every stage "
+            f"reads (set {MAX_RECORD_ENV} to raise it)"
+        )
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """The JSON value of a whole file (a config, a model's spec); anything wrong with the file
+    is a one-line RlhfkitError naming it (and the line of a syntax error)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RlhfkitError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise RlhfkitError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        return parse_json(text)
+    except json.JSONDecodeError as err:
+        raise RlhfkitError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    except ValueError as err:
+        raise RlhfkitError(f"{path}: invalid JSON: {err}") from None
+
+
+def read_json_lines(path: str | os.PathLike, given: Optional[str] = None) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each non-blank line of a JSONL file; a line that is too
+    long, not UTF-8 or not JSON raises RlhfkitError naming `given:line` (`given` defaults to
+    the path)."""
+    path = Path(path)
+    given = given or str(path)
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below; open errors reported first)
+    except OSError as err:
+        raise RlhfkitError(f"{given}: cannot read: {err.strerror}") from None
+    with handle:
+        for lineno, raw in capped_lines(handle, given):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RlhfkitError(f"{given}:{lineno}: not UTF-8 text (byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, parse_json(line)
+            except json.JSONDecodeError as err:
+                raise RlhfkitError(f"{given}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            except ValueError as err:
+                raise RlhfkitError(f"{given}:{lineno}: invalid JSON: {err}") from None
+
+
+def check_data_file(path: str | os.PathLike, option: Optional[str] = None) -> None:
+    """RlhfkitError, naming the command-line `option` that gave it, unless `path` is a file
+    (`option` may end in `=`, as `--data-for ASPECT=` does)."""
+    given = f"{option}{'' if option.endswith('=') else ' '}{path}" if option else str(path)
+    if Path(path).is_dir():
+        raise RlhfkitError(f"{given}: is a directory; give a JSONL file")
+    if not Path(path).is_file():
+        raise RlhfkitError(f"{given}: no such file")
+
+
 def read_records(
     path: str | os.PathLike, expected_type: Optional[str] = None, *, option: Optional[str] = None
 ) -> Iterator[Record]:
@@ -313,38 +396,12 @@ def read_records(
     """
     path = Path(path)
     given = f"{option} {path}" if option else str(path)
-    if path.is_dir():
-        raise RlhfkitError(f"{given}: is a directory; give a JSONL file")
-    if not path.is_file():
-        raise RlhfkitError(f"{given}: no such file")
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below; open errors reported first)
-    except OSError as err:
-        raise RlhfkitError(f"{given}: cannot read: {err.strerror}") from None
-    limit = max_record_bytes()
-    with handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if len(raw) > limit:
-                raise RlhfkitError(
-                    f"{given}:{lineno}: record of {len(raw):,} bytes is above the {limit:,}-byte limit "
-                    f"(set {MAX_RECORD_ENV} to raise it)"
-                )
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise RlhfkitError(f"{given}:{lineno}: not UTF-8 text (byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                data = parse_json(line)
-            except json.JSONDecodeError as err:
-                raise RlhfkitError(f"{given}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            except ValueError as err:
-                raise RlhfkitError(f"{given}:{lineno}: invalid JSON: {err}") from None
-            try:
-                yield record_from_dict(data, expected_type)
-            except RecordError as err:
-                raise RlhfkitError(f"{given}:{lineno}: {err}") from None
+    check_data_file(path, option)
+    for lineno, data in read_json_lines(path, given):
+        try:
+            yield record_from_dict(data, expected_type)
+        except RecordError as err:
+            raise RlhfkitError(f"{given}:{lineno}: {err}") from None
 
 
 def load_records(

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 # tracker -> the module it needs (the extra of the same name installs it)
@@ -211,7 +211,14 @@ class Trackers:
     """The open trackers of one run; every call goes to each of them."""
 
     def __init__(self, names: list[str], out: Path, stage: str, config: dict):
-        self.trackers = [TRACKER_CLASSES[name](out, stage, config) for name in names]
+        self.trackers = []
+        for name in names:
+            try:
+                self.trackers.append(TRACKER_CLASSES[name](out, stage, config))
+            except Exception as err:  # noqa: BLE001 (no key, no server, a bad WANDB_MODE: each its own type)
+                self.close()
+                reason = " ".join(f"{type(err).__name__}: {err}".split())
+                raise EnvironmentFailure(f"--report-to {name}: the tracker did not start: {reason}") from None
         # A run that dies with an error still leaves its logged steps on disk.
         atexit.register(self.close)
 

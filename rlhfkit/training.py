@@ -62,9 +62,9 @@ from rlhfkit.distributed import (
     stage_deepspeed_config,
     world_info,
 )
-from rlhfkit.errors import RlhfkitError, TrainingDiverged
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError, TrainingDiverged
 from rlhfkit.io import match_umask
-from rlhfkit.models import safe_torch_load
+from rlhfkit.models import safe_torch_load, save_weights
 from rlhfkit.runs import RunDir, progress_bar
 
 CHECKPOINTS = "checkpoints"
@@ -433,10 +433,13 @@ def save_checkpoint(
             engine.save_checkpoint(str(tmp), tag=deepspeed_tag(index))
         with full_parameters(model):
             if main:
-                model.save_pretrained(tmp)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-                torch.save(state, tmp / STATE_FILE)
+                save_weights(model, tokenizer, tmp, final)
+                try:
+                    torch.save(state, tmp / STATE_FILE)
+                except RuntimeError as err:  # torch's zip writer reports a failed write (a full disk) so
+                    if "write failed" not in str(err):
+                        raise
+                    raise EnvironmentFailure(f"cannot write {final / STATE_FILE}: the write failed (disk full?)") from None
                 match_umask(tmp)
                 if final.exists():
                     shutil.rmtree(final)

@@ -26,6 +26,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
     torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.py runs it on a GPU box)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 # Small enough to build in about a second; vocabulary 1024 keeps the longest qa_dev prompt
 # (~1,800 tokens) within the 2048 positions, so tests can feed real QA prompts.
 TINY_SETTINGS = {

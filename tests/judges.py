@@ -34,10 +34,11 @@ def words_with_e_holistic(prompts, responses):
 
 def audit_truth(prompts, responses):
     """An audit judge (`evaluate --audit-judge`): a sentence containing 'bad' is a factual
-    error, and a response's true preference score is minus the number of such sentences."""
+    error, and a response's true preference (and completeness) score is minus the number of
+    such sentences."""
     out = []
     for response in responses:
         bad = [s for s in segment(response, "sentence") if "bad" in s.text]
         out.append({"spans": [{"start": s.start, "end": s.end, "aspect": "factuality"} for s in bad],
-                    "scores": {"preference": -float(len(bad))}})
+                    "scores": {"preference": -float(len(bad)), "completeness": -float(len(bad))}})
     return out

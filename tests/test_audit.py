@@ -121,7 +121,8 @@ def test_evaluate_audit_writes_json_markdown_and_plot(tmp_path, run_cli, rollout
     import rlhfkit.audit
 
     stand_ins = {"factuality": BigIsFalseRM(), "preference": WordyRM()}
-    monkeypatch.setattr(rlhfkit.audit, "load_reward_model", lambda path, **_: stand_ins[Path(path).name])
+    monkeypatch.setattr(rlhfkit.audit, "load_named_reward_models",
+                        lambda paths, **_: {name: stand_ins[Path(path).name] for name, path in paths.items()})
     fact, pref = _rm_dir(tmp_path / "factuality", "factuality", "segment"), _rm_dir(tmp_path / "preference", "preference", "preference")
     out = tmp_path / "audit"
     result = run_cli("evaluate", "--audit-rm", f"fact={fact}", "--audit-rm", f"pref={pref}",

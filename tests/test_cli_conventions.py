@@ -119,3 +119,56 @@ def test_help_lists_every_pipeline_stage():
     assert result.exit_code == 0
     for stage in ["annotate-import", "train-rm", "redistribute", "sft", "ppo", "evaluate", "critique-revise", "init-model", "launch"]:
         assert stage in result.output
+
+
+def _stage_configs():
+    import dataclasses
+    import importlib
+
+    from rlhfkit.cli import STAGES
+
+    for name, (module, config_name, *_rest) in STAGES.items():
+        yield name, dataclasses.fields(getattr(importlib.import_module(module), config_name))
+
+
+def test_every_option_names_its_panel():
+    # A new option without opt(panel=...) would land in the catch-all "Other" panel.
+    from rlhfkit.config import PANELS
+
+    unpanelled = [f"{stage} --{f.name.replace('_', '-')}" for stage, fields in _stage_configs() for f in fields
+                  if not f.metadata["argument"] and f.metadata.get("panel") not in PANELS]
+    assert unpanelled == []
+
+
+def test_one_default_seed():
+    from rlhfkit.config import DEFAULT_SEED
+
+    seeds = {stage: f.default for stage, fields in _stage_configs() for f in fields if f.name == "seed"}
+    assert len(seeds) >= 7 and set(seeds.values()) == {DEFAULT_SEED}, seeds
+
+
+def _help(*args: str) -> str:
+    from rlhfkit.cli import app
+
+    return CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_help_opens_with_the_required_options_and_names_types():
+    text = _help("ppo")
+    panels = [line.split("─")[1].strip() for line in text.splitlines() if line.startswith("╭─")]
+    assert panels[0] == "Required" and panels[-1] == "Other"
+    required = text.split("╭─ Required")[1].split("╰")[0]
+    assert [w for w in required.split() if w.startswith("--")] == ["--policy", "--prompts", "--out", "--rewards"]
+    # Human type names, not Python's.
+    assert "--steps" in text and "INTEGER" in text and "NUMBER" in text
+    for stage in ("ppo", "sft", "train-rm", "evaluate", "critique-revise", "report"):
+        assert "<str>" not in _help(stage) and "<list[str]>" not in _help(stage) and "<bool>" not in _help(stage)
+
+
+def test_critique_revise_actions_have_their_own_help():
+    train, run = _help("critique-revise", "train"), _help("critique-revise", "run")
+    assert train != run
+    assert "Usage: rlhfkit critique-revise train [OPTIONS]" in train and "Fine-tune a critique-and-revise model" in train
+    assert "--data " in train and "--input " not in train and "--rounds" not in train
+    assert "Usage: rlhfkit critique-revise run [OPTIONS]" in run and "--judge" in run
+    assert "--input " in run and "--data " not in run and "--lora-r" not in run

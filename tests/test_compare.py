@@ -98,5 +98,30 @@ def test_bad_inputs(run_cli, two_runs, tmp_path):
     with open(broken / "metrics.jsonl", "a") as handle:
         handle.write("{not json\n")
     result = run_cli("compare", broken, "--out", tmp_path / "x.md")
-    assert result.exit_code == 2 and f"{broken / 'metrics.jsonl'}:2: not JSON" in result.output
+    assert result.exit_code == 2 and f"{broken / 'metrics.jsonl'}:2: invalid JSON" in result.output
     assert not (tmp_path / "x.md").exists()
+
+
+def test_an_old_ppo_run_is_read_by_todays_reward_names(run_cli, tmp_path):
+    # Before issue 23 a PPO run logged the weighted value as reward/NAME (and eval/reward_NAME);
+    # today's run logs reward/raw/NAME beside reward/weighted/NAME.
+    old = make_run(tmp_path / "old", "ppo", [
+        {"step": 1, "reward/total": 0.1, "reward/factuality": 0.25},
+        {"step": 2, "reward/total": 0.3, "reward/factuality": 0.5, "eval/reward_factuality": 0.75},
+    ])
+    new = make_run(tmp_path / "new", "ppo", [
+        {"step": 1, "reward/total": 0.2, "reward/raw/factuality": 1.0, "reward/weighted/factuality": 0.5},
+        {"step": 2, "reward/total": 0.4, "reward/raw/factuality": 2.0, "reward/weighted/factuality": 1.0},
+    ])
+    out = tmp_path / "cmp.md"
+    result = run_cli("compare", old, new, "--metric", "reward/weighted/factuality", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "old logged rewards under the old names" in " ".join(result.output.split())
+    assert "new logged" not in result.output
+    # old: 0.25 -> 0.5 (+0.25); new: 0.5 -> 1.0 (+0.5)
+    assert "| old | ppo | 2 | 0.2500 | 0.5000 | +0.2500 |" in out.read_text()
+    assert "| new | ppo | 2 | 0.5000 | 1.0000 | +0.5000 |" in out.read_text()
+    # a raw score the old run never logged: a clear error naming what it has
+    result = run_cli("compare", old, new, "--metric", "reward/raw/factuality", "--out", out)
+    assert result.exit_code == 2
+    assert "old: no 'reward/raw/factuality'" in result.output and "reward/weighted/factuality" in result.output

@@ -68,9 +68,12 @@ def test_train_rm_and_ppo_print_only_their_own_lines(make_tiny_model, repo_root,
     # short runs (one every ceil(total / 10) steps: ceil(4/10) = ceil(3/10) = 1).
     train_lines = [line for line in lines if re.match(r"train-rm factuality: step \d/4 · loss \d\.\d{4} · .* samples/s · ETA ", line)]
     assert [line.split()[3] for line in train_lines] == ["1/4", "2/4", "3/4", "4/4"]
-    ppo_lines = [line for line in lines if re.match(r"ppo: step \d/3 · reward [+-]\d\.\d{4} · KL -?\d\.\d{4} · .* tokens/s · ETA ", line)]
+    ppo_lines = [line for line in lines if re.match(
+        r"ppo: step \d/3 · reward [+-]\d\.\d{4} · factuality [+-]\d+\.\d{4} \(raw\) · KL -?\d\.\d{4} · .* tokens/s · ETA ", line)]
     assert [line.split()[2] for line in ppo_lines] == ["1/3", "2/3", "3/3"]
-    assert any(line.startswith("ppo: 3 step(s) to step 3: reward/total ") for line in lines)  # the summary
+    # the summary, with each source's raw score
+    assert any(re.match(r"ppo: 3 step\(s\) to step 3: reward/total [+-]\d\.\d{4} -> [+-]\d\.\d{4} "
+                        r"\(reward/raw/factuality [+-]\d+\.\d{4} -> [+-]\d+\.\d{4}\), KL ", line) for line in lines)
     # the length notices, each one line: 640 -> 256; 1024 + 8 -> 248 + 8
     assert "train-rm: note: default --max-length 640 exceeds the model's 256 positions; using --max-length 256 (give the option to choose)" in lines
     assert ("ppo: note: default --max-prompt-length 1024 + --max-new-tokens 8 exceeds the model's 256 positions; "
@@ -104,10 +107,12 @@ def test_resumed_progress_counts_from_the_checkpoint(monkeypatch):
     with runs.progress_bar("ppo", 10) as advance:
         advance(8)  # resumed at step 8: no line for the skip
         advance(1, metrics={"reward/total": 0.5, "kl": 0.25})
-        advance(1, metrics={"reward/total": -0.5, "kl": 0.125})
+        # with --normalize-rewards the total is ~0: the line shows each source's raw score too
+        advance(1, metrics={"reward/total": -0.5, "reward/raw/helpfulness": 2.75, "reward/normalized/helpfulness": 0.0,
+                            "reward/weighted/helpfulness": 0.0, "kl": 0.125})
     assert [line.split(" · ETA")[0] for line in buffer.getvalue().splitlines()] == [
         "ppo: step 9/10 · reward +0.5000 · KL 0.2500",
-        "ppo: step 10/10 · reward -0.5000 · KL 0.1250",
+        "ppo: step 10/10 · reward -0.5000 · helpfulness +2.7500 (raw) · KL 0.1250",
     ]
 
 
@@ -126,11 +131,11 @@ def test_help_groups_options_in_panels_required_first(run_cli):
     assert result.exit_code == 0
     text = result.output
     panels = re.findall(r"╭─ (\w+) ─", text)
-    # panels holding a required option first (Data: --prompts, Model: --policy, Rewards:
-    # --rewards, Output: --out), then the others in their fixed order
-    assert panels == ["Options", "Data", "Model", "Rewards", "Output", "Training", "PPO", "Generation", "Distributed"]
-    data = text.split("╭─ Data ─")[1].split("╰")[0]
-    assert data.index("--prompts") < data.index("--eval-prompts")
+    # the required options first (--policy, --prompts, --out, --rewards), then the panels in
+    # their fixed order, --config/--debug/--help last
+    assert panels == ["Required", "Data", "Model", "Rewards", "Training", "PPO", "Generation", "Distributed", "Output", "Other"]
+    required = text.split("╭─ Required ─")[1].split("╰")[0]
+    assert "--prompts" in required and "--eval-prompts" not in required
     assert "Examples" in text and "rlhfkit ppo --policy runs/sft" in text
     assert "--report-to" in text.split("╭─ Output ─")[1]
 

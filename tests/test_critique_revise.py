@@ -10,7 +10,7 @@ import pytest
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import MODEL_SUBDIR, load_tokenizer
 from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.schema import Critique, Generation, load_records, write_records
 from rlhfkit.stages.critique_revise import (
@@ -149,7 +149,9 @@ def test_win_rates_per_round_against_the_originals():
         (2, pytest.approx(2 / 3), 0.0, pytest.approx(1 / 3)),
     ]
     assert rows[0]["mean_score"] == pytest.approx((4 + 7 + 3) / 3)
-    assert [r["paper_win"] for r in rows] == [0.566, None]
+    # the paper's win rate, win + tie / 2: 1/3 + 1/6 = 1/2 and 2/3 + 0
+    assert [r["win_rate"] for r in rows] == [pytest.approx(1 / 2), pytest.approx(2 / 3)]
+    assert [r["paper_win_rate"] for r in rows] == [0.566, None]
     # every distinct (prompt, response) scored once: 3 originals, 2 new in round 1, 3 in round 2
     assert len(scored) == len(set(scored)) == 8
     # a margin of 1 turns the 5-vs-4 win of round 2 into a tie
@@ -306,12 +308,12 @@ def test_train_then_run_three_rounds_with_a_judge(tmp_path, run_cli, tiny_model_
                      "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "6 critique and 4 revision demonstrations (2 without a revision)" in result.output
-    saved = json.loads((model_dir / "critique_revise.json").read_text())
+    saved = json.loads((model_dir / MODEL_SUBDIR / "critique_revise.json").read_text())
     assert (saved["critique_template"], saved["revision_template"]) == (DEFAULT_CRITIQUE_TEMPLATE, DEFAULT_REVISION_TEMPLATE)
     assert saved["demonstrations"] == {"critique": 6, "revision": 4}
     assert len(load_records(model_dir / "critique_revise_data.jsonl", "demonstration")) == 10
     assert json.loads((model_dir / "sft_metrics.json").read_text())["steps"] == 2
-    assert (model_dir / "config.json").is_file()
+    assert (model_dir / MODEL_SUBDIR / "config.json").is_file()
 
     # the responses to improve: the critiqued responses themselves (any prompt+response record)
     out = tmp_path / "run"
@@ -342,11 +344,13 @@ def test_train_then_run_three_rounds_with_a_judge(tmp_path, run_cli, tiny_model_
         scores = [s.values[0] for s in judge.score(prompts, responses)]
         wins = sum(1 for s, o, resp, r in zip(scores, original_scores, responses, revised)
                    if resp != r.meta["original_response"] and s > o)
-        assert row["round"] == k + 1 and row["win"] == pytest.approx(wins / 3)
-        assert row["win"] + row["tie"] + row["loss"] == pytest.approx(1.0)
+        losses = sum(1 for s, o, resp, r in zip(scores, original_scores, responses, revised)
+                     if resp != r.meta["original_response"] and s < o)
+        assert row["round"] == k + 1 and row["win"] == pytest.approx(wins / 3) and row["loss"] == pytest.approx(losses / 3)
+        assert row["win_rate"] == pytest.approx((wins + (3 - wins - losses) / 2) / 3)
     assert (out / "winrates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| round | accepted | flagged | win | tie | loss | paper win |" in table
+    assert "| round | accepted | flagged | win | tie | loss | win rate | paper win rate |" in table
     assert table.count("56.6%") == 1 and "| 3 |" in table
 
 

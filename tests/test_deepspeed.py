@@ -25,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from rlhfkit.models import model_dir
 from rlhfkit.schema import Demonstration, PromptRecord, write_records
 
 # Tolerances: 1 and 2 processes add the same float32 terms in another order (the shards'
@@ -83,13 +84,17 @@ def record_writes_under(root: str, written: list[str]) -> None:
     sys.addaudithook(hook)
 
 
-def _cli_worker(rank: int, world_size: int, port: int, args: list[str], out_dir: str, watched: str) -> None:
+def _cli_worker(rank: int, world_size: int, port: int, args: list[str], out_dir: str, watched: str, launched: bool) -> None:
     written: list[str] = []
     if rank != 0:
         record_writes_under(watched, written)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
+    if launched:  # what a launcher (deepspeed, torchrun) sets; else the stage starts its own group
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+        )
+    else:
+        for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(name, None)
     # On CPU, DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op (C++) the
     # first time a process group starts: minutes on a clean machine (cached afterwards in
     # ~/.cache/torch_extensions). build_shm_op() in deepspeed/comm/torch.py builds it only if
@@ -111,7 +116,7 @@ def _cli_worker(rank: int, world_size: int, port: int, args: list[str], out_dir:
         torch.distributed.destroy_process_group()
 
 
-def run_processes(tmp_path: Path, *args, world_size: int = WORLD_SIZE, exit_code: int = 0) -> list[dict]:
+def run_processes(tmp_path: Path, *args, world_size: int = WORLD_SIZE, exit_code: int = 0, launched: bool = True) -> list[dict]:
     """Run `rlhfkit ARGS` in `world_size` forked processes; each one's exit code, output and
     (ranks > 0) the paths under `tmp_path` it wrote."""
     import deepspeed  # noqa: F401  (imported once here, the forked processes share it)
@@ -119,7 +124,7 @@ def run_processes(tmp_path: Path, *args, world_size: int = WORLD_SIZE, exit_code
     out_dir = tmp_path / f"ranks-{time.monotonic_ns()}"
     out_dir.mkdir()
     context = mp.start_processes(
-        _cli_worker, args=(world_size, _free_port(), [str(a) for a in args], str(out_dir), str(tmp_path)),
+        _cli_worker, args=(world_size, _free_port(), [str(a) for a in args], str(out_dir), str(tmp_path), launched),
         nprocs=world_size,
         start_method="fork", join=False,
     )
@@ -169,8 +174,8 @@ def assert_same_training(one: Path, two: Path, keys: tuple[str, ...], initial: P
 def update_distance(one: Path, two: Path, initial: Path) -> float:
     """||update_2 - update_1|| / ||update_1||, the updates from `initial` over all weights
     (a tensor the initial model lacks, such as a new score head, counts from 0)."""
-    start = load_file(initial / "model.safetensors")
-    weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    start = load_file(model_dir(initial) / "model.safetensors")
+    weights_one, weights_two = load_file(model_dir(one) / "model.safetensors"), load_file(model_dir(two) / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     difference = norm = 0.0
     for name, final_one in weights_one.items():
@@ -212,6 +217,15 @@ def test_sft_on_two_processes_matches_one(model_without_dropout, tmp_path, run_c
     a, b = (json.loads((out / "sft_metrics.json").read_text()) for out in (one, two))
     assert b["eval_loss_after"] == pytest.approx(a["eval_loss_after"], rel=REL)
     assert b["samples_per_second"] > 0 and (b["steps"], b["train_examples"]) == (a["steps"], a["train_examples"])
+
+
+def test_sft_under_deepspeed_in_one_process_without_a_launcher(model_without_dropout, tmp_path):
+    # `sft --deepspeed zero2` on one GPU, started as a plain command: DeepSpeed's engine used to
+    # stop with "DeepSpeed requires the LOCAL_RANK environment variable".
+    data = write_demos(tmp_path / "demos.jsonl")
+    out = tmp_path / "sft"
+    run_processes(tmp_path, *sft_args(model_without_dropout, data, out, 4, "--deepspeed", "zero2"), world_size=1, launched=False)
+    assert (out / "sft_metrics.json").is_file()
 
 
 def count_mistake(kind: str):
@@ -287,7 +301,7 @@ def test_train_rm_on_two_processes_matches_one(model_without_dropout, tmp_path, 
     assert_same_training(one, two, ("loss", "grad_norm", "lr", "eval_accuracy", "eval_error_auc"), model_without_dropout)
     a, b = (json.loads((out / "rm_metrics.json").read_text()) for out in (one, two))
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=REL)
-    assert (two / "rlhfkit_rm.json").read_text() == (one / "rlhfkit_rm.json").read_text().replace(str(one), str(two))
+    assert (model_dir(two) / "rlhfkit_rm.json").read_text() == (model_dir(one) / "rlhfkit_rm.json").read_text().replace(str(one), str(two))
 
 
 # --- ppo ---------------------------------------------------------------------------------------
@@ -351,7 +365,7 @@ def test_ppo_resume_under_deepspeed_gives_the_uninterrupted_run(tiny_model_dir, 
     results = run_processes(tmp_path, *ppo_args(tiny_model_dir, data_dir, resumed, *three_steps, "--resume"))
     assert "resuming from" in results[0]["output"]
     assert [r["step"] for r in metric_rows(resumed)] == [1, 2, 3]
-    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    a, b = load_file(model_dir(straight) / "model.safetensors"), load_file(model_dir(resumed) / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
     state = torch.load(resumed / "checkpoints" / "step-3" / "training_state.pt", weights_only=True)

@@ -50,8 +50,8 @@ def dry_run(run_cli, *args):
 
 
 def test_launch_one_node_eight_gpus(run_cli):
-    argv = dry_run(run_cli, "--gpus", "8", "--", "ppo", "--config", "recipes/qa/ppo.yaml")
-    assert argv[1:] == ["--num_gpus", "8", *MODULE_ENTRY, "ppo", "--config", "recipes/qa/ppo.yaml"]
+    argv = dry_run(run_cli, "--gpus", "8", "--", "ppo", "--config", "recipes/qa/ppo.yaml", "--deepspeed", "zero2")
+    assert argv[1:] == ["--num_gpus", "8", *MODULE_ENTRY, "ppo", "--config", "recipes/qa/ppo.yaml", "--deepspeed", "zero2"]
 
 
 def test_launch_two_nodes_with_hostfile(run_cli, tmp_path):
@@ -59,19 +59,19 @@ def test_launch_two_nodes_with_hostfile(run_cli, tmp_path):
     hosts.write_text("# two DGX nodes\nworker-0 slots=8\nworker-1 slots=8  # spare\n\n")
     argv = dry_run(
         run_cli, "--num-nodes", "2", "--gpus", "8", "--hostfile", hosts, "--master-addr", "worker-0",
-        "--master-port", "29600", "--", "sft", "--config", "recipes/qa/sft.yaml", "--lr", "1e-5", "--use-lora",
+        "--master-port", "29600", "--", "sft", "--config", "recipes/qa/sft.yaml", "--lr", "1e-5", "--use-lora", "--deepspeed=zero2",
     )
     assert argv[1:] == [
         "--num_nodes", "2", "--num_gpus", "8", "--hostfile", str(hosts),
         "--master_addr", "worker-0", "--master_port", "29600",
-        *MODULE_ENTRY, "sft", "--config", "recipes/qa/sft.yaml", "--lr", "1e-5", "--use-lora",
+        *MODULE_ENTRY, "sft", "--config", "recipes/qa/sft.yaml", "--lr", "1e-5", "--use-lora", "--deepspeed=zero2",
     ]
 
 
 def test_launch_include_and_quoting(run_cli):
     # Arguments with spaces or shell characters survive the printed line verbatim.
-    argv = dry_run(run_cli, "--include", "localhost:0,2", "--", "evaluate", "--name", "run A; B", "--out", "x y.jsonl")
-    assert argv[1:] == ["--include", "localhost:0,2", *MODULE_ENTRY, "evaluate", "--name", "run A; B", "--out", "x y.jsonl"]
+    argv = dry_run(run_cli, "--include", "localhost:0,2", "--", "ppo", "--deepspeed", "zero2", "--out", "run A; B")
+    assert argv[1:] == ["--include", "localhost:0,2", *MODULE_ENTRY, "ppo", "--deepspeed", "zero2", "--out", "run A; B"]
 
 
 def test_launch_command_is_what_deepspeed_parses(run_cli, tmp_path):
@@ -79,11 +79,13 @@ def test_launch_command_is_what_deepspeed_parses(run_cli, tmp_path):
 
     hosts = tmp_path / "hosts"
     hosts.write_text("worker-0 slots=8\nworker-1 slots=8\n")
-    argv = dry_run(run_cli, "--num-nodes", "2", "--hostfile", hosts, "--", "ppo", "--config", "c.yaml", "--steps", "3")
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 3\ndeepspeed: zero2\n")  # --deepspeed from the stage's config file
+    argv = dry_run(run_cli, "--num-nodes", "2", "--hostfile", hosts, "--", "ppo", "--config", config, "--steps", "3")
     args = parse_args(argv[1:])
     assert (args.num_nodes, args.num_gpus, args.hostfile) == (2, -1, str(hosts))
     assert args.module and args.no_local_rank
-    assert (args.user_script, args.user_args) == ("rlhfkit.cli", ["ppo", "--config", "c.yaml", "--steps", "3"])
+    assert (args.user_script, args.user_args) == ("rlhfkit.cli", ["ppo", "--config", str(config), "--steps", "3"])
 
 
 @pytest.mark.parametrize(
@@ -99,6 +101,9 @@ def test_launch_command_is_what_deepspeed_parses(run_cli, tmp_path):
         (["--num-nodes", "3", "--hostfile", "{hosts}", "--", "ppo"], "a slots=8\nb slots=8\n", "--num-nodes 3 but"),
         (["--include", "localhost:0", "--exclude", "localhost:1", "--", "ppo"], None, "not both"),
         (["--include", "localhost:0", "--gpus", "2", "--", "ppo"], None, "drop --gpus and --num-nodes"),
+        # several processes without --deepspeed: each would train its own copy
+        (["--gpus", "2", "--", "ppo", "--config", "recipes/qa_feedback/paper/ppo_fine_grained.yaml"], None,
+         "`ppo` runs in several processes here but has no --deepspeed in its options or its --config file"),
     ],
 )
 def test_launch_errors(run_cli, tmp_path, args, hostfile_text, message):
@@ -126,18 +131,48 @@ def fake_deepspeed(tmp_path, monkeypatch):
     return make
 
 
-def test_launch_runs_the_launcher(run_cli, fake_deepspeed):
+def test_launch_runs_the_launcher(run_cli, fake_deepspeed, monkeypatch):
     recorded = fake_deepspeed(0)
-    result = run_cli("launch", "--gpus", "2", "--", "ppo", "--config", "a b.yaml")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    result = run_cli("launch", "--gpus", "2", "--", "ppo", "--config", "a b.yaml", "--deepspeed", "zero2")
     assert result.exit_code == 0, result.output
-    assert recorded.read_text().splitlines() == ["--num_gpus", "2", *MODULE_ENTRY, "ppo", "--config", "a b.yaml"]
+    assert recorded.read_text().splitlines() == ["--num_gpus", "2", *MODULE_ENTRY, "ppo", "--config", "a b.yaml", "--deepspeed", "zero2"]
 
 
-def test_launch_exits_with_the_launchers_code(run_cli, fake_deepspeed):
+def test_launch_exits_with_the_launchers_code(run_cli, fake_deepspeed, monkeypatch):
     fake_deepspeed(3)
-    result = run_cli("launch", "--", "sft", "--config", "c.yaml")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    result = run_cli("launch", "--", "sft", "--config", "c.yaml", "--deepspeed", "zero2")
     assert result.exit_code == 3
     assert "the deepspeed launcher exited with code 3" in result.output
+
+
+def test_every_launch_example_in_the_help_sets_deepspeed():
+    # The examples a user copies (--help shows run_launch's docstring and the cli's examples)
+    # must not stop at start-up for want of --deepspeed.
+    import shlex
+
+    from rlhfkit import cli
+    from rlhfkit.stages import launch
+
+    text = "\n".join([launch.__doc__, launch.run_launch.__doc__, *cli.EXAMPLES["launch"]])
+    examples = [line.strip() for line in text.splitlines() if line.strip().startswith("rlhfkit launch --") and " -- " in line]
+    assert len(examples) >= 4, examples
+    for example in examples:
+        stage_args = shlex.split(example.split(" -- ", 1)[1])
+        assert launch.stage_uses_deepspeed(stage_args), example
+
+
+@pytest.mark.parametrize(("gpus_here", "message"), [
+    (0, "no GPU is visible here (torch.cuda.device_count() is 0)"),
+    (1, "--gpus 2 but this machine has 1 GPU(s)"),
+])
+def test_launch_without_the_gpus_starts_nothing(run_cli, fake_deepspeed, monkeypatch, gpus_here, message):
+    recorded = fake_deepspeed(0)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus_here)
+    result = run_cli("launch", "--gpus", "2", "--", "ppo", "--deepspeed", "zero2")
+    assert result.exit_code == 2 and message in result.output
+    assert not recorded.exists()  # the launcher never ran
 
 
 # ------------------------------------------------------------------ deepspeed_config
@@ -418,6 +453,7 @@ def _two_process_worker(rank: int, world_size: int, port: int, out_dir: str, thr
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
+    from rlhfkit.rewards.placement import normalize_per_source
     from rlhfkit.rl.advantages import masked_whiten
 
     if not through_deepspeed:
@@ -433,8 +469,15 @@ def _two_process_worker(rank: int, world_size: int, port: int, out_dir: str, thr
     # rollouts [3, 4, 5]. Global token mean (1*2 + 4*1) / 3 = 2, rollout mean 15 / 5 = 3.
     means = token_means({"loss": torch.tensor(1.0 + 3 * rank)}, torch.tensor(2.0 - rank))
     rollout_mean = mean_over_processes(torch.tensor([[1.0, 2.0], [3.0, 4.0, 5.0]][rank]))
+    # --normalize-rewards per-source over the global batch: rank 0 holds the dense row with
+    # sum 0.8 over 4 tokens, rank 1 the row with sum 1.6 over 12 (test_reward_normalization).
+    from tests.test_reward_normalization import dense_rows
+
+    rewards, given = dense_rows()
+    normalized = normalize_per_source({"dense": rewards[rank : rank + 1]}, {"dense": given[rank : rank + 1]}, all_reduce=all_reduce_sum)
     barrier()
     result = {"summed": summed.tolist(), "whitened": whitened.tolist(), "main": is_main_process(),
+              "normalized": normalized["dense"][0].tolist(),
               "token_mean": means["loss"], "rollout_mean": rollout_mean, "tokens": sum_over_processes(torch.tensor(2.0 - rank))}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -453,6 +496,10 @@ def run_two_processes(out_dir, through_deepspeed: bool) -> None:
     whitened = [x for r in ranks for x in r["whitened"][0]]
     assert whitened == pytest.approx([(v - 2.5) / std for v in (1, 2, 3, 4)], abs=1e-5)
     assert [(r["token_mean"], r["rollout_mean"], r["tokens"]) for r in ranks] == [(2.0, 3.0, 3.0)] * 2
+    # Each rank alone has one row (std 0: all zeros); together, the global batch's values.
+    from tests.test_reward_normalization import DENSE_ROW_0, DENSE_ROW_1, TOL
+
+    assert [r["normalized"] for r in ranks] == [pytest.approx(DENSE_ROW_0, abs=TOL), pytest.approx(DENSE_ROW_1, abs=TOL)]
 
 
 def test_two_gloo_processes_sum_and_whiten_globally(tmp_path):

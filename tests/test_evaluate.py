@@ -59,7 +59,7 @@ def read_json(path: Path) -> dict:
 
 
 METRIC_KEYS = {
-    "n", "reward/preference", "reward/factuality", "error_rate/factuality", "rouge_l",
+    "n", "reward/raw/preference", "reward/raw/factuality", "error_rate/factuality", "rouge_l",
     "distinct_1", "distinct_2", "distinct_3", "mean_length", "perplexity",
 }
 
@@ -106,10 +106,10 @@ def test_two_systems_get_every_metric_and_a_pairwise_table(tmp_path, run_cli, ti
     for name, rows in by_system.items():
         pairs = ([r.prompt for r in rows], [r.response for r in rows])
         scores[name] = [s.values[0] for s in pref.score(*pairs)]
-        assert systems[name]["reward/preference"] == pytest.approx(sum(scores[name]) / N_PROMPTS, abs=1e-5)
+        assert systems[name]["reward/raw/preference"] == pytest.approx(sum(scores[name]) / N_PROMPTS, abs=1e-5)
         assert [r.meta["rewards"]["preference"] for r in rows] == pytest.approx(scores[name], abs=1e-5)
         segment_rewards = fact.score(*pairs)
-        assert systems[name]["reward/factuality"] == pytest.approx(sum(sum(s.values) for s in segment_rewards) / N_PROMPTS)
+        assert systems[name]["reward/raw/factuality"] == pytest.approx(sum(sum(s.values) for s in segment_rewards) / N_PROMPTS)
         probs = [p for s in segment_rewards for p in s.error_probs]
         # a response with no sentence has no segment to flag (the tiny policy's may have none)
         expected_rate = sum(p > 0.5 for p in probs) / len(probs) if probs else 0.0
@@ -128,21 +128,41 @@ def test_two_systems_get_every_metric_and_a_pairwise_table(tmp_path, run_cli, ti
     (row,) = pairwise["pairs"]
     assert (row["a"], row["b"]) == ("tiny", "gold")
     assert row["win"] == pytest.approx(wins / N_PROMPTS) and row["loss"] == pytest.approx(losses / N_PROMPTS)
+    ties = N_PROMPTS - wins - losses
+    assert row["win_rate"] == pytest.approx((wins + ties / 2) / N_PROMPTS)
+    # 2 prompts: a resample is (p1, p1), (p1, p2), (p2, p1) or (p2, p2), so the interval's ends
+    # are the win rates of one prompt drawn twice: the lower and the higher of the two outcomes.
+    outcomes = sorted(1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores["tiny"], scores["gold"]))
+    assert row["win_rate_ci95"] == pytest.approx(outcomes, abs=1e-12)
+    expected_verdict = ("tiny clearly better" if outcomes[0] > 0.5 else "gold clearly better" if outcomes[1] < 0.5
+                        else "no clear difference")
+    assert row["verdict"] == expected_verdict
+    intervals = metrics["intervals"]["systems"]
+    # gold answers with the references: ROUGE-L 1 on every resample
+    assert intervals["gold"]["rouge_l"] == pytest.approx([1.0, 1.0])
+    assert set(intervals["tiny"]) >= METRIC_KEYS - {"n"}
 
     table = (out / "results.md").read_text()
     header = "| system | preference score (judge) | factuality errors | factuality reward | ROUGE-L | length (words) |"
-    assert table.splitlines()[4] == header
+    assert table.splitlines()[6] == header
     tiny_row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
     expected_rate = systems["tiny"]["error_rate/factuality"]
-    assert tiny_row.split(" | ")[2] == f"{expected_rate:.1%}"  # error rates as percentages
-    assert table.splitlines()[9].startswith("Best system per column (lowest error rate; highest reward")
-    assert "; ROUGE-L: gold (1.0000)." in table.splitlines()[9]  # gold answers with the references
+    # error rates as percentages, with the interval (none where no resample has a segment:
+    # the tiny policy's responses may have no sentence)
+    bounds = intervals["tiny"]["error_rate/factuality"]
+    cell = f"{expected_rate:.1%}" + (f" [{bounds[0]:.1%}, {bounds[1]:.1%}]" if bounds else "")
+    assert tiny_row.split(" | ")[2] == cell
+    assert table.splitlines()[11].startswith("Best system per column (lowest error rate; highest reward")
+    assert "; ROUGE-L: gold (1.0000, " in table.splitlines()[11]  # gold answers with the references
     assert f"| tiny | {N_PROMPTS} |" in table and f"| gold | {N_PROMPTS} |" in table  # other metrics: n first
     # the paper's rows in their own table, the RM alias resolved to the same column name
     published = table.split("## Published numbers")[1]
     assert "| system | ROUGE-L | factuality errors |" in published
     assert "| FG-RLHF | 0.4920 | 10.0% |" in published  # 0.1 as a percentage
     assert "Pairwise win rates (judge: preference" in table
+    rate = f"{row['win_rate']:.1%} [{outcomes[0]:.1%}, {outcomes[1]:.1%}]"
+    assert (f"| tiny | gold | {row['win']:.1%} | {row['tie']:.1%} | {row['loss']:.1%} | {rate} | {expected_verdict} |"
+            in table.splitlines())
 
 
 def write_prompts(path: Path) -> Path:
@@ -229,9 +249,9 @@ def test_results_table_is_short_and_says_what_it_shows():
     from rlhfkit.stages.evaluate import render_results
 
     table = {
-        "SFT": {"n": 2, "reward/factuality": 0.5, "error_rate/factuality": 0.25, "reward/preference": -0.5,
+        "SFT": {"n": 2, "reward/raw/factuality": 0.5, "error_rate/factuality": 0.25, "reward/raw/preference": -0.5,
                 "rouge_l": 0.3, "distinct_1": 0.5, "distinct_2": 0.75, "distinct_3": 1.0, "mean_length": 10.0},
-        "PPO": {"n": 2, "reward/factuality": 1.5, "error_rate/factuality": 0.125, "reward/preference": -0.5,
+        "PPO": {"n": 2, "reward/raw/factuality": 1.5, "error_rate/factuality": 0.125, "reward/raw/preference": -0.5,
                 "rouge_l": 0.25, "distinct_1": 0.5, "distinct_2": 0.5, "distinct_3": 0.5, "mean_length": 12.5},
     }
     paper = {"source": "a paper", "rows": [{"system": "FG", "metrics": {"rouge_l": 0.49, "fact (their RM)": 0.8}}]}
@@ -247,3 +267,86 @@ def test_results_table_is_short_and_says_what_it_shows():
         "factuality reward: PPO (+1.5000); preference score (judge): all tie (-0.5000); ROUGE-L: SFT (0.3000).\n"
     )
     assert "| system | ROUGE-L | fact (their RM) |\n|---|---:|---:|\n| FG | 0.4900 | 0.8000 |" in text
+
+
+def scored_system(name: str, scores: list[float]):
+    from rlhfkit.stages.evaluate import System
+
+    records = [Generation(id=str(i), prompt=f"p{i}", response="x", model=name) for i in range(len(scores))]
+    return System(name, "test", records, scores={"judge": scores})
+
+
+def test_pairwise_win_rate_intervals_and_verdicts():
+    from rlhfkit.stages.evaluate import pairwise_win_rates
+
+    # A beats B on all 6 prompts: every resample's win rate is 1, so [1, 1]: clearly better.
+    [row] = pairwise_win_rates([scored_system("A", [1.0] * 6), scored_system("B", [0.0] * 6)], "judge", 0.0, seed=0)
+    assert (row["win_rate"], row["win_rate_ci95"], row["verdict"]) == (1.0, [1.0, 1.0], "A clearly better")
+    # 3 wins and 3 losses: a resample's win rate is X / 6, X ~ Binomial(6, 1/2); P(X = 0) = 1/64
+    # < 2.5% < P(X <= 1) = 7/64, so the 2.5th percentile is 1/6 and, by symmetry, the 97.5th
+    # is 5/6 (1,000 seeded resamples; P(X = 0) would need 25 of them, 2.4 sd above its 15.6).
+    [row] = pairwise_win_rates([scored_system("A", [1.0, 0.0] * 3), scored_system("B", [0.0, 1.0] * 3)], "judge", 0.0, seed=0)
+    assert row["win_rate"] == 0.5 and row["win_rate_ci95"] == pytest.approx([1 / 6, 5 / 6], abs=1e-12)
+    assert row["verdict"] == "no clear difference"
+    # B ahead on every prompt: the verdict names B.
+    [row] = pairwise_win_rates([scored_system("A", [0.0] * 4), scored_system("B", [2.0] * 4)], "judge", 1.0, seed=0)
+    assert (row["win_rate"], row["verdict"]) == (0.0, "B clearly better")
+
+
+def test_a_penalised_source_is_best_where_it_is_lowest_and_the_lead_is_tested():
+    from rlhfkit.metrics import ratio_statistic
+    from rlhfkit.stages.evaluate import best_systems_sentence, clearly_best
+
+    prompts = ["p1", "p2", "p3", "p4"]
+    scores = {"SFT": {"helpfulness": [1.0, 1.0, 0.0, 0.0], "verbosity": [3.0, 3.0, 3.0, 3.0]},
+              "PPO": {"helpfulness": [0.0, 0.0, 1.0, 0.9], "verbosity": [1.0, 1.0, 1.0, 1.0]}}
+    table = {name: {f"reward/raw/{k}": sum(v) / 4 for k, v in by.items()} for name, by in scores.items()}
+    statistics = {name: {f"reward/raw/{k}": ratio_statistic(prompts, v, [1.0] * 4) for k, v in by.items()}
+                  for name, by in scores.items()}
+    weights = {"helpfulness": 1.0, "verbosity": -0.2}
+    columns = ["reward/raw/helpfulness", "reward/raw/verbosity"]
+    clearly = clearly_best(table, statistics, columns, weights, seed=0)
+    # helpfulness: SFT 0.5 vs PPO 0.475, per-prompt differences 1, 1, -1, -0.9: the interval
+    # of the mean difference spans 0. verbosity: PPO lower by 2 on every prompt: [-2, -2], clearly.
+    assert clearly == {"reward/raw/helpfulness": False, "reward/raw/verbosity": True}
+    sentence = best_systems_sentence(table, columns, None, weights, clearly)
+    assert "helpfulness reward: SFT (+0.5000, not clearly)" in sentence
+    assert "verbosity reward (penalised): PPO (+1.0000, clearly)" in sentence  # lowest, not SFT's 3.0
+    # without weights the highest verbosity is best, as before
+    assert "verbosity reward: SFT (+3.0000)" in best_systems_sentence(table, columns, None)
+
+
+def test_reward_weights_must_name_a_reward_model(tmp_path, run_cli, reward_models):
+    write_records(tmp_path / "a.jsonl", [Generation(id="1", prompt="q", response="x", model="alpha")])
+    result = run_cli("evaluate", "--generations", tmp_path / "a.jsonl", "--out", tmp_path / "o",
+                     "--rm", f"pref={reward_models['preference']}", "--rewards", "pref=1,verbosity=-0.1")
+    assert result.exit_code == 2
+    assert "--rewards names verbosity, which no --rm is; valid: preference" in result.output
+
+
+def test_weights_give_weighted_values_and_a_total(tmp_path, run_cli, reward_models):
+    write_records(tmp_path / "a.jsonl", [Generation(id="1", prompt="Where is the cat?", response="On the mat. It sleeps.", model="alpha"),
+                                         Generation(id="2", prompt="Letters?", response="A and c.", model="alpha")])
+    out = tmp_path / "eval"
+    result = run_cli("evaluate", "--generations", tmp_path / "a.jsonl", "--out", out, "--device", "cpu",
+                     "--rm", f"pref={reward_models['preference']}", "--rm", f"fact={reward_models['factuality']}",
+                     "--rewards", "pref=1,fact=-0.5")
+    assert result.exit_code == 0, result.output
+    alpha = read_json(out / "metrics.json")["systems"]["alpha"]
+    # weighted = weight x raw; total = their sum (float64 sums of two values: exact to 1e-12)
+    assert alpha["reward/weighted/preference"] == pytest.approx(alpha["reward/raw/preference"], abs=1e-12)
+    assert alpha["reward/weighted/factuality"] == pytest.approx(-0.5 * alpha["reward/raw/factuality"], abs=1e-12)
+    assert alpha["reward/total"] == pytest.approx(alpha["reward/raw/preference"] - 0.5 * alpha["reward/raw/factuality"], abs=1e-12)
+    assert "factuality reward (penalised)" in (out / "results.md").read_text()
+
+
+def test_published_reward_columns_use_todays_names(tmp_path):
+    from rlhfkit.paper_tables import load_paper_table
+
+    # a paper's reward/NAME is a score in its RM's units: evaluate's reward/raw/NAME, aliases resolved
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps({"rows": [{"system": "FG", "metrics": {
+        "reward/fact": 0.5, "reward/weighted/comp": 1.0, "reward/total": 2.0, "error_rate/rel": 0.1}}]}))
+    [row] = load_paper_table(paper)["rows"]
+    assert row["metrics"] == {"reward/raw/factuality": 0.5, "reward/weighted/completeness": 1.0, "reward/total": 2.0,
+                              "error_rate/relevance": 0.1}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhfkit.models import model_dir
 from rlhfkit.schema import load_records
 
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
@@ -47,7 +48,7 @@ def test_helpsteer2_three_attribute_rms_then_weighted_ppo(run_cli, tiny_model_di
     result = run_cli(*rm_args(data / "scores.jsonl", tiny_model_dir, rms, "--aspect", ",".join(ATTRIBUTES), "--kind", "regression"))
     assert result.exit_code == 0, result.output
     for aspect in ATTRIBUTES:
-        spec = json.loads((rms / aspect / "rlhfkit_rm.json").read_text())
+        spec = json.loads((model_dir(rms / aspect) / "rlhfkit_rm.json").read_text())
         assert (spec["aspect"], spec["kind"]) == (aspect, "regression")
         # Each RM trained on its own attribute's 4 score records.
         assert json.loads((rms / aspect / "run_config.json").read_text())["config"]["aspect"] == aspect
@@ -61,11 +62,34 @@ def test_helpsteer2_three_attribute_rms_then_weighted_ppo(run_cli, tiny_model_di
     ))
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "reward/total" in r]
-    assert len(train) == 1
-    for aspect in ATTRIBUTES:
-        assert any(key.startswith("reward/") and aspect in key for key in train[0]), (aspect, sorted(train[0]))
+    [train] = [r for r in rows if "reward/total" in r]
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 4  # the whole step: 2 prompts x 2 samples
+
+    # Each RM's own score of the 4 logged responses, and by hand: raw = their mean; the
+    # normalised value z = (score - mean) / population std per response, whose mean is 0;
+    # each response's last token holds sum_k w_k z_k (a regression RM rewards the last token
+    # only; at step 1 the policy is the reference, so no KL in the logged rewards).
+    # Tolerances: float32 scores and 6-decimal rounding in rollouts.jsonl, < 1e-5; a z-score
+    # divides by std + 1e-8, so 1e-4 for z when the std is >= 1e-3 (checked).
+    from rlhfkit.rewards.reward_model import load_reward_model
+
+    weights = {"helpfulness": 0.5, "correctness": 0.3, "verbosity": -0.1}
+    z = {}
+    for aspect in ATTRIBUTES:
+        rm = load_reward_model(rms / aspect, device="cpu")
+        scores = [s.values[0] for s in rm.score([r["prompt"] for r in rollouts], [r["response"] for r in rollouts])]
+        mean = sum(scores) / 4
+        std = (sum((s - mean) ** 2 for s in scores) / 4) ** 0.5
+        assert std >= 1e-3, scores
+        z[aspect] = [(s - mean) / std for s in scores]
+        assert train[f"reward/raw/{aspect}"] == pytest.approx(mean, abs=1e-5)  # not ~0: the RM's own units
+        assert train[f"reward/normalized/{aspect}"] == pytest.approx(0.0, abs=1e-5)
+        assert train[f"reward/weighted/{aspect}"] == pytest.approx(0.0, abs=1e-5)
+    for i, rollout in enumerate(rollouts):
+        expected = sum(w * z[aspect][i] for aspect, w in weights.items())
+        assert rollout["token_rewards"][-1] == pytest.approx(expected, abs=1e-4)
+        assert all(value == 0 for value in rollout["token_rewards"][:-1])
     # The tiny tokenizer has a chat template: prompts are templated and end with the generation prompt.
     assert all(r["prompt"].startswith("<|user|>\n") and r["prompt"].endswith("<|assistant|>\n") for r in rollouts)
 
@@ -85,7 +109,7 @@ def test_prm800k_step_rm_is_a_dense_ppo_source(run_cli, tiny_model_dir, tmp_path
     result = run_cli(*rm_args(data / "span_feedback.jsonl", tiny_model_dir, rm,
                               "--aspect", "correctness", "--kind", "segment", "--granularity", "step"))
     assert result.exit_code == 0, result.output
-    assert json.loads((rm / "rlhfkit_rm.json").read_text())["granularity"] == "step"
+    assert json.loads((model_dir(rm) / "rlhfkit_rm.json").read_text())["granularity"] == "step"
 
     # A reward at the end of each step: a three-line response gets three rewards, on the
     # tokens that end "a", "bb" and "c" (one token per character here: "a\nbb\nc").
@@ -101,8 +125,13 @@ def test_prm800k_step_rm_is_a_dense_ppo_source(run_cli, tiny_model_dir, tmp_path
     values, given = source.token_rewards(["Solve it."], [text], [offsets]).padded(len(offsets))
     ends = [i for i, (_, end) in enumerate(offsets) if end in (1, 4, 6)]
     assert given[0].nonzero().flatten().tolist() == ends
-    # Each step's reward is the RM's +0.5 (no error) or -0.5 (error), the segment defaults.
-    assert all(abs(value) == 1.0 for value in values[0, ends].tolist())
+    # Each step's reward is the RM's verdict: +1 where P(error) <= 0.5, -1 where it is above
+    # (the segment defaults), in step order.
+    [scored] = load_reward_model(rm, device="cpu").score(["Solve it."], [text])
+    assert len(scored.error_probs) == 3
+    assert values[0, ends].tolist() == [-1.0 if p > 0.5 else 1.0 for p in scored.error_probs]
+    # Both verdicts occur here (seeded: 0.53, 0.42, 0.39), so a constant sign would fail.
+    assert {-1.0, 1.0} <= set(values[0, ends].tolist())
 
     out = tmp_path / "ppo"
     result = run_cli(*ppo_args(tiny_model_dir, data / "prompts.jsonl", out, "--rewards", "step=1", "--rm", f"step={rm}"))

@@ -17,6 +17,7 @@ import pytest
 
 from rlhfkit.config import REQUIRED, build_config, opt
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import MODEL_SUBDIR
 from rlhfkit.schema import PromptRecord, write_records
 
 
@@ -176,7 +177,7 @@ def test_ppo_save_every_0_saves_only_at_the_end(run_cli, tiny_model_dir, prompts
     result = run_cli(*ppo_args(tiny_model_dir, prompts, out, "--steps", "2", "--save-every", "0"))
     assert result.exit_code == 0, result.output  # was: ZeroDivisionError after step 1
     assert checkpoints(out) == ["step-2"]
-    assert (out / "model.safetensors").is_file()
+    assert (out / MODEL_SUBDIR / "model.safetensors").is_file()
 
 
 def test_out_equal_to_an_input_is_refused(run_cli, tiny_model_dir, prompts, tmp_path):
@@ -403,7 +404,11 @@ def test_a_full_disk_is_one_line_exit_1(run_cli, tmp_path, monkeypatch):
     monkeypatch.setattr(io.os, "fsync", full_disk)
     result = run_cli("annotate-import", "--format", "pairwise", source, "--out", tmp_path / "out")
     assert result.exit_code == 1
-    assert "No space left on device (--debug shows the traceback)" in one_line_error(result)
+    # annotate-import writes into a staging folder inside --out and moves the files in when all
+    # are complete, so the line names the staged file; nothing half-written is left behind.
+    error = one_line_error(result)
+    assert f"cannot write {tmp_path / 'out'}/" in error and "preferences.jsonl: No space left on device" in error
+    assert not (tmp_path / "out" / "preferences.jsonl").exists()
 
 
 def test_a_read_only_out_is_one_line_exit_1(run_cli, tmp_path, monkeypatch):
@@ -437,7 +442,7 @@ def test_a_huge_record_is_refused_with_file_and_line(tmp_path, monkeypatch):
     path.write_text(small + "\n" + huge + "\n")
     monkeypatch.setenv(MAX_RECORD_ENV, "4096")
     # The second line is 5000 x's plus ~70 bytes of JSON: above 4096.
-    with pytest.raises(RlhfkitError, match=rf"{path}:2: record of 5,0\d\d bytes is above the 4,096-byte limit"):
+    with pytest.raises(RlhfkitError, match=rf"{path}:2: record longer than the 4,096-byte limit"):
         load_records(path)
     monkeypatch.setenv(MAX_RECORD_ENV, "8192")
     assert len(load_records(path)) == 2
@@ -458,8 +463,8 @@ def test_saved_weights_follow_the_umask(tiny_model_dir, tmp_path):
     finally:
         os.umask(old)
     # 0o666 & ~0o022 = 0o644, as config.json gets.
-    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
-    assert (out / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (out / MODEL_SUBDIR / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (out / MODEL_SUBDIR / "config.json").stat().st_mode & 0o777 == 0o644
     assert (tiny_model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o644  # init-model's too
 
 

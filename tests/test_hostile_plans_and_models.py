@@ -16,7 +16,7 @@ from transformers import AutoModel
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
-from rlhfkit.models import load_tokenizer, save_model
+from rlhfkit.models import load_tokenizer, model_dir, model_output_dir, save_model
 from rlhfkit.rewards.reward_model import SPEC_FILE, load_reward_model, read_spec, reward_model_class
 from rlhfkit.rewards.shared_backbone import MultiAspectRewardModel
 from rlhfkit.runs import abandon_unstarted_runs
@@ -222,7 +222,7 @@ def save_rm(model_dir: Path, out: Path, kind: str) -> Path:
         spec.update(positive_reward=0.5, negative_reward=-0.5, segment_pooling="end")
     else:
         spec["normalization"] = {"mean": 0.0, "std": 1.0, "computed_on": "train"}
-    write_json(out / SPEC_FILE, spec)
+    write_json(model_output_dir(out) / SPEC_FILE, spec)  # beside the weights, as train-rm saves it
     return out
 
 
@@ -238,7 +238,7 @@ def damaged(rm: Path, tmp_path: Path, edit) -> Path:
     copy = tmp_path / f"damaged-{rm.name}"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(rm, copy)
-    spec_path = copy / "rlhfkit_rm.json"
+    spec_path = model_dir(copy) / "rlhfkit_rm.json"
     if isinstance(edit, bytes):
         spec_path.write_bytes(edit)
     else:
@@ -254,7 +254,7 @@ PREFERENCE_DAMAGE = {
     "max_length -5": (lambda s: s.update(max_length=-5), "max_length must be a whole number >= 1, got -5"),
     "std 0": (lambda s: s["normalization"].update(std=0), "normalization.std must be a finite number > 0, got 0"),
     "mean text": (lambda s: s["normalization"].update(mean="0"), "normalization.mean must be a finite number, got '0'"),
-    "not UTF-8": (b'{"aspect": "\xff"}', "not UTF-8 text (byte 0xff at offset 12)"),
+    "not UTF-8": (b'{"aspect": "\xff"}', "not UTF-8 text (byte 12)"),
     "a number": (b"5", "the file holds int 5, not a JSON object"),
     "kind swapped": (
         lambda s: s.update(kind="segment", granularity="sentence", positive_reward=1, negative_reward=-1),
@@ -272,7 +272,7 @@ def test_item3_a_damaged_sequence_rm_spec_is_one_line(rm_dirs, tmp_path, run_cli
     result = run_cli("redistribute", "--rm", rm, "--input", data, "--out", tmp_path / "tokens.jsonl")
     assert result.exit_code == 2, result.output
     error = one_line_error(result)
-    assert f"{rm}/rlhfkit_rm.json: " in error and message in error, error
+    assert f"{model_dir(rm)}/rlhfkit_rm.json: " in error and message in error, error
     assert error.endswith("re-save the model with `rlhfkit train-rm`)" if case == "kind swapped" else
                           "re-save the model with `rlhfkit train-rm`"), error
 
@@ -283,7 +283,7 @@ def test_item3_a_damaged_sequence_rm_spec_is_one_line(rm_dirs, tmp_path, run_cli
 ])
 def test_item3_a_segment_rm_spec_missing_a_field_is_one_line(rm_dirs, tmp_path, field, message):
     rm = damaged(rm_dirs["segment"], tmp_path, lambda s: s.pop(field))
-    with pytest.raises(RlhfkitError, match=f"^{rm}/rlhfkit_rm.json: {message}; re-save"):
+    with pytest.raises(RlhfkitError, match=f"^{model_dir(rm)}/rlhfkit_rm.json: {message}; re-save"):
         load_reward_model(rm)
 
 
@@ -291,7 +291,7 @@ def test_item3_std_0_in_ppo_and_evaluate_is_one_line_not_a_loss_or_json_failure(
     rm = damaged(rm_dirs["preference"], tmp_path, lambda s: s["normalization"].update(std=0))
     prompts = tmp_path / "prompts.jsonl"
     write_records(prompts, [PromptRecord(id=f"p{i}", prompt=f"question {i}?") for i in range(2)])
-    message = f"{rm}/rlhfkit_rm.json: normalization.std must be a finite number > 0, got 0"
+    message = f"{model_dir(rm)}/rlhfkit_rm.json: normalization.std must be a finite number > 0, got 0"
     result = run_cli("ppo", "--policy", tiny_model_dir, "--prompts", prompts, "--rm", f"pref={rm}", "--rewards", "pref=1",
                      "--out", tmp_path / "ppo", "--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "1",
                      "--minibatch-size", "1", "--max-new-tokens", "4")

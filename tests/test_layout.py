@@ -1,6 +1,7 @@
 """The layout the code shows (STYLE.md, "A layout that shows the architecture"): stages call
-the core and never each other, nothing in the core calls a stage, and the RL math
-(rlhfkit/rl/) is pure: torch, the standard library and other rlhfkit.rl modules only.
+the core and never each other, nothing in the core calls a stage, the RL math
+(rlhfkit/rl/) is pure: torch, the standard library and other rlhfkit.rl modules only, and no
+two modules need each other (no import cycle, however long, inside rlhfkit/).
 
 Every file is parsed with `ast` (nothing is imported), so an import inside a function counts
 as much as one at the top, and so does importlib.import_module("...") of a literal name.
@@ -10,7 +11,9 @@ stage's module, imported by name when the command runs).
 These checks can fail: run on the tree before the reward models, metrics and tasks got
 their own modules, test_the_core_imports_no_stage named rlhfkit/recipes.py importing
 rlhfkit.stages.evaluate (load_paper_table, inside toxicity_table); checked by hand, and
-test_each_rule_names_a_breach breaks each rule in a made-up package.
+test_each_rule_names_a_breach breaks each rule in a made-up package. test_no_import_cycles
+named three cycles on the tree of issue 23 (config <-> runs; importers/qa_feedback <->
+tasks/qa_feedback; rewards/presets -> reward_model -> shared_backbone -> presets).
 """
 
 from __future__ import annotations
@@ -107,6 +110,38 @@ def test_rl_imports_only_torch_and_the_standard_library():
     assert not found, f"rlhfkit/rl/ is pure tensor math, torch and the standard library only: {sorted(found)}"
 
 
+def import_cycles() -> list[list[str]]:
+    """Each import cycle among rlhfkit's modules found by a depth-first search, as the modules
+    around it (first == last); an import inside a function counts (it runs, and then it
+    needs the other module as much)."""
+    modules = {module_name(path): path for path in sources()}
+    graph = {name: sorted(m for m in imported_modules(path) if m in modules and m != name) for name, path in modules.items()}
+    state: dict[str, str] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(name: str) -> None:
+        state[name] = "open"
+        stack.append(name)
+        for other in graph[name]:
+            if state.get(other) == "open":
+                cycles.append(stack[stack.index(other):] + [other])
+            elif other not in state:
+                visit(other)
+        stack.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    return cycles
+
+
+def test_no_import_cycles():
+    found = [" -> ".join(cycle) for cycle in import_cycles()]
+    assert not found, "modules that need each other (move the shared piece down): " + "; ".join(found)
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
@@ -124,20 +159,24 @@ def test_imports_are_found_inside_functions_and_in_every_spelling(tmp_path, monk
     assert expected <= imported_modules(path)
 
 
+def made_up_package(tmp_path, monkeypatch, files: dict[str, str]) -> None:
+    """The rules read `files` ({path in the package: source}) as the package."""
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "rlhfkit")
+    for name, text in files.items():
+        (tmp_path / "rlhfkit" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "rlhfkit" / name).write_text(text)
+
+
 def test_each_rule_names_a_breach(tmp_path, monkeypatch):
     """A made-up package that breaks each rule once: every rule fails, naming the file and the import."""
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "rlhfkit")
-    files = {
+    made_up_package(tmp_path, monkeypatch, {
         "recipes.py": "def table():\n    from rlhfkit.stages.evaluate import load_paper_table\n",
         "cli.py": "import rlhfkit.stages.ppo\n",  # registers the stages: allowed
         "stages/ppo.py": "from rlhfkit.stages import evaluate\n",
         "stages/evaluate.py": "from rlhfkit.metrics import rouge_l\n",
         "rl/advantages.py": "import numpy\nimport torch\n",
         "rl/losses.py": "from rlhfkit.rl.advantages import whiten\n",
-    }
-    for name, text in files.items():
-        (tmp_path / "rlhfkit" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "rlhfkit" / name).write_text(text)
+    })
     for rule, breach in [
         (test_the_core_imports_no_stage, "rlhfkit/recipes.py imports rlhfkit.stages.evaluate"),
         (test_no_stage_imports_another_stage, "rlhfkit/stages/ppo.py imports rlhfkit.stages.evaluate"),
@@ -146,3 +185,14 @@ def test_each_rule_names_a_breach(tmp_path, monkeypatch):
             rule()
     with pytest.raises(AssertionError, match="numpy"):
         test_rl_imports_only_torch_and_the_standard_library()
+
+
+def test_a_cycle_through_a_function_level_import_is_named(tmp_path, monkeypatch):
+    made_up_package(tmp_path, monkeypatch, {
+        "__init__.py": "",
+        "config.py": "from rlhfkit.runs import RunDir\n",
+        "runs.py": "def load():\n    from rlhfkit import config\n",
+        "io.py": "import json\n",
+    })
+    with pytest.raises(AssertionError, match="rlhfkit.config -> rlhfkit.runs -> rlhfkit.config"):
+        test_no_import_cycles()

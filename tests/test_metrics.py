@@ -72,13 +72,22 @@ def test_win_rate_with_and_without_a_tie_margin():
     a = [1.0, 2.0, 3.0, 4.0]
     b = [0.0, 2.0, 3.05, 5.0]
     # differences a - b: 1, 0, -0.05, -1
-    assert win_rate(a, b) == pytest.approx({"win": 0.25, "tie": 0.25, "loss": 0.5})
+    # win rate = win + tie / 2
+    assert win_rate(a, b) == pytest.approx({"win": 0.25, "tie": 0.25, "loss": 0.5, "win_rate": 0.375})
     # with margin 0.1, -0.05 becomes a tie
-    assert win_rate(a, b, tie_margin=0.1) == pytest.approx({"win": 0.25, "tie": 0.5, "loss": 0.25})
+    assert win_rate(a, b, tie_margin=0.1) == pytest.approx({"win": 0.25, "tie": 0.5, "loss": 0.25, "win_rate": 0.5})
     # swapping the sides swaps win and loss
-    assert win_rate(b, a) == pytest.approx({"win": 0.5, "tie": 0.25, "loss": 0.25})
+    assert win_rate(b, a) == pytest.approx({"win": 0.5, "tie": 0.25, "loss": 0.25, "win_rate": 0.625})
     with pytest.raises(ValueError, match="4 scores for A but 3"):
         win_rate(a, b[:3])
+
+
+def test_win_rate_is_the_papers_on_its_own_counts():
+    # Jin et al. (2023), ChatGPT after one round: 57 wins, 67 ties, 36 losses of 160;
+    # published win rate 56.6% = (57 + 67 / 2) / 160 = 90.5 / 160 = 0.565625 (wins alone: 35.6%).
+    counts = win_rate([1.0] * 57 + [0.0] * 67 + [-1.0] * 36, [0.0] * 160)
+    assert counts["win_rate"] == pytest.approx(0.565625, abs=1e-12)  # sums of 160 exact halves/units
+    assert (counts["win"], counts["tie"], counts["loss"]) == pytest.approx((57 / 160, 67 / 160, 36 / 160))
 
 
 class UniformLM(torch.nn.Module):
@@ -256,3 +265,16 @@ def test_pairwise_intervals_by_hand():
     }
     assert pairwise_intervals(["a", "b"], [True, True], seed=3)["pairwise_accuracy_ci95"] == [1.0, 1.0]
     assert pairwise_intervals(["a", "a"], [True, False], seed=0)["pairwise_accuracy_ci95"] is None
+
+
+def test_ratio_and_distinct_statistics_of_resampled_prompts():
+    from rlhfkit.metrics import distinct_n_statistic, ratio_statistic
+
+    # Items of prompts p, p, q with values 1, 0, 1 (denominators 1): all items 2/3; p drawn
+    # twice (1 + 0) x 2 / 4 = 1/2; q drawn twice 1.
+    units, ratio = ratio_statistic(["p", "p", "q"], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0])
+    assert units == 2
+    assert ratio(np.array([[0, 1], [0, 0], [1, 1]])).tolist() == pytest.approx([2 / 3, 1 / 2, 1.0])
+    # distinct-1 of "a b" (prompt x) and "a c" (prompt y): all 3 distinct of 4; x twice: 2 of 4.
+    units, distinct = distinct_n_statistic(["x", "y"], ["a b", "a c"], 1)
+    assert distinct(np.array([[0, 1], [0, 0], [1, 1]])).tolist() == pytest.approx([0.75, 0.5, 0.5])

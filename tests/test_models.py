@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from rlhfkit import models
-from rlhfkit.config import build_config
+from rlhfkit.config import DEFAULT_SEED, build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import (
     EOS_TOKEN,
@@ -74,7 +74,7 @@ def test_init_model_cli_builds_a_loadable_model(run_cli, repo_root, tmp_path, mo
     assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
 
     record = json.loads((out / MODEL_RECORD).read_text())
-    assert record["arch"] == "gpt2" and record["parameters"] == 1_579_776 and record["seed"] == 0
+    assert record["arch"] == "gpt2" and record["parameters"] == 1_579_776 and record["seed"] == DEFAULT_SEED
     assert record["config"]["vocab_size"] == 4096 and record["versions"]["transformers"]
     for entry in record["corpus"]:
         assert (

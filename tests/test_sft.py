@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from rlhfkit import finetune as sft
 from rlhfkit.finetune import IGNORE_INDEX, encode_demonstration, make_collate, make_loss_fn
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import MODEL_SUBDIR, load_tokenizer
 from rlhfkit.schema import Demonstration, Preference, load_records, write_records
 from rlhfkit.training import checkpoint_dir, evaluate_loss, list_checkpoints, split_held_out
 
@@ -161,8 +161,8 @@ def test_sft_lowers_held_out_loss_and_saves_a_loadable_model(tiny_model_dir, tmp
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the saved directory loads with from_pretrained and scores the held-out split as the run did
-    model = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out / MODEL_SUBDIR)
+    tokenizer = AutoTokenizer.from_pretrained(out / MODEL_SUBDIR)
     _, held_out = split_held_out(load_records(data), 0.25, seed=42)
     examples = [encode_demonstration(tokenizer, r.prompt, r.response, 1024, False) for r in held_out]
     collate = make_collate(tokenizer.pad_token_id, False)
@@ -202,12 +202,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, t
         result = run_cli(*sft_args(tiny_model_dir, data, resumed), *common)
     assert result.exit_code == 130 and "interrupted" in result.output
     assert [p.name for p in list_checkpoints(resumed)] == ["step-2", "step-4"]
-    assert not (resumed / "model.safetensors").exists()
+    assert not (resumed / MODEL_SUBDIR).exists()
     result = run_cli(*sft_args(tiny_model_dir, data, resumed), *common, "--resume")
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.output and "step 4 of 6" in result.output
 
-    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    expected, actual = load_file(straight / MODEL_SUBDIR / "model.safetensors"), load_file(resumed / MODEL_SUBDIR / "model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
@@ -242,7 +242,7 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_checkpoint(tiny_model_dir, tmp
     assert result.exit_code == 3
     assert "training diverged at step 3: the loss is nan" in result.output
     assert "step-2" in result.output and list_checkpoints(out) == [checkpoint_dir(out, 2)]
-    assert not (out / "model.safetensors").exists()
+    assert not (out / MODEL_SUBDIR).exists()
     weights = load_file(checkpoint_dir(out, 2) / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
@@ -255,8 +255,8 @@ def test_lora_run_saves_a_merged_loadable_model(tiny_model_dir, tmp_path, run_cl
     metrics = read_metrics(out)
     assert metrics["lora_merged"] and metrics["saved_model_class"] == "GPT2LMHeadModel"
     assert metrics["trainable_parameters"] < metrics["total_parameters"] / 10
-    assert not (out / "adapter_config.json").exists()
-    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not (out / MODEL_SUBDIR / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / MODEL_SUBDIR)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     merged_weights, base_weights = merged.state_dict(), base.state_dict()
     assert merged_weights.keys() == base_weights.keys()
@@ -271,9 +271,9 @@ def test_lora_without_merge_saves_the_adapter(tiny_model_dir, tmp_path, run_cli)
     out = tmp_path / "adapter"
     result = run_cli(*sft_args(tiny_model_dir, data, out, "--lora-r", 2, "--max-steps", 1, "--no-merge-lora"))
     assert result.exit_code == 0, result.output
-    adapter = json.loads((out / "adapter_config.json").read_text())
+    adapter = json.loads((out / MODEL_SUBDIR / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and Path(adapter["base_model_name_or_path"]) == Path(tiny_model_dir)
-    assert not (out / "model.safetensors").exists()
+    assert not (out / MODEL_SUBDIR / "model.safetensors").exists()
 
 
 def test_t5_prompt_goes_to_the_encoder_and_the_response_is_learned(tiny_t5_dir, tmp_path, run_cli):
@@ -291,7 +291,7 @@ def test_t5_prompt_goes_to_the_encoder_and_the_response_is_learned(tiny_t5_dir, 
     metrics = read_metrics(out)
     assert metrics["eval_loss_after"] < 0.7 * metrics["eval_loss_before"]
     assert metrics["saved_model_class"] == "T5ForConditionalGeneration"
-    assert AutoModelForSeq2SeqLM.from_pretrained(out).config.is_encoder_decoder
+    assert AutoModelForSeq2SeqLM.from_pretrained(out / MODEL_SUBDIR).config.is_encoder_decoder
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -18,16 +18,25 @@ from torch import nn
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import MODEL_SUBDIR, load_tokenizer
 from rlhfkit.rewards.data import make_collate
 from rlhfkit.rewards.losses import make_shared_loss_fn
 from rlhfkit.rewards.shared_backbone import (
     AspectRewardModel,
     MultiAspectRewardModel,
     SharedBackboneScorer,
+    load_reward_models,
 )
 from rlhfkit.rewards.sources import build_reward_sources, canonical_name, parse_named, parse_weights
-from rlhfkit.schema import Preference, PromptRecord, Span, SpanFeedback, write_records
+from rlhfkit.schema import (
+    Generation,
+    Preference,
+    PromptRecord,
+    Span,
+    SpanFeedback,
+    load_records,
+    write_records,
+)
 from rlhfkit.stages.train_rm import TrainRMConfig
 
 # float32 arithmetic on a handful of values: a few ulps of ~1, far below 1e-6.
@@ -200,13 +209,13 @@ def fg_model(fg_data, tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_saved_model_lists_its_aspects(fg_model):
-    spec = json.loads((fg_model / "rlhfkit_rm.json").read_text())
+    spec = json.loads((fg_model / MODEL_SUBDIR / "rlhfkit_rm.json").read_text())
     assert spec["kind"] == "multi_aspect" and spec["reads"] == "last_token"
     assert {a: e["kind"] for a, e in spec["aspects"].items()} == {"factuality": "segment", "relevance": "segment", "completeness": "preference"}
     assert [spec["aspects"][a]["weight"] for a in ("factuality", "relevance", "completeness")] == [1.0, 0.5, 2.0]
     assert spec["aspects"]["factuality"]["label_rules"]["ignore_with_aspects"] == ["relevance"]
     assert spec["aspects"]["completeness"]["normalization"]["computed_on"] == "training responses"
-    assert (fg_model / "aspect_heads.safetensors").is_file() and (fg_model / "model.safetensors").is_file()
+    assert (fg_model / MODEL_SUBDIR / "aspect_heads.safetensors").is_file() and (fg_model / MODEL_SUBDIR / "model.safetensors").is_file()
     metrics = json.loads((fg_model / "rm_metrics.json").read_text())
     # The padding fraction's arithmetic is tested by hand in test_training; here: it is reported.
     assert isinstance(metrics["padding_fraction"], float)
@@ -226,8 +235,6 @@ def test_sources_of_one_model_share_a_forward_pass(fg_model):
     out = {name: s.token_rewards(prompts, responses, spans) for name, s in sources.items()}
     assert scorer.forward_passes - before == 1  # batch_size 8 >= 3 responses: one batch, three aspects
     # The loaded model gives what a fresh forward pass of the saved weights gives.
-    from rlhfkit.rewards.reward_model import load_reward_models
-
     again = load_reward_models(fg_model, device="cpu")["completeness"].raw_scores(prompts, responses)
     assert again == pytest.approx(sources["fg.completeness"].rm.raw_scores(prompts, responses), abs=1e-5)
     assert all(len(r.per_token) == 3 for r in out.values())
@@ -269,13 +276,29 @@ def test_shared_model_into_ppo_and_evaluate(run_cli, fg_model, fg_data, tiny_mod
         "--rm", f"fg={fg_model}", "--rewards", "fg.fact=0.5,fg.relevance=0.3,fg.comp=0.3",
     )
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"reward/fg.factuality", "reward/fg.relevance", "reward/fg.completeness"} <= set(line)
+    rollouts = [json.loads(row) for row in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 4  # the whole step: 2 prompts x 2 samples
+    # Each aspect's raw reward is the mean over the step's responses of what that aspect's RM
+    # gives them (a segment aspect: the sum over its segments), scored here on its own; the
+    # weighted one is weight x raw, and the total their sum. float32 scores: 1e-5.
+    aspects = load_reward_models(fg_model, device="cpu")
+    weights = {"factuality": 0.5, "relevance": 0.3, "completeness": 0.3}
+    for aspect, weight in weights.items():
+        scored = aspects[aspect].score([r["prompt"] for r in rollouts], [r["response"] for r in rollouts])
+        assert line[f"reward/raw/fg.{aspect}"] == pytest.approx(sum(sum(s.values) for s in scored) / 4, abs=1e-5)
+        assert line[f"reward/weighted/fg.{aspect}"] == pytest.approx(weight * line[f"reward/raw/fg.{aspect}"], abs=1e-5)
+    assert line["reward/total"] == pytest.approx(sum(line[f"reward/weighted/fg.{a}"] for a in weights), abs=1e-5)
+
     ev = tmp_path / "eval"
     run_cli("evaluate", "--policy", str(tiny_model_dir), "--prompts", str(fg_data / "prompts.jsonl"), "--max-prompts", "2",
             "--max-new-tokens", "8", "--rm", f"fg={fg_model}", "--out", str(ev))
-    metrics = json.loads((ev / "metrics.json").read_text())
-    text = json.dumps(metrics)
-    assert "error_rate/fg.factuality" in text and "reward/fg.completeness" in text
+    [system] = json.loads((ev / "metrics.json").read_text())["systems"].values()
+    generations = load_records(ev / "generations.jsonl", "generation")
+    pairs = ([g.prompt for g in generations], [g.response for g in generations])
+    completeness = aspects["completeness"].score(*pairs)
+    assert system["reward/raw/fg.completeness"] == pytest.approx(sum(s.values[0] for s in completeness) / 2, abs=1e-5)
+    probs = [p for s in aspects["factuality"].score(*pairs) for p in s.error_probs]
+    assert system["error_rate/fg.factuality"] == pytest.approx(sum(p > 0.5 for p in probs) / len(probs) if probs else 0.0)
 
 
 def test_a_sequence_aspect_can_be_redistributed(fg_model):
@@ -288,6 +311,55 @@ def test_a_sequence_aspect_can_be_redistributed(fg_model):
     response = "It is red. It is old."
     spans = [[(0, 5), (5, 10), (10, len(response))]]
     rewards = source.token_rewards(["question 1?"], [response], spans).per_token[0]
-    scores, _, prompt_scores = source.rm.prefix_scores(["question 1?"], [response])
+    _, _, prompt_scores = source.rm.prefix_scores(["question 1?"], [response])
+    # The sum telescopes to the sequence score the head gives the whole response, read by the
+    # other code path (score, the one PPO pays without --redistribute; normalised with the
+    # spec's mean/std), minus the prompt's: unnormalised or scaled prefix scores fail this.
     # float32 sums of 3 values of size ~1: well within 1e-5.
-    assert rewards.sum().item() == pytest.approx(scores[0][-1].item() - prompt_scores[0].item(), abs=1e-5)
+    [whole] = load_reward_models(fg_model, device="cpu")["completeness"].score(["question 1?"], [response])
+    assert rewards.sum().item() == pytest.approx(whole.values[0] - prompt_scores[0].item(), abs=1e-5)
+    assert whole.values[0] != pytest.approx(prompt_scores[0].item(), abs=1e-3)  # a non-trivial sum
+
+
+def test_audit_and_redistribute_load_real_reward_model_directories(run_cli, fg_model, fg_data, tiny_model_dir, tmp_path):
+    """`evaluate --audit-rm` and `redistribute` on saved RMs (a shared-backbone one, whose
+    aspects are fg.ASPECT, and a single factuality RM), no stand-ins: the expected figures are
+    recomputed from each RM's own scores of the rollouts and the judge's rule ('bad' marks a
+    false sentence; tests.judges.audit_truth)."""
+    from tests.test_audit import ROLLOUTS
+
+    rollouts = tmp_path / "run" / "rollouts.jsonl"
+    rollouts.parent.mkdir()
+    write_records(rollouts, [Generation(id=f"r{i}", prompt=p, response=r, meta={"step": s}) for i, (s, p, r) in enumerate(ROLLOUTS)])
+    single = tmp_path / "fact-rm"
+    result = run_cli("train-rm", "--aspect", "factuality", "--data", fg_data / "spans.jsonl", "--model", tiny_model_dir,
+                     "--out", single, "--max-steps", "2", "--batch-size", "4", "--max-length", "96", "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "audit"
+    result = run_cli("evaluate", "--audit-rm", f"fg={fg_model}", "--audit-rm", f"solo={single}",
+                     "--audit-judge", "py:tests.judges:audit_truth", "--rollouts", f"arm={rollouts}", "--out", out)
+    assert result.exit_code == 0, result.output
+    audited = json.loads((out / "audit.json").read_text())["runs"]["arm"]["rms"]
+    assert set(audited) == {"fg.factuality", "fg.relevance", "fg.completeness", "solo"}
+    rms = {"fg.factuality": load_reward_models(fg_model, device="cpu")["factuality"],
+           "solo": load_reward_models(single, device="cpu")["factuality"]}
+    for name, rm in rms.items():
+        for step, row in zip((0, 1), audited[name]):
+            rows = [(p, r) for s, p, r in ROLLOUTS if s == step]
+            scored = rm.error_probabilities([p for p, _ in rows], [r for _, r in rows])
+            agree = [(prob > 0.5) == ("bad" in seg.text) for segments, probs in scored for seg, prob in zip(segments, probs)]
+            assert row["segments"] == len(agree) and row["accuracy"] == pytest.approx(sum(agree) / len(agree), abs=1e-12)
+
+    # redistribute: the shared model's one sequence aspect (completeness); each record's
+    # sequence score is the prompt score plus the token rewards, which telescope to the score
+    # the head gives the whole response (6-decimal rounding of <= 30 values: 1e-4).
+    out = tmp_path / "r3hf.jsonl"
+    result = run_cli("redistribute", "--rm", fg_model, "--input", rollouts, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    completeness = load_reward_models(fg_model, device="cpu")["completeness"]
+    records = load_records(out, "generation")
+    whole = completeness.score([r.prompt for r in records], [r.response for r in records])
+    for record, scored in zip(records, whole):
+        assert record.meta["sequence_score"] == pytest.approx(scored.values[0], abs=1e-4)
+    result = run_cli("redistribute", "--rm", fg_model, "--aspect", "factuality", "--input", rollouts, "--out", out)
+    assert result.exit_code == 2 and "--aspect factuality: not a sequence aspect of" in result.output and "valid: completeness" in result.output

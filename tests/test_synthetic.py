@@ -268,12 +268,14 @@ def test_revisions_are_judged_against_their_originals(tmp_path, small_kb):
     first, second = result["rounds"]
     assert (first["win"], first["tie"], first["loss"]) == (0.5, 0.0, 0.5)
     assert (second["win"], second["tie"], second["loss"]) == (0.5, 0.5, 0.0)
+    # the paper's win rate, win + tie / 2: 0.5 + 0 and 0.5 + 0.25
+    assert (first["win_rate"], second["win_rate"]) == (0.5, 0.75)
     assert first["holistic"] == 0.25 and second["holistic"] == 0.75  # (1.0 - 0.5) / 2, (1.0 + 0.5) / 2
     assert second["accepted"] == 0.5  # a's round-2 revision was flagged
     assert result["originals"] == 0.0  # (-0.5 + 0.5) / 2
     above_half, rising = result["goals"]
-    assert not above_half["met"]  # round 1 wins 50%, not above it
-    assert not rising["met"]  # round 2 wins 50% too
+    assert not above_half["met"]  # round 1's win rate is 50%, not above it
+    assert rising["met"]  # 0.5 -> 0.75 (wins alone stay at 50%: the tie counts half)
 
 
 def test_audit_summary_takes_the_first_and_last_quarter_over_seeds():

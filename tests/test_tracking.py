@@ -57,7 +57,8 @@ def test_ppo_tensorboard_event_file_equals_metrics_jsonl(run_cli, tiny_model_dir
     # The scalars are written as float64 tensors, so equality is exact (no float32 rounding).
     logged = read_event_scalars(out / "tensorboard")
     assert logged == expected
-    assert {"reward/total", "reward/judge", "kl", "tokens_per_second"} <= set(logged)
+    # the trackers carry the same reward names as metrics.jsonl (raw and weighted per source)
+    assert {"reward/total", "reward/raw/judge", "reward/weighted/judge", "kl", "tokens_per_second"} <= set(logged)
     assert sorted(logged["reward/total"]) == [1, 2]
 
     # the resolved config, and a table of the 2 logged rollouts per step

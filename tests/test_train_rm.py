@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.metrics import beats_baseline_clearly
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import MODEL_SUBDIR, load_tokenizer, model_dir
 from rlhfkit.rewards.data import (
     ScoreExample,
     data_fingerprint,
@@ -182,7 +182,8 @@ def test_presets_and_overrides():
     # Segments are read at their completing token unless asked; a mean applies to segment RMs only.
     assert (fact.segment_pooling, rel.segment_pooling) == ("end", "end")
     assert config(aspect="relevance", segment_pooling="mean").settings().segment_pooling == "mean"
-    assert config(aspect="completeness", segment_pooling="mean").settings().segment_pooling == "end"
+    with pytest.raises(RlhfkitError, match=r"--segment-pooling applies to segment RMs only \(completeness is a preference RM\)"):
+        config(aspect="completeness", segment_pooling="mean")  # issue 26 item 20: no longer silently ignored
     with pytest.raises(RlhfkitError, match="--segment-pooling must be one of end, mean, got 'max'"):
         config(aspect="relevance", segment_pooling="max")
 
@@ -316,7 +317,7 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, tmp_path):
     out = tmp_path / "fact"
     result = run_cli("train-rm", "--aspect", "factuality", "--data", data, "--model", tiny_model_dir, "--out", out, *LEARN, "--max-steps", "30")
     assert result.exit_code == 0, result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert {k: spec[k] for k in ("aspect", "kind", "granularity", "positive_reward", "negative_reward", "max_length", "backbone")} == {
         "aspect": "factuality",
         "kind": "segment",
@@ -375,14 +376,14 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, tmp_path):
     again = tmp_path / "eval-again"
     assert run_cli("train-rm", "--eval-only", "--aspect", "factuality", "--data", data, "--model", out, "--out", again).exit_code == 0
     assert read_json(again / METRICS_FILE)["held_out"] == evaluated_held
-    assert not (evaluated / SPEC_FILE).exists() and not list(evaluated.glob("*.safetensors"))
+    assert not (evaluated / MODEL_SUBDIR).exists() and not (evaluated / SPEC_FILE).exists() and not list(evaluated.glob("*.safetensors"))
 
 
 def test_relevance_preset_uses_subsentences(run_cli, tiny_model_dir, span_file, tmp_path):
     out = tmp_path / "rel"
     result = run_cli("train-rm", "--aspect", "relevance", "--data", span_file, "--model", tiny_model_dir, "--out", out, *FAST, "--eval-fraction", "0")
     assert result.exit_code == 0, result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert (spec["granularity"], spec["positive_reward"], spec["negative_reward"]) == ("subsentence", 1.0, -1.0)
     rm = load_reward_model(out, device="cpu")
     # "People like it, and it is made of iron." has fewer than 5 words after the comma: one piece.
@@ -398,7 +399,7 @@ def test_mean_pooled_segment_rm_is_saved_and_scored_as_trained(run_cli, tiny_mod
         "--out", out, *FAST, "--eval-fraction", "0",
     )
     assert result.exit_code == 0, result.output
-    assert read_json(out / SPEC_FILE)["segment_pooling"] == "mean"
+    assert read_json(model_dir(out) / SPEC_FILE)["segment_pooling"] == "mean"
     rm = load_reward_model(out, device="cpu")
     response = span_records(1)[0].response
     (segments, probs), = rm.error_probabilities(["q"], [response])
@@ -418,7 +419,7 @@ def test_preference_rm_stores_score_normalisation(run_cli, tiny_model_dir, prefe
     result = run_cli("train-rm", "--aspect", "completeness", "--data", preference_file, "--model", tiny_model_dir, "--out", out, *LEARN, "--max-steps", "20")
     assert result.exit_code == 0, result.output
     assert "holistic preferences" in result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert spec["kind"] == "preference" and spec["normalization"]["computed_on"] == "training responses"
     metrics = read_json(out / METRICS_FILE)
     held = metrics["held_out"]
@@ -452,7 +453,7 @@ def test_preference_rm_options(run_cli, tiny_model_dir, preference_file, tmp_pat
         *FAST, "--ties", "drop", "--normalize-on", samples, "--lora-r", "2",
     )
     assert result.exit_code == 0, result.output
-    spec = read_json(out / SPEC_FILE)
+    spec = read_json(model_dir(out) / SPEC_FILE)
     assert spec["normalization"]["computed_on"] == str(samples) and spec["normalization"]["responses"] == 5
     metrics = read_json(out / METRICS_FILE)
     assert metrics["train_ties"] == 0 and metrics["held_out"]["ties"] == 0
@@ -474,18 +475,43 @@ def test_regression_rm_on_scores(run_cli, tiny_model_dir, tmp_path):
                      # one target, and 30 steps would not show the RM the whole range.
                      "--no-group-by-length")
     assert result.exit_code == 0, result.output
-    assert read_json(out / SPEC_FILE)["kind"] == "regression"
-    held = read_json(out / METRICS_FILE)["held_out"]
-    # The seeded split holds out c8, c10, c12: targets 3, 0, 2, mean 5/3; predicting the mean
-    # errs by 4/3, 5/3, 1/3: MSE (16 + 25 + 1) / 9 / 3 = 14/9.
-    assert held["scores"] == 3
-    assert held["mean_baseline_mse"] == pytest.approx(14 / 9)
+    assert read_json(model_dir(out) / SPEC_FILE)["kind"] == "regression"
+    metrics = read_json(out / METRICS_FILE)
+    held = metrics["held_out"]
+    # The seeded split holds out c8, c10, c12: targets 3, 0, 2. The baseline predicts the
+    # training labels' mean: all 15 labels sum to 3 x (0 + 1 + 2 + 3 + 4) = 30, less 5 held
+    # out: 25 / 12. Its errors 11/12, -25/12, -1/12: MSE (121 + 625 + 1) / 144 / 3 = 747/432.
+    assert held["scores"] == 3 and held["mean_baseline_of"] == "training labels"
+    assert held["mean_baseline"] == pytest.approx(25 / 12)
+    assert held["mean_baseline_mse"] == pytest.approx(747 / 432)
     # The held-out MSE is the mean squared error of the saved RM's own predictions.
     rm = load_reward_model(out, device="cpu")
     predictions = rm.raw_scores(["question 8?", "question 10?", "question 12?"], ["word " * 4, "word ", "word " * 3])
     assert held["mse"] == pytest.approx(((predictions[0] - 3) ** 2 + predictions[1] ** 2 + (predictions[2] - 2) ** 2) / 3, rel=1e-5)
     # After 30 steps it has learned the length (measured: MSE 0.37).
     assert held["mse"] < held["mean_baseline_mse"] / 2
+    # The interval of (baseline MSE - RM MSE) over the 3 prompts: a resample of one prompt
+    # three times has probability 1/27 = 3.7% > 2.5%, so the ends are the worst and the best
+    # prompt's own gain (float32 predictions: 1e-5).
+    gains = [(25 / 12 - t) ** 2 - (p - t) ** 2 for p, t in zip(predictions, [3.0, 0.0, 2.0])]
+    assert held["baseline_mse_minus_mse_ci95"] == pytest.approx([min(gains), max(gains)], abs=1e-5)
+    assert metrics["beats_baseline_clearly"] == (min(gains) > 0)
+    # Scores in the labels' units: score() is the head's own output, no standardisation.
+    assert read_json(model_dir(out) / SPEC_FILE)["normalization"] == {"mean": 0.0, "std": 1.0, "computed_on": None, "units": "labels"}
+    scored = rm.score(["question 8?", "question 10?", "question 12?"], ["word " * 4, "word ", "word " * 3])
+    assert [s.values[0] for s in scored] == pytest.approx(predictions, abs=1e-6)
+
+    # --regression-scores standardized: (raw - mean) / std of the RM's scores on the training responses.
+    out = tmp_path / "standardized"
+    result = run_cli("train-rm", "--aspect", "length", "--kind", "regression", "--data", data, "--model", tiny_model_dir, "--out", out,
+                     "--max-length", "96", "--batch-size", "4", "--max-steps", "2", "--regression-scores", "standardized")
+    assert result.exit_code == 0, result.output
+    norm = read_json(model_dir(out) / SPEC_FILE)["normalization"]
+    assert norm["computed_on"] == "training responses" and norm["responses"] == 12
+    rm = load_reward_model(out, device="cpu")
+    [raw] = rm.raw_scores(["question 8?"], ["word " * 4])
+    [scored] = rm.score(["question 8?"], ["word " * 4])
+    assert scored.values[0] == pytest.approx((raw - norm["mean"]) / norm["std"], rel=1e-5)
 
 
 def test_responses_that_do_not_fit_are_counted(run_cli, tiny_model_dir, span_file, tmp_path):

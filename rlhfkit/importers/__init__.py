@@ -15,10 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.schema import PromptRecord, Record, RecordError, Span, SpanFeedback, parse_json
+from rlhfkit.errors import EnvironmentFailure, RlhfkitError
+from rlhfkit.schema import (
+    PromptRecord,
+    Record,
+    RecordError,
+    Span,
+    SpanFeedback,
+    capped_lines,
+    parse_json,
+)
+from rlhfkit.yamlfile import read_yaml_file
 
 HF_PREFIX = "hf:"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -149,7 +156,7 @@ def _json_list_rows(spec: str, name: str) -> Iterator[Row]:
 
 def _jsonl_rows(spec: str, name: str) -> Iterator[Row]:
     with open(spec, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
+        for lineno, raw in capped_lines(handle, spec):
             data, error = None, ""
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -165,14 +172,30 @@ def _jsonl_rows(spec: str, name: str) -> Iterator[Row]:
             yield Row(where=f"{spec}:{lineno}", key=f"{name}:{lineno}", data=data, error=error)
 
 
+def _first_line(err: BaseException) -> str:
+    """Why `datasets` could not load: its message's first line (they run to pages), or, for
+    data files whose columns differ, which columns."""
+    from datasets.exceptions import DatasetGenerationError
+    from datasets.table import CastError
+
+    if isinstance(err, DatasetGenerationError) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, CastError):
+        return f"its data files have different columns: {err.details()}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _dataset_rows(spec: str, name: str, split: str) -> Iterator[Row]:
     """Rows of a Hugging Face dataset: `hf:NAME`, a save_to_disk directory, or a .parquet file."""
     import datasets
 
+    repo, _, config = spec[len(HF_PREFIX) :].partition(":")
+    if spec.startswith(HF_PREFIX) and not repo.strip():
+        raise RlhfkitError(f"{spec}: no dataset after hf:; give hf:NAME or hf:NAME:CONFIG (e.g. hf:nvidia/HelpSteer3:edit)")
     try:
         if spec.startswith(HF_PREFIX):
             # `hf:NAME:CONFIG` picks a configuration (e.g. hf:nvidia/HelpSteer3:edit).
-            repo, _, config = spec[len(HF_PREFIX) :].partition(":")
             dataset = datasets.load_dataset(repo, config or None, split=split)
         elif Path(spec).is_dir():
             dataset = datasets.load_from_disk(spec)
@@ -180,8 +203,10 @@ def _dataset_rows(spec: str, name: str, split: str) -> Iterator[Row]:
             dataset = datasets.Dataset.from_parquet(spec)
         else:
             raise RlhfkitError(f"{spec}: no such file or directory")
-    except (OSError, ValueError) as err:
-        raise RlhfkitError(f"{spec}: cannot load the dataset: {err}") from None
+    except (ConnectionError, TimeoutError) as err:  # no network, or offline mode: the environment
+        raise EnvironmentFailure(f"{spec}: cannot load the dataset: {_first_line(err)}") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        raise RlhfkitError(f"{spec}: cannot load the dataset: {_first_line(err)}") from None
     label = spec
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
@@ -206,10 +231,7 @@ def parse_label_map(value: Optional[str]) -> Optional[dict[str, str]]:
         return None
     path = Path(value)
     if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise RlhfkitError(f"{path}: invalid label map: {err}") from None
+        data = read_yaml_file(path, "label map")
         if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()
         ):

@@ -31,9 +31,18 @@ from rlhfkit.schema import (
     Span,
     SpanFeedback,
 )
-from rlhfkit.tasks.qa_feedback import ERROR_ASPECTS
 
 NAME = "qa-feedback"
+
+# The paper's reward models (section 4.1): C1 relevance covers irrelevant, repetitive and
+# incoherent text; C2 factuality covers inconsistent ("Wrong-Grounding") and unverifiable facts.
+ERROR_ASPECTS = {
+    "Irrelevant": "relevance",
+    "Redundant": "relevance",
+    "Incoherent": "relevance",
+    "Wrong-Grounding": "factuality",
+    "Unverifiable": "factuality",
+}
 
 NUM_PREDICTIONS = 4
 PREFERENCE_PAIRS = [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]

@@ -8,8 +8,9 @@ token that completes the segment, where FG-RLHF puts the segment's reward.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -121,26 +122,50 @@ NORMALIZE_EPS = 1e-8
 
 
 def normalize_per_source(
-    components: Mapping[str, Tensor], given: Mapping[str, Tensor], eps: float = NORMALIZE_EPS
+    components: Mapping[str, Tensor],
+    given: Mapping[str, Tensor],
+    eps: float = NORMALIZE_EPS,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Each source's rewards standardised over the batch, before weighting.
+    """Each source's per-response reward standardised over the batch, before weighting; the
+    shape of a dense or segment reward within a response is kept.
 
     Sources live on different scales (a 0-4 regression attribute, a +-0.5 segment reward,
-    a Bradley-Terry logit), so a weight means little until each is put on one scale. For
-    each source, the rewards it gave (`given[name]`, (B, T) bool: the positions where it
-    placed a reward; a sequence RM gives one per response, a segment RM one per segment)
-    become `(r - mean) / (std + eps)`, mean and population std over those positions in the
-    batch; positions it gave no reward stay 0. A source that gave one reward, or the same
-    reward everywhere, becomes 0 there (its std is 0).
+    a Bradley-Terry logit), so a weight means little until each is put on one scale. What is
+    standardised is the response's reward from the source: the sum over the positions where
+    it placed one (`given[name]`, (B, T) bool; a sequence RM's single score, a segment RM's
+    segments, an R3HF source's prefix differences). With m and s the mean and population std
+    of those sums over the responses it rewarded, every rewarded position is divided by s and
+    m / s is subtracted at the response's last rewarded position (where a sequence RM's score
+    sits): each response's sum becomes (sum - m) / s, positions within it keep their ratios,
+    and R3HF's differences still telescope, to the standardised sequence score. Standardising
+    the positions themselves instead (each against the mean position) would add a term in the
+    number of positions: two dense rows with sums 0.8 over 4 tokens and 1.6 over 12, spread
+    evenly, would sum to +6.93 and -6.93, the better row penalised; here they sum to -1 and +1.
+
+    `all_reduce` (distributed.all_reduce_sum) makes m and s those of the global batch over
+    processes. A source whose rewarded sums are all equal (or that rewarded one response, or
+    none) becomes 0: std <= 1e-6 x max(1, |m|) is treated as none (float32 sums of equal
+    values differ by rounding, ~1e-7 relative), since dividing by it would blow the shape up.
     """
+    reduce = all_reduce or (lambda t: t)
     out = {}
     for name, rewards in components.items():
         mask = given[name].to(rewards.device)
-        values = rewards[mask]
-        normalized = torch.zeros_like(rewards)
-        if values.numel():
-            mean = values.mean()
-            std = values.std(unbiased=False) if values.numel() > 1 else torch.zeros_like(mean)
-            normalized[mask] = (values - mean) / (std + eps)
+        placed = torch.where(mask, rewards.to(torch.float32), 0.0)
+        rewarded = mask.any(dim=1)
+        sums = placed.sum(dim=1)
+        count, total = reduce(torch.stack([rewarded.sum(), sums[rewarded].sum()]).to(torch.float64)).tolist()
+        normalized = torch.zeros_like(placed)
+        if count:
+            mean = total / count
+            squares = reduce(((sums[rewarded].to(torch.float64) - mean) ** 2).sum().reshape(1)).item()
+            std = math.sqrt(squares / count)
+            if std > 1e-6 * max(1.0, abs(mean)):
+                normalized = placed / (std + eps)
+                width = mask.shape[1]
+                last = width - 1 - mask.flip(dims=[1]).to(torch.int64).argmax(dim=1)
+                rows = torch.nonzero(rewarded).squeeze(1)
+                normalized[rows, last[rows]] -= mean / (std + eps)
         out[name] = normalized
     return out

@@ -14,8 +14,12 @@ from difflib import get_close_matches
 from typing import Any
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.rewards.reward_model import KINDS, SEGMENT_POOLINGS
 from rlhfkit.segment import SEGMENT_RM_GRANULARITIES, SegmentLabelRules
+
+KINDS = ("segment", "preference", "regression")
+# Where a segment RM reads a segment's logits: the token completing it (one token per segment,
+# as the reference's marker token), or the mean over all its tokens.
+SEGMENT_POOLINGS = ("end", "mean")
 
 NO_LABEL_RULES = SegmentLabelRules()  # plain overlap: an error span of the aspect makes a segment an error
 

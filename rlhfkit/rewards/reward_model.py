@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,24 +41,26 @@ from rlhfkit.chat import render_prompt
 from rlhfkit.distributed import full_parameters, is_main_process
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.io import write_json
-from rlhfkit.models import load_pretrained, load_tokenizer, resolve_device, save_model
+from rlhfkit.models import (
+    load_pretrained,
+    load_tokenizer,
+    model_dir,
+    model_output_dir,
+    resolve_device,
+    save_model,
+)
 from rlhfkit.rewards.placement import token_index_for_char_ends
+from rlhfkit.rewards.presets import KINDS, SEGMENT_POOLINGS, RMSettings
+from rlhfkit.schema import read_json_file
 from rlhfkit.segment import GRANULARITIES, SEGMENT_RM_GRANULARITIES, Segment, segment
 from rlhfkit.truncation import TRUNCATION_SIDES, kept_indices
 
-if TYPE_CHECKING:
-    from rlhfkit.rewards.presets import RMSettings
-
 SPEC_FILE = "rlhfkit_rm.json"
 SPEC_FORMAT = 1
-KINDS = ("segment", "preference", "regression")
 SEQUENCE_KINDS = ("preference", "regression")
 SHARED_KIND = "multi_aspect"  # rlhfkit.rewards.shared_backbone: several aspects on one backbone
 # Token-classification labels of a segment RM: index 1 is "this segment has an error".
 SEGMENT_LABELS = {0: "no_error", 1: "error"}
-# Where a segment RM reads a segment's logits: the token completing it (one token per segment,
-# as the reference's marker token), or the mean over all its tokens.
-SEGMENT_POOLINGS = ("end", "mean")
 
 
 @dataclass
@@ -447,17 +449,13 @@ class RewardModel:
 def read_spec(path: str | os.PathLike) -> dict:
     """The `rlhfkit_rm.json` of a reward-model directory, every field checked (`check_spec`);
     RlhfkitError naming the file and the field if there is none, or it is damaged."""
-    spec_path = Path(path) / SPEC_FILE
+    spec_path = model_dir(path) / SPEC_FILE
     if not spec_path.is_file():
         raise RlhfkitError(f"{path} is not an rlhfkit reward model (no {SPEC_FILE}); train one with `rlhfkit train-rm`")
     try:
-        spec = json.loads(spec_path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RlhfkitError(f"{spec_path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); re-save the model with `rlhfkit train-rm`") from None
-    except json.JSONDecodeError as err:
-        raise RlhfkitError(f"{spec_path}: invalid JSON: {err.msg}") from None
-    except OSError as err:
-        raise RlhfkitError(f"{spec_path}: cannot read: {err.strerror}") from None
+        spec = read_json_file(spec_path)
+    except RlhfkitError as err:
+        raise RlhfkitError(f"{err}; re-save the model with `rlhfkit train-rm`") from None
     check_spec(spec, spec_path)
     return spec
 
@@ -538,7 +536,7 @@ def _check_kind_fields(entry: dict, spec_path: Path, bad: Callable[[str, str], R
 def check_head_matches_kind(path: str | os.PathLike, kind: str) -> None:
     """RlhfkitError when the directory's weights are not a `kind` RM (an edited kind): a
     segment RM has a 2-label token head, a sequence RM a 1-score head (new_reward_model)."""
-    config_path = Path(path) / "config.json"
+    config_path = model_dir(path) / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -549,7 +547,7 @@ def check_head_matches_kind(path: str | os.PathLike, kind: str) -> None:
     expected = 2 if kind == "segment" else 1
     if labels is not None and labels != expected:
         raise RlhfkitError(
-            f"{Path(path) / SPEC_FILE}: kind {kind!r} needs a head of {expected} output(s), but {config_path} has "
+            f"{model_dir(path) / SPEC_FILE}: kind {kind!r} needs a head of {expected} output(s), but {config_path} has "
             f"{labels} labels; the kind does not match the weights (re-save the model with `rlhfkit train-rm`)"
         )
 
@@ -619,7 +617,7 @@ def save_reward_model_weights(model: nn.Module, tokenizer, out: Path) -> nn.Modu
     process enters (ZeRO-3 gathers the shards for it); the main one writes. Returns the model saved."""
     main = is_main_process()
     if main:
-        (out / SPEC_FILE).unlink(missing_ok=True)
+        (model_output_dir(out) / SPEC_FILE).unlink(missing_ok=True)
     with full_parameters(model):
         return save_model(model, tokenizer, out, merge_lora=True) if main else model
 
@@ -627,7 +625,7 @@ def save_reward_model_weights(model: nn.Module, tokenizer, out: Path) -> nn.Modu
 def write_reward_model_spec(out: Path, spec: dict[str, Any]) -> None:
     """The last step: a directory with rlhfkit_rm.json is a complete reward model."""
     if is_main_process():
-        write_json(out / SPEC_FILE, spec)
+        write_json(model_output_dir(out) / SPEC_FILE, spec)
 
 
 def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> RewardModel:
@@ -644,15 +642,3 @@ def load_reward_model(path: str | os.PathLike, *, device: str | torch.device | N
     model = load_pretrained(reward_model_class(spec["kind"]), str(path), dtype=dtype, device=str(target))
     model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model, tokenizer, spec, target)
-
-
-def load_reward_models(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
-    """{aspect: RewardModel} of a directory: its one aspect, or every aspect of a shared-backbone
-    model (scored together: one forward pass per batch for all of them)."""
-    spec = read_spec(path)
-    if spec["kind"] != SHARED_KIND:
-        rm = load_reward_model(path, device=device, dtype=dtype)
-        return {rm.aspect: rm}
-    from rlhfkit.rewards.shared_backbone import load_aspect_reward_models
-
-    return load_aspect_reward_models(path, spec, device=resolve_device(None if device is None else str(device)), dtype=dtype)

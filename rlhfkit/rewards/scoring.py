@@ -19,6 +19,7 @@ from rlhfkit.metrics import (
     beats_baseline_clearly,
     interval_verdict,
     pairwise_intervals,
+    regression_intervals,
     segment_intervals,
     segment_metrics,
 )
@@ -32,10 +33,12 @@ HEADLINE_KEYS = ("accuracy", "error_f1", "error_auc", "pairwise_accuracy", "mse"
 
 def evaluate_reward_model(
     rm: RewardModel, records: Sequence[Record], aspect: str, batch_size: int, seed: int = 0,
-    rules: SegmentLabelRules | None = None,
+    rules: SegmentLabelRules | None = None, training_mean: float | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics of `rm` on labelled records, each beside its trivial baseline, with
-    95% bootstrap intervals over the records' prompts (seeded by `seed`) where there is one."""
+    95% bootstrap intervals over the records' prompts (seeded by `seed`). A regression RM's
+    baseline predicts `training_mean` (the training labels' mean: what an RM that learned
+    nothing would) for every record; without it (--eval-only), the held-out labels' mean."""
     fitting = [r for r in records if fits(rm, r)]
     metrics: dict[str, Any] = {"records": len(fitting), "records_too_long": len(records) - len(fitting)}
     if not fitting:
@@ -79,12 +82,15 @@ def evaluate_reward_model(
     if scored_records:
         predictions = rm.raw_scores([r.prompt for r in scored_records], [r.response for r in scored_records], batch_size)
         targets = [r.score for r in scored_records]
-        mean_target = sum(targets) / len(targets)
+        baseline = sum(targets) / len(targets) if training_mean is None else training_mean
         metrics.update(
             {
                 "mse": sum((p - t) ** 2 for p, t in zip(predictions, targets)) / len(targets),
-                "mean_baseline_mse": sum((mean_target - t) ** 2 for t in targets) / len(targets),
+                "mean_baseline_mse": sum((baseline - t) ** 2 for t in targets) / len(targets),
+                "mean_baseline": baseline,
+                "mean_baseline_of": "held-out labels" if training_mean is None else "training labels",
                 "scores": len(targets),
+                **regression_intervals([r.prompt for r in scored_records], predictions, targets, baseline, seed),
             }
         )
     return metrics
@@ -125,7 +131,13 @@ def held_out_summary(metrics: dict[str, Any]) -> str:
             + f"{interval_verdict(interval, metrics['pairwise_baseline_accuracy'])})"
         )
     if "mse" in metrics:
-        return f"held-out MSE {metrics['mse']:.4f} (predicting the mean: {metrics['mean_baseline_mse']:.4f})"
+        interval = metrics["baseline_mse_minus_mse_ci95"]
+        return (
+            f"held-out MSE {metrics['mse']:.4f} on {metrics['scores']} scores (predicting the {metrics['mean_baseline_of']}' "
+            f"mean {metrics['mean_baseline']:.4f}: {metrics['mean_baseline_mse']:.4f}; "
+            + (f"its MSE minus the RM's, 95% CI [{interval[0]:+.4f}, {interval[1]:+.4f}]: " if interval else "")
+            + f"{interval_verdict(interval, 0.0)}); intervals over {metrics['bootstrap_prompts']} prompts"
+        )
     return "no held-out data"
 
 

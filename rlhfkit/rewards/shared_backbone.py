@@ -37,12 +37,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import load_pretrained, load_tokenizer, model_dir, resolve_device
 from rlhfkit.rewards.reward_model import (
+    SEQUENCE_KINDS,
     SHARED_KIND,
     SPEC_FORMAT,
     EncodedPair,
     RewardModel,
     kind_spec,
+    load_reward_model,
+    read_spec,
 )
 
 if TYPE_CHECKING:
@@ -135,7 +139,7 @@ class MultiAspectRewardModel(nn.Module):
         save_file(heads, str(Path(directory) / HEADS_FILE))
 
     def load_heads(self, directory: str | os.PathLike) -> None:
-        path = Path(directory) / HEADS_FILE
+        path = model_dir(directory) / HEADS_FILE
         if not path.is_file():
             raise RlhfkitError(f"{directory}: no {HEADS_FILE}; the shared-backbone reward model is incomplete, train it again")
         try:
@@ -232,13 +236,13 @@ class AspectRewardModel(RewardModel):
         return self.scorer.outputs(input_ids, attention_mask)[self.aspect]
 
 
-def new_multi_aspect_model(kinds: dict[str, str], backbone: str, *, device: torch.device, trust_remote_code: bool = False) -> MultiAspectRewardModel:
-    """A model to train: `backbone` (a hub id or directory, fp32 weights) with a fresh head per aspect."""
+def new_multi_aspect_model(kinds: dict[str, str], backbone: str, *, device: torch.device, trust_remote_code: bool = False,
+                           **memory_options) -> MultiAspectRewardModel:
+    """A model to train: `backbone` (a hub id or directory, fp32 weights) with a fresh head per aspect;
+    `memory_options`: load_pretrained's gradient_checkpointing and attn_implementation."""
     from transformers import AutoModel
 
-    from rlhfkit.models import load_pretrained
-
-    base = load_pretrained(AutoModel, backbone, dtype="float32", device=str(device), trust_remote_code=trust_remote_code)
+    base = load_pretrained(AutoModel, backbone, dtype="float32", device=str(device), trust_remote_code=trust_remote_code, **memory_options)
     return MultiAspectRewardModel(base, kinds).to(device)
 
 
@@ -285,11 +289,53 @@ def load_aspect_reward_models(path: str | os.PathLike, spec: dict, *, device: to
     """Every aspect of a shared-backbone reward model directory, sharing one scorer."""
     from transformers import AutoModel
 
-    from rlhfkit.models import load_pretrained, load_tokenizer
-
     tokenizer = load_tokenizer(str(path), padding_side="right")
     backbone = load_pretrained(AutoModel, str(path), dtype=dtype, device=str(device))
     model = MultiAspectRewardModel(backbone, {aspect: entry["kind"] for aspect, entry in spec["aspects"].items()})
     model.load_heads(path)
     model.heads.to(device=device, dtype=next(backbone.parameters()).dtype)
     return aspect_reward_models(model, tokenizer, spec, device)
+
+
+def load_reward_models(path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
+    """{aspect: RewardModel} of a directory: its one aspect, or every aspect of a shared-backbone
+    model (scored together: one forward pass per batch for all of them)."""
+    spec = read_spec(path)
+    if spec["kind"] != SHARED_KIND:
+        rm = load_reward_model(path, device=device, dtype=dtype)
+        return {rm.aspect: rm}
+    return load_aspect_reward_models(path, spec, device=resolve_device(None if device is None else str(device)), dtype=dtype)
+
+
+def load_named_reward_models(paths: dict[str, str], *, device: str | torch.device | None = None, dtype: str = "auto") -> dict[str, RewardModel]:
+    """{name: RewardModel} of named RM directories, where a shared-backbone model's aspects are
+    named NAME.ASPECT (as `--rm NAME=DIR` expands them): each directory is loaded once."""
+    loaded: dict[str, dict[str, RewardModel]] = {}
+    out = {}
+    for name, path in paths.items():
+        if path not in loaded:
+            loaded[path] = load_reward_models(path, device=device, dtype=dtype)
+        aspects = loaded[path]
+        out[name] = aspects[name.rpartition(".")[2]] if read_spec(path)["kind"] == SHARED_KIND else next(iter(aspects.values()))
+    return out
+
+
+def load_sequence_aspect(path: str, aspect: str | None, option: str, *, device: str | torch.device | None = None,
+                         dtype: str = "auto") -> RewardModel:
+    """The sequence-level RM of a directory: its one RM, or the `aspect` of a shared-backbone
+    model (which may be left out when the model has one sequence aspect)."""
+    spec = read_spec(path)
+    if spec["kind"] != SHARED_KIND:
+        if aspect is not None and aspect != spec["aspect"]:
+            raise RlhfkitError(f"{option} {path}: a single-aspect {spec['aspect']} reward model has no aspect {aspect!r}")
+        return load_reward_model(path, device=device, dtype=dtype)
+    sequence = [name for name, entry in spec["aspects"].items() if entry["kind"] in SEQUENCE_KINDS]
+    if aspect is None and len(sequence) != 1:
+        raise RlhfkitError(
+            f"{option} {path} is a shared-backbone reward model with sequence aspects {', '.join(sequence) or 'none'}; "
+            "name the one to use with --aspect"
+        )
+    chosen = aspect or sequence[0]
+    if chosen not in sequence:
+        raise RlhfkitError(f"--aspect {chosen}: not a sequence aspect of {path}; valid: {', '.join(sequence) or 'none'}")
+    return load_reward_models(path, device=device, dtype=dtype)[chosen]

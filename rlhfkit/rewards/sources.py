@@ -401,14 +401,16 @@ def build_reward_sources(
 
 
 def _is_shared(spec: str) -> bool:
+    from rlhfkit.models import model_dir
     from rlhfkit.rewards.reward_model import SHARED_KIND, SPEC_FILE, read_spec
 
-    return (Path(spec) / SPEC_FILE).is_file() and read_spec(spec)["kind"] == SHARED_KIND
+    return (model_dir(spec) / SPEC_FILE).is_file() and read_spec(spec)["kind"] == SHARED_KIND
 
 
 def _shared_aspects(model_name: str, spec: str, device: torch.device, dtype: str) -> dict:
     """{aspect: RewardModel} of a shared-backbone --rm (an error for anything else)."""
-    from rlhfkit.rewards.reward_model import SHARED_KIND, load_reward_models, read_spec
+    from rlhfkit.rewards.reward_model import SHARED_KIND, read_spec
+    from rlhfkit.rewards.shared_backbone import load_reward_models
 
     if spec.startswith(("py:", "hf:")) or not Path(spec).exists():
         raise RlhfkitError(f"--rm {model_name}={spec}: NAME.ASPECT rewards need a shared-backbone reward-model directory here")

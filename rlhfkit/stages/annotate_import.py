@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhfkit.config import REQUIRED, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.importers import (
@@ -46,6 +46,7 @@ from rlhfkit.schema import (
     Record,
     RecordError,
     SpanFeedback,
+    check_record_size,
     validate_record,
     write_records,
 )
@@ -78,32 +79,38 @@ REPORT = "import_report.json"
 
 @dataclass
 class ImportConfig:
-    format: str = opt(REQUIRED, f"Input format: {', '.join(FORMATS)}.")
+    format: str = opt(REQUIRED, f"Input format: {', '.join(FORMATS)}.", panel="Data")
     inputs: list[str] = opt(
         REQUIRED,
         "Input files (JSON list or JSONL), .parquet files, datasets saved with save_to_disk, or hf:NAME.",
         argument=True,
+        panel="Data",
     )
-    out: str = opt(REQUIRED, "Output directory.")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
+    out: str = opt(REQUIRED, "Output directory.", panel="Output")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
     label_map: Optional[str] = opt(
         None,
         "Labels to aspects: LABEL=ASPECT,... or a JSON/YAML file (qa-feedback, doccano, label-studio).",
+        panel="Data",
     )
     field: list[str] = opt(
-        [], "Rename an input field: NAME=INPUT_FIELD (repeatable, or comma-separated)."
+        [], "Rename an input field: NAME=INPUT_FIELD (repeatable, or comma-separated).",
+        panel="Data",
     )
     split: str = opt(
-        "train", "Split of a Hugging Face dataset (hf:NAME[:CONFIG] or a save_to_disk DatasetDict)."
+        "train", "Split of a Hugging Face dataset (hf:NAME[:CONFIG] or a save_to_disk DatasetDict).",
+        panel="Data",
     )
     pairs: Optional[str] = opt(
         None, "Which preference pairs of several rated responses (ultrafeedback): all (default; at most 16 completions "
-        "per row) or best-vs-worst."
+        "per row) or best-vs-worst.",
+        panel="Data",
     )
     skip_invalid: bool = opt(
-        False, "Skip invalid records (listed in import_report.json) instead of stopping."
+        False, "Skip invalid records (listed in import_report.json) instead of stopping.",
+        panel="Data",
     )
-    seed: int = opt(0, "Recorded in run_config.json; the import itself uses no randomness.")
+    seed: int = opt(DEFAULT_SEED, "Recorded in run_config.json; the import itself uses no randomness.", panel="Training")
 
     def validate(self) -> None:
         self.options()
@@ -154,6 +161,7 @@ def run_import(cfg: ImportConfig) -> dict:
                     for item in converted:
                         if not isinstance(item, Skipped):
                             validate_record(item)
+                            check_record_size(item)
                 except RecordError as err:
                     if not cfg.skip_invalid:
                         raise RlhfkitError(f"{row.where}: {err}") from None

@@ -4,12 +4,16 @@ Reads each run directory's `metrics.jsonl` (and `run_config.json` for the stage'
 writes either a PNG of the metric's curves over the steps, one line per run, or a markdown
 table of the figures people quote: the first and last logged value and the change between.
 Rows without a step, and values written as strings (non-finite numbers), are left out.
+
+Rewards go by rlhfkit.runs' names (reward/raw/NAME, reward/normalized/NAME,
+reward/weighted/NAME, reward/total). A PPO run from before those names logged only the
+weighted value, as reward/NAME (eval/reward_NAME, eval/reward_total): it is read as
+reward/weighted/NAME (eval/reward/weighted/NAME, eval/reward/total), and compare says so; such
+a run has no raw score.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -17,19 +21,28 @@ from pathlib import Path
 from rlhfkit.config import REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_write, write_text
+from rlhfkit.io import write_text
+from rlhfkit.plots import Panel, Series, draw, save_png
+from rlhfkit.runs import (
+    RAW_REWARD_PREFIX,
+    TOTAL_REWARD_KEY,
+    read_metric_series,
+    run_stage_name,
+    weighted_reward_key,
+)
 
 OUT_KINDS = (".png", ".md")
 # What a run is compared on when --metric is not given: the first every run has.
-DEFAULT_METRICS = ("reward/total", "loss", "eval_loss")
+DEFAULT_METRICS = (TOTAL_REWARD_KEY, "loss", "eval_loss")
+REWARD_NAME_KINDS = ("raw", "normalized", "weighted")
 
 
 @dataclass
 class CompareConfig:
-    runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True)
-    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values).")
-    metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).")
-    labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).")
+    runs: list[str] = opt(REQUIRED, "Run directories (outputs of sft, train-rm, ppo, ...), each with a metrics.jsonl.", argument=True, panel="Data")
+    out: str = opt(REQUIRED, "Output file: FILE.png (curves) or FILE.md (a table of first/last values); an existing file is replaced only if compare wrote it.", panel="Output")
+    metric: list[str] = opt([], "Metric(s) to compare, repeatable (default: reward/total, else loss, else eval_loss).", panel="Output")
+    labels: list[str] = opt([], "Names of the runs in the same order, repeatable (default: the directories' names).", panel="Output")
 
     def validate(self) -> None:
         if Path(self.out).suffix.lower() not in OUT_KINDS:
@@ -47,32 +60,30 @@ class RunCurves:
     stage: str
     # metric -> [(step, value)] in the order logged
     series: dict[str, list[tuple[int, float]]]
+    # the run logged the rewards under their names before reward/raw|normalized|weighted
+    old_reward_names: bool = False
+
+
+def current_reward_key(key: str) -> str:
+    """An old PPO log's reward key by today's name: reward/NAME and eval/reward_NAME held the
+    weighted value; reward/total and eval/reward_total the total. Other keys as they are."""
+    if key == "eval/reward_total":
+        return f"eval/{TOTAL_REWARD_KEY}"
+    if key.startswith("eval/reward_"):
+        return "eval/" + weighted_reward_key(key.removeprefix("eval/reward_"))
+    prefix, _, name = key.partition("/")
+    if prefix == "reward" and key != TOTAL_REWARD_KEY and name.partition("/")[0] not in REWARD_NAME_KINDS:
+        return weighted_reward_key(name)
+    return key
 
 
 def read_run(path: Path, label: str) -> RunCurves:
     """A run's numeric metrics by step; a line that is not JSON is an error with file:line."""
-    metrics_file = path / "metrics.jsonl"
-    series: dict[str, list[tuple[int, float]]] = {}
-    for lineno, line in enumerate(metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RlhfkitError(f"{metrics_file}:{lineno}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                series.setdefault(key, []).append((row["step"], float(value)))
-    stage = ""
-    config_file = path / "run_config.json"
-    if config_file.is_file():
-        try:
-            stage = str(json.loads(config_file.read_text(encoding="utf-8")).get("stage", ""))
-        except json.JSONDecodeError:
-            stage = ""
-    return RunCurves(label, stage, series)
+    series = read_metric_series(path)
+    old_names = not any(key.startswith(RAW_REWARD_PREFIX) for key in series) and any(current_reward_key(key) != key for key in series)
+    if old_names:
+        series = {current_reward_key(key): values for key, values in series.items()}
+    return RunCurves(label, run_stage_name(path), series, old_names)
 
 
 def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
@@ -98,7 +109,7 @@ def choose_metrics(runs: list[RunCurves], wanted: list[str]) -> list[str]:
 
 def render_table(runs: list[RunCurves], metrics: list[str]) -> str:
     """One markdown table per metric: first and last logged value, their change, the last step."""
-    lines = [f"# Run comparison: {', '.join(metrics)}", ""]
+    lines = [f"{TABLE_TITLE}{', '.join(metrics)}", ""]
     for metric in metrics:
         lines += [
             f"## {metric}",
@@ -114,24 +125,30 @@ def render_table(runs: list[RunCurves], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
+# What compare writes first in each kind of --out: an existing file that does not start so
+# was not written by compare, and is not overwritten (an evaluate run's results.md, say).
+TABLE_TITLE = "# Run comparison: "
+PNG_MARKER = "rlhfkit compare"
+
+
+def check_replaceable(out: Path) -> None:
+    """--out may be new, or an earlier compare output; anything else is refused."""
+    if not out.exists():
+        return
+    if not out.is_file():
+        raise RlhfkitError(f"--out {out}: exists and is not a file")
+    with open(out, "rb") as handle:
+        head = handle.read(4096)
+    ours = head.startswith(TABLE_TITLE.encode()) if out.suffix.lower() == ".md" else PNG_MARKER.encode() in head
+    if not ours:
+        raise RlhfkitError(f"--out {out}: exists and was not written by rlhfkit compare; remove it or choose another --out")
+
+
 def plot_curves(path: Path, runs: list[RunCurves], metrics: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for run in runs:
-            steps, values = zip(*run.series[metric])
-            ax.plot(steps, values, label=run.label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_write(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
+    """One panel per metric, one line per run."""
+    panels = [Panel(metric, "step", metric, [Series(run.label, *zip(*run.series[metric])) for run in runs])
+              for metric in metrics]
+    save_png(draw(f"compare: {', '.join(run.label for run in runs)}", panels), path, metadata={"Software": PNG_MARKER})
 
 
 def run_compare(cfg: CompareConfig) -> Path:
@@ -143,8 +160,15 @@ def run_compare(cfg: CompareConfig) -> Path:
     if len(set(labels)) < len(labels):
         labels = [str(run) for run in cfg.runs]  # same directory names under different parents
     runs = [read_run(Path(run), label) for run, label in zip(cfg.runs, labels)]
+    for run in runs:
+        if run.old_reward_names:
+            console.print(
+                f"compare: {run.label} logged rewards under the old names: reward/NAME (the weighted value) is read as "
+                "reward/weighted/NAME; the run has no raw score (reward/raw/NAME)"
+            )
     metrics = choose_metrics(runs, cfg.metric)
     out = Path(cfg.out)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".md":
         text = render_table(runs, metrics)

@@ -16,7 +16,6 @@ byte-identical weights and tokenizer.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -28,12 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.chat import SIMPLE_CHAT_TEMPLATE
-from rlhfkit.config import config_to_dict, opt
+from rlhfkit.config import DEFAULT_SEED, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import match_umask, shipped_path, write_json
-from rlhfkit.models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer, count_parameters
+from rlhfkit.io import config_to_dict, shipped_path, write_json
+from rlhfkit.models import (
+    TINY_ARCHS,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    count_parameters,
+    save_weights,
+)
 from rlhfkit.runs import package_versions
+from rlhfkit.schema import read_json_file, read_json_lines
 
 MODEL_RECORD = "rlhfkit_model.json"
 SHIPPED_CORPUS = ["data/qa_feedback/feedback.json", "data/qa_feedback/qa_dev.json"]
@@ -43,25 +49,29 @@ MIN_VOCAB_SIZE = 258
 
 @dataclass
 class InitModelConfig:
-    out: str = opt("models/tiny", "Directory to write the model and tokenizer to.")
+    out: str = opt("models/tiny", "Directory to write the model and tokenizer to.", panel="Output")
     arch: str = opt(
         "gpt2",
         f"Architecture: {', '.join(TINY_ARCHS)} (t5 is encoder-decoder, as the paper's QA policy).",
+        panel="Model",
     )
     vocab_size: int = opt(
-        4096, "Tokenizer vocabulary size (byte-level BPE, incl. 2 special tokens)."
+        4096, "Tokenizer vocabulary size (byte-level BPE, incl. 2 special tokens).",
+        panel="Model",
     )
-    n_layer: int = opt(4, "Transformer layers (T5: in the encoder and in the decoder each).")
-    n_embd: int = opt(128, "Hidden size.")
-    n_head: int = opt(4, "Attention heads (must divide --n-embd).")
+    n_layer: int = opt(4, "Transformer layers (T5: in the encoder and in the decoder each).", panel="Model")
+    n_embd: int = opt(128, "Hidden size.", panel="Model")
+    n_head: int = opt(4, "Attention heads (must divide --n-embd).", panel="Model")
     max_positions: int = opt(
-        2048, "Longest sequence in tokens, prompt + response (T5: the tokenizer's limit only)."
+        2048, "Longest sequence in tokens, prompt + response (T5: the tokenizer's limit only).",
+        panel="Model",
     )
     corpus: list[str] = opt(
         SHIPPED_CORPUS,
         "Text to train the tokenizer on: .json/.jsonl (every string in it) or plain text; repeatable.",
+        panel="Data",
     )
-    seed: int = opt(0, "Seed for the weights' random initialisation.")
+    seed: int = opt(DEFAULT_SEED, "Seed for the weights' random initialisation.", panel="Training")
 
     def validate(self) -> None:
         if self.arch not in TINY_ARCHS:
@@ -110,23 +120,14 @@ def _strings(value: Any) -> Iterator[str]:
 
 def read_corpus(path: Path) -> list[str]:
     """Every string in a .json/.jsonl file (questions, passages, answers...), or a text file's text."""
-    raw = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        try:
-            return list(_strings(json.loads(raw)))
-        except json.JSONDecodeError as err:
-            raise RlhfkitError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        return list(_strings(read_json_file(path)))
     if path.suffix == ".jsonl":
-        texts = []
-        for line_no, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                texts.extend(_strings(json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise RlhfkitError(f"{path}:{line_no}: invalid JSON: {err.msg}") from None
-        return texts
-    return [raw]
+        return [text for _, value in read_json_lines(path) for text in _strings(value)]
+    try:
+        return [path.read_bytes().decode("utf-8")]
+    except UnicodeDecodeError as err:
+        raise RlhfkitError(f"--corpus {path}: not UTF-8 text (byte {err.start}); give text, JSON or JSONL") from None
 
 
 def _longest_in_tokens(tokenizer: Any, texts: list[str]) -> int:
@@ -213,9 +214,7 @@ def run_init_model(cfg: InitModelConfig) -> Path:
     built = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _chmod_as_mkdir(built)
-        model.save_pretrained(built)
-        tokenizer.save_pretrained(built)
-        match_umask(built)
+        save_weights(model, tokenizer, built, out)
         write_json(
             built / MODEL_RECORD,
             {

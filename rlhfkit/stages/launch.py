@@ -1,7 +1,7 @@
 """`rlhfkit launch`: run a stage in one process per GPU, on one node or several, via DeepSpeed.
 
-    rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml
-    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa_feedback/paper/sft.yaml
+    rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml --deepspeed zero2
+    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa_feedback/paper/sft.yaml --deepspeed zero2
 
 Everything after `--` is the stage and its options, passed on verbatim: each process runs
 `python -m rlhfkit.cli STAGE ARGS...` under the `deepspeed` launcher, which sets RANK,
@@ -9,6 +9,12 @@ LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (see rlhfkit.distributed). W
 hostfile the launcher starts the other nodes over passwordless ssh (pdsh) in the same
 working directory, so relative paths in the stage's options must exist on every node.
 `--dry-run` prints the command instead of running it.
+
+Checked before anything starts (--dry-run included): with more than one process the stage
+needs --deepspeed (in its options or its --config file), since each process would otherwise
+train its own copy (the stage refuses that at start-up). Checked before running (not with
+--dry-run, which may print a command for other machines): one node needs a GPU per process
+(torch.cuda.device_count()); without one, the launcher would start CPU processes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from rlhfkit.cli import STAGES
 from rlhfkit.config import opt
@@ -34,21 +42,23 @@ LAUNCHABLE_STAGES = [name for name in STAGES if name != "launch"]
 @dataclass
 class LaunchConfig:
     stage_args: list[str] = opt(
-        [], "After `--`: the stage and its options, e.g. `-- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml`.", argument=True
+        [], "After `--`: the stage and its options, e.g. `-- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml`.", argument=True,
+        panel="Distributed",
     )
-    gpus: int = opt(0, "GPUs (processes) per node; 0 = all the node has.")
-    num_nodes: int = opt(0, "Use the first N hosts of --hostfile; 0 = all of them (1 node without a hostfile).")
-    hostfile: str | None = opt(None, "Hostfile for several nodes: one `HOSTNAME slots=GPUS` line per node.")
-    master_addr: str = opt("", "Address of node 0 for the rendezvous (default: DeepSpeed's choice).")
-    master_port: int = opt(0, "Port of the rendezvous on node 0 (0 = DeepSpeed's default, 29500).")
-    include: str = opt("", "Only these hosts/GPUs, DeepSpeed syntax: 'worker-0@worker-1:0,2' or 'localhost:0,1'.")
-    exclude: str = opt("", "All hosts/GPUs but these (same syntax as --include).")
-    dry_run: bool = opt(False, "Print the deepspeed command (one shell-quoted line) and exit.")
+    gpus: int = opt(0, "GPUs (processes) per node; 0 = all the node has.", panel="Distributed")
+    num_nodes: int = opt(0, "Use the first N hosts of --hostfile; 0 = all of them (1 node without a hostfile).", panel="Distributed")
+    hostfile: str | None = opt(None, "Hostfile for several nodes: one `HOSTNAME slots=GPUS` line per node.", panel="Distributed")
+    master_addr: str = opt("", "Address of node 0 for the rendezvous (default: DeepSpeed's choice).", panel="Distributed")
+    master_port: int = opt(0, "Port of the rendezvous on node 0 (0 = DeepSpeed's default, 29500).", panel="Distributed")
+    include: str = opt("", "Only these hosts/GPUs, DeepSpeed syntax: 'worker-0@worker-1:0,2' or 'localhost:0,1'.", panel="Data")
+    exclude: str = opt("", "All hosts/GPUs but these (same syntax as --include).", panel="Data")
+    dry_run: bool = opt(False, "Print the deepspeed command (one shell-quoted line) and exit.", panel="Output")
 
     def validate(self) -> None:
         if not self.stage_args:
             raise RlhfkitError(
-                "give the stage to run after `--`, e.g. `rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml`; "
+                "give the stage to run after `--`, e.g. `rlhfkit launch --gpus 8 -- ppo --config "
+                "recipes/qa_feedback/paper/ppo_fine_grained.yaml --deepspeed zero2`; "
                 f"stages: {', '.join(LAUNCHABLE_STAGES)}"
             )
         stage = self.stage_args[0]
@@ -69,11 +79,17 @@ class LaunchConfig:
                 raise RlhfkitError(
                     f"--num-nodes {self.num_nodes} needs --hostfile (one `HOSTNAME slots=GPUS` line per node)"
                 )
-            return
-        hosts = read_hostfile(self.hostfile)
-        if self.num_nodes > len(hosts):
+        else:
+            hosts = read_hostfile(self.hostfile)
+            if self.num_nodes > len(hosts):
+                raise RlhfkitError(
+                    f"--num-nodes {self.num_nodes} but {self.hostfile} lists {len(hosts)} host(s): {', '.join(hosts)}"
+                )
+        if not (self.gpus == 1 and self.hostfile is None) and not stage_uses_deepspeed(self.stage_args):
             raise RlhfkitError(
-                f"--num-nodes {self.num_nodes} but {self.hostfile} lists {len(hosts)} host(s): {', '.join(hosts)}"
+                f"`{stage}` runs in several processes here but has no --deepspeed in its options or its --config file, so "
+                "each process would train its own copy; add it after the stage, e.g. "
+                f"`rlhfkit launch ... -- {stage} ... --deepspeed zero2` (zero1, zero2, zero3 or a DeepSpeed JSON)"
             )
 
 
@@ -103,6 +119,40 @@ def read_hostfile(path: str) -> dict[str, int]:
     if not hosts:
         raise RlhfkitError(f"{path}: no hosts (expected `HOSTNAME slots=GPUS` lines)")
     return hosts
+
+
+def stage_uses_deepspeed(stage_args: list[str]) -> bool:
+    """Whether the stage's options set --deepspeed: on the command line, or in its --config
+    file (a YAML/JSON mapping with a `deepspeed` key)."""
+    for i, arg in enumerate(stage_args):
+        if arg == "--deepspeed" or arg.startswith("--deepspeed="):
+            return True
+        config = arg.removeprefix("--config=") if arg.startswith("--config=") else (
+            stage_args[i + 1] if arg == "--config" and i + 1 < len(stage_args) else None)
+        if config is not None and Path(config).is_file():
+            try:
+                data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                continue  # the stage reports its own config's errors
+            if isinstance(data, dict) and data.get("deepspeed"):
+                return True
+    return False
+
+
+def check_gpus(cfg: LaunchConfig) -> None:
+    """One node: a GPU for every process (the launcher would start CPU processes without)."""
+    if cfg.hostfile is not None:
+        return
+    import torch
+
+    available = torch.cuda.device_count()
+    if available == 0:
+        raise RlhfkitError(
+            "no GPU is visible here (torch.cuda.device_count() is 0): `rlhfkit launch` runs one process per GPU; "
+            f"on this machine run the stage itself (`rlhfkit {cfg.stage_args[0]} ...`)"
+        )
+    if cfg.gpus > available:
+        raise RlhfkitError(f"--gpus {cfg.gpus} but this machine has {available} GPU(s)")
 
 
 def deepspeed_executable() -> str:
@@ -144,13 +194,14 @@ def run_launch(cfg: LaunchConfig) -> list[str]:
     Put the stage and its options after `--`, for example
 
     \b
-    rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml
-    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa_feedback/paper/sft.yaml
+    rlhfkit launch --gpus 8 -- ppo --config recipes/qa_feedback/paper/ppo_fine_grained.yaml --deepspeed zero2
+    rlhfkit launch --num-nodes 2 --hostfile hosts -- sft --config recipes/qa_feedback/paper/sft.yaml --deepspeed zero2
     """
     cmd = launch_command(cfg)
     if cfg.dry_run:
         print(shlex.join(cmd))
         return cmd
+    check_gpus(cfg)
     console.print(f"launching: {shlex.join(cmd)}", markup=False, highlight=False, soft_wrap=True)
     returncode = subprocess.run(cmd, check=False).returncode
     if returncode != 0:

@@ -44,7 +44,7 @@ from rlhfkit.chat import (
     override_chat_template,
     render_prompt,
 )
-from rlhfkit.config import REQUIRED, check_numbers, check_sampling, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_numbers, check_sampling, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
     DEEPSPEED_HELP,
@@ -81,15 +81,21 @@ from rlhfkit.generation_backends import (
     check_generation_backend,
     make_generation_backend,
 )
-from rlhfkit.io import write_json, write_text
+from rlhfkit.io import append_lines, write_json
 from rlhfkit.lengths import fit_generation_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
+    ATTN_IMPLEMENTATION_HELP,
+    GRADIENT_CHECKPOINTING_HELP,
     add_lora,
+    check_attn_implementation,
     disable_dropout,
     load_policy,
     resolve_device,
+    resolve_dtype,
     save_model,
 )
+from rlhfkit.plots import draw, ppo_panels, save_png
 from rlhfkit.rewards.placement import NORMALIZE_REWARDS, compose_token_rewards, normalize_per_source
 from rlhfkit.rewards.sources import (
     build_reward_sources,
@@ -109,10 +115,28 @@ from rlhfkit.rl.advantages import (
     masked_whiten,
 )
 from rlhfkit.rl.losses import policy_loss, value_loss
-from rlhfkit.runs import OVERWRITE_HELP, RunDir, progress_bar, set_seed
-from rlhfkit.schema import Generation, load_records, record_to_dict
+from rlhfkit.runs import (
+    OVERWRITE_HELP,
+    RAW_REWARD_PREFIX,
+    TOTAL_REWARD_KEY,
+    RunDir,
+    normalized_reward_key,
+    progress_bar,
+    raw_reward_key,
+    read_metric_series,
+    set_seed,
+    weighted_reward_key,
+)
+from rlhfkit.schema import (
+    Generation,
+    load_records,
+    read_records,
+    record_to_dict,
+    record_writer,
+)
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import (
+    autocast,
     load_deepspeed_states,
     load_model_weights,
     make_optimizer,
@@ -130,88 +154,104 @@ KL_LOGPROBS = ("untempered", "tempered")
 
 @dataclass
 class PPOConfig:
-    policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.")
-    prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).")
-    out: str = opt(REQUIRED, "Output directory: final policy, checkpoints, metrics, rollouts.")
-    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).")
-    rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.")
-    redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.")
-    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy; with --lora-r, the policy with its adapters disabled).")
-    eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.")
-    advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).")
+    policy: str = opt(REQUIRED, "Initial policy: a directory (e.g. the `sft` output) or a hub name.", panel="Model")
+    prompts: str = opt(REQUIRED, "Training prompts: JSONL of `prompt` records (see `annotate-import`).", panel="Data")
+    out: str = opt(REQUIRED, "Output directory: model/ (the final policy and its model card), checkpoints, metrics, rollouts.", panel="Output")
+    rewards: str = opt(REQUIRED, "Weighted reward sources, e.g. rel=0.3,fact=0.5,comp=0.3 (pref=1.0: holistic).", panel="Rewards")
+    rm: list[str] = opt([], "Reward source NAME=SPEC, repeatable: an rlhfkit RM dir, hf:CLASSIFIER[@LABEL], or py:module:function.", panel="Rewards")
+    redistribute: list[str] = opt([], "R3HF: spread a sequence RM's score over tokens: NAME[:token|:sentence], repeatable.", panel="Rewards")
+    ref: Optional[str] = opt(None, "Reference policy for the KL penalty (default: the initial policy; with --lora-r, the policy with its adapters disabled).", panel="Model")
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts evaluated every --eval-every steps.", panel="Data")
+    advantage: str = opt("gae", "Advantage estimator: gae (value model, the paper), grpo or rloo (critic-free).", panel="PPO")
     group_baseline: str = opt(
         "per-reward",
         "grpo/rloo with dense rewards: 'per-reward' normalises each given reward against the group's rewards and gives "
         "each token the reward-to-go (rewards keep their positions, but a sample's number of rewards does not count: "
         "+0.3 on 2 or on 4 sub-sentences both get 0); 'sequence-sum' compares each sample's summed reward with the "
         "group's (more good segments win) and gives every token that one advantage (positions are lost).",
+        panel="PPO",
     )
-    value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.")
-    value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).")
-    steps: int = opt(100, "PPO iterations (rollout + update).")
-    prompts_per_step: int = opt(8, "Prompts per rollout batch.")
-    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).")
-    minibatch_size: int = opt(8, "Rollouts per forward/backward pass (a micro-batch).")
+    value_model: str = opt("separate", "gae only: 'separate' value model (the paper) or 'shared' head on the policy trunk.", panel="Model")
+    value_init: Optional[str] = opt(None, "Backbone of the separate value model (default: the policy).", panel="Model")
+    steps: int = opt(100, "PPO iterations (rollout + update).", panel="PPO")
+    prompts_per_step: int = opt(8, "Prompts per rollout batch.", panel="PPO")
+    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the paper: 4).", panel="PPO")
+    minibatch_size: int = opt(8, "Rollouts per forward/backward pass (a micro-batch).", panel="PPO")
     grad_accum: int = opt(
         1,
         "Minibatches whose gradients are accumulated into one optimizer step (token-weighted, so the step is the "
         "one a single pass over them would take). The reference accumulates a whole rollout batch: one step per "
         "PPO epoch, i.e. rollouts / --minibatch-size.",
+        panel="Training",
     )
-    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
-    lr: float = opt(1e-5, "Policy learning rate.")
-    value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).")
-    warmup_steps: int = opt(0, "Linear LR warm-up, in optimizer steps.")
-    kl_coef: float = opt(0.3, "Initial beta of the per-token KL penalty (the paper: 0.3).")
-    target_kl: Optional[float] = opt(None, "Adaptive KL controller target (Ziegler et al.); fixed beta when unset.")
-    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.")
-    kl_stop: Optional[float] = opt(None, "Stop an update epoch when approx. KL to the rollout policy exceeds this.")
-    gamma: float = opt(1.0, "Discount.")
-    lam: float = opt(0.95, "GAE lambda (the paper: 0.95 fine-grained, 0.99 holistic).")
-    clip: float = opt(0.2, "Policy ratio clip.")
-    value_clip: float = opt(0.2, "Value clip around the rollout values.")
-    vf_coef: float = opt(0.5, "Value loss weight (shared value head).")
-    entropy_coef: float = opt(0.0, "Entropy bonus weight.")
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.", panel="PPO")
+    lr: float = opt(1e-5, "Policy learning rate.", panel="Training")
+    value_lr: Optional[float] = opt(None, "Value model learning rate (default: --lr).", panel="PPO")
+    warmup_steps: int = opt(0, "Linear LR warm-up, in optimizer steps.", panel="Training")
+    kl_coef: float = opt(0.3, "Initial beta of the per-token KL penalty (the paper: 0.3).", panel="PPO")
+    target_kl: Optional[float] = opt(None, "Adaptive KL controller target (Ziegler et al.); fixed beta when unset.", panel="PPO")
+    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.", panel="PPO")
+    kl_stop: Optional[float] = opt(None, "Stop an update epoch when approx. KL to the rollout policy exceeds this.", panel="PPO")
+    gamma: float = opt(1.0, "Discount.", panel="PPO")
+    lam: float = opt(0.95, "GAE lambda (the paper: 0.95 fine-grained, 0.99 holistic).", panel="PPO")
+    clip: float = opt(0.2, "Policy ratio clip.", panel="PPO")
+    value_clip: float = opt(0.2, "Value clip around the rollout values.", panel="PPO")
+    vf_coef: float = opt(0.5, "Value loss weight (shared value head).", panel="PPO")
+    entropy_coef: float = opt(0.0, "Entropy bonus weight.", panel="PPO")
     whiten_rewards: bool = opt(
         False,
-        "gae: scale the KL-penalised per-token rewards to unit std over the batch's tokens (mean kept) before GAE, as "
-        "the reference's whiten_rewards does. Off by default: for sparse rewards it scales by ~sqrt(length), which "
-        "the 0.2 value clip then cannot follow.",
+        "gae: scale the KL-penalised per-token rewards to unit std over the global batch's tokens (mean kept) before "
+        "GAE. The reference's whiten_rewards whitens the same rewards but divides by the square root of their std (a "
+        "bug: the result keeps a std of sqrt(std), not 1); rlhfkit divides by the std, what whitening means. Off by "
+        "default: for sparse rewards it scales by ~sqrt(length), which the 0.2 value clip then cannot follow.",
+        panel="Rewards",
     )
     kl_logprobs: str = opt(
         "untempered",
         "Log-probs the KL to the reference (and the logged entropy / entropy bonus) use: 'untempered' (softmax of the "
         "raw logits, as the reference, so --kl-coef means what it means there) or 'tempered' (logits / --temperature). "
         "The PPO ratio always uses the sampling temperature.",
+        panel="PPO",
     )
-    max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).")
-    truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).")
-    normalize_rewards: str = opt("none", "Before weighting: none, or per-source (each source's rewards standardised over the batch; for sources on different scales).")
-    chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).")
+    max_grad_norm: float = opt(0.5, "Gradient clipping max norm, policy and value apart (the paper: 0.5; 0 = no clipping).", panel="Training")
+    truncation_penalty: Optional[float] = opt(None, "Reward added at the last token of responses cut at --max-new-tokens (none: no penalty).", panel="Rewards")
+    normalize_rewards: str = opt(
+        "none",
+        "Before weighting: none, or per-source (for sources on different scales): each source's per-response reward (the "
+        "sum over the positions it rewards) is standardised over the global batch (all processes): its positions are "
+        "divided by the std of those sums and the mean is subtracted at the response's last rewarded position, so a "
+        "dense, segment or R3HF (--redistribute) reward keeps its shape and telescoping sum. Logged as "
+        "reward/normalized/NAME beside the raw score reward/raw/NAME.",
+        panel="Rewards",
+    )
+    chat_template: Optional[str] = opt(None, "Jinja chat template file for conversational prompts (default: the policy tokenizer's own, if any).", panel="Model")
+    max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).", panel="Generation")
+    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.", panel="Generation")
+    truncation_side: str = opt("right", TRUNCATION_HELP, panel="Data")
+    generation_backend: str = opt("hf", "Rollout sampling: hf (the policy's generate) or vllm (a colocated vLLM engine, weights pushed after each update; the optional 'vllm' extra, CUDA).", panel="Generation")
+    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.", panel="Generation")
+    top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).", panel="Generation")
+    top_p: float = opt(1.0, "Top-p sampling.", panel="Generation")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning). With LoRA the reference is the policy with adapters disabled.", panel="Model")
+    lora_alpha: int = opt(16, "LoRA alpha.", panel="Model")
+    rm_batch_size: int = opt(8, "Reward-model scoring batch size.", panel="Rewards")
+    eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).", panel="Training")
+    save_every: int = opt(10, "Checkpoint every N steps (0 = only at the end).", panel="Output")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).", panel="Output")
+    resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).", panel="Training")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
+    log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.", panel="Output")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights (and the reference, so the first KL is 0) stay fp32 unless --lora-r; ratios, KL, advantages and values are fp32.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.", panel="Distributed")
+    seed: int = opt(DEFAULT_SEED, "Random seed.", panel="Training")
+    gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
+    attn_implementation: Optional[str] = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
+    deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).", panel="Distributed")
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
+    report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
+    push_to_hub: Optional[str] = opt(None, PUSH_TO_HUB_HELP, panel="Output")
     apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP, panel="Data")
-    max_new_tokens: int = opt(200, "Max response tokens (the paper: 200).")
-    max_prompt_length: int = opt(1024, "Max prompt tokens; longer prompts are cut on --truncation-side.")
-    truncation_side: str = opt("right", TRUNCATION_HELP)
-    generation_backend: str = opt("hf", "Rollout sampling: hf (the policy's generate) or vllm (a colocated vLLM engine, weights pushed after each update; the optional 'vllm' extra, CUDA).")
-    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7); logprobs use the same.")
-    top_k: int = opt(20, "Top-k sampling (the paper: 20; 0 = off).")
-    top_p: float = opt(1.0, "Top-p sampling.")
-    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning). With LoRA the reference is the policy with adapters disabled.")
-    lora_alpha: int = opt(16, "LoRA alpha.")
-    rm_batch_size: int = opt(8, "Reward-model scoring batch size.")
-    eval_every: int = opt(0, "Evaluate on --eval-prompts every N steps (0 = only at the end).")
-    save_every: int = opt(10, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
-    resume: bool = opt(False, "Resume from the latest checkpoint in --out (same prompts, rewards and batch options).")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
-    log_rollouts: int = opt(4, "Rollouts per step written to rollouts.jsonl with their per-token rewards.")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    seed: int = opt(0, "Random seed.")
-    deepspeed: Optional[str] = opt(None, DEEPSPEED_HELP + " --prompts-per-step and --minibatch-size are global (split over the processes).")
-    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
-    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
-    report_to: list[str] = opt([], REPORT_TO_HELP)
 
     def validate(self) -> None:
         check_deepspeed_options(self.deepspeed, self.offload_optimizer, self.offload_params)
@@ -249,6 +289,7 @@ class PPOConfig:
         if self.kl_logprobs not in KL_LOGPROBS:
             raise RlhfkitError(f"--kl-logprobs must be one of {', '.join(KL_LOGPROBS)}, got '{self.kl_logprobs}'")
         check_truncation_side(self.truncation_side)
+        check_attn_implementation(self.attn_implementation, self.device)
         if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise RlhfkitError(f"--advantage {self.advantage} needs --samples-per-prompt >= 2 (it compares samples of one prompt)")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "max_new_tokens"):
@@ -312,6 +353,7 @@ class PolicyBundle:
     value_model_shared: bool = False
     policy_engine: object = None  # DeepSpeed engines (--deepspeed), training the models above
     value_engine: object = None
+    compute_dtype: torch.dtype = torch.float32  # of the forward passes (autocast; see `precision`)
     # Each prompt as the policy's template rendered it -> (the record's prompt, its meta), so a
     # reward model renders it with its own template (RewardModel.render_prompt), as in train-rm.
     prompt_sources: dict = field(default_factory=dict)
@@ -324,9 +366,22 @@ class PolicyBundle:
     def engines(self) -> list:
         return [e for e in (self.policy_engine, self.value_engine) if e is not None]
 
+    def precision(self):
+        """Autocast of the forward passes to the compute dtype. Enter it per forward, never
+        around an optimizer step: autocast keeps the cast weights until it exits."""
+        return autocast(next(self.policy.parameters()).device, self.compute_dtype)
+
 
 def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
-    policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=cfg.dtype, device=device)
+    """The policy, its reference and value model. In bf16, full fine-tuning keeps fp32 weights
+    and autocasts the forwards (as sft does: AdamW steps of ~1e-6 relative size vanish in bf16
+    weights, whose spacing is 2^-8 relative); the reference is loaded like the policy, so both
+    compute alike and the first step's KL is 0. A frozen LoRA base is loaded in the compute dtype."""
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    weights_dtype = cfg.dtype if cfg.lora_r else "float32"
+    # The trained models may recompute activations; the frozen reference keeps no activations anyway.
+    trained = {"gradient_checkpointing": cfg.gradient_checkpointing, "attn_implementation": cfg.attn_implementation}
+    policy, tokenizer, is_encdec = load_policy(cfg.policy, dtype=weights_dtype, device=device, **trained)
     disable_dropout(policy)  # before LoRA wraps it: the adapters are made without dropout below
     fit_generation_lengths(cfg, model_max_positions(policy), "ppo", "the policy", is_encdec)
     ref = None
@@ -334,12 +389,12 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
         policy = add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0)
     if not cfg.lora_r or cfg.ref:
         # With LoRA and no --ref, the policy with its adapters disabled is the reference.
-        ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=cfg.dtype, device=device)
+        ref, _, _ = load_policy(cfg.ref or cfg.policy, dtype=weights_dtype, device=device, attn_implementation=cfg.attn_implementation)
         ref.eval().requires_grad_(False)
     value_backbone = value_head = None
     if cfg.advantage == "gae":
         if cfg.value_model == "separate":
-            value_backbone, _, _ = load_policy(cfg.value_init or cfg.policy, dtype=cfg.dtype, device=device)
+            value_backbone, _, _ = load_policy(cfg.value_init or cfg.policy, dtype="float32", device=device, **trained)
             value_head = ValueHead(hidden_size_of(value_backbone)).to(device)
         else:
             value_head = ValueHead(hidden_size_of(policy)).to(device)
@@ -348,7 +403,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> PolicyBundle:
         if module is not None:
             disable_dropout(module)
     shared = cfg.advantage == "gae" and cfg.value_model == "shared"
-    return PolicyBundle(policy, tokenizer, is_encdec, ref, value_backbone, value_head, shared)
+    return PolicyBundle(policy, tokenizer, is_encdec, ref, value_backbone, value_head, shared, compute_dtype=compute_dtype)
 
 
 # --- one PPO iteration: the update proper ------------------------------------------------------
@@ -371,19 +426,20 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     # --- 1. roll out: --samples-per-prompt responses per prompt ------------------------------
     started = time.perf_counter()
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, do_sample=True)
-    rollout = backend.generate(
-        bundle.policy, bundle.tokenizer, [p for p in prompts for _ in range(cfg.samples_per_prompt)], sampling,
-        max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
-        templated=bundle.templated_prompts,
-    )
+    with bundle.precision():
+        rollout = backend.generate(
+            bundle.policy, bundle.tokenizer, [p for p in prompts for _ in range(cfg.samples_per_prompt)], sampling,
+            max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder, truncation_side=cfg.truncation_side,
+            templated=bundle.templated_prompts,
+        )
     generation_seconds = time.perf_counter() - started
     mask = rollout.response_mask.float()
 
     # --- 2. score: task rewards where earned, the KL to the reference at every token ----------
     # The ratio uses the sampling temperature (the probabilities the tokens were drawn
     # with); the KL to the reference and the entropy use --kl-logprobs (untempered, as the
-    # reference, by default).
-    with torch.no_grad():
+    # reference, by default). Log-probs are taken in fp32 from the (bf16) logits.
+    with torch.no_grad(), bundle.precision():
         # Without an entropy bonus the entropy is only logged: read it once, here, from the
         # rollout policy's logits, instead of a vocabulary-sized softmax on every minibatch.
         by_temperature, entropy, hidden = response_logprobs(
@@ -396,8 +452,8 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
             rollout_entropy = token_means({"entropy": masked_mean(entropy, mask)}, mask.sum())["entropy"]
         ref_logprobs = response_logprobs(bundle, rollout, (kl_temp,), reference=True)[0][kl_temp]
         old_values = value_estimates(bundle, rollout, hidden) * mask if cfg.advantage == "gae" else None
-    task_rewards, reward_given, per_source = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
-    task_rewards, reward_given = task_rewards.to(device), reward_given.to(device)
+    task_rewards, reward_given, reward_logs = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources, all_reduce=all_reduce_sum)
+    task_rewards, reward_given = task_rewards.to(device, torch.float32), reward_given.to(device)
     score_per_sequence = (task_rewards * mask).sum(dim=1)
     kl = (old_kl_logprobs - ref_logprobs) * mask
 
@@ -438,10 +494,11 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
                 mb = select(rollout, idx.to(rollout.response_ids.device))
                 mb_mask = mask[idx]
                 kl_in_loss = cfg.advantage != "gae"
-                by_temperature, entropy, hidden = response_logprobs(
-                    bundle, mb, (cfg.temperature, *([kl_temp] if kl_in_loss else [])),
-                    entropy_temperature=kl_temp if cfg.entropy_coef != 0 else None, want_hidden=bundle.value_model_shared,
-                )
+                with bundle.precision():
+                    by_temperature, entropy, hidden = response_logprobs(
+                        bundle, mb, (cfg.temperature, *([kl_temp] if kl_in_loss else [])),
+                        entropy_temperature=kl_temp if cfg.entropy_coef != 0 else None, want_hidden=bundle.value_model_shared,
+                    )
                 logprobs = by_temperature[cfg.temperature]
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 logged = {"policy_loss": pg_loss, "clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"]}
@@ -454,7 +511,9 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
                     objective = objective + kl_ctl.value * masked_mean(kl_penalty(kl_logprobs, ref_logprobs[idx], kind="k3"), mb_mask)
                 losses = [(policy, objective)]
                 if value is not None:
-                    vf_loss, vf_stats = value_loss(value_estimates(bundle, mb, hidden), old_values[idx], returns[idx], mb_mask, cfg.value_clip)
+                    with bundle.precision():
+                        values = value_estimates(bundle, mb, hidden)
+                    vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.value_clip)
                     logged.update(value_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
                     losses.append((value, (cfg.vf_coef if bundle.value_model_shared else 1.0) * vf_loss))
                 means = token_means({**logged, "loss": sum(loss for _, loss in losses)}, mb_mask.sum())
@@ -485,8 +544,8 @@ def ppo_iteration(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, prompt
     kl_ctl.update(mean_kl, n * world_info()[2])
     tokens = sum_over_processes(mask.sum())
     metrics = {
-        "reward/total": mean_over_processes(score_per_sequence),
-        **{f"reward/{name}": mean_over_processes(values) for name, values in per_source.items()},
+        TOTAL_REWARD_KEY: mean_over_processes(score_per_sequence),
+        **{key: mean_over_processes(values) for key, values in reward_logs.items()},
         "kl": mean_kl,
         "kl_coef": kl_ctl.value,
         "kl_penalty": mean_over_processes((beta * kl).sum(dim=1)),
@@ -551,10 +610,13 @@ def select(rollout: Rollout, index: torch.Tensor) -> Rollout:
     )
 
 
-def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, prompt_sources: Optional[dict] = None
+def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, prompt_sources: Optional[dict] = None, all_reduce=None
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted per-token task rewards (B, T), where any reward is given (B, T), and each
-    source's weighted per-sequence sum for logging.
+    """Weighted per-token task rewards (B, T), where any reward is given (B, T), and the
+    per-sequence values to log by their names (rlhfkit.runs: reward/raw/, reward/normalized/, reward/weighted/):
+    each source's raw score, its normalised value (--normalize-rewards), its weighted value.
+    `all_reduce`: the statistics of --normalize-rewards over the global batch. Each source's
+    unweighted token rewards are kept in `rollout.source_rewards` (the rollout log's heat maps).
 
     An rlhfkit reward model reads each prompt rendered by its own tokenizer's template
     (`prompt_sources`: rendered text -> the record's prompt and meta), as train-rm trained it,
@@ -571,15 +633,19 @@ def score_rollout(sources, weights, rollout: Rollout, cfg: PPOConfig, prompt_sou
         components[name] = values
         given_by_source[name] = source_given
         given |= source_given
+    logged = {raw_reward_key(name): values.sum(dim=1) for name, values in components.items()}
     if cfg.normalize_rewards == "per-source":
-        components = normalize_per_source(components, given_by_source)
-    total, per_source = compose_token_rewards(components, weights)
+        components = normalize_per_source(components, given_by_source, all_reduce=all_reduce)
+        logged |= {normalized_reward_key(name): values.sum(dim=1) for name, values in components.items()}
+    total, weighted = compose_token_rewards(components, weights)
+    logged |= {weighted_reward_key(name): values for name, values in weighted.items()}
+    rollout.source_rewards = components
     if cfg.truncation_penalty is not None:
         last = (rollout.response_lengths - 1).clamp(min=0).cpu()
         unfinished = (~rollout.finished).cpu()
         total[unfinished, last[unfinished]] += cfg.truncation_penalty
         given[unfinished, last[unfinished]] = True
-    return total, given, per_source
+    return total, given, logged
 
 
 def make_learners(cfg: PPOConfig, bundle: PolicyBundle, optimizers, schedulers) -> tuple[Learner, Optional[Learner]]:
@@ -802,7 +868,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
     summary = {"steps": cfg.steps, "last": history[-1] if history else {}, "eval": final_metrics}
     if main:
         write_json(out / "ppo_summary.json", summary)
-        plot_reward_curves(run.metrics_path, out / "reward_curves.png")
+        plot_reward_curves(run.metrics_path, out / "reward_curves.png", f"ppo: {out.name}")
+        finish_model(out, cfg.push_to_hub, title=out.name, stage="ppo", base_model=cfg.policy, data=[cfg.prompts],
+                     rewards={name: (str(weight), rm_paths.get(reward_model_name(name, rm_paths) or name, "python/hf source"))
+                              for name, weight in weights.items()},
+                     metrics={"steps": cfg.steps, **scalar_metrics(summary["last"], ["reward/total", "kl", "response_length"], "last step "),
+                              **scalar_metrics(final_metrics, list(final_metrics))})
     run.close()
     console.print(ppo_summary_line(history, final_metrics, out), markup=False, highlight=False, soft_wrap=True)
     return summary
@@ -813,13 +884,16 @@ def ppo_summary_line(history: list[dict], final_metrics: dict, out: Path) -> str
     if not history:
         return f"ppo: nothing to do (already at the last step); policy in {out}"
     first, last = history[0], history[-1]
+    raw = [key for key in last if key.startswith(RAW_REWARD_PREFIX)]
     text = (
-        f"ppo: {len(history)} step(s) to step {last['step']}: reward/total {first['reward/total']:+.4f} -> "
-        f"{last['reward/total']:+.4f}, KL {first['kl']:.4f} -> {last['kl']:.4f}, "
+        f"ppo: {len(history)} step(s) to step {last['step']}: {TOTAL_REWARD_KEY} {first[TOTAL_REWARD_KEY]:+.4f} -> "
+        f"{last[TOTAL_REWARD_KEY]:+.4f} ("
+        + ", ".join(f"{key} {first[key]:+.4f} -> {last[key]:+.4f}" for key in raw)
+        + f"), KL {first['kl']:.4f} -> {last['kl']:.4f}, "
         f"{sum(r['tokens_per_second'] for r in history) / len(history):,.0f} tokens/s"
     )
-    if "eval/reward_total" in final_metrics:
-        text += f"; eval reward/total {final_metrics['eval/reward_total']:+.4f}"
+    if f"eval/{TOTAL_REWARD_KEY}" in final_metrics:
+        text += f"; eval reward/total {final_metrics[f'eval/{TOTAL_REWARD_KEY}']:+.4f}"
     return text + f"; policy saved to {out}"
 
 
@@ -836,7 +910,7 @@ def start_engines(cfg: PPOConfig, bundle: PolicyBundle, optimizers) -> None:
             cfg.deepspeed,
             micro_batch_size=cfg.minibatch_size // world_info()[2],
             grad_accum=cfg.grad_accum,
-            dtype=next(bundle.policy.parameters()).dtype,
+            dtype=bundle.compute_dtype,  # DeepSpeed's bf16 keeps its own fp32 master weights
             max_grad_norm=cfg.max_grad_norm,
             offload_optimizer=cfg.offload_optimizer,
             offload_params=cfg.offload_params,
@@ -877,23 +951,29 @@ def evaluate_prompts(cfg: PPOConfig, bundle: PolicyBundle, sources, weights, pro
     sampling = SamplingConfig(cfg.max_new_tokens, do_sample=False)
     totals: dict[str, list[float]] = {}
     for i in range(0, len(prompts), cfg.prompts_per_step):
-        rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
-                           max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
-                           truncation_side=cfg.truncation_side, templated=bundle.templated_prompts)
-        rewards, _, per_source = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
-        totals.setdefault("eval/reward_total", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
-        for name, values in per_source.items():
-            totals.setdefault(f"eval/reward_{name}", []).extend(values.tolist())
+        with bundle.precision():
+            rollout = generate(bundle.policy, bundle.tokenizer, prompts[i : i + cfg.prompts_per_step], sampling,
+                               max_prompt_length=cfg.max_prompt_length, is_encoder_decoder=bundle.is_encoder_decoder,
+                               truncation_side=cfg.truncation_side, templated=bundle.templated_prompts)
+        # Every process scores the same eval prompts, so each one's batch is the global one.
+        rewards, _, reward_logs = score_rollout(sources, weights, rollout, cfg, bundle.prompt_sources)
+        totals.setdefault(f"eval/{TOTAL_REWARD_KEY}", []).extend((rewards * rollout.response_mask.cpu()).sum(1).tolist())
+        for key, values in reward_logs.items():
+            totals.setdefault(f"eval/{key}", []).extend(values.tolist())
         totals.setdefault("eval/response_length", []).extend(rollout.response_lengths.float().tolist())
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
 
 def keep_rollouts_up_to(path: Path, step: int) -> None:
     """Drop logged rollouts of steps after `step` (all of them for a fresh run)."""
-    import json
+    kept = [record_to_dict(r) for r in read_records(path, "generation") if _rollout_step(r) <= step]
+    with record_writer(path) as writer:
+        writer.write_all(kept)
 
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["meta"]["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
+
+def _rollout_step(record: Generation) -> float:
+    step = record.meta.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 ROLLOUT_TABLE_COLUMNS = ["step", "prompt", "response", "reward", "tokens", "finished"]
@@ -906,25 +986,29 @@ def rollout_table_row(record: Generation) -> list:
 
 
 def append_rollouts(path: Path, rollout: Rollout, rewards: torch.Tensor, step: int, count: int) -> list[Generation]:
-    """Append the first `count` rollouts of a step to rollouts.jsonl; returns them."""
+    """Append the first `count` rollouts of a step to rollouts.jsonl; returns them.
+
+    `token_rewards` are the rewards PPO learns from (weighted sources and the KL penalty);
+    `meta.source_token_rewards` each source's own token rewards, before its weight."""
     import json
 
     written = []
-    with open(path, "a", encoding="utf-8") as handle:
-        for i in range(min(count, len(rollout.texts))):
-            n = int(rollout.response_lengths[i])
-            ids = rollout.response_ids[i, :n].tolist()
-            record = Generation(
-                id=f"step{step}-{i}",
-                prompt=rollout.prompts[i],
-                response=rollout.texts[i],
-                model=f"ppo step {step}",
-                tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
-                token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
-                meta={"step": step, "finished": bool(rollout.finished[i])},
-            )
-            handle.write(json.dumps(record_to_dict(record), ensure_ascii=False) + "\n")
-            written.append(record)
+    for i in range(min(count, len(rollout.texts))):
+        n = int(rollout.response_lengths[i])
+        ids = rollout.response_ids[i, :n].tolist()
+        record = Generation(
+            id=f"step{step}-{i}",
+            prompt=rollout.prompts[i],
+            response=rollout.texts[i],
+            model=f"ppo step {step}",
+            tokens=[rollout.texts[i][s:e] for s, e in rollout.token_char_spans[i]] if rollout.token_char_spans[i] else [str(t) for t in ids],
+            token_rewards=[round(float(r), 6) for r in rewards[i, :n].tolist()],
+            meta={"step": step, "finished": bool(rollout.finished[i]),
+                  "source_token_rewards": {name: [round(float(r), 6) for r in values[i, :n].tolist()]
+                                           for name, values in rollout.source_rewards.items()}},
+        )
+        written.append(record)
+    append_lines(path, [json.dumps(record_to_dict(record), ensure_ascii=False) for record in written])
     return written
 
 
@@ -932,28 +1016,8 @@ def save_final_policy(bundle: PolicyBundle, out: Path) -> None:
     save_model(bundle.policy, bundle.tokenizer, out, merge_lora=True)
 
 
-def plot_reward_curves(metrics_path: Path, png_path: Path) -> None:
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if "reward/total" in r]
-    if not rows:
-        return
-    keys = [k for k in rows[0] if k.startswith("reward/")] + ["kl"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [r["step"] for r in rows]
-    for key in keys[:-1]:
-        axes[0].plot(steps, [r[key] for r in rows], label=key.split("/", 1)[1])
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("reward per response"), axes[0].legend()
-    axes[1].plot(steps, [r["kl"] for r in rows], color="black")
-    axes[1].set_xlabel("step"), axes[1].set_ylabel("KL(policy || ref) per response")
-    fig.tight_layout()
-    tmp = png_path.with_name("." + png_path.name)
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
+def plot_reward_curves(metrics_path: Path, png_path: Path, title: str) -> None:
+    """The rewards (total and each source's) and the KL per PPO step, as a PNG."""
+    panels = ppo_panels(read_metric_series(metrics_path.parent))
+    if panels:
+        save_png(draw(title, panels, columns=min(3, len(panels))), png_path)

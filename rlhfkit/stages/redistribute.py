@@ -14,16 +14,16 @@ HTML page that colours every token by its reward: what people look at to debug a
 
 from __future__ import annotations
 
-import html
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhfkit.config import REQUIRED, check_numbers, config_to_dict, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, check_numbers, opt
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import write_json, write_text
-from rlhfkit.rewards.reward_model import load_reward_model
+from rlhfkit.io import config_to_dict, write_json, write_text
+from rlhfkit.reporting import rollouts_html
+from rlhfkit.rewards.shared_backbone import load_sequence_aspect
 from rlhfkit.rewards.sources import GRANULARITIES, RewardModelSource
 from rlhfkit.runs import check_out_file, package_versions, progress_bar, set_seed
 from rlhfkit.schema import Generation, load_records, write_records
@@ -31,16 +31,17 @@ from rlhfkit.schema import Generation, load_records, write_records
 
 @dataclass
 class RedistributeConfig:
-    rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory.")
-    input: str = opt(REQUIRED, "JSONL of records with prompt and response (e.g. `generation` records).")
-    out: str = opt(REQUIRED, "Output JSONL of generation records with per-token rewards.")
-    html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards to this .html file.")
-    granularity: str = opt("token", "Read the prefix score at every token, or only at sentence ends: token | sentence.")
-    batch_size: int = opt(8, "Scoring batch size.")
-    limit: int = opt(0, "Only the first N records (0 = all).")
-    dtype: str = opt("auto", "RM dtype: auto, float32, bfloat16.")
-    device: str = opt("auto", "Device: auto, cpu, cuda.")
-    seed: int = opt(0, "Random seed (recorded; scoring is deterministic).")
+    rm: str = opt(REQUIRED, "A sequence-level (preference/regression) rlhfkit reward model directory, or a shared-backbone one (see --aspect).", panel="Rewards")
+    aspect: Optional[str] = opt(None, "With a shared-backbone --rm: its sequence aspect to redistribute (default: its only one).", panel="Rewards")
+    input: str = opt(REQUIRED, "JSONL of records with prompt and response (e.g. `generation` records).", panel="Data")
+    out: str = opt(REQUIRED, "Output JSONL of generation records with per-token rewards.", panel="Output")
+    html: Optional[str] = opt(None, "Also write an HTML heat map of the token rewards to this .html file.", panel="Output")
+    granularity: str = opt("token", "Read the prefix score at every token, or only at sentence ends: token | sentence.", panel="Rewards")
+    batch_size: int = opt(8, "Scoring batch size.", panel="Training")
+    limit: int = opt(0, "Only the first N records (0 = all).", panel="Data")
+    dtype: str = opt("auto", "RM dtype: auto, float32, bfloat16.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda.", panel="Distributed")
+    seed: int = opt(DEFAULT_SEED, "Random seed (recorded; scoring is deterministic).", panel="Training")
 
     def validate(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -60,7 +61,7 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
     if cfg.limit:
         records = records[: cfg.limit]
     set_seed(cfg.seed)
-    rm = load_reward_model(cfg.rm, device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype)
+    rm = load_sequence_aspect(cfg.rm, cfg.aspect, "--rm", device=None if cfg.device == "auto" else cfg.device, dtype=cfg.dtype)
     source = RewardModelSource(Path(cfg.rm).name, rm, redistribute=cfg.granularity, batch_size=cfg.batch_size)
 
     outputs = []
@@ -87,6 +88,7 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
                             "granularity": cfg.granularity,
                             "prompt_score": round(float(prompt_score), 6),
                             "sequence_score": round(float(prompt_score) + float(row_rewards.sum()), 6),
+                            **({"annotator_spans": [asdict(span) for span in record.spans]} if getattr(record, "spans", None) else {}),
                         },
                     )
                 )
@@ -104,7 +106,7 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
         {"stage": "redistribute", "config": config_to_dict(cfg), "versions": package_versions(), "summary": summary},
     )
     if cfg.html:
-        write_text(cfg.html, heatmap_html(outputs, title=f"Token rewards of {cfg.rm}"))
+        write_text(cfg.html, rollouts_html(out_path, f"Token rewards of {cfg.rm}", config_to_dict(cfg)))
     console.print(
         f"redistribute: {summary['records']} record(s), mean sequence score {summary['mean_sequence_score']:+.4f}, "
         f"{summary['mean_tokens']:.1f} tokens each -> {cfg.out}" + (f" (heat map: {cfg.html})" if cfg.html else ""),
@@ -116,42 +118,3 @@ def run_redistribute(cfg: RedistributeConfig) -> dict:
 def _spans_from_ends(ends: list[int]) -> list[tuple[int, int]]:
     starts = [0] + ends[:-1]
     return [(s, max(s, e)) for s, e in zip(starts, ends)]
-
-
-def _colour(value: float, scale: float) -> str:
-    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
-    rgb = "0,160,60" if value >= 0 else "220,40,40"
-    return f"rgba({rgb},{0.08 + 0.8 * strength:.3f})"
-
-
-def heatmap_html(generations: list[Generation], title: str) -> str:
-    """One block per response; each token's background is green (positive) or red (negative)."""
-    all_values = [abs(v) for g in generations for v in (g.token_rewards or [])]
-    scale = sorted(all_values)[int(0.95 * (len(all_values) - 1))] if all_values else 1.0
-    blocks = []
-    for g in generations:
-        tokens = "".join(
-            f'<span class="t" style="background:{_colour(v, scale)}" title="{v:+.4f}">{html.escape(tok)}</span>'
-            for tok, v in zip(g.tokens or [], g.token_rewards or [])
-        )
-        meta = g.meta
-        blocks.append(
-            f'<section><h2>{html.escape(g.id)}</h2>'
-            f'<details><summary>prompt</summary><pre>{html.escape(g.prompt)}</pre></details>'
-            f'<p class="scores">R(x) = {meta.get("prompt_score", 0):+.4f} &nbsp; R(x, y) = {meta.get("sequence_score", 0):+.4f}'
-            f' &nbsp; sum of token rewards = {sum(g.token_rewards or []):+.4f}</p>'
-            f'<div class="response">{tokens}</div></section>'
-        )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>"
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        ".response{font-family:monospace;white-space:pre-wrap;line-height:1.8}"
-        ".t{border-radius:2px}.scores{color:#555}section{border-bottom:1px solid #ddd;padding:1em 0}"
-        "</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>"
-        f"<p>Green: the token raised the reward model's score; red: it lowered it. Hover a token for its reward. "
-        f"Full colour = {scale:.4f} (95th percentile of |reward|).</p>"
-        + "".join(blocks)
-        + "</body></html>\n"
-    )

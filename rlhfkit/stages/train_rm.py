@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,19 +57,24 @@ from rlhfkit.chat import (
     override_chat_template,
     render_record,
 )
-from rlhfkit.config import REQUIRED, opt
+from rlhfkit.config import DEFAULT_SEED, REQUIRED, opt
 from rlhfkit.console import console
 from rlhfkit.distributed import (
     DEEPSPEED_HELP,
     OFFLOAD_OPTIMIZER_HELP,
     OFFLOAD_PARAMS_HELP,
     check_deepspeed_options,
+    is_main_process,
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.generation import model_max_positions
 from rlhfkit.lengths import fit_default_lengths
+from rlhfkit.model_card import PUSH_TO_HUB_HELP, finish_model, scalar_metrics
 from rlhfkit.models import (
+    ATTN_IMPLEMENTATION_HELP,
+    GRADIENT_CHECKPOINTING_HELP,
     add_lora,
+    check_attn_implementation,
     check_training_options,
     count_parameters,
     load_tokenizer,
@@ -86,6 +92,7 @@ from rlhfkit.rewards.data import (
 )
 from rlhfkit.rewards.losses import make_count_fn, make_loss_fn, make_shared_loss_fn
 from rlhfkit.rewards.presets import (
+    KINDS,
     AspectPreset,
     RMSettings,
     aspect_preset,
@@ -93,7 +100,6 @@ from rlhfkit.rewards.presets import (
     training_defaults,
 )
 from rlhfkit.rewards.reward_model import (
-    KINDS,
     SHARED_KIND,
     RewardModel,
     load_reward_model,
@@ -115,7 +121,7 @@ from rlhfkit.rewards.shared_backbone import (
     shared_spec,
 )
 from rlhfkit.runs import OVERWRITE_HELP, RunDir, set_seed
-from rlhfkit.schema import Preference
+from rlhfkit.schema import Preference, ScalarScore, check_data_file
 from rlhfkit.tasks import DEFAULT_TASK, TASK_PRESETS
 from rlhfkit.tracking import REPORT_TO_HELP, parse_report_to
 from rlhfkit.training import LoopSettings, fit, validate_loop_options
@@ -123,62 +129,77 @@ from rlhfkit.truncation import TRUNCATION_HELP, check_truncation_side
 
 METRICS_FILE = "rm_metrics.json"
 TIE_POLICIES = ("soft", "drop")
+# Several aspects without --shared-backbone: each RM is written to OUT/<aspect>/, so the name
+# must stay one path component inside OUT (no '/', no '..', not absolute, not hidden).
+SAFE_DIRECTORY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 PRESETS = TASK_PRESETS[DEFAULT_TASK]  # what --aspect NAME alone means (rlhfkit.tasks.qa_feedback)
+REGRESSION_SCORES = ("labels", "standardized")
 
 
 @dataclass
 class TrainRMConfig:
-    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/, or one model with a head per aspect with --shared-backbone.")
-    data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL (with several aspects: the file of every aspect --data-for does not name).")
-    data_for: list[str] = opt([], "Several aspects: ASPECT=FILE, the data of one aspect (repeatable), e.g. --data-for completeness=runs/import/preferences.jsonl.")
-    shared_backbone: bool = opt(False, "Several aspects: train ONE model, a backbone with a head per aspect (segment or sequence), each aspect's loss on its own data; scores all aspects in one forward pass (ppo --rm fg=OUT --rewards fg.factuality=...).")
-    aspect_weights: str | None = opt(None, "With --shared-backbone: loss weight of each aspect, comma-separated in --aspect order (default: 1 each).")
-    model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.")
-    out: str = opt(REQUIRED, "Output directory: the reward model, rlhfkit_rm.json, rm_metrics.json, checkpoints/.")
-    kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).")
-    granularity: str | None = opt(None, "Segment RMs: sentence, subsentence or step (one line each, for process reward models; default: the preset's, factuality sentence, relevance subsentence).")
-    positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default 1; the paper's +0.3/+0.5 are the weights of `ppo --rewards rel=0.3,fact=0.5`).")
-    negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default -1).")
-    error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).")
-    segment_pooling: str | None = opt(None, "Segment RMs: where a segment is judged. end: the logits of the token completing it (the default, one token per segment as the reference's marker token); mean: the logits averaged over all its tokens, which suits encoders pretrained for mean-pooled sentence embeddings (all-MiniLM-L6-v2 on QA-Feedback held-out records: relevance error AUC 0.655 vs 0.611 at the end token, factuality 0.764 vs 0.735; recipes/qa_feedback/README.md). Applies to the segment aspects; saved with the RM, which ppo and evaluate read.")
-    min_span_words: int | None = opt(None, "Segment RMs: drop relevance spans (QA-Feedback presets; else spans of --aspect) shorter than this many words, as the reference does (default: the preset's, 5 for factuality/relevance; 0 keeps all).")
-    ignore_segments_with: list[str] = opt(["preset"], "Segment RMs: leave out of training segments with an error of these other aspects and none of --aspect (the reference's rule for factuality: 'relevance'); 'none' labels them no-error; default: the preset's.")
-    truncation_side: str = opt("right", TRUNCATION_HELP)
-    ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.")
-    normalize_on: str | None = opt(None, "Sequence RMs: JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).")
-    eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.")
-    max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut (--truncation-side), a response that does not fit is skipped (default: the preset's, else 1024).")
-    max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut on --truncation-side (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).")
-    epochs: int | None = opt(None, "Passes over the training split (default: the preset's, else 2).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    batch_size: int = opt(8, "Records (segment, regression) or prompts with all their comparisons (preference) per micro-batch.")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    lr: float | None = opt(None, "Peak learning rate, AdamW (default: the preset's, else 5e-5; the presets' suit the tiny offline backbone, use 1e-5 to 5e-5 for a pretrained one).")
-    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.")
-    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.")
-    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
-    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).")
-    group_by_length: bool = opt(True, "Batch examples of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and rm_metrics.json.")
-    eval_fraction: float = opt(0.2, "Fraction of the prompts held out for metrics (0 = none); a prompt's records stay on one side.")
-    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).")
-    save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).")
-    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).")
-    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).")
-    overwrite: bool = opt(False, OVERWRITE_HELP)
-    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning); the saved RM has the adapter merged in.")
-    lora_alpha: int = opt(16, "LoRA alpha.")
-    lora_dropout: float = opt(0.05, "LoRA dropout.")
-    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).")
-    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.")
-    seed: int = opt(42, "Seed for the held-out split, data order, head initialisation and dropout.")
-    deepspeed: str | None = opt(None, DEEPSPEED_HELP)
-    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP)
-    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP)
-    chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.")
+    aspect: str = opt(REQUIRED, f"Feedback aspect; presets: {', '.join(PRESETS)} (any other name needs --kind). Several, comma-separated (a,b,c): one RM per aspect, in OUT/<aspect>/, or one model with a head per aspect with --shared-backbone.", panel="Rewards")
+    data: str = opt(REQUIRED, "Training (or, with --eval-only, evaluation) data: span_feedback, preference or score JSONL (with several aspects: the file of every aspect --data-for does not name).", panel="Data")
+    data_for: list[str] = opt([], "Several aspects: ASPECT=FILE, the data of one aspect (repeatable), e.g. --data-for completeness=runs/import/preferences.jsonl.", panel="Data")
+    shared_backbone: bool = opt(False, "Several aspects: train ONE model, a backbone with a head per aspect (segment or sequence), each aspect's loss on its own data; scores all aspects in one forward pass (ppo --rm fg=OUT --rewards fg.factuality=...).", panel="Model")
+    aspect_weights: str | None = opt(None, "With --shared-backbone: loss weight of each aspect, comma-separated in --aspect order (default: 1 each).", panel="Rewards")
+    model: str = opt(REQUIRED, "Backbone: a hub id or save_pretrained directory (causal LM or encoder); with --eval-only, a reward-model directory.", panel="Model")
+    out: str = opt(REQUIRED, "Output directory: model/ (the reward model, rlhfkit_rm.json, model card), rm_metrics.json, checkpoints/.", panel="Output")
+    kind: str | None = opt(None, f"Reward-model kind: {', '.join(KINDS)} (default: the aspect's preset).", panel="Rewards")
+    granularity: str | None = opt(None, "Segment RMs: sentence, subsentence or step (one line each, for process reward models; default: the preset's, factuality sentence, relevance subsentence).", panel="Rewards")
+    positive_reward: float | None = opt(None, "Segment RMs: reward of a segment judged fine (default 1; the paper's +0.3/+0.5 are the weights of `ppo --rewards rel=0.3,fact=0.5`).", panel="Rewards")
+    negative_reward: float | None = opt(None, "Segment RMs: reward of a segment judged an error (default -1).", panel="Rewards")
+    error_class_weight: float | None = opt(None, "Segment RMs: cross-entropy weight of the error class (no-error weighs 1; default: the preset's).", panel="Rewards")
+    segment_pooling: str | None = opt(None, "Segment RMs: where a segment is judged. end: the logits of the token completing it (the default, one token per segment as the reference's marker token); mean: the logits averaged over all its tokens, which suits encoders pretrained for mean-pooled sentence embeddings (all-MiniLM-L6-v2 on QA-Feedback held-out records: relevance error AUC 0.655 vs 0.611 at the end token, factuality 0.764 vs 0.735; recipes/qa_feedback/README.md). Applies to the segment aspects; saved with the RM, which ppo and evaluate read.", panel="Rewards")
+    min_span_words: int | None = opt(None, "Segment RMs: drop relevance spans (QA-Feedback presets; else spans of --aspect) shorter than this many words, as the reference does (default: the preset's, 5 for factuality/relevance; 0 keeps all).", panel="Data")
+    ignore_segments_with: list[str] = opt(["preset"], "Segment RMs: leave out of training segments with an error of these other aspects and none of --aspect (the reference's rule for factuality: 'relevance'); 'none' labels them no-error; default: the preset's.", panel="Data")
+    truncation_side: str = opt("right", TRUNCATION_HELP, panel="Data")
+    ties: str = opt("soft", "Preference ties: soft (trained toward P = 1/2) or drop.", panel="Rewards")
+    normalize_on: str | None = opt(None, "Preference RMs (and --regression-scores standardized): JSONL of responses (e.g. SFT samples) to compute the score mean/std on (default: the training responses).", panel="Data")
+    regression_scores: str = opt(
+        "labels",
+        "Regression RMs: the units of the scores ppo and evaluate get. labels (default): the labels' own (a 0-4 "
+        "HelpSteer2 attribute stays on 0-4); standardized: (score - mean) / std of the RM's scores on --normalize-on "
+        "(else the training responses), as for preference RMs; a small spread (std 0.07 on one HelpSteer2 run) then "
+        "multiplies every reward (there ~14x).",
+        panel="Rewards",
+    )
+    eval_only: bool = opt(False, "Score the reward model at --model on --data and write rm_metrics.json; no training.", panel="Training")
+    max_length: int | None = opt(None, "Longest prompt + response in RM tokens; the prompt is cut (--truncation-side), a response that does not fit is skipped (default: the preset's, else 1024).", panel="Training")
+    max_prompt_length: int | None = opt(None, "Prompt tokens kept at most, cut on --truncation-side (0: as many as fit beside the response; default: the preset's, at most half of --max-length, else 0).", panel="Generation")
+    epochs: int | None = opt(None, "Passes over the training split (default: the preset's, else 2).", panel="Training")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", panel="Training")
+    batch_size: int = opt(8, "Records (segment, regression) or prompts with all their comparisons (preference) per micro-batch.", panel="Training")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", panel="Training")
+    lr: float | None = opt(None, "Peak learning rate, AdamW (default: the preset's, else 5e-5; the presets' suit the tiny offline backbone, use 1e-5 to 5e-5 for a pretrained one).", panel="Training")
+    lr_scheduler: str = opt("linear", "Decay after warm-up: linear, cosine, constant, constant_with_warmup.", panel="Training")
+    warmup_ratio: float = opt(0.0, "Fraction of the steps with linear LR warm-up.", panel="Training")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).", panel="Training")
+    max_grad_norm: float = opt(1.0, "Gradient clipping max norm (0 = no clipping).", panel="Training")
+    group_by_length: bool = opt(True, "Batch examples of similar length together (sorted within windows of 50 batches, the batches shuffled; seeded), so less of each batch is padding; the padding fraction is in metrics.jsonl and rm_metrics.json.", panel="Training")
+    eval_fraction: float = opt(0.2, "Fraction of the prompts held out for metrics (0 = none); a prompt's records stay on one side.", panel="Data")
+    eval_every: int = opt(0, "Evaluate every N steps (0 = before and after training only).", panel="Training")
+    save_every: int = opt(0, "Checkpoint to out/checkpoints/step-N every N steps (0 = never).", panel="Output")
+    keep_checkpoints: int = opt(2, "Newest checkpoints to keep (0 = all).", panel="Output")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out (same data and batch options).", panel="Training")
+    overwrite: bool = opt(False, OVERWRITE_HELP, panel="Output")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning); the saved RM has the adapter merged in.", panel="Model")
+    lora_alpha: int = opt(16, "LoRA alpha.", panel="Model")
+    lora_dropout: float = opt(0.05, "LoRA dropout.", panel="Model")
+    lora_target_modules: list[str] = opt([], "Module names LoRA adapts, repeatable (default: peft's choice for the architecture).", panel="Model")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on supporting GPUs, fp32 on CPU), float32, bfloat16. Trained weights stay fp32.", panel="Model")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.", panel="Distributed")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository.", panel="Model")
+    seed: int = opt(DEFAULT_SEED, "Seed for the held-out split, data order, head initialisation and dropout.", panel="Training")
+    gradient_checkpointing: bool = opt(False, GRADIENT_CHECKPOINTING_HELP, panel="Training")
+    attn_implementation: str | None = opt(None, ATTN_IMPLEMENTATION_HELP, panel="Model")
+    deepspeed: str | None = opt(None, DEEPSPEED_HELP, panel="Distributed")
+    offload_optimizer: bool = opt(False, OFFLOAD_OPTIMIZER_HELP, panel="Distributed")
+    offload_params: bool = opt(False, OFFLOAD_PARAMS_HELP, panel="Distributed")
+    chat_template: str | None = opt(None, "Jinja chat template file for conversational records (default: the tokenizer's own, if any); saved with the RM.", panel="Model")
+    report_to: list[str] = opt([], REPORT_TO_HELP, panel="Output")
+    push_to_hub: str | None = opt(None, PUSH_TO_HUB_HELP + " Several aspects without --shared-backbone: to REPO-<aspect> each.", panel="Output")
     apply_chat_template: bool = opt(False, APPLY_CHAT_TEMPLATE_HELP + " Saved with the RM, so ppo and evaluate render prompts for it the same way.", panel="Data")
-    report_to: list[str] = opt([], REPORT_TO_HELP)
 
     def aspects(self) -> list[str]:
         return [name.strip() for name in self.aspect.split(",") if name.strip()]
@@ -217,10 +238,29 @@ class TrainRMConfig:
     def per_aspect(self) -> list[TrainRMConfig]:
         """`--aspect a,b,c`: one config per aspect (its --data-for file), each writing into OUT/<aspect>/."""
         files = self.data_files()
-        return [
-            dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None)
+        configs = [
+            dataclasses.replace(self, aspect=name, data=files[name], out=str(Path(self.out) / name), data_for=[], shared_backbone=False, aspect_weights=None,
+                                push_to_hub=f"{self.push_to_hub}-{name}" if self.push_to_hub else None)
             for name in self.aspects()
         ]
+        for one in configs:  # one --segment-pooling for several aspects applies to their segment RMs
+            if one.segment_pooling is not None and not one.eval_only and one.preset().kind != "segment":
+                one.segment_pooling = None
+        return configs
+
+    def check_segment_pooling_applies(self) -> None:
+        """--segment-pooling given where no aspect trains a segment RM is an error, not ignored."""
+        if self.segment_pooling is None or self.eval_only:
+            return
+        kinds = {name: dataclasses.replace(self, aspect=name, shared_backbone=False).preset().kind for name in self.aspects()}
+        if "segment" not in kinds.values():
+            shown = ", ".join(f"{name} is a {kind} RM" for name, kind in kinds.items())
+            raise RlhfkitError(f"--segment-pooling applies to segment RMs only ({shown}); drop it")
+
+    def check_data_for_files(self) -> None:
+        for aspect, path in self.data_files().items():
+            if path != self.data:
+                check_data_file(path, f"--data-for {aspect}=")
 
     def validate(self) -> None:
         if self.shared_backbone:
@@ -234,6 +274,14 @@ class TrainRMConfig:
                 raise RlhfkitError(f"--aspect {self.aspect!r} names an aspect twice")
             if self.eval_only or self.resume:
                 raise RlhfkitError("--eval-only and --resume take one --aspect")
+            unsafe = [name for name in names if not SAFE_DIRECTORY_NAME.fullmatch(name)]
+            if unsafe:
+                raise RlhfkitError(
+                    f"--aspect {unsafe[0]!r}: each aspect's RM goes to OUT/<aspect>/, so an aspect name must be letters, "
+                    "digits, '_', '-' and '.' (not first); or give --shared-backbone (one model)"
+                )
+            self.check_segment_pooling_applies()
+            self.check_data_for_files()
             for one in self.per_aspect():
                 one.validate()
             return
@@ -260,10 +308,13 @@ class TrainRMConfig:
         if self.ties not in TIE_POLICIES:
             raise RlhfkitError(f"unknown --ties {self.ties!r}; valid: {', '.join(TIE_POLICIES)}")
         check_training_options(self.lora_r, self.lora_dropout, self.dtype)
-        if not Path(self.data).is_file():
-            raise RlhfkitError(f"--data {self.data}: no such file")
-        if self.normalize_on is not None and not Path(self.normalize_on).is_file():
-            raise RlhfkitError(f"--normalize-on {self.normalize_on}: no such file")
+        check_attn_implementation(self.attn_implementation, self.device)
+        self.check_segment_pooling_applies()
+        check_data_file(self.data, "--data")
+        if self.normalize_on is not None:
+            check_data_file(self.normalize_on, "--normalize-on")
+        if self.regression_scores not in REGRESSION_SCORES:
+            raise RlhfkitError(f"unknown --regression-scores {self.regression_scores!r}; valid: {', '.join(REGRESSION_SCORES)}")
 
     def validate_shared(self) -> None:
         """--shared-backbone: every aspect valid on its own, one set of lengths and training options.
@@ -277,6 +328,8 @@ class TrainRMConfig:
             raise RlhfkitError(f"--aspect {self.aspect!r} names an aspect twice")
         if len(names) < 2:
             raise RlhfkitError("--shared-backbone trains one head per aspect; give several, e.g. --aspect factuality,relevance,completeness")
+        self.check_segment_pooling_applies()
+        self.check_data_for_files()
         bad = [n for n in names if not n.isidentifier()]
         if bad:
             raise RlhfkitError(f"--shared-backbone: aspect name(s) {', '.join(bad)} must be letters, digits and _ (they name heads and NAME.ASPECT rewards)")
@@ -392,6 +445,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     model = new_reward_model(
         settings.kind, cfg.model, pad_token_id=tokenizer.pad_token_id, dtype=cfg.dtype if cfg.lora_r else "float32",
         device=str(device), trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation,
     )
     check_positions(cfg, model_max_positions(model))
     if cfg.lora_r:
@@ -411,7 +465,8 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
     def evaluate() -> dict[str, float]:
         # fit evaluates after the last step too, so held_metrics ends as the final model's.
         held_metrics.clear()
-        held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size, cfg.seed))
+        held_metrics.update(evaluate_reward_model(rm, held_records, cfg.aspect, cfg.batch_size, cfg.seed,
+                                                  training_mean=label_mean(train_records)))
         return headline_metrics(held_metrics)
 
     fingerprint = data_fingerprint([cfg.data], (cfg.aspect, settings, cfg.max_length, cfg.max_prompt_length, cfg.ties, cfg.eval_fraction))
@@ -425,7 +480,7 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
 
     model.eval()
     if settings.kind != "segment":
-        spec["normalization"] = score_normalization(rm, train_records, cfg.normalize_on, cfg.batch_size)
+        spec["normalization"] = sequence_normalization(settings.kind, rm, train_records, cfg)
     saved = save_reward_model_weights(model, tokenizer, run.path)
     metrics = {
         "aspect": cfg.aspect, "kind": settings.kind, **held_out_entries(held_metrics), "steps": result.steps,
@@ -439,9 +494,28 @@ def run_train_rm(cfg: TrainRMConfig) -> dict:
         metrics.update(normalization=spec["normalization"], ties=cfg.ties, train_ties=ties)
     run.write_json(METRICS_FILE, metrics)
     write_reward_model_spec(run.path, spec)
+    if is_main_process():
+        finish_model(run.path, cfg.push_to_hub, title=run.path.name, stage="train-rm", base_model=cfg.model, data=[cfg.data],
+                     rewards={cfg.aspect: (f"{settings.kind} reward model", "this model")},
+                     metrics={**scalar_metrics(metrics, ["steps", "train_loss"]), **scalar_metrics(held_metrics, list(held_metrics), "held-out ")})
     run.close()
     console.print(f"train-rm: {held_out_summary(held_metrics)}; reward model saved to {run.path}", soft_wrap=True)
     return metrics
+
+
+def label_mean(records: list) -> float | None:
+    """The mean of the training records' score labels (a regression RM's baseline), if any."""
+    scores = [r.score for r in records if isinstance(r, ScalarScore)]
+    return sum(scores) / len(scores) if scores else None
+
+
+def sequence_normalization(kind: str, rm: RewardModel, train_records: list, cfg: TrainRMConfig) -> dict[str, Any]:
+    """What a sequence RM's saved scores are: a regression RM's in its labels' units unless
+    --regression-scores standardized; a preference RM's standardised (its logits' scale is
+    arbitrary; the paper normalises its completeness RM on SFT samples)."""
+    if kind == "regression" and cfg.regression_scores == "labels":
+        return {"mean": 0.0, "std": 1.0, "computed_on": None, "units": "labels"}
+    return score_normalization(rm, train_records, cfg.normalize_on, cfg.batch_size)
 
 
 def run_train_shared(cfg: TrainRMConfig) -> dict:
@@ -477,7 +551,10 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
         items += [(aspect, e) for e in examples]
         counts[aspect] = {"train_examples": len(examples), "train_records": len(rs), "train_records_too_long": too_long, "held_out_records": len(held_records[aspect])}
 
-    model = new_multi_aspect_model(kinds, cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
+    model = new_multi_aspect_model(
+        kinds, cfg.model, device=device, trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation,
+    )
     parameters = count_parameters(model)
     spec = shared_spec(
         settings, weights, data, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None,
@@ -498,7 +575,8 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
         summary = {}
         for aspect, rm in aspect_reward_models(model, tokenizer, spec, device).items():
             if held_records[aspect]:
-                held_metrics[aspect] = evaluate_reward_model(rm, held_records[aspect], aspect, cfg.batch_size, cfg.seed)
+                held_metrics[aspect] = evaluate_reward_model(rm, held_records[aspect], aspect, cfg.batch_size, cfg.seed,
+                                                             training_mean=label_mean(train_records[aspect]))
                 summary.update({f"{aspect}_{k}": v for k, v in headline_metrics(held_metrics[aspect]).items()})
         model.train()
         return summary
@@ -520,7 +598,7 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     model.eval()
     for aspect, rm in aspect_reward_models(model, tokenizer, spec, device).items():
         if kinds[aspect] != "segment":
-            spec["aspects"][aspect]["normalization"] = score_normalization(rm, train_records[aspect], cfg.normalize_on, cfg.batch_size)
+            spec["aspects"][aspect]["normalization"] = sequence_normalization(kinds[aspect], rm, train_records[aspect], cfg)
     save_reward_model_weights(model, tokenizer, run.path)
     per_aspect = {
         aspect: {
@@ -535,6 +613,13 @@ def run_train_shared(cfg: TrainRMConfig) -> dict:
     }
     run.write_json(METRICS_FILE, metrics)
     write_reward_model_spec(run.path, spec)
+    if is_main_process():
+        finish_model(run.path, cfg.push_to_hub, title=run.path.name, stage="train-rm", base_model=cfg.model,
+                     data=[cfg.data, *(path for _, path in (item.partition("=")[::2] for item in cfg.data_for))],
+                     rewards={aspect: (f"{weights[aspect]} ({kinds[aspect]})", "shared backbone, own head") for aspect in kinds},
+                     metrics={**scalar_metrics(metrics, ["steps", "train_loss"]),
+                              **{f"{aspect} held-out {key}": value for aspect in kinds
+                                 for key, value in scalar_metrics(held_metrics.get(aspect, {}), list(held_metrics.get(aspect, {}))).items()}})
     run.close()
     for aspect in kinds:
         console.print(f"train-rm: {aspect}: {held_out_summary(held_metrics.get(aspect, {}))}", soft_wrap=True)

@@ -1,5 +1,5 @@
 """What belongs to one data set rather than to the method, one module per task:
-`qa_feedback` (QA-Feedback's error types, reward-model presets and recipe data steps),
+`qa_feedback` (QA-Feedback's reward-model presets and recipe data steps),
 `synthetic` (the programmatic fact task with its annotator and judge), `detox` (toxicity
 rewards and the detoxification table).
 

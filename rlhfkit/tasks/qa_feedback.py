@@ -1,8 +1,6 @@
 """The QA-Feedback task (Fine-Grained RLHF long-form QA, Wu et al. 2023): what belongs to
 this data set rather than to the method.
 
-- `ERROR_ASPECTS`: the annotators' error types by the reward-model aspect they train (the
-  qa-feedback importer labels spans with them);
 - `PRESETS`: what `train-rm --aspect factuality|relevance|completeness|preference` means (the
   default task's presets, rlhfkit.tasks), with the reference's label rules (`QA_MIN_SPAN`);
 - the recipe data steps on QA files: `qa_answer_records` (policy inputs and gold answers),
@@ -26,16 +24,6 @@ from rlhfkit.io import write_json, write_text
 from rlhfkit.metrics import BOOTSTRAP_DRAWS
 from rlhfkit.recipes import recipe_function
 from rlhfkit.rewards.presets import AspectPreset
-
-# The paper's reward models (section 4.1): C1 relevance covers irrelevant, repetitive and
-# incoherent text; C2 factuality covers inconsistent ("Wrong-Grounding") and unverifiable facts.
-ERROR_ASPECTS = {
-    "Irrelevant": "relevance",
-    "Redundant": "relevance",
-    "Incoherent": "relevance",
-    "Wrong-Grounding": "factuality",
-    "Unverifiable": "factuality",
-}
 
 # The training defaults of the presets (lengths, lr, epochs, class weight) were tuned on the
 # shipped sample with the tiny offline backbone (`rlhfkit init-model`), a randomly initialised
@@ -202,6 +190,8 @@ def rm_held_out_table(out: str, title: str, evaluations: list[str], labels: list
     """
     if labels is not None and (len(labels) != len(evaluations) or len(set(labels)) != len(labels)):
         raise RlhfkitError(f"rm_held_out_table: labels must name each of the {len(evaluations)} evaluations once, got {labels}")
+    from rlhfkit.models import model_dir  # torch: imported when the table is made
+
     rows: dict[str, dict[str, Any]] = {}
     for number, evaluation in enumerate(map(Path, evaluations)):
         scored = _run_file(evaluation, "rm_metrics.json")
@@ -210,7 +200,7 @@ def rm_held_out_table(out: str, title: str, evaluations: list[str], labels: list
         trained_dir = Path(scored["reward_model"])
         trained = _run_file(trained_dir, "rm_metrics.json")
         options = _run_file(trained_dir, "run_config.json")["config"]
-        spec = _run_file(trained_dir, "rlhfkit_rm.json")
+        spec = _run_file(model_dir(trained_dir), "rlhfkit_rm.json")
         held = scored["held_out"]
         settings = {
             "backbone": spec["backbone"],

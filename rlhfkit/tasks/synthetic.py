@@ -42,7 +42,9 @@ from pathlib import Path
 
 from rlhfkit.console import console
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import save_png, shipped_path, write_json, write_text
+from rlhfkit.io import shipped_path, write_json, write_text
+from rlhfkit.metrics import win_rate
+from rlhfkit.plots import Panel, Series, draw, save_png
 from rlhfkit.recipes import recipe_function, recipe_python_function
 from rlhfkit.schema import (
     Critique,
@@ -560,7 +562,7 @@ def report(out: str, curves: str, evaluations: dict[str, str], run_pattern: str,
     lines += ["", f"![learning curves]({_relative_path(curves, Path(out).parent)})"]
     text = "\n".join(lines) + "\n"
     write_text(out, text)
-    plot_curves(curves, table)
+    plot_curves(curves, table, f"synthetic task: {Path(curves).parent.name}")
     result = {
         "goals": verdicts,
         "critique_revise": revisions["rounds"] if revisions else None,
@@ -600,8 +602,9 @@ def goal_verdicts(goals: Sequence[dict], holistic: dict[str, list[float]], basel
 
 def judge_revisions(kb: KnowledgeBase, path: str) -> dict:
     """Critique-and-revise judged by the annotator: per round, the share of inputs whose
-    response beats / ties / trails its original on the holistic score, and the mean scores.
-    Goals: round 1's win rate above 50%, and the last round's above round 1's."""
+    response beats / ties / trails its original on the holistic score, the paper's win rate
+    (win + tie / 2) and the mean scores. Goals: round 1's win rate above 50%, and the last
+    round's above round 1's."""
     records = load_records(path, "generation")
     originals = [judge(kb, r.prompt, r.meta["original_response"]).holistic for r in records]
     count = max(len(r.meta["rounds"]) for r in records)
@@ -610,28 +613,26 @@ def judge_revisions(kb: KnowledgeBase, path: str) -> dict:
         # An input whose rounds stopped early keeps its last response.
         scores = [judge(kb, r.prompt, r.meta["rounds"][min(k, len(r.meta["rounds"]) - 1)]["response"]).holistic
                   if r.meta["rounds"] else original for r, original in zip(records, originals)]
-        n = len(scores)
         rounds.append({
             "round": k + 1,
-            "win": sum(s > o for s, o in zip(scores, originals)) / n,
-            "tie": sum(s == o for s, o in zip(scores, originals)) / n,
-            "loss": sum(s < o for s, o in zip(scores, originals)) / n,
+            **win_rate(scores, originals),
             "holistic": statistics.fmean(scores),
             "accepted": sum(bool(r.meta["rounds"]) and k < len(r.meta["rounds"]) and r.meta["rounds"][k]["flag"] is None
-                            for r in records) / n,
+                            for r in records) / len(records),
         })
     lines = ["", f"## Critique-and-revise, judged by the annotator ({len(records)} SFT samples)", "",
              (f"Originals: holistic score {statistics.fmean(originals):.3f}. Win: the round's response scores higher "
-             "than its original; a flagged revision keeps the previous response."), "",
-             "| round | win | tie | loss | holistic score | revisions accepted |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['round']} | {r['win']:.1%} | {r['tie']:.1%} | {r['loss']:.1%} | {r['holistic']:.3f} | {r['accepted']:.1%} |"
-              for r in rounds]
+             "than its original; a flagged revision keeps the previous response. Win rate: win + tie / 2 "
+             "(Jin et al. 2023)."), "",
+             "| round | win | tie | loss | win rate | holistic score | revisions accepted |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['win']:.1%} | {r['tie']:.1%} | {r['loss']:.1%} | {r['win_rate']:.1%} | {r['holistic']:.3f} "
+              f"| {r['accepted']:.1%} |" for r in rounds]
     first, last = rounds[0], rounds[-1]
-    measured = f"round 1 {first['win']:.1%}, round {last['round']} {last['win']:.1%}"
+    measured = f"win rate (win + tie/2) round 1 {first['win_rate']:.1%}, round {last['round']} {last['win_rate']:.1%}"
     goals = [{"goal": "critique-and-revise: win rate over the originals above 50%", "measured": measured,
-              "met": first["win"] > 0.5},
+              "met": first["win_rate"] > 0.5},
              {"goal": f"critique-and-revise: win rate rising from round 1 to {last['round']}", "measured": measured,
-              "met": last["win"] > first["win"]}]
+              "met": last["win_rate"] > first["win_rate"]}]
     return {"rounds": rounds, "lines": lines, "goals": goals, "originals": statistics.fmean(originals)}
 
 
@@ -686,7 +687,7 @@ def _windows(steps: int, count: int = 4) -> list[tuple[int, int]]:
 def _learned_rm_view(metrics: dict, systems: list[str]) -> list[str]:
     """What the learned reward models said about the same responses (from evaluate)."""
     rows = metrics.get("systems", {})
-    keys = [k for k in ("error_rate/factuality", "error_rate/relevance", "reward/completeness", "reward/preference")
+    keys = [k for k in ("error_rate/factuality", "error_rate/relevance", "reward/raw/completeness", "reward/raw/preference")
             if any(k in rows.get(s, {}) for s in systems)]
     if not keys:
         return []
@@ -698,28 +699,16 @@ def _learned_rm_view(metrics: dict, systems: list[str]) -> list[str]:
     return lines
 
 
-def plot_curves(path: str, table: list[Condition]) -> None:
+def plot_curves(path: str, table: list[Condition], title: str) -> None:
     """Four panels (the true metrics of the sampled rollouts) over PPO steps: each
     condition's mean over seeds, with the range over seeds shaded."""
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 7), dpi=100)
-    FigureCanvasAgg(figure)
-    colours = ["tab:green", "tab:blue", "tab:orange", "tab:red"]
-    for panel, (key, label) in enumerate(METRIC_NAMES.items(), start=1):
-        axes = figure.add_subplot(2, 2, panel)
-        for condition, colour in zip(table, colours):
+    panels = []
+    for key, label in METRIC_NAMES.items():
+        series = []
+        for condition in table:
             steps = min(len(c) for c in condition.curves)
-            series = [[getattr(c[t], key) for c in condition.curves] for t in range(steps)]
-            x = list(range(1, steps + 1))
-            axes.plot(x, [statistics.fmean(v) for v in series], color=colour, label=f"{condition.name} (mean of {len(condition.curves)} seeds)")
-            axes.fill_between(x, [min(v) for v in series], [max(v) for v in series], color=colour, alpha=0.15)
-        axes.set_title(label)
-        axes.set_xlabel("PPO step (sampled rollouts)")
-        axes.grid(alpha=0.3)
-        if panel == 1:
-            axes.legend(fontsize=8)
-    figure.tight_layout()
-    save_png(figure, path)
+            values = [[getattr(c[t], key) for c in condition.curves] for t in range(steps)]
+            series.append(Series(f"{condition.name} (mean of {len(condition.curves)} seeds)", list(range(1, steps + 1)),
+                                 [statistics.fmean(v) for v in values], band=([min(v) for v in values], [max(v) for v in values])))
+        panels.append(Panel(label, "PPO step (sampled rollouts)", label, series))
+    save_png(draw(title, panels, columns=2, width=5.5, height=3.5), path)
