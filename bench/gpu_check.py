@@ -245,10 +245,10 @@ def dry_run(workdir: Path) -> list[str]:
     for module, where in sorted(imported_modules(files).items()):
         if module in NOT_CARRIED:
             continue
-        dists = providers.get(module)
-        if not dists:
-            problems.append(f"{where}: imports {module}, which no installed package provides; carry it or add it to NOT_CARRIED")
-        elif not any(d in available for d in dists):
+        # A module no package installed here provides (an optional extra such as trl, which
+        # `make setup` leaves out) is looked up under its own name, as most distributions are.
+        dists = providers.get(module) or [normalized(module)]
+        if not any(d in available for d in dists):
             problems.append(f"{where}: imports {module} ({', '.join(dists)}), which is neither on the box nor in bench/gpu_wheels.json")
 
     # 2. requirements: rlhfkit's own and every carried wheel's.
