@@ -115,6 +115,9 @@ def test_two_systems_get_every_metric_and_a_pairwise_table(tmp_path, run_cli, ti
         expected_rate = sum(p > 0.5 for p in probs) / len(probs) if probs else 0.0
         assert systems[name]["error_rate/factuality"] == pytest.approx(expected_rate)
         assert name != "gold" or probs
+        # each response's [flagged, all] segments, for intervals over prompts (the pretrained-policy table)
+        assert [r.meta["error_flags"]["factuality"] for r in rows] == [
+            [sum(p > 0.5 for p in s.error_probs), len(s.error_probs)] for s in segment_rewards]
         assert systems[name]["perplexity"] == pytest.approx(perplexity(model, tokenizer, pairs[1]), rel=1e-5)
 
     # judge: the first sequence RM; tiny vs gold counted from the scores

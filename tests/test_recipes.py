@@ -334,3 +334,190 @@ def test_rm_held_out_table_reports_each_aspect_beside_its_baseline(tmp_path):
         rm_held_out_table(str(tmp_path / "t.md"), "T", [str(training_run)])
     with pytest.raises(RlhfkitError, match="nothing/rm_metrics.json: no such file"):
         rm_held_out_table(str(tmp_path / "t.md"), "T", [str(tmp_path / "nothing")])
+
+
+def test_rm_held_out_table_labels_two_rms_of_one_aspect(tmp_path):
+    """The pretrained-policy plan scores the judge's and the reward RMs of each aspect: one row
+    each (keyed by aspect alone, the second would replace the first)."""
+    held_out = {"records": 600, "pairwise_accuracy": 0.52, "pairwise_baseline_accuracy": 0.5,
+                "pairwise_accuracy_ci95": [0.47, 0.57], "pairs": 530, "bootstrap_prompts": 100}
+    judge = write_held_out_run(tmp_path / "judge", "completeness", "preference", held_out, clearly=False)
+    reward = write_held_out_run(tmp_path / "reward", "completeness", "preference", {**held_out, "pairwise_accuracy": 0.6}, clearly=False)
+    with pytest.raises(RlhfkitError, match="two evaluations of completeness; name the rows with labels"):
+        rm_held_out_table(str(tmp_path / "t.md"), "T", [str(judge), str(reward)])
+    rows = rm_held_out_table(str(tmp_path / "t.md"), "T", [str(judge), str(reward)], labels=["judge comp", "reward comp"])
+    assert {label: row["value"] for label, row in rows.items()} == {"judge comp": 0.52, "reward comp": 0.6}
+    table = (tmp_path / "t.md").read_text()
+    assert "| judge comp | pairwise accuracy | 0.520 |" in table and "| reward comp | pairwise accuracy | 0.600 |" in table
+    with pytest.raises(RlhfkitError, match="labels must name each of the 2 evaluations once"):
+        rm_held_out_table(str(tmp_path / "t.md"), "T", [str(judge), str(reward)], labels=["x"])
+
+
+# --- the pretrained-policy QA table (recipes/qa_feedback/smol_tiny.yaml, smol_paper.yaml) ---
+
+SMOL_PLANS = [REPO / "recipes" / "qa_feedback" / f"smol_{scale}.yaml" for scale in ("tiny", "paper")]
+
+
+@pytest.mark.parametrize("plan", SMOL_PLANS, ids=lambda p: p.stem)
+def test_smol_plans_dry_run_through_the_cli(plan, run_cli, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = run_cli("recipe", plan.relative_to(REPO), "--dry-run")
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.output.splitlines() if line.startswith("[")]
+    assert len(steps) == len(load_plan(plan.relative_to(REPO)).steps)
+    assert all(line.endswith((": ok", ": deferred")) for line in steps)
+    # Three PPO arms from the same SFT policy with the same settings, one method each.
+    ppo = [line for line in result.output.splitlines() if line.strip().startswith("rlhfkit ppo ")]
+    assert len(ppo) == 3 and all(f"--policy runs/qa_feedback/{plan.stem.replace('_tiny', '')}/sft " in line for line in ppo)
+    assert "--rewards rel=0.3,fact=0.5,comp=0.3" in ppo[0] and "--redistribute" not in ppo[1] and "--redistribute pref" in ppo[2]
+    # The held-out records' prompts are evaluated, and no training step reads that file.
+    evaluate = [line for line in result.output.splitlines() if line.strip().startswith("rlhfkit evaluate ")]
+    assert len(evaluate) == 2 and all("/held-out/prompts.jsonl" in line for line in evaluate)
+    training = [line for line in result.output.splitlines() if line.strip().startswith(("rlhfkit sft ", "rlhfkit ppo "))
+                or (line.strip().startswith("rlhfkit train-rm ") and "--eval-only" not in line)]
+    assert len(training) == 1 + 7 + 3 and not any("held" in line for line in training)
+
+
+def test_smol_paper_plan_takes_the_hub_model_by_name(run_cli, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = run_cli("recipe", "recipes/qa_feedback/smol_paper.yaml", "--dry-run",
+                     "--set", "policy=HuggingFaceTB/SmolLM2-1.7B-Instruct")
+    assert result.exit_code == 0, result.output
+    sft = [line for line in result.output.splitlines() if line.strip().startswith("rlhfkit sft ")]
+    assert len(sft) == 1 and "--model HuggingFaceTB/SmolLM2-1.7B-Instruct " in sft[0]
+    assert "--policy instruct=HuggingFaceTB/SmolLM2-1.7B-Instruct" in result.output
+    # GPU scale: GAE (the default, so not printed), 200 steps of 16 prompts, 4 PPO epochs.
+    assert "--advantage" not in result.output and "--steps 200 --prompts-per-step 16" in result.output
+    assert "--ppo-epochs 4" in result.output
+
+
+def test_split_feedback_file_alternates_records(tmp_path):
+    from rlhfkit.tasks.qa_feedback import split_feedback_file
+
+    source = write(tmp_path / "feedback.json", json.dumps([{"question": f"q{i}"} for i in range(5)]))
+    assert split_feedback_file(str(source), str(tmp_path / "halves"), ["reward", "judge"]) == {"reward": 3, "judge": 2}
+    # Record i goes to names[i % 2]: 0, 2, 4 and 1, 3.
+    assert [r["question"] for r in json.loads((tmp_path / "halves" / "reward.json").read_text())] == ["q0", "q2", "q4"]
+    assert [r["question"] for r in json.loads((tmp_path / "halves" / "judge.json").read_text())] == ["q1", "q3"]
+    with pytest.raises(RlhfkitError, match="distinct"):
+        split_feedback_file(str(source), str(tmp_path / "x"), ["a", "a"])
+    with pytest.raises(RlhfkitError, match="JSON list of at least 2"):
+        split_feedback_file(str(write(tmp_path / "one.json", "[{}]")), str(tmp_path / "y"), ["a", "b"])
+
+
+SMOL_REWARD = {"relevance": "rel", "factuality": "fact", "completeness": "comp", "preference": "pref"}
+SMOL_JUDGE = {"relevance": "j-rel", "factuality": "j-fact", "completeness": "j-comp"}
+
+
+def smol_generation(system: str, prompt_id: str, response: str, flags: dict, rewards: dict) -> Generation:
+    return Generation(id=f"{system}:{prompt_id}", prompt=f"question: {prompt_id}? context: wikipage: T text: x", response=response,
+                      model=system, meta={"prompt_id": prompt_id, "rewards": rewards, "error_flags": flags})
+
+
+def test_smol_figures_by_hand():
+    from rlhfkit.tasks.qa_feedback import smol_figures
+
+    records = [
+        smol_generation("S", "p1", "the cat sat", {"rel": [1, 2], "fact": [0, 1], "j-rel": [2, 2], "j-fact": [1, 1]},
+                        {"comp": 1.0, "pref": 0.5, "j-comp": -1.0}),
+        smol_generation("S", "p2", "dogs bark loudly today", {"rel": [0, 2], "fact": [1, 3], "j-rel": [0, 2], "j-fact": [0, 3]},
+                        {"comp": 3.0, "pref": -0.5, "j-comp": 1.0}),
+    ]
+    references = {"p1": ["the cat sat"], "p2": ["no shared words"]}
+    figures = smol_figures(records, references, SMOL_REWARD, SMOL_JUDGE, seed=0)
+    # Pooled error rates: (1 + 0) / (2 + 2), (0 + 1) / (1 + 3), (2 + 0) / (2 + 2), (1 + 0) / (1 + 3).
+    assert figures["reward/relevance_errors"][0] == 0.25 and figures["reward/factuality_errors"][0] == 0.25
+    assert figures["judge/relevance_errors"][0] == 0.5 and figures["judge/factuality_errors"][0] == 0.25
+    # Means per response: (1 + 3) / 2, (0.5 - 0.5) / 2, (-1 + 1) / 2; ROUGE-L 1 (identical) and 0; 3 and 4 words.
+    assert figures["reward/completeness"][0] == 2.0 and figures["reward/preference"][0] == 0.0
+    assert figures["judge/completeness"][0] == 0.0
+    assert figures["rouge_l"][0] == 0.5 and figures["length"][0] == 3.5
+    # Two prompts: a resample is {p1, p1}, {p1, p2} or {p2, p2} (probabilities 1/4, 1/2, 1/4), so the
+    # 95% percentile interval runs from the {p2, p2} value to the {p1, p1} one (or the reverse):
+    # relevance errors 0/4 .. 2/4; completeness 1 .. 3; ROUGE-L 0 .. 1.
+    assert figures["reward/relevance_errors"][1] == [0.0, 0.5]
+    assert figures["reward/completeness"][1] == [1.0, 3.0]
+    assert figures["rouge_l"][1] == [0.0, 1.0]
+
+
+def smol_figure_set(rel, fact, j_rel, j_fact, j_comp, pref, rouge) -> dict:
+    return {"reward/relevance_errors": rel, "reward/factuality_errors": fact, "reward/completeness": (0.0, [0.0, 0.0]),
+            "reward/preference": pref, "judge/relevance_errors": j_rel, "judge/factuality_errors": j_fact,
+            "judge/completeness": j_comp, "rouge_l": rouge, "length": (50.0, [40.0, 60.0])}
+
+
+def test_smol_goals_by_hand():
+    from rlhfkit.tasks.qa_feedback import clearly_better, overlap, smol_goals
+
+    # Intervals that do not overlap decide; touching ones overlap.
+    assert clearly_better((0.1, [0.05, 0.15]), (0.3, [0.2, 0.4]), lower_is_better=True)
+    assert not clearly_better((0.1, [0.05, 0.2]), (0.3, [0.2, 0.4]), lower_is_better=True)
+    assert clearly_better((0.5, [0.45, 0.55]), (0.3, [0.2, 0.4]), lower_is_better=False)
+    assert not clearly_better((0.1, None), (0.3, [0.2, 0.4]), lower_is_better=True)
+    assert overlap((0.1, [0.05, 0.2]), (0.3, [0.2, 0.4])) and not overlap((0.1, [0.05, 0.15]), (0.3, [0.2, 0.4]))
+
+    low, high = (0.10, [0.05, 0.15]), (0.30, [0.20, 0.40])
+    pref = (0.0, [-0.1, 0.1])
+    sft = smol_figure_set(high, high, high, high, (0.0, [-0.1, 0.1]), pref, (0.400, [0.35, 0.45]))
+    # Fine-grained: every error rate clearly below SFT's and holistic's; ROUGE-L 0.395 >= 0.400 - 0.01.
+    fine = smol_figure_set(low, low, low, low, (0.0, [-0.1, 0.1]), (0.05, [-0.05, 0.15]), (0.395, [0.35, 0.44]))
+    holistic = smol_figure_set(high, high, high, high, (0.0, [-0.1, 0.1]), (0.1, [0.0, 0.2]), (0.4, [0.35, 0.45]))
+    # R3HF: the judge's completeness clearly above holistic's, nothing clearly worse.
+    r3hf = smol_figure_set(high, high, high, high, (0.5, [0.2, 0.8]), pref, (0.4, [0.35, 0.45]))
+    figures = {"SFT": sft, "FG": fine, "H": holistic, "R": r3hf}
+    goals = smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf="R")
+    assert {g: (v["met"], v["by_reward_rms"]) for g, v in goals.items()} == {"a": (True, True), "b": (True, True), "c": (True, False)}
+    assert "judge/factuality_errors: FG 0.100 [0.050, 0.150] vs SFT 0.300 [0.200, 0.400]" in goals["a"]["evidence"]
+
+    # ROUGE-L 0.389 < 0.400 - 0.01: (a) not met although the error rates are.
+    figures["FG"] = {**fine, "rouge_l": (0.389, [0.34, 0.44])}
+    assert not smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf="R")["a"]["met"]
+    # The judge's relevance errors overlap SFT's: (a) not met by the judge, still met by the reward RMs
+    # (the reward-hacking signature).
+    figures["FG"] = {**fine, "judge/relevance_errors": (0.18, [0.1, 0.25])}
+    goals = smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf="R")
+    assert (goals["a"]["met"], goals["a"]["by_reward_rms"]) == (False, True)
+    # Preference scores that do not overlap are not comparable: (b) not met.
+    figures["FG"] = {**fine, "reward/preference": (0.5, [0.3, 0.7])}
+    assert not smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf="R")["b"]["met"]
+    # R3HF clearly better on completeness but clearly worse on factuality errors: (c) not met.
+    figures["R"] = {**r3hf, "judge/factuality_errors": (0.6, [0.5, 0.7])}
+    assert not smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf="R")["c"]["met"]
+
+
+def test_smol_table_from_evaluate_outputs(tmp_path):
+    from rlhfkit.tasks.qa_feedback import smol_table
+
+    prompts = [PromptRecord(id=f"p{i}", prompt=f"question: Who is {i}? context: wikipage: T text: x", references=[f"gold {i}"])
+               for i in range(2)]
+    write_records(tmp_path / "prompts.jsonl", prompts)
+    names = list(SMOL_REWARD.values()) + list(SMOL_JUDGE.values())
+
+    def answers(system: str, flagged: int, comp: float) -> list[Generation]:
+        return [Generation(id=f"{system}:{p.id}", prompt=p.prompt, response=f"gold {i}" if system == "SFT" else "other words",
+                           model=system, meta={"prompt_id": p.id, "rewards": {n: comp for n in names},
+                                               "error_flags": {n: [flagged, 2] for n in names if "rel" in n or "fact" in n}})
+                for i, p in enumerate(prompts)]
+
+    for decoding in ("greedy", "sampled"):
+        records = answers("SFT", 1, 0.0) + answers("FG", 0, 0.0) + answers("H", 1, 0.0) + answers("R", 1, 1.0)
+        write_records(tmp_path / decoding / "generations.jsonl", records)
+    for arm in ("FG", "H", "R"):
+        write(tmp_path / arm / "metrics.jsonl", '{"step": 1, "reward/total": -0.5, "kl": 0.0}\n{"step": 2, "reward/total": 0.25, "kl": 0.01}\n')
+    write(tmp_path / "rm_quality.md", "# RM quality\n\nsome table\n")
+    write(tmp_path / "recipe_run.json", json.dumps({"steps": [{"step": "sft", "seconds": 90.0}], "seconds": 90.0}))
+    result = smol_table(str(tmp_path / "qa_smol.md"), "T", {d: str(tmp_path / d) for d in ("greedy", "sampled")},
+                        str(tmp_path / "prompts.jsonl"), {"sft": "SFT", "fine_grained": "FG", "holistic": "H", "r3hf": "R"},
+                        SMOL_REWARD, SMOL_JUDGE, {arm: str(tmp_path / arm) for arm in ("FG", "H", "R")},
+                        sections=[str(tmp_path / "rm_quality.md")], timings=str(tmp_path / "recipe_run.json"))
+    report = (tmp_path / "qa_smol.md").read_text()
+    # Every response of FG has 0 of 2 segments flagged, SFT's 1 of 2: rates 0 and 0.5 on both prompts,
+    # so each interval is a point and they do not overlap; ROUGE-L: SFT 1 (the gold), FG 0: (a) not met.
+    fg = result["decodings"]["greedy"]["figures"]["FG"]
+    assert fg["judge/relevance_errors"] == (0.0, [0.0, 0.0]) and fg["rouge_l"] == (0.0, [0.0, 0.0])
+    assert not result["decodings"]["greedy"]["goals"]["a"]["met"] and result["decodings"]["greedy"]["goals"]["b"]["met"]
+    assert "| (a) | **not met** | not met |" in report and "| (b) | **met** | met |" in report
+    # The audit row: PPO's reward/total from step 1 to step 2, and FG's changes against SFT (0 - 0.5 errors).
+    assert "| FG | 2 steps, reward/total -0.500 (step 1) -> +0.250 (step 2), KL 0.0100 | -0.500 / -0.500 / +0.000 |" in report
+    assert "**Q: Who is 0?**" in report and "- gold: gold 0" in report and "- FG: other words" in report
+    assert "## RM quality" in report and "| sft | 90 |" in report

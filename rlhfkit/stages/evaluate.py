@@ -42,7 +42,8 @@ orders as the judge does; an RM tie counts one half). The judge returns, per res
 evaluate runs the audit only.
 
 Writes to `--out`: `generations.jsonl` (every system's responses as `generation` records,
-with each RM's reward in `meta.rewards`), `metrics.json`, `results.md` (a short table: per
+with each RM's reward in `meta.rewards` and each segment RM's [flagged, all] segments in
+`meta.error_flags`), `metrics.json`, `results.md` (a short table: per
 aspect the error rate and reward, the judge's score, ROUGE-L and length, with a sentence
 naming the best system per column; the other metrics below it) and run_config.json.
 
@@ -727,7 +728,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     write_records(
         run.path / GENERATIONS_FILE,
         (
-            replace(record, meta={**record.meta, "rewards": {name: system.scores[name][i] for name in rms}})
+            replace(record, meta={**record.meta, "rewards": {name: system.scores[name][i] for name in rms},
+                                  **({"error_flags": {name: list(flags[i]) for name, flags in system.flagged.items()}}
+                                     if system.flagged else {})})
             for system in systems
             for i, record in enumerate(system.records)
         ),
