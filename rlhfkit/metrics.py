@@ -172,6 +172,23 @@ def roc_auc(scores: Sequence[float], actual: Sequence[bool]) -> float:
     return float(roc_auc_score(np.asarray(actual, dtype=bool), np.asarray(scores, dtype=np.float64)))
 
 
+def calibration_bins(error_probs: Sequence[float], actual: Sequence[bool], bins: int = 10) -> list[dict[str, float]]:
+    """A segment RM's reliability table: P(error) in `bins` equal-width bins of [0, 1] (the last
+    one closed); per non-empty bin its bounds, the segments in it, their mean P(error) and the
+    share that are errors. A calibrated RM has the last two equal in every bin."""
+    rows = []
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [(p, a) for p, a in zip(error_probs, actual) if low <= p < high or (b == bins - 1 and p == high)]
+        if members:
+            rows.append({
+                "low": low, "high": high, "segments": len(members),
+                "mean_error_probability": sum(p for p, _ in members) / len(members),
+                "error_rate": sum(a for _, a in members) / len(members),
+            })
+    return rows
+
+
 def segment_metrics(predicted: Sequence[bool], actual: Sequence[bool], error_probs: Sequence[float] | None = None) -> dict[str, float]:
     """Accuracy and the error class's precision/recall/F1, beside the majority-class accuracy.
 

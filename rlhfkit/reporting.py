@@ -58,6 +58,7 @@ class RunView:
     steps: list[int] = field(default_factory=list)
     tables: str = ""  # results.md as HTML
     held_out: dict = field(default_factory=dict)
+    calibration: str = ""  # inline SVG: a segment RM's reliability plot
     revisions: list[dict] = field(default_factory=list)
 
 
@@ -121,9 +122,24 @@ def run_view(path: Path, max_rollouts: int) -> RunView:
     rm_metrics = path / "rm_metrics.json"
     if rm_metrics.is_file():
         view.held_out = json.loads(rm_metrics.read_text(encoding="utf-8")).get("held_out") or {}
+        bins = view.held_out.pop("calibration", None)
+        if bins:
+            view.calibration = calibration_plot(bins, path.name)
     if (path / "revisions.jsonl").is_file():
         view.revisions = revision_diffs(path / "revisions.jsonl")
     return view
+
+
+def calibration_plot(bins: list[dict], name: str) -> str:
+    """A segment RM's reliability plot (metrics.calibration_bins) as inline SVG: the held-out
+    error rate against the mean predicted P(error) per bin; the diagonal is perfect calibration."""
+    predicted = [b["mean_error_probability"] for b in bins]
+    panel = Panel("calibration on held-out segments", "mean predicted P(error) in the bin", "observed error rate", [
+        Series("perfectly calibrated", [0.0, 1.0], [0.0, 1.0]),
+        Series("reward model (" + ", ".join(str(b["segments"]) for b in bins) + " segments per bin)", predicted,
+               [b["error_rate"] for b in bins]),
+    ], ylim=(-0.04, 1.04))
+    return svg_text(draw(f"train-rm: {name}", [panel]))
 
 
 def run_curves(path: Path, stage: str) -> str:

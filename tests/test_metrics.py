@@ -12,6 +12,7 @@ import torch
 
 from rlhfkit.metrics import (
     bootstrap_interval,
+    calibration_bins,
     distinct_n,
     mean_length,
     pairwise_intervals,
@@ -191,6 +192,16 @@ def test_roc_auc_by_hand():
     assert roc_auc([0.9, 0.4, 0.4, 0.2, 0.1], [True, True, False, False, False]) == pytest.approx(5.5 / 6)
     assert roc_auc([0.1, 0.2, 0.3], [True, False, False]) == 0.0
     assert math.isnan(roc_auc([0.1, 0.2], [False, False]))
+
+
+def test_calibration_bins_by_hand():
+    # Bins of width 0.1: 0.05 -> [0.0, 0.1); 0.15 and 0.12 -> [0.1, 0.2); 0.95 and 1.0 -> the last
+    # bin, closed at 1. Mean P(error) and error rate per bin: 0.05 and 0/1; (0.15 + 0.12) / 2 =
+    # 0.135 and 1/2; (0.95 + 1.0) / 2 = 0.975 and 2/2. Empty bins are left out.
+    rows = calibration_bins([0.05, 0.15, 0.12, 0.95, 1.0], [False, True, False, True, True])
+    assert [(r["low"], r["high"], r["segments"], r["error_rate"]) for r in rows] == [
+        (0.0, 0.1, 1, 0.0), (0.1, 0.2, 2, 0.5), (0.9, 1.0, 2, 1.0)]
+    assert [r["mean_error_probability"] for r in rows] == pytest.approx([0.05, 0.135, 0.975], abs=1e-15)
 
 
 def test_segment_metrics_by_hand():

@@ -189,3 +189,28 @@ def test_loss_plot_evaluations_are_points() -> None:
                                             Series("held-out loss", [0, 3], [3.1, 1.9], markers_only=True)])
     held_out = draw("sft: run", [panel]).axes[0].get_lines()[1]
     assert held_out.get_linestyle() == "None"  # two evaluations are not joined into a "trend"
+
+
+def test_a_segment_rms_calibration_is_plotted_not_tabled(tmp_path, monkeypatch):
+    from rlhfkit import reporting
+
+    drawn = []
+    real_draw = reporting.draw
+    monkeypatch.setattr(reporting, "draw", lambda title, panels, **kw: drawn.append((title, panels)) or real_draw(title, panels, **kw))
+    rm = tmp_path / "rm-fact"
+    rm.mkdir()
+    (rm / "run_config.json").write_text(json.dumps({"stage": "train-rm", "config": {}}))
+    bins = [{"low": 0.0, "high": 0.1, "segments": 1, "mean_error_probability": 0.05, "error_rate": 0.0},
+            {"low": 0.9, "high": 1.0, "segments": 3, "mean_error_probability": 0.95, "error_rate": 2 / 3}]
+    (rm / "rm_metrics.json").write_text(json.dumps({"held_out": {"accuracy": 0.75, "segments": 4, "calibration": bins}}))
+    out = tmp_path / "rm.html"
+    run_report(build_config(ReportConfig, runs=[str(rm)], out=str(out)))
+    page = parse(out)
+
+    assert len(page.having("div", "calibration")) == 1 and len(page.having("svg")) == 1
+    held_out = {cells[0]["text"]: cells[1]["text"] for cells in zip(page.having("td")[::2], page.having("td")[1::2])}
+    assert held_out == {"accuracy": "0.75", "segments": "4"}  # the bins are drawn, not listed
+    [(title, [panel])] = drawn
+    diagonal, rm_line = panel.series
+    assert title == "train-rm: rm-fact" and (list(diagonal.x), list(diagonal.y)) == ([0.0, 1.0], [0.0, 1.0])
+    assert list(rm_line.x) == [0.05, 0.95] and list(rm_line.y) == [0.0, 2 / 3]

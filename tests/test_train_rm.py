@@ -341,6 +341,12 @@ def test_segment_rm_end_to_end(run_cli, tiny_model_dir, tmp_path):
     assert held["majority_baseline_accuracy"] == pytest.approx(3 / 5)
     assert (held["accuracy"], held["error_f1"], held["error_auc"]) == (1.0, 1.0, 1.0)
     assert metrics["steps"] == 30 and metrics["beats_baseline"] is True
+    # The reliability table holds the same 5 segments: with every verdict right, the 2 errors
+    # sit in bins above 0.5 (error rate 1 there) and the 3 others below it (error rate 0).
+    bins = held["calibration"]
+    assert sum(b["segments"] for b in bins) == 5
+    assert sum(b["segments"] * b["error_rate"] for b in bins) == pytest.approx(2)
+    assert all(b["error_rate"] == (1.0 if b["low"] >= 0.5 else 0.0) for b in bins)
     # Bootstrap over the 2 held-out prompts: a resample is s6s6, s6s8 or s8s8 (p 1/4, 1/2, 1/4);
     # accuracy minus majority: s6 alone 1 - 1/2 = 0.5, s8 alone 1 - 2/3 = 1/3, both 1 - 3/5 =
     # 0.4, so the 95% interval of 1000 draws is [1/3, 0.5], above 0: clearly better.

@@ -17,6 +17,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.metrics import (
     beats_baseline,
     beats_baseline_clearly,
+    calibration_bins,
     interval_verdict,
     pairwise_intervals,
     regression_intervals,
@@ -61,6 +62,7 @@ def evaluate_reward_model(
             **metrics,
             **segment_metrics(predicted, actual, all_probs),
             **segment_intervals(prompts, predicted, actual, all_probs, seed),
+            "calibration": calibration_bins(all_probs, actual),
         }
     pairs = [r for r in fitting if isinstance(r, Preference)]
     if pairs:
