@@ -58,14 +58,20 @@ def test_every_plan_resolves(plan, monkeypatch):
         assert item.command
 
 
-@pytest.mark.parametrize("plan", PAPER_PLANS, ids=lambda p: p.parent.name)
-def test_paper_plans_dry_run_through_the_cli(plan, run_cli, monkeypatch, capsys):
+def dry_run_through_the_cli(plan, run_cli, monkeypatch) -> str:
+    """`rlhfkit recipe PLAN --dry-run` from the repository root: every step resolves; the output."""
     monkeypatch.chdir(REPO)
     result = run_cli("recipe", plan.relative_to(REPO), "--dry-run")
     assert result.exit_code == 0, result.output
     steps = [line for line in result.output.splitlines() if line.startswith("[")]
     assert len(steps) == len(load_plan(plan.relative_to(REPO)).steps)
     assert all(line.endswith((": ok", ": deferred")) for line in steps)
+    return result.output
+
+
+@pytest.mark.parametrize("plan", PAPER_PLANS, ids=lambda p: p.parent.name)
+def test_paper_plans_dry_run_through_the_cli(plan, run_cli, monkeypatch, capsys):
+    dry_run_through_the_cli(plan, run_cli, monkeypatch)
 
 
 def write(path: Path, text: str) -> Path:
@@ -360,20 +366,15 @@ SMOL_PLANS = [REPO / "recipes" / "qa_feedback" / f"smol_{scale}.yaml" for scale 
 
 @pytest.mark.parametrize("plan", SMOL_PLANS, ids=lambda p: p.stem)
 def test_smol_plans_dry_run_through_the_cli(plan, run_cli, monkeypatch):
-    monkeypatch.chdir(REPO)
-    result = run_cli("recipe", plan.relative_to(REPO), "--dry-run")
-    assert result.exit_code == 0, result.output
-    steps = [line for line in result.output.splitlines() if line.startswith("[")]
-    assert len(steps) == len(load_plan(plan.relative_to(REPO)).steps)
-    assert all(line.endswith((": ok", ": deferred")) for line in steps)
+    output = dry_run_through_the_cli(plan, run_cli, monkeypatch)
     # Three PPO arms from the same SFT policy with the same settings, one method each.
-    ppo = [line for line in result.output.splitlines() if line.strip().startswith("rlhfkit ppo ")]
+    ppo = [line for line in output.splitlines() if line.strip().startswith("rlhfkit ppo ")]
     assert len(ppo) == 3 and all(f"--policy runs/qa_feedback/{plan.stem.replace('_tiny', '')}/sft " in line for line in ppo)
     assert "--rewards rel=0.3,fact=0.5,comp=0.3" in ppo[0] and "--redistribute" not in ppo[1] and "--redistribute pref" in ppo[2]
     # The held-out records' prompts are evaluated, and no training step reads that file.
-    evaluate = [line for line in result.output.splitlines() if line.strip().startswith("rlhfkit evaluate ")]
+    evaluate = [line for line in output.splitlines() if line.strip().startswith("rlhfkit evaluate ")]
     assert len(evaluate) == 2 and all("/held-out/prompts.jsonl" in line for line in evaluate)
-    training = [line for line in result.output.splitlines() if line.strip().startswith(("rlhfkit sft ", "rlhfkit ppo "))
+    training = [line for line in output.splitlines() if line.strip().startswith(("rlhfkit sft ", "rlhfkit ppo "))
                 or (line.strip().startswith("rlhfkit train-rm ") and "--eval-only" not in line)]
     assert len(training) == 1 + 7 + 3 and not any("held" in line for line in training)
 
