@@ -16,7 +16,7 @@ from pathlib import Path
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.plots import Panel, Series, colour_scale, draw, ppo_panels, reward_colour, svg_text
 from rlhfkit.runs import read_metric_series
-from rlhfkit.schema import load_records
+from rlhfkit.schema import load_records, read_json_file
 
 RUN_CONFIG = "run_config.json"
 REDISTRIBUTE_CONFIG = "*.run_config.json"  # redistribute writes FILE.run_config.json beside FILE.jsonl
@@ -85,10 +85,10 @@ def _is_run(path: Path) -> bool:
 
 def _run_config(path: Path) -> dict:
     files = [path / RUN_CONFIG] if (path / RUN_CONFIG).is_file() else sorted(path.glob(REDISTRIBUTE_CONFIG))
-    try:
-        return json.loads(files[0].read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise RlhfkitError(f"{files[0]}: not JSON ({err.msg})") from None
+    config = read_json_file(files[0])  # one line for a damaged file (not UTF-8, not JSON, too deep)
+    if not isinstance(config, dict):
+        raise RlhfkitError(f"{files[0]}: not a JSON object (a run's config is one)")
+    return config
 
 
 def _started_at(path: Path) -> float:
@@ -121,7 +121,9 @@ def run_view(path: Path, max_rollouts: int) -> RunView:
                           for name in RESULT_FILES if (path / name).is_file())
     rm_metrics = path / "rm_metrics.json"
     if rm_metrics.is_file():
-        view.held_out = json.loads(rm_metrics.read_text(encoding="utf-8")).get("held_out") or {}
+        metrics = read_json_file(rm_metrics)
+        held_out = metrics.get("held_out") if isinstance(metrics, dict) else None
+        view.held_out = dict(held_out) if isinstance(held_out, dict) else {}
         bins = view.held_out.pop("calibration", None)
         if bins:
             view.calibration = calibration_plot(bins, path.name)

@@ -214,3 +214,16 @@ def test_a_segment_rms_calibration_is_plotted_not_tabled(tmp_path, monkeypatch):
     diagonal, rm_line = panel.series
     assert title == "train-rm: rm-fact" and (list(diagonal.x), list(diagonal.y)) == ([0.0, 1.0], [0.0, 1.0])
     assert list(rm_line.x) == [0.05, 0.95] and list(rm_line.y) == [0.0, 2 / 3]
+
+
+def test_a_damaged_run_file_is_one_line(tmp_path: Path) -> None:
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "run_config.json").write_text("[1, 2]")
+    with pytest.raises(RlhfkitError, match=r"run_config.json: not a JSON object"):
+        run_report(build_config(ReportConfig, runs=[str(rm)], out=str(tmp_path / "a.html")))
+    (rm / "run_config.json").write_text(json.dumps({"stage": "train-rm", "config": {}}))
+    (rm / "rm_metrics.json").write_bytes(b'{"held_out": "\xff"}')
+    with pytest.raises(RlhfkitError, match=r"rm_metrics.json: not UTF-8 text \(byte 14\)"):
+        run_report(build_config(ReportConfig, runs=[str(rm)], out=str(tmp_path / "b.html")))
+    assert not (tmp_path / "a.html").exists() and not (tmp_path / "b.html").exists()
