@@ -65,10 +65,11 @@ table-qa-rm: setup
 
 # Fine-Grained RLHF with a pretrained policy (SmolLM2-135M-Instruct) on the real QA-Feedback
 # sample, judged on the 100 held-out records' prompts (recipes/qa_feedback/README.md):
-# results/qa_smol.md. SCALE=tiny is the 2-core CPU run, on one intra-op thread: on the shared 2 cores,
-# 2026-12-07, greedy decoding of 16 prompts x 32 tokens took 15.8 s with one thread and 38.6 s with
-# two. SCALE=paper takes the hub's model by name on a GPU.
-SMOL_THREADS ?= 1
+# results/qa_smol.md. SCALE=tiny is the 2-core CPU run, on two intra-op threads: on 2 quiet cores,
+# 2026-12-07, greedy decoding of 16 prompts x 32 tokens took 17.6 s with one thread and 10.9 s with
+# two. When the cores are shared with other jobs one thread can win (15.8 s vs 38.6 s, measured
+# the same day under load): SMOL_THREADS=1. SCALE=paper takes the hub's model by name on a GPU.
+SMOL_THREADS ?= 2
 table-qa-smol: SCALE ?= tiny
 table-qa-smol: setup
 	$(if $(filter tiny,$(SCALE)),OMP_NUM_THREADS=$(SMOL_THREADS)) $(BIN)/rlhfkit recipe recipes/qa_feedback/smol_$(SCALE).yaml

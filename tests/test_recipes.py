@@ -367,16 +367,20 @@ SMOL_PLANS = [REPO / "recipes" / "qa_feedback" / f"smol_{scale}.yaml" for scale 
 @pytest.mark.parametrize("plan", SMOL_PLANS, ids=lambda p: p.stem)
 def test_smol_plans_dry_run_through_the_cli(plan, run_cli, monkeypatch):
     output = dry_run_through_the_cli(plan, run_cli, monkeypatch)
-    # Three PPO arms from the same SFT policy with the same settings, one method each.
+    # Four PPO arms from the same SFT policy with the same settings, one method each: fine-grained,
+    # holistic (sparse), R3HF per token and per sentence.
     ppo = [line for line in output.splitlines() if line.strip().startswith("rlhfkit ppo ")]
-    assert len(ppo) == 3 and all(f"--policy runs/qa_feedback/{plan.stem.replace('_tiny', '')}/sft " in line for line in ppo)
-    assert "--rewards rel=0.3,fact=0.5,comp=0.3" in ppo[0] and "--redistribute" not in ppo[1] and "--redistribute pref" in ppo[2]
+    assert len(ppo) == 4 and all(f"--policy runs/qa_feedback/{plan.stem.replace('_tiny', '')}/sft " in line for line in ppo)
+    assert "--rewards rel=0.3,fact=0.5,comp=0.3" in ppo[0] and "--redistribute" not in ppo[1]
+    assert "--redistribute pref:token " in ppo[2] and "--redistribute pref:sentence " in ppo[3]
+    # The same settings: every option after the arm's own (--rewards, --rm, --redistribute) agrees.
+    assert len({line.split(" --steps ")[1] for line in ppo}) == 1
     # The held-out records' prompts are evaluated, and no training step reads that file.
     evaluate = [line for line in output.splitlines() if line.strip().startswith("rlhfkit evaluate ")]
     assert len(evaluate) == 2 and all("/held-out/prompts.jsonl" in line for line in evaluate)
     training = [line for line in output.splitlines() if line.strip().startswith(("rlhfkit sft ", "rlhfkit ppo "))
                 or (line.strip().startswith("rlhfkit train-rm ") and "--eval-only" not in line)]
-    assert len(training) == 1 + 7 + 3 and not any("held" in line for line in training)
+    assert len(training) == 1 + 7 + 4 and not any("held" in line for line in training)
 
 
 def test_smol_paper_plan_takes_the_hub_model_by_name(run_cli, monkeypatch):
@@ -484,6 +488,12 @@ def test_smol_goals_by_hand():
     # R3HF clearly better on completeness but clearly worse on factuality errors: (c) not met.
     figures["R"] = {**r3hf, "judge/factuality_errors": (0.6, [0.5, 0.7])}
     assert not smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf="R")["c"]["met"]
+    # Two R3HF arms (per token, per sentence): one verdict each, named. R is clearly worse on the
+    # judge's factuality errors (not met); R2 is R3HF's first set above (met by the judge only).
+    figures["R2"] = r3hf
+    goals = smol_goals(figures, sft="SFT", fine_grained="FG", holistic="H", r3hf=["R", "R2"])
+    assert {g: v["met"] for g, v in goals.items() if g.startswith("c")} == {"c: R": False, "c: R2": True}
+    assert not goals["c: R2"]["by_reward_rms"] and goals["c: R2"]["evidence"].startswith("judge/relevance_errors: R2 0.300")
 
 
 def test_smol_table_from_evaluate_outputs(tmp_path):

@@ -355,7 +355,8 @@ def smol_figures(records: list, references: dict[str, list[str]], reward: dict[s
     return figures
 
 
-def smol_goals(figures: dict[str, dict[str, Figure]], sft: str, fine_grained: str, holistic: str, r3hf: str) -> dict[str, dict]:
+def smol_goals(figures: dict[str, dict[str, Figure]], sft: str, fine_grained: str, holistic: str,
+               r3hf: str | Sequence[str]) -> dict[str, dict]:
     """The issue's three goals on one decoding's figures ({system: smol_figures}), each
     {"met": bool, "by_reward_rms": bool, "evidence": str}. The verdict is the independent
     judge's; "by_reward_rms" is the same test on the RMs PPO optimised (a goal met there but
@@ -367,9 +368,11 @@ def smol_goals(figures: dict[str, dict[str, Figure]], sft: str, fine_grained: st
         preference score (the reward preference RM's intervals overlap);
     (c) R3HF clearly better than holistic (intervals not overlapping) on at least one of the
         judge's figures (relevance errors, factuality errors, completeness) and clearly worse
-        on none.
+        on none. `r3hf` may name several R3HF arms (per token, per sentence): each gets its
+        own verdict, keyed "c" for a single arm and "c: NAME" for several.
     """
-    fg, base, hol, red = figures[fine_grained], figures[sft], figures[holistic], figures[r3hf]
+    fg, base, hol = figures[fine_grained], figures[sft], figures[holistic]
+    r3hf_arms = [r3hf] if isinstance(r3hf, str) else list(r3hf)
     errors = ("relevance_errors", "factuality_errors")
 
     def compare(a: dict, b: dict, side: str, keys=errors) -> list[tuple[str, bool]]:
@@ -389,13 +392,14 @@ def smol_goals(figures: dict[str, dict[str, Figure]], sft: str, fine_grained: st
     goals["b"] = {"met": b["judge"], "by_reward_rms": b["reward"], "evidence": pairs(
         fg, fine_grained, hol, holistic, [f"{s}/{k}" for s in ("judge", "reward") for k in errors] + ["reward/preference"])
         + f" (preference scores comparable, intervals overlapping: {'yes' if comparable else 'no'})"}
-    c = {}
-    for side, keys in (("judge", (*errors, "completeness")), ("reward", (*errors, "completeness", "preference"))):
-        better = [ok for _, ok in compare(red, hol, side, keys)]
-        worse = [ok for _, ok in compare(hol, red, side, keys)]
-        c[side] = any(better) and not any(worse)
-    goals["c"] = {"met": c["judge"], "by_reward_rms": c["reward"], "evidence": pairs(
-        red, r3hf, hol, holistic, ["judge/relevance_errors", "judge/factuality_errors", "judge/completeness", "reward/preference"])}
+    for name in r3hf_arms:
+        red, c = figures[name], {}
+        for side, keys in (("judge", (*errors, "completeness")), ("reward", (*errors, "completeness", "preference"))):
+            better = [ok for _, ok in compare(red, hol, side, keys)]
+            worse = [ok for _, ok in compare(hol, red, side, keys)]
+            c[side] = any(better) and not any(worse)
+        goals["c" if len(r3hf_arms) == 1 else f"c: {name}"] = {"met": c["judge"], "by_reward_rms": c["reward"], "evidence": pairs(
+            red, name, hol, holistic, ["judge/relevance_errors", "judge/factuality_errors", "judge/completeness", "reward/preference"])}
     return goals
 
 
@@ -425,8 +429,8 @@ def smol_table(out: str, title: str, evaluations: dict[str, str], prompts: str, 
 
     `evaluations`: decoding name -> an `evaluate` output directory whose generations.jsonl has
     every system's answer to `prompts` scored by the reward RMs and the judge's RMs; `systems`:
-    the roles sft, fine_grained, holistic, r3hf -> evaluate's system names (other systems are
-    rows too); `reward` / `judge`: aspect -> evaluate's RM names; `ppo_runs`: arm -> ppo output
+    the roles sft, fine_grained, holistic, r3hf -> evaluate's system names (r3hf may be a list
+    of R3HF arms; other systems are rows too); `reward` / `judge`: aspect -> evaluate's RM names; `ppo_runs`: arm -> ppo output
     directory (the audit: each arm's PPO course beside its reward-RM and judge changes);
     `sections`: markdown files appended (the RMs' held-out quality); `timings`: the recipe's
     recipe_run.json (its steps so far, with their times). Per decoding: every figure with its
