@@ -396,6 +396,27 @@ def test_smol_paper_plan_takes_the_hub_model_by_name(run_cli, monkeypatch):
     assert "--ppo-epochs 4" in result.output
 
 
+def test_smol_second_ppo_seed_reuses_sft_and_rms(run_cli, monkeypatch):
+    # The README's second-seed command: the PPO arms get seed 1 and their own folders (and the
+    # evaluations and table theirs), while every arm still starts from the one SFT policy and
+    # optimises the one set of RMs.
+    monkeypatch.chdir(REPO)
+    result = run_cli("recipe", "recipes/qa_feedback/smol_tiny.yaml", "--dry-run", "--set", "ppo_seed=1",
+                     "--set", "arm_suffix=-seed1", "--set", "results=results/qa_smol_seed1.md")
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    ppo = [line for line in lines if line.startswith("rlhfkit ppo ")]
+    assert len(ppo) == 4 and all(" --seed 1 " in line + " " and "--policy runs/qa_feedback/smol/sft " in line for line in ppo)
+    assert [line.split("--out ")[1].split()[0] for line in ppo] == [
+        f"runs/qa_feedback/smol/ppo-{arm}-seed1" for arm in ("fine-grained", "holistic", "r3hf", "r3hf-sentence")]
+    assert "--rm pref=runs/qa_feedback/smol/rm/reward-preference" in ppo[1]
+    evaluate = [line for line in lines if line.startswith("rlhfkit evaluate ")]
+    assert all("--policy fine-grained=runs/qa_feedback/smol/ppo-fine-grained-seed1" in line for line in evaluate)
+    assert [line.split("--out ")[1].split()[0] for line in evaluate] == [
+        "runs/qa_feedback/smol/evaluate-greedy-seed1", "runs/qa_feedback/smol/evaluate-sampled-seed1"]
+    assert "out='results/qa_smol_seed1.md'" in result.output and "(PPO seed 1)" in result.output
+
+
 def test_split_feedback_file_alternates_records(tmp_path):
     from rlhfkit.tasks.qa_feedback import split_feedback_file
 
