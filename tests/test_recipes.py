@@ -532,14 +532,14 @@ def test_smol_table_from_evaluate_outputs(tmp_path):
                 for i, p in enumerate(prompts)]
 
     for decoding in ("greedy", "sampled"):
-        records = answers("SFT", 1, 0.0) + answers("FG", 0, 0.0) + answers("H", 1, 0.0) + answers("R", 1, 1.0)
+        records = answers("SFT", 1, 0.0) + answers("FG", 0, 0.0) + answers("H", 1, 0.0) + answers("R", 1, 1.0) + answers("R2", 1, 0.0)
         write_records(tmp_path / decoding / "generations.jsonl", records)
     for arm in ("FG", "H", "R"):
         write(tmp_path / arm / "metrics.jsonl", '{"step": 1, "reward/total": -0.5, "kl": 0.0}\n{"step": 2, "reward/total": 0.25, "kl": 0.01}\n')
     write(tmp_path / "rm_quality.md", "# RM quality\n\nsome table\n")
     write(tmp_path / "recipe_run.json", json.dumps({"steps": [{"step": "sft", "seconds": 90.0}], "seconds": 90.0}))
     result = smol_table(str(tmp_path / "qa_smol.md"), "T", {d: str(tmp_path / d) for d in ("greedy", "sampled")},
-                        str(tmp_path / "prompts.jsonl"), {"sft": "SFT", "fine_grained": "FG", "holistic": "H", "r3hf": "R"},
+                        str(tmp_path / "prompts.jsonl"), {"sft": "SFT", "fine_grained": "FG", "holistic": "H", "r3hf": ["R", "R2"]},
                         SMOL_REWARD, SMOL_JUDGE, {arm: str(tmp_path / arm) for arm in ("FG", "H", "R")},
                         sections=[str(tmp_path / "rm_quality.md")], timings=str(tmp_path / "recipe_run.json"))
     report = (tmp_path / "qa_smol.md").read_text()
@@ -549,6 +549,9 @@ def test_smol_table_from_evaluate_outputs(tmp_path):
     assert fg["judge/relevance_errors"] == (0.0, [0.0, 0.0]) and fg["rouge_l"] == (0.0, [0.0, 0.0])
     assert not result["decodings"]["greedy"]["goals"]["a"]["met"] and result["decodings"]["greedy"]["goals"]["b"]["met"]
     assert "| (a) | **not met** | not met |" in report and "| (b) | **met** | met |" in report
+    # Two R3HF arms, one verdict each: R's judged completeness 1 against H's 0 (points: clearly better)
+    # and nothing worse; R2 equals H on everything.
+    assert "| (c: R) | **met** | met |" in report and "| (c: R2) | **not met** | not met |" in report
     # The audit row: PPO's reward/total from step 1 to step 2, and FG's changes against SFT (0 - 0.5 errors).
     assert "| FG | 2 steps, reward/total -0.500 (step 1) -> +0.250 (step 2), KL 0.0100 | -0.500 / -0.500 / +0.000 |" in report
     assert "**Q: Who is 0?**" in report and "- gold: gold 0" in report and "- FG: other words" in report

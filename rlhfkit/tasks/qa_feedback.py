@@ -449,7 +449,8 @@ def smol_table(out: str, title: str, evaluations: dict[str, str], prompts: str, 
         by_system: dict[str, list] = {}
         for record in records:
             by_system.setdefault(record.model, []).append(record)
-        missing = sorted(set(systems.values()) - set(by_system))
+        named = {name for role in systems.values() for name in ([role] if isinstance(role, str) else role)}
+        missing = sorted(named - set(by_system))
         if missing:
             raise RlhfkitError(f"smol_table: {directory}: no answers of system(s) {', '.join(missing)}; has {', '.join(by_system)}")
         figures = {name: smol_figures(rows, references, reward, judge, seed) for name, rows in by_system.items()}
