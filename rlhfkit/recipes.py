@@ -600,6 +600,15 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
 
     record: list[dict] = []
     record_path = Path(str(plan.variables["out"])) / RUN_RECORD if "out" in plan.variables else None
+    if start and record_path is not None and record_path.is_file():
+        # A resumed run keeps the earlier run's record of the steps it skips (same plan file),
+        # so recipe_run.json still times the whole plan: the table steps print it.
+        from rlhfkit.schema import read_json_file
+
+        earlier = read_json_file(record_path)
+        if isinstance(earlier, dict) and earlier.get("plan") == str(plan.path) and isinstance(earlier.get("steps"), list):
+            record = [dict(s, earlier_run=True) for s in earlier["steps"] if isinstance(s, dict) and s.get("step") in names[:start]]
+    kept = sum(s["seconds"] for s in record)
     started = time.perf_counter()
     for item in resolved[start:]:
         step = item.step
@@ -614,11 +623,12 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
         console.print(f"recipe: {step.name} done in {seconds:.0f}s")
         if record_path is not None:
             write_json(record_path, {"plan": str(plan.path), "vars": plan.variables, "steps": record,
-                                     "seconds": round(time.perf_counter() - started, 1)})
+                                     "seconds": round(kept + time.perf_counter() - started, 1)})
+    ran = [s for s in record if not s.get("earlier_run")]
     total = time.perf_counter() - started
-    console.print(f"recipe: {plan.path}: {len(record)} step(s) in {total / 60:.1f} min" +
+    console.print(f"recipe: {plan.path}: {len(ran)} step(s) in {total / 60:.1f} min" +
                   (f"; timings in {record_path}" if record_path else ""))
-    return record
+    return ran
 
 
 # --- data steps the recipes share ------------------------------------------------------------

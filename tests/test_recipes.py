@@ -187,6 +187,13 @@ steps:
     assert [s["step"] for s in saved["steps"]] == ["shorten_prompts", "collect_results"]
     again = run_recipe(build_config(RecipeConfig, plan=str(plan), from_step="collect_results"))
     assert [r["step"] for r in again] == ["collect_results"]
+    # The resumed run's record keeps the skipped step's entry from the first run (marked), so it
+    # still times the whole plan; the total is the kept seconds plus the resumed run's (each rounded
+    # to 0.1 s, hence the 0.1 slack).
+    resumed = json.loads((tmp_path / "run" / RUN_RECORD).read_text())
+    assert [(s["step"], s.get("earlier_run", False)) for s in resumed["steps"]] == [("shorten_prompts", True), ("collect_results", False)]
+    assert resumed["steps"][0]["seconds"] == saved["steps"][0]["seconds"]
+    assert resumed["seconds"] >= saved["steps"][0]["seconds"] + resumed["steps"][1]["seconds"] - 0.1
     with pytest.raises(RlhfkitError, match="--from-step nope: no such step .* steps: shorten_prompts, collect_results"):
         run_recipe(build_config(RecipeConfig, plan=str(plan), from_step="nope"))
 
