@@ -544,7 +544,8 @@ def test_smol_table_from_evaluate_outputs(tmp_path):
     for arm in ("FG", "H", "R"):
         write(tmp_path / arm / "metrics.jsonl", '{"step": 1, "reward/total": -0.5, "kl": 0.0}\n{"step": 2, "reward/total": 0.25, "kl": 0.01}\n')
     write(tmp_path / "rm_quality.md", "# RM quality\n\nsome table\n")
-    write(tmp_path / "recipe_run.json", json.dumps({"steps": [{"step": "sft", "seconds": 90.0}], "seconds": 90.0}))
+    write(tmp_path / "recipe_run.json", json.dumps({"steps": [{"step": "sft", "seconds": 90.0, "earlier_run": True},
+                                                              {"step": "ppo", "seconds": 30.4}], "seconds": 120.4}))
     result = smol_table(str(tmp_path / "qa_smol.md"), "T", {d: str(tmp_path / d) for d in ("greedy", "sampled")},
                         str(tmp_path / "prompts.jsonl"), {"sft": "SFT", "fine_grained": "FG", "holistic": "H", "r3hf": ["R", "R2"]},
                         SMOL_REWARD, SMOL_JUDGE, {arm: str(tmp_path / arm) for arm in ("FG", "H", "R")},
@@ -562,4 +563,5 @@ def test_smol_table_from_evaluate_outputs(tmp_path):
     # The audit row: PPO's reward/total from step 1 to step 2, and FG's changes against SFT (0 - 0.5 errors).
     assert "| FG | 2 steps, reward/total -0.500 (step 1) -> +0.250 (step 2), KL 0.0100 | -0.500 / -0.500 / +0.000 |" in report
     assert "**Q: Who is 0?**" in report and "- gold: gold 0" in report and "- FG: other words" in report
-    assert "## RM quality" in report and "| sft | 90 |" in report
+    assert "## RM quality" in report and "| sft (an earlier run of the plan; reused) | 90 |" in report and "| ppo | 30 |" in report
+    assert "| all steps above | 120 (2.0 min) |" in report

@@ -489,7 +489,8 @@ def smol_table(out: str, title: str, evaluations: dict[str, str], prompts: str, 
     if timings:
         record = _run_file(Path(timings).parent, Path(timings).name)
         lines += ["## Time, step by step", "", "| step | seconds |", "|---|---:|"]
-        lines += [f"| {s['step']} | {s['seconds']:.0f} |" for s in record["steps"]]
+        lines += [f"| {s['step']}{' (an earlier run of the plan; reused)' if s.get('earlier_run') else ''} | {s['seconds']:.0f} |"
+                  for s in record["steps"]]
         lines += [f"| all steps above | {record['seconds']:.0f} ({record['seconds'] / 60:.1f} min) |", ""]
         result["timings"] = record
     report = "\n".join(lines).rstrip() + "\n"
