@@ -69,10 +69,16 @@ table-qa-rm: setup
 # 2026-12-07, greedy decoding of 16 prompts x 32 tokens took 17.6 s with one thread and 10.9 s with
 # two. When the cores are shared with other jobs one thread can win (15.8 s vs 38.6 s, measured
 # the same day under load): SMOL_THREADS=1. SCALE=paper takes the hub's model by name on a GPU.
+# The second PPO seed reruns the four arms, the two evaluations and the table from the same SFT
+# policy and RMs (results/qa_smol_seed1.md); SMOL_SEEDS=1 stops after the first.
 SMOL_THREADS ?= 2
+SMOL_SEEDS ?= 2
 table-qa-smol: SCALE ?= tiny
 table-qa-smol: setup
 	$(if $(filter tiny,$(SCALE)),OMP_NUM_THREADS=$(SMOL_THREADS)) $(BIN)/rlhfkit recipe recipes/qa_feedback/smol_$(SCALE).yaml
+	$(if $(filter 2,$(SMOL_SEEDS)),$(if $(filter tiny,$(SCALE)),OMP_NUM_THREADS=$(SMOL_THREADS)) $(BIN)/rlhfkit recipe recipes/qa_feedback/smol_$(SCALE).yaml \
+	  --from-step ppo-fine-grained --set ppo_seed=1 --set arm_suffix=-seed1 \
+	  --set results=results/qa_smol$(if $(filter paper,$(SCALE)),_paper)_seed1.md)
 
 # Resolve and validate every paper-scale recipe without running anything (CI's test suite
 # does the same in tests/test_recipes.py).
