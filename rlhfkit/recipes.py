@@ -231,7 +231,7 @@ class RecipeConfig:
     plan: str = opt(REQUIRED, "Recipe plan YAML, e.g. recipes/qa_feedback/tiny.yaml.", argument=True, panel="Data")
     dry_run: bool = opt(False, "Resolve and validate every step and print the plan as rlhfkit command lines; run nothing.", panel="Output")
     overrides: list[str] = opt([], "Set a plan variable: NAME=VALUE (repeatable), e.g. --set out=runs/mine.", flag_name="--set", panel="Output")
-    from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist.", panel="Output")
+    from_step: str | None = opt(None, "Start at this step (by name); earlier steps' outputs must already exist, and OUT/recipe_run.json keeps their earlier times.", panel="Output")
     overwrite: bool = opt(False, "Replace the outputs of an earlier run of the plan: --overwrite for every stage step that has it.", panel="Output")
     allow_python: bool = opt(
         False, "Let the plan name py:module:function code other than rlhfkit's own (rewards, scorers, judges): "
@@ -605,9 +605,14 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
         # so recipe_run.json still times the whole plan: the table steps print it.
         from rlhfkit.schema import read_json_file
 
-        earlier = read_json_file(record_path)
+        try:
+            earlier = read_json_file(record_path)
+        except RlhfkitError as err:  # a damaged record only loses the earlier times, never the run
+            console.print(f"[yellow]recipe: {err}; the new {RUN_RECORD} starts from --from-step[/]")
+            earlier = None
         if isinstance(earlier, dict) and earlier.get("plan") == str(plan.path) and isinstance(earlier.get("steps"), list):
-            record = [dict(s, earlier_run=True) for s in earlier["steps"] if isinstance(s, dict) and s.get("step") in names[:start]]
+            record = [dict(s, earlier_run=True) for s in earlier["steps"] if isinstance(s, dict)
+                      and s.get("step") in names[:start] and isinstance(s.get("seconds"), (int, float))]
     kept = sum(s["seconds"] for s in record)
     started = time.perf_counter()
     for item in resolved[start:]:

@@ -194,6 +194,10 @@ steps:
     assert [(s["step"], s.get("earlier_run", False)) for s in resumed["steps"]] == [("shorten_prompts", True), ("collect_results", False)]
     assert resumed["steps"][0]["seconds"] == saved["steps"][0]["seconds"]
     assert resumed["seconds"] >= saved["steps"][0]["seconds"] + resumed["steps"][1]["seconds"] - 0.1
+    # A damaged record loses only the earlier times: the resumed run goes on and writes a new one.
+    write(tmp_path / "run" / RUN_RECORD, '{"steps": [')
+    assert [r["step"] for r in run_recipe(build_config(RecipeConfig, plan=str(plan), from_step="collect_results"))] == ["collect_results"]
+    assert [s["step"] for s in json.loads((tmp_path / "run" / RUN_RECORD).read_text())["steps"]] == ["collect_results"]
     with pytest.raises(RlhfkitError, match="--from-step nope: no such step .* steps: shorten_prompts, collect_results"):
         run_recipe(build_config(RecipeConfig, plan=str(plan), from_step="nope"))
 
