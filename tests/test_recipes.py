@@ -555,6 +555,10 @@ def test_smol_table_from_evaluate_outputs(tmp_path):
                         SMOL_REWARD, SMOL_JUDGE, {arm: str(tmp_path / arm) for arm in ("FG", "H", "R")},
                         sections=[str(tmp_path / "rm_quality.md")], timings=str(tmp_path / "recipe_run.json"))
     report = (tmp_path / "qa_smol.md").read_text()
+    with pytest.raises(RlhfkitError, match=r"systems.r3hf must be a system name or a list of them, not 3"):
+        smol_table(str(tmp_path / "x.md"), "T", {"greedy": str(tmp_path / "greedy")}, str(tmp_path / "prompts.jsonl"),
+                   {"sft": "SFT", "fine_grained": "FG", "holistic": "H", "r3hf": 3}, SMOL_REWARD, SMOL_JUDGE, {})
+    assert not (tmp_path / "x.md").exists()
     # Every response of FG has 0 of 2 segments flagged, SFT's 1 of 2: rates 0 and 0.5 on both prompts,
     # so each interval is a point and they do not overlap; ROUGE-L: SFT 1 (the gold), FG 0: (a) not met.
     fg = result["decodings"]["greedy"]["figures"]["FG"]

@@ -440,6 +440,12 @@ def smol_table(out: str, title: str, evaluations: dict[str, str], prompts: str, 
     """
     from rlhfkit.schema import load_records
 
+    named = []
+    for role, value in systems.items():
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise RlhfkitError(f"smol_table: systems.{role} must be a system name or a list of them, not {value!r}")
+        named += names
     references = {r.id: r.references for r in load_records(prompts, "prompt")}
     lines = [f"# {title}", ""] + ([notes.strip(), ""] if notes else [])
     result: dict[str, Any] = {"title": title, "decodings": {}}
@@ -449,8 +455,7 @@ def smol_table(out: str, title: str, evaluations: dict[str, str], prompts: str, 
         by_system: dict[str, list] = {}
         for record in records:
             by_system.setdefault(record.model, []).append(record)
-        named = {name for role in systems.values() for name in ([role] if isinstance(role, str) else role)}
-        missing = sorted(named - set(by_system))
+        missing = sorted(set(named) - set(by_system))
         if missing:
             raise RlhfkitError(f"smol_table: {directory}: no answers of system(s) {', '.join(missing)}; has {', '.join(by_system)}")
         figures = {name: smol_figures(rows, references, reward, judge, seed) for name, rows in by_system.items()}
